@@ -1,0 +1,45 @@
+"""shmray: Ray Core's API on one machine, with a shared-memory object store.
+
+Write ``import shmray as ray`` and a Ray Core program runs unchanged on this machine.  The
+public names are re-exported here from private modules; nothing else is public.
+"""
+
+from . import actor, exceptions, util
+from ._actor import get_actor, kill, method
+from ._api import (
+    available_resources,
+    cluster_resources,
+    get,
+    get_runtime_context,
+    init,
+    is_initialized,
+    nodes,
+    put,
+    remote,
+    shutdown,
+    wait,
+)
+from ._object_ref import ObjectRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ObjectRef",
+    "actor",
+    "available_resources",
+    "cluster_resources",
+    "exceptions",
+    "get",
+    "get_actor",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "kill",
+    "method",
+    "nodes",
+    "put",
+    "remote",
+    "shutdown",
+    "util",
+    "wait",
+]

@@ -1,0 +1,292 @@
+"""``@shmray.remote`` on a class: actors, their handles and their methods.
+
+Runs in: any process that creates or calls actors (driver, workers, other actors).
+
+- ``Cls.remote(*args)`` asks the scheduler to fork a dedicated process that runs ``__init__``
+  and then the calls sent to it.  It returns at once with a handle; only a named actor waits
+  for the scheduler's answer, so a taken name raises ValueError on the line that asked for it.
+- A handle counts as a reference to the actor: it holds an ObjectRef to a pseudo-object whose
+  id is the actor's id, so handles kept in variables, sent to tasks, stored inside objects or
+  held by other actors keep the actor alive through the same reference counting as objects,
+  and the actor ends once none is left (unless it is detached), as in Ray.
+- A call is a task addressed to the actor: same argument rules (top-level refs resolved,
+  nested refs kept), same results and errors.  The scheduler keeps each caller's calls in
+  order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Dict, Optional
+
+import cloudpickle
+
+from . import _options, _protocol as P, exceptions
+from ._ids import new_task_id, object_id_for_put, object_id_for_return
+from ._object_ref import ObjectRef
+from ._remote_function import pack_arguments
+
+_SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
+
+
+def method(*args, **options):
+    """``@shmray.method(num_returns=2)``: options for one actor method (Ray's ``ray.method``)."""
+    if args:
+        raise TypeError("method() takes keyword options only: @shmray.method(num_returns=2)")
+    unknown = sorted(set(options) - {"num_returns", "concurrency_group", "max_task_retries",
+                                     "retry_exceptions"})
+    if unknown:
+        raise ValueError(f"invalid option(s) {unknown} for an actor method; valid: num_returns")
+    _options.check({k: v for k, v in options.items() if k == "num_returns"},
+                   _options.TASK_DEFAULTS, "actor methods")
+
+    def decorate(function):
+        function.__shmray_method_options__ = options
+        return function
+
+    return decorate
+
+
+def _method_table(cls) -> Dict[str, dict]:
+    """name -> {"num_returns": n, "is_async": bool} for every public-callable method."""
+    table = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("__") and name not in ("__call__",):
+            continue
+        if not callable(member):
+            continue
+        function = member.__func__ if hasattr(member, "__func__") else member
+        opts = getattr(function, "__shmray_method_options__", {})
+        table[name] = {
+            "num_returns": opts.get("num_returns", 1),
+            "is_async": inspect.iscoroutinefunction(function)
+            or inspect.isasyncgenfunction(function),
+        }
+    for name in _SPECIAL_METHODS:
+        table[name] = {"num_returns": 1, "is_async": False}
+    return table
+
+
+class ActorClass:
+    """A class turned into an actor factory by ``@shmray.remote``."""
+
+    def __init__(self, cls, options: Dict[str, Any]):
+        self._cls = cls
+        self._name = cls.__name__
+        self._options = {**_options.ACTOR_DEFAULTS,
+                         **_options.check(options, _options.ACTOR_DEFAULTS, "actors")}
+        self._class_id = os.urandom(16)
+        self._pickled = None
+        self._methods = _method_table(cls)
+        self._is_async = any(m["is_async"] for m in self._methods.values())
+        self.__doc__ = cls.__doc__
+        self.__name__ = self._name
+        self.__qualname__ = cls.__qualname__
+        self.__module__ = cls.__module__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"actors cannot be instantiated directly: instead of {self._name}(), "
+            f"call {self._name}.remote()"
+        )
+
+    def __reduce__(self):
+        user = {k: v for k, v in self._options.items() if _options.ACTOR_DEFAULTS.get(k) != v}
+        return ActorClass, (self._cls, user)
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._create(args, kwargs, self._options)
+
+    def options(self, **options):
+        merged = {**self._options, **_options.check(options, _options.ACTOR_DEFAULTS, "actors")}
+        parent = self
+
+        class _Bound:
+            def remote(self, *args, **kwargs):
+                return parent._create(args, kwargs, merged)
+
+        return _Bound()
+
+    def _code(self) -> bytes:
+        if self._pickled is None:
+            self._pickled = cloudpickle.dumps(self._cls)
+        return self._pickled
+
+    def _create(self, args, kwargs, options) -> "ActorHandle":
+        from ._api import _current
+
+        runtime = _current()
+        max_concurrency = options["max_concurrency"]
+        if max_concurrency is None:
+            max_concurrency = 1000 if self._is_async else 1  # Ray's defaults
+        num_cpus = options["num_cpus"]
+        hold = _options.task_resources({**options, "num_cpus": num_cpus or 0})
+        place = dict(hold) if num_cpus is not None else {**hold, "CPU": 1.0}
+        namespace = options["namespace"] or runtime.options.get("namespace", "default")
+        actor_options = {
+            "is_async": self._is_async,
+            "max_concurrency": max_concurrency,
+            "max_restarts": options["max_restarts"],
+            "max_task_retries": options["max_task_retries"],
+            "max_pending_calls": options["max_pending_calls"],
+            "place": place,
+            "hold": hold,
+            "name": options["name"],
+            "namespace": namespace,
+            "detached": options["lifetime"] == "detached",
+            "get_if_exists": options["get_if_exists"],
+            "methods": self._methods,
+            "class_name": self._name,
+        }
+        if options["name"] is not None and not isinstance(options["name"], str):
+            raise TypeError(f"an actor's name must be a str, got {options['name']!r}")
+        runtime.ensure_function(self._class_id, self._code, self._name)
+        actor_id = object_id_for_put()
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        spec = (actor_id, self._class_id, self._name, args_blob, arg_ids, contained,
+                actor_options)
+        ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
+        del temporaries
+        return ActorHandle(ref, actor_options)
+
+
+class ActorHandle:
+    """A handle to an actor: call its methods with ``handle.method.remote(...)``."""
+
+    def __init__(self, ref: ObjectRef, actor_options: dict):
+        self._ref = ref
+        self._actor_options = actor_options
+        self._methods = actor_options["methods"]
+        self._class_name = actor_options["class_name"]
+        self._pending: set = set()  # our calls' results not yet seen ready (max_pending_calls)
+
+    @property
+    def _actor_id(self) -> bytes:
+        return self._ref.binary()
+
+    def __getattr__(self, name: str) -> "ActorMethod":
+        methods = self.__dict__.get("_methods")
+        if methods is None or name not in methods:
+            raise AttributeError(
+                f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}"
+            )
+        return ActorMethod(self, name, methods[name]["num_returns"])
+
+    def __reduce__(self):
+        return ActorHandle, (self._ref, self._actor_options)
+
+    def __repr__(self) -> str:
+        return f"Actor({self._class_name}, {self._actor_id.hex()[:32]})"
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def _call(self, method_name: str, args, kwargs, num_returns: int):
+        from ._api import _current
+
+        runtime = _current()
+        limit = self._actor_options.get("max_pending_calls", -1)
+        if limit is not None and limit > 0:
+            self._pending = {i for i in self._pending if not runtime.known_ready(i)}
+            if len(self._pending) >= limit:
+                raise exceptions.PendingCallsLimitExceeded(
+                    f"actor {self._class_name} has {len(self._pending)} calls pending from this "
+                    f"handle, its max_pending_calls; get() some results before calling again"
+                )
+        task_id = new_task_id()
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        retries = self._actor_options.get("max_task_retries", 0)
+        spec = (task_id, method_name, f"{self._class_name}.{method_name}", args_blob, arg_ids,
+                contained, num_returns, {}, retries, False)
+        return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
+        refs = runtime.call_actor(self._actor_id, spec, return_ids)
+        del temporaries
+        if limit is not None and limit > 0:
+            self._pending.update(return_ids)
+        if num_returns == 0:
+            return None
+        return refs[0] if num_returns == 1 else refs
+
+
+class ActorMethod:
+    """``handle.method``: call it with ``.remote()``."""
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"actor methods cannot be called directly: instead of {self._name}(), "
+            f"call {self._name}.remote()"
+        )
+
+    def remote(self, *args, **kwargs):
+        return self._handle._call(self._name, args, kwargs, self._num_returns)
+
+    def options(self, **options):
+        unknown = sorted(set(options) - {"num_returns", "name", "concurrency_group"})
+        if unknown:
+            raise ValueError(f"invalid option(s) {unknown} for an actor method call")
+        num_returns = options.get("num_returns", self._num_returns)
+        _options.check({"num_returns": num_returns}, _options.TASK_DEFAULTS, "actor methods")
+        method_ = ActorMethod(self._handle, self._name, num_returns)
+        return method_
+
+
+def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
+    """The handle of the named actor; ValueError if there is none."""
+    from ._api import _current
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an actor name is a non-empty str, got {name!r}")
+    runtime = _current()
+    namespace = namespace or runtime.options.get("namespace", "default")
+    found = runtime.query(("actor", name, namespace))
+    if found is None:
+        raise ValueError(f"Failed to look up actor with name '{name}' in namespace "
+                         f"'{namespace}': there is no such actor (it never existed, or it died)")
+    actor_id, actor_options = found
+    return ActorHandle(ObjectRef(actor_id), actor_options)
+
+
+def list_named_actors(all_namespaces: bool = False):
+    """Names of the live named actors (in this namespace, or all as dicts)."""
+    from ._api import _current
+
+    runtime = _current()
+    named = runtime.query("named_actors")
+    if all_namespaces:
+        return [{"name": name, "namespace": namespace} for namespace, name in named]
+    namespace = runtime.options.get("namespace", "default")
+    return [name for ns, name in named if ns == namespace]
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill an actor at once (SIGKILL); its pending and later calls raise ActorDiedError."""
+    from ._api import _current
+
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(f"kill() takes an actor handle, got {type(actor).__name__}; "
+                         "to stop a task use cancel()")
+    runtime = _current()
+    runtime.send((P.KILL_ACTOR, actor._actor_id, bool(no_restart)))
+    runtime.flush()
+
+
+def exit_actor() -> None:
+    """End the actor this is called in, after the current call (Ray's ``exit_actor``)."""
+    from ._worker import current_task
+
+    if current_task.actor_id is None:
+        raise TypeError("exit_actor() can only be called inside an actor")
+    raise _ActorExit()
+
+
+class _ActorExit(SystemExit):
+    """Raised by exit_actor(); the actor process catches it and ends."""

@@ -1,0 +1,285 @@
+"""An actor process: one instance of the user's class, serving the calls sent to it.
+
+Runs in: actor processes (forked by the scheduler, named ``shmray::ClassName``).
+
+The mailbox is the actor's connection to the scheduler, which forwards each caller's calls in
+the order they were made; here they run:
+
+- sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
+  which also reads the connection between calls, exactly like a worker;
+- threaded actor (sync methods, ``max_concurrency > 1``): calls run on a pool of that many
+  threads while the main thread reads; a thread blocked in ``get`` lets the main thread read
+  for it (the runtime's leader/followers reading);
+- async actor (any ``async def`` method): one asyncio loop; the connection is one of its
+  readers; each call is a task, at most ``max_concurrency`` (Ray's default 1000) at once;
+  ``await ref`` inside a method is resolved by READY messages that this same loop reads, so
+  it never blocks the loop.
+
+``__init__`` runs first (inside the loop for an async actor, so objects like ``asyncio.Event``
+bind to it).  If it raises, the actor reports an ``ActorDiedError`` carrying the error and
+exits; the scheduler fails every call with it.  ``exit_actor()`` ends the actor after the
+current call, and the scheduler does not restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import inspect
+import os
+
+import cloudpickle
+
+from . import _output, _protocol as P, _runtime, exceptions
+from ._actor import _ActorExit
+from ._connection import ConnectionClosed
+from ._ids import object_id_for_return
+from ._serialization import META_ERROR, serialize
+from ._worker import Worker, current_task, sys_flush, task_error
+
+
+class ActorProcess(Worker):
+    """The actor's loop; method calls reuse the worker's argument and result handling."""
+
+    def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
+        super().__init__(runtime)
+        _, self.spec, pickled_class, self.init_values = start_message
+        options = self.spec[P.ACTOR_OPTIONS]
+        self.class_name = self.spec[P.ACTOR_CLASS_NAME]
+        self.actor_id = self.spec[P.ACTOR_ID]
+        self.cls = cloudpickle.loads(pickled_class)
+        self.is_async = options["is_async"]
+        self.max_concurrency = options["max_concurrency"]
+        self.instance = None
+        self.exit_requested = False
+        current_task.actor_id = self.actor_id
+        _output.set_name(self.class_name)
+        runtime.blocked_hook = None  # an actor holds no CPU it could lend
+
+    def on_message(self, message: tuple) -> None:
+        if message[0] == P.CALL:
+            self.queue.append(message)
+        elif message[0] == P.EXIT:
+            self.exiting = True
+
+    # -- construction ------------------------------------------------------------------
+
+    def construct(self) -> bool:
+        """Run __init__; report how it went.  False if it raised."""
+        spec = self.spec
+        try:
+            args, kwargs = self._arguments(spec[P.ACTOR_ARGS], spec[P.ACTOR_ARG_IDS],
+                                           self.init_values)
+            self.instance = self.cls(*args, **kwargs)
+        except BaseException as exc:
+            cause = task_error(f"{self.class_name}.__init__", exc)
+            died = exceptions.ActorDiedError(
+                f"The actor {self.class_name} died because its __init__ raised an error, so "
+                f"none of its methods can run:\n{cause}"
+            )
+            died.cause = cause
+            self.runtime.send((P.ACTOR_STARTED, serialize(died, META_ERROR).to_bytes()))
+            self.runtime.flush()
+            return False
+        finally:
+            sys_flush()
+        self.runtime.send((P.ACTOR_STARTED, None))
+        self.runtime.flush()
+        return True
+
+    # -- one call ------------------------------------------------------------------------
+
+    def call(self, message: tuple):
+        """Run one CALL message; returns TASK_DONE's (results, retryable)."""
+        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
+        try:
+            if method_name == "__ray_ready__":
+                outcome = True
+            elif method_name == "__ray_terminate__":
+                self.exit_requested = True
+                outcome = None
+            else:
+                args, kwargs = self._arguments(args_blob, arg_ids, values)
+                outcome = getattr(self.instance, method_name)(*args, **kwargs)
+                del args, kwargs
+            return self._results(task_id, outcome, num_returns, name), False
+        except _ActorExit:
+            self.exit_requested = True
+            return self._results(task_id, None, num_returns, name), False
+        except BaseException as exc:
+            return self._error_results(task_id, exc, num_returns, name), False
+        finally:
+            sys_flush()
+
+    async def call_async(self, message: tuple):
+        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
+        try:
+            if method_name in ("__ray_ready__", "__ray_terminate__"):
+                return self.call(message)
+            args, kwargs = self._arguments(args_blob, arg_ids, values)
+            outcome = getattr(self.instance, method_name)(*args, **kwargs)
+            del args, kwargs
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+            return self._results(task_id, outcome, num_returns, name), False
+        except _ActorExit:
+            self.exit_requested = True
+            return self._results(task_id, None, num_returns, name), False
+        except asyncio.CancelledError:
+            error = exceptions.TaskCancelledError(task_id.hex())
+            data = serialize(error, META_ERROR).to_bytes()
+            return [(object_id_for_return(task_id, i), data, META_ERROR, [])
+                    for i in range(max(num_returns, 1))], False
+        except BaseException as exc:
+            return self._error_results(task_id, exc, num_returns, name), False
+        finally:
+            sys_flush()
+
+    def _results(self, task_id, outcome, num_returns, name):
+        from ._worker import _split_returns
+
+        returns = _split_returns(outcome, num_returns, name)
+        return [self._store_return(object_id_for_return(task_id, i), value)
+                for i, value in enumerate(returns)]
+
+    def _error_results(self, task_id, exc, num_returns, name):
+        data = serialize(task_error(name, exc), META_ERROR).to_bytes()
+        return [(object_id_for_return(task_id, i), data, META_ERROR, [])
+                for i in range(max(num_returns, 1))]
+
+    def _done(self, task_id, results, retryable) -> None:
+        self.runtime.send((P.TASK_DONE, task_id, results, retryable))
+        if self.exit_requested:
+            self.runtime.send((P.ACTOR_EXITING,))
+        self.runtime.flush()
+
+    # -- the loops -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self.is_async:
+            self._run_async()
+        elif self.max_concurrency > 1:
+            self._run_threaded()
+        else:
+            self._run_sync()
+
+    def _next_call(self):
+        """The next CALL, reading the connection if none is queued; None when it's over."""
+        runtime = self.runtime
+        with runtime._lock:
+            try:
+                runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
+                                    None)
+            except exceptions.RaySystemError:
+                return None
+            if self.exit_requested or not self.queue:
+                return None
+            return self.queue.popleft()
+
+    def _run_sync(self) -> None:
+        if not self.construct():
+            return
+        while True:
+            message = self._next_call()
+            if message is None:
+                return
+            results, retryable = self.call(message)
+            self._done(message[1], results, retryable)
+
+    def _run_threaded(self) -> None:
+        if not self.construct():
+            return
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.max_concurrency,
+                thread_name_prefix=f"shmray-{self.class_name}") as pool:
+            while True:
+                message = self._next_call()
+                if message is None:
+                    return
+                pool.submit(self._call_and_report, message)
+
+    def _call_and_report(self, message) -> None:
+        results, retryable = self.call(message)
+        try:
+            self._done(message[1], results, retryable)
+        except exceptions.RaySystemError:
+            pass
+        if self.exit_requested:
+            with self.runtime._lock:
+                self.runtime._cv.notify_all()
+
+    def _run_async(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve_async(loop))
+        finally:
+            loop.close()
+
+    async def _serve_async(self, loop) -> None:
+        if not self.construct():
+            return
+        runtime = self.runtime
+        runtime.external_reader = True
+        finished = asyncio.Event()
+        slots = asyncio.Semaphore(self.max_concurrency)
+        running = set()
+
+        async def serve(message):
+            async with slots:
+                results, retryable = await self.call_async(message)
+            try:
+                self._done(message[1], results, retryable)
+            except exceptions.RaySystemError:
+                finished.set()
+            if self.exit_requested:
+                finished.set()
+
+        def start_queued():
+            while self.queue:
+                task = loop.create_task(serve(self.queue.popleft()))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+        def on_readable():
+            with runtime._lock:
+                try:
+                    runtime.conn.fill_nonblocking()
+                    messages = runtime.conn.recv_messages(block=False)
+                except ConnectionClosed:
+                    finished.set()
+                    return
+                for message in messages:
+                    runtime.handle(message)
+                runtime._cv.notify_all()
+            start_queued()
+            if self.exiting:
+                finished.set()
+
+        runtime.conn.sock.setblocking(False)
+        loop.add_reader(runtime.conn.fd, on_readable)
+        start_queued()
+        on_readable()
+        await finished.wait()
+        loop.remove_reader(runtime.conn.fd)
+        if self.exiting and running:  # EXIT comes after the calls sent before it
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def actor_main(conn, store, session_dir: str, options: dict) -> None:
+    _output.redirect(options.get("log_to_driver", True),
+                     os.path.join(session_dir, "logs"), "actor")
+    runtime = _runtime.Runtime(store, conn, session_dir, options)
+    _runtime.install(runtime)
+    try:
+        start = collections.deque()
+        runtime.on_message = start.append
+        with runtime._lock:
+            runtime._wait_until(lambda: start, None)
+        message = start.popleft()
+        actor = ActorProcess(runtime, message)
+        actor.queue.extend(m for m in start if m[0] == P.CALL)
+        actor.run()
+    except (ConnectionClosed, exceptions.RaySystemError):
+        pass

@@ -1,0 +1,152 @@
+"""Message framing over a Unix socket pair: length-prefixed pickled batches.
+
+Runs in: every process (the scheduler's side is non-blocking, everyone else's blocks).
+
+A frame is ``u32 length`` + ``pickle(list of messages)``; a message is a plain tuple
+``(opcode, field, ...)`` (see ``_protocol``).  Plain tuples because pickling a NamedTuple costs
+seven times as much per message (1.8 us against 0.26 us here), and every hop pays it twice.
+
+- ``Connection.send`` queues; ``flush`` writes everything queued as one frame: one system call
+  for any number of messages, and the peer unpickles the batch in one call.
+- ``recv_messages`` returns every message that has arrived, reading as many frames as one
+  ``recv_into`` brought in.
+- The scheduler never blocks on a write (a slow reader must not stall the loop): its
+  connections keep unsent bytes in ``out`` and the loop finishes them when the socket is
+  writable again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+from typing import List, Optional
+
+_frame = struct.Struct("<I")
+_READ_SIZE = 1 << 16  # below malloc's mmap threshold: recv() of 1 MiB costs an mmap per call
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed its end or died."""
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str = "peer"):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.pending: list = []  # messages queued for the next frame
+        self.out = bytearray()   # encoded bytes not yet written (non-blocking side)
+        self._in = bytearray()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, message: tuple) -> None:
+        self.pending.append(message)
+
+    def _encode_pending(self) -> None:
+        if self.pending:
+            payload = pickle.dumps(self.pending, protocol=5)
+            self.pending = []
+            self.out += _frame.pack(len(payload))
+            self.out += payload
+
+    def flush(self) -> None:
+        """Write everything queued, blocking until it is written."""
+        self._encode_pending()
+        if self.out:
+            try:
+                self.sock.sendall(self.out)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"{self.peer} closed the connection") from exc
+            finally:
+                self.out.clear()
+
+    def send_now(self, message: tuple) -> None:
+        self.pending.append(message)
+        self.flush()
+
+    def flush_nonblocking(self) -> bool:
+        """Write what the socket takes now; True when nothing is left to write."""
+        self._encode_pending()
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:
+                return False
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionClosed(f"{self.peer} closed the connection") from exc
+            del self.out[:sent]
+        return True
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def recv_messages(self, block: bool = True) -> List[tuple]:
+        """Messages that have arrived; with ``block``, waits until at least one has."""
+        while True:
+            messages = self._parse()
+            if messages or not block:
+                return messages
+            self._fill()
+
+    def fill_nonblocking(self) -> None:
+        """Read what is available now (the socket must be non-blocking)."""
+        try:
+            self._fill()
+        except BlockingIOError:
+            pass
+
+    def _fill(self) -> None:
+        try:
+            chunk = self.sock.recv(_READ_SIZE)
+        except ConnectionResetError as exc:
+            raise ConnectionClosed(f"{self.peer} died") from exc
+        if not chunk:
+            raise ConnectionClosed(f"{self.peer} closed the connection")
+        self._in += chunk
+
+    def _parse(self) -> List[tuple]:
+        buf = self._in
+        messages: List[tuple] = []
+        position = 0
+        with memoryview(buf) as view:  # released before the bytearray is resized below
+            while len(buf) - position >= 4:
+                (length,) = _frame.unpack_from(buf, position)
+                end = position + 4 + length
+                if end > len(buf):
+                    break
+                messages.extend(pickle.loads(view[position + 4 : end]))
+                position = end
+        if position:
+            del buf[:position]
+        return messages
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connection_pair(peer_a: str, peer_b: str):
+    """Two connected ends: (a, b); each end's ``peer`` names the other side."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return Connection(a, peer=peer_b), Connection(b, peer=peer_a)
+
+
+def wait_readable(fd: int, timeout: Optional[float]) -> bool:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def close_fd_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

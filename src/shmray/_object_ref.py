@@ -1,0 +1,90 @@
+"""ObjectRef: the handle to an object, hashable and picklable, counted while it lives.
+
+Runs in: every process.
+
+Every live ObjectRef counts as one local reference of its process's runtime, so an object is
+freed once no ref to it is left anywhere.  ``__del__`` can run at any point, inside any
+lock, when the garbage collector fires, so it never takes a lock or talks to anyone: it
+drops the id on the runtime's release queue (an atomic ``deque.append``), which the runtime
+drains at its next call.  This is also what batches releases.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import _serialization
+
+
+class ObjectRef:
+    """A reference to an object in shmray: the result of ``.remote()`` or ``put``."""
+
+    __slots__ = ("_id", "_tracker", "__weakref__")
+
+    def __init__(self, object_id: bytes, tracker=None, counted: bool = False):
+        if not isinstance(object_id, bytes) or len(object_id) != 28:
+            raise ValueError("an ObjectRef is made from a 28-byte object id")
+        self._id = object_id
+        self._tracker = tracker if tracker is not None else _default_tracker
+        # ``counted``: the runtime has already counted this ref (it made it)
+        if self._tracker is not None and not counted:
+            self._tracker.add_local_ref(object_id)
+
+    def binary(self) -> bytes:
+        return self._id
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    def task_id(self) -> bytes:
+        return self._id[:24]
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectRef) and other._id == self._id
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self._id.hex()})"
+
+    def __reduce__(self):
+        _serialization.note_contained_ref(self._id)
+        return _rebuild_ref, (self._id,)
+
+    def __del__(self):
+        tracker = self._tracker
+        if tracker is not None:
+            tracker.release_later(self._id)
+
+    # futures (``future()``, ``__await__``) are attached by the runtime that resolves them
+    def future(self):
+        """This ref as a ``concurrent.futures.Future`` holding the object's value."""
+        return _runtime_for(self).future_of(self)
+
+    def __await__(self):
+        return _runtime_for(self).await_ref(self).__await__()
+
+
+def _runtime_for(ref: ObjectRef):
+    tracker = ref._tracker
+    if tracker is None or tracker is not _default_tracker:
+        from .exceptions import RaySystemError
+
+        raise RaySystemError(
+            f"{ref!r} belongs to a shmray session that has been shut down; its object is gone"
+        )
+    return tracker
+
+
+_default_tracker: Optional[object] = None
+
+
+def set_tracker(tracker) -> None:
+    """The runtime that counts refs made in this process from now on (None at shutdown)."""
+    global _default_tracker
+    _default_tracker = tracker
+
+
+def _rebuild_ref(object_id: bytes) -> ObjectRef:
+    return ObjectRef(object_id)

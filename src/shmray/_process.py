@@ -1,0 +1,83 @@
+"""Forking shmray's processes and giving them names.
+
+Runs in: the driver (forks the scheduler) and the scheduler (forks workers and actors).
+
+- ``fork_child(name, main)`` forks; the child names itself (``shmray::worker`` in ``ps``),
+  asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), so no child outlives
+  a SIGKILLed parent, runs ``main()`` and leaves with ``os._exit``: it never returns into
+  the parent's code, never runs its atexit handlers, never flushes its stdio buffers twice.
+- Only the scheduler forks workers, and it has no threads, so forking is safe there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from typing import Callable
+
+import setproctitle
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# True in every process fork_child made: such a process serves a session, never starts one.
+in_child = False
+
+
+def set_name(name: str) -> None:
+    setproctitle.setproctitle(name)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent exits; exit now if it already has."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def fork_child(name: str, main: Callable[[], None]) -> int:
+    """Fork a child that runs ``main`` under ``name``; returns its pid in the parent."""
+    parent = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # else the child would print the parent's pending output again
+        except Exception:
+            pass
+    pid = os.fork()
+    if pid:
+        return pid
+    global in_child
+    in_child = True
+    code = 0
+    try:
+        die_with_parent(parent)
+        set_name(name)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return 0  # unreachable
+
+
+def describe_exit(status: int) -> str:
+    """'exit code 3' or 'signal SIGKILL' from a waitpid status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"signal {name}"
+    return f"exit code {os.WEXITSTATUS(status)}"

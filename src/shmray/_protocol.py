@@ -1,0 +1,116 @@
+"""Every message between shmray's processes, as data.
+
+Runs in: every process.
+
+A message is a plain tuple ``(OPCODE, field, ...)`` (see ``_connection`` for why not a class);
+this module is the one place that says what each one carries.  Each receiving loop dispatches
+in one place: ``handlers[message[0]](connection, *message[1:])``.
+
+Objects travel as *locations*: ``(data, metadata)`` where ``data`` is the serialized value
+(bytes) for a small object, or ``None`` for one sealed in the arena, which the reader maps
+itself.  ``contained`` lists the ids of ObjectRefs pickled inside a value; whoever holds the
+value holds those refs too.
+
+Client (driver, worker, actor) -> scheduler
+    REGISTER_FUNCTION  fn_id, pickled, name         a function's code, sent once per function
+    SUBMIT             spec (TaskSpec tuple)         a task; the sender holds its return refs
+    PUT                object_id, data, metadata, contained
+                                                     an object the sender made; it holds it
+    HOLD               ids                           first local ref to each id
+    RELEASE            ids                           last local ref to each id is gone
+    SUBSCRIBE          ids                           send READY for each id once it is ready
+    BLOCKED            -                             a worker waits in get/wait: lend its CPU
+    UNBLOCKED          -                             ...and takes it back
+    TASK_DONE          task_id, results, retryable   results: [(object_id, data, metadata,
+                                                     contained)]; retryable: it raised an
+                                                     exception its retry_exceptions covers
+    QUERY              request_id, what              what: "resources", "available", "workers",
+                                                     "ping" (a barrier), "named_actors",
+                                                     ("actor", name, namespace)
+    CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
+                                                     a REPLY follows when request_id is not None
+    ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
+    KILL_ACTOR         actor_id, no_restart          SIGKILL the actor process
+Actor -> scheduler
+    ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
+                                                     serialized)
+    ACTOR_EXITING      -                             exit_actor() was called: don't restart
+Scheduler -> client
+    READY              object_id, data, metadata     the object is ready (owner or subscriber)
+    EXECUTE            task_id, fn_id, pickled|None, name, args, num_returns, values
+                                                     run a task; values: {id: (data, meta)}
+                                                     of its top-level ref arguments
+    EXIT               -                             finish what was sent before, then exit
+    START_ACTOR        spec (ActorSpec), pickled class, values
+                                                     become this actor: run __init__
+    CALL               task_id, method, name, args, arg_ids, num_returns, values
+                                                     run a method of the actor
+    REPLY              request_id, value             the answer to a QUERY
+
+An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
+options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,
+``max_concurrency``, ``max_restarts``, ``max_task_retries``, ``place``/``hold`` resources,
+``name``, ``namespace``, ``detached``, ``get_if_exists``, ``methods``).
+
+A TaskSpec is the tuple ``(task_id, fn_id, name, args, arg_ids, contained, num_returns,
+resources, max_retries, retry_exceptions)``: ``args`` is the serialized ``(args, kwargs)``
+with each top-level ObjectRef replaced by ``ArgRef(i)``, ``arg_ids[i]`` being its id.
+"""
+
+from __future__ import annotations
+
+REGISTER_FUNCTION = 1
+SUBMIT = 2
+PUT = 3
+HOLD = 4
+RELEASE = 5
+SUBSCRIBE = 6
+BLOCKED = 7
+UNBLOCKED = 8
+TASK_DONE = 9
+QUERY = 10
+CREATE_ACTOR = 11
+ACTOR_CALL = 12
+KILL_ACTOR = 13
+ACTOR_STARTED = 14
+ACTOR_EXITING = 15
+
+READY = 20
+EXECUTE = 21
+EXIT = 22
+REPLY = 23
+START_ACTOR = 24
+CALL = 25
+
+# TaskSpec field positions
+SPEC_TASK_ID = 0
+SPEC_FN_ID = 1
+SPEC_NAME = 2
+SPEC_ARGS = 3
+SPEC_ARG_IDS = 4
+SPEC_CONTAINED = 5
+SPEC_NUM_RETURNS = 6
+SPEC_RESOURCES = 7
+SPEC_MAX_RETRIES = 8
+SPEC_RETRY_EXCEPTIONS = 9
+
+# ActorSpec field positions
+ACTOR_ID = 0
+ACTOR_CLASS_ID = 1
+ACTOR_CLASS_NAME = 2
+ACTOR_ARGS = 3
+ACTOR_ARG_IDS = 4
+ACTOR_CONTAINED = 5
+ACTOR_OPTIONS = 6
+
+
+class ArgRef:
+    """Stands in the pickled arguments for the i-th top-level ObjectRef argument."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return ArgRef, (self.index,)

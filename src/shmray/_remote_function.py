@@ -1,0 +1,145 @@
+"""``@shmray.remote`` on a function: ``f.remote(...)`` submits a task and returns ObjectRefs.
+
+Runs in: the driver, and workers (tasks submit tasks).
+
+Submitting costs one message: the function's code is pickled (cloudpickle, so closures and
+functions defined in ``__main__`` after ``init`` work) and registered once per session; the
+arguments are serialized with each top-level ObjectRef replaced by ``ArgRef(i)``, so the
+scheduler knows the task's dependencies without unpickling anything.  Refs nested inside
+containers stay refs (Ray's rule) and are held for the task while it is pending.  Large
+top-level values are put into the object store first, as Ray does, so the message stays small
+and the worker maps them without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import cloudpickle
+
+from . import _options, _protocol as P
+from ._ids import new_task_id, object_id_for_return
+from ._object_ref import ObjectRef
+from ._serialization import serialize
+
+
+class RemoteFunction:
+    """A function turned into a task factory by ``@shmray.remote``."""
+
+    def __init__(self, function, options: Dict[str, Any]):
+        self._function = function
+        self._name = getattr(function, "__name__", "function")
+        self._options = {**_options.TASK_DEFAULTS,
+                         **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        self._fn_id = os.urandom(16)
+        self._pickled = None
+        self.__doc__ = function.__doc__
+        self.__name__ = self._name
+        self.__qualname__ = getattr(function, "__qualname__", self._name)
+        self.__module__ = getattr(function, "__module__", None)
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"remote functions cannot be called directly: instead of {self._name}(), "
+            f"call {self._name}.remote() and get() its result"
+        )
+
+    def __reduce__(self):
+        return RemoteFunction, (self._function, _user_options(self._options))
+
+    def remote(self, *args, **kwargs):
+        return self._submit(args, kwargs, self._options)
+
+    def options(self, **options):
+        merged = {**self._options,
+                  **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        parent = self
+
+        class _Bound:
+            def remote(self, *args, **kwargs):
+                return parent._submit(args, kwargs, merged)
+
+        return _Bound()
+
+    def _code(self) -> bytes:
+        if self._pickled is None:
+            self._pickled = cloudpickle.dumps(self._function)
+        return self._pickled
+
+    def _submit(self, args, kwargs, options):
+        from ._api import _current
+
+        runtime = _current()
+        runtime.ensure_function(self._fn_id, self._code, self._name)
+        task_id = new_task_id()
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        num_returns = options["num_returns"]
+        retry = options["retry_exceptions"]
+        spec = (task_id, self._fn_id, options.get("name") or self._name, args_blob, arg_ids,
+                contained, num_returns, _options.task_resources(options),
+                options["max_retries"], list(retry) if isinstance(retry, (list, tuple)) else retry)
+        return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
+        refs = runtime.submit(spec, return_ids)
+        del temporaries  # the task holds them now; our refs can go
+        if num_returns == 0:
+            return None
+        return refs[0] if num_returns == 1 else refs
+
+
+def _user_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in options.items() if _options.TASK_DEFAULTS.get(k) != v}
+
+
+def pack_arguments(runtime, args, kwargs):
+    """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message."""
+    arg_ids: List[bytes] = []
+
+    def placeholder(value):
+        if isinstance(value, ObjectRef):
+            arg_ids.append(value.binary())
+            return P.ArgRef(len(arg_ids) - 1)
+        return value
+
+    packed_args = [placeholder(a) for a in args]
+    packed_kwargs = {k: placeholder(v) for k, v in kwargs.items()}
+    serialized = _serialize_arguments(packed_args, packed_kwargs)
+    temporaries = []
+    if serialized.total_size >= runtime.inline_threshold:
+        # Put each large value into the store and pass it by reference.
+        def promote(value):
+            if isinstance(value, P.ArgRef):
+                return value
+            if serialize(value).total_size < runtime.inline_threshold:
+                return value
+            ref = runtime.put(value)
+            temporaries.append(ref)
+            arg_ids.append(ref.binary())
+            return P.ArgRef(len(arg_ids) - 1)
+
+        packed_args = [promote(a) for a in packed_args]
+        packed_kwargs = {k: promote(v) for k, v in packed_kwargs.items()}
+        serialized = _serialize_arguments(packed_args, packed_kwargs)
+    return serialized.to_bytes(), arg_ids, list(serialized.contained_refs), temporaries
+
+
+def _serialize_arguments(args, kwargs):
+    try:
+        return serialize((args, kwargs))
+    except TypeError as exc:
+        for position, value in enumerate(args):
+            _explain(f"argument {position}", value)
+        for key, value in kwargs.items():
+            _explain(f"keyword argument {key!r}", value)
+        raise exc
+
+
+def _explain(label: str, value) -> None:
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"{label} ({type(value).__qualname__}) can't be sent to a task: it can't be "
+            f"pickled ({exc}). Pass what is needed to rebuild it instead, or create it inside "
+            "the task."
+        ) from exc

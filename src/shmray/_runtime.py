@@ -1,0 +1,529 @@
+"""One process's part of a running session: its objects, its refs, its talk with the scheduler.
+
+Runs in: the driver, every worker and every actor (one Runtime per process).
+
+- ``put`` serializes once.  A value under ``INLINE_THRESHOLD`` travels as bytes inside
+  messages (Ray keeps objects under 100 KiB out of plasma the same way); a larger one is written
+  straight into its arena block by this process: one copy of each buffer.
+- ``get`` of an arena object is a table lookup and a mapping: a read-only, zero-copy view,
+  pinned for as long as anything built on it lives.  A result this process is waiting for is
+  announced by a READY message from the scheduler; the thread that waits reads it itself
+  (a hand-off between threads costs more than the hop: DESIGN.md), and when several threads
+  wait, one reads and the others sleep on a condition (leader/followers).
+- Refs are counted locally; the scheduler hears only of first holds and last releases,
+  queued and sent with the next message.  ObjectRef.__del__ only appends to a deque.
+- When the arena is full: a garbage collection first (refs caught in reference cycles), then
+  spilling (``_spill.Spiller``), then ``ObjectStoreFullError`` saying what holds the memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import gc
+import os
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import _object_ref, _protocol as P, exceptions
+from ._connection import Connection, ConnectionClosed, wait_readable
+from ._ids import object_id_for_put
+from ._object_ref import ObjectRef
+from ._object_store import (
+    ObjectNotFoundError,
+    ObjectNotSealedError,
+    ObjectSpilledError,
+    ObjectStore,
+)
+from ._serialization import META_ERROR, deserialize, serialize
+from ._spill import Spiller
+
+INLINE_THRESHOLD = 100 * 1024
+_RELEASES_ALONE = 64  # queued release messages worth a frame of their own
+_IN_ARENA = None  # location of an object whose bytes are sealed in the arena
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class Runtime:
+    """The session as this process sees it."""
+
+    def __init__(self, store: ObjectStore, conn: Connection, session_dir: str, options: dict,
+                 on_message: Optional[Callable[[tuple], None]] = None):
+        self.store = store
+        self.conn = conn
+        self.session_dir = session_dir
+        self.options = options
+        self.pid = os.getpid()
+        self.spiller = Spiller(store, self._spill_dir)
+        self.on_message = on_message  # messages other than READY (a worker's EXECUTE, EXIT)
+        # id -> (data, metadata) for objects this process knows are ready; data is None
+        # for objects in the arena.
+        self._locations: Dict[bytes, Tuple[Optional[bytes], bytes]] = {}
+        self._counts: Dict[bytes, int] = {}
+        self._subscribed: set = set()       # ids we asked to hear of
+        self._owned_pending: set = set()    # our tasks' results: READY comes unasked
+        self._releases: collections.deque = collections.deque()
+        self._futures: Dict[bytes, List[concurrent.futures.Future]] = {}
+        self._registered_functions: set = set()
+        self._lock = threading.RLock()          # counts, locations, the send queue
+        self._cv = threading.Condition(self._lock)
+        self._reading = False                   # a thread is reading the connection
+        self._pump_thread: Optional[threading.Thread] = None
+        self._replies: Dict[int, object] = {}
+        self._next_request = 0
+        self.inline_threshold = INLINE_THRESHOLD
+        self.closed = False
+        self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
+        self.external_reader = False  # an event loop reads the connection (async actors)
+
+    def _spill_dir(self) -> str:
+        path = os.path.join(self.session_dir, "spill")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, message: tuple) -> None:
+        # Releases queued until now go after the message: a release sent late only frees
+        # memory later, one sent early can free an object the message refers to (a task's
+        # result that contains a ref the task has since dropped).
+        with self._lock:
+            self.conn.send(message)
+            self._drain_releases()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._drain_releases()
+            try:
+                self.conn.flush()
+            except ConnectionClosed as exc:
+                raise self._scheduler_gone() from exc
+
+    def _scheduler_gone(self) -> exceptions.RaySystemError:
+        return exceptions.RaySystemError(
+            "the shmray scheduler process is gone (killed or crashed); this session can't "
+            "run anything more. Call shmray.shutdown() and shmray.init() to start again."
+        )
+
+    # -- reference counting --------------------------------------------------------------
+
+    def add_local_ref(self, object_id: bytes, announce: bool = True) -> None:
+        with self._lock:
+            count = self._counts.get(object_id, 0)
+            self._counts[object_id] = count + 1
+            if count == 0 and announce:
+                self.conn.send((P.HOLD, [object_id]))
+
+    def add_owned_ref(self, object_id: bytes) -> ObjectRef:
+        """A ref the scheduler already counts for us (a put or a task return we submitted)."""
+        with self._lock:
+            self._counts[object_id] = self._counts.get(object_id, 0) + 1
+        return ObjectRef(object_id, self, counted=True)
+
+    def release_later(self, object_id: bytes) -> None:
+        self._releases.append(object_id)
+
+    def _drain_releases(self) -> None:
+        """Apply the releases queued by ObjectRef.__del__ (caller holds the lock)."""
+        releases = self._releases
+        if not releases:
+            return
+        released = []
+        while releases:
+            object_id = releases.popleft()
+            count = self._counts[object_id] - 1
+            if count:
+                self._counts[object_id] = count
+                continue
+            del self._counts[object_id]
+            self._locations.pop(object_id, None)
+            self._subscribed.discard(object_id)
+            self._owned_pending.discard(object_id)
+            released.append(object_id)
+        if released and not self.closed:
+            self.conn.send((P.RELEASE, released))
+
+    def flush_releases(self) -> None:
+        if self._releases:
+            self.flush()
+
+    def num_local_refs(self) -> int:
+        with self._lock:
+            self._drain_releases()
+            return len(self._counts)
+
+    # -- put -----------------------------------------------------------------------------
+
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError(
+                "calling put() on an ObjectRef is not allowed (as in Ray): pass the ref itself "
+                "where it is needed, or wrap it in a list, put([ref]), to store a reference to it"
+            )
+        serialized = serialize(value)
+        object_id = object_id_for_put()
+        data = self.store_object(object_id, serialized)
+        with self._lock:
+            self._locations[object_id] = (data, serialized.metadata)
+            self.conn.send((P.PUT, object_id, data, serialized.metadata,
+                            serialized.contained_refs))
+            ref = self.add_owned_ref(object_id)
+        self.flush()
+        return ref
+
+    def store_object(self, object_id: bytes, serialized, force_inline: bool = False):
+        """Inline bytes for a small value (returned), or None once it is sealed in the arena."""
+        if force_inline or serialized.total_size < INLINE_THRESHOLD:
+            return serialized.to_bytes()
+        self._write_with_room(object_id, serialized)
+        return _IN_ARENA
+
+    def _write_with_room(self, object_id: bytes, serialized) -> None:
+        needed = serialized.total_size
+        for attempt in range(3):
+            try:
+                self.store.write_serialized(object_id, serialized)
+                return
+            except exceptions.ObjectStoreFullError as exc:
+                if needed > self.store.statistics().heap_size:
+                    raise self._too_large_error(needed) from exc
+                if attempt == 0:
+                    gc.collect()  # refs in reference cycles release their objects
+                    self.flush_releases()
+                    self._settle()
+                elif not self.spiller.make_room(needed):
+                    break
+        raise self._full_error(needed)
+
+    def _settle(self) -> None:
+        """Return once the scheduler has processed our releases (and freed what they let go)."""
+        self.query("ping")
+
+    def _too_large_error(self, needed: int) -> exceptions.ObjectStoreFullError:
+        capacity = self.store.capacity
+        return exceptions.ObjectStoreFullError(
+            f"cannot store an object of {_mib(needed)}: it is larger than the whole object "
+            f"store ({_mib(capacity)}). Start shmray with a larger store, e.g. "
+            f"shmray.init(object_store_memory={max(needed * 2, capacity)})."
+        )
+
+    def _full_error(self, needed: int) -> exceptions.ObjectStoreFullError:
+        stats = self.store.statistics()
+        objects = self.store.list()
+        pinned = [o for o in objects if o.pin_count]
+        writing = [o for o in objects if o.state == "created"]
+        biggest = sorted(objects, key=lambda o: o.data_size, reverse=True)[:5]
+        listing = ", ".join(
+            f"{o.object_id.hex()[:16]}… {_mib(o.data_size)} ({o.state}"
+            f"{', pinned x%d' % o.pin_count if o.pin_count else ''})" for o in biggest
+        )
+        return exceptions.ObjectStoreFullError(
+            f"cannot store an object of {_mib(needed)}: the object store ({_mib(stats.capacity)}) "
+            f"has {_mib(stats.bytes_in_use)} in use by {stats.num_objects} objects, "
+            f"{len(pinned)} of them pinned by live values (e.g. numpy arrays from get) and "
+            f"{len(writing)} being written, and none of them could be spilled; largest free "
+            f"block {_mib(stats.largest_free)}. Largest objects: {listing or 'none'}. Drop "
+            "values and refs you no longer need, or start shmray with a larger "
+            "object_store_memory."
+        )
+
+    # -- readiness -----------------------------------------------------------------------
+
+    def _is_ready(self, object_id: bytes) -> bool:
+        """Known ready, or sealed in the arena already (then no message is needed at all)."""
+        if object_id in self._locations:
+            return True
+        if self.store.contains(object_id) in ("sealed", "spilled"):
+            self._locations[object_id] = (_IN_ARENA, b"")
+            return True
+        return False
+
+    def _not_ready(self, ids: Sequence[bytes]) -> List[bytes]:
+        """The ids not ready yet; asks to hear of those no READY is already coming for."""
+        missing = [i for i in ids if not self._is_ready(i)]
+        unannounced = [i for i in missing
+                       if i not in self._owned_pending and i not in self._subscribed]
+        if unannounced:
+            self._subscribed.update(unannounced)
+            self.conn.send((P.SUBSCRIBE, unannounced))
+        return missing
+
+    def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """Read messages until predicate() holds; False on timeout.  Caller holds the lock."""
+        blocked = False
+        try:
+            while not predicate():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if not blocked and self.blocked_hook is not None:
+                    blocked = True
+                    self.blocked_hook(True)
+                self._flush_before_waiting()
+                if self._reading:  # another thread reads for us
+                    self._cv.wait(remaining)
+                    continue
+                self._read_once(remaining)
+            return True
+        finally:
+            if blocked:
+                self.blocked_hook(False)
+
+    def _flush_before_waiting(self) -> None:
+        """Send what we wait on; releases alone wait for the next message (or until many).
+
+        A frame of nothing but releases would wake the scheduler for no one's benefit: every
+        wake-up across CPUs costs ~30 us here, a third of a task's round trip.
+        """
+        self._drain_releases()
+        pending = self.conn.pending
+        if pending and (len(pending) >= _RELEASES_ALONE
+                        or any(message[0] != P.RELEASE for message in pending)):
+            try:
+                self.conn.flush()
+            except ConnectionClosed as exc:
+                raise self._scheduler_gone() from exc
+
+    def _read_once(self, timeout: Optional[float]) -> None:
+        """Become the reader: wait for messages without the lock, handle them with it."""
+        self._reading = True
+        self._lock.release()
+        try:
+            messages = []
+            if timeout is None or wait_readable(self.conn.fd, min(timeout, 3600)):
+                messages = self.conn.recv_messages(block=True)
+        except ConnectionClosed as exc:
+            self._lock.acquire()
+            self._reading = False
+            self._cv.notify_all()
+            raise self._scheduler_gone() from exc
+        except BaseException:
+            self._lock.acquire()
+            self._reading = False
+            self._cv.notify_all()
+            raise
+        self._lock.acquire()
+        self._reading = False
+        for message in messages:
+            self.handle(message)
+        self._cv.notify_all()
+
+    def handle(self, message: tuple) -> None:
+        """A message from the scheduler (caller holds the lock)."""
+        if message[0] == P.READY:
+            _, object_id, data, metadata = message
+            self._owned_pending.discard(object_id)
+            if object_id in self._counts:
+                self._locations[object_id] = (data, metadata)
+                self._subscribed.discard(object_id)
+                futures = self._futures.pop(object_id, None)
+                if futures:
+                    self._resolve_futures(object_id, futures)
+        elif message[0] == P.REPLY:
+            self._replies[message[1]] = message[2]
+        elif self.on_message is not None:
+            self.on_message(message)
+
+    # -- get / wait ----------------------------------------------------------------------
+
+    def get_values(self, refs: Sequence[ObjectRef], timeout: Optional[float]) -> list:
+        ids = [ref.binary() for ref in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            missing = self._not_ready(ids)
+            if missing:
+                locations = self._locations
+                if not self._wait_until(lambda: all(i in locations for i in missing), deadline):
+                    late = sum(1 for i in missing if i not in locations)
+                    raise exceptions.GetTimeoutError(
+                        f"get() timed out after {timeout} s: {late} of {len(ids)} objects "
+                        "were not ready"
+                    )
+            locations = [self._locations.get(i, (_IN_ARENA, b"")) for i in ids]
+        return [self.value_at(i, location) for i, location in zip(ids, locations)]
+
+    def wait(self, refs: Sequence[ObjectRef], num_returns: int, timeout: Optional[float]):
+        ids = [ref.binary() for ref in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            missing = self._not_ready(ids)
+            already = len(ids) - len(missing)
+            if already < num_returns:
+                locations = self._locations
+                self._wait_until(
+                    lambda: already + sum(1 for i in missing if i in locations) >= num_returns,
+                    deadline)
+            ready, not_ready = [], []
+            for ref, object_id in zip(refs, ids):
+                if len(ready) < num_returns and self._is_ready(object_id):
+                    ready.append(ref)
+                else:
+                    not_ready.append(ref)
+        return ready, not_ready
+
+    def value_at(self, object_id: bytes, location) -> object:
+        data, metadata = location
+        if data is not None:
+            return _unwrap(deserialize(memoryview(data)), metadata)
+        view, metadata = self._pinned_view(object_id)
+        return _unwrap(deserialize(view), metadata)
+
+    def _pinned_view(self, object_id: bytes):
+        while True:
+            try:
+                return self.store.pinned_view(object_id)
+            except ObjectSpilledError:
+                info = self.store.info(object_id)
+                self.spiller.restore(object_id, info.data_size + info.metadata_size)
+            except ObjectNotSealedError:
+                time.sleep(0.0005)  # another process is restoring it
+            except ObjectNotFoundError:
+                raise exceptions.ObjectLostError(
+                    f"object {object_id.hex()} is not in the object store any more"
+                ) from None
+
+    # -- futures -------------------------------------------------------------------------
+
+    def future_of(self, ref: ObjectRef) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        object_id = ref.binary()
+        with self._lock:
+            if self._is_ready(object_id):
+                self._resolve_futures(object_id, [future])
+                return future
+            # The future holds the ref, so the object lives until it resolves.
+            future._shmray_ref = ref  # type: ignore[attr-defined]
+            self._futures.setdefault(object_id, []).append(future)
+            self._not_ready([object_id])
+            self._start_pump()
+        self.flush()
+        return future
+
+    def _resolve_futures(self, object_id: bytes, futures) -> None:
+        location = self._locations.get(object_id, (_IN_ARENA, b""))
+        try:
+            value = self.value_at(object_id, location)
+        except BaseException as exc:  # the task's own error, or a lost object
+            for future in futures:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(exc)
+            return
+        for future in futures:
+            if future.set_running_or_notify_cancel():
+                future.set_result(value)
+
+    def _start_pump(self) -> None:
+        """A reader thread while futures are pending; it ends when none are left."""
+        if self.external_reader:
+            return
+        if self._pump_thread is not None and self._pump_thread.is_alive():
+            return
+        self._pump_thread = threading.Thread(target=self._pump, name="shmray-futures",
+                                             daemon=True)
+        self._pump_thread.start()
+
+    def _pump(self) -> None:
+        with self._lock:
+            try:
+                while self._futures and not self.closed:
+                    self._wait_until(lambda: not self._futures or self.closed,
+                                     time.monotonic() + 0.5)
+            except exceptions.RaySystemError as exc:
+                for futures in self._futures.values():
+                    for future in futures:
+                        if future.set_running_or_notify_cancel():
+                            future.set_exception(exc)
+                self._futures.clear()
+
+    async def await_ref(self, ref: ObjectRef):
+        import asyncio
+
+        return await asyncio.wrap_future(self.future_of(ref))
+
+    # -- tasks and queries -------------------------------------------------------------
+
+    def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
+        with self._lock:
+            self.conn.send((P.SUBMIT, spec))
+            self._owned_pending.update(return_ids)
+            refs = [self.add_owned_ref(object_id) for object_id in return_ids]
+        self.flush()
+        return refs
+
+    def create_actor(self, spec: tuple, wait: bool):
+        """(handle ref, actor options); waits for the scheduler's answer if ``wait``."""
+        with self._lock:
+            if not wait:
+                self.conn.send((P.CREATE_ACTOR, None, spec))
+                ref = self.add_owned_ref(spec[P.ACTOR_ID])
+                options = spec[P.ACTOR_OPTIONS]
+            else:
+                self._next_request += 1
+                request_id = self._next_request
+                self.conn.send((P.CREATE_ACTOR, request_id, spec))
+                self._wait_until(lambda: request_id in self._replies, None)
+                reply = self._replies.pop(request_id)
+                if isinstance(reply, BaseException):
+                    raise reply
+                actor_id, options = reply
+                ref = self.add_owned_ref(actor_id)
+        self.flush()
+        return ref, options
+
+    def call_actor(self, actor_id: bytes, spec: tuple, return_ids) -> List[ObjectRef]:
+        with self._lock:
+            self.conn.send((P.ACTOR_CALL, actor_id, spec))
+            self._owned_pending.update(return_ids)
+            refs = [self.add_owned_ref(object_id) for object_id in return_ids]
+        self.flush()
+        return refs
+
+    def known_ready(self, object_id: bytes) -> bool:
+        return object_id in self._locations or object_id not in self._counts
+
+    def query(self, what):
+        """Ask the scheduler (resources, workers, actors); waits for the answer."""
+        with self._lock:
+            self._next_request += 1
+            request_id = self._next_request
+            self.conn.send((P.QUERY, request_id, what))
+            self._wait_until(lambda: request_id in self._replies, None)
+            return self._replies.pop(request_id)
+
+    # -- functions -------------------------------------------------------------------------
+
+    def ensure_function(self, fn_id: bytes, pickled_fn: Callable[[], bytes], name: str) -> None:
+        if fn_id not in self._registered_functions:
+            with self._lock:
+                if fn_id not in self._registered_functions:
+                    self.conn.send((P.REGISTER_FUNCTION, fn_id, pickled_fn(), name))
+                    self._registered_functions.add(fn_id)
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            self._releases.clear()
+            self._counts.clear()
+            self._locations.clear()
+            for futures in self._futures.values():
+                for future in futures:
+                    future.cancel()
+            self._futures.clear()
+        self.store.close()
+        self.conn.close()
+
+
+def _unwrap(value, metadata: bytes):
+    if metadata == META_ERROR:
+        if isinstance(value, exceptions.RayTaskError):
+            raise value.as_instanceof_cause()
+        raise value
+    return value
+
+
+def install(runtime: Optional[Runtime]) -> None:
+    _object_ref.set_tracker(runtime)

@@ -1,0 +1,948 @@
+"""The scheduler: one single-threaded event loop that never runs user code.
+
+Runs in: the scheduler process (forked by the driver at ``init``).
+
+Data flow for one task (each arrow one message, batched with whatever else is queued)::
+
+    driver/worker                 scheduler                         worker
+    ─────────────                 ─────────                         ──────
+    SUBMIT(spec) ───────────────▶ task table, dependency counts
+                                  ready queue ── resources fit ──▶ EXECUTE(spec, inline args)
+                                                                    run; big results sealed
+                                                                    straight into the arena
+                                  object directory ◀───────────── TASK_DONE(results)
+    READY(id, data|None) ◀─────── owner (the submitter) and
+                                  subscribers; dependents wake
+
+- Object directory: for each object, where it is (inline bytes kept here, or the arena), who
+  holds it (processes with a live ObjectRef; pending tasks that use it as an argument; stored
+  objects that contain it).  An object is freed when nothing holds it; freeing an arena object
+  that is still viewed only marks it, and the store frees it at the last unpin.
+- Dependencies: a task waits for its top-level ref arguments; a failed one fails the task with
+  the same error, without running it.
+- Resources: a task takes its ``num_cpus``/``num_gpus``/custom resources while it runs; a worker
+  blocked in ``get``/``wait`` lends its CPUs back, and more workers are forked when every worker
+  is busy, so nested tasks can't deadlock a small pool.
+- A worker that dies mid-task: its task is retried up to ``max_retries`` on a fresh worker,
+  then fails with ``WorkerCrashedError``; the pool is refilled.
+- The driver's connection closing (exit, crash or SIGKILL) ends the session: workers are
+  killed, the session folder is removed, and the scheduler exits.
+
+Each loop turn: wait for readable sockets, handle every message that arrived (one dispatch
+table), start what became ready, write every queued reply in one frame per peer.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import selectors
+import shutil
+import signal
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional
+
+from . import _protocol as P, exceptions
+from ._connection import Connection, ConnectionClosed
+from ._object_store import ObjectNotFoundError, ObjectStore
+from ._process import describe_exit
+from ._serialization import META_ERROR, serialize
+
+_INFINITE_RETRIES = -1
+
+
+class Client:
+    """A process connected to the scheduler: the driver, a worker or an actor."""
+
+    __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
+                 "lent", "actor")
+
+    def __init__(self, conn: Connection, pid: int, kind: str):
+        self.conn = conn
+        self.pid = pid
+        self.kind = kind
+        self.holds: set = set()          # object ids it has a live ObjectRef to
+        self.functions: set = set()      # function ids whose code it has
+        self.task: Optional["Task"] = None
+        self.blocked = False
+        self.alive = True
+        self.lent: Dict[str, float] = {}  # resources lent back while blocked
+        self.actor: Optional["Actor"] = None  # the actor this process is, if any
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} pid={self.pid}>"
+
+
+class ObjectEntry:
+    __slots__ = ("ready", "data", "metadata", "holders", "arg_holds", "container_holds",
+                 "contained", "subscribers", "dependents", "actor")
+
+    def __init__(self):
+        self.ready = False
+        self.data: Optional[bytes] = None   # inline bytes; None while pending or in the arena
+        self.metadata = b""
+        self.holders: set = set()           # Clients with a live ref
+        self.arg_holds = 0                  # pending tasks that take it as an argument
+        self.container_holds = 0            # stored objects that contain a ref to it
+        self.contained: List[bytes] = []    # refs this object's value contains
+        self.subscribers: List[Client] = []
+        self.dependents: List["Task"] = []
+        self.actor = False                  # the pseudo-object that actor handles hold
+
+    @property
+    def in_arena(self) -> bool:
+        return self.ready and self.data is None and not self.actor
+
+    @property
+    def failed(self) -> bool:
+        return self.metadata == META_ERROR
+
+    @property
+    def unheld(self) -> bool:
+        return not self.holders and not self.arg_holds and not self.container_holds
+
+
+class Task:
+    __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
+                 "waiting_on",
+                 "retries_left", "worker", "finished", "held_ids", "actor")
+
+    def __init__(self, spec: tuple, owner: Client):
+        self.spec = spec
+        self.task_id = spec[P.SPEC_TASK_ID]
+        self.name = spec[P.SPEC_NAME]
+        self.owner = owner
+        num_returns = spec[P.SPEC_NUM_RETURNS]
+        self.return_ids = [self.task_id + (i + 1).to_bytes(4, "little")
+                           for i in range(max(num_returns, 1))]
+        self.resources: Dict[str, float] = spec[P.SPEC_RESOURCES]
+        self.shape = tuple(sorted(self.resources.items()))
+        self.waiting_on = 0
+        self.retries_left = spec[P.SPEC_MAX_RETRIES]
+        self.worker: Optional[Client] = None
+        self.finished = False
+        # every id the task holds until it finishes: top-level args and refs nested in args
+        self.held_ids = list(spec[P.SPEC_ARG_IDS]) + list(spec[P.SPEC_CONTAINED])
+        self.actor: Optional["Actor"] = None  # set for actor method calls
+
+
+class Actor:
+    """The scheduler's record of one actor: its process, its mailbox order, its fate."""
+
+    __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
+                 "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
+                 "creation_holds", "out_of_scope")
+
+    def __init__(self, spec: tuple):
+        self.actor_id = spec[P.ACTOR_ID]
+        self.spec = spec
+        self.options = spec[P.ACTOR_OPTIONS]
+        self.class_name = spec[P.ACTOR_CLASS_NAME]
+        self.client: Optional[Client] = None
+        self.state = "pending"                # pending -> alive -> (pending again) -> dead
+        self.queues: Dict[Client, collections.deque] = {}   # per caller, in call order
+        self.inflight: Dict[bytes, Task] = {}               # sent to the process, not done
+        self.restarts_left = self.options["max_restarts"]
+        self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
+        self.no_restart = False
+        self.held: Dict[str, float] = {}
+        self.waiting_on = 0                   # constructor arguments not ready yet
+        self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
+        self.out_of_scope = False
+
+
+class Scheduler:
+    def __init__(self, driver_conn: Connection, driver_pid: int, store: ObjectStore,
+                 session_dir: str, options: dict, spawn_worker, spawn_actor=None):
+        self.store = store
+        self.session_dir = session_dir
+        self.options = options
+        self._spawn_worker = spawn_worker  # (scheduler) -> (Connection, pid)
+        self._spawn_actor = spawn_actor    # (scheduler, class name) -> (Connection, pid)
+        self.selector = selectors.DefaultSelector()
+        self.clients: Dict[int, Client] = {}
+        self.driver = self._add_client(driver_conn, driver_pid, "driver")
+        self.objects: Dict[bytes, ObjectEntry] = {}
+        self.tasks: Dict[bytes, Task] = {}
+        self.ready_by_shape: Dict[tuple, collections.deque] = {}
+        self.idle: List[Client] = []
+        self.num_workers = 0
+        self.functions: Dict[bytes, tuple] = {}
+        self.actors: Dict[bytes, Actor] = {}
+        self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
+        self.unplaced: List[Actor] = []        # actors waiting for arguments or resources
+        num_cpus = float(options["num_cpus"])
+        self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
+        if options.get("num_gpus"):
+            self.total["GPU"] = float(options["num_gpus"])
+        for name, amount in (options.get("resources") or {}).items():
+            self.total[name] = float(amount)
+        self.total["object_store_memory"] = float(store.capacity)
+        self.available = dict(self.total)
+        self.min_workers = max(1, int(num_cpus))
+        self.max_workers = self.min_workers + 64
+        self.running = True
+        self.internal_errors = 0
+        self.dirty: set = set()
+        self.handlers = {
+            P.REGISTER_FUNCTION: self.on_register_function,
+            P.SUBMIT: self.on_submit,
+            P.PUT: self.on_put,
+            P.HOLD: self.on_hold,
+            P.RELEASE: self.on_release,
+            P.SUBSCRIBE: self.on_subscribe,
+            P.BLOCKED: self.on_blocked,
+            P.UNBLOCKED: self.on_unblocked,
+            P.TASK_DONE: self.on_task_done,
+            P.QUERY: self.on_query,
+            P.CREATE_ACTOR: self.on_create_actor,
+            P.ACTOR_CALL: self.on_actor_call,
+            P.KILL_ACTOR: self.on_kill_actor,
+            P.ACTOR_STARTED: self.on_actor_started,
+            P.ACTOR_EXITING: self.on_actor_exiting,
+        }
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def _add_client(self, conn: Connection, pid: int, kind: str) -> Client:
+        conn.sock.setblocking(False)
+        client = Client(conn, pid, kind)
+        self.clients[conn.fd] = client
+        self.selector.register(conn.fd, selectors.EVENT_READ, client)
+        return client
+
+    def workers(self) -> List[Client]:
+        return [c for c in self.clients.values() if c.kind == "worker"]
+
+    def start_worker(self) -> Client:
+        conn, pid = self._spawn_worker(self)
+        worker = self._add_client(conn, pid, "worker")
+        self.num_workers += 1
+        self.idle.append(worker)
+        return worker
+
+    def send(self, client: Client, message: tuple) -> None:
+        if client.alive:
+            client.conn.send(message)
+            self.dirty.add(client)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for _ in range(self.min_workers):
+            self.start_worker()
+        while self.running:
+            for key, mask in self.selector.select(timeout=1.0):
+                client: Client = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._write(client)
+                if mask & selectors.EVENT_READ and client.alive:
+                    self._read(client)
+            self.dispatch()
+            self._flush_dirty()
+        self.stop()
+
+    def _read(self, client: Client) -> None:
+        try:
+            client.conn.fill_nonblocking()
+            messages = client.conn.recv_messages(block=False)
+        except (ConnectionClosed, ConnectionResetError):
+            self.on_disconnect(client)
+            return
+        handlers = self.handlers
+        for message in messages:
+            try:
+                handlers[message[0]](client, *message[1:])
+            except Exception:  # a bug here must not take every task of the session down
+                self.internal_errors += 1
+                traceback.print_exc()
+                print(f"shmray scheduler: internal error handling message {message[0]} from "
+                      f"{client!r}; continuing", file=sys.stderr, flush=True)
+
+    def _write(self, client: Client) -> None:
+        try:
+            if client.conn.flush_nonblocking():
+                self.selector.modify(client.conn.fd, selectors.EVENT_READ, client)
+        except ConnectionClosed:
+            self.on_disconnect(client)
+
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for client in dirty:
+            if not client.alive:
+                continue
+            try:
+                if not client.conn.flush_nonblocking():
+                    self.selector.modify(client.conn.fd,
+                                         selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+            except ConnectionClosed:
+                self.on_disconnect(client)
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def _entry(self, object_id: bytes) -> ObjectEntry:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            entry = self.objects[object_id] = ObjectEntry()
+        return entry
+
+    def on_put(self, client: Client, object_id, data, metadata, contained) -> None:
+        entry = self._entry(object_id)
+        entry.holders.add(client)
+        client.holds.add(object_id)
+        self._make_ready(object_id, entry, data, metadata, contained)
+
+    def on_hold(self, client: Client, ids) -> None:
+        for object_id in ids:
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.holders.add(client)
+                client.holds.add(object_id)
+
+    def on_release(self, client: Client, ids) -> None:
+        for object_id in ids:
+            client.holds.discard(object_id)
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.holders.discard(client)
+                self._maybe_free(object_id, entry)
+
+    def on_subscribe(self, client: Client, ids) -> None:
+        for object_id in ids:
+            entry = self.objects.get(object_id)
+            if entry is None:
+                self.send(client, (P.READY, object_id, *self._lost(object_id)))
+            elif entry.ready:
+                self.send(client, (P.READY, object_id, entry.data, entry.metadata))
+            else:
+                entry.subscribers.append(client)
+
+    def _lost(self, object_id: bytes):
+        error = exceptions.ObjectLostError(
+            f"object {object_id.hex()} is unknown to this session: it was freed (no ref was "
+            "left to it) or it belongs to another session"
+        )
+        return serialize(error, META_ERROR).to_bytes(), META_ERROR
+
+    def _make_ready(self, object_id, entry: ObjectEntry, data, metadata, contained) -> None:
+        entry.ready = True
+        entry.data = data
+        entry.metadata = metadata
+        entry.contained = list(contained)
+        for inner in entry.contained:
+            inner_entry = self.objects.get(inner)
+            if inner_entry is not None:
+                inner_entry.container_holds += 1
+        for subscriber in entry.subscribers:
+            self.send(subscriber, (P.READY, object_id, data, metadata))
+        entry.subscribers = []
+        dependents, entry.dependents = entry.dependents, []
+        for task in dependents:
+            if task.finished:
+                continue
+            if isinstance(task, _ActorCreation):
+                if entry.failed:
+                    self._actor_dead(task.actor, data, metadata)
+                else:
+                    task.actor.waiting_on -= 1
+                continue
+            if entry.failed:
+                self._fail(task, data, metadata)
+            else:
+                task.waiting_on -= 1
+                if task.waiting_on == 0:
+                    self._task_ready(task)
+        self._maybe_free(object_id, entry)
+
+    def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> None:
+        # Freeing cascades (a failed dependent releases its arguments, a freed object its
+        # contained refs), so an entry may already be gone when its caller gets here.
+        if not entry.ready or not entry.unheld or self.objects.get(object_id) is not entry:
+            return
+        del self.objects[object_id]
+        if entry.actor:
+            self._actor_out_of_scope(object_id)
+        elif entry.in_arena:
+            try:
+                outcome = self.store.delete(object_id)
+            except ObjectNotFoundError:
+                outcome = 0
+            if outcome & 4:  # SHM_DELETED_SPILLED: the spill file is ours to remove
+                _unlink_quietly(os.path.join(self.session_dir, "spill", object_id.hex()))
+        for inner in entry.contained:
+            inner_entry = self.objects.get(inner)
+            if inner_entry is not None:
+                inner_entry.container_holds -= 1
+                self._maybe_free(inner, inner_entry)
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    def on_register_function(self, client: Client, fn_id, pickled, name) -> None:
+        self.functions[fn_id] = (pickled, name)
+        client.functions.add(fn_id)
+
+    def on_submit(self, client: Client, spec: tuple) -> None:
+        task = Task(spec, client)
+        self.tasks[task.task_id] = task
+        for object_id in task.return_ids:
+            entry = self._entry(object_id)
+            entry.holders.add(client)
+            entry.subscribers.append(client)  # the owner hears of its results unasked
+            client.holds.add(object_id)
+        unknown = [i for i in task.held_ids if i not in self.objects]
+        task.held_ids = [i for i in task.held_ids if i in self.objects]
+        for object_id in task.held_ids:
+            self.objects[object_id].arg_holds += 1
+        if unknown:
+            self._fail(task, *self._lost(unknown[0]))
+            return
+        infeasible = [name for name, amount in task.resources.items()
+                      if amount > self.total.get(name, 0.0)]
+        if infeasible:
+            error = exceptions.TaskUnschedulableError(
+                f"task {task.name}() asks for {task.resources}, more than this machine has "
+                f"({ {k: self.total.get(k, 0.0) for k in infeasible} }); pass smaller "
+                "num_cpus/num_gpus/resources, or give shmray.init() more"
+            )
+            self._fail(task, serialize(error, META_ERROR).to_bytes(), META_ERROR)
+            return
+        for object_id in spec[P.SPEC_ARG_IDS]:
+            entry = self.objects[object_id]
+            if entry.ready:
+                if entry.failed:
+                    self._fail(task, entry.data, entry.metadata)
+                    return
+            else:
+                task.waiting_on += 1
+                entry.dependents.append(task)
+        if task.waiting_on == 0:
+            self._task_ready(task)
+
+    def _task_ready(self, task: Task) -> None:
+        if task.actor is not None:
+            self._forward(task.actor)
+        else:
+            self.enqueue(task)
+
+    def dispatch(self) -> None:
+        """Start ready tasks while resources and workers allow, FIFO within each shape.
+
+        Ready tasks wait in one queue per resource shape ({"CPU": 1.0} for most), so when
+        the CPUs are all taken a turn costs one check per shape, not one per waiting task.
+        """
+        if self.unplaced:
+            self._place_actors()
+        for shape, queue in list(self.ready_by_shape.items()):
+            demand = queue[0].resources if queue else None
+            while queue and self._fits(demand):
+                task = queue.popleft()
+                if task.finished:
+                    continue
+                worker = self.idle.pop() if self.idle else None
+                if worker is None:
+                    if self.num_workers >= self.max_workers:
+                        queue.appendleft(task)
+                        return
+                    self.start_worker()
+                    worker = self.idle.pop()
+                self._start(task, worker)
+            if not queue:
+                del self.ready_by_shape[shape]
+
+    def enqueue(self, task: Task) -> None:
+        shape = task.shape
+        queue = self.ready_by_shape.get(shape)
+        if queue is None:
+            queue = self.ready_by_shape[shape] = collections.deque()
+        queue.append(task)
+
+    def _fits(self, demand: Dict[str, float]) -> bool:
+        available = self.available
+        return all(available.get(name, 0.0) >= amount for name, amount in demand.items())
+
+    def _start(self, task: Task, worker: Client) -> None:
+        for name, amount in task.resources.items():
+            self.available[name] -= amount
+        task.worker = worker
+        worker.task = task
+        spec = task.spec
+        fn_id = spec[P.SPEC_FN_ID]
+        pickled = None
+        if fn_id not in worker.functions:
+            pickled = self.functions[fn_id][0]
+            worker.functions.add(fn_id)
+        values = {}
+        for object_id in spec[P.SPEC_ARG_IDS]:
+            entry = self.objects[object_id]
+            if entry.data is not None:
+                values[object_id] = (entry.data, entry.metadata)
+        self.send(worker, (P.EXECUTE, task.task_id, fn_id, pickled, task.name, spec[P.SPEC_ARGS],
+                           spec[P.SPEC_ARG_IDS], spec[P.SPEC_NUM_RETURNS], values,
+                           spec[P.SPEC_RETRY_EXCEPTIONS]))
+
+    def on_task_done(self, worker: Client, task_id, results, retryable) -> None:
+        if worker.actor is not None:
+            task = worker.actor.inflight.pop(task_id, None)
+            if task is not None and not task.finished:
+                self._finish(task, results)
+            return
+        task = worker.task
+        worker.task = None
+        self._give_back(task, worker)
+        if worker.alive:
+            self.idle.append(worker)
+        if task is None or task.task_id != task_id or task.finished:
+            return
+        if retryable and task.retries_left != 0:
+            self._retry(task)
+            return
+        self._finish(task, results)
+
+    def _give_back(self, task: Optional[Task], worker: Client) -> None:
+        if task is not None and not worker.blocked:
+            for name, amount in task.resources.items():
+                self.available[name] += amount
+        worker.blocked = False
+
+    def _retry(self, task: Task) -> None:
+        if task.retries_left > 0:
+            task.retries_left -= 1
+        task.worker = None
+        for object_id in task.return_ids:  # a crashed attempt may have sealed some already
+            try:
+                self.store.delete(object_id)
+            except ObjectNotFoundError:
+                pass
+        self.enqueue(task)
+
+    def _finish(self, task: Task, results) -> None:
+        task.finished = True
+        self.tasks.pop(task.task_id, None)
+        for object_id, data, metadata, contained in results:
+            entry = self.objects.get(object_id)
+            if entry is None:  # nobody holds it any more: drop what the worker stored
+                if data is None:
+                    _delete_quietly(self.store, object_id)
+                continue
+            self._make_ready(object_id, entry, data, metadata, contained)
+        self._release_task_holds(task)
+
+    def _fail(self, task: Task, data: bytes, metadata: bytes) -> None:
+        self._finish(task, [(object_id, data, metadata, []) for object_id in task.return_ids])
+
+    def _release_task_holds(self, task: Task) -> None:
+        for object_id in task.held_ids:
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.arg_holds -= 1
+                self._maybe_free(object_id, entry)
+        task.held_ids = []
+
+    def on_blocked(self, worker: Client) -> None:
+        task = worker.task
+        if task is None or worker.blocked:
+            return
+        worker.blocked = True
+        for name, amount in task.resources.items():
+            self.available[name] += amount
+
+    def on_unblocked(self, worker: Client) -> None:
+        task = worker.task
+        if task is None or not worker.blocked:
+            return
+        worker.blocked = False
+        for name, amount in task.resources.items():
+            self.available[name] -= amount  # may go below zero until a task ends
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def on_query(self, client: Client, request_id, what) -> None:
+        if what == "resources":
+            value = dict(self.total)
+        elif what == "available":
+            value = {k: max(v, 0.0) for k, v in self.available.items() if v > 0}
+        elif what == "ping":  # a round trip: everything sent before it has been handled
+            value = None
+        elif what == "workers":
+            value = [w.pid for w in self.workers()]
+        elif what == "named_actors":
+            value = sorted(self.named)
+        elif isinstance(what, tuple) and what[0] == "actor":
+            actor_id = self.named.get((what[2], what[1]))
+            actor = self.actors.get(actor_id) if actor_id is not None else None
+            value = (actor_id, actor.options) if actor is not None else None
+        else:
+            value = None
+        self.send(client, (P.REPLY, request_id, value))
+
+    # -- actors ----------------------------------------------------------------------------
+
+    def on_create_actor(self, client: Client, request_id, spec: tuple) -> None:
+        options = spec[P.ACTOR_OPTIONS]
+        actor_id = spec[P.ACTOR_ID]
+        name = options["name"]
+        key = (options["namespace"], name)
+        if name is not None and key in self.named:
+            existing = self.actors[self.named[key]]
+            if options["get_if_exists"]:
+                self._hold_actor(client, existing.actor_id)
+                self.send(client, (P.REPLY, request_id, (existing.actor_id, existing.options)))
+            else:
+                self.send(client, (P.REPLY, request_id, ValueError(
+                    f"The name {name!r} (namespace={options['namespace']!r}) is already taken "
+                    "by a live actor; pick another name, or pass get_if_exists=True")))
+            return
+        actor = Actor(spec)
+        self.actors[actor_id] = actor
+        if name is not None:
+            self.named[key] = actor_id
+        entry = self._entry(actor_id)
+        entry.actor = True
+        entry.ready = True
+        self._hold_actor(client, actor_id)
+        if options["detached"]:
+            entry.container_holds += 1  # a detached actor outlives its handles
+        unknown = [i for i in actor.creation_holds if i not in self.objects]
+        actor.creation_holds = [i for i in actor.creation_holds if i in self.objects]
+        for object_id in actor.creation_holds:
+            self.objects[object_id].arg_holds += 1
+        if request_id is not None:
+            self.send(client, (P.REPLY, request_id, (actor_id, actor.options)))
+        if unknown:
+            self._actor_dead(actor, *self._lost(unknown[0]))
+            return
+        for object_id in spec[P.ACTOR_ARG_IDS]:
+            arg = self.objects[object_id]
+            if not arg.ready:
+                actor.waiting_on += 1
+                arg.dependents.append(_ActorCreation(actor))
+            elif arg.failed:
+                self._actor_dead(actor, arg.data, arg.metadata)
+                return
+        self.unplaced.append(actor)
+
+    def _hold_actor(self, client: Client, actor_id: bytes) -> None:
+        self.objects[actor_id].holders.add(client)
+        client.holds.add(actor_id)
+
+    def _place_actors(self) -> None:
+        still = []
+        for actor in self.unplaced:
+            if actor.state == "dead":
+                continue
+            place = actor.options["place"]
+            if actor.waiting_on or not self._fits(place) or self._spawn_actor is None:
+                still.append(actor)
+                continue
+            self._start_actor(actor)
+        self.unplaced = still
+
+    def _start_actor(self, actor: Actor) -> None:
+        hold = actor.options["hold"]
+        for name, amount in hold.items():
+            self.available[name] -= amount
+        actor.held = dict(hold)
+        conn, pid = self._spawn_actor(self, actor.class_name)
+        client = self._add_client(conn, pid, "actor")
+        client.actor = actor
+        actor.client = client
+        actor.state = "alive"
+        spec = actor.spec
+        values = {i: (self.objects[i].data, self.objects[i].metadata)
+                  for i in spec[P.ACTOR_ARG_IDS]
+                  if i in self.objects and self.objects[i].data is not None}
+        pickled = self.functions[spec[P.ACTOR_CLASS_ID]][0]
+        self.send(client, (P.START_ACTOR, spec, pickled, values))
+        self._forward(actor)
+
+    def on_actor_started(self, client: Client, error) -> None:
+        actor = client.actor
+        if actor is None:
+            return
+        holds, actor.creation_holds = actor.creation_holds, []
+        for object_id in holds:
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.arg_holds -= 1
+                self._maybe_free(object_id, entry)
+        if error is not None:
+            actor.death = (error, META_ERROR)
+            actor.no_restart = True  # Ray does not restart an actor whose __init__ raised
+
+    def on_actor_exiting(self, client: Client) -> None:
+        if client.actor is not None:
+            client.actor.no_restart = True
+            if client.actor.death is None:
+                client.actor.death = self._died_error(
+                    client.actor, "it exited intentionally (exit_actor() or __ray_terminate__)")
+
+    def on_actor_call(self, client: Client, actor_id, spec: tuple) -> None:
+        task = Task(spec, client)
+        actor = self.actors.get(actor_id)
+        task.actor = actor
+        for object_id in task.return_ids:
+            entry = self._entry(object_id)
+            entry.holders.add(client)
+            entry.subscribers.append(client)
+            client.holds.add(object_id)
+        unknown = [i for i in task.held_ids if i not in self.objects]
+        task.held_ids = [i for i in task.held_ids if i in self.objects]
+        for object_id in task.held_ids:
+            self.objects[object_id].arg_holds += 1
+        if actor is None:
+            self._fail(task, *self._serialized(exceptions.ActorDiedError(
+                f"no actor with id {actor_id.hex()} exists in this session")))
+            return
+        if actor.state == "dead":
+            self._fail(task, *actor.death)
+            return
+        if unknown:
+            self._fail(task, *self._lost(unknown[0]))
+            return
+        for object_id in spec[P.SPEC_ARG_IDS]:
+            entry = self.objects[object_id]
+            if not entry.ready:
+                task.waiting_on += 1
+                entry.dependents.append(task)
+            elif entry.failed:
+                self._fail(task, entry.data, entry.metadata)
+                return
+        queue = actor.queues.get(client)
+        if queue is None:
+            queue = actor.queues[client] = collections.deque()
+        queue.append(task)
+        self._forward(actor)
+
+    def _forward(self, actor: Actor) -> None:
+        """Send each caller's calls on, in order, as far as their arguments are ready."""
+        client = actor.client
+        if client is None or actor.state != "alive":
+            return
+        for caller, queue in list(actor.queues.items()):
+            while queue:
+                task = queue[0]
+                if task.finished:
+                    queue.popleft()
+                    continue
+                if task.waiting_on:
+                    break
+                queue.popleft()
+                actor.inflight[task.task_id] = task
+                task.worker = client
+                spec = task.spec
+                values = {}
+                for object_id in spec[P.SPEC_ARG_IDS]:
+                    entry = self.objects[object_id]
+                    if entry.data is not None:
+                        values[object_id] = (entry.data, entry.metadata)
+                self.send(client, (P.CALL, task.task_id, spec[P.SPEC_FN_ID], task.name,
+                                   spec[P.SPEC_ARGS], spec[P.SPEC_ARG_IDS],
+                                   spec[P.SPEC_NUM_RETURNS], values))
+            if not queue:
+                del actor.queues[caller]
+
+    def on_kill_actor(self, client: Client, actor_id, no_restart) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == "dead":
+            return
+        if no_restart:
+            actor.no_restart = True
+            actor.death = self._died_error(actor, "it was killed by kill()")
+        if actor.client is not None:
+            _kill_quietly(actor.client.pid)
+        elif no_restart:
+            self._actor_dead(actor, *actor.death)
+
+    def _actor_out_of_scope(self, actor_id: bytes) -> None:
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == "dead":
+            return
+        actor.out_of_scope = True
+        actor.no_restart = True
+        actor.death = self._died_error(actor, "every handle to it went out of scope")
+        if actor.client is not None:
+            self.send(actor.client, (P.EXIT,))  # after the calls already sent to it
+        else:
+            self._actor_dead(actor, *actor.death)
+
+    def _actor_died(self, actor: Actor, status: Optional[int]) -> None:
+        """The actor's process is gone: restart it, or fail what it owed."""
+        for name, amount in actor.held.items():
+            self.available[name] += amount
+        actor.held = {}
+        actor.client = None
+        inflight = list(actor.inflight.values())
+        actor.inflight.clear()
+        if not actor.no_restart and actor.restarts_left != 0:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            actor.state = "pending"
+            for task in reversed(inflight):
+                if task.retries_left != 0:
+                    if task.retries_left > 0:
+                        task.retries_left -= 1
+                    actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
+                else:
+                    self._fail(task, *self._died_error(
+                        actor, f"its process died of {_how(status)} while running this call; it "
+                        "is being restarted (max_task_retries would retry the call)"))
+            self.unplaced.append(actor)
+            return
+        death = actor.death or self._died_error(
+            actor, f"its process died of {_how(status)} (killed, crashed or out of memory)")
+        for task in inflight:
+            self._fail(task, *death)
+        self._actor_dead(actor, *death)
+
+    def _actor_dead(self, actor: Actor, data: bytes, metadata: bytes) -> None:
+        actor.state = "dead"
+        actor.death = (data, metadata)
+        for queue in actor.queues.values():
+            for task in queue:
+                if not task.finished:
+                    self._fail(task, data, metadata)
+        actor.queues.clear()
+        options = actor.options
+        key = (options["namespace"], options["name"])
+        if self.named.get(key) == actor.actor_id:
+            del self.named[key]
+        holds, actor.creation_holds = actor.creation_holds, []
+        for object_id in holds:
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.arg_holds -= 1
+                self._maybe_free(object_id, entry)
+
+    def _died_error(self, actor: Actor, why: str) -> tuple:
+        return self._serialized(exceptions.ActorDiedError(
+            f"The actor {actor.class_name} (id {actor.actor_id.hex()[:32]}) is dead: {why}. "
+            "Calls to it raise this error."))
+
+    @staticmethod
+    def _serialized(error: BaseException) -> tuple:
+        return serialize(error, META_ERROR).to_bytes(), META_ERROR
+
+    # -- failures and the end --------------------------------------------------------------
+
+    def on_disconnect(self, client: Client) -> None:
+        if not client.alive:
+            return
+        client.alive = False
+        self.dirty.discard(client)
+        try:
+            self.selector.unregister(client.conn.fd)
+        except (KeyError, ValueError):
+            pass
+        self.clients.pop(client.conn.fd, None)
+        client.conn.close()
+        if client.kind == "driver":
+            self.running = False
+            return
+        status = _reap(client.pid)
+        self.store.reap(client.pid)
+        if client.actor is not None:
+            self._release_holds_of(client)
+            self._actor_died(client.actor, status)
+            return
+        self.num_workers -= 1
+        if client in self.idle:
+            self.idle.remove(client)
+        task = client.task
+        if task is not None and not task.finished:
+            self._give_back(task, client)
+            client.task = None
+            if task.retries_left != 0:
+                self._retry(task)
+            else:
+                how = _how(status)
+                error = exceptions.WorkerCrashedError(
+                    f"the worker (pid {client.pid}) running {task.name}() died of {how}. It was "
+                    f"retried {task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely "
+                    "causes: the process ran out of memory, a C extension crashed, or it called "
+                    "os._exit(); set max_retries to try more often."
+                )
+                self._fail(task, serialize(error, META_ERROR).to_bytes(), META_ERROR)
+        self._release_holds_of(client)
+        while self.num_workers < self.min_workers and self.running:
+            self.start_worker()
+
+    def _release_holds_of(self, client: Client) -> None:
+        """A process is gone: so are its refs."""
+        for object_id in list(client.holds):
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.holders.discard(client)
+                self._maybe_free(object_id, entry)
+        client.holds.clear()
+
+    def stop(self) -> None:
+        """End every worker, reap them, remove the session folder."""
+        children = [c for c in self.clients.values() if c.kind != "driver"]
+        for child in children:
+            _kill_quietly(child.pid)
+        for child in children:
+            _reap(child.pid, timeout=5.0)
+            child.conn.close()
+        self.selector.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+class _ActorCreation:
+    """Stands in an object's dependents for an actor waiting for a constructor argument."""
+
+    __slots__ = ("actor",)
+
+    def __init__(self, actor: Actor):
+        self.actor = actor
+
+    @property
+    def finished(self) -> bool:
+        return self.actor.state == "dead"
+
+
+def _how(status: Optional[int]) -> str:
+    return describe_exit(status) if status is not None else "an unknown cause"
+
+
+def _reap(pid: int, timeout: float = 1.0) -> Optional[int]:
+    """The exit status of a child that is ending (None if it doesn't end in time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            _kill_quietly(pid)
+            try:
+                return os.waitpid(pid, 0)[1]
+            except ChildProcessError:
+                return None
+        time.sleep(0.001)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _delete_quietly(store: ObjectStore, object_id: bytes) -> None:
+    try:
+        store.delete(object_id)
+    except ObjectNotFoundError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

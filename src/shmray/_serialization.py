@@ -1,0 +1,145 @@
+"""Values to bytes and back: pickle protocol 5 with out-of-band buffers.
+
+Runs in: every process.
+
+One layout serves both homes of an object, the arena (large values) and an inline bytes
+string (small values, carried in messages), so one reader rebuilds either::
+
+    offset 0   u32 FORMAT_MAGIC, u32 number of buffers n, u64 length of the pickle stream
+    16         n x (u64 offset, u64 length) of each out-of-band buffer
+    16 + 16n   the pickle stream (protocol 5; buffers are not in it)
+    ...        each buffer, starting on a 64-byte boundary
+
+A numpy array's data is such a buffer: ``put`` copies it once, straight into the arena, and
+``get`` hands ``pickle.loads`` read-only slices of the arena, so the array it returns is a
+view of shared memory (zero copies).  Alignment keeps those views SIMD-friendly.
+
+Values are pickled with cloudpickle, as in Ray, so functions, lambdas and classes defined in
+``__main__`` after ``init`` travel by value; plain scalars and byte strings take the C pickler
+directly, which is twice as fast for them.
+
+ObjectRefs inside a value are recorded while it is pickled (``contained_refs``): the holder of
+the outer object holds the inner ones too.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import cloudpickle
+
+ALIGN = 64
+FORMAT_MAGIC = 0x53485231  # "SHR1"
+_head = struct.Struct("<IIQ")
+_span = struct.Struct("<QQ")
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+# Metadata tags: what kind of value the bytes hold.
+META_VALUE = b""
+META_ERROR = b"E"  # a pickled RayError: get raises it instead of returning it
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class _Context(threading.local):
+    contained: Optional[list] = None
+
+
+_context = _Context()
+
+
+def note_contained_ref(object_id: bytes) -> None:
+    """Called by ObjectRef.__reduce__: remember a ref pickled into the current value."""
+    if _context.contained is not None:
+        _context.contained.append(object_id)
+
+
+class SerializedObject:
+    """A value pickled, its buffers not yet copied anywhere.
+
+    ``header`` holds the layout table and the pickle stream; ``buffers`` are
+    ``(offset, memoryview)`` pairs to copy to those offsets; ``data_size`` is the total.
+    """
+
+    __slots__ = ("header", "buffers", "data_size", "metadata", "contained_refs")
+
+    def __init__(self, header: bytes, buffers: List[Tuple[int, memoryview]], data_size: int,
+                 metadata: bytes, contained_refs: Sequence[bytes]):
+        self.header = header
+        self.buffers = buffers
+        self.data_size = data_size
+        self.metadata = metadata
+        self.contained_refs = contained_refs
+
+    @property
+    def total_size(self) -> int:
+        return self.data_size + len(self.metadata)
+
+    def to_bytes(self) -> bytes:
+        """The whole object as one bytes string (for values kept inline)."""
+        out = bytearray(self.data_size)
+        out[: len(self.header)] = self.header
+        for offset, buf in self.buffers:
+            out[offset : offset + buf.nbytes] = buf
+        return bytes(out)
+
+
+def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
+    """Pickle ``value``; raise TypeError naming the value's type if it can't be pickled."""
+    raw_buffers: List[pickle.PickleBuffer] = []
+    previous, _context.contained = _context.contained, []
+    try:
+        if type(value) in _PLAIN_TYPES:
+            stream = pickle.dumps(value, protocol=5)
+        else:
+            stream = cloudpickle.dumps(value, protocol=5, buffer_callback=raw_buffers.append)
+        contained = _context.contained
+    except Exception as exc:
+        raise TypeError(
+            f"cannot serialize a value of type {type(value).__qualname__}: {exc}. "
+            "shmray pickles values with cloudpickle; objects holding locks, open files, "
+            "sockets or generators can't be pickled: pass what is needed to rebuild them."
+        ) from exc
+    finally:
+        _context.contained = previous
+    return _layout(stream, raw_buffers, metadata, contained)
+
+
+def _layout(stream: bytes, raw_buffers: Sequence[pickle.PickleBuffer], metadata: bytes,
+            contained: Sequence[bytes]) -> SerializedObject:
+    views = [buf.raw() for buf in raw_buffers]
+    table_end = _head.size + _span.size * len(views)
+    position = table_end + len(stream)
+    spans = []
+    for view in views:
+        position = _align(position)
+        spans.append((position, view))
+        position += view.nbytes
+    header = bytearray(_head.pack(FORMAT_MAGIC, len(views), len(stream)))
+    for offset, view in spans:
+        header += _span.pack(offset, view.nbytes)
+    header += stream
+    return SerializedObject(bytes(header), spans, position, metadata, contained)
+
+
+def deserialize(data: memoryview):
+    """Rebuild a value from its bytes; out-of-band buffers become slices of ``data``.
+
+    ``data`` should be read-only: numpy arrays rebuilt over read-only buffers are read-only,
+    which is what keeps shared objects immutable.
+    """
+    magic, count, stream_len = _head.unpack_from(data, 0)
+    if magic != FORMAT_MAGIC:
+        raise ValueError("not a shmray object (bad format magic); the store may be corrupt")
+    buffers = []
+    position = _head.size
+    for _ in range(count):
+        offset, length = _span.unpack_from(data, position)
+        buffers.append(data[offset : offset + length])
+        position += _span.size
+    return pickle.loads(data[position : position + stream_len], buffers=buffers)

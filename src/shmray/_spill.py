@@ -1,0 +1,131 @@
+"""Spilling: when the arena is full, move sealed, unpinned objects to files; bring them back on get.
+
+Runs in: whichever process needs room or reads a spilled object (driver, worker, actor).
+
+The object table in shared memory is the directory of spilled objects (state SPILLED), and a
+spilled object's file is named after its id in the session's spill folder, so any process can
+restore any object without asking another.  The C store makes each step race-free
+(``spill_begin`` pins the object while its bytes are copied out; ``spill_finish`` frees the
+block only if nobody pinned it meanwhile; ``restore_begin`` lets one process refill it).
+
+Victims are chosen least recently used first, and only until the request fits: spilling
+costs a disk write now and a read later.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Callable
+
+from . import exceptions
+from ._object_store import (
+    ObjectNotFoundError,
+    ObjectNotSealedError,
+    ObjectPinnedError,
+    ObjectStore,
+)
+
+_RESTORE_WAIT_S = 60.0
+
+
+class Spiller:
+    """Makes room in ``store`` by spilling to files under ``directory()`` (made on first use)."""
+
+    def __init__(self, store: ObjectStore, directory: Callable[[], str]):
+        self._store = store
+        self._directory = directory
+        self.spilled_bytes = 0
+        self.restored_bytes = 0
+
+    def path(self, object_id: bytes) -> str:
+        return os.path.join(self._directory(), object_id.hex())
+
+    def make_room(self, nbytes: int) -> bool:
+        """Spill until a block of ``nbytes`` fits; False if nothing more can be spilled."""
+        if self._store.statistics().largest_free >= nbytes:
+            return True
+        victims = sorted(
+            (info for info in self._store.list()
+             if info.state == "sealed" and info.pin_count == 0
+             and not info.delete_pending and not info.spilling),
+            key=lambda info: info.last_access,
+        )
+        for info in victims:
+            self.spill(info.object_id)
+            if self._store.statistics().largest_free >= nbytes:
+                return True
+        return False
+
+    def spill(self, object_id: bytes) -> bool:
+        """Move one object to its file; False if it was in use or gone by then."""
+        try:
+            view = self._store.spill_begin(object_id)
+        except (ObjectPinnedError, ObjectNotFoundError):
+            return False
+        path = self.path(object_id)
+        size = view.nbytes
+        try:
+            with open(path, "wb") as f:
+                f.write(view)
+        except OSError as exc:
+            view.release()
+            _discard(path)
+            self._store.spill_cancel(object_id)
+            if exc.errno == errno.ENOSPC:
+                raise exceptions.OutOfDiskError(
+                    f"spilling object {object_id.hex()} ({size} bytes) to {path} failed: the disk "
+                    "is full. Free disk space or give shmray a larger object_store_memory."
+                ) from exc
+            raise
+        view.release()
+        try:
+            self._store.spill_finish(object_id)
+        except (ObjectPinnedError, ObjectNotFoundError):
+            _discard(path)
+            return False
+        self.spilled_bytes += size
+        return True
+
+    def restore(self, object_id: bytes, size: int) -> None:
+        """Bring a spilled object back into the arena (or wait while another process does)."""
+        deadline = time.monotonic() + _RESTORE_WAIT_S
+        while True:
+            try:
+                offset = self._store.restore_begin(object_id)
+                break
+            except exceptions.ObjectStoreFullError:
+                if not self.make_room(size):
+                    raise
+            except (ObjectNotSealedError, ValueError):
+                # Someone else is restoring it, or already did: the caller's get retries.
+                return
+            if time.monotonic() > deadline:
+                raise exceptions.ObjectStoreFullError(
+                    f"could not make room to restore spilled object {object_id.hex()}"
+                )
+        path = self.path(object_id)
+        with open(path, "rb") as f:
+            view = self._store.writable(offset, size)
+            got = f.readinto(view)
+            view.release()
+        if got != size:
+            self._store.abort(object_id)
+            raise exceptions.ObjectLostError(
+                f"spill file {path} of object {object_id.hex()} holds {got} of {size} bytes"
+            )
+        self._store.seal(object_id)
+        _discard(path)
+        self.restored_bytes += size
+
+    def discard(self, object_id: bytes) -> None:
+        """Remove the spill file of an object deleted while spilled."""
+        _discard(self.path(object_id))
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,231 @@
+/*
+ * shmray's object store: one shared-memory arena per session, mapped by every
+ * process of the session (driver, scheduler, workers, actors).
+ *
+ * Arena byte layout (all positions are offsets from the arena base; nothing
+ * in shared memory is a pointer, because each process maps the arena at its
+ * own address):
+ *
+ *   0                 struct shm_header (4096 bytes, one page)
+ *                       magic, version, capacity, table and heap geometry,
+ *                       the robust process-shared mutex, allocator state,
+ *                       counters
+ *   table_offset      struct shm_entry[table_slots]: the object table,
+ *                       open addressing with linear probing, keyed by
+ *                       SHM_ID_SIZE-byte ObjectIDs; deletion by backward
+ *                       shift (Knuth 6.4 Algorithm R), so there are no
+ *                       tombstones and a lookup stops at the first EMPTY slot
+ *   heap_offset       the heap: a chain of blocks, each a 64-byte
+ *                       struct shm_block followed by its payload; block sizes
+ *                       are multiples of SHM_ALIGN, so every payload is
+ *                       64-byte aligned
+ *   heap_offset+heap_size == capacity
+ *
+ * Allocation is address-ordered first fit over one free list kept in address
+ * order, with immediate coalescing of physical neighbours.  Address order
+ * makes a steady-state workload reuse the same low pages, which are already
+ * faulted in: on this class of machine a first touch costs 7-10x a warm copy.
+ *
+ * Crash safety.  Every operation runs under one robust mutex.  If a process
+ * dies holding it, the next locker gets EOWNERDEAD and repairs the arena
+ * before marking the mutex consistent.  Repair trusts only two things:
+ *   1. the chain of block sizes, walked forward from heap_offset; every
+ *      change to a block's `size` is a single aligned 8-byte store, made only
+ *      after the header of any block it exposes has been written;
+ *   2. the object table entries whose state is not EMPTY.
+ * Everything else (free flags, free list, prev_size, counters, the table's
+ * probe order) is derived, and repair recomputes it: the table is rebuilt from
+ * its valid entries, a block is in use iff exactly one entry points at its
+ * payload, every other block is free, adjacent free blocks are merged.
+ *
+ * Status codes: every function returns SHM_OK or one SHM_ERR_*; Python maps
+ * them to exceptions in one place (shmray._object_store).
+ */
+#ifndef SHMRAY_STORE_H
+#define SHMRAY_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The part between the cdef markers is read verbatim by _store_build.py as
+ * cffi's cdef, so every declaration below exists exactly once.  Keep it to
+ * what cffi's parser accepts: integer #defines, typedefs, structs,
+ * prototypes. */
+/* cdef-begin */
+#define SHM_ID_SIZE 28
+#define SHM_ALIGN 64
+#define SHM_VERSION 1
+
+/* status codes */
+#define SHM_OK 0
+#define SHM_ERR_EXISTS 1         /* an object with this id is already stored */
+#define SHM_ERR_NOT_FOUND 2      /* no object with this id */
+#define SHM_ERR_FULL 3           /* no free block large enough */
+#define SHM_ERR_TABLE_FULL 4     /* the object table is at its load limit */
+#define SHM_ERR_NOT_SEALED 5     /* the object is still being written */
+#define SHM_ERR_SEALED 6         /* seal/abort of an object already sealed */
+#define SHM_ERR_PINNED 7         /* the object is in use (pinned) */
+#define SHM_ERR_INVALID 8        /* a bad argument: size, id, state */
+#define SHM_ERR_TOO_LARGE 9      /* larger than the whole heap */
+#define SHM_ERR_CORRUPT 10       /* bad magic or version, or check() failed */
+#define SHM_ERR_SYSTEM 11        /* a system call failed; errno says why */
+#define SHM_ERR_SPILLED 12       /* the object lives in a spill file */
+
+/* object states */
+#define SHM_STATE_EMPTY 0
+#define SHM_STATE_CREATED 1      /* allocated, being written by its creator */
+#define SHM_STATE_SEALED 2       /* immutable, readable */
+#define SHM_STATE_SPILLED 3      /* no block; its bytes are in a spill file */
+
+/* entry flags */
+#define SHM_FLAG_DELETE_PENDING 1  /* deleted while pinned: freed at last release */
+#define SHM_FLAG_SPILLING 2        /* being written to a spill file */
+#define SHM_FLAG_RESTORING 4       /* CREATED from a spill file */
+
+/* shm_delete() outcomes (a bit set) */
+#define SHM_DELETED_NOW 1        /* the entry and its block are gone */
+#define SHM_DELETE_DEFERRED 2    /* pinned: freed when the last pin goes */
+#define SHM_DELETED_SPILLED 4    /* the object was spilled: its file is the caller's to remove */
+
+/* test hooks for shm_debug_crash_at(): the calling process SIGKILLs itself at
+ * this point of its next allocation or free, while holding the lock */
+#define SHM_CRASH_NONE 0
+#define SHM_CRASH_AFTER_SPLIT 1    /* block split done, free list and table not */
+#define SHM_CRASH_AFTER_ENTRY 2    /* table entry written, free list not updated */
+#define SHM_CRASH_IN_COALESCE 3    /* half-way through merging free neighbours */
+
+typedef struct shm_store shm_store;   /* per-process handle, opaque */
+
+typedef struct {
+    uint64_t capacity;          /* bytes mapped */
+    uint64_t heap_size;         /* bytes available to blocks (headers included) */
+    uint64_t bytes_in_use;      /* sum of used block sizes, headers included */
+    uint64_t bytes_free;        /* heap_size - bytes_in_use */
+    uint64_t largest_free;      /* payload bytes of the largest free block */
+    uint64_t num_objects;       /* entries in any state but EMPTY */
+    uint64_t num_created;
+    uint64_t num_sealed;
+    uint64_t num_spilled;
+    uint64_t num_pinned;        /* entries with pin_count > 0 */
+    uint64_t free_blocks;
+    uint64_t table_slots;
+    uint64_t repairs;           /* times a dead lock holder was recovered from */
+} shm_stats;
+
+typedef struct {
+    uint8_t id[SHM_ID_SIZE];
+    uint32_t state;
+    uint32_t flags;
+    uint32_t pin_count;
+    int32_t creator_pid;
+    uint64_t offset;            /* payload offset from the arena base, 0 when spilled */
+    uint64_t data_size;
+    uint64_t metadata_size;
+    uint64_t last_access;       /* logical clock: larger is more recent */
+} shm_object_info;
+
+/* --- the arena's memory: create, map, unmap ------------------------------ */
+
+/* A new anonymous shared-memory file of `size` bytes: memfd_create, else
+ * shm_open + immediate shm_unlink, so no name is ever left in /dev/shm.
+ * Close it with close(2) once every process that needs it has mapped it. */
+int shm_arena_create(uint64_t size, int *fd_out);
+int shm_arena_map(int fd, uint64_t size, void **base_out);
+int shm_arena_unmap(void *base, uint64_t size);
+
+/* --- the store ----------------------------------------------------------- */
+
+/* Smallest arena shm_store_format accepts. */
+uint64_t shm_min_capacity(void);
+/* Write a fresh, empty store over `size` bytes of zeroed memory at base. */
+int shm_store_format(void *base, uint64_t size);
+/* A handle on a formatted arena mapped at base (checks magic and version).
+ * Handles are per process; after fork() a child may keep using its parent's. */
+int shm_store_open(void *base, uint64_t size, shm_store **out);
+void shm_store_close(shm_store *s);
+/* The arena base this handle maps, for turning offsets into addresses. */
+void *shm_store_base(shm_store *s);
+
+/* Reserve data_size + metadata_size bytes for a new object (state CREATED,
+ * not pinned, creator_pid = getpid()).  Data comes first, metadata right
+ * after it, at *offset_out + data_size.  Zero total size is allowed. */
+int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size,
+               uint64_t metadata_size, uint64_t *offset_out);
+/* CREATED -> SEALED: the bytes are final.  SHM_ERR_SEALED if already sealed. */
+int shm_seal(shm_store *s, const uint8_t *id);
+/* Drop a CREATED object and its block.  SHM_ERR_SEALED if it is sealed (or
+ * spilled).  An unfinished restore goes back to SPILLED instead: its spill
+ * file still holds the bytes. */
+int shm_abort(shm_store *s, const uint8_t *id);
+/* Pin a SEALED object and tell where it is.  SHM_ERR_NOT_SEALED while
+ * CREATED, SHM_ERR_SPILLED when spilled (nothing pinned in either case).
+ * An object deleted while pinned (DELETE_PENDING) is NOT_FOUND to shm_get,
+ * shm_contains and shm_spill_begin; shm_info and shm_list still show it. */
+int shm_get(shm_store *s, const uint8_t *id, uint64_t *offset_out,
+            uint64_t *data_size_out, uint64_t *metadata_size_out);
+/* Unpin.  If that was the last pin of a DELETE_PENDING object it is freed
+ * and *freed_out is 1.  SHM_ERR_INVALID if it was not pinned. */
+int shm_release(shm_store *s, const uint8_t *id, int *freed_out);
+/* Delete an object in any state.  Unpinned: freed now.  Pinned: marked
+ * DELETE_PENDING, freed at its last release.  *outcome_out gets SHM_DELETED_*
+ * bits (SHM_DELETED_SPILLED also for an unfinished restore). */
+int shm_delete(shm_store *s, const uint8_t *id, int *outcome_out);
+/* SHM_OK and the state if present, SHM_ERR_NOT_FOUND otherwise. */
+int shm_contains(shm_store *s, const uint8_t *id, uint32_t *state_out);
+int shm_info(shm_store *s, const uint8_t *id, shm_object_info *out);
+int shm_statistics(shm_store *s, shm_stats *out);
+/* Up to `max` entries (any state but EMPTY) into out; *count_out gets how
+ * many were written, *total_out how many exist. */
+int shm_list(shm_store *s, shm_object_info *out, uint64_t max,
+             uint64_t *count_out, uint64_t *total_out);
+
+/* --- spilling: the policy lives in Python, these keep it race-free ------- */
+
+/* SEALED, unpinned, not DELETE_PENDING -> pinned once, flag SPILLING; the
+ * caller then copies the bytes out.  SHM_ERR_PINNED if in use. */
+int shm_spill_begin(shm_store *s, const uint8_t *id, uint64_t *offset_out,
+                    uint64_t *data_size_out, uint64_t *metadata_size_out);
+/* Finish a spill: if ours is the only pin, free the block and mark SPILLED
+ * (SHM_OK).  If someone pinned it meanwhile, undo (SHM_ERR_PINNED); if it
+ * was deleted meanwhile, free it (SHM_ERR_NOT_FOUND).  In both error cases
+ * the spill file is the caller's to remove. */
+int shm_spill_finish(shm_store *s, const uint8_t *id);
+/* Undo shm_spill_begin when the bytes could not be written out: the spill's
+ * pin goes, the object stays in memory (or, if it was deleted meanwhile and
+ * that was its last pin, it is freed now).  SHM_OK also when there is no
+ * spill to undo because a repair cancelled it. */
+int shm_spill_cancel(shm_store *s, const uint8_t *id);
+/* SPILLED -> CREATED with flag RESTORING and a fresh block of the recorded
+ * sizes; the caller fills it from the file and calls shm_seal.
+ * SHM_ERR_FULL when no block fits (spill something else and retry);
+ * SHM_ERR_NOT_SEALED while another restore is under way; SHM_ERR_INVALID if
+ * the object is not spilled (restored already). */
+int shm_restore_begin(shm_store *s, const uint8_t *id, uint64_t *offset_out);
+
+/* After a process died: abort the CREATED objects it created and return its
+ * unfinished restores to SPILLED.  *count_out gets how many were undone.
+ * Pins it held and spills it had begun are not known per process and stay. */
+int shm_reap(shm_store *s, int32_t pid, uint64_t *count_out);
+
+/* Walk the whole arena and verify every invariant (block chain covers the
+ * heap exactly, sizes aligned, free list sorted and complete, no two adjacent
+ * free blocks, each entry findable from its probe start and pointing at the
+ * payload of its own used block, counters match).  SHM_ERR_CORRUPT with a
+ * description in msg on the first violation. */
+int shm_check(shm_store *s, char *msg, size_t msg_size);
+
+/* --- copying ------------------------------------------------------------- */
+
+/* memcpy that splits large copies across up to `threads` threads.  Called
+ * with the GIL released (cffi API mode), so Python threads keep running. */
+void shm_copy(void *dst, const void *src, uint64_t n, int threads);
+
+/* --- test hooks (used by the test suite only) ---------------------------- */
+
+/* Take the store lock and return without releasing it. */
+int shm_debug_lock(shm_store *s);
+/* Arm a crash point for this process's next allocation or free. */
+void shm_debug_crash_at(int point);
+/* cdef-end */
+
+#endif /* SHMRAY_STORE_H */

@@ -1,0 +1,184 @@
+"""A worker: runs one task at a time, sent by the scheduler.
+
+Runs in: worker processes (forked by the scheduler).
+
+For each EXECUTE: load the function (cached by id; its code arrives with the first task that
+uses it), rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes
+from the message, or a zero-copy view of the arena), run, and write each return value: a small
+one goes back inline in TASK_DONE, a large one straight into its arena block.  An exception
+becomes a ``RayTaskError`` carrying the cause and the formatted traceback, stored as the value
+of every return (inline, so dependents can be failed with it without reading the arena).
+
+While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
+its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import traceback
+from typing import Optional
+
+import cloudpickle
+
+from . import _output, _protocol as P, _runtime, exceptions
+from ._connection import ConnectionClosed
+from ._ids import object_id_for_return
+from ._serialization import META_ERROR, deserialize, serialize
+
+
+class TaskContext:
+    """What ``get_runtime_context()`` reports inside a task."""
+
+    def __init__(self):
+        self.task_id: Optional[bytes] = None
+        self.name: Optional[str] = None
+        self.actor_id: Optional[bytes] = None
+
+
+current_task = TaskContext()
+
+
+class Worker:
+    def __init__(self, runtime: _runtime.Runtime):
+        self.runtime = runtime
+        self.functions: dict = {}
+        self.queue: collections.deque = collections.deque()
+        self.exiting = False
+        runtime.on_message = self.on_message
+        runtime.blocked_hook = self._blocked
+
+    def on_message(self, message: tuple) -> None:
+        if message[0] == P.EXECUTE:
+            self.queue.append(message)
+        elif message[0] == P.EXIT:
+            self.exiting = True
+
+    def _blocked(self, blocked: bool) -> None:
+        if current_task.task_id is not None:
+            self.runtime.conn.send((P.BLOCKED,) if blocked else (P.UNBLOCKED,))
+
+    def run(self) -> None:
+        runtime = self.runtime
+        while True:
+            with runtime._lock:
+                try:
+                    runtime._wait_until(lambda: self.queue or self.exiting, None)
+                except exceptions.RaySystemError:
+                    return  # the scheduler is gone: nothing left to do
+                if self.exiting and not self.queue:
+                    return
+                message = self.queue.popleft()
+            results, retryable = self.execute(*message[1:])
+            runtime.send((P.TASK_DONE, message[1], results, retryable))
+            try:
+                runtime.flush()
+            except exceptions.RaySystemError:
+                return
+
+    def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
+                retry_exceptions):
+        current_task.task_id = task_id
+        current_task.name = name
+        _output.set_name(name)
+        retryable = False
+        try:
+            fn = self.functions.get(fn_id)
+            if fn is None:
+                fn = self.functions[fn_id] = cloudpickle.loads(pickled)
+            args, kwargs = self._arguments(args_blob, arg_ids, values)
+            outcome = fn(*args, **kwargs)
+            del args, kwargs
+            returns = _split_returns(outcome, num_returns, name)
+            results = [self._store_return(object_id_for_return(task_id, i), value)
+                       for i, value in enumerate(returns)]
+        except BaseException as exc:  # the task's failure is its result
+            retryable = _should_retry(exc, retry_exceptions)
+            error = task_error(name, exc)
+            data = serialize(error, META_ERROR).to_bytes()
+            results = [(object_id_for_return(task_id, i), data, META_ERROR, [])
+                       for i in range(max(num_returns, 1))]
+        finally:
+            current_task.task_id = None
+            sys_flush()
+        return results, retryable
+
+    def _arguments(self, args_blob, arg_ids, values):
+        args, kwargs = deserialize(memoryview(args_blob))
+        if not arg_ids:
+            return args, kwargs
+        resolved = [self.runtime.value_at(object_id, values.get(object_id, (None, b"")))
+                    for object_id in arg_ids]
+        args = [resolved[a.index] if type(a) is P.ArgRef else a for a in args]
+        kwargs = {k: resolved[v.index] if type(v) is P.ArgRef else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _store_return(self, object_id: bytes, value):
+        serialized = serialize(value)
+        data = self.runtime.store_object(object_id, serialized)
+        return (object_id, data, serialized.metadata, serialized.contained_refs)
+
+
+def _split_returns(outcome, num_returns: int, name: str):
+    if num_returns == 1:
+        return [outcome]
+    if num_returns == 0:
+        return []
+    try:
+        values = list(outcome)
+    except TypeError:
+        values = None
+    if values is None or len(values) != num_returns:
+        raise ValueError(
+            f"{name}() was declared with num_returns={num_returns} but returned "
+            f"{type(outcome).__name__} "
+            f"{'of length %d' % len(values) if values is not None else 'that is not a sequence'}"
+        )
+    return values
+
+
+def _should_retry(exc: BaseException, retry_exceptions) -> bool:
+    if not retry_exceptions:
+        return False
+    if retry_exceptions is True:
+        return isinstance(exc, Exception)
+    return isinstance(exc, tuple(retry_exceptions))
+
+
+def task_error(name: str, exc: BaseException) -> exceptions.RayError:
+    """The error to store for a task that raised ``exc``."""
+    if isinstance(exc, exceptions.RayTaskError):
+        # A failure that reached us from a dependency or a nested get: pass it on as is,
+        # so the user sees the original function and traceback.
+        return exceptions.RayTaskError(exc.function_name, exc.traceback_str, exc.cause,
+                                       exc.proctitle, exc.pid)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    cause = exc
+    try:
+        cloudpickle.loads(cloudpickle.dumps(exc))
+    except Exception:
+        cause = exceptions.UnserializableException(text)
+    exc.__traceback__ = None
+    return exceptions.RayTaskError(name, text, cause, "shmray::worker", os.getpid())
+
+
+def sys_flush() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def worker_main(conn, store, session_dir: str, options: dict) -> None:
+    _output.redirect(options.get("log_to_driver", True),
+                     os.path.join(session_dir, "logs"), "worker")
+    runtime = _runtime.Runtime(store, conn, session_dir, options)
+    _runtime.install(runtime)
+    try:
+        Worker(runtime).run()
+    except ConnectionClosed:
+        pass

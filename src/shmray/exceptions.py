@@ -1,0 +1,268 @@
+"""The errors a shmray user can see, with Ray's names and bases.
+
+Runs in: every process.
+
+A program that catches ``ray.exceptions.X`` catches ``shmray.exceptions.X`` for the same
+reason, so the tree is Ray's::
+
+    Exception
+     └── RayError                                  never raised itself
+          ├── RayTaskError                         a task raised; also an instance of the cause
+          ├── RayActorError
+          │    ├── ActorDiedError
+          │    └── ActorUnavailableError
+          ├── TaskCancelledError
+          ├── TaskUnschedulableError
+          ├── ActorUnschedulableError
+          ├── WorkerCrashedError
+          ├── LocalRayletDiedError
+          ├── RaySystemError
+          ├── ObjectStoreFullError
+          ├── OutOfDiskError
+          ├── OutOfMemoryError
+          ├── ObjectLostError
+          │    ├── ObjectFetchTimedOutError
+          │    ├── OwnerDiedError
+          │    ├── ObjectFreedError
+          │    ├── ReferenceCountingAssertionError   (also AssertionError)
+          │    └── ObjectReconstructionFailedError
+          ├── GetTimeoutError                      (also TimeoutError)
+          ├── PendingCallsLimitExceeded
+          ├── PlasmaObjectNotAvailable
+          ├── AsyncioActorExit
+          ├── RuntimeEnvSetupError
+          ├── CrossLanguageError
+          └── UnserializableException
+
+Remote failures keep their remote traceback as text (CPython's
+``concurrent.futures.process._ExceptionWithTraceback`` does the same): the traceback
+object itself cannot cross a process boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class RayError(Exception):
+    """Base of every shmray error; never raised directly."""
+
+
+class RayTaskError(RayError):
+    """A task or actor method raised an exception.
+
+    ``get`` raises it as an instance of both ``RayTaskError`` and the class of the user's
+    exception (see ``as_instanceof_cause``), so ``except ValueError`` and
+    ``except RayTaskError`` both catch it.  ``cause`` is the user's exception, rebuilt in
+    the caller's process when it could be pickled.
+    """
+
+    def __init__(
+        self,
+        function_name: str,
+        traceback_str: str,
+        cause: Optional[BaseException] = None,
+        proctitle: str = "",
+        pid: int = 0,
+    ):
+        self.function_name = function_name
+        self.traceback_str = traceback_str
+        self.cause = cause
+        self.proctitle = proctitle
+        self.pid = pid
+        super().__init__(function_name, traceback_str)
+
+    def __reduce__(self):
+        return (
+            RayTaskError,
+            (self.function_name, self.traceback_str, self.cause, self.proctitle, self.pid),
+        )
+
+    def __str__(self) -> str:
+        where = f"{self.proctitle} pid={self.pid}" if self.pid else self.proctitle
+        head = f"{type(self.cause).__name__ if self.cause is not None else 'Error'}"
+        return (
+            f"{head} raised in {self.function_name}() ({where}):\n"
+            f"{self.traceback_str.rstrip()}"
+        )
+
+    def as_instanceof_cause(self) -> "RayTaskError":
+        """This error as an instance of a class deriving from RayTaskError and the cause's class."""
+        cause_cls = type(self.cause) if self.cause is not None else None
+        if cause_cls is None or issubclass(cause_cls, RayTaskError):
+            return self
+        derived = _dual_class(cause_cls)
+        if derived is None:
+            return self
+        err = derived.__new__(derived)
+        # BaseException.__new__ leaves args empty; the cause's args make str()/repr()
+        # of the user's class behave, ours come from the fields below.
+        err.args = getattr(self.cause, "args", ())
+        err.function_name = self.function_name
+        err.traceback_str = self.traceback_str
+        err.cause = self.cause
+        err.proctitle = self.proctitle
+        err.pid = self.pid
+        try:
+            err.__dict__.update(
+                {k: v for k, v in vars(self.cause).items() if k not in err.__dict__}
+            )
+        except TypeError:  # a cause without __dict__
+            pass
+        return err
+
+
+_dual_classes: dict = {}
+
+
+def _dual_class(cause_cls: type) -> Optional[type]:
+    """``RayTaskError(cause_cls)``: a class that is both; None if Python refuses the mix."""
+    if cause_cls in _dual_classes:
+        return _dual_classes[cause_cls]
+
+    def __reduce__(self):
+        return (
+            _rebuild_dual,
+            (self.function_name, self.traceback_str, self.cause, self.proctitle, self.pid),
+        )
+
+    try:
+        derived = type(
+            f"RayTaskError({cause_cls.__name__})",
+            (RayTaskError, cause_cls),
+            {
+                "__reduce__": __reduce__,
+                "__str__": RayTaskError.__str__,
+                "__repr__": lambda self: f"{type(self).__name__}: {RayTaskError.__str__(self)}",
+                "__module__": __name__,
+                "__init__": lambda self, *a, **k: None,
+            },
+        )
+    except TypeError:  # e.g. an instance layout conflict with a C base
+        derived = None
+    _dual_classes[cause_cls] = derived
+    return derived
+
+
+def _rebuild_dual(function_name, traceback_str, cause, proctitle, pid):
+    return RayTaskError(function_name, traceback_str, cause, proctitle, pid).as_instanceof_cause()
+
+
+class RayActorError(RayError):
+    """An actor can no longer run calls: it died, or its constructor raised."""
+
+    def __init__(self, message: str = "The actor died unexpectedly before finishing this task."):
+        self.error_msg = message
+        super().__init__(message)
+
+
+class ActorDiedError(RayActorError):
+    """The actor died (killed, crashed, exited, or its ``__init__`` raised); its calls fail."""
+
+
+class ActorUnavailableError(RayActorError):
+    """The actor is temporarily unreachable (for example while it restarts)."""
+
+
+class TaskCancelledError(RayError):
+    """``get`` of a task that ``cancel`` stopped before it produced a value."""
+
+    def __init__(self, task_id: Optional[str] = None):
+        self.task_id = task_id
+        super().__init__(task_id)
+
+    def __str__(self) -> str:
+        return f"Task {self.task_id} was cancelled." if self.task_id else "The task was cancelled."
+
+
+class TaskUnschedulableError(RayError):
+    """A task asks for resources this machine does not have."""
+
+
+class ActorUnschedulableError(RayError):
+    """An actor asks for resources this machine does not have."""
+
+
+class WorkerCrashedError(RayError):
+    """The worker running a task died (exit code or signal in the message) and retries ran out."""
+
+
+class LocalRayletDiedError(RayError):
+    """The scheduler process this driver relies on died."""
+
+
+class RaySystemError(RayError):
+    """shmray itself failed (for example its scheduler is gone); the message says how."""
+
+
+class ObjectStoreFullError(RayError):
+    """An object could not be stored: the store is full of objects still in use and none
+    could be spilled.  The message gives the request, the capacity and what holds memory."""
+
+
+class OutOfDiskError(RayError):
+    """Spilling an object to disk failed for lack of space."""
+
+
+class OutOfMemoryError(RayError):
+    """A task or actor was killed because the machine ran out of memory."""
+
+
+class ObjectLostError(RayError):
+    """An object's value is gone and cannot be recovered."""
+
+
+class ObjectFetchTimedOutError(ObjectLostError):
+    """An object could not be fetched in time."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned an object died, taking the object with it."""
+
+
+class ObjectFreedError(ObjectLostError):
+    """An object was freed explicitly and can no longer be read."""
+
+
+class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
+    """An object was freed while still referenced: a bug in shmray, please report it."""
+
+
+class ObjectReconstructionFailedError(ObjectLostError):
+    """A lost object could not be recomputed."""
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """``get`` or ``wait`` ran out of its ``timeout`` before the objects were ready."""
+
+
+class PendingCallsLimitExceeded(RayError):
+    """An actor handle has more pending calls than its ``max_pending_calls``."""
+
+
+class PlasmaObjectNotAvailable(RayError):
+    """An object is not (yet) in the object store."""
+
+
+class AsyncioActorExit(RayError):
+    """Raised inside an async actor by ``exit_actor`` to end it."""
+
+
+class RuntimeEnvSetupError(RayError):
+    """A ``runtime_env`` could not be applied."""
+
+
+class CrossLanguageError(RayError):
+    """Kept for Ray compatibility; shmray runs Python only."""
+
+
+class UnserializableException(RayError):
+    """A remote exception could not be pickled; its text is kept."""
+
+    def __init__(self, original_stack_trace: str):
+        self.original_stack_trace = original_stack_trace
+        super().__init__(original_stack_trace)
+
+
+__all__ = [name for name, obj in list(globals().items())
+           if isinstance(obj, type) and issubclass(obj, RayError)]

@@ -1,0 +1,89 @@
+"""Shared fixtures; and a guard that nothing of shmray outlives a test.
+
+After every test: no process named shmray is left among this process's descendants, no
+arena is mapped unless the test still holds a view, and /dev/shm gained no file.
+"""
+
+import gc
+import os
+
+import pytest
+
+import shmray
+
+MiB = 1 << 20
+
+
+def arena_mappings(pid="self"):
+    """Lines of /proc/PID/maps that map a shmray arena."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return [line for line in f if "shmray-arena" in line]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+
+
+def arena_fds(pid="self"):
+    found = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if "shmray-arena" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    found.append(fd)
+            except OSError:
+                pass
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def dev_shm_files():
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Poll until predicate() is true; fail after timeout (freeing is asynchronous)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {predicate.__doc__ or predicate}")
+        time.sleep(interval)
+
+
+def runtime():
+    return shmray._api._runtime_now
+
+
+def settle():
+    """Send queued releases and wait until the scheduler has handled them."""
+    runtime()._settle()
+
+
+@pytest.fixture
+def ray():
+    """shmray started with a small store (150 MiB); checked and shut down afterwards."""
+    shmray.init(num_cpus=2, object_store_memory=150 * MiB)
+    try:
+        yield shmray
+        runtime = shmray._api._runtime_now
+        if runtime is not None:
+            runtime.store.check()
+    finally:
+        shmray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before_shm = dev_shm_files()
+    yield
+    if shmray.is_initialized():
+        shmray.shutdown()
+        pytest.fail("the test left shmray running")
+    gc.collect()
+    assert dev_shm_files() - before_shm == set(), "a file was left in /dev/shm"
+    assert arena_fds() == [], "an arena file descriptor is still open"

@@ -1,0 +1,490 @@
+"""Actors end to end: real actor processes, real scheduler, real shared memory.
+
+Every wait here has a timeout only a deadlock reaches.
+"""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmray
+from shmray import exceptions
+from conftest import wait_for
+
+DEADLOCK = 60  # seconds: only a deadlock takes this long
+
+
+@pytest.fixture
+def ray():
+    shmray.init(num_cpus=2, object_store_memory=150 << 20)
+    try:
+        yield shmray
+    finally:
+        shmray.shutdown()
+
+
+def actor_pids():
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _is_actor(p)}
+
+
+def _is_actor(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return cmd.startswith(b"shmray::") and not cmd.startswith((b"shmray::worker",
+                                                                b"shmray::scheduler"))
+
+
+# -- the seeds ---------------------------------------------------------------------------
+
+
+def test_seed_counter(ray):
+    @ray.remote
+    class Counter(object):
+        def __init__(self):
+            self.x = 0
+
+        def inc(self):
+            self.x += 1
+
+        def get_value(self):
+            return self.x
+
+    c = Counter.remote()
+    assert ray.get(c.get_value.remote(), timeout=DEADLOCK) == 0
+    c.inc.remote()
+    c.inc.remote()
+    assert ray.get(c.get_value.remote(), timeout=DEADLOCK) == 2
+
+
+def test_seed_message_actor(ray):
+    @ray.remote
+    class MessageActor(object):
+        def __init__(self):
+            self.messages = []
+
+        def add_message(self, message):
+            self.messages.append(message)
+
+        def get_and_clear_messages(self):
+            messages = self.messages
+            self.messages = []
+            return messages
+
+    @ray.remote(num_cpus=0)
+    def worker(message_actor, j):
+        for i in range(5):
+            time.sleep(0.05)
+            message_actor.add_message.remote("Message {} from actor {}.".format(i, j))
+
+    message_actor = MessageActor.remote()
+    done = [worker.remote(message_actor, j) for j in range(3)]
+    seen = []
+    deadline = time.monotonic() + DEADLOCK
+    while len(seen) < 15 and time.monotonic() < deadline:
+        seen += ray.get(message_actor.get_and_clear_messages.remote(), timeout=DEADLOCK)
+        time.sleep(0.05)
+    ray.get(done, timeout=DEADLOCK)
+    assert sorted(seen) == sorted(f"Message {i} from actor {j}." for i in range(5) for j in range(3))
+    for j in range(3):  # each worker's messages arrive in its own order
+        mine = [m for m in seen if m.endswith(f"actor {j}.")]
+        assert mine == [f"Message {i} from actor {j}." for i in range(5)]
+
+
+def test_seed_async_actor_runs_coroutines_concurrently(ray):
+    @ray.remote
+    class AsyncActor:
+        def __init__(self, expected_num_tasks: int):
+            self._event = asyncio.Event()
+            self._curr_num_tasks = 0
+            self._expected_num_tasks = expected_num_tasks
+
+        async def run_concurrent(self):
+            self._curr_num_tasks += 1
+            if self._curr_num_tasks == self._expected_num_tasks:
+                self._event.set()
+            else:
+                await self._event.wait()
+            return "done"
+
+    actor = AsyncActor.remote(4)
+    refs = [actor.run_concurrent.remote() for _ in range(4)]
+    # deadlocks (times out) unless all four coroutines run at once
+    assert ray.get(refs, timeout=DEADLOCK) == ["done"] * 4
+
+    async def get_async():
+        return await asyncio.gather(*refs)
+
+    assert asyncio.run(get_async()) == ["done"] * 4
+
+
+def test_seed_async_actor_max_concurrency_batches(ray):
+    @ray.remote
+    class AsyncActor:
+        def __init__(self, batch_size: int):
+            self._event = asyncio.Event()
+            self._curr_tasks = 0
+            self._batch_size = batch_size
+            self.peak = 0
+            self.running = 0
+
+        async def run_task(self):
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self._curr_tasks += 1
+            if self._curr_tasks == self._batch_size:
+                self._event.set()
+            else:
+                await self._event.wait()
+                self._event.clear()
+                self._curr_tasks = 0
+            await asyncio.sleep(0.01)
+            self.running -= 1
+
+        def get_peak(self):
+            return self.peak
+
+    actor = AsyncActor.options(max_concurrency=2).remote(2)
+    ray.get([actor.run_task.remote() for _ in range(8)], timeout=DEADLOCK)
+    assert ray.get(actor.get_peak.remote(), timeout=DEADLOCK) == 2
+
+
+def test_seed_threaded_actor(ray):
+    @ray.remote
+    class ThreadedActor:
+        def __init__(self):
+            self.barrier = threading.Barrier(2, timeout=DEADLOCK)
+
+        def task_1(self):
+            self.barrier.wait()  # passes only if task_2 runs at the same time
+            return threading.get_ident()
+
+        def task_2(self):
+            self.barrier.wait()
+            return threading.get_ident()
+
+    a = ThreadedActor.options(max_concurrency=2).remote()
+    t1, t2 = ray.get([a.task_1.remote(), a.task_2.remote()], timeout=DEADLOCK)
+    assert t1 != t2
+
+
+def test_default_async_concurrency_is_1000(ray):
+    @ray.remote
+    class Gate:
+        def __init__(self):
+            self.count = 0
+            self.event = asyncio.Event()
+
+        async def enter(self, n):
+            self.count += 1
+            if self.count == n:
+                self.event.set()
+            await self.event.wait()
+            return self.count
+
+    gate = Gate.remote()
+    assert ray.get([gate.enter.remote(300) for _ in range(300)], timeout=DEADLOCK) == [300] * 300
+
+
+# -- calls, handles, ordering ------------------------------------------------------------
+
+
+def test_per_caller_order_of_500_calls(ray):
+    @ray.remote
+    class Log:
+        def __init__(self):
+            self.items = []
+
+        def add(self, i, _dep=None):
+            self.items.append(i)
+
+        def items_(self):
+            return self.items
+
+    log = Log.remote()
+    slow = ray.put(np.zeros(200_000))  # arena arguments on some calls must not reorder them
+    for i in range(500):
+        log.add.remote(i, slow if i % 7 == 0 else None)
+    assert ray.get(log.items_.remote(), timeout=DEADLOCK) == list(range(500))
+
+
+def test_handles_pass_through_tasks_and_actors(ray):
+    @ray.remote
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def inc(self, by=1):
+            self.n += by
+            return self.n
+
+    @ray.remote
+    class Forwarder:
+        def __init__(self, target):
+            self.target = target
+
+        def forward(self, by):
+            return ray.get(self.target.inc.remote(by))
+
+    @ray.remote
+    def bump(counter):
+        return ray.get(counter.inc.remote(10))
+
+    counter = Counter.remote()
+    forwarder = Forwarder.remote(counter)
+    assert ray.get(bump.remote(counter), timeout=DEADLOCK) == 10
+    assert ray.get(forwarder.forward.remote(5), timeout=DEADLOCK) == 15
+    assert ray.get([counter][0].inc.remote(), timeout=DEADLOCK) == 16
+
+
+def test_method_num_returns_and_options(ray):
+    @ray.remote
+    class Pair:
+        @ray.method(num_returns=2)
+        def two(self):
+            return 1, 2
+
+        def three(self):
+            return 1, 2, 3
+
+    p = Pair.remote()
+    a, b = p.two.remote()
+    assert ray.get([a, b], timeout=DEADLOCK) == [1, 2]
+    x, y, z = p.three.options(num_returns=3).remote()
+    assert ray.get(z, timeout=DEADLOCK) == 3
+
+
+def test_bad_calls_are_clear(ray):
+    @ray.remote
+    class A:
+        def f(self):
+            return 1
+
+    with pytest.raises(TypeError, match=r"A\.remote\(\)"):
+        A()
+    a = A.remote()
+    with pytest.raises(TypeError, match=r"f\.remote\(\)"):
+        a.f()
+    with pytest.raises(AttributeError, match="nope"):
+        a.nope.remote()
+    with pytest.raises(ValueError, match="max_concurrency"):
+        A.options(max_concurrency=0)
+    with pytest.raises(ValueError, match="bogus"):
+        A.options(bogus=1)
+
+
+def test_method_errors_are_task_errors_and_actor_survives(ray):
+    @ray.remote
+    class Fragile:
+        def fail(self):
+            raise KeyError("bad key")
+
+        def ok(self):
+            return "ok"
+
+    f = Fragile.remote()
+    with pytest.raises(KeyError) as info:
+        ray.get(f.fail.remote(), timeout=DEADLOCK)
+    assert isinstance(info.value, exceptions.RayTaskError)
+    assert "Fragile.fail" in str(info.value)
+    assert ray.get(f.ok.remote(), timeout=DEADLOCK) == "ok"
+
+
+def test_refs_kept_by_an_actor_stay_valid(ray):
+    @ray.remote
+    class Keeper:
+        def keep(self, refs):
+            self.refs = refs
+
+        def total(self):
+            return float(sum(ray.get(r).sum() for r in self.refs))
+
+    keeper = Keeper.remote()
+    refs = [ray.put(np.ones(100_000)) for _ in range(3)]
+    ray.get(keeper.keep.remote(refs), timeout=DEADLOCK)
+    del refs
+    import gc
+
+    gc.collect()
+    ray.put(0)  # flushes our releases
+    time.sleep(0.2)
+    assert ray.get(keeper.total.remote(), timeout=DEADLOCK) == 300_000.0
+
+
+# -- names and endings -------------------------------------------------------------------
+
+
+def test_named_actors(ray):
+    @ray.remote
+    class Named:
+        def who(self):
+            return "me"
+
+    a = Named.options(name="svc").remote()
+    assert ray.get(ray.get_actor("svc").who.remote(), timeout=DEADLOCK) == "me"
+    assert shmray.util.list_named_actors() == ["svc"]
+    with pytest.raises(ValueError, match="already taken"):
+        Named.options(name="svc").remote()
+    same = Named.options(name="svc", get_if_exists=True).remote()
+    assert same == a
+    with pytest.raises(ValueError, match="nobody"):
+        ray.get_actor("nobody")
+    ray.kill(a)
+    wait_for(lambda: shmray.util.list_named_actors() == [])
+
+
+def test_ready_terminate_and_exit_actor(ray):
+    @ray.remote
+    class Ender:
+        def __init__(self):
+            time.sleep(0.2)
+
+        def stop(self):
+            shmray.actor.exit_actor()
+
+        def ping(self):
+            return "pong"
+
+    e = Ender.remote()
+    assert ray.get(e.__ray_ready__.remote(), timeout=DEADLOCK) is True
+    ray.get(e.__ray_terminate__.remote(), timeout=DEADLOCK)
+    with pytest.raises(exceptions.ActorDiedError):
+        ray.get(e.ping.remote(), timeout=DEADLOCK)
+
+    e2 = Ender.remote()
+    e2.stop.remote()
+    with pytest.raises(exceptions.RayActorError, match="intentionally"):
+        ray.get(e2.ping.remote(), timeout=DEADLOCK)
+
+
+def test_actor_ends_when_no_handle_is_left(ray):
+    @ray.remote
+    class Short:
+        def pid(self):
+            return os.getpid()
+
+    handle = Short.remote()
+    pid = ray.get(handle.pid.remote(), timeout=DEADLOCK)
+    assert pid in actor_pids()
+    del handle
+    ray.put(0)  # sends our release
+    wait_for(lambda: pid not in actor_pids())
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_constructor_error_fails_every_call(ray):
+    @ray.remote
+    class Broken:
+        def __init__(self):
+            raise RuntimeError("cannot start")
+
+        def f(self):
+            return 1
+
+    b = Broken.remote()
+    for _ in range(2):
+        with pytest.raises(exceptions.ActorDiedError, match="cannot start") as info:
+            ray.get(b.f.remote(), timeout=DEADLOCK)
+        assert isinstance(info.value, exceptions.RayActorError)
+
+
+def test_killed_actor_fails_pending_and_later_calls(ray):
+    @ray.remote
+    class Sleeper:
+        def sleep(self, t):
+            time.sleep(t)
+            return t
+
+    s = Sleeper.remote()
+    ray.get(s.__ray_ready__.remote(), timeout=DEADLOCK)
+    pending = s.sleep.remote(30)
+    time.sleep(0.2)
+    ray.kill(s)
+    with pytest.raises(exceptions.ActorDiedError, match="kill"):
+        ray.get(pending, timeout=DEADLOCK)
+    with pytest.raises(exceptions.ActorDiedError):
+        ray.get(s.sleep.remote(0), timeout=DEADLOCK)
+
+
+def test_crashed_actor_raises_actor_died(ray):
+    @ray.remote
+    class Crasher:
+        def crash(self):
+            os._exit(3)
+
+        def pid(self):
+            return os.getpid()
+
+    c = Crasher.remote()
+    with pytest.raises(exceptions.ActorDiedError, match="exit code 3"):
+        ray.get(c.crash.remote(), timeout=DEADLOCK)
+    with pytest.raises(exceptions.ActorDiedError):
+        ray.get(c.pid.remote(), timeout=DEADLOCK)
+
+
+def test_max_restarts_restarts_with_fresh_state(ray):
+    @ray.remote(max_restarts=1)
+    class Phoenix:
+        def __init__(self):
+            self.calls = 0
+
+        def call(self):
+            self.calls += 1
+            return self.calls, os.getpid()
+
+    p = Phoenix.remote()
+    calls, pid = ray.get(p.call.remote(), timeout=DEADLOCK)
+    assert calls == 1
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted():
+        try:
+            return ray.get(p.call.remote(), timeout=DEADLOCK)[1] != pid
+        except exceptions.RayActorError:
+            return False
+
+    wait_for(restarted, timeout=DEADLOCK)
+    calls, new_pid = ray.get(p.call.remote(), timeout=DEADLOCK)
+    assert new_pid != pid and calls <= 2
+    os.kill(new_pid, signal.SIGKILL)  # the restart budget is spent now
+    wait_for(lambda: new_pid not in actor_pids())
+    with pytest.raises(exceptions.ActorDiedError):
+        ray.get(p.call.remote(), timeout=DEADLOCK)
+
+
+def test_max_pending_calls(ray):
+    @ray.remote(max_pending_calls=2)
+    class Slow:
+        def wait(self):
+            time.sleep(0.5)
+
+    s = Slow.remote()
+    first = [s.wait.remote(), s.wait.remote()]
+    with pytest.raises(exceptions.PendingCallsLimitExceeded):
+        s.wait.remote()
+    ray.get(first, timeout=DEADLOCK)
+    ray.get(s.wait.remote(), timeout=DEADLOCK)
+
+
+# -- process names -------------------------------------------------------------------
+
+
+def test_actor_process_is_named(ray):
+    @ray.remote
+    class Visible:
+        def pid(self):
+            return os.getpid()
+
+    v = Visible.remote()
+    pid = ray.get(v.pid.remote(), timeout=DEADLOCK)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().startswith(b"shmray::Visible")

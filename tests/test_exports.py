@@ -1,0 +1,33 @@
+"""The public surface is exactly what we mean to export (trio's test_exports habit)."""
+
+import shmray
+import shmray.exceptions as exc
+
+
+def test_public_names():
+    public = {name for name in dir(shmray) if not name.startswith("_")}
+    assert public == set(shmray.__all__)
+    assert set(shmray.__all__) == {
+        "ObjectRef", "actor", "available_resources", "cluster_resources", "exceptions", "get",
+        "get_actor", "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes",
+        "put", "remote", "shutdown", "util", "wait",
+    }
+    assert shmray.actor.__all__ == ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor"]
+    assert shmray.util.__all__ == ["list_named_actors"]
+
+
+def test_all_names_resolve():
+    for name in shmray.__all__:
+        assert getattr(shmray, name) is not None
+
+
+def test_exception_tree_matches_ray():
+    assert issubclass(exc.RayTaskError, exc.RayError)
+    assert issubclass(exc.ActorDiedError, exc.RayActorError)
+    assert issubclass(exc.GetTimeoutError, exc.RayError)
+    assert issubclass(exc.GetTimeoutError, TimeoutError)
+    assert issubclass(exc.ObjectStoreFullError, exc.RayError)
+    assert issubclass(exc.OwnerDiedError, exc.ObjectLostError)
+    assert issubclass(exc.ReferenceCountingAssertionError, AssertionError)
+    for name in exc.__all__:
+        assert issubclass(getattr(exc, name), exc.RayError)
