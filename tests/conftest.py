@@ -77,9 +77,27 @@ def ray():
         shmray.shutdown()
 
 
+def session_dirs():
+    import tempfile
+
+    root = tempfile.gettempdir()
+    return {name for name in os.listdir(root) if name.startswith("shmray-session-")}
+
+
+def shmray_children():
+    """Live processes named shmray:: whose parent chain leads to this test process."""
+    import psutil
+
+    me = psutil.Process()
+    return [p for p in me.children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            and " ".join(p.cmdline()).startswith("shmray::")]
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     before_shm = dev_shm_files()
+    before_dirs = session_dirs()
     yield
     if shmray.is_initialized():
         shmray.shutdown()
@@ -87,3 +105,5 @@ def nothing_left_behind():
     gc.collect()
     assert dev_shm_files() - before_shm == set(), "a file was left in /dev/shm"
     assert arena_fds() == [], "an arena file descriptor is still open"
+    assert shmray_children() == [], "a shmray process outlived the test"
+    wait_for(lambda: session_dirs() - before_dirs == set(), timeout=10)

@@ -16,6 +16,7 @@ import atexit
 import inspect
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -135,7 +136,8 @@ def init(**kwargs: Any):
             Scheduler(scheduler_end, driver_pid, store, session_dir, options, spawn_worker,
                       spawn_actor).run()
 
-        _scheduler_pid = fork_child("shmray::scheduler", scheduler_main)
+        _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
+                                    death_signal=signal.SIGTERM)
         scheduler_end.close()
         runtime = _runtime.Runtime(store, driver_end, session_dir, options)
         _runtime.install(runtime)
@@ -165,6 +167,8 @@ def shutdown() -> None:
         runtime.close()
         if pid is not None and pid != os.getpid():
             _wait_for_exit(pid, timeout=10.0)
+        # The scheduler removes it; this covers a scheduler that was killed first.
+        shutil.rmtree(runtime.session_dir, ignore_errors=True)
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:

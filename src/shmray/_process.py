@@ -31,15 +31,20 @@ def set_name(name: str) -> None:
     setproctitle.setproctitle(name)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent exits; exit now if it already has."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Get ``sig`` when the parent exits; exit now if it already has."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
-def fork_child(name: str, main: Callable[[], None]) -> int:
-    """Fork a child that runs ``main`` under ``name``; returns its pid in the parent."""
+def fork_child(name: str, main: Callable[[], None], death_signal: int = signal.SIGKILL) -> int:
+    """Fork a child that runs ``main`` under ``name``; returns its pid in the parent.
+
+    ``death_signal`` is what the child gets when its parent dies: SIGKILL for workers and
+    actors, SIGTERM for the scheduler, which then ends its children and removes the session
+    folder on its way out.
+    """
     parent = os.getpid()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -53,7 +58,7 @@ def fork_child(name: str, main: Callable[[], None]) -> int:
     in_child = True
     code = 0
     try:
-        die_with_parent(parent)
+        die_with_parent(parent, death_signal)
         set_name(name)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver
         main()

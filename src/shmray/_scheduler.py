@@ -232,6 +232,14 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
+        # SIGTERM (sent by the kernel when the driver dies) ends the loop like EOF does.
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            self._serve()
+        finally:
+            self.stop()
+
+    def _serve(self) -> None:
         for _ in range(self.min_workers):
             self.start_worker()
         while self.running:
@@ -243,7 +251,6 @@ class Scheduler:
                     self._read(client)
             self.dispatch()
             self._flush_dirty()
-        self.stop()
 
     def _read(self, client: Client) -> None:
         try:
@@ -888,6 +895,10 @@ class Scheduler:
             child.conn.close()
         self.selector.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(0)
 
 
 class _ActorCreation:
