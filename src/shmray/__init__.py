@@ -8,6 +8,7 @@ from . import actor, exceptions, util
 from ._actor import get_actor, kill, method
 from ._api import (
     available_resources,
+    cancel,
     cluster_resources,
     get,
     get_runtime_context,
@@ -27,6 +28,7 @@ __all__ = [
     "ObjectRef",
     "actor",
     "available_resources",
+    "cancel",
     "cluster_resources",
     "exceptions",
     "get",

@@ -53,6 +53,7 @@ class ActorProcess(Worker):
         self.max_concurrency = options["max_concurrency"]
         self.instance = None
         self.exit_requested = False
+        self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
@@ -60,8 +61,27 @@ class ActorProcess(Worker):
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
             self.queue.append(message)
+        elif message[0] == P.CANCEL_CALL:
+            self._cancel(message[1])
         elif message[0] == P.EXIT:
             self.exiting = True
+
+    def _cancel(self, task_id: bytes) -> None:
+        """Drop a call not started yet; cancel a running async one; a running sync call
+        finishes (Ray cannot interrupt those either)."""
+        for message in self.queue:
+            if message[1] == task_id:
+                self.queue.remove(message)
+                self._done(task_id, self._cancelled_results(task_id, message[6]), False)
+                return
+        running = self.running_calls.get(task_id)
+        if running is not None:
+            running.cancel()
+
+    def _cancelled_results(self, task_id: bytes, num_returns: int):
+        data = serialize(exceptions.TaskCancelledError(task_id.hex()), META_ERROR).to_bytes()
+        return [(object_id_for_return(task_id, i), data, META_ERROR, [])
+                for i in range(max(num_returns, 1))]
 
     # -- construction ------------------------------------------------------------------
 
@@ -127,10 +147,7 @@ class ActorProcess(Worker):
             self.exit_requested = True
             return self._results(task_id, None, num_returns, name), False
         except asyncio.CancelledError:
-            error = exceptions.TaskCancelledError(task_id.hex())
-            data = serialize(error, META_ERROR).to_bytes()
-            return [(object_id_for_return(task_id, i), data, META_ERROR, [])
-                    for i in range(max(num_returns, 1))], False
+            return self._cancelled_results(task_id, num_returns), False
         except BaseException as exc:
             return self._error_results(task_id, exc, num_returns, name), False
         finally:
@@ -169,6 +186,7 @@ class ActorProcess(Worker):
         runtime = self.runtime
         with runtime._lock:
             try:
+                runtime.poll()  # a CANCEL_CALL may be waiting behind the calls queued here
                 runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
             except exceptions.RaySystemError:
@@ -227,8 +245,11 @@ class ActorProcess(Worker):
         running = set()
 
         async def serve(message):
-            async with slots:
-                results, retryable = await self.call_async(message)
+            try:
+                async with slots:
+                    results, retryable = await self.call_async(message)
+            except asyncio.CancelledError:  # cancelled while waiting for a slot
+                results, retryable = self._cancelled_results(message[1], message[6]), False
             try:
                 self._done(message[1], results, retryable)
             except exceptions.RaySystemError:
@@ -238,9 +259,13 @@ class ActorProcess(Worker):
 
         def start_queued():
             while self.queue:
-                task = loop.create_task(serve(self.queue.popleft()))
+                message = self.queue.popleft()
+                task = loop.create_task(serve(message))
                 running.add(task)
+                self.running_calls[message[1]] = task
                 task.add_done_callback(running.discard)
+                task.add_done_callback(
+                    lambda _t, task_id=message[1]: self.running_calls.pop(task_id, None))
 
         def on_readable():
             with runtime._lock:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _process, _runtime
+from . import _process, _protocol as P, _runtime
 from ._connection import connection_pair
 from ._object_ref import ObjectRef
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -276,6 +276,29 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
     if not object_refs:
         return [], []
     return _current().wait(list(object_refs), num_returns, _check_timeout(timeout))
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Stop the task that makes ``object_ref``; ``get`` of it then raises TaskCancelledError.
+
+    A queued task is dropped; a running one gets KeyboardInterrupt, or with ``force=True``
+    its worker is killed (and replaced).  ``recursive`` cancels the tasks it submitted too.
+    Actor calls: queued ones are dropped and running async ones cancelled; ``force`` is not
+    allowed for them (as in Ray).  A task that already finished is left alone.
+    """
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(
+            f"cancel() takes the ObjectRef of a task, got {type(object_ref).__name__}; to stop "
+            "an actor use kill()"
+        )
+    runtime = _current()
+    task_id = object_ref.task_id()
+    if force and task_id in runtime.actor_calls:
+        raise ValueError(
+            "force=True is not supported for actor calls (as in Ray): use kill() on the actor"
+        )
+    runtime.send((P.CANCEL, task_id, bool(force), bool(recursive)))
+    runtime.flush()
 
 
 def _check_refs(refs, what: str) -> None:

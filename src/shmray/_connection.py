@@ -100,6 +100,11 @@ class Connection:
         except BlockingIOError:
             pass
 
+    def fill_if_readable(self) -> None:
+        """Read what has arrived, if anything, without waiting (blocking sockets too)."""
+        if wait_readable(self.fd, 0):
+            self._fill()
+
     def _fill(self) -> None:
         try:
             chunk = self.sock.recv(_READ_SIZE)

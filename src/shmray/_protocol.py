@@ -31,6 +31,7 @@ Client (driver, worker, actor) -> scheduler
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
     KILL_ACTOR         actor_id, no_restart          SIGKILL the actor process
+    CANCEL             task_id, force, recursive     stop a task (or an actor call)
 Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
                                                      serialized)
@@ -45,6 +46,8 @@ Scheduler -> client
                                                      become this actor: run __init__
     CALL               task_id, method, name, args, arg_ids, num_returns, values
                                                      run a method of the actor
+    CANCEL_CALL        task_id                       cancel a call sent before (queued calls
+                                                     are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
 
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
@@ -74,6 +77,7 @@ ACTOR_CALL = 12
 KILL_ACTOR = 13
 ACTOR_STARTED = 14
 ACTOR_EXITING = 15
+CANCEL = 16
 
 READY = 20
 EXECUTE = 21
@@ -81,6 +85,7 @@ EXIT = 22
 REPLY = 23
 START_ACTOR = 24
 CALL = 25
+CANCEL_CALL = 26
 
 # TaskSpec field positions
 SPEC_TASK_ID = 0

@@ -66,6 +66,7 @@ class Runtime:
         self._counts: Dict[bytes, int] = {}
         self._subscribed: set = set()       # ids we asked to hear of
         self._owned_pending: set = set()    # our tasks' results: READY comes unasked
+        self.actor_calls: set = set()       # task ids of our actor calls (cancel's force rule)
         self._releases: collections.deque = collections.deque()
         self._futures: Dict[bytes, List[concurrent.futures.Future]] = {}
         self._registered_functions: set = set()
@@ -143,6 +144,7 @@ class Runtime:
             self._locations.pop(object_id, None)
             self._subscribed.discard(object_id)
             self._owned_pending.discard(object_id)
+            self.actor_calls.discard(object_id[:24])
             released.append(object_id)
         if released and not self.closed:
             self.conn.send((P.RELEASE, released))
@@ -312,6 +314,17 @@ class Runtime:
             self.handle(message)
         self._cv.notify_all()
 
+    def poll(self) -> None:
+        """Handle whatever has arrived, without waiting (caller holds the lock)."""
+        if self._reading:
+            return
+        try:
+            self.conn.fill_if_readable()
+        except ConnectionClosed as exc:
+            raise self._scheduler_gone() from exc
+        for message in self.conn.recv_messages(block=False):
+            self.handle(message)
+
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:
@@ -477,6 +490,7 @@ class Runtime:
     def call_actor(self, actor_id: bytes, spec: tuple, return_ids) -> List[ObjectRef]:
         with self._lock:
             self.conn.send((P.ACTOR_CALL, actor_id, spec))
+            self.actor_calls.add(spec[P.SPEC_TASK_ID])
             self._owned_pending.update(return_ids)
             refs = [self.add_owned_ref(object_id) for object_id in return_ids]
         self.flush()

@@ -108,7 +108,8 @@ class ObjectEntry:
 class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on",
-                 "retries_left", "worker", "finished", "held_ids", "actor")
+                 "retries_left", "worker", "finished", "held_ids", "actor", "children",
+                 "cancelled")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -127,6 +128,8 @@ class Task:
         # every id the task holds until it finishes: top-level args and refs nested in args
         self.held_ids = list(spec[P.SPEC_ARG_IDS]) + list(spec[P.SPEC_CONTAINED])
         self.actor: Optional["Actor"] = None  # set for actor method calls
+        self.children: List["Task"] = []      # tasks it submitted while running (cancel)
+        self.cancelled = False
 
 
 class Actor:
@@ -203,6 +206,7 @@ class Scheduler:
             P.KILL_ACTOR: self.on_kill_actor,
             P.ACTOR_STARTED: self.on_actor_started,
             P.ACTOR_EXITING: self.on_actor_exiting,
+            P.CANCEL: self.on_cancel,
         }
 
     # -- clients ---------------------------------------------------------------------------
@@ -391,9 +395,14 @@ class Scheduler:
         self.functions[fn_id] = (pickled, name)
         client.functions.add(fn_id)
 
+    def _register(self, task: Task, client: Client) -> None:
+        self.tasks[task.task_id] = task
+        if client.task is not None:  # submitted by a running task: its child, for cancel
+            client.task.children.append(task)
+
     def on_submit(self, client: Client, spec: tuple) -> None:
         task = Task(spec, client)
-        self.tasks[task.task_id] = task
+        self._register(task, client)
         for object_id in task.return_ids:
             entry = self._entry(object_id)
             entry.holders.add(client)
@@ -527,6 +536,7 @@ class Scheduler:
 
     def _finish(self, task: Task, results) -> None:
         task.finished = True
+        task.children = []
         self.tasks.pop(task.task_id, None)
         for object_id, data, metadata, contained in results:
             entry = self.objects.get(object_id)
@@ -584,6 +594,41 @@ class Scheduler:
         else:
             value = None
         self.send(client, (P.REPLY, request_id, value))
+
+    # -- cancel ----------------------------------------------------------------------------
+
+    def on_cancel(self, client: Client, task_id, force, recursive) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None:
+            self._cancel(task, force, recursive)
+
+    def _cancel(self, task: Task, force: bool, recursive: bool) -> None:
+        if task.finished or task.cancelled:
+            return
+        task.cancelled = True
+        task.retries_left = 0  # a cancelled task is never retried
+        if recursive:
+            for child in list(task.children):
+                self._cancel(child, force, recursive)
+        actor = task.actor
+        if actor is not None:
+            if task.task_id in actor.inflight and actor.client is not None:
+                # The actor drops it if not started, cancels it if async; a running sync
+                # call finishes (as in Ray).
+                self.send(actor.client, (P.CANCEL_CALL, task.task_id))
+            else:
+                self._fail(task, *self._cancelled_error(task))
+            return
+        worker = task.worker
+        if worker is None:  # queued, or waiting for its arguments
+            self._fail(task, *self._cancelled_error(task))
+        elif force:
+            _kill_quietly(worker.pid)  # on_disconnect fails it, and the pool is refilled
+        else:
+            _signal_quietly(worker.pid, signal.SIGINT)  # KeyboardInterrupt in the task
+
+    def _cancelled_error(self, task: Task) -> tuple:
+        return self._serialized(exceptions.TaskCancelledError(task.task_id.hex()))
 
     # -- actors ----------------------------------------------------------------------------
 
@@ -688,6 +733,7 @@ class Scheduler:
 
     def on_actor_call(self, client: Client, actor_id, spec: tuple) -> None:
         task = Task(spec, client)
+        self._register(task, client)
         actor = self.actors.get(actor_id)
         task.actor = actor
         for object_id in task.return_ids:
@@ -861,7 +907,9 @@ class Scheduler:
         if task is not None and not task.finished:
             self._give_back(task, client)
             client.task = None
-            if task.retries_left != 0:
+            if task.cancelled:
+                self._fail(task, *self._cancelled_error(task))
+            elif task.retries_left != 0:
                 self._retry(task)
             else:
                 how = _how(status)
@@ -938,8 +986,12 @@ def _reap(pid: int, timeout: float = 1.0) -> Optional[int]:
 
 
 def _kill_quietly(pid: int) -> None:
+    _signal_quietly(pid, signal.SIGKILL)
+
+
+def _signal_quietly(pid: int, sig: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import traceback
 from typing import Optional
 
@@ -46,8 +47,19 @@ class Worker:
         self.functions: dict = {}
         self.queue: collections.deque = collections.deque()
         self.exiting = False
+        # SIGINT is how the scheduler cancels the running task; it is only acted on while
+        # user code runs, so a signal that arrives as a task ends can't hit anything else
+        # (the scheduler sends the next task only after this one's TASK_DONE).
+        self.in_user_code = False
+        self.cancelled = False
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.in_user_code:
+            self.cancelled = True
+            raise KeyboardInterrupt("task cancelled")
 
     def on_message(self, message: tuple) -> None:
         if message[0] == P.EXECUTE:
@@ -88,14 +100,22 @@ class Worker:
             if fn is None:
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
             args, kwargs = self._arguments(args_blob, arg_ids, values)
-            outcome = fn(*args, **kwargs)
+            self.cancelled = False
+            self.in_user_code = True
+            try:
+                outcome = fn(*args, **kwargs)
+            finally:
+                self.in_user_code = False
             del args, kwargs
             returns = _split_returns(outcome, num_returns, name)
             results = [self._store_return(object_id_for_return(task_id, i), value)
                        for i, value in enumerate(returns)]
         except BaseException as exc:  # the task's failure is its result
-            retryable = _should_retry(exc, retry_exceptions)
-            error = task_error(name, exc)
+            retryable = _should_retry(exc, retry_exceptions) and not self.cancelled
+            if self.cancelled and isinstance(exc, KeyboardInterrupt):
+                error = exceptions.TaskCancelledError(task_id.hex())
+            else:
+                error = task_error(name, exc)
             data = serialize(error, META_ERROR).to_bytes()
             results = [(object_id_for_return(task_id, i), data, META_ERROR, [])
                        for i in range(max(num_returns, 1))]

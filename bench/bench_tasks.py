@@ -1,0 +1,273 @@
+"""Remote functions against multiprocessing.Pool(2), in the same run.
+
+Run: python -m pytest bench/bench_tasks.py --benchmark-enable --benchmark-only
+
+Groups (compare within a group):
+- startup: ``shmray.init(num_cpus=2, object_store_memory=100 MiB)`` + the first task round trip
+  + ``shutdown()`` against ``Pool(2)`` + the first ``apply`` + ``close()``/``join()``.  Each round
+  starts from nothing, and the teardown is part of the measured work on both sides.
+- startup-excl-teardown: the same, but the previous round's ``shutdown()`` / ``close()+join()``
+  runs in pedantic's (untimed) setup, so only start + first round trip is measured.
+- roundtrip: ``ray.get(f.remote(i))`` of a no-op against ``pool.apply(f, (i,))``.
+- throughput-2000: submit 2,000 no-op tasks, then get them all, against 2,000 ``apply_async``
+  then ``.get()`` on each.
+- matrix-dag: the seed DAG: two ``create_matrix([1000, 1000])`` tasks (np.random.normal) and
+  ``multiply_matrices`` (np.dot) on their refs, against the same through the Pool, where the
+  arrays travel by pickling (both created by ``apply_async``, then ``apply`` of the multiply with
+  the two arrays as arguments).
+- matmul-speedup: eight one-thread 600x600 @ 600x600 float64 matmuls whose inputs were ``put``
+  beforehand, as shmray tasks, against the same eight run serially in the driver.  The shmray
+  case records ``extra_info["speedup"]`` (serial median / shmray median, when both ran).
+
+The module-scoped fixtures start shmray and the Pool once (outside the timings) and shut them
+down at the end.  OPENBLAS_NUM_THREADS=1 comes from bench/conftest.py.
+"""
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+import shmray
+
+MiB = 1 << 20
+RAY_INIT = dict(num_cpus=2, object_store_memory=512 * MiB)
+N_THROUGHPUT = 2000
+MATMUL_N = 600
+MATMUL_TASKS = 8
+
+_medians = {}  # matmul-speedup: group member -> median seconds
+
+
+# Plain module-level functions: the Pool pickles them by reference, shmray wraps them.
+def _noop(i):
+    return i
+
+
+def _create_matrix(size):
+    return np.random.normal(size=size)
+
+
+def _multiply_matrices(a, b):
+    return np.dot(a, b)
+
+
+def _matmul(a, b):
+    return a @ b
+
+
+def _blas_env():
+    return os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+noop = shmray.remote(_noop)
+create_matrix = shmray.remote(_create_matrix)
+multiply_matrices = shmray.remote(_multiply_matrices)
+matmul = shmray.remote(_matmul)
+blas_env = shmray.remote(_blas_env)
+
+
+def _rate(benchmark, calls):
+    """Record calls per second at the median in the JSON's extra_info."""
+    benchmark.extra_info["calls_per_s"] = calls / benchmark.stats.stats.median
+
+
+@pytest.fixture(scope="module")
+def ray():
+    shmray.init(**RAY_INIT)
+    assert shmray.get(blas_env.remote()) == "1"
+    yield shmray
+    shmray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = multiprocessing.Pool(2)
+    p.apply(_noop, (0,))
+    yield p
+    p.close()
+    p.join()
+
+
+# --- startup: these must run while shmray is not initialized ------------------------------
+
+class _NoRuntime:
+    """Shut down a runtime left by an earlier test (if any) and restore it afterwards."""
+
+    def __enter__(self):
+        self.was = shmray.is_initialized()
+        if self.was:
+            shmray.shutdown()
+
+    def __exit__(self, *exc):
+        if shmray.is_initialized():
+            shmray.shutdown()
+        if self.was:
+            shmray.init(**RAY_INIT)
+
+
+def _shmray_start():
+    shmray.init(num_cpus=2, object_store_memory=100 * MiB)
+    assert shmray.get(noop.remote(1)) == 1
+
+
+def _pool_start():
+    p = multiprocessing.Pool(2)
+    assert p.apply(_noop, (1,)) == 1
+    return p
+
+
+def _pool_stop(p):
+    p.close()
+    p.join()
+
+
+def test_startup_shmray(benchmark):
+    benchmark.group = "startup"
+
+    def cycle():
+        _shmray_start()
+        shmray.shutdown()
+
+    with _NoRuntime():
+        benchmark.pedantic(cycle, rounds=8, iterations=1, warmup_rounds=1)
+
+
+def test_startup_mp_pool(benchmark):
+    benchmark.group = "startup"
+    benchmark.pedantic(lambda: _pool_stop(_pool_start()), rounds=8, iterations=1,
+                       warmup_rounds=1)
+
+
+def test_startup_excl_teardown_shmray(benchmark):
+    benchmark.group = "startup-excl-teardown"
+
+    def teardown_previous():
+        if shmray.is_initialized():
+            shmray.shutdown()
+
+    with _NoRuntime():
+        benchmark.pedantic(_shmray_start, setup=teardown_previous, rounds=8, iterations=1,
+                           warmup_rounds=1)
+
+
+def test_startup_excl_teardown_mp_pool(benchmark):
+    benchmark.group = "startup-excl-teardown"
+    pools = []
+
+    def teardown_previous():
+        while pools:
+            _pool_stop(pools.pop())
+
+    def start():
+        pools.append(_pool_start())
+
+    try:
+        benchmark.pedantic(start, setup=teardown_previous, rounds=8, iterations=1,
+                           warmup_rounds=1)
+    finally:
+        teardown_previous()
+
+
+# --- roundtrip ---------------------------------------------------------------------------
+
+def test_roundtrip_shmray(benchmark, ray):
+    benchmark.group = "roundtrip"
+    benchmark(lambda: ray.get(noop.remote(7)))
+    _rate(benchmark, 1)
+
+
+def test_roundtrip_mp_pool(benchmark, pool):
+    benchmark.group = "roundtrip"
+    benchmark(pool.apply, _noop, (7,))
+    _rate(benchmark, 1)
+
+
+# --- throughput-2000 ---------------------------------------------------------------------
+
+def test_throughput_shmray(benchmark, ray):
+    benchmark.group = f"throughput-{N_THROUGHPUT}"
+
+    def run():
+        refs = [noop.remote(i) for i in range(N_THROUGHPUT)]
+        return ray.get(refs)
+
+    result = benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    assert result == list(range(N_THROUGHPUT))
+    _rate(benchmark, N_THROUGHPUT)
+
+
+def test_throughput_mp_pool(benchmark, pool):
+    benchmark.group = f"throughput-{N_THROUGHPUT}"
+
+    def run():
+        pending = [pool.apply_async(_noop, (i,)) for i in range(N_THROUGHPUT)]
+        return [p.get() for p in pending]
+
+    result = benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    assert result == list(range(N_THROUGHPUT))
+    _rate(benchmark, N_THROUGHPUT)
+
+
+# --- matrix-dag --------------------------------------------------------------------------
+
+def test_matrix_dag_shmray(benchmark, ray):
+    benchmark.group = "matrix-dag"
+
+    def dag():
+        a = create_matrix.remote([1000, 1000])
+        b = create_matrix.remote([1000, 1000])
+        return ray.get(multiply_matrices.remote(a, b)).shape
+
+    shape = benchmark.pedantic(dag, rounds=15, iterations=1, warmup_rounds=1)
+    assert shape == (1000, 1000)
+
+
+def test_matrix_dag_mp_pool(benchmark, pool):
+    benchmark.group = "matrix-dag"
+
+    def dag():
+        a = pool.apply_async(_create_matrix, ([1000, 1000],))
+        b = pool.apply_async(_create_matrix, ([1000, 1000],))
+        return pool.apply(_multiply_matrices, (a.get(), b.get())).shape
+
+    shape = benchmark.pedantic(dag, rounds=15, iterations=1, warmup_rounds=1)
+    assert shape == (1000, 1000)
+
+
+# --- matmul-speedup ----------------------------------------------------------------------
+
+def _matmul_inputs():
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((MATMUL_N, MATMUL_N)), rng.standard_normal((MATMUL_N, MATMUL_N)))
+            for _ in range(MATMUL_TASKS)]
+
+
+def test_matmul_serial_driver(benchmark):
+    benchmark.group = f"matmul-speedup"
+    inputs = _matmul_inputs()
+
+    def serial():
+        return [a @ b for a, b in inputs]
+
+    benchmark.pedantic(serial, rounds=8, iterations=1, warmup_rounds=1)
+    _medians["serial"] = benchmark.stats.stats.median
+    _rate(benchmark, MATMUL_TASKS)
+
+
+def test_matmul_shmray_tasks(benchmark, ray):
+    benchmark.group = f"matmul-speedup"
+    inputs = _matmul_inputs()
+    refs = [(ray.put(a), ray.put(b)) for a, b in inputs]
+    expected = inputs[0][0] @ inputs[0][1]
+
+    def parallel():
+        return ray.get([matmul.remote(a, b) for a, b in refs])
+
+    results = benchmark.pedantic(parallel, rounds=8, iterations=1, warmup_rounds=1)
+    assert np.allclose(results[0], expected)
+    del results
+    _rate(benchmark, MATMUL_TASKS)
+    if "serial" in _medians:
+        benchmark.extra_info["speedup"] = _medians["serial"] / benchmark.stats.stats.median

@@ -1,0 +1,430 @@
+"""Fault tolerance and control: crashes, retries, cancel, memory pressure, dead processes.
+
+Every wait has a timeout that only a deadlock reaches.
+"""
+
+import ctypes
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import shmray
+from shmray import exceptions
+from conftest import arena_mappings, dev_shm_files, session_dirs, wait_for
+
+DEADLOCK = 60
+
+
+@pytest.fixture
+def ray():
+    shmray.init(num_cpus=2, object_store_memory=150 << 20)
+    try:
+        yield shmray
+    finally:
+        shmray.shutdown()
+
+
+def worker_pids():
+    return shmray._api._runtime_now.query("workers")
+
+
+# -- worker death ------------------------------------------------------------------------
+
+
+def _crash(how):
+    if how == "exit":
+        os._exit(7)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("how, shown", [("exit", "exit code 7"), ("sigkill", "SIGKILL"),
+                                        ("segfault", "SIGSEGV")])
+def test_worker_death_retries_then_raises(ray, tmp_path, how, shown):
+    attempts = tmp_path / "attempts"
+
+    @ray.remote(max_retries=2)
+    def dies(path):
+        with open(path, "a") as f:
+            f.write("x")
+        _crash(how)
+
+    with pytest.raises(exceptions.WorkerCrashedError, match=shown):
+        ray.get(dies.remote(str(attempts)), timeout=DEADLOCK)
+    assert attempts.read_text() == "xxx"  # the first run and two retries
+    wait_for(lambda: len(worker_pids()) >= 2)  # the pool was refilled
+
+    @ray.remote
+    def fine():
+        return "ok"
+
+    assert ray.get(fine.remote(), timeout=DEADLOCK) == "ok"
+
+
+@pytest.mark.crash
+def test_a_retry_can_succeed(ray, tmp_path):
+    marker = tmp_path / "crashed-once"
+
+    @ray.remote  # max_retries=3 by default, as in Ray
+    def flaky(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(1)
+        return "second time lucky"
+
+    assert ray.get(flaky.remote(str(marker)), timeout=DEADLOCK) == "second time lucky"
+
+
+def test_application_errors_are_not_retried_by_default(ray, tmp_path):
+    count = tmp_path / "count"
+
+    @ray.remote
+    def fails(path):
+        with open(path, "a") as f:
+            f.write("x")
+        raise ValueError("app error")
+
+    with pytest.raises(ValueError):
+        ray.get(fails.remote(str(count)), timeout=DEADLOCK)
+    assert count.read_text() == "x"
+
+
+@pytest.mark.parametrize("retry", [True, [ValueError]])
+def test_retry_exceptions(ray, tmp_path, retry):
+    count = tmp_path / "count"
+
+    @ray.remote(max_retries=2, retry_exceptions=retry)
+    def fails_twice(path):
+        with open(path, "a") as f:
+            f.write("x")
+        if len(open(path).read()) < 3:
+            raise ValueError("not yet")
+        return "done"
+
+    assert ray.get(fails_twice.remote(str(count)), timeout=DEADLOCK) == "done"
+    assert count.read_text() == "xxx"
+
+
+def test_retry_exceptions_list_only_retries_listed(ray, tmp_path):
+    count = tmp_path / "count"
+
+    @ray.remote(max_retries=3, retry_exceptions=[KeyError])
+    def fails(path):
+        with open(path, "a") as f:
+            f.write("x")
+        raise ValueError("not listed")
+
+    with pytest.raises(ValueError):
+        ray.get(fails.remote(str(count)), timeout=DEADLOCK)
+    assert count.read_text() == "x"
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+def test_cancel_queued_task(ray):
+    @ray.remote(num_cpus=2)
+    def hog():
+        time.sleep(2)
+        return 1
+
+    running = hog.remote()
+    queued = hog.remote()
+    time.sleep(0.2)
+    ray.cancel(queued)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(queued, timeout=DEADLOCK)
+    assert ray.get(running, timeout=DEADLOCK) == 1
+
+
+def test_cancel_running_task_interrupts_it(ray):
+    @ray.remote
+    def sleeper():
+        time.sleep(30)
+
+    ref = sleeper.remote()
+    time.sleep(0.5)
+    start = time.monotonic()
+    ray.cancel(ref)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(ref, timeout=DEADLOCK)
+    assert time.monotonic() - start < 10
+    before = set(worker_pids())
+
+    @ray.remote
+    def after():
+        return os.getpid()
+
+    assert ray.get(after.remote(), timeout=DEADLOCK) in before  # the worker lived on
+
+
+def test_force_cancel_kills_and_replaces_the_worker(ray):
+    @ray.remote
+    def stubborn():
+        while True:
+            try:
+                time.sleep(10)
+            except KeyboardInterrupt:
+                pass  # ignores a polite cancel
+
+    ref = stubborn.remote()
+    time.sleep(0.5)
+    ray.cancel(ref, force=True)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(ref, timeout=DEADLOCK)
+    wait_for(lambda: len(worker_pids()) >= 2)
+
+
+def test_cancel_is_recursive(ray):
+    @ray.remote
+    def child():
+        time.sleep(30)
+        return "child"
+
+    @ray.remote
+    def parent():
+        ref = child.remote()
+        shmray.get(ref)
+
+    ref = parent.remote()
+    time.sleep(1.0)
+    ray.cancel(ref)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(ref, timeout=DEADLOCK)
+    # the child was cancelled too: both CPUs are free again soon
+    wait_for(lambda: shmray.available_resources().get("CPU", 0) == 2, timeout=DEADLOCK)
+
+
+def test_cancel_actor_calls(ray):
+    import asyncio
+
+    @ray.remote
+    class Async:
+        async def long(self):
+            await asyncio.sleep(30)
+
+        async def quick(self):
+            return "quick"
+
+    a = Async.remote()
+    ref = a.long.remote()
+    time.sleep(0.3)
+    with pytest.raises(ValueError, match="force"):
+        ray.cancel(ref, force=True)
+    ray.cancel(ref)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(ref, timeout=DEADLOCK)
+    assert ray.get(a.quick.remote(), timeout=DEADLOCK) == "quick"
+
+    @ray.remote
+    class Sync:
+        def block(self):
+            time.sleep(1)
+            return "done"
+
+    s = Sync.remote()
+    first = s.block.remote()
+    second = s.block.remote()
+    ray.cancel(second)
+    assert ray.get(first, timeout=DEADLOCK) == "done"
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(second, timeout=DEADLOCK)
+
+
+def test_cancel_of_a_non_ref_is_a_type_error(ray):
+    with pytest.raises(TypeError, match="ObjectRef"):
+        ray.cancel("nope")
+
+
+# -- memory pressure ---------------------------------------------------------------------
+
+
+def test_results_spill_and_restore_across_processes(ray):
+    @ray.remote
+    def make(i):
+        return np.full(5 << 20, i, dtype=np.float64)  # 40 MiB each, 200 MiB in all
+
+    refs = [make.remote(i) for i in range(5)]
+    for i, ref in enumerate(refs):
+        value = ray.get(ref, timeout=DEADLOCK)
+        assert value[0] == i and value[-1] == i
+        del value
+
+    @ray.remote
+    def first(a):
+        return float(a[0])
+
+    assert ray.get([first.remote(r) for r in refs], timeout=DEADLOCK) == [0, 1, 2, 3, 4]
+    runtime = shmray._api._runtime_now
+    runtime.store.check()
+
+
+# -- the scheduler or the driver dies ----------------------------------------------------
+
+
+@pytest.mark.crash
+def test_scheduler_death_is_a_clear_error():
+    shmray.init(num_cpus=2, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def f():
+            return 1
+
+        assert shmray.get(f.remote(), timeout=DEADLOCK) == 1
+        workers = worker_pids()
+        os.kill(shmray._api._scheduler_pid, signal.SIGKILL)
+        with pytest.raises(exceptions.RaySystemError, match="scheduler"):
+            shmray.get(f.remote(), timeout=DEADLOCK)
+        for pid in workers:
+            wait_for(lambda: not _alive(pid))
+    finally:
+        shmray.shutdown()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.crash
+def test_sigkilled_driver_leaves_nothing_within_seconds():
+    before_shm, before_dirs = dev_shm_files(), session_dirs()
+    script = textwrap.dedent("""
+        import os, sys, time, shmray
+        shmray.init(num_cpus=2, object_store_memory=100 << 20)
+
+        @shmray.remote
+        def forever():
+            time.sleep(1000)
+
+        @shmray.remote
+        class Holder:
+            def pid(self):
+                return os.getpid()
+
+        h = Holder.remote()
+        refs = [forever.remote() for _ in range(2)]
+        pids = shmray._api._runtime_now.query("workers") + [shmray.get(h.pid.remote())]
+        print(shmray._api._scheduler_pid, *pids, flush=True)
+        sys.stdin.read()
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) >= 4
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids), "a shmray process outlived its driver by 5 s"
+        assert all(arena_mappings(p) == [] for p in pids)
+        wait_for(lambda: session_dirs() == before_dirs, timeout=5)
+        assert dev_shm_files() == before_shm
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+# -- chaos and soak ----------------------------------------------------------------------
+
+
+@pytest.mark.crash
+def test_chaos_dag_survives_worker_kills():
+    """A 2,000-task DAG gives the exact result while a random worker dies every 50 ms."""
+    shmray.init(num_cpus=2, object_store_memory=150 << 20)
+    try:
+        @shmray.remote(max_retries=-1)
+        def leaf(i):
+            time.sleep(0.002)  # long enough for the kills to land mid-run
+            return i
+
+        @shmray.remote(max_retries=-1)
+        def combine(*values):
+            return sum(values)
+
+        refs = [leaf.remote(i) for i in range(1600)]
+        while len(refs) > 1:  # 400 combine tasks over chunks of up to 5
+            refs = [combine.remote(*refs[i:i + 5]) for i in range(0, len(refs), 5)]
+        rng = random.Random(0)
+        kills = 0
+        deadline = time.monotonic() + 120
+        ready = []
+        while not ready and time.monotonic() < deadline:
+            pids = worker_pids()
+            if pids:
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+            ready, _ = shmray.wait(refs, timeout=0.05)
+        assert shmray.get(refs[0], timeout=DEADLOCK) == sum(range(1600))
+        assert kills > 5
+    finally:
+        shmray.shutdown()
+
+
+def _soak(seconds):
+    shmray.init(num_cpus=2, object_store_memory=150 << 20)
+    try:
+        import psutil
+
+        @shmray.remote
+        def work(a):
+            return a * 2
+
+        @shmray.remote
+        class Acc:
+            def __init__(self):
+                self.total = 0.0
+
+            def add(self, a):
+                self.total += float(a.sum())
+                return self.total
+
+        acc = Acc.remote()
+        runtime = shmray._api._runtime_now
+        scheduler = psutil.Process(shmray._api._scheduler_pid)
+
+        def one_round():
+            arrays = [shmray.put(np.ones(50_000)) for _ in range(4)]
+            doubled = [work.remote(a) for a in arrays]
+            shmray.get([acc.add.remote(d) for d in doubled], timeout=DEADLOCK)
+
+        for _ in range(20):  # warm up: pools, caches, allocator
+            one_round()
+        runtime._settle()
+        base_store = runtime.store.statistics().bytes_in_use
+        base_rss = scheduler.memory_info().rss
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            one_round()
+        runtime._settle()
+        assert runtime.store.statistics().bytes_in_use == base_store
+        assert scheduler.memory_info().rss < base_rss + (8 << 20)
+    finally:
+        shmray.shutdown()
+
+
+def test_soak_short():
+    _soak(5)
+
+
+@pytest.mark.slow
+def test_soak_long():
+    _soak(180)
