@@ -304,7 +304,8 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
             runtime._wait_until(lambda: start, None)
         message = start.popleft()
         actor = ActorProcess(runtime, message)
-        actor.queue.extend(m for m in start if m[0] == P.CALL)
+        for early in start:  # what arrived with START_ACTOR, in order (calls, cancels)
+            actor.on_message(early)
         actor.run()
     except (ConnectionClosed, exceptions.RaySystemError):
         pass

@@ -65,6 +65,7 @@ class Runtime:
         self._locations: Dict[bytes, Tuple[Optional[bytes], bytes]] = {}
         self._counts: Dict[bytes, int] = {}
         self._subscribed: set = set()       # ids we asked to hear of
+        self._waiters: Dict[bytes, list] = {}  # id -> _Waiters counting it down
         self._owned_pending: set = set()    # our tasks' results: READY comes unasked
         self.actor_calls: set = set()       # task ids of our actor calls (cancel's force rule)
         self._releases: collections.deque = collections.deque()
@@ -333,6 +334,8 @@ class Runtime:
             if object_id in self._counts:
                 self._locations[object_id] = (data, metadata)
                 self._subscribed.discard(object_id)
+                for waiter in self._waiters.pop(object_id, ()):
+                    waiter.remaining -= 1
                 futures = self._futures.pop(object_id, None)
                 if futures:
                     self._resolve_futures(object_id, futures)
@@ -343,18 +346,40 @@ class Runtime:
 
     # -- get / wait ----------------------------------------------------------------------
 
+    def _waiter(self, missing: Sequence[bytes]) -> "_Waiter":
+        """Counts down as READY messages for ``missing`` arrive (caller holds the lock).
+
+        A predicate that re-scanned every id after each batch of messages would make a get
+        of n refs cost O(n^2); the countdown costs O(1) per message.
+        """
+        waiter = _Waiter(len(missing))
+        for object_id in missing:
+            self._waiters.setdefault(object_id, []).append(waiter)
+        return waiter
+
+    def _forget_waiter(self, waiter: "_Waiter", missing: Sequence[bytes]) -> None:
+        for object_id in missing:
+            waiters = self._waiters.get(object_id)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[object_id]
+
     def get_values(self, refs: Sequence[ObjectRef], timeout: Optional[float]) -> list:
         ids = [ref.binary() for ref in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             missing = self._not_ready(ids)
             if missing:
-                locations = self._locations
-                if not self._wait_until(lambda: all(i in locations for i in missing), deadline):
-                    late = sum(1 for i in missing if i not in locations)
+                waiter = self._waiter(missing)
+                try:
+                    done = self._wait_until(lambda: waiter.remaining <= 0, deadline)
+                finally:
+                    self._forget_waiter(waiter, missing)
+                if not done:
                     raise exceptions.GetTimeoutError(
-                        f"get() timed out after {timeout} s: {late} of {len(ids)} objects "
-                        "were not ready"
+                        f"get() timed out after {timeout} s: {waiter.remaining} of {len(ids)} "
+                        "objects were not ready"
                     )
             locations = [self._locations.get(i, (_IN_ARENA, b"")) for i in ids]
         return [self.value_at(i, location) for i, location in zip(ids, locations)]
@@ -364,15 +389,17 @@ class Runtime:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             missing = self._not_ready(ids)
-            already = len(ids) - len(missing)
-            if already < num_returns:
-                locations = self._locations
-                self._wait_until(
-                    lambda: already + sum(1 for i in missing if i in locations) >= num_returns,
-                    deadline)
+            needed = num_returns - (len(ids) - len(missing))
+            if needed > 0:
+                waiter = self._waiter(missing)
+                enough = len(missing) - needed  # stop when this many are still missing
+                try:
+                    self._wait_until(lambda: waiter.remaining <= enough, deadline)
+                finally:
+                    self._forget_waiter(waiter, missing)
             ready, not_ready = [], []
             for ref, object_id in zip(refs, ids):
-                if len(ready) < num_returns and self._is_ready(object_id):
+                if len(ready) < num_returns and object_id in self._locations:
                     ready.append(ref)
                 else:
                     not_ready.append(ref)
@@ -529,6 +556,13 @@ class Runtime:
             self._futures.clear()
         self.store.close()
         self.conn.close()
+
+
+class _Waiter:
+    __slots__ = ("remaining",)
+
+    def __init__(self, remaining: int):
+        self.remaining = remaining
 
 
 def _unwrap(value, metadata: bytes):

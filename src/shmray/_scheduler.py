@@ -935,6 +935,9 @@ class Scheduler:
 
     def stop(self) -> None:
         """End every worker, reap them, remove the session folder."""
+        # The driver's death arrives twice (EOF and the parent-death SIGTERM); the second
+        # must not cut this cleanup short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         children = [c for c in self.clients.values() if c.kind != "driver"]
         for child in children:
             _kill_quietly(child.pid)

@@ -2,9 +2,11 @@
 
 Runs in: the driver (a user's terminal).
 
-Each section is one of the seed programs shmray was made from, run unchanged through
-``import shmray as ray``, with what it printed and how long it took; then the object store's
-zero-copy path on a 100 MiB array against a pickle round trip (what a copying pool pays).
+Each section is one of the seed programs shmray was made from (parallel tasks, the matrix
+DAG, linear and tree aggregation, Counter, MessageActor, async and threaded actors), run
+unchanged through ``import shmray as ray``, with what it printed and how long it took; then
+the object store's zero-copy path on a 100 MiB array against a pickle round trip (what a
+copying pool pays).
 """
 
 from __future__ import annotations
@@ -93,6 +95,93 @@ def aggregation() -> None:
     print(f"  result: {result}")
 
 
+def actors() -> None:
+    print("== actors: Counter, MessageActor, an async actor, a threaded actor ==")
+
+    @ray.remote
+    class Counter(object):
+        def __init__(self):
+            self.x = 0
+
+        def inc(self):
+            self.x += 1
+
+        def get_value(self):
+            return self.x
+
+    c = Counter.remote()
+    print(f"  Counter: {ray.get(c.get_value.remote())}", end="")
+    c.inc.remote()
+    c.inc.remote()
+    print(f" -> after two inc(): {ray.get(c.get_value.remote())}")
+
+    @ray.remote
+    class MessageActor(object):
+        def __init__(self):
+            self.messages = []
+
+        def add_message(self, message):
+            self.messages.append(message)
+
+        def get_and_clear_messages(self):
+            messages = self.messages
+            self.messages = []
+            return messages
+
+    @ray.remote
+    def worker(message_actor, j):
+        for i in range(3):
+            time.sleep(0.1)
+            message_actor.add_message.remote("Message {} from actor {}.".format(i, j))
+
+    message_actor = MessageActor.remote()
+    [worker.remote(message_actor, j) for j in range(3)]
+    for _ in range(4):
+        new_messages = ray.get(message_actor.get_and_clear_messages.remote())
+        print("  New messages:", new_messages)
+        time.sleep(0.1)
+
+    import asyncio
+
+    @ray.remote
+    class AsyncActor:
+        def __init__(self, expected_num_tasks: int):
+            self._event = asyncio.Event()
+            self._curr_num_tasks = 0
+            self._expected_num_tasks = expected_num_tasks
+
+        async def run_concurrent(self):
+            self._curr_num_tasks += 1
+            if self._curr_num_tasks == self._expected_num_tasks:
+                print("All coroutines are executing concurrently, unblocking.")
+                self._event.set()
+            else:
+                print("Waiting for other coroutines to start.")
+                await self._event.wait()
+            print("All coroutines ran concurrently.")
+
+    actor = AsyncActor.remote(4)
+    refs = [actor.run_concurrent.remote() for _ in range(4)]
+    ray.get(refs)
+    time.sleep(0.05)  # let the actor's lines reach the terminal before ours
+
+    @ray.remote
+    class ThreadedActor:
+        def task_1(self): print("I'm running in a thread!")
+        def task_2(self): print("I'm running in another thread!")
+
+    a = ThreadedActor.options(max_concurrency=2).remote()
+    ray.get([a.task_1.remote(), a.task_2.remote()])
+    time.sleep(0.05)
+
+    def calls():
+        for _ in range(1000):
+            ray.get(c.get_value.remote())
+
+    _, elapsed = _timed("1,000 synchronous actor calls", calls)
+    print(f"  -> {1000 / elapsed:,.0f} calls/s")
+
+
 def object_store() -> None:
     print("== the object store: a 100 MiB array through shared memory ==")
     array = np.random.default_rng(0).random(100 * MiB // 8)
@@ -127,6 +216,7 @@ def main() -> None:
         parallel_tasks()
         matrix_dag()
         aggregation()
+        actors()
         object_store()
     finally:
         ray.shutdown()
