@@ -1,0 +1,227 @@
+"""The scheduler's decisions, driven directly: no processes, a fake worker pool.
+
+The handlers are called as the loop would call them; what the scheduler decided shows in the
+messages it queued for each peer.  The store is real (a small arena), since freeing objects
+is part of what is decided.
+"""
+
+import pickle
+
+import pytest
+
+from shmray import _protocol as P, exceptions
+from shmray._connection import connection_pair
+from shmray._ids import new_task_id, object_id_for_put, object_id_for_return
+from shmray._object_store import ObjectStore
+from shmray._scheduler import Scheduler
+from shmray._serialization import META_ERROR, deserialize, serialize
+
+NO_SUCH_PID = 5_000_000  # above Linux's pid_max: signals to it can never hit a process
+
+
+class FakePool:
+    """Hands out connected socket pairs instead of forking workers."""
+
+    def __init__(self):
+        self.peers = []  # the worker-side ends, in spawn order
+        self.next_pid = NO_SUCH_PID
+
+    def spawn(self, scheduler):
+        ours, theirs = connection_pair("scheduler", "worker")
+        self.peers.append(theirs)
+        self.next_pid += 1
+        return ours, self.next_pid
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = ObjectStore(100 << 20)
+    driver_end, scheduler_end = connection_pair("driver", "scheduler")
+    pool = FakePool()
+    sched = Scheduler(scheduler_end, NO_SUCH_PID, store, str(tmp_path),
+                      {"num_cpus": 2, "resources": {"slot": 1}}, pool.spawn)
+    for _ in range(sched.min_workers):
+        sched.start_worker()
+    yield sched, sched.driver, pool
+    sched.selector.close()
+    store.check()
+    store.close()
+    driver_end.close()
+    for peer in pool.peers:
+        peer.close()
+
+
+def spec(fn_id=b"f" * 16, arg_ids=(), contained=(), num_returns=1, resources=None,
+         max_retries=3, args=((), {})):
+    return (new_task_id(), fn_id, "f", serialize(args).to_bytes(), list(arg_ids),
+            list(contained), num_returns, resources or {"CPU": 1.0}, max_retries, False)
+
+
+def sent(client, opcode):
+    return [m for m in client.conn.pending if m[0] == opcode]
+
+
+def executes(sched):
+    return [(w, m) for w in sched.workers() for m in sent(w, P.EXECUTE)]
+
+
+def take(client):
+    messages, client.conn.pending = client.conn.pending, []
+    return messages
+
+
+def finish(sched, worker, task_id, value=1, metadata=b""):
+    data = serialize(value, metadata).to_bytes()
+    sched.on_task_done(worker, task_id, [(object_id_for_return(task_id, 0), data, metadata, [])],
+                       False)
+
+
+def test_ready_task_goes_to_an_idle_worker_and_result_to_its_owner(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    s = spec()
+    sched.on_submit(driver, s)
+    sched.dispatch()
+    ((worker, message),) = executes(sched)
+    assert message[1] == s[0] and message[3] == b"code"  # the code travels with the first task
+    assert sched.available["CPU"] == 1.0
+    take(worker)
+    finish(sched, worker, s[0], value=42)
+    (ready,) = sent(driver, P.READY)
+    assert deserialize(memoryview(ready[2])) == 42
+    assert sched.available["CPU"] == 2.0 and worker in sched.idle
+
+
+def test_code_is_sent_once_per_worker(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    for _ in range(3):
+        s = spec()
+        sched.on_submit(driver, s)
+        sched.dispatch()
+        ((worker, message),) = [(w, m) for w, m in executes(sched)]
+        take(worker)
+        finish(sched, worker, s[0])
+    assert all(w.functions == {b"f" * 16} for w in sched.workers())
+
+
+def test_dependencies_wait_and_failures_propagate(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    first = spec()
+    sched.on_submit(driver, first)
+    first_ref = object_id_for_return(first[0], 0)
+    second = spec(arg_ids=[first_ref])
+    third = spec(arg_ids=[object_id_for_return(second[0], 0)])
+    sched.on_submit(driver, second)
+    sched.on_submit(driver, third)
+    sched.dispatch()
+    ((worker, _),) = executes(sched)  # only the first can run
+    take(worker)
+    error = exceptions.RayTaskError("f", "tb", ValueError("root"))
+    finish(sched, worker, first[0], value=error, metadata=META_ERROR)
+    sched.dispatch()
+    assert executes(sched) == []  # neither dependent ran...
+    ready = {m[1]: m for m in sent(driver, P.READY)}
+    for task in (second, third):  # ...both failed with the root error
+        message = ready[object_id_for_return(task[0], 0)]
+        assert message[3] == META_ERROR
+        assert deserialize(memoryview(message[2])).cause.args == ("root",)
+
+
+def test_objects_are_freed_when_the_last_holder_lets_go(setup):
+    sched, driver, _ = setup
+    inner = object_id_for_put()
+    outer = object_id_for_put()
+    sched.on_put(driver, inner, b"inner", b"", [])
+    sched.on_put(driver, outer, b"outer", b"", [inner])  # outer contains a ref to inner
+    sched.on_release(driver, [inner])
+    assert inner in sched.objects  # still held by outer
+    sched.on_release(driver, [outer])
+    assert sched.objects == {}
+
+
+def test_arena_objects_are_deleted_from_the_store(setup):
+    sched, driver, _ = setup
+    object_id = object_id_for_put()
+    sched.store.write_serialized(object_id, serialize(b"x" * 200_000))
+    sched.on_put(driver, object_id, None, b"", [])
+    sched.on_release(driver, [object_id])
+    assert sched.store.contains(object_id) is None
+
+
+def test_resources_limit_what_runs(setup):
+    sched, driver, pool = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    tasks = [spec(resources={"CPU": 1.0, "slot": 1.0}) for _ in range(3)]
+    for t in tasks:
+        sched.on_submit(driver, t)
+    sched.dispatch()
+    assert len(executes(sched)) == 1  # one slot
+    infeasible = spec(resources={"CPU": 3.0})
+    sched.on_submit(driver, infeasible)
+    (ready,) = [m for m in sent(driver, P.READY)
+                if m[1] == object_id_for_return(infeasible[0], 0)]
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskUnschedulableError)
+
+
+def test_a_blocked_worker_lends_its_cpu(setup):
+    sched, driver, pool = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    for _ in range(3):
+        sched.on_submit(driver, spec())
+    sched.dispatch()
+    running = [w for w, _ in executes(sched)]
+    assert len(running) == 2 and sched.available["CPU"] == 0
+    sched.on_blocked(running[0])
+    sched.dispatch()
+    assert len(executes(sched)) == 3  # a third worker was forked for the third task
+    assert len(pool.peers) == 3
+    sched.on_unblocked(running[0])
+    assert sched.available["CPU"] == -1.0  # oversubscribed until a task ends
+
+
+def test_a_crashed_worker_is_replaced_and_its_task_retried(setup):
+    sched, driver, pool = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    s = spec(max_retries=1)
+    sched.on_submit(driver, s)
+    sched.dispatch()
+    ((worker, _),) = executes(sched)
+    take(worker)
+    sched.on_disconnect(worker)
+    assert len(sched.workers()) == 2  # refilled
+    sched.dispatch()
+    ((retry_worker, message),) = executes(sched)
+    assert message[1] == s[0] and retry_worker is not worker
+    take(retry_worker)
+    sched.on_disconnect(retry_worker)  # no retries left now
+    (ready,) = sent(driver, P.READY)
+    error = deserialize(memoryview(ready[2]))
+    assert isinstance(error, exceptions.WorkerCrashedError) and "f()" in str(error)
+
+
+def test_cancel_of_a_queued_task(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    blockers = [spec(), spec()]
+    queued = spec()
+    for t in blockers + [queued]:
+        sched.on_submit(driver, t)
+    sched.dispatch()
+    sched.on_cancel(driver, queued[0], False, True)
+    (ready,) = sent(driver, P.READY)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskCancelledError)
+    for worker, _ in executes(sched):
+        take(worker)
+    sched.dispatch()
+    assert executes(sched) == []  # the cancelled task never runs
+
+
+def test_unknown_argument_fails_the_task_without_crashing(setup):
+    sched, driver, _ = setup
+    s = spec(arg_ids=[object_id_for_put()])
+    sched.on_submit(driver, s)
+    (ready,) = sent(driver, P.READY)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.ObjectLostError)
+    assert pickle.loads(pickle.dumps(sched.available))  # still consistent
