@@ -2,9 +2,12 @@
 
 Run: python -m pytest bench/bench_actors.py --benchmark-enable --benchmark-only
 
-The multiprocessing counterpart is a child Process that loops on ``conn.recv()`` of a
-``(method, args)`` request, runs the method on its object and ``conn.send``s the result back
-over a duplex ``multiprocessing.Pipe``.
+The multiprocessing counterpart is a child Process that loops on ``recv()`` of a
+``(method, args)`` request, runs the method on its object and ``send``s the result back.  It
+uses two one-way ``multiprocessing.Pipe(duplex=False)`` (os.pipe) rather than one duplex Pipe
+(a socketpair): a Unix socket charges each small message ~1 KiB of buffer, so 2,000 pipelined
+replies fill it, the server blocks in send, stops reading, and the driver's 2,000 sends
+deadlock.  A pipe packs the ~15-byte replies into 64 KiB and cannot.
 
 Groups (compare within a group):
 - actor-sync-call: ``ray.get(counter.inc.remote())`` against one request/response on the Pipe.
@@ -45,15 +48,21 @@ class AsyncCounter:
         return self.n
 
 
-def _serve(conn, cls):
+class _PipeClient:
+    def __init__(self, requests, replies):
+        self.send = requests.send
+        self.recv = replies.recv
+
+
+def _serve(requests, replies, cls):
     obj = cls()
     while True:
-        request = conn.recv()
+        request = requests.recv()
         if request is None:
             break
         method, args = request
-        conn.send(getattr(obj, method)(*args))
-    conn.close()
+        replies.send(getattr(obj, method)(*args))
+    replies.close()
 
 
 def _rate(benchmark, calls):
@@ -84,22 +93,29 @@ def async_counter(ray):
 
 @pytest.fixture(scope="module")
 def pipe_server():
-    parent, child = multiprocessing.Pipe()
-    process = multiprocessing.Process(target=_serve, args=(child, Counter), daemon=True)
+    request_r, request_w = multiprocessing.Pipe(duplex=False)
+    reply_r, reply_w = multiprocessing.Pipe(duplex=False)
+    process = multiprocessing.Process(target=_serve, args=(request_r, reply_w, Counter),
+                                      daemon=True)
     process.start()
-    child.close()
-    parent.send(("inc", ()))
-    assert parent.recv() == 1
-    yield parent
+    request_r.close()
+    reply_w.close()
+    client = _PipeClient(request_w, reply_r)
+    client.send(("inc", ()))
+    assert client.recv() == 1
+    yield client
+    while reply_r.poll(0):  # a test that failed half-way may have left replies unread
+        reply_r.recv()
     try:
-        parent.send(None)
+        request_w.send(None)
     except OSError:
         pass
     process.join(timeout=5)
     if process.is_alive():
         process.terminate()
         process.join()
-    parent.close()
+    request_w.close()
+    reply_r.close()
 
 
 def _pipe_call(conn):
@@ -137,8 +153,8 @@ def test_pipelined_shmray(benchmark, ray, counter):
 
 def test_pipelined_mp_pipe(benchmark, pipe_server):
     benchmark.group = f"actor-pipelined-{N_PIPELINED}"
-    # The replies (~20 bytes each) fit in the socket buffer, so sending all before reading
-    # cannot deadlock.
+    # The 2,000 replies (~15 bytes each) fit in the reply pipe, so sending all before reading
+    # cannot deadlock (see the module docstring).
 
     def run():
         for _ in range(N_PIPELINED):

@@ -19,15 +19,6 @@ from conftest import wait_for
 DEADLOCK = 60  # seconds: only a deadlock takes this long
 
 
-@pytest.fixture
-def ray():
-    shmray.init(num_cpus=2, object_store_memory=150 << 20)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
-
-
 def actor_pids():
     return {int(p) for p in os.listdir("/proc") if p.isdigit() and _is_actor(p)}
 

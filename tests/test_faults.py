@@ -22,15 +22,6 @@ from conftest import arena_mappings, dev_shm_files, session_dirs, wait_for
 DEADLOCK = 60
 
 
-@pytest.fixture
-def ray():
-    shmray.init(num_cpus=2, object_store_memory=150 << 20)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
-
-
 def worker_pids():
     return shmray._api._runtime_now.query("workers")
 

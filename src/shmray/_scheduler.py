@@ -422,6 +422,25 @@ class Scheduler:
             client.task.children.append(task)
 
     def on_submit(self, client: Client, spec: tuple) -> None:
+        task = self._admit(spec, client)
+        if task.finished:
+            return
+        infeasible = [name for name, amount in task.resources.items()
+                      if amount > self.total.get(name, 0.0)]
+        if infeasible:
+            self._fail(task, *self._serialized(exceptions.TaskUnschedulableError(
+                f"task {task.name}() asks for {task.resources}, more than this machine has "
+                f"({ {k: self.total.get(k, 0.0) for k in infeasible} }); pass smaller "
+                "num_cpus/num_gpus/resources, or give shmray.init() more"
+            )))
+            return
+        self._count_dependencies(task)
+        if task.waiting_on == 0 and not task.finished:
+            self._task_ready(task)
+
+    def _admit(self, spec: tuple, client: Client) -> Task:
+        """Record a submitted task or actor call: its results (held by and announced to the
+        submitter) and the refs it holds while pending.  An unknown argument fails it."""
         task = Task(spec, client)
         self._register(task, client)
         for object_id in task.return_ids:
@@ -435,28 +454,18 @@ class Scheduler:
             self.objects[object_id].arg_holds += 1
         if unknown:
             self._fail(task, *self._lost(unknown[0]))
-            return
-        infeasible = [name for name, amount in task.resources.items()
-                      if amount > self.total.get(name, 0.0)]
-        if infeasible:
-            error = exceptions.TaskUnschedulableError(
-                f"task {task.name}() asks for {task.resources}, more than this machine has "
-                f"({ {k: self.total.get(k, 0.0) for k in infeasible} }); pass smaller "
-                "num_cpus/num_gpus/resources, or give shmray.init() more"
-            )
-            self._fail(task, serialize(error, META_ERROR).to_bytes(), META_ERROR)
-            return
-        for object_id in spec[P.SPEC_ARG_IDS]:
+        return task
+
+    def _count_dependencies(self, task: Task) -> None:
+        """Wait for the arguments not ready yet; fail at once with a failed one's error."""
+        for object_id in task.spec[P.SPEC_ARG_IDS]:
             entry = self.objects[object_id]
-            if entry.ready:
-                if entry.failed:
-                    self._fail(task, entry.data, entry.metadata)
-                    return
-            else:
+            if not entry.ready:
                 task.waiting_on += 1
                 entry.dependents.append(task)
-        if task.waiting_on == 0:
-            self._task_ready(task)
+            elif entry.failed:
+                self._fail(task, entry.data, entry.metadata)
+                return
 
     def _task_ready(self, task: Task) -> None:
         if task.actor is not None:
@@ -753,19 +762,10 @@ class Scheduler:
                     client.actor, "it exited intentionally (exit_actor() or __ray_terminate__)")
 
     def on_actor_call(self, client: Client, actor_id, spec: tuple) -> None:
-        task = Task(spec, client)
-        self._register(task, client)
-        actor = self.actors.get(actor_id)
-        task.actor = actor
-        for object_id in task.return_ids:
-            entry = self._entry(object_id)
-            entry.holders.add(client)
-            entry.subscribers.append(client)
-            client.holds.add(object_id)
-        unknown = [i for i in task.held_ids if i not in self.objects]
-        task.held_ids = [i for i in task.held_ids if i in self.objects]
-        for object_id in task.held_ids:
-            self.objects[object_id].arg_holds += 1
+        task = self._admit(spec, client)
+        actor = task.actor = self.actors.get(actor_id)
+        if task.finished:
+            return
         if actor is None:
             self._fail(task, *self._serialized(exceptions.ActorDiedError(
                 f"no actor with id {actor_id.hex()} exists in this session")))
@@ -773,17 +773,9 @@ class Scheduler:
         if actor.state == "dead":
             self._fail(task, *actor.death)
             return
-        if unknown:
-            self._fail(task, *self._lost(unknown[0]))
+        self._count_dependencies(task)
+        if task.finished:
             return
-        for object_id in spec[P.SPEC_ARG_IDS]:
-            entry = self.objects[object_id]
-            if not entry.ready:
-                task.waiting_on += 1
-                entry.dependents.append(task)
-            elif entry.failed:
-                self._fail(task, entry.data, entry.metadata)
-                return
         queue = actor.queues.get(client)
         if queue is None:
             queue = actor.queues[client] = collections.deque()

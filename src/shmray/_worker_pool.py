@@ -17,35 +17,28 @@ from ._process import fork_child
 
 def spawn_worker(scheduler):
     """Fork one worker; returns (the scheduler's end of its connection, its pid)."""
-    scheduler_end, worker_end = connection_pair("scheduler", "worker")
+    from ._worker import worker_main
 
-    def main():
-        for client in list(scheduler.clients.values()):
-            client.conn.close()
-        scheduler.selector.close()
-        scheduler_end.close()
-        from ._worker import worker_main
-
-        worker_main(worker_end, scheduler.store, scheduler.session_dir, scheduler.options)
-
-    pid = fork_child("shmray::worker", main)
-    worker_end.close()
-    return scheduler_end, pid
+    return _spawn(scheduler, "shmray::worker", worker_main)
 
 
 def spawn_actor(scheduler, class_name: str):
     """Fork one actor process (named shmray::ClassName); returns (connection, pid)."""
-    scheduler_end, actor_end = connection_pair("scheduler", class_name)
+    from ._actor_process import actor_main
+
+    return _spawn(scheduler, f"shmray::{class_name}", actor_main)
+
+
+def _spawn(scheduler, name: str, child_main):
+    scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():
         for client in list(scheduler.clients.values()):
             client.conn.close()
         scheduler.selector.close()
         scheduler_end.close()
-        from ._actor_process import actor_main
+        child_main(child_end, scheduler.store, scheduler.session_dir, scheduler.options)
 
-        actor_main(actor_end, scheduler.store, scheduler.session_dir, scheduler.options)
-
-    pid = fork_child(f"shmray::{class_name}", main)
-    actor_end.close()
+    pid = fork_child(name, main)
+    child_end.close()
     return scheduler_end, pid
