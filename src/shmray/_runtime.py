@@ -212,7 +212,8 @@ class Runtime:
             self.conn.send((P.PUT, object_id, data, serialized.metadata,
                             serialized.contained_refs))
             ref = self.add_owned_ref(object_id)
-        self.flush()
+        # No hurry: whatever uses the object reaches the scheduler after this message.
+        self.flush_soon()
         return ref
 
     def store_object(self, object_id: bytes, serialized, force_inline: bool = False):
