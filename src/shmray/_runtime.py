@@ -126,7 +126,8 @@ class Runtime:
             self._flusher = threading.Thread(target=self._flush_later, name="shmray-flusher",
                                              daemon=True)
             self._flusher.start()
-        self._flush_wanted.set()
+        if not self._flush_wanted.is_set():  # set() takes a lock and notifies: ~1 us
+            self._flush_wanted.set()
 
     def _flush_later(self) -> None:
         wanted = self._flush_wanted

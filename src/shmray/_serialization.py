@@ -34,6 +34,7 @@ import numpy as np
 
 ALIGN = 64
 FORMAT_MAGIC = 0x53485231  # "SHR1"
+ARRAY_MAGIC = 0x53485241   # "SHRA": a plain numpy array, see _layout_array
 _head = struct.Struct("<IIQ")
 _span = struct.Struct("<QQ")
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -112,6 +113,8 @@ class SerializedObject:
 
 def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
     """Pickle ``value``; raise TypeError naming the value's type if it can't be pickled."""
+    if type(value) is np.ndarray and _plain_array(value):
+        return _layout_array(value, metadata)
     raw_buffers: List[pickle.PickleBuffer] = []
     previous, _context.contained = _context.contained, []
     try:
@@ -155,6 +158,8 @@ def deserialize(data: memoryview):
     which is what keeps shared objects immutable.
     """
     magic, count, stream_len = _head.unpack_from(data, 0)
+    if magic == ARRAY_MAGIC:
+        return _rebuild_array(data)
     if magic != FORMAT_MAGIC:
         raise ValueError("not a shmray object (bad format magic); the store may be corrupt")
     buffers = []
@@ -164,3 +169,49 @@ def deserialize(data: memoryview):
         buffers.append(data[offset : offset + length])
         position += _span.size
     return pickle.loads(data[position : position + stream_len], buffers=buffers)
+
+
+# -- numpy arrays without pickle ---------------------------------------------------------
+#
+# A plain array (contiguous, a built-in dtype without fields) is the most common value by
+# far, and numpy's own pickling costs 3.8 us to write and 3.3 us to rebuild a 1 KiB one here.
+# Its own layout is a header and the raw bytes, rebuilt with frombuffer + reshape (zero-copy,
+# read-only over the arena):
+#
+#     u32 ARRAY_MAGIC, u32 ndim, u64 data offset, u32 fortran, u32 len(dtype str)
+#     ndim x u64 shape, the dtype string (e.g. b"<f8", b"<M8[ns]"), then at the 64-byte
+#     aligned data offset, the bytes in memory order
+
+_ARRAY_KINDS = frozenset("biufcmMSU")
+_array_head = struct.Struct("<IIQII")
+_dtypes: dict = {}  # dtype string -> np.dtype: parsing one costs more than the rest of a get
+
+
+def _plain_array(value: np.ndarray) -> bool:
+    dtype = value.dtype
+    return (dtype.kind in _ARRAY_KINDS and dtype.fields is None and dtype.subdtype is None
+            and (value.flags.c_contiguous or value.flags.f_contiguous))
+
+
+def _layout_array(value: np.ndarray, metadata: bytes) -> SerializedObject:
+    dtype = value.dtype.str.encode()
+    fortran = int(value.ndim > 1 and not value.flags.c_contiguous)
+    shape = struct.pack(f"<{value.ndim}Q", *value.shape)
+    start = _align(_array_head.size + len(shape) + len(dtype))
+    # a byte view: datetime arrays, for one, can't export a buffer of their own dtype
+    raw = memoryview(value.ravel(order="K").view(np.uint8)) if value.size else memoryview(b"")
+    header = _array_head.pack(ARRAY_MAGIC, value.ndim, start, fortran, len(dtype)) + shape + dtype
+    return SerializedObject(header, [(start, raw)], start + raw.nbytes, metadata, ())
+
+
+def _rebuild_array(data: memoryview) -> np.ndarray:
+    _, ndim, start, fortran, dtype_len = _array_head.unpack_from(data, 0)
+    shape = struct.unpack_from(f"<{ndim}Q", data, _array_head.size)
+    position = _array_head.size + 8 * ndim
+    code = bytes(data[position : position + dtype_len])
+    dtype = _dtypes.get(code)
+    if dtype is None:
+        dtype = _dtypes[code] = np.dtype(code.decode())
+    flat = np.frombuffer(data[start:], dtype=dtype) if dtype.itemsize else \
+        np.empty(0, dtype=dtype)
+    return flat.reshape(shape, order="F" if fortran else "C")
