@@ -201,6 +201,14 @@ def test_use_after_shutdown_is_a_clear_error():
         store.statistics()
     with pytest.raises(exceptions.RaySystemError, match="shut down"):
         ref.future()
+    try:
+        shmray.init(object_store_memory=100 * MiB)
+        with pytest.raises(exceptions.RaySystemError, match="shut down"):
+            shmray.get(ref)
+        with pytest.raises(exceptions.RaySystemError, match="shut down"):
+            shmray.wait([ref])
+    finally:
+        shmray.shutdown()
     del ref
 
 

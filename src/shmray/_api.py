@@ -248,9 +248,10 @@ def get(object_refs, *, timeout: Optional[float] = None):
     """The value of one ObjectRef, or the values of a list of them, in order."""
     runtime = _current()
     if isinstance(object_refs, ObjectRef):
+        _check_session(object_refs, runtime)
         return runtime.get_values([object_refs], _check_timeout(timeout))[0]
     if isinstance(object_refs, (list, tuple)):
-        _check_refs(object_refs, "get")
+        _check_refs(object_refs, "get", runtime)
         return runtime.get_values(list(object_refs), _check_timeout(timeout))
     raise TypeError(
         f"get() takes an ObjectRef or a list of ObjectRefs, got {type(object_refs).__name__}"
@@ -264,10 +265,11 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
         raise TypeError(
             f"wait() takes a list of ObjectRefs, got {type(object_refs).__name__}"
         )
-    _check_refs(object_refs, "wait")
+    runtime = _current()
+    _check_refs(object_refs, "wait", runtime)
     if len(set(object_refs)) != len(object_refs):
         raise ValueError("wait() got the same ObjectRef more than once")
-    if not isinstance(num_returns, int) or num_returns < 1 and object_refs:
+    if not isinstance(num_returns, int) or (num_returns < 1 and object_refs):
         raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
     if num_returns > len(object_refs):
         raise ValueError(
@@ -275,7 +277,7 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
         )
     if not object_refs:
         return [], []
-    return _current().wait(list(object_refs), num_returns, _check_timeout(timeout))
+    return runtime.wait(list(object_refs), num_returns, _check_timeout(timeout))
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
@@ -301,12 +303,23 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     runtime.flush()
 
 
-def _check_refs(refs, what: str) -> None:
+def _check_refs(refs, what: str, runtime) -> None:
     for i, ref in enumerate(refs):
         if not isinstance(ref, ObjectRef):
             raise TypeError(
                 f"{what}() takes ObjectRefs; item {i} of the list is a {type(ref).__name__}"
             )
+        _check_session(ref, runtime)
+
+
+def _check_session(ref: ObjectRef, runtime) -> None:
+    if ref._tracker is not runtime:
+        from .exceptions import RaySystemError
+
+        raise RaySystemError(
+            f"{ref!r} belongs to a shmray session that has been shut down; its object is "
+            "gone. Refs can't outlive shmray.shutdown()."
+        )
 
 
 def _check_timeout(timeout):
