@@ -400,14 +400,17 @@ def _soak(seconds):
         for _ in range(20):  # warm up: pools, caches, allocator
             one_round()
         runtime._settle()
+        workers = [psutil.Process(pid) for pid in runtime.query("workers")]
         base_store = runtime.store.statistics().bytes_in_use
-        base_rss = scheduler.memory_info().rss
+        base_rss = [p.memory_info().rss for p in [scheduler] + workers]
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             one_round()
         runtime._settle()
         assert runtime.store.statistics().bytes_in_use == base_store
-        assert scheduler.memory_info().rss < base_rss + (8 << 20)
+        for process, before in zip([scheduler] + workers, base_rss):
+            grown = process.memory_info().rss - before
+            assert grown < (8 << 20), f"{process.cmdline()} grew by {grown >> 10} KiB"
     finally:
         shmray.shutdown()
 
