@@ -26,7 +26,7 @@ class FakePool:
         self.peers = []  # the worker-side ends, in spawn order
         self.next_pid = NO_SUCH_PID
 
-    def spawn(self, scheduler):
+    def spawn(self, scheduler, cancel_slot):
         ours, theirs = connection_pair("scheduler", "worker")
         self.peers.append(theirs)
         self.next_pid += 1
@@ -227,3 +227,65 @@ def test_unknown_argument_fails_the_task_without_crashing(setup):
     (ready,) = sent(driver, P.READY)
     assert isinstance(deserialize(memoryview(ready[2])), exceptions.ObjectLostError)
     assert pickle.loads(pickle.dumps(sched.available))  # still consistent
+
+
+def _run_to_completion(sched, driver, fn_id, seconds):
+    """Make the scheduler learn that fn_id takes ``seconds``."""
+    s = spec(fn_id=fn_id)
+    sched.on_submit(driver, s)
+    sched.dispatch()
+    ((worker, _),) = executes(sched)
+    take(worker)
+    worker.task.started_at -= seconds
+    finish(sched, worker, s[0])
+
+
+def test_short_tasks_are_sent_ahead_to_busy_workers(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    _run_to_completion(sched, driver, b"f" * 16, 0.001)
+    tasks = [spec() for _ in range(5)]
+    for t in tasks:
+        sched.on_submit(driver, t)
+    sched.dispatch()
+    assert len(executes(sched)) == 4  # two running, one sent ahead to each worker
+    assert sorted(len(w.queued) for w in sched.workers()) == [1, 1]
+    assert sched.available["CPU"] == 0  # tasks sent ahead hold nothing yet
+    worker = sched.workers()[0]
+    head, ahead = worker.task, worker.queued[0]
+    take(worker)
+    finish(sched, worker, head.task_id)
+    assert worker.task is ahead and sched.available["CPU"] == 0  # it took over the CPU
+
+
+def test_long_tasks_are_not_sent_ahead(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    _run_to_completion(sched, driver, b"f" * 16, 1.0)
+    for _ in range(4):
+        sched.on_submit(driver, spec())
+    sched.dispatch()
+    assert len(executes(sched)) == 2  # only the two that run
+
+
+def test_a_task_sent_ahead_can_be_cancelled_or_rerun(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    _run_to_completion(sched, driver, b"f" * 16, 0.001)
+    tasks = [spec(max_retries=0) for _ in range(4)]
+    for t in tasks:
+        sched.on_submit(driver, t)
+    sched.dispatch()
+    first, second = sched.workers()
+    cancelled, rerun = first.queued[0], second.queued[0]
+    take(driver)
+    sched.on_cancel(driver, cancelled.task_id, False, True)
+    assert sent(first, P.CANCEL_CALL)[0][1] == cancelled.task_id  # the worker will skip it
+    (ready,) = sent(driver, P.READY)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskCancelledError)
+    for w in (first, second):
+        take(w)
+    sched.on_disconnect(second)  # its running task fails (no retries); the one ahead reruns
+    sched.dispatch()
+    assert any(m[1] == rerun.task_id for _, m in executes(sched))
+    assert not rerun.finished and rerun.retries_left == 0

@@ -36,7 +36,7 @@ from ._actor import _ActorExit
 from ._connection import ConnectionClosed
 from ._ids import object_id_for_return
 from ._serialization import META_ERROR, serialize
-from ._worker import Worker, current_task, sys_flush, task_error
+from ._worker import Worker, _cancelled_results, current_task, sys_flush, task_error
 
 
 class ActorProcess(Worker):
@@ -72,16 +72,12 @@ class ActorProcess(Worker):
         for message in self.queue:
             if message[1] == task_id:
                 self.queue.remove(message)
-                self._done(task_id, self._cancelled_results(task_id, message[6]), False)
+                self._done(task_id, _cancelled_results(task_id, message[6]), False)
                 return
         running = self.running_calls.get(task_id)
         if running is not None:
             running.cancel()
 
-    def _cancelled_results(self, task_id: bytes, num_returns: int):
-        data = serialize(exceptions.TaskCancelledError(task_id.hex()), META_ERROR).to_bytes()
-        return [(object_id_for_return(task_id, i), data, META_ERROR, [])
-                for i in range(max(num_returns, 1))]
 
     # -- construction ------------------------------------------------------------------
 
@@ -147,7 +143,7 @@ class ActorProcess(Worker):
             self.exit_requested = True
             return self._results(task_id, None, num_returns, name), False
         except asyncio.CancelledError:
-            return self._cancelled_results(task_id, num_returns), False
+            return _cancelled_results(task_id, num_returns), False
         except BaseException as exc:
             return self._error_results(task_id, exc, num_returns, name), False
         finally:
@@ -249,7 +245,7 @@ class ActorProcess(Worker):
                 async with slots:
                     results, retryable = await self.call_async(message)
             except asyncio.CancelledError:  # cancelled while waiting for a slot
-                results, retryable = self._cancelled_results(message[1], message[6]), False
+                results, retryable = _cancelled_results(message[1], message[6]), False
             try:
                 self._done(message[1], results, retryable)
             except exceptions.RaySystemError:

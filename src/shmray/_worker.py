@@ -42,8 +42,10 @@ current_task = TaskContext()
 
 
 class Worker:
-    def __init__(self, runtime: _runtime.Runtime):
+    def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
+        self.cancel_slot = cancel_slot  # the scheduler names the task a SIGINT is for here
+        self.skip: set = set()          # ids of tasks sent ahead, then cancelled
         self.functions: dict = {}
         self.queue: collections.deque = collections.deque()
         self.exiting = False
@@ -57,6 +59,9 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame) -> None:
+        slot = self.cancel_slot
+        if slot is not None and slot[:24] != current_task.task_id:
+            return  # meant for a task this worker has finished already
         if self.in_user_code:
             self.cancelled = True
             raise KeyboardInterrupt("task cancelled")
@@ -64,6 +69,8 @@ class Worker:
     def on_message(self, message: tuple) -> None:
         if message[0] == P.EXECUTE:
             self.queue.append(message)
+        elif message[0] == P.CANCEL_CALL:
+            self.skip.add(message[1])
         elif message[0] == P.EXIT:
             self.exiting = True
 
@@ -81,8 +88,13 @@ class Worker:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
                     return
+                runtime.poll()  # a cancel may have arrived for the task sent ahead
                 message = self.queue.popleft()
-            results, retryable = self.execute(*message[1:])
+            if message[1] in self.skip:
+                self.skip.discard(message[1])
+                results, retryable = _cancelled_results(message[1], message[7]), False
+            else:
+                results, retryable = self.execute(*message[1:])
             runtime.send((P.TASK_DONE, message[1], results, retryable))
             try:
                 runtime.flush()
@@ -140,6 +152,12 @@ class Worker:
         return (object_id, data, serialized.metadata, serialized.contained_refs)
 
 
+def _cancelled_results(task_id: bytes, num_returns: int):
+    data = serialize(exceptions.TaskCancelledError(task_id.hex()), META_ERROR).to_bytes()
+    return [(object_id_for_return(task_id, i), data, META_ERROR, [])
+            for i in range(max(num_returns, 1))]
+
+
 def _split_returns(outcome, num_returns: int, name: str):
     if num_returns == 1:
         return [outcome]
@@ -193,12 +211,12 @@ def sys_flush() -> None:
             pass
 
 
-def worker_main(conn, store, session_dir: str, options: dict) -> None:
+def worker_main(conn, store, session_dir: str, options: dict, cancel_slot=None) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _runtime.install(runtime)
     try:
-        Worker(runtime).run()
+        Worker(runtime, cancel_slot).run()
     except ConnectionClosed:
         pass

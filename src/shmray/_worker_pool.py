@@ -15,11 +15,11 @@ from ._connection import connection_pair
 from ._process import fork_child
 
 
-def spawn_worker(scheduler):
+def spawn_worker(scheduler, cancel_slot):
     """Fork one worker; returns (the scheduler's end of its connection, its pid)."""
     from ._worker import worker_main
 
-    return _spawn(scheduler, "shmray::worker", worker_main)
+    return _spawn(scheduler, "shmray::worker", worker_main, cancel_slot)
 
 
 def spawn_actor(scheduler, class_name: str):
@@ -29,7 +29,7 @@ def spawn_actor(scheduler, class_name: str):
     return _spawn(scheduler, f"shmray::{class_name}", actor_main)
 
 
-def _spawn(scheduler, name: str, child_main):
+def _spawn(scheduler, name: str, child_main, *extra):
     scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():
@@ -37,7 +37,7 @@ def _spawn(scheduler, name: str, child_main):
             client.conn.close()
         scheduler.selector.close()
         scheduler_end.close()
-        child_main(child_end, scheduler.store, scheduler.session_dir, scheduler.options)
+        child_main(child_end, scheduler.store, scheduler.session_dir, scheduler.options, *extra)
 
     pid = fork_child(name, main)
     child_end.close()
