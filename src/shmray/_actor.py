@@ -103,7 +103,7 @@ class ActorClass:
 
     def __reduce__(self):
         user = {k: v for k, v in self._options.items() if _options.ACTOR_DEFAULTS.get(k) != v}
-        return ActorClass, (self._cls, user)
+        return _rebuild_class, (self._cls, user, self._class_id)
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
         return self._create(args, kwargs, self._options)
@@ -159,6 +159,12 @@ class ActorClass:
         ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
         del temporaries
         return ActorHandle(ref, actor_options)
+
+
+def _rebuild_class(cls, options, class_id) -> ActorClass:
+    actor_class = ActorClass(cls, options)
+    actor_class._class_id = class_id
+    return actor_class
 
 
 class ActorHandle:

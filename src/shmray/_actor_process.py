@@ -54,6 +54,7 @@ class ActorProcess(Worker):
         self.instance = None
         self.exit_requested = False
         self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
+        self.wake = None               # async actors: schedules the queued calls on the loop
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
@@ -61,6 +62,8 @@ class ActorProcess(Worker):
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
             self.queue.append(message)
+            if self.wake is not None:  # async: a call read by a get inside a coroutine
+                self.wake()
         elif message[0] == P.CANCEL_CALL:
             self._cancel(message[1])
         elif message[0] == P.EXIT:
@@ -150,11 +153,7 @@ class ActorProcess(Worker):
             sys_flush()
 
     def _results(self, task_id, outcome, num_returns, name):
-        from ._worker import _split_returns
-
-        returns = _split_returns(outcome, num_returns, name)
-        return [self._store_return(object_id_for_return(task_id, i), value)
-                for i, value in enumerate(returns)]
+        return self._store_returns(task_id, outcome, num_returns, name)
 
     def _error_results(self, task_id, exc, num_returns, name):
         data = serialize(task_error(name, exc), META_ERROR).to_bytes()
@@ -278,6 +277,7 @@ class ActorProcess(Worker):
             if self.exiting:
                 finished.set()
 
+        self.wake = lambda: loop.call_soon(start_queued)
         runtime.conn.sock.setblocking(False)
         loop.add_reader(runtime.conn.fd, on_readable)
         start_queued()

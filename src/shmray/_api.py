@@ -108,6 +108,13 @@ def init(**kwargs: Any):
     """Start shmray on this machine.  Keywords as ``ray.init``; returns a context dict."""
     global _runtime_now, _scheduler_pid, _job_counter
     options = _check_init_options(kwargs)
+    if _process.in_child:  # inside a task or actor: the session is already there
+        if kwargs.get("ignore_reinit_error"):
+            return {}
+        raise RuntimeError(
+            "shmray.init() called inside a task or actor: shmray is already running there. "
+            "Check shmray.is_initialized() first, or pass ignore_reinit_error=True"
+        )
     with _lock:
         if _runtime_now is not None:
             if kwargs.get("ignore_reinit_error"):
@@ -152,7 +159,10 @@ def _context(runtime: _runtime.Runtime) -> dict:
 
 
 def is_initialized() -> bool:
-    return _runtime_now is not None
+    """True in a driver after init(), and always inside tasks and actors."""
+    from . import _object_ref
+
+    return _runtime_now is not None or _object_ref._default_tracker is not None
 
 
 def shutdown() -> None:

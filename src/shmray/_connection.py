@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import struct
 from typing import List, Optional
@@ -56,15 +57,22 @@ class Connection:
             self.out += payload
 
     def flush(self) -> None:
-        """Write everything queued, blocking until it is written."""
+        """Write everything queued, waiting until it is written.
+
+        Also right for a non-blocking socket (an async actor's): a full buffer means wait
+        for room, never drop what is unsent, since half a frame would corrupt the stream.
+        """
         self._encode_pending()
-        if self.out:
+        while self.out:
             try:
-                self.sock.sendall(self.out)
+                sent = self.sock.send(self.out)
+            except BlockingIOError:
+                select.select([], [self.fd], [])
+                continue
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ConnectionClosed(f"{self.peer} closed the connection") from exc
-            finally:
                 self.out.clear()
+                raise ConnectionClosed(f"{self.peer} closed the connection") from exc
+            del self.out[:sent]
 
     def send_now(self, message: tuple) -> None:
         self.pending.append(message)
@@ -144,8 +152,6 @@ def connection_pair(peer_a: str, peer_b: str):
 
 
 def wait_readable(fd: int, timeout: Optional[float]) -> bool:
-    import select
-
     ready, _, _ = select.select([fd], [], [], timeout)
     return bool(ready)
 

@@ -25,7 +25,8 @@ Client (driver, worker, actor) -> scheduler
                                                      contained)]; retryable: it raised an
                                                      exception its retry_exceptions covers
     QUERY              request_id, what              what: "resources", "available", "workers",
-                                                     "ping" (a barrier), "named_actors",
+                                                     "ping" (a barrier), "objects" (how many
+                                                     the directory has), "named_actors",
                                                      ("actor", name, namespace)
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None

@@ -46,7 +46,8 @@ class RemoteFunction:
         )
 
     def __reduce__(self):
-        return RemoteFunction, (self._function, _user_options(self._options))
+        # the id travels too: the code is registered and shipped once, wherever it is used
+        return _rebuild, (self._function, _user_options(self._options), self._fn_id)
 
     def remote(self, *args, **kwargs):
         return self._submit(args, kwargs, self._options)
@@ -85,6 +86,12 @@ class RemoteFunction:
         if num_returns == 0:
             return None
         return refs[0] if num_returns == 1 else refs
+
+
+def _rebuild(function, options, fn_id) -> "RemoteFunction":
+    remote_function = RemoteFunction(function, options)
+    remote_function._fn_id = fn_id
+    return remote_function
 
 
 def _user_options(options: Dict[str, Any]) -> Dict[str, Any]:

@@ -336,7 +336,7 @@ class Runtime:
         self._lock.release()
         try:
             messages = []
-            if timeout is None or wait_readable(self.conn.fd, min(timeout, 3600)):
+            if wait_readable(self.conn.fd, None if timeout is None else min(timeout, 3600)):
                 messages = self.conn.recv_messages(block=True)
         except ConnectionClosed as exc:
             self._lock.acquire()
@@ -563,7 +563,9 @@ class Runtime:
         return refs
 
     def known_ready(self, object_id: bytes) -> bool:
-        return object_id in self._locations or object_id not in self._counts
+        with self._lock:
+            self.poll()  # READY messages may be waiting unread
+            return object_id in self._locations or object_id not in self._counts
 
     def query(self, what):
         """Ask the scheduler (resources, workers, actors); waits for the answer."""

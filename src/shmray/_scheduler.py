@@ -55,6 +55,7 @@ from ._serialization import META_ERROR, serialize
 _PREFETCH_DEPTH = 1           # tasks sent ahead to a busy worker...
 _PREFETCH_MAX_SECONDS = 0.02  # ...only for functions that take less than this, so a task
                               # waits behind another for 20 ms at most
+_NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
 
@@ -183,6 +184,7 @@ class Scheduler:
         self.idle: List[Client] = []
         self.num_workers = 0
         self.busy: set = set()                 # workers running a task
+        self.blocking_functions: set = set()   # fn ids whose tasks have waited in get()
         self.durations: Dict[bytes, float] = {}  # fn id -> typical run time (EWMA), seconds
         self.functions: Dict[bytes, tuple] = {}
         self.actors: Dict[bytes, Actor] = {}
@@ -197,7 +199,10 @@ class Scheduler:
         self.total["object_store_memory"] = float(store.capacity)
         self.available = dict(self.total)
         self.min_workers = max(1, int(num_cpus))
-        self.max_workers = self.min_workers + 64
+        # Workers beyond the CPUs exist only for tasks blocked in get(); each costs a fork and
+        # its memory, so there is a bound, and a warning when it is reached.
+        self.max_workers = self.min_workers + 256
+        self.warned_cap = False
         self.running = True
         self.internal_errors = 0
         self.dirty: set = set()
@@ -274,7 +279,11 @@ class Scheduler:
                     self._write(client)
                 if mask & selectors.EVENT_READ and client.alive:
                     self._read(client)
-            self.dispatch()
+            try:
+                self.dispatch()
+            except Exception:  # e.g. fork failing for lack of memory: retried next turn
+                self.internal_errors += 1
+                traceback.print_exc()
             self._flush_dirty(everyone=False)
             timeout = 0 if self.dirty else 1.0
 
@@ -283,6 +292,14 @@ class Scheduler:
             client.conn.fill_nonblocking()
             messages = client.conn.recv_messages(block=False)
         except (ConnectionClosed, ConnectionResetError):
+            self.on_disconnect(client)
+            return
+        except Exception:  # a corrupt frame: that process is beyond trust, the session is not
+            traceback.print_exc()
+            print(f"shmray scheduler: unreadable message from {client!r}; dropping it",
+                  file=sys.stderr, flush=True)
+            if client.kind != "driver":
+                _kill_quietly(client.pid)
             self.on_disconnect(client)
             return
         handlers = self.handlers
@@ -427,7 +444,6 @@ class Scheduler:
 
     def on_register_function(self, client: Client, fn_id, pickled, name) -> None:
         self.functions[fn_id] = (pickled, name)
-        client.functions.add(fn_id)
 
     def _register(self, task: Task, client: Client) -> None:
         self.tasks[task.task_id] = task
@@ -504,6 +520,7 @@ class Scheduler:
                 if worker is None:
                     if self.num_workers >= self.max_workers:
                         queue.appendleft(task)
+                        self._warn_worker_cap()
                         return
                     self.start_worker()
                     worker = self.idle.pop()
@@ -519,14 +536,16 @@ class Scheduler:
         A worker that finishes a task then starts the next without waiting for the
         scheduler: no round trip, and no wake-up, which are most of a short task's cost.
         Only functions seen to run under _PREFETCH_MAX_SECONDS qualify, so a task never waits
-        long behind another while some other worker could have taken it.
+        long behind another while some other worker could have taken it; and only behind a
+        running task of such a function that has never blocked in get(): a task queued behind
+        one that waits for it, directly or not, would wait forever.
         """
         for worker in list(self.busy):
             if not queue:
                 return
             head = worker.task
             if (worker.blocked or len(worker.queued) >= _PREFETCH_DEPTH or head is None
-                    or head.shape != shape):
+                    or head.shape != shape or not self._safe_to_queue_behind(head)):
                 continue
             task = queue[0]
             if task.finished:
@@ -537,6 +556,19 @@ class Scheduler:
             queue.popleft()
             worker.queued.append(task)
             self._send_execute(task, worker)
+
+    def _warn_worker_cap(self) -> None:
+        if not self.warned_cap:
+            self.warned_cap = True
+            print(f"shmray: {self.num_workers} workers are running or blocked in get(), the "
+                  "most shmray starts; tasks wait until one is free. Deeply nested get() calls "
+                  "can deadlock this way: have tasks return refs instead of waiting on them.",
+                  file=sys.stderr, flush=True)
+
+    def _safe_to_queue_behind(self, task: Task) -> bool:
+        fn_id = task.spec[P.SPEC_FN_ID]
+        return (self.durations.get(fn_id, 1.0) < _PREFETCH_MAX_SECONDS
+                and fn_id not in self.blocking_functions)
 
     def _requeue_front(self, task: Task) -> None:
         self.enqueue(task)
@@ -609,33 +641,44 @@ class Scheduler:
         self._finish(task, results)
 
     def _give_back(self, task: Optional[Task], worker: Client) -> None:
-        if task is not None and not worker.blocked:
+        if task is not None:
             for name, amount in task.resources.items():
-                self.available[name] += amount
+                if name != "CPU" or not worker.blocked:  # a blocked task's CPU was lent already
+                    self.available[name] += amount
         worker.blocked = False
 
     def _retry(self, task: Task) -> None:
         if task.retries_left > 0:
             task.retries_left -= 1
         task.worker = None
-        for object_id in task.return_ids:  # a crashed attempt may have sealed some already
-            try:
-                self.store.delete(object_id)
-            except ObjectNotFoundError:
-                pass
+        self._delete_partial_returns(task)
         self.enqueue(task)
+
+    def _delete_partial_returns(self, task: Task) -> None:
+        """A crashed attempt may have sealed some of its returns already."""
+        for object_id in task.return_ids:
+            _delete_quietly(self.store, object_id)
 
     def _finish(self, task: Task, results) -> None:
         task.finished = True
         task.children = []
         self.tasks.pop(task.task_id, None)
+        if task.actor is not None and task.worker is None:
+            # it never reached the actor: the calls queued behind it may go now
+            self._forward(task.actor)
+        reported = set()
         for object_id, data, metadata, contained in results:
+            reported.add(object_id)
             entry = self.objects.get(object_id)
             if entry is None:  # nobody holds it any more: drop what the worker stored
                 if data is None:
                     _delete_quietly(self.store, object_id)
                 continue
             self._make_ready(object_id, entry, data, metadata, contained)
+        for object_id in task.return_ids:  # e.g. the hidden return of num_returns=0
+            entry = self.objects.get(object_id)
+            if object_id not in reported and entry is not None and not entry.ready:
+                self._make_ready(object_id, entry, _NONE, b"", [])
         self._release_task_holds(task)
 
     def _fail(self, task: Task, data: bytes, metadata: bytes) -> None:
@@ -653,17 +696,16 @@ class Scheduler:
         task = worker.task
         if task is None or worker.blocked:
             return
+        self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
         worker.blocked = True
-        for name, amount in task.resources.items():
-            self.available[name] += amount
+        self.available["CPU"] += task.resources.get("CPU", 0.0)
 
     def on_unblocked(self, worker: Client) -> None:
         task = worker.task
         if task is None or not worker.blocked:
             return
         worker.blocked = False
-        for name, amount in task.resources.items():
-            self.available[name] -= amount  # may go below zero until a task ends
+        self.available["CPU"] -= task.resources.get("CPU", 0.0)  # may go below zero for a while
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -676,6 +718,8 @@ class Scheduler:
             value = None
         elif what == "workers":
             value = [w.pid for w in self.workers()]
+        elif what == "objects":  # the directory's size, for tests and leak hunting
+            value = len(self.objects)
         elif what == "named_actors":
             value = sorted(self.named)
         elif isinstance(what, tuple) and what[0] == "actor":
@@ -810,18 +854,15 @@ class Scheduler:
         actor = client.actor
         if actor is None:
             return
-        holds, actor.creation_holds = actor.creation_holds, []
-        for object_id in holds:
-            entry = self.objects.get(object_id)
-            if entry is not None:
-                entry.arg_holds -= 1
-                self._maybe_free(object_id, entry)
+        if actor.restarts_left == 0:  # no restart can need the constructor's arguments again
+            self._release_creation_holds(actor)
         if error is not None:
             actor.death = (error, META_ERROR)
             actor.no_restart = True  # Ray does not restart an actor whose __init__ raised
 
     def on_actor_exiting(self, client: Client) -> None:
         if client.actor is not None:
+            self.send(client, (P.EXIT,))  # wakes its reader (a threaded actor's main thread)
             client.actor.no_restart = True
             if client.actor.death is None:
                 client.actor.death = self._died_error(
@@ -941,6 +982,11 @@ class Scheduler:
         key = (options["namespace"], options["name"])
         if self.named.get(key) == actor.actor_id:
             del self.named[key]
+        self._release_creation_holds(actor)
+        actor.spec = None  # its code and arguments are not needed any more
+        actor.queues.clear()
+
+    def _release_creation_holds(self, actor: Actor) -> None:
         holds, actor.creation_holds = actor.creation_holds, []
         for object_id in holds:
             entry = self.objects.get(object_id)
@@ -993,10 +1039,12 @@ class Scheduler:
             self._give_back(task, client)
             client.task = None
             if task.cancelled:
+                self._delete_partial_returns(task)
                 self._fail(task, *self._cancelled_error(task))
             elif task.retries_left != 0:
                 self._retry(task)
             else:
+                self._delete_partial_returns(task)
                 how = _how(status)
                 error = exceptions.WorkerCrashedError(
                     f"the worker (pid {client.pid}) running {task.name}() died of {how}. It was "

@@ -22,6 +22,7 @@ import traceback
 from typing import Optional
 
 import cloudpickle
+import setproctitle
 
 from . import _output, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed
@@ -54,6 +55,7 @@ class Worker:
         # (the scheduler sends the next task only after this one's TASK_DONE).
         self.in_user_code = False
         self.cancelled = False
+        self.cancel_pending = False
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -62,6 +64,9 @@ class Worker:
         slot = self.cancel_slot
         if slot is not None and slot[:24] != current_task.task_id:
             return  # meant for a task this worker has finished already
+        if current_task.task_id is not None and not self.in_user_code:
+            self.cancel_pending = True  # loading the function or arguments: stop before it runs
+            return
         if self.in_user_code:
             self.cancelled = True
             raise KeyboardInterrupt("task cancelled")
@@ -77,6 +82,11 @@ class Worker:
     def _blocked(self, blocked: bool) -> None:
         if current_task.task_id is not None:
             self.runtime.conn.send((P.BLOCKED,) if blocked else (P.UNBLOCKED,))
+            if not blocked:  # the task computes again now: its CPU must not be lent out
+                try:
+                    self.runtime.conn.flush()
+                except ConnectionClosed:
+                    pass
 
     def run(self) -> None:
         runtime = self.runtime
@@ -103,6 +113,8 @@ class Worker:
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                 retry_exceptions):
+        self.cancel_pending = False
+        self.cancelled = False
         current_task.task_id = task_id
         current_task.name = name
         _output.set_name(name)
@@ -112,16 +124,16 @@ class Worker:
             if fn is None:
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
             args, kwargs = self._arguments(args_blob, arg_ids, values)
-            self.cancelled = False
             self.in_user_code = True
             try:
+                if self.cancel_pending:
+                    self.cancelled = True
+                    raise KeyboardInterrupt("task cancelled")
                 outcome = fn(*args, **kwargs)
             finally:
                 self.in_user_code = False
             del args, kwargs
-            returns = _split_returns(outcome, num_returns, name)
-            results = [self._store_return(object_id_for_return(task_id, i), value)
-                       for i, value in enumerate(returns)]
+            results = self._store_returns(task_id, outcome, num_returns, name)
         except BaseException as exc:  # the task's failure is its result
             retryable = _should_retry(exc, retry_exceptions) and not self.cancelled
             if self.cancelled and isinstance(exc, KeyboardInterrupt):
@@ -146,6 +158,19 @@ class Worker:
         kwargs = {k: resolved[v.index] if type(v) is P.ArgRef else v for k, v in kwargs.items()}
         return args, kwargs
 
+    def _store_returns(self, task_id: bytes, outcome, num_returns: int, name: str):
+        """Each return value stored; if one fails, those stored before it are deleted."""
+        results = []
+        try:
+            for i, value in enumerate(_split_returns(outcome, num_returns, name)):
+                results.append(self._store_return(object_id_for_return(task_id, i), value))
+        except BaseException:
+            for object_id, data, _, _ in results:
+                if data is None:
+                    self.runtime.store.delete(object_id)
+            raise
+        return results
+
     def _store_return(self, object_id: bytes, value):
         serialized = serialize(value)
         data = self.runtime.store_object(object_id, serialized)
@@ -162,7 +187,7 @@ def _split_returns(outcome, num_returns: int, name: str):
     if num_returns == 1:
         return [outcome]
     if num_returns == 0:
-        return []
+        return [None]  # the hidden return the scheduler tracks; nobody holds a ref to it
     try:
         values = list(outcome)
     except TypeError:
@@ -198,7 +223,7 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayError:
     except Exception:
         cause = exceptions.UnserializableException(text)
     exc.__traceback__ = None
-    return exceptions.RayTaskError(name, text, cause, "shmray::worker", os.getpid())
+    return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
 
 
 def sys_flush() -> None:

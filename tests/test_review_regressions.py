@@ -1,0 +1,277 @@
+"""Regressions for bugs found in review; each test failed before its fix.
+
+They run through real processes, like the feature tests, with timeouts only a deadlock
+reaches.
+"""
+
+import asyncio
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmray
+from shmray import exceptions
+from conftest import runtime, settle, wait_for
+
+DEADLOCK = 60
+
+
+def test_async_actor_survives_large_pipelined_results(ray):
+    """A full socket buffer once made an async actor write half a frame, killing the scheduler."""
+    @ray.remote
+    class Big:
+        async def blob(self):
+            return b"x" * 90_000
+
+    b = Big.remote()
+    assert len(ray.get([b.blob.remote() for _ in range(300)], timeout=DEADLOCK)) == 300
+
+
+def test_blocking_get_in_async_actor_and_calls_that_arrive_meanwhile(ray):
+    @ray.remote
+    def slow():
+        time.sleep(1)
+        return 7
+
+    @ray.remote
+    class A:
+        async def ping(self):
+            return "pong"
+
+        async def blocking(self, refs):
+            return ray.get(refs[0])
+
+    a = A.remote()
+    ray.get(a.ping.remote(), timeout=DEADLOCK)
+    r1 = a.blocking.remote([slow.remote()])
+    time.sleep(0.3)
+    r2 = a.ping.remote()  # read by the blocking get; must still run afterwards
+    assert ray.get(r1, timeout=DEADLOCK) == 7
+    assert ray.get(r2, timeout=10) == "pong"
+
+
+@pytest.mark.parametrize("how", ["failed dependency", "cancel"])
+def test_actor_calls_behind_a_dropped_call_still_run(ray, how):
+    @ray.remote
+    def slow_fail():
+        time.sleep(0.3)
+        raise ValueError("no")
+
+    @ray.remote
+    def slow():
+        time.sleep(0.5)
+        return 1
+
+    @ray.remote
+    class A:
+        def f(self, x):
+            return x
+
+        def g(self):
+            return "g"
+
+    a = A.remote()
+    ray.get(a.g.remote(), timeout=DEADLOCK)
+    first = a.f.remote(slow_fail.remote() if how == "failed dependency" else slow.remote())
+    second = a.g.remote()
+    if how == "cancel":
+        ray.cancel(first)
+    assert ray.get(second, timeout=10) == "g"
+
+
+def test_nested_task_of_the_same_function_on_one_cpu():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def inner(x):
+            return x + 1
+
+        @shmray.remote
+        def outer():
+            return shmray.get(inner.remote(1))
+
+        assert shmray.get(outer.remote(), timeout=DEADLOCK) == 2
+
+        @shmray.remote
+        def apply(fn, x):  # a remote function passed as an argument keeps its identity
+            return shmray.get(fn.remote(x))
+
+        assert shmray.get([apply.remote(inner, i) for i in range(3)], timeout=DEADLOCK) == [1, 2, 3]
+        assert len(set(inner.__reduce__()[1][2] for _ in range(2))) == 1
+    finally:
+        shmray.shutdown()
+
+
+@pytest.mark.parametrize("arg", [5, "big"])
+def test_restarted_actor_gets_its_constructor_arguments_again(ray, arg):
+    value = np.ones(1_000_000) if arg == "big" else arg
+
+    @ray.remote(max_restarts=1)
+    class A:
+        def __init__(self, v):
+            self.v = v
+
+        def size(self):
+            return int(np.size(self.v)), os.getpid()
+
+    a = A.remote(ray.put(value) if arg == 5 else value)
+    size, pid = ray.get(a.size.remote(), timeout=DEADLOCK)
+    os.kill(pid, 9)
+
+    def restarted():
+        try:
+            return ray.get(a.size.remote(), timeout=DEADLOCK)[1] != pid
+        except exceptions.RayActorError:
+            return False
+
+    wait_for(restarted, timeout=DEADLOCK)
+    assert ray.get(a.size.remote(), timeout=DEADLOCK)[0] == size
+
+
+def test_cpu_is_taken_back_when_a_get_returns():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def quick():
+            return 1
+
+        @shmray.remote
+        def a():
+            shmray.get(quick.remote())
+            start = time.time()
+            while time.time() - start < 1.5:
+                pass
+            return start, time.time()
+
+        @shmray.remote
+        def b():
+            return time.time()
+
+        ra = a.remote()
+        time.sleep(0.5)
+        (start, end), b_started = shmray.get([ra, b.remote()], timeout=DEADLOCK)
+        assert b_started >= end - 0.05  # b waited for the CPU a took back
+    finally:
+        shmray.shutdown()
+
+
+def test_a_blocked_task_keeps_its_gpu():
+    shmray.init(num_cpus=2, num_gpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def slow():
+            time.sleep(0.8)
+            return 1
+
+        @shmray.remote(num_gpus=1)
+        def gpu_waits():
+            start = time.time()
+            shmray.get(slow.remote())
+            return start, time.time()
+
+        @shmray.remote(num_gpus=1)
+        def gpu_quick():
+            return time.time()
+
+        first = gpu_waits.remote()
+        time.sleep(0.2)
+        (start, end), second = shmray.get([first, gpu_quick.remote()], timeout=DEADLOCK)
+        assert second >= end - 0.05
+    finally:
+        shmray.shutdown()
+
+
+def test_failed_multi_return_leaves_nothing_in_the_store(ray):
+    @ray.remote(num_returns=2)
+    def two():
+        return np.ones(10**6), threading.Lock()
+
+    a, b = two.remote()
+    for ref in (a, b):
+        with pytest.raises(TypeError):
+            ray.get(ref, timeout=DEADLOCK)
+    del a, b
+    gc.collect()
+    settle()
+    wait_for(lambda: runtime().store.list() == [])
+
+
+def test_num_returns_zero_leaves_no_entry(ray):
+    f = ray.remote(lambda: None).options(num_returns=0)
+    ray.get(ray.remote(lambda: 0).remote(), timeout=DEADLOCK)
+    settle()
+    before = runtime().query("objects")
+    for _ in range(20):
+        assert f.remote() is None
+    ray.get(ray.remote(lambda: 0).remote(), timeout=DEADLOCK)  # after the 20 in the same queue
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] <= before)
+
+
+def test_cancel_before_user_code_starts_is_kept(ray):
+    def slow_load():
+        time.sleep(0.3)
+        return "arg"
+
+    class SlowToLoad:
+        def __reduce__(self):
+            return (slow_load, ())
+
+    @ray.remote
+    def long(x):
+        time.sleep(2)
+        return "finished"
+
+    ray.get(ray.remote(lambda: 0).remote(), timeout=DEADLOCK)
+    ref = long.remote(SlowToLoad())
+    time.sleep(0.1)
+    ray.cancel(ref)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(ref, timeout=DEADLOCK)
+
+
+def test_max_pending_calls_clears_without_a_get(ray):
+    @ray.remote(max_pending_calls=2)
+    class A:
+        def f(self):
+            return 1
+
+    a = A.remote()
+    a.f.remote()
+    a.f.remote()
+    time.sleep(1.5)  # both done by now, though nobody read their results
+    a.f.remote()
+
+
+def test_exit_actor_ends_a_threaded_actor(ray):
+    @ray.remote(max_concurrency=2)
+    class T:
+        def pid(self):
+            return os.getpid()
+
+        def leave(self):
+            shmray.actor.exit_actor()
+
+    t = T.remote()
+    pid = ray.get(t.pid.remote(), timeout=DEADLOCK)
+    t.leave.remote()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+             open(f"/proc/{pid}/stat").read().split()[2] == "Z", timeout=10)
+
+
+def test_init_inside_a_task(ray):
+    @ray.remote
+    def inside():
+        already = shmray.is_initialized()
+        shmray.init(ignore_reinit_error=True)
+        try:
+            shmray.init()
+        except RuntimeError as exc:
+            return already, str(exc)
+        return already, None
+
+    already, error = ray.get(inside.remote(), timeout=DEADLOCK)
+    assert already and "inside a task" in error
