@@ -275,3 +275,121 @@ def test_init_inside_a_task(ray):
 
     already, error = ray.get(inside.remote(), timeout=DEADLOCK)
     assert already and "inside a task" in error
+
+
+# -- second review ---------------------------------------------------------------------
+
+
+def test_shutdown_while_another_thread_puts_does_not_crash():
+    """shutdown() once unmapped the arena under a copy running in another thread (SIGSEGV)."""
+    shmray.init(num_cpus=1, object_store_memory=150 << 20)
+    errors = []
+
+    def putter():
+        array = np.ones(5 << 20)
+        try:
+            for _ in range(200):
+                shmray.put(array)
+        except Exception as exc:  # StoreClosedError / RaySystemError once shut down
+            errors.append(exc)
+
+    thread = threading.Thread(target=putter)
+    thread.start()
+    time.sleep(0.2)
+    shmray.shutdown()
+    thread.join(timeout=DEADLOCK)
+    assert not thread.is_alive()
+    assert all(isinstance(e, exceptions.RaySystemError) for e in errors)
+
+
+def test_shutdown_wakes_a_thread_blocked_in_get_with_a_clear_error():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    outcome = []
+
+    @shmray.remote
+    def forever():
+        time.sleep(1000)
+
+    ref = forever.remote()
+
+    def getter():
+        try:
+            shmray.get(ref)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=getter)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    shmray.shutdown()
+    thread.join(timeout=DEADLOCK)
+    assert time.monotonic() - start < 5
+    assert isinstance(outcome[0], exceptions.RaySystemError) and "shut down" in str(outcome[0])
+
+
+def test_a_failed_restore_can_be_retried(ray):
+    refs = [ray.put(np.full(5 << 20, i, dtype=np.float64)) for i in range(5)]  # 200 MiB
+    spilled = [r for r in refs if runtime().store.contains(r.binary()) == "spilled"]
+    path = runtime().spiller.path(spilled[0].binary())
+    os.rename(path, path + ".away")
+    with pytest.raises(exceptions.ObjectLostError, match="can't be read back"):
+        ray.get(spilled[0], timeout=DEADLOCK)
+    os.rename(path + ".away", path)
+    assert ray.get(spilled[0], timeout=DEADLOCK)[0] == refs.index(spilled[0])
+
+
+def test_sys_exit_in_a_task_does_not_exit_the_driver(ray):
+    import sys
+
+    @ray.remote
+    def quits():
+        sys.exit(3)
+
+    with pytest.raises(exceptions.RayTaskError) as info:
+        ray.get(quits.remote(), timeout=DEADLOCK)
+    assert not isinstance(info.value, SystemExit)
+
+
+class TwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+        self.a, self.b = a, b
+
+
+def test_exception_whose_init_differs_from_its_args_keeps_its_class(ray):
+    @ray.remote
+    def fails():
+        raise TwoArgs(1, 2)
+
+    with pytest.raises(TwoArgs) as info:
+        ray.get(fails.remote(), timeout=DEADLOCK)
+    assert (info.value.a, info.value.b) == (1, 2)
+
+
+def test_refs_inside_an_exception_stay_alive(ray):
+    @ray.remote
+    def fails():
+        raise ValueError(shmray.put(np.arange(300_000)), shmray.put("small"))
+
+    with pytest.raises(ValueError) as info:
+        ray.get(fails.remote(), timeout=DEADLOCK)
+    big, small = info.value.args
+    time.sleep(0.2)
+    assert ray.get(small, timeout=DEADLOCK) == "small"
+    assert ray.get(big, timeout=DEADLOCK).sum() == np.arange(300_000).sum()
+
+
+def test_nested_failures_keep_the_frames_they_passed(ray):
+    @ray.remote
+    def innermost():
+        raise KeyError("deep")
+
+    @ray.remote
+    def middle():
+        return shmray.get(innermost.remote())
+
+    with pytest.raises(KeyError) as info:
+        ray.get(middle.remote(), timeout=DEADLOCK)
+    text = str(info.value)
+    assert "innermost" in text and "which reached middle() through get()" in text

@@ -36,7 +36,8 @@ from ._actor import _ActorExit
 from ._connection import ConnectionClosed
 from ._ids import object_id_for_return
 from ._serialization import META_ERROR, serialize
-from ._worker import Worker, _cancelled_results, current_task, sys_flush, task_error
+from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
+                      task_error)
 
 
 class ActorProcess(Worker):
@@ -156,9 +157,7 @@ class ActorProcess(Worker):
         return self._store_returns(task_id, outcome, num_returns, name)
 
     def _error_results(self, task_id, exc, num_returns, name):
-        data = serialize(task_error(name, exc), META_ERROR).to_bytes()
-        return [(object_id_for_return(task_id, i), data, META_ERROR, [])
-                for i in range(max(num_returns, 1))]
+        return error_results(task_id, task_error(name, exc), num_returns)
 
     def _done(self, task_id, results, retryable) -> None:
         self.runtime.send((P.TASK_DONE, task_id, results, retryable))

@@ -138,7 +138,15 @@ class Connection:
             del buf[:position]
         return messages
 
-    def close(self) -> None:
+    def close(self, hang_up: bool = False) -> None:
+        """Close this descriptor.  ``hang_up`` also shuts the socket down, which wakes a
+        thread of ours blocked in select() on it and gives the peer EOF at once; never for
+        a forked child's inherited copies: the socket itself is shared with the parent."""
+        if hang_up:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self.sock.close()
         except OSError:

@@ -243,15 +243,37 @@ class ObjectStore:
     def abort(self, object_id: bytes) -> None:
         _raise_for(lib.shm_abort(self._handle(), _checked_id(object_id)), object_id)
 
+    def _live_arena(self) -> "_Arena":
+        arena = self._arena
+        if arena is None:
+            self._handle()  # raises StoreClosedError
+        return arena
+
+    def _view(self, offset: int, size: int, on_release: Optional[Callable] = None) -> memoryview:
+        """A view of arena bytes that keeps the mapping alive for as long as it lives.
+
+        Every view holds the arena: close() drops only the store's own reference, so a
+        shutdown in another thread can never unmap memory a view or a copy still uses.
+        """
+        arena = self._live_arena()
+
+        def released(_ptr, _arena=arena):
+            if on_release is not None:
+                on_release()
+
+        root = ffi.gc(ffi.cast("char *", self._base + offset), released)
+        return memoryview(ffi.buffer(root, size))
+
     def writable(self, offset: int, size: int) -> memoryview:
         """A writable view of arena bytes (for the creator of an unsealed object)."""
-        self._handle()
-        return memoryview(ffi.buffer(ffi.cast("char *", self._base + offset), size))
+        return self._view(offset, size)
 
     def copy_in(self, offset: int, source) -> None:
         """Copy a buffer to an arena offset, threads sharing large copies, GIL released."""
+        arena = self._live_arena()  # held through the copy: the mapping can't go meanwhile
         src = ffi.from_buffer(source)
         lib.shm_copy(ffi.cast("char *", self._base + offset), src, len(src), _COPY_THREADS)
+        del arena
 
     def write_serialized(self, object_id: bytes, serialized) -> None:
         """create + copy + seal one serialized value; aborts the object if the copy fails."""
@@ -277,21 +299,13 @@ class ObjectStore:
         out = ffi.new("uint64_t[3]")
         _raise_for(lib.shm_get(handle, _checked_id(object_id), out, out + 1, out + 2), object_id)
         offset, data_size, metadata_size = out[0], out[1], out[2]
-        address = self._base + offset
-        metadata = bytes(ffi.buffer(ffi.cast("char *", address + data_size), metadata_size)) \
-            if metadata_size else b""
-        root = ffi.gc(ffi.cast("char *", address), self._unpinner(object_id))
-        return memoryview(ffi.buffer(root, data_size)).toreadonly(), metadata
+        metadata = bytes(self._view(offset + data_size, metadata_size)) if metadata_size else b""
 
-    def _unpinner(self, object_id: bytes) -> Callable:
-        # Holds the arena cdata so the mapping outlives close() while this view lives.
-        arena_base = self._arena.base
-
-        def unpin(_ptr, store=self, object_id=object_id, _keep=arena_base):
+        def unpin(store=self, object_id=object_id):
             if store._s is not None:
                 store.release(object_id)
 
-        return unpin
+        return self._view(offset, data_size, unpin).toreadonly(), metadata
 
     def release(self, object_id: bytes) -> bool:
         """Unpin; True if that freed a deleted object."""
@@ -349,7 +363,7 @@ class ObjectStore:
         out = ffi.new("uint64_t[3]")
         _raise_for(lib.shm_spill_begin(self._handle(), _checked_id(object_id), out, out + 1, out + 2),
                    object_id)
-        return memoryview(ffi.buffer(ffi.cast("char *", self._base + out[0]), out[1] + out[2]))
+        return self._view(out[0], out[1] + out[2])
 
     def spill_finish(self, object_id: bytes) -> None:
         _raise_for(lib.shm_spill_finish(self._handle(), _checked_id(object_id)), object_id)

@@ -37,17 +37,14 @@ from ._object_store import (
     ObjectStore,
 )
 from ._serialization import META_ERROR, deserialize, serialize
-from ._spill import Spiller
+from ._spill import Spiller, store_full_error, too_large_error
 
 INLINE_THRESHOLD = 100 * 1024
 _RELEASES_ALONE = 64  # queued release messages worth a frame of their own
 _BATCH_WINDOW = 200e-6  # a submission this soon after a flush waits for the next frame
 _FLUSH_DELAY = 0.001    # ...but no longer than this
+_RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 class Runtime:
@@ -144,6 +141,10 @@ class Runtime:
                     return
 
     def _scheduler_gone(self) -> exceptions.RaySystemError:
+        if self.closed:
+            return exceptions.RaySystemError(
+                "shmray was shut down while this call was waiting; its result is gone"
+            )
         return exceptions.RaySystemError(
             "the shmray scheduler process is gone (killed or crashed); this session can't "
             "run anything more. Call shmray.shutdown() and shmray.init() to start again."
@@ -232,46 +233,18 @@ class Runtime:
                 return
             except exceptions.ObjectStoreFullError as exc:
                 if needed > self.store.statistics().heap_size:
-                    raise self._too_large_error(needed) from exc
+                    raise too_large_error(self.store, needed) from exc
                 if attempt == 0:
                     gc.collect()  # refs in reference cycles release their objects
                     self.flush_releases()
                     self._settle()
                 elif not self.spiller.make_room(needed):
                     break
-        raise self._full_error(needed)
+        raise store_full_error(self.store, needed)
 
     def _settle(self) -> None:
         """Return once the scheduler has processed our releases (and freed what they let go)."""
         self.query("ping")
-
-    def _too_large_error(self, needed: int) -> exceptions.ObjectStoreFullError:
-        capacity = self.store.capacity
-        return exceptions.ObjectStoreFullError(
-            f"cannot store an object of {_mib(needed)}: it is larger than the whole object "
-            f"store ({_mib(capacity)}). Start shmray with a larger store, e.g. "
-            f"shmray.init(object_store_memory={max(needed * 2, capacity)})."
-        )
-
-    def _full_error(self, needed: int) -> exceptions.ObjectStoreFullError:
-        stats = self.store.statistics()
-        objects = self.store.list()
-        pinned = [o for o in objects if o.pin_count]
-        writing = [o for o in objects if o.state == "created"]
-        biggest = sorted(objects, key=lambda o: o.data_size, reverse=True)[:5]
-        listing = ", ".join(
-            f"{o.object_id.hex()[:16]}… {_mib(o.data_size)} ({o.state}"
-            f"{', pinned x%d' % o.pin_count if o.pin_count else ''})" for o in biggest
-        )
-        return exceptions.ObjectStoreFullError(
-            f"cannot store an object of {_mib(needed)}: the object store ({_mib(stats.capacity)}) "
-            f"has {_mib(stats.bytes_in_use)} in use by {stats.num_objects} objects, "
-            f"{len(pinned)} of them pinned by live values (e.g. numpy arrays from get) and "
-            f"{len(writing)} being written, and none of them could be spilled; largest free "
-            f"block {_mib(stats.largest_free)}. Largest objects: {listing or 'none'}. Drop "
-            "values and refs you no longer need, or start shmray with a larger "
-            "object_store_memory."
-        )
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -338,7 +311,7 @@ class Runtime:
             messages = []
             if wait_readable(self.conn.fd, None if timeout is None else min(timeout, 3600)):
                 messages = self.conn.recv_messages(block=True)
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, OSError) as exc:  # OSError: closed under us by shutdown
             self._lock.acquire()
             self._reading = False
             self._cv.notify_all()
@@ -452,6 +425,7 @@ class Runtime:
         return _unwrap(deserialize(view), metadata)
 
     def _pinned_view(self, object_id: bytes):
+        deadline = time.monotonic() + _RESTORE_WAIT
         while True:
             try:
                 return self.store.pinned_view(object_id)
@@ -459,6 +433,12 @@ class Runtime:
                 info = self.store.info(object_id)
                 self.spiller.restore(object_id, info.data_size + info.metadata_size)
             except ObjectNotSealedError:
+                if time.monotonic() > deadline:
+                    info = self.store.info(object_id)
+                    raise exceptions.ObjectFetchTimedOutError(
+                        f"object {object_id.hex()} has been being restored from disk by process "
+                        f"{info.creator_pid} for over {_RESTORE_WAIT:.0f} s"
+                    ) from None
                 time.sleep(0.0005)  # another process is restoring it
             except ObjectNotFoundError:
                 raise exceptions.ObjectLostError(
@@ -497,9 +477,7 @@ class Runtime:
 
     def _start_pump(self) -> None:
         """A reader thread while futures are pending; it ends when none are left."""
-        if self.external_reader:
-            return
-        if self._pump_thread is not None and self._pump_thread.is_alive():
+        if self.external_reader or self._pump_thread is not None:
             return
         self._pump_thread = threading.Thread(target=self._pump, name="shmray-futures",
                                              daemon=True)
@@ -517,6 +495,9 @@ class Runtime:
                         if future.set_running_or_notify_cancel():
                             future.set_exception(exc)
                 self._futures.clear()
+            finally:
+                # Under the lock: a future_of() after this point starts a new pump.
+                self._pump_thread = None
 
     async def await_ref(self, ref: ObjectRef):
         import asyncio
@@ -597,7 +578,7 @@ class Runtime:
                     future.cancel()
             self._futures.clear()
         self.store.close()
-        self.conn.close()
+        self.conn.close(hang_up=True)
 
 
 class _Waiter:

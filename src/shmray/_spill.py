@@ -95,9 +95,10 @@ class Spiller:
             try:
                 offset = self._store.restore_begin(object_id)
                 break
-            except exceptions.ObjectStoreFullError:
+            except exceptions.ObjectStoreFullError as exc:
                 if not self.make_room(size):
-                    raise
+                    raise store_full_error(self._store, size,
+                                           f"restore spilled object {object_id.hex()}") from exc
             except (ObjectNotSealedError, ValueError):
                 # Someone else is restoring it, or already did: the caller's get retries.
                 return
@@ -106,15 +107,23 @@ class Spiller:
                     f"could not make room to restore spilled object {object_id.hex()}"
                 )
         path = self.path(object_id)
-        with open(path, "rb") as f:
-            view = self._store.writable(offset, size)
-            got = f.readinto(view)
-            view.release()
-        if got != size:
-            self._store.abort(object_id)
-            raise exceptions.ObjectLostError(
-                f"spill file {path} of object {object_id.hex()} holds {got} of {size} bytes"
-            )
+        try:
+            with open(path, "rb") as f:
+                view = self._store.writable(offset, size)
+                got = f.readinto(view)
+                view.release()
+            if got != size:
+                raise exceptions.ObjectLostError(
+                    f"spill file {path} of object {object_id.hex()} holds {got} of {size} bytes"
+                )
+        except BaseException as exc:
+            self._store.abort(object_id)  # back to SPILLED: a later get may try again
+            if isinstance(exc, OSError):
+                raise exceptions.ObjectLostError(
+                    f"object {object_id.hex()} was spilled to {path}, which can't be read back "
+                    f"({exc}); the session folder may have been removed or the disk failed"
+                ) from exc
+            raise
         self._store.seal(object_id)
         _discard(path)
         self.restored_bytes += size
@@ -122,6 +131,41 @@ class Spiller:
     def discard(self, object_id: bytes) -> None:
         """Remove the spill file of an object deleted while spilled."""
         _discard(self.path(object_id))
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def too_large_error(store: ObjectStore, needed: int) -> exceptions.ObjectStoreFullError:
+    capacity = store.capacity
+    return exceptions.ObjectStoreFullError(
+        f"cannot store an object of {_mib(needed)}: it is larger than the whole object "
+        f"store ({_mib(capacity)}). Start shmray with a larger store, e.g. "
+        f"shmray.init(object_store_memory={max(needed * 2, capacity)})."
+    )
+
+
+def store_full_error(store: ObjectStore, needed: int,
+                     doing: str = "store an object") -> exceptions.ObjectStoreFullError:
+    """The store is full of objects in use: say what holds the memory and what to do."""
+    stats = store.statistics()
+    objects = store.list()
+    pinned = [o for o in objects if o.pin_count]
+    writing = [o for o in objects if o.state == "created"]
+    biggest = sorted(objects, key=lambda o: o.data_size, reverse=True)[:5]
+    listing = "; ".join(
+        f"{o.object_id.hex()} {_mib(o.data_size)} ({o.state}, made by pid {o.creator_pid}"
+        f"{', pinned x%d' % o.pin_count if o.pin_count else ''})" for o in biggest
+    )
+    return exceptions.ObjectStoreFullError(
+        f"cannot {doing} of {_mib(needed)}: the object store ({_mib(stats.capacity)}) has "
+        f"{_mib(stats.bytes_in_use)} in use by {stats.num_objects} objects, {len(pinned)} of "
+        f"them pinned by live values (e.g. numpy arrays from get) and {len(writing)} being "
+        f"written, and none of them could be spilled; largest free block "
+        f"{_mib(stats.largest_free)}. Largest objects: {listing or 'none'}. Drop values and "
+        "refs you no longer need, or start shmray with a larger object_store_memory."
+    )
 
 
 def _discard(path: str) -> None:

@@ -140,9 +140,7 @@ class Worker:
                 error = exceptions.TaskCancelledError(task_id.hex())
             else:
                 error = task_error(name, exc)
-            data = serialize(error, META_ERROR).to_bytes()
-            results = [(object_id_for_return(task_id, i), data, META_ERROR, [])
-                       for i in range(max(num_returns, 1))]
+            results = error_results(task_id, error, num_returns)
         finally:
             current_task.task_id = None
             sys_flush()
@@ -177,10 +175,20 @@ class Worker:
         return (object_id, data, serialized.metadata, serialized.contained_refs)
 
 
-def _cancelled_results(task_id: bytes, num_returns: int):
-    data = serialize(exceptions.TaskCancelledError(task_id.hex()), META_ERROR).to_bytes()
-    return [(object_id_for_return(task_id, i), data, META_ERROR, [])
+def error_results(task_id: bytes, error: BaseException, num_returns: int):
+    """TASK_DONE results that make every return of the task raise ``error``.
+
+    Refs pickled inside the exception are reported as contained, so the objects they name
+    live as long as the error does.
+    """
+    serialized = serialize(error, META_ERROR)
+    data = serialized.to_bytes()
+    return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
             for i in range(max(num_returns, 1))]
+
+
+def _cancelled_results(task_id: bytes, num_returns: int):
+    return error_results(task_id, exceptions.TaskCancelledError(task_id.hex()), num_returns)
 
 
 def _split_returns(outcome, num_returns: int, name: str):
@@ -212,16 +220,21 @@ def _should_retry(exc: BaseException, retry_exceptions) -> bool:
 def task_error(name: str, exc: BaseException) -> exceptions.RayError:
     """The error to store for a task that raised ``exc``."""
     if isinstance(exc, exceptions.RayTaskError):
-        # A failure that reached us from a dependency or a nested get: pass it on as is,
-        # so the user sees the original function and traceback.
-        return exceptions.RayTaskError(exc.function_name, exc.traceback_str, exc.cause,
-                                       exc.proctitle, exc.pid)
+        # A failure that reached us from a nested get: keep the original function and cause
+        # (so ``except TheirError`` still works), and add where it passed through here.
+        here = "".join(traceback.format_tb(exc.__traceback__))
+        trail = f"{exc.traceback_str.rstrip()}\n\nwhich reached {name}() through get():\n{here}"
+        exc.__traceback__ = None
+        return exceptions.RayTaskError(exc.function_name, trail, exc.cause, exc.proctitle,
+                                       exc.pid)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     cause = exc
     try:
         cloudpickle.loads(cloudpickle.dumps(exc))
     except Exception:
-        cause = exceptions.UnserializableException(text)
+        cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
+        if cause is None:
+            cause = exceptions.UnserializableException(text)
     exc.__traceback__ = None
     return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
 

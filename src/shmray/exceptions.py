@@ -65,6 +65,9 @@ class RayTaskError(RayError):
         proctitle: str = "",
         pid: int = 0,
     ):
+        self._cause_by_state = isinstance(cause, _PortableCause)
+        if self._cause_by_state:
+            cause = cause.exc
         self.function_name = function_name
         self.traceback_str = traceback_str
         self.cause = cause
@@ -75,8 +78,14 @@ class RayTaskError(RayError):
     def __reduce__(self):
         return (
             RayTaskError,
-            (self.function_name, self.traceback_str, self.cause, self.proctitle, self.pid),
+            (self.function_name, self.traceback_str, self._pickled_cause(), self.proctitle,
+             self.pid),
         )
+
+    def _pickled_cause(self):
+        if getattr(self, "_cause_by_state", False):
+            return _PortableException(self.cause)
+        return self.cause
 
     def __str__(self) -> str:
         where = f"{self.proctitle} pid={self.pid}" if self.pid else self.proctitle
@@ -91,6 +100,10 @@ class RayTaskError(RayError):
         cause_cls = type(self.cause) if self.cause is not None else None
         if cause_cls is None or issubclass(cause_cls, RayTaskError):
             return self
+        if not issubclass(cause_cls, Exception):
+            # SystemExit, KeyboardInterrupt, GeneratorExit in a task must not end or
+            # interrupt the caller: sys.exit(3) in a task would exit the driver with 0.
+            return self
         derived = _dual_class(cause_cls)
         if derived is None:
             return self
@@ -103,6 +116,7 @@ class RayTaskError(RayError):
         err.cause = self.cause
         err.proctitle = self.proctitle
         err.pid = self.pid
+        err._cause_by_state = getattr(self, "_cause_by_state", False)
         try:
             err.__dict__.update(
                 {k: v for k, v in vars(self.cause).items() if k not in err.__dict__}
@@ -123,7 +137,8 @@ def _dual_class(cause_cls: type) -> Optional[type]:
     def __reduce__(self):
         return (
             _rebuild_dual,
-            (self.function_name, self.traceback_str, self.cause, self.proctitle, self.pid),
+            (self.function_name, self.traceback_str, self._pickled_cause(), self.proctitle,
+             self.pid),
         )
 
     try:
@@ -146,6 +161,48 @@ def _dual_class(cause_cls: type) -> Optional[type]:
 
 def _rebuild_dual(function_name, traceback_str, cause, proctitle, pid):
     return RayTaskError(function_name, traceback_str, cause, proctitle, pid).as_instanceof_cause()
+
+
+class _PortableException:
+    """Pickles an exception as its class, args and __dict__, never calling its __init__.
+
+    For exceptions whose constructor doesn't take their ``args`` back (``__init__(self, a, b)``
+    calling ``super().__init__(message)``), which plain pickling can't rebuild.
+    """
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __reduce__(self):
+        exc = self.exc
+        return _rebuild_exception, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+
+
+def _rebuild_exception(cls, args, state):
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def portable_exception(exc: BaseException):
+    """``exc`` in a form that pickles (class, args, __dict__), or None if even that fails."""
+    import pickle
+
+    import cloudpickle
+
+    try:
+        rebuilt = pickle.loads(cloudpickle.dumps(_PortableException(exc)))
+    except Exception:
+        return None
+    return _PortableCause(rebuilt)
+
+
+class _PortableCause:
+    """Marks a cause to be pickled by state: see RayTaskError.__reduce__."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 class RayActorError(RayError):
