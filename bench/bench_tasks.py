@@ -245,7 +245,7 @@ def _matmul_inputs():
 
 
 def test_matmul_serial_driver(benchmark):
-    benchmark.group = f"matmul-speedup"
+    benchmark.group = "matmul-speedup"
     inputs = _matmul_inputs()
 
     def serial():
@@ -257,7 +257,7 @@ def test_matmul_serial_driver(benchmark):
 
 
 def test_matmul_shmray_tasks(benchmark, ray):
-    benchmark.group = f"matmul-speedup"
+    benchmark.group = "matmul-speedup"
     inputs = _matmul_inputs()
     refs = [(ray.put(a), ray.put(b)) for a, b in inputs]
     expected = inputs[0][0] @ inputs[0][1]

@@ -4,7 +4,6 @@ Each test runs a real driver script in a subprocess and reads its stdout/stderr,
 would see them.
 """
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -4,7 +4,6 @@ They run through real processes, like the feature tests, with timeouts only a de
 reaches.
 """
 
-import asyncio
 import gc
 import os
 import threading

@@ -34,7 +34,6 @@ import cloudpickle
 from . import _output, _protocol as P, _runtime, exceptions
 from ._actor import _ActorExit
 from ._connection import ConnectionClosed
-from ._ids import object_id_for_return
 from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
                       task_error)
