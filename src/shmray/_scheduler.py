@@ -23,13 +23,20 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
 - Resources: a task takes its ``num_cpus``/``num_gpus``/custom resources while it runs; a worker
   blocked in ``get``/``wait`` lends its CPUs back, and more workers are forked when every worker
   is busy, so nested tasks can't deadlock a small pool.
+- Short tasks are sent ahead: when every CPU is taken, a busy worker running a function known
+  to be short and never to block gets the next task of the same shape in advance, and starts
+  it without a round trip (``_prefetch``).
 - A worker that dies mid-task: its task is retried up to ``max_retries`` on a fresh worker,
-  then fails with ``WorkerCrashedError``; the pool is refilled.
+  then fails with ``WorkerCrashedError``; tasks sent ahead to it run elsewhere; the pool is
+  refilled.
+- Actors: each has a record (``Actor``) with per-caller queues; calls are forwarded in order
+  as their arguments become ready; restarts and deaths are decided here.
 - The driver's connection closing (exit, crash or SIGKILL) ends the session: workers are
   killed, the session folder is removed, and the scheduler exits.
 
 Each loop turn: wait for readable sockets, handle every message that arrived (one dispatch
-table), start what became ready, write every queued reply in one frame per peer.
+table), start what became ready, write every queued message in one frame per peer: at once to
+workers and actors, and to the driver once the loop has nothing left to read (``_flush_dirty``).
 """
 
 from __future__ import annotations
