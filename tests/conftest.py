@@ -77,6 +77,26 @@ def ray():
         shmray.shutdown()
 
 
+def pytest_configure(config):
+    """Run the suite in a temp folder of its own (every process it starts inherits TMPDIR),
+    so session folders of other shmray programs running meanwhile can't be mistaken for
+    ours, and nothing of the run is left in /tmp afterwards."""
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="shmray-tests-")
+    os.environ["TMPDIR"] = private
+    tempfile.tempdir = private
+    config._shmray_tmp = private
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    private = getattr(config, "_shmray_tmp", None)
+    if private:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def session_dirs():
     import tempfile
 

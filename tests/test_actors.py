@@ -118,17 +118,15 @@ def test_seed_async_actor_runs_coroutines_concurrently(ray):
 
 def test_seed_async_actor_max_concurrency_batches(ray):
     @ray.remote
-    class AsyncActor:
+    class AsyncActor:  # seed 003, as published, plus a log of what it printed
         def __init__(self, batch_size: int):
             self._event = asyncio.Event()
             self._curr_tasks = 0
             self._batch_size = batch_size
-            self.peak = 0
-            self.running = 0
+            self.log = []
 
         async def run_task(self):
-            self.running += 1
-            self.peak = max(self.peak, self.running)
+            self.log.append("Started task")
             self._curr_tasks += 1
             if self._curr_tasks == self._batch_size:
                 self._event.set()
@@ -136,15 +134,16 @@ def test_seed_async_actor_max_concurrency_batches(ray):
                 await self._event.wait()
                 self._event.clear()
                 self._curr_tasks = 0
-            await asyncio.sleep(0.01)
-            self.running -= 1
+            self.log.append("Finished task")
 
-        def get_peak(self):
-            return self.peak
+        def printed(self):
+            return self.log
 
     actor = AsyncActor.options(max_concurrency=2).remote(2)
+    # Only 2 tasks will run concurrently. Once 2 finish, the next 2 should run.
     ray.get([actor.run_task.remote() for _ in range(8)], timeout=DEADLOCK)
-    assert ray.get(actor.get_peak.remote(), timeout=DEADLOCK) == 2
+    batch = ["Started task", "Started task", "Finished task", "Finished task"]
+    assert ray.get(actor.printed.remote(), timeout=DEADLOCK) == batch * 4
 
 
 def test_seed_threaded_actor(ray):

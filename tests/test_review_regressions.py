@@ -245,6 +245,27 @@ def test_max_pending_calls_clears_without_a_get(ray):
     a.f.remote()
 
 
+def test_an_actor_serves_calls_made_before_its_last_handle_went(ray):
+    @ray.remote
+    class S:
+        def __init__(self, v):
+            time.sleep(0.3)  # still starting when the handle goes
+            self.v = v
+
+        def m(self):
+            return self.v
+
+    s = S.remote(7)
+    ref = s.m.remote()
+    del s
+    assert ray.get(ref, timeout=DEADLOCK) == 7
+
+
+def test_wait_on_no_refs(ray):
+    assert ray.wait([]) == ([], [])
+    assert ray.wait([], timeout=0) == ([], [])
+
+
 def test_exit_actor_ends_a_threaded_actor(ray):
     @ray.remote(max_concurrency=2)
     class T:

@@ -193,7 +193,7 @@ class ActorHandle:
         return ActorHandle, (self._ref, self._actor_options)
 
     def __repr__(self) -> str:
-        return f"Actor({self._class_name}, {self._actor_id.hex()[:32]})"
+        return f"Actor({self._class_name}, {self._actor_id.hex()})"
 
     def __hash__(self) -> int:
         return hash(self._actor_id)

@@ -234,15 +234,18 @@ class ActorProcess(Worker):
         runtime = self.runtime
         runtime.external_reader = True
         finished = asyncio.Event()
-        slots = asyncio.Semaphore(self.max_concurrency)
         running = set()
+        active = [0]  # calls started and not finished
 
         async def serve(message):
             try:
-                async with slots:
-                    results, retryable = await self.call_async(message)
-            except asyncio.CancelledError:  # cancelled while waiting for a slot
-                results, retryable = _cancelled_results(message[1], message[6]), False
+                results, retryable = await self.call_async(message)
+            finally:
+                active[0] -= 1
+                # The next call starts on the next turn of the loop, after what this one's
+                # end already woke: a call waiting on an event set by a finishing call
+                # resumes before a new call can see the state it left (seed 003's batches).
+                loop.call_soon(start_queued)
             try:
                 self._done(message[1], results, retryable)
             except exceptions.RaySystemError:
@@ -251,8 +254,11 @@ class ActorProcess(Worker):
                 finished.set()
 
         def start_queued():
-            while self.queue:
+            # At most max_concurrency calls are tasks on the loop; the rest wait, in order,
+            # in self.queue (where a cancel can still drop them).
+            while self.queue and active[0] < self.max_concurrency:
                 message = self.queue.popleft()
+                active[0] += 1
                 task = loop.create_task(serve(message))
                 running.add(task)
                 self.running_calls[message[1]] = task

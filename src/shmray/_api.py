@@ -275,6 +275,8 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
         raise TypeError(
             f"wait() takes a list of ObjectRefs, got {type(object_refs).__name__}"
         )
+    if not object_refs:
+        return [], []  # before any num_returns check, as Ray does
     runtime = _current()
     _check_refs(object_refs, "wait", runtime)
     if len(set(object_refs)) != len(object_refs):

@@ -856,6 +856,8 @@ class Scheduler:
         pickled = self.functions[spec[P.ACTOR_CLASS_ID]][0]
         self.send(client, (P.START_ACTOR, spec, pickled, values))
         self._forward(actor)
+        if actor.out_of_scope:
+            self.send(client, (P.EXIT,))
 
     def on_actor_started(self, client: Client, error) -> None:
         actor = client.actor
@@ -945,8 +947,10 @@ class Scheduler:
         actor.death = self._died_error(actor, "every handle to it went out of scope")
         if actor.client is not None:
             self.send(actor.client, (P.EXIT,))  # after the calls already sent to it
-        else:
+        elif not actor.queues:
             self._actor_dead(actor, *actor.death)
+        # else: calls made before the last handle went are still owed; _start_actor sends
+        # EXIT after forwarding them, as Ray ends such an actor once they are done
 
     def _actor_died(self, actor: Actor, status: Optional[int]) -> None:
         """The actor's process is gone: restart it, or fail what it owed."""
@@ -1003,7 +1007,7 @@ class Scheduler:
 
     def _died_error(self, actor: Actor, why: str) -> tuple:
         return self._serialized(exceptions.ActorDiedError(
-            f"The actor {actor.class_name} (id {actor.actor_id.hex()[:32]}) is dead: {why}. "
+            f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
             "Calls to it raise this error."))
 
     @staticmethod
