@@ -76,7 +76,7 @@ def test_log_to_driver_false_writes_session_files():
             return os.getpid()
 
         pid = ray.get(quiet.remote())
-        logs = os.path.join(ctx["session_dir"], "logs")
+        logs = os.path.join(ctx["session_dir"], "logs")  # init() returns a mapping
         time.sleep(0.1)
         with open(os.path.join(logs, f"worker-{pid}.out")) as f:
             print("LOGGED", f.read().strip())

@@ -413,3 +413,68 @@ def test_nested_failures_keep_the_frames_they_passed(ray):
         ray.get(middle.remote(), timeout=DEADLOCK)
     text = str(info.value)
     assert "innermost" in text and "which reached middle() through get()" in text
+
+
+# -- third review: conformance with Ray -------------------------------------------------
+
+
+def test_exit_actor_makes_the_calling_call_raise_and_always_ends(ray):
+    @ray.remote
+    class E:
+        def bye(self):
+            shmray.actor.exit_actor()
+
+        def stubborn_bye(self):
+            try:
+                shmray.actor.exit_actor()
+            except SystemExit:
+                pass  # user code catching it must not keep the actor alive
+            return "still here?"
+
+        def ping(self):
+            return 1
+
+    for method in ("bye", "stubborn_bye"):
+        e = E.remote()
+        with pytest.raises(exceptions.ActorDiedError, match="exit_actor"):
+            ray.get(getattr(e, method).remote(), timeout=DEADLOCK)
+        with pytest.raises(exceptions.RayActorError):
+            ray.get(e.ping.remote(), timeout=DEADLOCK)
+
+
+def test_arguments_are_checked_where_remote_is_called(ray):
+    @ray.remote
+    def two(a, b):
+        return a + b
+
+    @ray.remote
+    class A:
+        def __init__(self, x):
+            self.x = x
+
+        def add(self, y, *, z=0):
+            return self.x + y + z
+
+    with pytest.raises(TypeError, match="two.remote"):
+        two.remote(1)
+    with pytest.raises(TypeError, match="A.remote"):
+        A.remote()
+    a = A.remote(1)
+    with pytest.raises(TypeError, match="A.add.remote"):
+        a.add.remote(1, 2)
+    assert ray.get(a.add.remote(1, z=2), timeout=DEADLOCK) == 4
+
+
+def test_generator_functions_are_refused_clearly():
+    with pytest.raises(TypeError, match="generator"):
+        @shmray.remote
+        def gen():
+            yield 1
+
+
+def test_init_returns_a_context_like_rays():
+    with shmray.init(num_cpus=1, object_store_memory=100 << 20) as context:
+        assert context["node_ip_address"] == "127.0.0.1"
+        assert context.dashboard_url is None and "session_dir" in context.address_info
+        assert shmray.is_initialized()
+    assert not shmray.is_initialized()

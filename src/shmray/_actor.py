@@ -35,7 +35,7 @@ import cloudpickle
 from . import _options, _protocol as P, exceptions
 from ._ids import new_task_id, object_id_for_put, object_id_for_return
 from ._object_ref import ObjectRef
-from ._remote_function import pack_arguments
+from ._remote_function import check_call, pack_arguments
 
 _SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
@@ -89,6 +89,10 @@ class ActorClass:
         self._class_id = os.urandom(16)
         self._pickled = None
         self._methods = _method_table(cls)
+        # plain functions only (for argument checks); static/class methods are left alone
+        self._method_functions = {
+            name: member for name, member in vars(cls).items()
+            if inspect.isfunction(member) and name in self._methods}
         self._is_async = any(m["is_async"] for m in self._methods.values())
         self.__doc__ = cls.__doc__
         self.__name__ = self._name
@@ -126,6 +130,8 @@ class ActorClass:
     def _create(self, args, kwargs, options) -> "ActorHandle":
         from ._api import _current
 
+        if self._cls.__init__ is not object.__init__:
+            check_call(self._cls.__init__, self._name, args, kwargs, skip_self=True)
         runtime = _current()
         max_concurrency = options["max_concurrency"]
         if max_concurrency is None:
@@ -158,7 +164,7 @@ class ActorClass:
                 actor_options)
         ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
         del temporaries
-        return ActorHandle(ref, actor_options)
+        return ActorHandle(ref, actor_options, self._method_functions)
 
 
 def _rebuild_class(cls, options, class_id) -> ActorClass:
@@ -170,11 +176,13 @@ def _rebuild_class(cls, options, class_id) -> ActorClass:
 class ActorHandle:
     """A handle to an actor: call its methods with ``handle.method.remote(...)``."""
 
-    def __init__(self, ref: ObjectRef, actor_options: dict):
+    def __init__(self, ref: ObjectRef, actor_options: dict, method_functions=None):
         self._ref = ref
         self._actor_options = actor_options
         self._methods = actor_options["methods"]
         self._class_name = actor_options["class_name"]
+        # the class's functions, for argument checks; only the creator's handle has them
+        self._method_functions = method_functions or {}
         self._pending: set = set()  # our calls' results not yet seen ready (max_pending_calls)
 
     @property
@@ -243,6 +251,10 @@ class ActorMethod:
         )
 
     def remote(self, *args, **kwargs):
+        function = self._handle._method_functions.get(self._name)
+        if function is not None:
+            check_call(function, f"{self._handle._class_name}.{self._name}", args, kwargs,
+                       skip_self=True)
         return self._handle._call(self._name, args, kwargs, self._num_returns)
 
     def options(self, **options):
@@ -301,6 +313,7 @@ def exit_actor() -> None:
 
     if current_task.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor")
+    current_task.exit_requested = True  # the actor ends even if user code catches this
     raise _ActorExit()
 
 

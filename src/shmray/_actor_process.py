@@ -32,7 +32,6 @@ import os
 import cloudpickle
 
 from . import _output, _protocol as P, _runtime, exceptions
-from ._actor import _ActorExit
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
@@ -122,14 +121,24 @@ class ActorProcess(Worker):
                 args, kwargs = self._arguments(args_blob, arg_ids, values)
                 outcome = getattr(self.instance, method_name)(*args, **kwargs)
                 del args, kwargs
-            return self._results(task_id, outcome, num_returns, name), False
-        except _ActorExit:
-            self.exit_requested = True
-            return self._results(task_id, None, num_returns, name), False
+            return self._exited_or(task_id, num_returns) or \
+                (self._results(task_id, outcome, num_returns, name), False)
         except BaseException as exc:
-            return self._error_results(task_id, exc, num_returns, name), False
+            return self._exited_or(task_id, num_returns) or \
+                (self._error_results(task_id, exc, num_returns, name), False)
         finally:
             sys_flush()
+
+    def _exited_or(self, task_id, num_returns):
+        """If exit_actor() was called during this call: the caller sees the actor's death
+        (Ray: 'observes the actor's death rather than a return value')."""
+        if not current_task.exit_requested:
+            return None
+        current_task.exit_requested = False
+        self.exit_requested = True
+        died = exceptions.ActorDiedError(
+            f"The actor {self.class_name} exited: exit_actor() was called in this call")
+        return error_results(task_id, died, num_returns), False
 
     async def call_async(self, message: tuple):
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
@@ -141,14 +150,13 @@ class ActorProcess(Worker):
             del args, kwargs
             if inspect.isawaitable(outcome):
                 outcome = await outcome
-            return self._results(task_id, outcome, num_returns, name), False
-        except _ActorExit:
-            self.exit_requested = True
-            return self._results(task_id, None, num_returns, name), False
+            return self._exited_or(task_id, num_returns) or \
+                (self._results(task_id, outcome, num_returns, name), False)
         except asyncio.CancelledError:
             return _cancelled_results(task_id, num_returns), False
         except BaseException as exc:
-            return self._error_results(task_id, exc, num_returns, name), False
+            return self._exited_or(task_id, num_returns) or \
+                (self._error_results(task_id, exc, num_returns, name), False)
         finally:
             sys_flush()
 

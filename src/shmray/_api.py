@@ -13,6 +13,7 @@ kills the workers, removes the session folder and exits, and the driver reaps it
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import inspect
 import logging
 import os
@@ -110,7 +111,7 @@ def init(**kwargs: Any):
     options = _check_init_options(kwargs)
     if _process.in_child:  # inside a task or actor: the session is already there
         if kwargs.get("ignore_reinit_error"):
-            return {}
+            return None
         raise RuntimeError(
             "shmray.init() called inside a task or actor: shmray is already running there. "
             "Check shmray.is_initialized() first, or pass ignore_reinit_error=True"
@@ -152,10 +153,45 @@ def init(**kwargs: Any):
         return _context(runtime)
 
 
-def _context(runtime: _runtime.Runtime) -> dict:
-    return {"node_id": "local", "session_dir": runtime.session_dir,
+class RayContext(collections.abc.Mapping):
+    """What ``init()`` returns, as Ray's: a read-only mapping of the session's facts, with
+    attributes, and a context manager: ``with shmray.init(): ...`` shuts down at the end."""
+
+    def __init__(self, runtime: _runtime.Runtime):
+        import platform
+
+        self.address_info = {
+            "node_ip_address": "127.0.0.1",
+            "node_id": "0" * 56,
+            "session_dir": runtime.session_dir,
             "object_store_memory": runtime.store.capacity,
-            "num_cpus": runtime.options["num_cpus"]}
+            "num_cpus": runtime.options["num_cpus"],
+        }
+        self.dashboard_url = None  # no dashboard on one machine
+        self.python_version = platform.python_version()
+        self.ray_version = __import__("shmray").__version__
+
+    def __getitem__(self, key):
+        return self.address_info[key]
+
+    def __iter__(self):
+        return iter(self.address_info)
+
+    def __len__(self) -> int:
+        return len(self.address_info)
+
+    def __enter__(self) -> "RayContext":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutdown()
+
+    def disconnect(self) -> None:
+        shutdown()
+
+
+def _context(runtime: _runtime.Runtime) -> RayContext:
+    return RayContext(runtime)
 
 
 def is_initialized() -> bool:
@@ -238,6 +274,11 @@ def _make_remote(target, options: dict):
         from ._actor import ActorClass
 
         return ActorClass(target, options)
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"{target.__name__} is a generator function; shmray does not run generator tasks "
+            "(Ray's num_returns='streaming') yet: return a list, or use num_returns=N"
+        )
     if inspect.iscoroutinefunction(target):
         raise TypeError(
             f"{target.__name__} is an async function; remote tasks can't be coroutines (as in "

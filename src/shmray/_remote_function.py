@@ -13,6 +13,7 @@ and the worker maps them without a copy.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Dict, List
 
@@ -71,6 +72,7 @@ class RemoteFunction:
     def _submit(self, args, kwargs, options):
         from ._api import _current
 
+        check_call(self._function, self._name, args, kwargs)
         runtime = _current()
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
@@ -86,6 +88,29 @@ class RemoteFunction:
         if num_returns == 0:
             return None
         return refs[0] if num_returns == 1 else refs
+
+
+_signatures: dict = {}
+
+
+def check_call(function, name: str, args, kwargs, skip_self: bool = False) -> None:
+    """TypeError at the call site if the arguments can't bind to ``function``'s parameters."""
+    key = (function, skip_self)
+    signature = _signatures.get(key)
+    if signature is None:
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # a builtin or C function: nothing to check
+            signature = False
+        if signature and skip_self:
+            parameters = list(signature.parameters.values())[1:]
+            signature = signature.replace(parameters=parameters)
+        _signatures[key] = signature
+    if signature:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}.remote(): {exc}") from None
 
 
 def _rebuild(function, options, fn_id) -> "RemoteFunction":

@@ -37,6 +37,7 @@ class TaskContext:
         self.task_id: Optional[bytes] = None
         self.name: Optional[str] = None
         self.actor_id: Optional[bytes] = None
+        self.exit_requested = False  # exit_actor() was called, whether or not it was caught
 
 
 current_task = TaskContext()
