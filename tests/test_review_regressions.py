@@ -304,11 +304,13 @@ def test_shutdown_while_another_thread_puts_does_not_crash():
     """shutdown() once unmapped the arena under a copy running in another thread (SIGSEGV)."""
     shmray.init(num_cpus=1, object_store_memory=150 << 20)
     errors = []
+    stop = threading.Event()
 
     def putter():
         array = np.ones(5 << 20)
         try:
-            for _ in range(200):
+            # no new put once shutdown is under way: like Ray's, it would start a new session
+            while not stop.is_set():
                 shmray.put(array)
         except Exception as exc:  # StoreClosedError / RaySystemError once shut down
             errors.append(exc)
@@ -316,6 +318,7 @@ def test_shutdown_while_another_thread_puts_does_not_crash():
     thread = threading.Thread(target=putter)
     thread.start()
     time.sleep(0.2)
+    stop.set()
     shmray.shutdown()
     thread.join(timeout=DEADLOCK)
     assert not thread.is_alive()
@@ -478,3 +481,34 @@ def test_init_returns_a_context_like_rays():
         assert context.dashboard_url is None and "session_dir" in context.address_info
         assert shmray.is_initialized()
     assert not shmray.is_initialized()
+
+
+def test_runtime_env_and_max_calls_on_tasks_and_actors(ray):
+    @ray.remote(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "task"}})
+    def read_env():
+        return os.environ.get("SHMRAY_TEST_VAR")
+
+    @ray.remote
+    def plain():
+        return os.environ.get("SHMRAY_TEST_VAR")
+
+    assert ray.get(read_env.remote(), timeout=DEADLOCK) == "task"
+    assert ray.get(read_env.options(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "opt"}})
+                   .remote(), timeout=DEADLOCK) == "opt"
+    assert ray.get([plain.remote() for _ in range(4)], timeout=DEADLOCK) == [None] * 4
+
+    @ray.remote(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "actor"}})
+    class Env:
+        def read(self):
+            return os.environ.get("SHMRAY_TEST_VAR")
+
+    assert ray.get(Env.remote().read.remote(), timeout=DEADLOCK) == "actor"
+    with pytest.raises(ValueError, match="pip"):
+        ray.remote(runtime_env={"pip": ["x"]})(lambda: 1)
+
+    @ray.remote(max_calls=1)
+    def pid():
+        return os.getpid()
+
+    pids = [ray.get(pid.remote(), timeout=DEADLOCK) for _ in range(3)]
+    assert len(set(pids)) == 3  # a fresh worker each time

@@ -54,7 +54,7 @@ def setup(tmp_path):
 def spec(fn_id=b"f" * 16, arg_ids=(), contained=(), num_returns=1, resources=None,
          max_retries=3, args=((), {})):
     return (new_task_id(), fn_id, "f", serialize(args).to_bytes(), list(arg_ids),
-            list(contained), num_returns, resources or {"CPU": 1.0}, max_retries, False)
+            list(contained), num_returns, resources or {"CPU": 1.0}, max_retries, False, None)
 
 
 def sent(client, opcode):

@@ -154,6 +154,7 @@ class ActorClass:
             "get_if_exists": options["get_if_exists"],
             "methods": self._methods,
             "class_name": self._name,
+            "env_vars": _options.env_vars(options),  # for the actor's whole life
         }
         if options["name"] is not None and not isinstance(options["name"], str):
             raise TypeError(f"an actor's name must be a str, got {options['name']!r}")
@@ -225,7 +226,7 @@ class ActorHandle:
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
         retries = self._actor_options.get("max_task_retries", 0)
         spec = (task_id, method_name, f"{self._class_name}.{method_name}", args_blob, arg_ids,
-                contained, num_returns, {}, retries, False)
+                contained, num_returns, {}, retries, False, None)
         return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
         refs = runtime.call_actor(self._actor_id, spec, return_ids)
         del temporaries

@@ -47,6 +47,7 @@ class ActorProcess(Worker):
         options = self.spec[P.ACTOR_OPTIONS]
         self.class_name = self.spec[P.ACTOR_CLASS_NAME]
         self.actor_id = self.spec[P.ACTOR_ID]
+        os.environ.update(options.get("env_vars") or {})  # runtime_env, for the actor's life
         self.cls = cloudpickle.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]

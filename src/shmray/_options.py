@@ -102,9 +102,36 @@ def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str) -> Dict[
         n = options["max_concurrency"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {n!r}")
+    runtime_env = options.get("runtime_env")
+    if runtime_env is not None:
+        if not isinstance(runtime_env, dict):
+            raise ValueError(f"runtime_env must be a dict, got {runtime_env!r}")
+        unsupported = sorted(set(runtime_env) - {"env_vars"})
+        if unsupported:
+            raise ValueError(
+                f"runtime_env keys {unsupported} are not supported on one machine; shmray "
+                "applies env_vars only (install packages into the environment you run from)"
+            )
+    max_calls = options.get("max_calls")
+    if max_calls is not None and (not isinstance(max_calls, int) or max_calls < 0):
+        raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
     if options.get("lifetime") not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be None or 'detached', got {options['lifetime']!r}")
     return options
+
+
+def env_vars(options: Dict[str, Any]) -> Dict[str, str]:
+    return {k: str(v) for k, v in ((options.get("runtime_env") or {}).get("env_vars") or {}).items()}
+
+
+def task_extra(options: Dict[str, Any]):
+    """The spec's ``extra`` field: None for the usual task, so it costs nothing."""
+    extra = {}
+    if env_vars(options):
+        extra["env_vars"] = env_vars(options)
+    if options.get("max_calls"):
+        extra["max_calls"] = options["max_calls"]
+    return extra or None
 
 
 def task_resources(options: Dict[str, Any]) -> Dict[str, float]:

@@ -39,7 +39,8 @@ Actor -> scheduler
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
-    EXECUTE            task_id, fn_id, pickled|None, name, args, num_returns, values
+    EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
+                                                     values, retry_exceptions, extra
                                                      run a task; values: {id: (data, meta)}
                                                      of its top-level ref arguments
     EXIT               -                             finish what was sent before, then exit
@@ -57,7 +58,8 @@ options)``; ``options`` is a dict of the actor's options resolved by the caller 
 ``name``, ``namespace``, ``detached``, ``get_if_exists``, ``methods``).
 
 A TaskSpec is the tuple ``(task_id, fn_id, name, args, arg_ids, contained, num_returns,
-resources, max_retries, retry_exceptions)``: ``args`` is the serialized ``(args, kwargs)``
+resources, max_retries, retry_exceptions, extra)``, ``extra`` being None or a dict of the
+rarer options (``env_vars`` from runtime_env, ``max_calls``): ``args`` is the serialized ``(args, kwargs)``
 with each top-level ObjectRef replaced by ``ArgRef(i)``, ``arg_ids[i]`` being its id.
 """
 
@@ -99,6 +101,7 @@ SPEC_NUM_RETURNS = 6
 SPEC_RESOURCES = 7
 SPEC_MAX_RETRIES = 8
 SPEC_RETRY_EXCEPTIONS = 9
+SPEC_EXTRA = 10
 
 # ActorSpec field positions
 ACTOR_ID = 0

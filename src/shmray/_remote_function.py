@@ -81,7 +81,8 @@ class RemoteFunction:
         retry = options["retry_exceptions"]
         spec = (task_id, self._fn_id, options.get("name") or self._name, args_blob, arg_ids,
                 contained, num_returns, _options.task_resources(options),
-                options["max_retries"], list(retry) if isinstance(retry, (list, tuple)) else retry)
+                options["max_retries"], list(retry) if isinstance(retry, (list, tuple)) else retry,
+                _options.task_extra(options))
         return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
         refs = runtime.submit(spec, return_ids)
         del temporaries  # the task holds them now; our refs can go

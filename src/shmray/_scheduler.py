@@ -71,7 +71,7 @@ class Client:
     """A process connected to the scheduler: the driver, a worker or an actor."""
 
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
-                 "lent", "actor", "held_since", "queued", "cancel_slot")
+                 "lent", "actor", "held_since", "queued", "cancel_slot", "calls")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -87,6 +87,7 @@ class Client:
         self.held_since = 0.0                 # when its queued messages were last written
         self.queued: collections.deque = collections.deque()  # tasks sent ahead (prefetch)
         self.cancel_slot = None               # shared bytes naming the task SIGINT is for
+        self.calls: Dict[bytes, int] = {}     # fn id -> tasks run (max_calls)
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -558,7 +559,8 @@ class Scheduler:
             if task.finished:
                 queue.popleft()
                 continue
-            if self.durations.get(task.spec[P.SPEC_FN_ID], 1.0) >= _PREFETCH_MAX_SECONDS:
+            if (self.durations.get(task.spec[P.SPEC_FN_ID], 1.0) >= _PREFETCH_MAX_SECONDS
+                    or task.spec[P.SPEC_EXTRA]):  # env_vars/max_calls: one at a time
                 return
             queue.popleft()
             worker.queued.append(task)
@@ -618,7 +620,7 @@ class Scheduler:
                 values[object_id] = (entry.data, entry.metadata)
         self.send(worker, (P.EXECUTE, task.task_id, fn_id, pickled, task.name, spec[P.SPEC_ARGS],
                            spec[P.SPEC_ARG_IDS], spec[P.SPEC_NUM_RETURNS], values,
-                           spec[P.SPEC_RETRY_EXCEPTIONS]))
+                           spec[P.SPEC_RETRY_EXCEPTIONS], spec[P.SPEC_EXTRA]))
 
     def on_task_done(self, worker: Client, task_id, results, retryable) -> None:
         if worker.actor is not None:
@@ -633,7 +635,11 @@ class Scheduler:
             took = time.monotonic() - task.started_at
             previous = self.durations.get(fn_id)
             self.durations[fn_id] = took if previous is None else 0.8 * previous + 0.2 * took
-        if worker.queued:  # it has started the next one already
+        if task is not None and self._used_up(worker, task):
+            worker.task = None
+            self.busy.discard(worker)
+            self.send(worker, (P.EXIT,))  # after what was sent ahead; EOF then refills the pool
+        elif worker.queued:  # it has started the next one already
             self._make_running(worker.queued.popleft(), worker)
         else:
             worker.task = None
@@ -646,6 +652,16 @@ class Scheduler:
             self._retry(task)
             return
         self._finish(task, results)
+
+    def _used_up(self, worker: Client, task: Task) -> bool:
+        """max_calls: a worker retires after that many calls of the function (Ray's rule,
+        e.g. to give back memory a library won't free)."""
+        extra = task.spec[P.SPEC_EXTRA]
+        if not extra or not extra.get("max_calls"):
+            return False
+        fn_id = task.spec[P.SPEC_FN_ID]
+        worker.calls[fn_id] = worker.calls.get(fn_id, 0) + 1
+        return worker.calls[fn_id] >= extra["max_calls"]
 
     def _give_back(self, task: Optional[Task], worker: Client) -> None:
         if task is not None:

@@ -113,7 +113,17 @@ class Worker:
                 return
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
-                retry_exceptions):
+                retry_exceptions, extra=None):
+        restore = _apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
+        try:
+            return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
+                                 num_returns, values, retry_exceptions)
+        finally:
+            if restore is not None:
+                restore()
+
+    def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
+                 retry_exceptions):
         self.cancel_pending = False
         self.cancelled = False
         current_task.task_id = task_id
@@ -186,6 +196,21 @@ def error_results(task_id: bytes, error: BaseException, num_returns: int):
     data = serialized.to_bytes()
     return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
             for i in range(max(num_returns, 1))]
+
+
+def _apply_env(env_vars: dict):
+    """Set runtime_env's env_vars for one task; returns what puts the old values back."""
+    previous = {name: os.environ.get(name) for name in env_vars}
+    os.environ.update(env_vars)
+
+    def restore():
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
 
 
 def _cancelled_results(task_id: bytes, num_returns: int):
