@@ -478,3 +478,19 @@ def test_actor_process_is_named(ray):
     pid = ray.get(v.pid.remote(), timeout=DEADLOCK)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert f.read().startswith(b"shmray::Visible")
+
+
+def test_actor_pool(ray):
+    @ray.remote
+    class Doubler:
+        def double(self, v):
+            time.sleep(0.01 * (v % 3))
+            return 2 * v
+
+    pool = shmray.util.ActorPool([Doubler.remote() for _ in range(2)])
+    assert list(pool.map(lambda a, v: a.double.remote(v), range(8))) == [2 * v for v in range(8)]
+    assert sorted(pool.map_unordered(lambda a, v: a.double.remote(v), range(6))) == \
+        [0, 2, 4, 6, 8, 10]
+    pool.submit(lambda a, v: a.double.remote(v), 21)
+    assert pool.has_next() and pool.get_next(timeout=DEADLOCK) == 42
+    assert not pool.has_next()

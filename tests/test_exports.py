@@ -13,7 +13,7 @@ def test_public_names():
         "put", "remote", "shutdown", "util", "wait",
     }
     assert shmray.actor.__all__ == ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor"]
-    assert shmray.util.__all__ == ["list_named_actors"]
+    assert shmray.util.__all__ == ["ActorPool", "get_node_ip_address", "list_named_actors"]
 
 
 def test_all_names_resolve():

@@ -39,6 +39,14 @@ class ObjectRef:
     def task_id(self) -> bytes:
         return self._id[:24]
 
+    def is_nil(self) -> bool:
+        return self._id == bytes(28)
+
+    def job_id(self) -> str:
+        from ._api import get_runtime_context
+
+        return get_runtime_context().get_job_id()
+
     def __hash__(self) -> int:
         return hash(self._id)
 

@@ -1,5 +1,12 @@
 """``shmray.util``: as ``ray.util`` — the helpers that make sense on one machine."""
 
 from ._actor import list_named_actors
+from ._actor_pool import ActorPool
 
-__all__ = ["list_named_actors"]
+
+def get_node_ip_address() -> str:
+    """The address of the one node: this machine, on loopback."""
+    return "127.0.0.1"
+
+
+__all__ = ["ActorPool", "get_node_ip_address", "list_named_actors"]
