@@ -64,7 +64,10 @@ class ActorPool:
         if not self.has_next():
             raise StopIteration("the pool has no submitted work left to return")
         if self._next_return_index >= self._next_task_index:
-            raise ValueError("get_next() returns results in submission order, which get_next_unordered() has already broken; keep using get_next_unordered()")
+            raise ValueError(
+                "get_next() returns results in submission order, which get_next_unordered() "
+                "has already broken; keep using get_next_unordered()"
+            )
         ref = self._index_to_future[self._next_return_index]
         if timeout is not None:
             ready, _ = wait([ref], timeout=timeout)
