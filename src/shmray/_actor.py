@@ -216,7 +216,7 @@ class ActorHandle:
         runtime = _current()
         limit = self._actor_options.get("max_pending_calls", -1)
         if limit is not None and limit > 0:
-            self._pending = {i for i in self._pending if not runtime.known_ready(i)}
+            self._pending = runtime.still_pending(self._pending)
             if len(self._pending) >= limit:
                 raise exceptions.PendingCallsLimitExceeded(
                     f"actor {self._class_name} has {len(self._pending)} calls pending from this "

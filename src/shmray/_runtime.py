@@ -507,8 +507,12 @@ class Runtime:
     # -- tasks and queries -------------------------------------------------------------
 
     def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
+        return self._send_owning((P.SUBMIT, spec), return_ids)
+
+    def _send_owning(self, message: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
+        """Send a task or call; we own its results, whose READY will come unasked."""
         with self._lock:
-            self.conn.send((P.SUBMIT, spec))
+            self.conn.send(message)
             self._owned_pending.update(return_ids)
             refs = [self.add_owned_ref(object_id) for object_id in return_ids]
         self.flush_soon()
@@ -536,17 +540,14 @@ class Runtime:
 
     def call_actor(self, actor_id: bytes, spec: tuple, return_ids) -> List[ObjectRef]:
         with self._lock:
-            self.conn.send((P.ACTOR_CALL, actor_id, spec))
             self.actor_calls.add(spec[P.SPEC_TASK_ID])
-            self._owned_pending.update(return_ids)
-            refs = [self.add_owned_ref(object_id) for object_id in return_ids]
-        self.flush_soon()
-        return refs
+        return self._send_owning((P.ACTOR_CALL, actor_id, spec), return_ids)
 
-    def known_ready(self, object_id: bytes) -> bool:
+    def still_pending(self, ids) -> set:
+        """Those of ``ids`` we hold and have not seen ready (READYs waiting are read first)."""
         with self._lock:
-            self.poll()  # READY messages may be waiting unread
-            return object_id in self._locations or object_id not in self._counts
+            self.poll()
+            return {i for i in ids if i in self._counts and i not in self._locations}
 
     def query(self, what):
         """Ask the scheduler (resources, workers, actors); waits for the answer."""

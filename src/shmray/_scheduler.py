@@ -395,7 +395,7 @@ class Scheduler:
             f"object {object_id.hex()} is unknown to this session: it was freed (no ref was "
             "left to it) or it belongs to another session"
         )
-        return serialize(error, META_ERROR).to_bytes(), META_ERROR
+        return self._serialized(error)
 
     def _make_ready(self, object_id, entry: ObjectEntry, data, metadata, contained) -> None:
         entry.ready = True
@@ -708,12 +708,16 @@ class Scheduler:
         self._finish(task, [(object_id, data, metadata, []) for object_id in task.return_ids])
 
     def _release_task_holds(self, task: Task) -> None:
-        for object_id in task.held_ids:
+        held, task.held_ids = task.held_ids, []
+        self._release_arg_holds(held)
+
+    def _release_arg_holds(self, ids) -> None:
+        """Drop the holds a pending task or actor constructor had on its arguments."""
+        for object_id in ids:
             entry = self.objects.get(object_id)
             if entry is not None:
                 entry.arg_holds -= 1
                 self._maybe_free(object_id, entry)
-        task.held_ids = []
 
     def on_blocked(self, worker: Client) -> None:
         task = worker.task
@@ -1014,12 +1018,8 @@ class Scheduler:
         actor.queues.clear()
 
     def _release_creation_holds(self, actor: Actor) -> None:
-        holds, actor.creation_holds = actor.creation_holds, []
-        for object_id in holds:
-            entry = self.objects.get(object_id)
-            if entry is not None:
-                entry.arg_holds -= 1
-                self._maybe_free(object_id, entry)
+        held, actor.creation_holds = actor.creation_holds, []
+        self._release_arg_holds(held)
 
     def _died_error(self, actor: Actor, why: str) -> tuple:
         return self._serialized(exceptions.ActorDiedError(
@@ -1079,7 +1079,7 @@ class Scheduler:
                     "causes: the process ran out of memory, a C extension crashed, or it called "
                     "os._exit(); set max_retries to try more often."
                 )
-                self._fail(task, serialize(error, META_ERROR).to_bytes(), META_ERROR)
+                self._fail(task, *self._serialized(error))
         self._release_holds_of(client)
         while self.num_workers < self.min_workers and self.running:
             self.start_worker()
