@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _process, _protocol as P, _runtime
+from . import _object_ref, _process, _protocol as P, _runtime
 from ._connection import connection_pair
 from ._object_ref import ObjectRef
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -196,8 +196,6 @@ def _context(runtime: _runtime.Runtime) -> RayContext:
 
 def is_initialized() -> bool:
     """True in a driver after init(), and always inside tasks and actors."""
-    from . import _object_ref
-
     return _runtime_now is not None or _object_ref._default_tracker is not None
 
 
@@ -241,8 +239,6 @@ def _current() -> _runtime.Runtime:
     runtime = _runtime_now
     if runtime is None:
         # Inside a worker the runtime is installed on the ObjectRef tracker, not here.
-        from . import _object_ref
-
         tracker = _object_ref._default_tracker
         if tracker is not None:
             return tracker
@@ -367,12 +363,7 @@ def _check_refs(refs, what: str, runtime) -> None:
 
 def _check_session(ref: ObjectRef, runtime) -> None:
     if ref._tracker is not runtime:
-        from .exceptions import RaySystemError
-
-        raise RaySystemError(
-            f"{ref!r} belongs to a shmray session that has been shut down; its object is "
-            "gone. Refs can't outlive shmray.shutdown()."
-        )
+        _object_ref._runtime_for(ref)  # raises: the ref's session was shut down
 
 
 def _check_timeout(timeout):

@@ -80,7 +80,8 @@ def _runtime_for(ref: ObjectRef):
         from .exceptions import RaySystemError
 
         raise RaySystemError(
-            f"{ref!r} belongs to a shmray session that has been shut down; its object is gone"
+            f"{ref!r} belongs to a shmray session that has been shut down; its object is "
+            "gone. Refs can't outlive shmray.shutdown()."
         )
     return tracker
 
