@@ -121,14 +121,16 @@ def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str) -> Dict[
 
 
 def env_vars(options: Dict[str, Any]) -> Dict[str, str]:
-    return {k: str(v) for k, v in ((options.get("runtime_env") or {}).get("env_vars") or {}).items()}
+    variables = (options.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: str(value) for name, value in variables.items()}
 
 
 def task_extra(options: Dict[str, Any]):
     """The spec's ``extra`` field: None for the usual task, so it costs nothing."""
     extra = {}
-    if env_vars(options):
-        extra["env_vars"] = env_vars(options)
+    variables = env_vars(options)
+    if variables:
+        extra["env_vars"] = variables
     if options.get("max_calls"):
         extra["max_calls"] = options["max_calls"]
     return extra or None
