@@ -228,7 +228,8 @@ class ActorHandle:
         spec = (task_id, method_name, f"{self._class_name}.{method_name}", args_blob, arg_ids,
                 contained, num_returns, {}, retries, False, None)
         return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
-        refs = runtime.call_actor(self._actor_id, spec, return_ids)
+        refs = runtime.call_actor(self._actor_id, spec, return_ids,
+                                  direct_ok=not arg_ids and not contained)
         del temporaries
         if limit is not None and limit > 0:
             self._pending.update(return_ids)

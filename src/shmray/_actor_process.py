@@ -2,8 +2,11 @@
 
 Runs in: actor processes (forked by the scheduler, named ``shmray::ClassName``).
 
-The mailbox is the actor's connection to the scheduler, which forwards each caller's calls in
-the order they were made; here they run:
+Calls arrive two ways: straight from their callers over direct channels (``_direct``: a
+listening socket, one connection per calling process; calls without refs among their
+arguments), and forwarded by the scheduler (the rest, in each caller's order).  Results go back
+the way their call came, and the scheduler hears of direct calls' results in batches.  Here
+they run:
 
 - sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
   which also reads the connection between calls, exactly like a worker;
@@ -28,14 +31,18 @@ import collections
 import concurrent.futures
 import inspect
 import os
+import select
+import time
 
 import cloudpickle
 
-from . import _output, _protocol as P, _runtime, exceptions
+from . import _direct, _output, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
                       task_error)
+
+_REPLY_BATCH = 64  # replies held back at most, while calls are queued
 
 
 class ActorProcess(Worker):
@@ -58,6 +65,62 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
+        # Direct channels: callers connect here; each call remembers where it came from.
+        self.listener = _direct.listen(runtime.session_dir, self.actor_id)
+        self.callers: dict = {}         # fd -> (connection, caller pid)
+        self.origins: dict = {}         # task id -> (connection, caller pid): a direct call
+        self.cancelled_early: set = set()  # cancels that overtook their direct call
+        # A sync actor with more calls queued holds replies back a little: one frame and one
+        # wake-up of the caller for many (the reader writes them before it waits).
+        self.batch_replies = not self.is_async and self.max_concurrency == 1
+        self.watch = self._watch_in_runtime  # the async loop replaces this with its own
+        self.unwatch = self.runtime.readers.pop
+        if self.listener is not None:
+            self.watch(self.listener.fileno(), self._accept)
+
+    # -- direct channels ------------------------------------------------------------------
+
+    def _watch_in_runtime(self, fd: int, callback) -> None:
+        self.runtime.readers[fd] = callback
+
+    def _accept(self) -> None:
+        while True:
+            accepted = _direct.accept(self.listener)
+            if accepted is None:
+                return
+            conn, caller_pid = accepted
+            self.callers[conn.fd] = (conn, caller_pid)
+            self.watch(conn.fd, lambda conn=conn, pid=caller_pid: self._read_caller(conn, pid))
+
+    def _read_caller(self, conn, caller_pid: int) -> None:
+        """Calls from one caller, in its order (the runtime's lock is held)."""
+        closed = False
+        try:
+            conn.fill_nonblocking()
+        except (ConnectionClosed, OSError):
+            closed = True
+        for message in conn.recv_messages(block=False):
+            task_id = message[1]
+            self.origins[task_id] = (conn, caller_pid)
+            if task_id in self.cancelled_early:
+                self.cancelled_early.discard(task_id)
+                self._done(task_id, _cancelled_results(task_id, message[6]), False)
+                continue
+            self.on_message(message)
+        if closed:  # the caller is gone; results still owed it are reported to the scheduler
+            self.unwatch(conn.fd, None)
+            self.callers.pop(conn.fd, None)
+            self.runtime.unflushed.discard(conn)
+            conn.close()
+
+    def _drain_callers(self) -> None:
+        """Read every call already sent straight to us (before ending: a caller's calls are
+        written before its last handle is released, so all of them are here by now)."""
+        if self.listener is None:
+            return
+        self._accept()
+        for conn, caller_pid in list(self.callers.values()):
+            self._read_caller(conn, caller_pid)
 
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
@@ -80,6 +143,8 @@ class ActorProcess(Worker):
         running = self.running_calls.get(task_id)
         if running is not None:
             running.cancel()
+        elif self.listener is not None and len(self.cancelled_early) < 100_000:
+            self.cancelled_early.add(task_id)  # a direct call still on its way, perhaps
 
 
     # -- construction ------------------------------------------------------------------
@@ -168,10 +233,50 @@ class ActorProcess(Worker):
         return error_results(task_id, task_error(name, exc), num_returns)
 
     def _done(self, task_id, results, retryable) -> None:
-        self.runtime.send((P.TASK_DONE, task_id, results, retryable))
-        if self.exit_requested:
-            self.runtime.send((P.ACTOR_EXITING,))
-        self.runtime.flush()
+        runtime = self.runtime
+        origin = self.origins.pop(task_id, None)
+        if origin is None:
+            runtime.send((P.TASK_DONE, task_id, results, retryable))
+            if self.exit_requested:
+                runtime.send((P.ACTOR_EXITING,))
+            runtime.flush()
+            return
+        conn, caller_pid = origin
+        # Results holding refs go back through the scheduler, which must count those refs
+        # before the caller can use them; the others go straight back.
+        delivered = [(i, data, meta) for i, data, meta, contained in results if not contained]
+        undelivered = [i for i, _, _, contained in results if contained]
+        with runtime._lock:
+            runtime.send((P.DIRECT_DONE, task_id, results, caller_pid))
+            if self.exit_requested:
+                runtime.send((P.ACTOR_EXITING,))
+            if undelivered or self.exit_requested:
+                runtime.flush()
+            if conn.fd in self.callers:
+                conn.send((P.RESULT, delivered, undelivered))
+                if self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH:
+                    runtime.unflushed.add(conn)  # sent with the next, or before we wait
+                else:
+                    runtime.write_some(conn)
+                    if conn in runtime.unflushed:
+                        self.on_unflushed(conn)
+        runtime.flush_later()
+
+    def finish_replies(self, patience: float = 2.0) -> None:
+        """Before exiting: write what callers are still owed (a caller that doesn't read for
+        this long gets its results from the scheduler instead)."""
+        runtime = self.runtime
+        deadline = time.monotonic() + patience
+        with runtime._lock:
+            while runtime.unflushed and time.monotonic() < deadline:
+                for conn in list(runtime.unflushed):
+                    runtime.write_some(conn)
+                if runtime.unflushed:
+                    select.select([], [c.fd for c in runtime.unflushed], [], 0.05)
+
+    def on_unflushed(self, conn) -> None:
+        """A caller's socket is full: the runtime's reader finishes the write (the async
+        loop replaces this)."""
 
     # -- the loops -------------------------------------------------------------------------
 
@@ -191,6 +296,8 @@ class ActorProcess(Worker):
                 runtime.poll()  # a CANCEL_CALL may be waiting behind the calls queued here
                 runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
+                if self.exiting and not self.queue:
+                    self._drain_callers()
             except exceptions.RaySystemError:
                 return None
             if self.exit_requested or not self.queue:
@@ -285,20 +392,48 @@ class ActorProcess(Worker):
                     return
                 for message in messages:
                     runtime.handle(message)
+                if self.exiting:
+                    self._drain_callers()
                 runtime._cv.notify_all()
             start_queued()
             if self.exiting:
                 finished.set()
 
+        def watch(fd, callback):
+            def on_ready():
+                with runtime._lock:
+                    callback()
+                    runtime._cv.notify_all()
+                start_queued()
+            loop.add_reader(fd, on_ready)
+
+        def on_unflushed(conn):
+            def on_writable():
+                with runtime._lock:
+                    runtime.write_some(conn)
+                    if conn not in runtime.unflushed:
+                        loop.remove_writer(conn.fd)
+            loop.add_writer(conn.fd, on_writable)
+
+        def unwatch(fd, default=None):
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
         self.wake = lambda: loop.call_soon(start_queued)
+        self.watch, self.unwatch, self.on_unflushed = watch, unwatch, on_unflushed
+        for fd, callback in list(runtime.readers.items()):  # the listener, registered early
+            runtime.readers.pop(fd)
+            watch(fd, callback)
         runtime.conn.sock.setblocking(False)
         loop.add_reader(runtime.conn.fd, on_readable)
         start_queued()
         on_readable()
         await finished.wait()
         loop.remove_reader(runtime.conn.fd)
-        if self.exiting and running:  # EXIT comes after the calls sent before it
-            await asyncio.gather(*running, return_exceptions=True)
+        if self.exiting:  # EXIT comes after the calls sent before it: finish them all
+            while self.queue or running:
+                start_queued()
+                await asyncio.gather(*running, return_exceptions=True)
 
 
 def actor_main(conn, store, session_dir: str, options: dict) -> None:
@@ -316,5 +451,7 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
         for early in start:  # what arrived with START_ACTOR, in order (calls, cancels)
             actor.on_message(early)
         actor.run()
+        actor.finish_replies()
+        runtime.flush()  # direct calls' results the scheduler has not heard of yet
     except (ConnectionClosed, exceptions.RaySystemError):
         pass

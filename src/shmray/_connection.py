@@ -22,7 +22,7 @@ import pickle
 import select
 import socket
 import struct
-from typing import List, Optional
+from typing import List
 
 _frame = struct.Struct("<I")
 _READ_SIZE = 1 << 16  # below malloc's mmap threshold: recv() of 1 MiB costs an mmap per call
@@ -99,21 +99,17 @@ class Connection:
             messages = self._parse()
             if messages or not block:
                 return messages
-            self._fill()
+            self.fill()
 
     def fill_nonblocking(self) -> None:
         """Read what is available now (the socket must be non-blocking)."""
         try:
-            self._fill()
+            self.fill()
         except BlockingIOError:
             pass
 
-    def fill_if_readable(self) -> None:
-        """Read what has arrived, if anything, without waiting (blocking sockets too)."""
-        if wait_readable(self.fd, 0):
-            self._fill()
-
-    def _fill(self) -> None:
+    def fill(self) -> None:
+        """Read what has arrived (once the socket is known readable, it doesn't block)."""
         try:
             chunk = self.sock.recv(_READ_SIZE)
         except ConnectionResetError as exc:
@@ -157,11 +153,6 @@ def connection_pair(peer_a: str, peer_b: str):
     """Two connected ends: (a, b); each end's ``peer`` names the other side."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return Connection(a, peer=peer_b), Connection(b, peer=peer_a)
-
-
-def wait_readable(fd: int, timeout: Optional[float]) -> bool:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return bool(ready)
 
 
 def close_fd_quietly(fd: int) -> None:

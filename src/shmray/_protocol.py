@@ -31,12 +31,18 @@ Client (driver, worker, actor) -> scheduler
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
+    DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
+                                                     actor_pid (``_direct``); the sender holds
+                                                     its results
     KILL_ACTOR         actor_id, no_restart          SIGKILL the actor process
     CANCEL             task_id, force, recursive     stop a task (or an actor call)
 Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
                                                      serialized)
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
+    DIRECT_DONE        task_id, results, caller_pid  a direct call's results (as TASK_DONE's);
+                                                     those without refs inside were delivered
+                                                     to the caller already
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -51,6 +57,12 @@ Scheduler -> client
     CANCEL_CALL        task_id                       cancel a call sent before (queued calls
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
+Caller -> actor, and back, on a direct channel (``_direct``)
+    CALL               as the scheduler's CALL; arg_ids is always empty
+    RESULT             delivered, undelivered        [(object_id, data, metadata)] of the
+                                                     results without refs inside; the ids of
+                                                     the others, which come as READY from the
+                                                     scheduler (it must count those refs first)
 
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
 options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,
@@ -81,6 +93,8 @@ KILL_ACTOR = 13
 ACTOR_STARTED = 14
 ACTOR_EXITING = 15
 CANCEL = 16
+DIRECT_CALL = 17
+DIRECT_DONE = 18
 
 READY = 20
 EXECUTE = 21
@@ -89,6 +103,7 @@ REPLY = 23
 START_ACTOR = 24
 CALL = 25
 CANCEL_CALL = 26
+RESULT = 27
 
 # TaskSpec field positions
 SPEC_TASK_ID = 0

@@ -22,12 +22,13 @@ import collections
 import concurrent.futures
 import gc
 import os
+import select
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import _object_ref, _protocol as P, exceptions
-from ._connection import Connection, ConnectionClosed, wait_readable
+from . import _direct, _object_ref, _protocol as P, exceptions
+from ._connection import Connection, ConnectionClosed
 from ._ids import object_id_for_put
 from ._object_ref import ObjectRef
 from ._object_store import (
@@ -43,8 +44,11 @@ INLINE_THRESHOLD = 100 * 1024
 _RELEASES_ALONE = 64  # queued release messages worth a frame of their own
 _BATCH_WINDOW = 200e-6  # a submission this soon after a flush waits for the next frame
 _FLUSH_DELAY = 0.001    # ...but no longer than this
-_RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
+_RESTORE_WAIT = 120.0
+_SPIN_SECONDS = 100e-6 if (os.cpu_count() or 1) > 1 else 0.0   # how long a get waits for another process to restore an object
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
+# Messages that may wait for the next frame: nobody is waiting on them.
+_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE))
 
 
 class Runtime:
@@ -83,6 +87,19 @@ class Runtime:
         self.closed = False
         self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
         self.external_reader = False  # an event loop reads the connection (async actors)
+        # Direct channels to actors (_direct): actor id -> channel, or None once one broke
+        # (that actor's calls then go through the scheduler for good).
+        self._channels: Dict[bytes, Optional[_Channel]] = {}
+        self._direct_pending: Dict[bytes, bytes] = {}  # result id -> actor id, not arrived
+        self._routed: Dict[bytes, set] = {}     # actor id -> first result ids of calls that
+        self._routed_ids: Dict[bytes, bytes] = {}  # went through the scheduler, unfinished
+        # Descriptors read besides the scheduler's: fd -> callback (with the lock held);
+        # channels, and an actor's listening socket and callers.
+        self.readers: Dict[int, Callable[[], None]] = {}
+        # Non-blocking connections with messages or bytes still to write; the reader writes
+        # them when it waits, the flusher within a millisecond.
+        self.unflushed: set = set()
+        self._recent_wait = 1.0  # how long waits for messages took lately (seconds, EWMA)
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.session_dir, "spill")
@@ -119,11 +136,16 @@ class Runtime:
         if time.monotonic() - self._last_flush > _BATCH_WINDOW:
             self.flush()
             return
+        self.flush_later()
+
+    def flush_later(self) -> None:
+        """Send within ``_FLUSH_DELAY`` (or with the next message that can't wait): for
+        reports nobody is waiting on, such as the registration of a direct actor call."""
         if self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_later, name="shmray-flusher",
                                              daemon=True)
             self._flusher.start()
-        if not self._flush_wanted.is_set():  # set() takes a lock and notifies: ~1 us
+        if not self._flush_wanted.is_set():
             self._flush_wanted.set()
 
     def _flush_later(self) -> None:
@@ -139,6 +161,10 @@ class Runtime:
                     self.flush()
                 except exceptions.RaySystemError:
                     return
+                for conn in list(self.unflushed):
+                    self.write_some(conn)
+                if self.unflushed:
+                    wanted.set()  # a channel still full: try again in a millisecond
 
     def _scheduler_gone(self) -> exceptions.RaySystemError:
         if self.closed:
@@ -184,6 +210,7 @@ class Runtime:
             self._locations.pop(object_id, None)
             self._subscribed.discard(object_id)
             self._owned_pending.discard(object_id)
+            self._direct_pending.pop(object_id, None)
             self.actor_calls.discard(object_id[:24])
             released.append(object_id)
         if released and not self.closed:
@@ -261,7 +288,8 @@ class Runtime:
         """The ids not ready yet; asks to hear of those no READY is already coming for."""
         missing = [i for i in ids if not self._is_ready(i)]
         unannounced = [i for i in missing
-                       if i not in self._owned_pending and i not in self._subscribed]
+                       if i not in self._owned_pending and i not in self._subscribed
+                       and i not in self._direct_pending]
         if unannounced:
             self._subscribed.update(unannounced)
             self.conn.send((P.SUBSCRIBE, unannounced))
@@ -289,15 +317,18 @@ class Runtime:
                 self.blocked_hook(False)
 
     def _flush_before_waiting(self) -> None:
-        """Send what we wait on; releases alone wait for the next message (or until many).
+        """Send what we wait on; releases and direct calls' reports alone wait for the next
+        message (or until many, or the flusher's millisecond).
 
-        A frame of nothing but releases would wake the scheduler for no one's benefit: every
+        A frame of nothing but those would wake the scheduler for no one's benefit: every
         wake-up across CPUs costs ~30 us here, a third of a task's round trip.
         """
         self._drain_releases()
+        for conn in list(self.unflushed):
+            self.write_some(conn)
         pending = self.conn.pending
         if pending and (len(pending) >= _RELEASES_ALONE
-                        or any(message[0] != P.RELEASE for message in pending)):
+                        or any(message[0] not in _DEFERRABLE for message in pending)):
             try:
                 self.conn.flush()
             except ConnectionClosed as exc:
@@ -306,10 +337,13 @@ class Runtime:
     def _read_once(self, timeout: Optional[float]) -> None:
         """Become the reader: wait for messages without the lock, handle them with it."""
         self._reading = True
+        readers = [self.conn.fd, *self.readers]
+        writers = [conn.fd for conn in self.unflushed]
         self._lock.release()
         try:
             messages = []
-            if wait_readable(self.conn.fd, None if timeout is None else min(timeout, 3600)):
+            readable, writable = self._select(readers, writers, timeout)
+            if self.conn.fd in readable:
                 messages = self.conn.recv_messages(block=True)
         except (ConnectionClosed, OSError) as exc:  # OSError: closed under us by shutdown
             self._lock.acquire()
@@ -323,26 +357,89 @@ class Runtime:
             raise
         self._lock.acquire()
         self._reading = False
-        for message in messages:
-            self.handle(message)
-        self._cv.notify_all()
+        try:
+            for message in messages:
+                self.handle(message)
+            self._serve_descriptors(readable, writable)
+        finally:
+            self._cv.notify_all()
+
+    def _select(self, readers, writers, timeout: Optional[float]):
+        """select(), after a short spin when answers have been coming back fast.
+
+        A process waiting on a peer across CPUs is woken ~30 us after the peer writes (this
+        VM's wake-up); one polling its sockets sees the bytes at once.  So a process with
+        direct channels whose recent waits were short polls for up to ``_SPIN_SECONDS``
+        before it sleeps: an actor round trip then costs no wake-up on either side.  Waits
+        that outlast the spin stop it, so an idle or long-waiting process never burns a CPU.
+        """
+        started = time.perf_counter()
+        if self.readers and self._recent_wait < _SPIN_SECONDS:
+            deadline = started + _SPIN_SECONDS
+            while True:
+                readable, writable, _ = select.select(readers, writers, [], 0)
+                if readable or writable:
+                    self._recent_wait = 0.5 * (self._recent_wait +
+                                               time.perf_counter() - started)
+                    return readable, writable
+                if time.perf_counter() > deadline:
+                    break
+                os.sched_yield()  # the peer may be waiting for this very CPU
+            if timeout is not None:
+                timeout = max(timeout - _SPIN_SECONDS, 0.0)
+        readable, writable, _ = select.select(
+            readers, writers, [], None if timeout is None else min(timeout, 3600))
+        self._recent_wait = 0.5 * (self._recent_wait + time.perf_counter() - started)
+        return readable, writable
+
+    def _serve_descriptors(self, readable, writable) -> None:
+        """Read the channels and other descriptors that are ready (caller holds the lock)."""
+        for fd in readable:
+            callback = self.readers.get(fd)
+            if callback is not None:
+                callback()
+        for fd in writable:
+            for conn in list(self.unflushed):
+                if conn.fd == fd:
+                    self.write_some(conn)
+
+    def write_some(self, conn: Connection) -> None:
+        """Write what a non-blocking connection takes now; the rest when it has room."""
+        try:
+            if conn.flush_nonblocking():
+                self.unflushed.discard(conn)
+            else:
+                self.unflushed.add(conn)
+        except (ConnectionClosed, OSError):
+            self.unflushed.discard(conn)  # its reader sees the EOF and deals with it
 
     def poll(self) -> None:
         """Handle whatever has arrived, without waiting (caller holds the lock)."""
         if self._reading:
             return
-        try:
-            self.conn.fill_if_readable()
-        except ConnectionClosed as exc:
-            raise self._scheduler_gone() from exc
-        for message in self.conn.recv_messages(block=False):
-            self.handle(message)
+        if self.readers or self.unflushed:  # one select() for every descriptor
+            readable, writable, _ = select.select(
+                [self.conn.fd, *self.readers], [conn.fd for conn in self.unflushed], [], 0)
+        else:
+            readable, writable = select.select([self.conn.fd], [], [], 0)[0], ()
+        if self.conn.fd in readable:
+            try:
+                self.conn.fill()
+            except ConnectionClosed as exc:
+                raise self._scheduler_gone() from exc
+            for message in self.conn.recv_messages(block=False):
+                self.handle(message)
+        self._serve_descriptors(readable, writable)
 
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:
             _, object_id, data, metadata = message
             self._owned_pending.discard(object_id)
+            if self._routed_ids:
+                actor_id = self._routed_ids.pop(object_id, None)
+                if actor_id is not None:
+                    self._routed[actor_id].discard(object_id)
             if object_id in self._counts:
                 self._locations[object_id] = (data, metadata)
                 self._subscribed.discard(object_id)
@@ -538,10 +635,81 @@ class Runtime:
         self.flush()
         return ref, options
 
-    def call_actor(self, actor_id: bytes, spec: tuple, return_ids) -> List[ObjectRef]:
+    def call_actor(self, actor_id: bytes, spec: tuple, return_ids,
+                   direct_ok: bool) -> List[ObjectRef]:
+        """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
+        arguments) and order allows (``_direct``), else through the scheduler."""
         with self._lock:
             self.actor_calls.add(spec[P.SPEC_TASK_ID])
-        return self._send_owning((P.ACTOR_CALL, actor_id, spec), return_ids)
+            channel = self._channel(actor_id) if direct_ok else None
+            if channel is None:
+                first = return_ids[0]
+                self._routed.setdefault(actor_id, set()).add(first)
+                self._routed_ids[first] = actor_id
+                return self._send_owning((P.ACTOR_CALL, actor_id, spec), return_ids)
+            conn = channel.conn
+            conn.send((P.CALL, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID], spec[P.SPEC_NAME],
+                       spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {}))
+            now = time.monotonic()
+            if now - channel.last_write > _BATCH_WINDOW:
+                channel.last_write = now
+                self.write_some(conn)
+            else:  # a burst of calls: one frame for many (get/wait send it before waiting)
+                self.unflushed.add(conn)
+            self.send((P.DIRECT_CALL, actor_id, channel.actor_pid, spec))
+            for object_id in return_ids:
+                self._direct_pending[object_id] = actor_id
+            refs = [self.add_owned_ref(object_id) for object_id in return_ids]
+        self.flush_later()
+        return refs
+
+    def _channel(self, actor_id: bytes) -> Optional["_Channel"]:
+        """The direct channel to use for this call, or None (caller holds the lock)."""
+        if self._routed.get(actor_id) or self.external_reader:
+            # Calls of ours still in the scheduler would be overtaken.  (An async actor's
+            # event loop reads only its scheduler connection, so it calls through that.)
+            return None
+        channel = self._channels.get(actor_id, False)
+        if channel is not False:
+            return channel
+        connected = _direct.connect(self.session_dir, actor_id)
+        if connected is None:  # not listening yet: try again once the routed calls are done
+            return None
+        channel = self._channels[actor_id] = _Channel(*connected)
+        self.readers[channel.conn.fd] = lambda: self._read_channel(actor_id, channel)
+        return channel
+
+    def _read_channel(self, actor_id: bytes, channel: "_Channel") -> None:
+        """Results the actor sent straight back (caller holds the lock)."""
+        conn = channel.conn
+        lost = False
+        try:
+            conn.fill_nonblocking()
+        except (ConnectionClosed, OSError):
+            lost = True
+        for _, delivered, undelivered in conn.recv_messages(block=False):
+            for object_id, data, metadata in delivered:
+                if self._direct_pending.pop(object_id, None) is not None:
+                    self.handle((P.READY, object_id, data, metadata))
+            for object_id in undelivered:  # they hold refs: the scheduler announces them
+                if self._direct_pending.pop(object_id, None) is not None:
+                    self._owned_pending.add(object_id)
+        if lost:
+            self._channel_lost(actor_id, channel)
+
+    def _channel_lost(self, actor_id: bytes, channel: "_Channel") -> None:
+        """The actor died or restarted: what it still owes us, the scheduler will tell."""
+        self.readers.pop(channel.conn.fd, None)
+        self.unflushed.discard(channel.conn)
+        channel.conn.close()
+        self._channels[actor_id] = None
+        owed = [i for i, a in self._direct_pending.items() if a == actor_id]
+        for object_id in owed:
+            del self._direct_pending[object_id]
+        owed = [i for i in owed if i in self._counts]
+        if owed:
+            self._subscribed.update(owed)
+            self.conn.send((P.SUBSCRIBE, owed))
 
     def still_pending(self, ids) -> set:
         """Those of ``ids`` we hold and have not seen ready (READYs waiting are read first)."""
@@ -578,8 +746,25 @@ class Runtime:
                 for future in futures:
                     future.cancel()
             self._futures.clear()
+            for channel in self._channels.values():
+                if channel is not None:
+                    channel.conn.close()
+            self._channels.clear()
+            self.readers.clear()
+            self.unflushed.clear()
         self.store.close()
         self.conn.close(hang_up=True)
+
+
+class _Channel:
+    """This process's direct connection to one actor (``_direct``)."""
+
+    __slots__ = ("conn", "actor_pid", "last_write")
+
+    def __init__(self, conn: Connection, actor_pid: int):
+        self.conn = conn
+        self.actor_pid = actor_pid  # which incarnation got our calls, for the scheduler
+        self.last_write = 0.0
 
 
 class _Waiter:

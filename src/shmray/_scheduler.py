@@ -30,7 +30,10 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
   then fails with ``WorkerCrashedError``; tasks sent ahead to it run elsewhere; the pool is
   refilled.
 - Actors: each has a record (``Actor``) with per-caller queues; calls are forwarded in order
-  as their arguments become ready; restarts and deaths are decided here.
+  as their arguments become ready; restarts and deaths are decided here.  Calls without refs
+  among their arguments go straight from caller to actor (``_direct``); both ends report them
+  here (DIRECT_CALL, DIRECT_DONE, in either order), so they are owed, failed and retried like
+  forwarded ones, and a caller's forwarded calls wait until its direct ones are done.
 - The driver's connection closing (exit, crash or SIGKILL) ends the session: workers are
   killed, the session folder is removed, and the scheduler exits.
 
@@ -126,7 +129,7 @@ class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on",
                  "retries_left", "worker", "finished", "held_ids", "actor", "children",
-                 "cancelled", "started_at")
+                 "cancelled", "started_at", "direct")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -148,6 +151,7 @@ class Task:
         self.children: List["Task"] = []      # tasks it submitted while running (cancel)
         self.cancelled = False
         self.started_at = 0.0
+        self.direct = False  # an actor call sent straight to the actor by its caller
 
 
 class Actor:
@@ -155,7 +159,7 @@ class Actor:
 
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
-                 "creation_holds", "out_of_scope")
+                 "creation_holds", "out_of_scope", "direct_open")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -166,6 +170,7 @@ class Actor:
         self.state = "pending"                # pending -> alive -> (pending again) -> dead
         self.queues: Dict[Client, collections.deque] = {}   # per caller, in call order
         self.inflight: Dict[bytes, Task] = {}               # sent to the process, not done
+        self.direct_open: Dict[Client, int] = {}  # per caller: direct calls not done yet
         self.restarts_left = self.options["max_restarts"]
         self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
         self.no_restart = False
@@ -198,6 +203,10 @@ class Scheduler:
         self.actors: Dict[bytes, Actor] = {}
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
         self.unplaced: List[Actor] = []        # actors waiting for arguments or resources
+        # Direct calls whose results came before their caller's registration:
+        # task id -> (results, caller pid).
+        self.early_done: Dict[bytes, tuple] = {}
+        self.direct_calls = 0
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
         if options.get("num_gpus"):
@@ -231,6 +240,8 @@ class Scheduler:
             P.ACTOR_STARTED: self.on_actor_started,
             P.ACTOR_EXITING: self.on_actor_exiting,
             P.CANCEL: self.on_cancel,
+            P.DIRECT_CALL: self.on_direct_call,
+            P.DIRECT_DONE: self.on_direct_done,
         }
 
     # -- clients ---------------------------------------------------------------------------
@@ -747,6 +758,8 @@ class Scheduler:
             value = [w.pid for w in self.workers()]
         elif what == "objects":  # the directory's size, for tests and leak hunting
             value = len(self.objects)
+        elif what == "direct_calls":  # how many actor calls took the direct route
+            value = self.direct_calls
         elif what == "named_actors":
             value = sorted(self.named)
         elif isinstance(what, tuple) and what[0] == "actor":
@@ -924,6 +937,8 @@ class Scheduler:
         if client is None or actor.state != "alive":
             return
         for caller, queue in list(actor.queues.items()):
+            if actor.direct_open.get(caller):
+                continue  # the caller's direct calls, made earlier, run first
             while queue:
                 task = queue[0]
                 if task.finished:
@@ -945,6 +960,92 @@ class Scheduler:
                                    spec[P.SPEC_NUM_RETURNS], values))
             if not queue:
                 del actor.queues[caller]
+
+    def on_direct_call(self, client: Client, actor_id, actor_pid, spec: tuple) -> None:
+        """A call its caller sent straight to the actor process ``actor_pid``."""
+        self.direct_calls += 1
+        task = self._admit(spec, client)
+        task.direct = True
+        actor = task.actor = self.actors.get(actor_id)
+        early = self.early_done.pop(task.task_id, None)
+        if early is not None:
+            self._finish_direct(task, early[0])
+            self._unprotect(early[0])
+            return
+        if task.finished:
+            return
+        if actor is None:
+            self._fail(task, *self._serialized(exceptions.ActorDiedError(
+                f"no actor with id {actor_id.hex()} exists in this session")))
+        elif (actor.state == "alive" and actor.client is not None
+              and actor.client.pid == actor_pid):
+            actor.inflight[task.task_id] = task
+            task.worker = actor.client
+            actor.direct_open[client] = actor.direct_open.get(client, 0) + 1
+        elif actor.state == "dead":
+            self._fail(task, *actor.death)
+        elif task.retries_left != 0:  # the process it went to died: retry on the next one
+            if task.retries_left > 0:
+                task.retries_left -= 1
+            actor.queues.setdefault(client, collections.deque()).append(task)
+            self._forward(actor)
+        else:
+            self._fail(task, *self._died_error(
+                actor, "its process died while this call was on its way to it or running "
+                "(max_task_retries would retry the call)"))
+
+    def on_direct_done(self, client: Client, task_id, results, caller_pid) -> None:
+        actor = client.actor
+        task = actor.inflight.pop(task_id, None) if actor is not None else None
+        if task is None:
+            if task_id in self.tasks:
+                return  # finished meanwhile (e.g. its actor was declared dead)
+            self._keep_early(task_id, results, caller_pid)
+            return
+        open_calls = actor.direct_open.get(task.owner, 0) - 1
+        if open_calls > 0:
+            actor.direct_open[task.owner] = open_calls
+        else:
+            actor.direct_open.pop(task.owner, None)
+        if not task.finished:
+            self._finish_direct(task, results)
+        if open_calls <= 0 and task.owner in actor.queues:
+            self._forward(actor)
+
+    def _finish_direct(self, task: Task, results) -> None:
+        """Results the actor has already given the caller itself, except those with refs
+        inside (``_direct``): only those are announced to it."""
+        for object_id, _, _, contained in results:
+            entry = self.objects.get(object_id)
+            if not contained and entry is not None and task.owner in entry.subscribers:
+                entry.subscribers.remove(task.owner)
+        self._finish(task, results)
+
+    def _keep_early(self, task_id: bytes, results, caller_pid: int) -> None:
+        """Results that overtook their call's registration: kept, and the refs inside them
+        held, until it arrives; dropped if the caller is gone (it never will)."""
+        if not any(c.pid == caller_pid for c in self.clients.values()):
+            self._drop_results(results)
+            return
+        for _, _, _, contained in results:
+            for inner in contained:
+                entry = self.objects.get(inner)
+                if entry is not None:
+                    entry.container_holds += 1
+        self.early_done[task_id] = (results, caller_pid)
+
+    def _unprotect(self, results) -> None:
+        for _, _, _, contained in results:
+            for inner in contained:
+                entry = self.objects.get(inner)
+                if entry is not None:
+                    entry.container_holds -= 1
+                    self._maybe_free(inner, entry)
+
+    def _drop_results(self, results) -> None:
+        for object_id, data, _, _ in results:
+            if data is None:
+                _delete_quietly(self.store, object_id)
 
     def on_kill_actor(self, client: Client, actor_id, no_restart) -> None:
         actor = self.actors.get(actor_id)
@@ -980,6 +1081,7 @@ class Scheduler:
         actor.client = None
         inflight = list(actor.inflight.values())
         actor.inflight.clear()
+        actor.direct_open.clear()
         if not actor.no_restart and actor.restarts_left != 0:
             if actor.restarts_left > 0:
                 actor.restarts_left -= 1
@@ -1046,6 +1148,11 @@ class Scheduler:
         if client.kind == "driver":
             self.running = False
             return
+        for task_id, (results, caller_pid) in list(self.early_done.items()):
+            if caller_pid == client.pid:  # its registration will never come
+                del self.early_done[task_id]
+                self._drop_results(results)
+                self._unprotect(results)
         status = _reap(client.pid)
         self.store.reap(client.pid)
         if client.actor is not None:

@@ -1,0 +1,89 @@
+"""Direct caller <-> actor channels: an actor call in two hops instead of four.
+
+Runs in: actor processes (the listening side) and every process that calls actors.
+
+An actor listens on a Unix socket in the abstract namespace (no file to clean up), named after
+the session and the actor.  A calling process connects once per actor and keeps the
+connection; a call whose arguments hold no ObjectRef (nothing to wait for, nothing whose
+lifetime the scheduler must track on the way) is written straight to the actor, which writes
+the result straight back::
+
+    caller ── CALL ──────────────────────▶ actor          (the critical path: 2 hops)
+       └──── DIRECT_CALL (batched) ──▶ scheduler ◀── DIRECT_DONE (batched) ──┘
+
+The scheduler still hears of every call, off the critical path and in batches: the caller
+registers it (so its results are in the object directory, held and freed like any other, and
+passing them to a task works), the actor reports its results.  Either report may arrive
+first; the scheduler pairs them.  If the actor dies, the scheduler fails or retries the calls
+it was owed exactly as for calls it forwarded itself, and a caller that loses its channel asks
+the scheduler for the outstanding results instead.
+
+Per-caller order holds across both routes: a caller sends directly only while none of its
+calls to that actor that went through the scheduler is unfinished, and the scheduler forwards
+a caller's call only once that caller's direct calls to the actor are done.  A caller that
+saw the channel break (the actor died or restarted) routes every later call through the
+scheduler, which knows what became of the actor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Optional, Tuple
+
+from ._connection import Connection
+
+_BACKLOG = 128
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def address(session_dir: str, actor_id: bytes) -> bytes:
+    """The actor's abstract socket name: unique to this session and actor."""
+    return b"\0shmray-" + os.path.basename(session_dir).encode() + b"-" + actor_id.hex().encode()
+
+
+def listen(session_dir: str, actor_id: bytes) -> Optional[socket.socket]:
+    """The actor's listening socket, or None if the name is taken (every call then goes
+    through the scheduler, which is slower but complete)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address(session_dir, actor_id))
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+def accept(listener: socket.socket) -> Optional[Tuple[Connection, int]]:
+    """A caller's connection (non-blocking) and the caller's pid, or None if none waits."""
+    try:
+        sock, _ = listener.accept()
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return None
+    sock.setblocking(False)
+    return Connection(sock, peer="caller"), peer_pid(sock)
+
+
+def connect(session_dir: str, actor_id: bytes) -> Optional[Tuple[Connection, int]]:
+    """Connect to the actor; (connection, actor pid), or None if it is not listening (not
+    started yet, gone, or its backlog is full): the call then goes through the scheduler."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(address(session_dir, actor_id))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+            return None
+        raise
+    return Connection(sock, peer="actor"), peer_pid(sock)
+
+
+def peer_pid(sock: socket.socket) -> int:
+    pid, _, _ = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid

@@ -1,0 +1,203 @@
+"""Direct caller <-> actor channels (``_direct``): the route, the order across routes, and
+what happens to direct calls when things go wrong.  Through real processes and sockets."""
+
+import gc
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import runtime, settle, wait_for
+
+
+def direct_calls():
+    return runtime().query("direct_calls")
+
+
+@pytest.fixture
+def Log(ray):
+    @ray.remote
+    class Log:
+        def __init__(self):
+            self.entries = []
+
+        def add(self, entry):
+            self.entries.append(entry)
+            return entry
+
+        def entries_(self):
+            return list(self.entries)
+
+        def nap(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+        def pid(self):
+            return os.getpid()
+
+        def wrap(self, value):  # the result holds a ref: it must come through the scheduler
+            return [ray.put(value)]
+
+        def die(self):
+            os._exit(1)
+
+        def big(self, i):
+            return np.zeros(200_000) + i
+
+    return Log
+
+
+def test_plain_calls_go_direct_and_calls_with_refs_do_not(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))  # the first call may find the actor not listening yet
+    before = direct_calls()
+    assert ray.get([log.add.remote(i) for i in range(50)]) == list(range(50))
+    assert direct_calls() - before >= 49
+    before = direct_calls()
+    assert ray.get(log.add.remote(ray.put(7))) == 7  # a ref argument: through the scheduler
+    assert direct_calls() == before
+
+
+def test_order_holds_across_both_routes(ray, Log):
+    @ray.remote
+    def slow(value):
+        time.sleep(0.05)
+        return value
+
+    log = Log.remote()
+    ray.get(log.add.remote(-1))
+    expected = []
+    for i in range(300):
+        if i % 50 == 7:
+            log.add.remote(slow.remote(i))  # waits for its argument in the scheduler
+        elif i % 3 == 0:
+            log.add.remote(ray.put(i))
+        else:
+            log.add.remote(i)  # direct, and must not overtake the ones above
+        expected.append(i)
+    assert ray.get(log.entries_.remote())[1:] == expected
+
+
+def test_results_holding_refs_come_back_whole(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    start = runtime().store.statistics().bytes_in_use
+    [inner] = ray.get(log.wrap.remote(np.arange(200_000)))  # the inner object is in the arena
+    assert ray.get(inner)[-1] == 199_999
+    refs = [log.wrap.remote(i) for i in range(100)]
+    assert [ray.get(ray.get(r)[0]) for r in refs] == list(range(100))
+    del inner, refs
+    settle()
+    wait_for(lambda: runtime().store.statistics().bytes_in_use <= start)
+
+
+def test_result_of_a_direct_call_feeds_tasks_and_other_actors(ray, Log):
+    @ray.remote
+    def double(x):
+        return 2 * x
+
+    a, b = Log.remote(), Log.remote()
+    ray.get([a.add.remote(0), b.add.remote(0)])
+    for i in range(20):
+        assert ray.get(double.remote(a.add.remote(i))) == 2 * i
+        assert ray.get(b.add.remote(a.add.remote(i))) == i
+
+
+def test_tasks_and_actors_call_actors_directly(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+
+    @ray.remote
+    def push(handle, n):
+        return ray.get([handle.add.remote(i) for i in range(n)])
+
+    @ray.remote
+    class Relay:
+        def relay(self, handle, n):
+            return ray.get([handle.add.remote(i) for i in range(n)])
+
+    before = direct_calls()
+    assert ray.get(push.remote(log, 30)) == list(range(30))
+    relay = Relay.remote()
+    assert ray.get(relay.relay.remote(log, 30)) == list(range(30))
+    assert direct_calls() - before >= 50
+
+
+def test_direct_calls_pending_when_the_actor_is_killed_fail(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    pending = [log.nap.remote(0.5)] + [log.add.remote(i) for i in range(20)]
+    time.sleep(0.1)
+    ray.kill(log)
+    for ref in pending:
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            ray.get(ref, timeout=30)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(log.add.remote(1), timeout=30)
+
+
+def test_direct_calls_after_a_restart_reach_the_new_process(ray, Log):
+    log = Log.options(max_restarts=1).remote()
+    first_pid = ray.get(log.pid.remote())
+    ray.get(log.add.remote(0))
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        ray.get(log.die.remote(), timeout=30)
+    wait_for(lambda: ray.get(log.pid.remote(), timeout=30) != first_pid, timeout=30)
+    assert ray.get([log.add.remote(i) for i in range(10)]) == list(range(10))
+    assert ray.get(log.entries_.remote()) == list(range(10))  # fresh state
+
+
+def test_calls_made_before_the_last_handle_went_still_run(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    pid = ray.get(log.pid.remote())
+    refs = [log.add.remote(i) for i in range(100)]
+    del log  # the actor ends, but only after the calls it owes
+    assert ray.get(refs) == list(range(100))
+    import psutil
+
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+
+
+def test_cancel_a_queued_direct_call(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    running = log.nap.remote(1.0)
+    queued = log.add.remote("never")
+    time.sleep(0.2)
+    ray.cancel(queued)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(queued, timeout=30)
+    assert ray.get(running) == 1.0
+    assert "never" not in ray.get(log.entries_.remote())
+
+
+@pytest.mark.parametrize("linger", [0, 0.002, 0.01])
+def test_a_caller_dying_with_direct_calls_in_flight_leaks_nothing(ray, Log, linger):
+    """Depending on how long it lingers, the scheduler hears of the calls from their caller,
+    from the actor, from both, or from neither, in either order."""
+    log = Log.remote()
+    ray.get(log.big.remote(0))
+    settle()
+    objects_before = runtime().query("objects")
+    bytes_before = runtime().store.statistics().bytes_in_use
+
+    @ray.remote(max_retries=0)
+    def call_and_die(handle):
+        for i in range(50):
+            handle.big.remote(i)  # results land in the arena...
+        time.sleep(linger)
+        os._exit(1)  # ...and their caller dies before it has heard of most of them
+
+    def crash():
+        with pytest.raises(ray.exceptions.WorkerCrashedError):
+            ray.get(call_and_die.remote(log), timeout=30)
+
+    crash()  # in a function of its own: the error's traceback holds the task's ref
+    gc.collect()
+    assert ray.get(log.big.remote(1))[0] == 1  # the actor is fine
+    settle()
+    wait_for(lambda: runtime().query("objects") <= objects_before, timeout=10)
+    wait_for(lambda: runtime().store.statistics().bytes_in_use <= bytes_before, timeout=10)
