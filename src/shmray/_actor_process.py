@@ -43,6 +43,7 @@ from ._worker import (Worker, _cancelled_results, current_task, error_results, s
                       task_error)
 
 _REPLY_BATCH = 64  # replies held back at most, while calls are queued
+_POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
 
 
 class ActorProcess(Worker):
@@ -73,6 +74,7 @@ class ActorProcess(Worker):
         # A sync actor with more calls queued holds replies back a little: one frame and one
         # wake-up of the caller for many (the reader writes them before it waits).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
+        self.last_poll = 0.0
         self.watch = self._watch_in_runtime  # the async loop replaces this with its own
         self.unwatch = self.runtime.readers.pop
         if self.listener is not None:
@@ -293,7 +295,10 @@ class ActorProcess(Worker):
         runtime = self.runtime
         with runtime._lock:
             try:
-                runtime.poll()  # a CANCEL_CALL may be waiting behind the calls queued here
+                now = time.monotonic()
+                if not self.queue or now - self.last_poll > _POLL_INTERVAL:
+                    self.last_poll = now
+                    runtime.poll()  # a CANCEL_CALL may be waiting behind the calls queued here
                 runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
                 if self.exiting and not self.queue:
@@ -337,7 +342,7 @@ class ActorProcess(Worker):
                 self.runtime._cv.notify_all()
 
     def _run_async(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = asyncio.SelectorEventLoop(_direct.SpinningSelector())
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._serve_async(loop))

@@ -48,6 +48,8 @@ class PrefixedLineWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if not self._partial:  # after every task and call: the common case takes no lock
+            return
         with self._lock:
             if self._partial:
                 line, self._partial = self._partial, ""

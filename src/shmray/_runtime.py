@@ -44,8 +44,7 @@ INLINE_THRESHOLD = 100 * 1024
 _RELEASES_ALONE = 64  # queued release messages worth a frame of their own
 _BATCH_WINDOW = 200e-6  # a submission this soon after a flush waits for the next frame
 _FLUSH_DELAY = 0.001    # ...but no longer than this
-_RESTORE_WAIT = 120.0
-_SPIN_SECONDS = 100e-6 if (os.cpu_count() or 1) > 1 else 0.0   # how long a get waits for another process to restore an object
+_RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
 _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE))
@@ -99,7 +98,7 @@ class Runtime:
         # Non-blocking connections with messages or bytes still to write; the reader writes
         # them when it waits, the flusher within a millisecond.
         self.unflushed: set = set()
-        self._recent_wait = 1.0  # how long waits for messages took lately (seconds, EWMA)
+        self._spinner = _direct.Spinner()
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.session_dir, "spill")
@@ -338,7 +337,7 @@ class Runtime:
         """Become the reader: wait for messages without the lock, handle them with it."""
         self._reading = True
         readers = [self.conn.fd, *self.readers]
-        writers = [conn.fd for conn in self.unflushed]
+        writers = self._blocked_writers()
         self._lock.release()
         try:
             messages = []
@@ -365,32 +364,16 @@ class Runtime:
             self._cv.notify_all()
 
     def _select(self, readers, writers, timeout: Optional[float]):
-        """select(), after a short spin when answers have been coming back fast.
+        """select(); with direct channels, after a short spin (``_direct.Spinner``)."""
+        def block(timeout):
+            readable, writable, _ = select.select(
+                readers, writers, [], None if timeout is None else min(timeout, 3600))
+            return readable, writable
 
-        A process waiting on a peer across CPUs is woken ~30 us after the peer writes (this
-        VM's wake-up); one polling its sockets sees the bytes at once.  So a process with
-        direct channels whose recent waits were short polls for up to ``_SPIN_SECONDS``
-        before it sleeps: an actor round trip then costs no wake-up on either side.  Waits
-        that outlast the spin stop it, so an idle or long-waiting process never burns a CPU.
-        """
-        started = time.perf_counter()
-        if self.readers and self._recent_wait < _SPIN_SECONDS:
-            deadline = started + _SPIN_SECONDS
-            while True:
-                readable, writable, _ = select.select(readers, writers, [], 0)
-                if readable or writable:
-                    self._recent_wait = 0.5 * (self._recent_wait +
-                                               time.perf_counter() - started)
-                    return readable, writable
-                if time.perf_counter() > deadline:
-                    break
-                os.sched_yield()  # the peer may be waiting for this very CPU
-            if timeout is not None:
-                timeout = max(timeout - _SPIN_SECONDS, 0.0)
-        readable, writable, _ = select.select(
-            readers, writers, [], None if timeout is None else min(timeout, 3600))
-        self._recent_wait = 0.5 * (self._recent_wait + time.perf_counter() - started)
-        return readable, writable
+        if not self.readers:
+            return block(timeout)
+        return self._spinner.wait(
+            lambda: select.select(readers, writers, [], 0)[:2], block, timeout)
 
     def _serve_descriptors(self, readable, writable) -> None:
         """Read the channels and other descriptors that are ready (caller holds the lock)."""
@@ -402,6 +385,11 @@ class Runtime:
             for conn in list(self.unflushed):
                 if conn.fd == fd:
                     self.write_some(conn)
+
+    def _blocked_writers(self) -> list:
+        """Connections a write stopped on for lack of room (messages merely held back for a
+        bigger frame are written before waiting, not when the socket has room)."""
+        return [conn.fd for conn in self.unflushed if conn.out] if self.unflushed else []
 
     def write_some(self, conn: Connection) -> None:
         """Write what a non-blocking connection takes now; the rest when it has room."""
@@ -417,9 +405,9 @@ class Runtime:
         """Handle whatever has arrived, without waiting (caller holds the lock)."""
         if self._reading:
             return
-        if self.readers or self.unflushed:  # one select() for every descriptor
+        if self.readers:  # one select() for every descriptor
             readable, writable, _ = select.select(
-                [self.conn.fd, *self.readers], [conn.fd for conn in self.unflushed], [], 0)
+                [self.conn.fd, *self.readers], self._blocked_writers(), [], 0)
         else:
             readable, writable = select.select([self.conn.fd], [], [], 0)[0], ()
         if self.conn.fd in readable:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sys
 import traceback
 from typing import Optional
 
@@ -266,8 +267,6 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayError:
 
 
 def sys_flush() -> None:
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
