@@ -10,18 +10,18 @@ Runs in: any process that creates or calls actors (driver, workers, other actors
   held by other actors keep the actor alive through the same reference counting as objects,
   and the actor ends once none is left (unless it is detached), as in Ray.
 - A call is a task addressed to the actor: same argument rules (top-level refs resolved,
-  nested refs kept), same results and errors.  The scheduler keeps each caller's calls in
-  order.
+  nested refs kept), same results and errors, and each caller's calls run in the order it
+  made them, whichever way they travel.
 
-Where the mailbox lives (DESIGN.md asks to measure before choosing).  Calls go caller ->
-scheduler -> actor -> scheduler -> caller, like tasks, and the scheduler forwards each call as
-soon as its arguments are ready, without waiting for the previous one, so the actor's socket
-is its mailbox and pipelined calls arrive in batches.  One ordering point gives per-caller
-order, dependency waits and object lifetime from the machinery tasks already use.  Measured
-here (bench/bench_actors.py, same run): ~5k synchronous calls/s against ~11k for a process
-serving a Pipe; ~35-40k pipelined calls/s against ~230k.  The next step is a direct
-caller <-> actor channel for calls whose arguments are ready (2 hops instead of 4), with
-results registered with the scheduler by their owner; it is not built yet.
+Where the mailbox lives (DESIGN.md asks to measure before choosing).  Routing every call
+through the scheduler (caller -> scheduler -> actor -> scheduler -> caller) gave one ordering
+point but four hops: ~5k synchronous calls/s against ~12k for a process serving a Pipe.  So a
+call whose arguments hold no ref goes straight to the actor's own socket and its result
+straight back (``_direct``: two hops; the scheduler hears of both in batches, off the critical
+path), and only calls with ref arguments, which may have to wait for them, go through the
+scheduler.  Measured (bench/bench_actors.py, same run): ~20k synchronous calls/s and ~45k
+pipelined calls/s.  The actor's mailbox is therefore its sockets: the scheduler's connection
+and one connection per calling process.
 """
 
 from __future__ import annotations
