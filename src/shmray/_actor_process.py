@@ -31,8 +31,6 @@ import collections
 import concurrent.futures
 import inspect
 import os
-import select
-import time
 
 import cloudpickle
 
@@ -42,8 +40,6 @@ from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
                       task_error)
 
-_REPLY_BATCH = 64  # replies held back at most, while calls are queued
-_POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
 
 
 class ActorProcess(Worker):
@@ -66,63 +62,19 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
-        # Direct channels: callers connect here; each call remembers where it came from.
-        self.listener = _direct.listen(runtime.session_dir, self.actor_id)
-        self.callers: dict = {}         # fd -> (connection, caller pid)
-        self.origins: dict = {}         # task id -> (connection, caller pid): a direct call
         self.cancelled_early: set = set()  # cancels that overtook their direct call
-        # A sync actor with more calls queued holds replies back a little: one frame and one
-        # wake-up of the caller for many (the reader writes them before it waits).
+        # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
-        self.last_poll = 0.0
-        self.watch = self._watch_in_runtime  # the async loop replaces this with its own
-        self.unwatch = self.runtime.readers.pop
-        if self.listener is not None:
-            self.watch(self.listener.fileno(), self._accept)
+        self.listen(self.actor_id)
 
-    # -- direct channels ------------------------------------------------------------------
-
-    def _watch_in_runtime(self, fd: int, callback) -> None:
-        self.runtime.readers[fd] = callback
-
-    def _accept(self) -> None:
-        while True:
-            accepted = _direct.accept(self.listener)
-            if accepted is None:
-                return
-            conn, caller_pid = accepted
-            self.callers[conn.fd] = (conn, caller_pid)
-            self.watch(conn.fd, lambda conn=conn, pid=caller_pid: self._read_caller(conn, pid))
-
-    def _read_caller(self, conn, caller_pid: int) -> None:
-        """Calls from one caller, in its order (the runtime's lock is held)."""
-        closed = False
-        try:
-            conn.fill_nonblocking()
-        except (ConnectionClosed, OSError):
-            closed = True
-        for message in conn.recv_messages(block=False):
-            task_id = message[1]
-            self.origins[task_id] = (conn, caller_pid)
-            if task_id in self.cancelled_early:
-                self.cancelled_early.discard(task_id)
-                self._done(task_id, _cancelled_results(task_id, message[6]), False)
-                continue
-            self.on_message(message)
-        if closed:  # the caller is gone; results still owed it are reported to the scheduler
-            self.unwatch(conn.fd, None)
-            self.callers.pop(conn.fd, None)
-            self.runtime.unflushed.discard(conn)
-            conn.close()
-
-    def _drain_callers(self) -> None:
-        """Read every call already sent straight to us (before ending: a caller's calls are
-        written before its last handle is released, so all of them are here by now)."""
-        if self.listener is None:
+    def _take_direct(self, message: tuple, origin) -> None:
+        task_id = message[1]
+        self.origins[task_id] = origin
+        if task_id in self.cancelled_early:
+            self.cancelled_early.discard(task_id)
+            self.report(task_id, _cancelled_results(task_id, message[6]), False)
             return
-        self._accept()
-        for conn, caller_pid in list(self.callers.values()):
-            self._read_caller(conn, caller_pid)
+        self.on_message(message)
 
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
@@ -140,7 +92,7 @@ class ActorProcess(Worker):
         for message in self.queue:
             if message[1] == task_id:
                 self.queue.remove(message)
-                self._done(task_id, _cancelled_results(task_id, message[6]), False)
+                self.report(task_id, _cancelled_results(task_id, message[6]), False)
                 return
         running = self.running_calls.get(task_id)
         if running is not None:
@@ -234,51 +186,9 @@ class ActorProcess(Worker):
     def _error_results(self, task_id, exc, num_returns, name):
         return error_results(task_id, task_error(name, exc), num_returns)
 
-    def _done(self, task_id, results, retryable) -> None:
-        runtime = self.runtime
-        origin = self.origins.pop(task_id, None)
-        if origin is None:
-            runtime.send((P.TASK_DONE, task_id, results, retryable))
-            if self.exit_requested:
-                runtime.send((P.ACTOR_EXITING,))
-            runtime.flush()
-            return
-        conn, caller_pid = origin
-        # Results holding refs go back through the scheduler, which must count those refs
-        # before the caller can use them; the others go straight back.
-        delivered = [(i, data, meta) for i, data, meta, contained in results if not contained]
-        undelivered = [i for i, _, _, contained in results if contained]
-        with runtime._lock:
-            runtime.send((P.DIRECT_DONE, task_id, results, caller_pid))
-            if self.exit_requested:
-                runtime.send((P.ACTOR_EXITING,))
-            if undelivered or self.exit_requested:
-                runtime.flush()
-            if conn.fd in self.callers:
-                conn.send((P.RESULT, delivered, undelivered))
-                if self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH:
-                    runtime.unflushed.add(conn)  # sent with the next, or before we wait
-                else:
-                    runtime.write_some(conn)
-                    if conn in runtime.unflushed:
-                        self.on_unflushed(conn)
-        runtime.flush_later()
-
-    def finish_replies(self, patience: float = 2.0) -> None:
-        """Before exiting: write what callers are still owed (a caller that doesn't read for
-        this long gets its results from the scheduler instead)."""
-        runtime = self.runtime
-        deadline = time.monotonic() + patience
-        with runtime._lock:
-            while runtime.unflushed and time.monotonic() < deadline:
-                for conn in list(runtime.unflushed):
-                    runtime.write_some(conn)
-                if runtime.unflushed:
-                    select.select([], [c.fd for c in runtime.unflushed], [], 0.05)
-
-    def on_unflushed(self, conn) -> None:
-        """A caller's socket is full: the runtime's reader finishes the write (the async
-        loop replaces this)."""
+    def _reported(self) -> None:
+        if self.exit_requested:
+            self.runtime.send((P.ACTOR_EXITING,))
 
     # -- the loops -------------------------------------------------------------------------
 
@@ -295,10 +205,7 @@ class ActorProcess(Worker):
         runtime = self.runtime
         with runtime._lock:
             try:
-                now = time.monotonic()
-                if not self.queue or now - self.last_poll > _POLL_INTERVAL:
-                    self.last_poll = now
-                    runtime.poll()  # a CANCEL_CALL may be waiting behind the calls queued here
+                self.poll_now_and_then()  # a CANCEL_CALL may be waiting behind queued calls
                 runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
                 if self.exiting and not self.queue:
@@ -317,7 +224,7 @@ class ActorProcess(Worker):
             if message is None:
                 return
             results, retryable = self.call(message)
-            self._done(message[1], results, retryable)
+            self.report(message[1], results, retryable)
 
     def _run_threaded(self) -> None:
         if not self.construct():
@@ -334,7 +241,7 @@ class ActorProcess(Worker):
     def _call_and_report(self, message) -> None:
         results, retryable = self.call(message)
         try:
-            self._done(message[1], results, retryable)
+            self.report(message[1], results, retryable)
         except exceptions.RaySystemError:
             pass
         if self.exit_requested:
@@ -368,7 +275,7 @@ class ActorProcess(Worker):
                 # resumes before a new call can see the state it left (seed 003's batches).
                 loop.call_soon(start_queued)
             try:
-                self._done(message[1], results, retryable)
+                self.report(message[1], results, retryable)
             except exceptions.RaySystemError:
                 finished.set()
             if self.exit_requested:

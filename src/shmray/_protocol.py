@@ -40,9 +40,10 @@ Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
                                                      serialized)
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
-    DIRECT_DONE        task_id, results, caller_pid  a direct call's results (as TASK_DONE's);
+    DIRECT_DONE        task_id, results, caller_pid, retryable
+                                                     a direct call's results (as TASK_DONE's);
                                                      those without refs inside were delivered
-                                                     to the caller already
+                                                     to the caller already, unless retryable
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -58,11 +59,13 @@ Scheduler -> client
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
 Caller -> actor, and back, on a direct channel (``_direct``)
-    CALL               as the scheduler's CALL; arg_ids is always empty
-    RESULT             delivered, undelivered        [(object_id, data, metadata)] of the
-                                                     results without refs inside; the ids of
-                                                     the others, which come as READY from the
-                                                     scheduler (it must count those refs first)
+    CALL               as the scheduler's; arg_ids is always empty
+    RESULT             task_id, delivered, undelivered
+                                                     [(object_id, data, metadata)] of the
+                                                     results the caller may use at once; the
+                                                     ids of the others, which come as READY
+                                                     from the scheduler (it must count refs
+                                                     inside them first)
 
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
 options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,

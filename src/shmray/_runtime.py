@@ -89,7 +89,7 @@ class Runtime:
         # Direct channels to actors (_direct): actor id -> channel, or None once one broke
         # (that actor's calls then go through the scheduler for good).
         self._channels: Dict[bytes, Optional[_Channel]] = {}
-        self._direct_pending: Dict[bytes, bytes] = {}  # result id -> actor id, not arrived
+        self._direct_pending: Dict[bytes, _Channel] = {}  # result id -> its channel
         self._routed: Dict[bytes, set] = {}     # actor id -> first result ids of calls that
         self._routed_ids: Dict[bytes, bytes] = {}  # went through the scheduler, unfinished
         # Descriptors read besides the scheduler's: fd -> callback (with the lock held);
@@ -438,6 +438,7 @@ class Runtime:
                     self._resolve_futures(object_id, futures)
         elif message[0] == P.REPLY:
             self._replies[message[1]] = message[2]
+
         elif self.on_message is not None:
             self.on_message(message)
 
@@ -635,18 +636,13 @@ class Runtime:
                 self._routed.setdefault(actor_id, set()).add(first)
                 self._routed_ids[first] = actor_id
                 return self._send_owning((P.ACTOR_CALL, actor_id, spec), return_ids)
-            conn = channel.conn
-            conn.send((P.CALL, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID], spec[P.SPEC_NAME],
-                       spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {}))
-            now = time.monotonic()
-            if now - channel.last_write > _BATCH_WINDOW:
-                channel.last_write = now
-                self.write_some(conn)
-            else:  # a burst of calls: one frame for many (get/wait send it before waiting)
-                self.unflushed.add(conn)
-            self.send((P.DIRECT_CALL, actor_id, channel.actor_pid, spec))
+            channel.conn.send((P.CALL, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID],
+                               spec[P.SPEC_NAME], spec[P.SPEC_ARGS], (),
+                               spec[P.SPEC_NUM_RETURNS], {}))
+            self._write_soon(channel)
+            self.send((P.DIRECT_CALL, actor_id, channel.peer_pid, spec))
             for object_id in return_ids:
-                self._direct_pending[object_id] = actor_id
+                self._direct_pending[object_id] = channel
             refs = [self.add_owned_ref(object_id) for object_id in return_ids]
         self.flush_later()
         return refs
@@ -663,19 +659,19 @@ class Runtime:
         connected = _direct.connect(self.session_dir, actor_id)
         if connected is None:  # not listening yet: try again once the routed calls are done
             return None
-        channel = self._channels[actor_id] = _Channel(*connected)
-        self.readers[channel.conn.fd] = lambda: self._read_channel(actor_id, channel)
+        channel = self._channels[actor_id] = _Channel(actor_id, *connected)
+        self.readers[channel.conn.fd] = lambda: self._read_channel(channel)
         return channel
 
-    def _read_channel(self, actor_id: bytes, channel: "_Channel") -> None:
-        """Results the actor sent straight back (caller holds the lock)."""
+    def _read_channel(self, channel: "_Channel") -> None:
+        """Results an actor sent straight back (caller holds the lock)."""
         conn = channel.conn
         lost = False
         try:
             conn.fill_nonblocking()
         except (ConnectionClosed, OSError):
             lost = True
-        for _, delivered, undelivered in conn.recv_messages(block=False):
+        for _, _, delivered, undelivered in conn.recv_messages(block=False):
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -683,21 +679,31 @@ class Runtime:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self._owned_pending.add(object_id)
         if lost:
-            self._channel_lost(actor_id, channel)
+            self._channel_lost(channel)
 
-    def _channel_lost(self, actor_id: bytes, channel: "_Channel") -> None:
-        """The actor died or restarted: what it still owes us, the scheduler will tell."""
+    def _channel_lost(self, channel: "_Channel") -> None:
+        """The actor died or restarted: the scheduler tells what it still owes us."""
         self.readers.pop(channel.conn.fd, None)
         self.unflushed.discard(channel.conn)
         channel.conn.close()
-        self._channels[actor_id] = None
-        owed = [i for i, a in self._direct_pending.items() if a == actor_id]
+        self._channels[channel.actor_id] = None
+        owed = [i for i, c in self._direct_pending.items() if c is channel]
         for object_id in owed:
             del self._direct_pending[object_id]
         owed = [i for i in owed if i in self._counts]
         if owed:
             self._subscribed.update(owed)
             self.conn.send((P.SUBSCRIBE, owed))
+
+    def _write_soon(self, channel: "_Channel") -> None:
+        """Write now, or with the next frame if we wrote to this channel very recently (a
+        burst of calls goes out in frames of many; get/wait write it before waiting)."""
+        now = time.monotonic()
+        if now - channel.last_write > _BATCH_WINDOW:
+            channel.last_write = now
+            self.write_some(channel.conn)
+        else:
+            self.unflushed.add(channel.conn)
 
     def still_pending(self, ids) -> set:
         """Those of ``ids`` we hold and have not seen ready (READYs waiting are read first)."""
@@ -747,11 +753,12 @@ class Runtime:
 class _Channel:
     """This process's direct connection to one actor (``_direct``)."""
 
-    __slots__ = ("conn", "actor_pid", "last_write")
+    __slots__ = ("actor_id", "conn", "peer_pid", "last_write")
 
-    def __init__(self, conn: Connection, actor_pid: int):
+    def __init__(self, actor_id: bytes, conn: Connection, peer_pid: int):
+        self.actor_id = actor_id
         self.conn = conn
-        self.actor_pid = actor_pid  # which incarnation got our calls, for the scheduler
+        self.peer_pid = peer_pid  # which incarnation got our calls, for the scheduler
         self.last_write = 0.0
 
 

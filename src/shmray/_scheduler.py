@@ -204,7 +204,7 @@ class Scheduler:
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
         self.unplaced: List[Actor] = []        # actors waiting for arguments or resources
         # Direct calls whose results came before their caller's registration:
-        # task id -> (results, caller pid).
+        # task id -> (results, caller pid, retryable).
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_calls = 0
         num_cpus = float(options["num_cpus"])
@@ -969,7 +969,7 @@ class Scheduler:
         actor = task.actor = self.actors.get(actor_id)
         early = self.early_done.pop(task.task_id, None)
         if early is not None:
-            self._finish_direct(task, early[0])
+            self._finish_direct(task, early[0], early[2])
             self._unprotect(early[0])
             return
         if task.finished:
@@ -994,13 +994,13 @@ class Scheduler:
                 actor, "its process died while this call was on its way to it or running "
                 "(max_task_retries would retry the call)"))
 
-    def on_direct_done(self, client: Client, task_id, results, caller_pid) -> None:
+    def on_direct_done(self, client: Client, task_id, results, caller_pid, retryable) -> None:
         actor = client.actor
         task = actor.inflight.pop(task_id, None) if actor is not None else None
         if task is None:
             if task_id in self.tasks:
                 return  # finished meanwhile (e.g. its actor was declared dead)
-            self._keep_early(task_id, results, caller_pid)
+            self._keep_early(task_id, results, caller_pid, retryable)
             return
         open_calls = actor.direct_open.get(task.owner, 0) - 1
         if open_calls > 0:
@@ -1008,20 +1008,22 @@ class Scheduler:
         else:
             actor.direct_open.pop(task.owner, None)
         if not task.finished:
-            self._finish_direct(task, results)
+            self._finish_direct(task, results, retryable)
         if open_calls <= 0 and task.owner in actor.queues:
             self._forward(actor)
 
-    def _finish_direct(self, task: Task, results) -> None:
+    def _finish_direct(self, task: Task, results, retryable: bool) -> None:
         """Results the actor has already given the caller itself, except those with refs
-        inside (``_direct``): only those are announced to it."""
+        inside and a failure meant for a retry (``Worker.report``): only those are announced
+        to it."""
         for object_id, _, _, contained in results:
             entry = self.objects.get(object_id)
-            if not contained and entry is not None and task.owner in entry.subscribers:
+            if (not contained and not retryable and entry is not None
+                    and task.owner in entry.subscribers):
                 entry.subscribers.remove(task.owner)
         self._finish(task, results)
 
-    def _keep_early(self, task_id: bytes, results, caller_pid: int) -> None:
+    def _keep_early(self, task_id: bytes, results, caller_pid: int, retryable: bool) -> None:
         """Results that overtook their call's registration: kept, and the refs inside them
         held, until it arrives; dropped if the caller is gone (it never will)."""
         if not any(c.pid == caller_pid for c in self.clients.values()):
@@ -1032,7 +1034,7 @@ class Scheduler:
                 entry = self.objects.get(inner)
                 if entry is not None:
                     entry.container_holds += 1
-        self.early_done[task_id] = (results, caller_pid)
+        self.early_done[task_id] = (results, caller_pid, retryable)
 
     def _unprotect(self, results) -> None:
         for _, _, _, contained in results:
@@ -1148,7 +1150,7 @@ class Scheduler:
         if client.kind == "driver":
             self.running = False
             return
-        for task_id, (results, caller_pid) in list(self.early_done.items()):
+        for task_id, (results, caller_pid, _) in list(self.early_done.items()):
             if caller_pid == client.pid:  # its registration will never come
                 del self.early_done[task_id]
                 self._drop_results(results)

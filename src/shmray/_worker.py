@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import signal
 import sys
+import time
 import traceback
 from typing import Optional
 
 import cloudpickle
 import setproctitle
 
-from . import _output, _protocol as P, _runtime, exceptions
+from . import _direct, _output, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed
 from ._ids import object_id_for_return
 from ._serialization import META_ERROR, deserialize, serialize
@@ -43,8 +45,18 @@ class TaskContext:
 
 current_task = TaskContext()
 
+_REPLY_BATCH = 64         # replies held back at most, while more work is queued
+_POLL_INTERVAL = 0.0005   # while work is queued, look for new messages this often
+
 
 class Worker:
+    """Runs what it is sent: by the scheduler, or (an actor) straight from its callers
+    (``_direct``).  Work sent straight here remembers where it came from (``origins``); its
+    results go back that way, and to the scheduler in batches (``report``)."""
+
+    exit_requested = False
+    batch_replies = True  # one task at a time: replies may wait while more work is queued
+
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
         self.cancel_slot = cancel_slot  # the scheduler names the task a SIGINT is for here
@@ -61,6 +73,121 @@ class Worker:
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
+        # Direct channels: peers connect to the listener; one connection per peer process.
+        self.listener = None
+        self.callers: dict = {}         # fd -> (connection, peer pid)
+        self.origins: dict = {}         # task id -> (connection, peer pid): sent straight here
+        self.last_poll = 0.0
+        self.watch = self._watch_in_runtime  # an async actor's loop replaces these
+        self.unwatch = runtime.readers.pop
+
+    # -- direct channels ------------------------------------------------------------------
+
+    def listen(self, key: bytes) -> None:
+        self.listener = _direct.listen(self.runtime.session_dir, key)
+        if self.listener is not None:
+            self.watch(self.listener.fileno(), self._accept)
+
+    def _watch_in_runtime(self, fd: int, callback) -> None:
+        self.runtime.readers[fd] = callback
+
+    def _accept(self) -> None:
+        while True:
+            accepted = _direct.accept(self.listener)
+            if accepted is None:
+                return
+            conn, peer_pid = accepted
+            self.callers[conn.fd] = (conn, peer_pid)
+            self.watch(conn.fd, lambda conn=conn, pid=peer_pid: self._read_caller(conn, pid))
+
+    def _read_caller(self, conn, peer_pid: int) -> None:
+        """Work from one peer, in its order (the runtime's lock is held)."""
+        closed = False
+        try:
+            conn.fill_nonblocking()
+        except (ConnectionClosed, OSError):
+            closed = True
+        for message in conn.recv_messages(block=False):
+            self._take_direct(message, (conn, peer_pid))
+        if closed:  # the peer is gone; results still owed it are reported to the scheduler
+            self.unwatch(conn.fd, None)
+            self.callers.pop(conn.fd, None)
+            self.runtime.unflushed.discard(conn)
+            conn.close()
+
+    def _take_direct(self, message: tuple, origin) -> None:
+        self.origins[message[1]] = origin
+        self.on_message(message)
+
+    def _drain_callers(self) -> None:
+        """Read everything already sent straight to us (before ending: a caller's calls are
+        written before its last handle is released, so all of them are here by now)."""
+        if self.listener is None:
+            return
+        self._accept()
+        for conn, peer_pid in list(self.callers.values()):
+            self._read_caller(conn, peer_pid)
+
+    def poll_now_and_then(self) -> None:
+        """Handle new messages before the next queued piece of work, at most every
+        ``_POLL_INTERVAL`` while work is queued (a poll is a system call or two)."""
+        now = time.monotonic()
+        if not self.queue or now - self.last_poll > _POLL_INTERVAL:
+            self.last_poll = now
+            self.runtime.poll()
+
+    def report(self, task_id: bytes, results, retryable: bool) -> None:
+        """Results of a task or call: to the scheduler, and straight back to a direct caller.
+
+        Straight back go only results the caller may use at once: not those holding refs
+        (the scheduler must count those refs first) and none of a failure that will be
+        retried; the caller hears of those from the scheduler.
+        """
+        runtime = self.runtime
+        origin = self.origins.pop(task_id, None)
+        if origin is None:
+            runtime.send((P.TASK_DONE, task_id, results, retryable))
+            self._reported()
+            runtime.flush()
+            return
+        conn, peer_pid = origin
+        delivered = [] if retryable else [(object_id, data, metadata)
+                                          for object_id, data, metadata, inner in results
+                                          if not inner]
+        undelivered = [r[0] for r in results if retryable or r[3]]
+        with runtime._lock:
+            runtime.send((P.DIRECT_DONE, task_id, results, peer_pid, retryable))
+            self._reported()
+            if undelivered or self.exit_requested:
+                runtime.flush()
+            if conn.fd in self.callers:
+                conn.send((P.RESULT, task_id, delivered, undelivered))
+                if self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH:
+                    runtime.unflushed.add(conn)  # sent with the next, or before we wait
+                else:
+                    runtime.write_some(conn)
+                    if conn in runtime.unflushed:
+                        self.on_unflushed(conn)
+        runtime.flush_soon()
+
+    def _reported(self) -> None:
+        """Hook: what follows a report to the scheduler (an actor's exit)."""
+
+    def on_unflushed(self, conn) -> None:
+        """A peer's socket is full: the runtime's reader finishes the write (an async
+        actor's loop replaces this)."""
+
+    def finish_replies(self, patience: float = 2.0) -> None:
+        """Before exiting: write what peers are still owed (one that doesn't read for this
+        long gets its results from the scheduler instead)."""
+        runtime = self.runtime
+        deadline = time.monotonic() + patience
+        with runtime._lock:
+            while runtime.unflushed and time.monotonic() < deadline:
+                for conn in list(runtime.unflushed):
+                    runtime.write_some(conn)
+                if runtime.unflushed:
+                    select.select([], [c.fd for c in runtime.unflushed], [], 0.05)
 
     def _on_sigint(self, signum, frame) -> None:
         slot = self.cancel_slot
@@ -96,20 +223,20 @@ class Worker:
             with runtime._lock:
                 try:
                     runtime._wait_until(lambda: self.queue or self.exiting, None)
+                    runtime.poll()  # a cancel may have come for the task sent ahead
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
                     return
-                runtime.poll()  # a cancel may have arrived for the task sent ahead
                 message = self.queue.popleft()
-            if message[1] in self.skip:
-                self.skip.discard(message[1])
-                results, retryable = _cancelled_results(message[1], message[7]), False
+            task_id = message[1]
+            if task_id in self.skip:
+                self.skip.discard(task_id)
+                results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
-            runtime.send((P.TASK_DONE, message[1], results, retryable))
             try:
-                runtime.flush()
+                self.report(task_id, results, retryable)
             except exceptions.RaySystemError:
                 return
 
