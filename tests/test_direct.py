@@ -3,6 +3,7 @@ what happens to direct calls when things go wrong.  Through real processes and s
 
 import gc
 import os
+import signal
 import time
 
 import numpy as np
@@ -201,3 +202,175 @@ def test_a_caller_dying_with_direct_calls_in_flight_leaks_nothing(ray, Log, ling
     settle()
     wait_for(lambda: runtime().query("objects") <= objects_before, timeout=10)
     wait_for(lambda: runtime().store.statistics().bytes_in_use <= bytes_before, timeout=10)
+
+
+# -- regressions from review (each failed before its fix) ------------------------------
+
+
+def test_a_result_seen_stays_the_result_when_the_actor_dies_right_after(ray, Log):
+    """The scheduler hears of a direct call's result before its caller does, so the call is
+    never failed (nor retried) afterwards."""
+    for trial in range(4):
+        log = Log.options(max_restarts=0).remote()
+        pid = ray.get(log.pid.remote())
+        small, big = log.add.remote(trial), log.big.remote(trial)
+        assert ray.get(small) == trial and ray.get(big)[0] == trial
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        settle()
+        assert ray.get(small) == trial and ray.get(big)[0] == trial
+
+
+def test_calls_with_full_sockets_still_run_after_the_last_handle_goes(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    refs = [log.add.remote(b"x" * 50_000) for _ in range(300)]  # more than sockets hold
+    del log
+    assert [len(x) for x in ray.get(refs, timeout=60)] == [50_000] * 300
+
+
+def test_a_thread_calling_while_another_waits_is_not_stuck_behind_it(ray, Log):
+    import threading
+
+    @ray.remote
+    def slow():
+        time.sleep(3)
+        return "slow"
+
+    log = Log.remote()
+    ray.get(ray.put(0))
+    wait_for(lambda: _listening(log))
+    waiter = threading.Thread(target=lambda: ray.get(slow.remote()))
+    waiter.start()
+    time.sleep(0.3)  # that thread now waits on the scheduler, without our new channel
+    started = time.monotonic()
+    assert ray.get(log.add.remote(1), timeout=30) == 1
+    assert time.monotonic() - started < 1.5
+    waiter.join()
+
+
+def _listening(handle) -> bool:
+    import socket as socket_
+
+    from shmray import _direct
+
+    probe = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
+    try:
+        probe.connect(_direct.address(runtime().session_dir, handle._actor_id))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def test_direct_calls_reach_a_restarted_actor_long_after_the_restart(ray, Log):
+    log = Log.options(max_restarts=1).remote()
+    old = ray.get(log.pid.remote())
+    ray.get(log.add.remote(0))
+    os.kill(old, signal.SIGKILL)
+    time.sleep(1.0)  # restarted; our channel to the old process is dead, unread
+    assert ray.get(log.add.remote(42), timeout=30) == 42
+    assert ray.get(log.pid.remote()) != old
+
+
+def test_calls_lost_in_a_dead_callers_buffers_leak_nothing(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(b""))
+    settle()
+    before = runtime().query("objects")
+
+    @ray.remote(max_retries=0)
+    def call_and_die(handle):
+        for _ in range(300):
+            handle.nap.remote(0.001)
+            handle.add.remote(b"x" * 50_000)  # fills its socket: some never leave
+        time.sleep(0.05)
+        os._exit(1)
+
+    def crash():
+        with pytest.raises(ray.exceptions.WorkerCrashedError):
+            ray.get(call_and_die.remote(log), timeout=30)
+
+    crash()
+    gc.collect()
+    ray.get(log.add.remote(b"y"), timeout=60)
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] <= before, timeout=30)
+
+
+def test_descriptors_past_1024_do_not_break_waiting(ray, Log):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip("this machine allows too few open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    log = Log.remote()
+    wait_for(lambda: _listening(log))
+    files = [open(os.devnull) for _ in range(1100)]
+    try:  # our channel to it, opened now, gets a descriptor past 1100
+        assert ray.get([log.add.remote(i) for i in range(3)]) == [0, 1, 2]
+
+        @ray.remote
+        def task():
+            return "ok"
+
+        assert ray.get(task.remote()) == "ok"
+    finally:
+        for f in files:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_async_actor_whose_init_called_an_actor_that_died_keeps_serving(ray, Log):
+    @ray.remote
+    class Async:
+        def __init__(self, other):
+            self.first = ray.get(other.add.remote("first"))
+
+        async def m(self):
+            return self.first
+
+    other = Log.remote()
+    ray.get(other.add.remote(0))
+    a = Async.remote(other)
+    assert ray.get(a.m.remote()) == "first"
+    ray.kill(other)
+    time.sleep(0.5)
+    assert ray.get([a.m.remote() for _ in range(3)], timeout=30) == ["first"] * 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_other_users_cannot_send_calls(ray, Log, tmp_path):
+    """An abstract socket has no permissions: the actor checks who connected."""
+    import pickle
+    import socket as socket_
+    import struct
+
+    from shmray import _direct
+
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    wait_for(lambda: _listening(log))
+    marker = tmp_path / "pwned"
+    os.chmod(tmp_path, 0o777)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    frame = pickle.dumps([Payload()])
+    pid = os.fork()
+    if pid == 0:  # the intruder
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            probe = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
+            probe.connect(_direct.address(runtime().session_dir, log._actor_id))
+            probe.sendall(struct.pack("<I", len(frame)) + frame)
+            time.sleep(0.3)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert ray.get(log.add.remote(1)) == 1
+    assert not marker.exists()

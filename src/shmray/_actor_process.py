@@ -62,6 +62,7 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
+        runtime.direct_calls = not self.is_async  # its event loop reads only its own sockets
         self.cancelled_early: set = set()  # cancels that overtook their direct call
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
@@ -208,8 +209,6 @@ class ActorProcess(Worker):
                 self.poll_now_and_then()  # a CANCEL_CALL may be waiting behind queued calls
                 runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
-                if self.exiting and not self.queue:
-                    self._drain_callers()
             except exceptions.RaySystemError:
                 return None
             if self.exit_requested or not self.queue:
@@ -304,8 +303,6 @@ class ActorProcess(Worker):
                     return
                 for message in messages:
                     runtime.handle(message)
-                if self.exiting:
-                    self._drain_callers()
                 runtime._cv.notify_all()
             start_queued()
             if self.exiting:

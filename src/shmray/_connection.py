@@ -22,7 +22,7 @@ import pickle
 import select
 import socket
 import struct
-from typing import List
+from typing import List, Optional
 
 _frame = struct.Struct("<I")
 _READ_SIZE = 1 << 16  # below malloc's mmap threshold: recv() of 1 MiB costs an mmap per call
@@ -67,7 +67,7 @@ class Connection:
             try:
                 sent = self.sock.send(self.out)
             except BlockingIOError:
-                select.select([], [self.fd], [])
+                wait_writable(self.fd, None)
                 continue
             except (BrokenPipeError, ConnectionResetError) as exc:
                 self.out.clear()
@@ -153,6 +153,13 @@ def connection_pair(peer_a: str, peer_b: str):
     """Two connected ends: (a, b); each end's ``peer`` names the other side."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return Connection(a, peer=peer_b), Connection(b, peer=peer_a)
+
+
+def wait_writable(fd: int, timeout: Optional[float]) -> bool:
+    """poll(), not select(): descriptors may be numbered past select()'s 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def close_fd_quietly(fd: int) -> None:

@@ -62,13 +62,21 @@ def listen(session_dir: str, actor_id: bytes) -> Optional[socket.socket]:
 
 
 def accept(listener: socket.socket) -> Optional[Tuple[Connection, int]]:
-    """A caller's connection (non-blocking) and the caller's pid, or None if none waits."""
-    try:
-        sock, _ = listener.accept()
-    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-        return None
-    sock.setblocking(False)
-    return Connection(sock, peer="caller"), peer_pid(sock)
+    """A caller's connection (non-blocking) and the caller's pid, or None if none waits.
+
+    An abstract socket has no file permissions: anyone on the machine may connect, and what
+    arrives is unpickled.  So only processes of our own user are served (they could ptrace
+    us anyway); others are hung up on."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        pid, uid = peer_credentials(sock)
+        if uid == os.getuid():
+            sock.setblocking(False)
+            return Connection(sock, peer="caller"), pid
+        sock.close()
 
 
 def connect(session_dir: str, actor_id: bytes) -> Optional[Tuple[Connection, int]]:
@@ -83,13 +91,18 @@ def connect(session_dir: str, actor_id: bytes) -> Optional[Tuple[Connection, int
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
             return None
         raise
-    return Connection(sock, peer="actor"), peer_pid(sock)
+    pid, uid = peer_credentials(sock)
+    if uid != os.getuid():  # someone else took the name: never unpickle what they send
+        sock.close()
+        return None
+    return Connection(sock, peer="actor"), pid
 
 
-def peer_pid(sock: socket.socket) -> int:
-    pid, _, _ = _PEERCRED.unpack(
+def peer_credentials(sock: socket.socket) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel saw it connect."""
+    pid, uid, _ = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return pid
+    return pid, uid
 
 
 class Spinner:

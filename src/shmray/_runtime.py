@@ -85,10 +85,13 @@ class Runtime:
         self._flush_wanted = threading.Event()
         self.closed = False
         self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
+        self.before_wait: Optional[Callable[[], None]] = None  # an actor's held-back replies
         self.external_reader = False  # an event loop reads the connection (async actors)
-        # Direct channels to actors (_direct): actor id -> channel, or None once one broke
-        # (that actor's calls then go through the scheduler for good).
-        self._channels: Dict[bytes, Optional[_Channel]] = {}
+        # An async actor's event loop reads only its own descriptors: it calls actors
+        # through the scheduler.
+        self.direct_calls = True
+        # Direct channels to actors (_direct): actor id -> channel.
+        self._channels: Dict[bytes, _Channel] = {}
         self._direct_pending: Dict[bytes, _Channel] = {}  # result id -> its channel
         self._routed: Dict[bytes, set] = {}     # actor id -> first result ids of calls that
         self._routed_ids: Dict[bytes, bytes] = {}  # went through the scheduler, unfinished
@@ -99,6 +102,8 @@ class Runtime:
         # them when it waits, the flusher within a millisecond.
         self.unflushed: set = set()
         self._spinner = _direct.Spinner()
+        # Written to when a descriptor is added while another thread waits without it.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.session_dir, "spill")
@@ -322,6 +327,8 @@ class Runtime:
         A frame of nothing but those would wake the scheduler for no one's benefit: every
         wake-up across CPUs costs ~30 us here, a third of a task's round trip.
         """
+        if self.before_wait is not None:
+            self.before_wait()
         self._drain_releases()
         for conn in list(self.unflushed):
             self.write_some(conn)
@@ -336,13 +343,12 @@ class Runtime:
     def _read_once(self, timeout: Optional[float]) -> None:
         """Become the reader: wait for messages without the lock, handle them with it."""
         self._reading = True
-        readers = [self.conn.fd, *self.readers]
-        writers = self._blocked_writers()
+        poller = self._poller()
         self._lock.release()
         try:
             messages = []
-            readable, writable = self._select(readers, writers, timeout)
-            if self.conn.fd in readable:
+            ready = self._wait_ready(poller, timeout)
+            if any(fd == self.conn.fd for fd, _ in ready):
                 messages = self.conn.recv_messages(block=True)
         except (ConnectionClosed, OSError) as exc:  # OSError: closed under us by shutdown
             self._lock.acquire()
@@ -359,65 +365,88 @@ class Runtime:
         try:
             for message in messages:
                 self.handle(message)
-            self._serve_descriptors(readable, writable)
+            self._serve_descriptors(ready)
         finally:
             self._cv.notify_all()
 
-    def _select(self, readers, writers, timeout: Optional[float]):
-        """select(); with direct channels, after a short spin (``_direct.Spinner``)."""
+    def _poller(self) -> "select.poll":
+        """A poll object over every descriptor we read (caller holds the lock).  poll(), not
+        select(): a process may have descriptors numbered past select()'s 1024."""
+        poller = select.poll()
+        poller.register(self.conn.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        for fd in self.readers:
+            poller.register(fd, select.POLLIN)
+        for conn in self.unflushed:
+            if conn.out:  # a write that stopped for lack of room (others go before waiting)
+                poller.register(conn.fd, select.POLLOUT | (select.POLLIN
+                                                           if conn.fd in self.readers else 0))
+        return poller
+
+    def _wait_ready(self, poller, timeout: Optional[float]):
+        """poll(); with direct channels, after a short spin (``_direct.Spinner``)."""
         def block(timeout):
-            readable, writable, _ = select.select(
-                readers, writers, [], None if timeout is None else min(timeout, 3600))
-            return readable, writable
+            return poller.poll(None if timeout is None else min(timeout, 3600) * 1000)
 
         if not self.readers:
             return block(timeout)
-        return self._spinner.wait(
-            lambda: select.select(readers, writers, [], 0)[:2], block, timeout)
+        return self._spinner.wait(lambda: poller.poll(0), block, timeout)
 
-    def _serve_descriptors(self, readable, writable) -> None:
+    def wake_reader(self) -> None:
+        """A descriptor was added while another thread waits: make it look again (caller
+        holds the lock)."""
+        if self._reading:
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # it has plenty of wake-ups waiting already
+
+    def _serve_descriptors(self, ready) -> None:
         """Read the channels and other descriptors that are ready (caller holds the lock)."""
-        for fd in readable:
-            callback = self.readers.get(fd)
-            if callback is not None:
-                callback()
-        for fd in writable:
-            for conn in list(self.unflushed):
-                if conn.fd == fd:
-                    self.write_some(conn)
+        for fd, events in ready:
+            if fd == self.conn.fd:
+                continue
+            if fd == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            if events & ~select.POLLOUT:
+                callback = self.readers.get(fd)
+                if callback is not None:
+                    callback()
+            if events & select.POLLOUT:
+                for conn in list(self.unflushed):
+                    if conn.fd == fd:
+                        self.write_some(conn)
 
-    def _blocked_writers(self) -> list:
-        """Connections a write stopped on for lack of room (messages merely held back for a
-        bigger frame are written before waiting, not when the socket has room)."""
-        return [conn.fd for conn in self.unflushed if conn.out] if self.unflushed else []
-
-    def write_some(self, conn: Connection) -> None:
-        """Write what a non-blocking connection takes now; the rest when it has room."""
+    def write_some(self, conn: Connection) -> bool:
+        """Write what a non-blocking connection takes now; the rest when it has room.
+        False if the peer is gone (its reader sees the EOF and deals with it)."""
         try:
             if conn.flush_nonblocking():
                 self.unflushed.discard(conn)
             else:
                 self.unflushed.add(conn)
+            return True
         except (ConnectionClosed, OSError):
-            self.unflushed.discard(conn)  # its reader sees the EOF and deals with it
+            self.unflushed.discard(conn)
+            return False
 
     def poll(self) -> None:
         """Handle whatever has arrived, without waiting (caller holds the lock)."""
         if self._reading:
             return
-        if self.readers:  # one select() for every descriptor
-            readable, writable, _ = select.select(
-                [self.conn.fd, *self.readers], self._blocked_writers(), [], 0)
-        else:
-            readable, writable = select.select([self.conn.fd], [], [], 0)[0], ()
-        if self.conn.fd in readable:
+        ready = self._poller().poll(0)
+        if any(fd == self.conn.fd for fd, _ in ready):
             try:
                 self.conn.fill()
             except ConnectionClosed as exc:
                 raise self._scheduler_gone() from exc
             for message in self.conn.recv_messages(block=False):
                 self.handle(message)
-        self._serve_descriptors(readable, writable)
+        self._serve_descriptors(ready)
 
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock)."""
@@ -639,7 +668,9 @@ class Runtime:
             channel.conn.send((P.CALL, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID],
                                spec[P.SPEC_NAME], spec[P.SPEC_ARGS], (),
                                spec[P.SPEC_NUM_RETURNS], {}))
-            self._write_soon(channel)
+            if not self._write_soon(channel):  # it died: the scheduler knows what became of it
+                self._channel_lost(channel)
+                return self.call_actor(actor_id, spec, return_ids, direct_ok=False)
             self.send((P.DIRECT_CALL, actor_id, channel.peer_pid, spec))
             for object_id in return_ids:
                 self._direct_pending[object_id] = channel
@@ -649,18 +680,17 @@ class Runtime:
 
     def _channel(self, actor_id: bytes) -> Optional["_Channel"]:
         """The direct channel to use for this call, or None (caller holds the lock)."""
-        if self._routed.get(actor_id) or self.external_reader:
-            # Calls of ours still in the scheduler would be overtaken.  (An async actor's
-            # event loop reads only its scheduler connection, so it calls through that.)
-            return None
-        channel = self._channels.get(actor_id, False)
-        if channel is not False:
+        if self._routed.get(actor_id) or not self.direct_calls:
+            return None  # calls of ours still in the scheduler would be overtaken
+        channel = self._channels.get(actor_id)
+        if channel is not None:
             return channel
         connected = _direct.connect(self.session_dir, actor_id)
         if connected is None:  # not listening yet: try again once the routed calls are done
             return None
         channel = self._channels[actor_id] = _Channel(actor_id, *connected)
         self.readers[channel.conn.fd] = lambda: self._read_channel(channel)
+        self.wake_reader()
         return channel
 
     def _read_channel(self, channel: "_Channel") -> None:
@@ -671,7 +701,11 @@ class Runtime:
             conn.fill_nonblocking()
         except (ConnectionClosed, OSError):
             lost = True
-        for _, _, delivered, undelivered in conn.recv_messages(block=False):
+        try:
+            messages = conn.recv_messages(block=False)
+        except Exception:  # a corrupt frame: treat the channel as broken
+            messages, lost = [], True
+        for _, _, delivered, undelivered in messages:
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -686,7 +720,10 @@ class Runtime:
         self.readers.pop(channel.conn.fd, None)
         self.unflushed.discard(channel.conn)
         channel.conn.close()
-        self._channels[channel.actor_id] = None
+        # Connect afresh (to its next incarnation, if it restarts) once the calls made
+        # meanwhile, which go through the scheduler, are done.
+        if self._channels.get(channel.actor_id) is channel:
+            del self._channels[channel.actor_id]
         owed = [i for i, c in self._direct_pending.items() if c is channel]
         for object_id in owed:
             del self._direct_pending[object_id]
@@ -695,15 +732,16 @@ class Runtime:
             self._subscribed.update(owed)
             self.conn.send((P.SUBSCRIBE, owed))
 
-    def _write_soon(self, channel: "_Channel") -> None:
+    def _write_soon(self, channel: "_Channel") -> bool:
         """Write now, or with the next frame if we wrote to this channel very recently (a
-        burst of calls goes out in frames of many; get/wait write it before waiting)."""
+        burst of calls goes out in frames of many; get/wait write it before waiting).
+        False if the peer is found gone."""
         now = time.monotonic()
         if now - channel.last_write > _BATCH_WINDOW:
             channel.last_write = now
-            self.write_some(channel.conn)
-        else:
-            self.unflushed.add(channel.conn)
+            return self.write_some(channel.conn)
+        self.unflushed.add(channel.conn)
+        return True
 
     def still_pending(self, ids) -> set:
         """Those of ``ids`` we hold and have not seen ready (READYs waiting are read first)."""
@@ -741,13 +779,17 @@ class Runtime:
                     future.cancel()
             self._futures.clear()
             for channel in self._channels.values():
-                if channel is not None:
-                    channel.conn.close()
+                channel.conn.close()
             self._channels.clear()
             self.readers.clear()
             self.unflushed.clear()
         self.store.close()
         self.conn.close(hang_up=True)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class _Channel:
@@ -779,3 +821,8 @@ def _unwrap(value, metadata: bytes):
 
 def install(runtime: Optional[Runtime]) -> None:
     _object_ref.set_tracker(runtime)
+
+
+def current() -> Optional[Runtime]:
+    """This process's runtime, if shmray runs here."""
+    return _object_ref._default_tracker

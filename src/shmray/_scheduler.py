@@ -159,7 +159,7 @@ class Actor:
 
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
-                 "creation_holds", "out_of_scope", "direct_open")
+                 "creation_holds", "out_of_scope", "direct_open", "exit_sent")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -171,6 +171,7 @@ class Actor:
         self.queues: Dict[Client, collections.deque] = {}   # per caller, in call order
         self.inflight: Dict[bytes, Task] = {}               # sent to the process, not done
         self.direct_open: Dict[Client, int] = {}  # per caller: direct calls not done yet
+        self.exit_sent = False
         self.restarts_left = self.options["max_restarts"]
         self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
         self.no_restart = False
@@ -890,7 +891,7 @@ class Scheduler:
         self.send(client, (P.START_ACTOR, spec, pickled, values))
         self._forward(actor)
         if actor.out_of_scope:
-            self.send(client, (P.EXIT,))
+            self._exit_when_done(actor)
 
     def on_actor_started(self, client: Client, error) -> None:
         actor = client.actor
@@ -1009,8 +1010,11 @@ class Scheduler:
             actor.direct_open.pop(task.owner, None)
         if not task.finished:
             self._finish_direct(task, results, retryable)
-        if open_calls <= 0 and task.owner in actor.queues:
-            self._forward(actor)
+        if open_calls <= 0:
+            if task.owner in actor.queues:
+                self._forward(actor)
+            if actor.out_of_scope:
+                self._exit_when_done(actor)
 
     def _finish_direct(self, task: Task, results, retryable: bool) -> None:
         """Results the actor has already given the caller itself, except those with refs
@@ -1022,6 +1026,22 @@ class Scheduler:
                     and task.owner in entry.subscribers):
                 entry.subscribers.remove(task.owner)
         self._finish(task, results)
+
+    def _forget_direct_calls_of(self, caller: Client) -> None:
+        """A caller died: its direct calls may never reach their actor (still in its
+        buffers), and nobody will read their results.  They are finished here; if one ran
+        after all, its report finds it finished and its results are dropped."""
+        for actor in self.actors.values():
+            if actor.direct_open.pop(caller, None) is None:
+                continue
+            for task_id, task in list(actor.inflight.items()):
+                if task.owner is caller and task.direct:
+                    del actor.inflight[task_id]
+                    self._fail(task, *self._died_error(
+                        actor, "the caller of this call died before it was done"))
+            self._forward(actor)  # its calls queued here were held behind those
+            if actor.out_of_scope:
+                self._exit_when_done(actor)
 
     def _keep_early(self, task_id: bytes, results, caller_pid: int, retryable: bool) -> None:
         """Results that overtook their call's registration: kept, and the refs inside them
@@ -1069,11 +1089,19 @@ class Scheduler:
         actor.no_restart = True
         actor.death = self._died_error(actor, "every handle to it went out of scope")
         if actor.client is not None:
-            self.send(actor.client, (P.EXIT,))  # after the calls already sent to it
+            self._exit_when_done(actor)
         elif not actor.queues:
             self._actor_dead(actor, *actor.death)
         # else: calls made before the last handle went are still owed; _start_actor sends
         # EXIT after forwarding them, as Ray ends such an actor once they are done
+
+    def _exit_when_done(self, actor: Actor) -> None:
+        """EXIT goes after the calls sent through here; calls sent straight to the actor
+        travel another way, so it waits until they are done (all are registered by now: a
+        caller registers its calls before it releases its last handle)."""
+        if not actor.exit_sent and not actor.direct_open and actor.client is not None:
+            actor.exit_sent = True
+            self.send(actor.client, (P.EXIT,))
 
     def _actor_died(self, actor: Actor, status: Optional[int]) -> None:
         """The actor's process is gone: restart it, or fail what it owed."""
@@ -1081,6 +1109,7 @@ class Scheduler:
             self.available[name] += amount
         actor.held = {}
         actor.client = None
+        actor.exit_sent = False
         inflight = list(actor.inflight.values())
         actor.inflight.clear()
         actor.direct_open.clear()
@@ -1150,6 +1179,7 @@ class Scheduler:
         if client.kind == "driver":
             self.running = False
             return
+        self._forget_direct_calls_of(client)
         for task_id, (results, caller_pid, _) in list(self.early_done.items()):
             if caller_pid == client.pid:  # its registration will never come
                 del self.early_done[task_id]

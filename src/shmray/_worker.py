@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import os
-import select
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ import cloudpickle
 import setproctitle
 
 from . import _direct, _output, _protocol as P, _runtime, exceptions
-from ._connection import ConnectionClosed
+from ._connection import ConnectionClosed, wait_writable
 from ._ids import object_id_for_return
 from ._serialization import META_ERROR, deserialize, serialize
 
@@ -78,6 +77,8 @@ class Worker:
         self.callers: dict = {}         # fd -> (connection, peer pid)
         self.origins: dict = {}         # task id -> (connection, peer pid): sent straight here
         self.last_poll = 0.0
+        self.held_replies: set = set()  # connections with replies not written yet
+        runtime.before_wait = self.write_replies
         self.watch = self._watch_in_runtime  # an async actor's loop replaces these
         self.unwatch = runtime.readers.pop
 
@@ -107,7 +108,11 @@ class Worker:
             conn.fill_nonblocking()
         except (ConnectionClosed, OSError):
             closed = True
-        for message in conn.recv_messages(block=False):
+        try:
+            messages = conn.recv_messages(block=False)
+        except Exception:  # a corrupt frame: that peer is beyond trust, we are not
+            messages, closed = [], True
+        for message in messages:
             self._take_direct(message, (conn, peer_pid))
         if closed:  # the peer is gone; results still owed it are reported to the scheduler
             self.unwatch(conn.fd, None)
@@ -118,15 +123,6 @@ class Worker:
     def _take_direct(self, message: tuple, origin) -> None:
         self.origins[message[1]] = origin
         self.on_message(message)
-
-    def _drain_callers(self) -> None:
-        """Read everything already sent straight to us (before ending: a caller's calls are
-        written before its last handle is released, so all of them are here by now)."""
-        if self.listener is None:
-            return
-        self._accept()
-        for conn, peer_pid in list(self.callers.values()):
-            self._read_caller(conn, peer_pid)
 
     def poll_now_and_then(self) -> None:
         """Handle new messages before the next queued piece of work, at most every
@@ -141,34 +137,45 @@ class Worker:
 
         Straight back go only results the caller may use at once: not those holding refs
         (the scheduler must count those refs first) and none of a failure that will be
-        retried; the caller hears of those from the scheduler.
+        retried; the caller hears of those from the scheduler.  The scheduler always hears
+        first: a result a caller has seen is one the scheduler knows is done, so the call
+        can't be failed or retried afterwards if this process dies.
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
-        if origin is None:
-            runtime.send((P.TASK_DONE, task_id, results, retryable))
-            self._reported()
-            runtime.flush()
-            return
-        conn, peer_pid = origin
-        delivered = [] if retryable else [(object_id, data, metadata)
-                                          for object_id, data, metadata, inner in results
-                                          if not inner]
-        undelivered = [r[0] for r in results if retryable or r[3]]
         with runtime._lock:
-            runtime.send((P.DIRECT_DONE, task_id, results, peer_pid, retryable))
+            if origin is None:
+                runtime.send((P.TASK_DONE, task_id, results, retryable))
+            else:
+                runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
-            if undelivered or self.exit_requested:
+            _release_held(runtime, results)  # after the message that now holds them
+            if origin is None or origin[0].fd not in self.callers:
                 runtime.flush()
-            if conn.fd in self.callers:
-                conn.send((P.RESULT, task_id, delivered, undelivered))
-                if self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH:
-                    runtime.unflushed.add(conn)  # sent with the next, or before we wait
-                else:
-                    runtime.write_some(conn)
-                    if conn in runtime.unflushed:
-                        self.on_unflushed(conn)
-        runtime.flush_soon()
+                return
+            conn = origin[0]
+            delivered = [] if retryable else [(object_id, data, metadata)
+                                              for object_id, data, metadata, inner in results
+                                              if not inner]
+            undelivered = [r[0] for r in results if retryable or r[3]]
+            conn.send((P.RESULT, task_id, delivered, undelivered))
+            self.held_replies.add(conn)
+            if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
+                self.write_replies()
+            # else: sent with the next, or before this process waits (runtime.before_wait)
+
+    def write_replies(self) -> None:
+        """Write the replies held back, after what the scheduler must hear first (caller
+        holds the lock)."""
+        if not self.held_replies:
+            return
+        runtime = self.runtime
+        runtime.flush()
+        for conn in self.held_replies:
+            runtime.write_some(conn)
+            if conn in runtime.unflushed:
+                self.on_unflushed(conn)
+        self.held_replies.clear()
 
     def _reported(self) -> None:
         """Hook: what follows a report to the scheduler (an actor's exit)."""
@@ -183,11 +190,12 @@ class Worker:
         runtime = self.runtime
         deadline = time.monotonic() + patience
         with runtime._lock:
+            self.write_replies()
             while runtime.unflushed and time.monotonic() < deadline:
                 for conn in list(runtime.unflushed):
                     runtime.write_some(conn)
-                if runtime.unflushed:
-                    select.select([], [c.fd for c in runtime.unflushed], [], 0.05)
+                for conn in list(runtime.unflushed)[:1]:
+                    wait_writable(conn.fd, 0.05)
 
     def _on_sigint(self, signum, frame) -> None:
         slot = self.cancel_slot
@@ -310,6 +318,7 @@ class Worker:
 
     def _store_return(self, object_id: bytes, value):
         serialized = serialize(value)
+        _hold(self.runtime, serialized.contained_refs)
         data = self.runtime.store_object(object_id, serialized)
         return (object_id, data, serialized.metadata, serialized.contained_refs)
 
@@ -321,9 +330,25 @@ def error_results(task_id: bytes, error: BaseException, num_returns: int):
     live as long as the error does.
     """
     serialized = serialize(error, META_ERROR)
+    _hold(_runtime.current(), serialized.contained_refs)
     data = serialized.to_bytes()
     return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
             for i in range(max(num_returns, 1))]
+
+
+def _hold(runtime, ids) -> None:
+    """Keep the refs a result holds counted here until the message reporting the result
+    is queued (``report``): the values holding them die as the task returns, and a release
+    sent before that message would free objects the result still needs."""
+    if runtime is not None:
+        for object_id in ids:
+            runtime.add_local_ref(object_id, announce=False)
+
+
+def _release_held(runtime, results) -> None:
+    for _, _, _, contained in results:
+        for object_id in contained:
+            runtime.release_later(object_id)
 
 
 def _apply_env(env_vars: dict):
