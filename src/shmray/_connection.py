@@ -101,6 +101,19 @@ class Connection:
                 return messages
             self.fill()
 
+    def read_available(self):
+        """(messages that have arrived, whether the peer is gone) for a non-blocking socket
+        whose peer we don't depend on: a corrupt frame counts as the peer being gone."""
+        closed = False
+        try:
+            self.fill_nonblocking()
+        except (ConnectionClosed, OSError):
+            closed = True
+        try:
+            return self.recv_messages(block=False), closed
+        except Exception:
+            return [], True
+
     def fill_nonblocking(self) -> None:
         """Read what is available now (the socket must be non-blocking)."""
         try:

@@ -695,16 +695,7 @@ class Runtime:
 
     def _read_channel(self, channel: "_Channel") -> None:
         """Results an actor sent straight back (caller holds the lock)."""
-        conn = channel.conn
-        lost = False
-        try:
-            conn.fill_nonblocking()
-        except (ConnectionClosed, OSError):
-            lost = True
-        try:
-            messages = conn.recv_messages(block=False)
-        except Exception:  # a corrupt frame: treat the channel as broken
-            messages, lost = [], True
+        messages, lost = channel.conn.read_available()
         for _, _, delivered, undelivered in messages:
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:

@@ -103,15 +103,7 @@ class Worker:
 
     def _read_caller(self, conn, peer_pid: int) -> None:
         """Work from one peer, in its order (the runtime's lock is held)."""
-        closed = False
-        try:
-            conn.fill_nonblocking()
-        except (ConnectionClosed, OSError):
-            closed = True
-        try:
-            messages = conn.recv_messages(block=False)
-        except Exception:  # a corrupt frame: that peer is beyond trust, we are not
-            messages, closed = [], True
+        messages, closed = conn.read_available()
         for message in messages:
             self._take_direct(message, (conn, peer_pid))
         if closed:  # the peer is gone; results still owed it are reported to the scheduler
