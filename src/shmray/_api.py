@@ -148,6 +148,7 @@ def init(**kwargs: Any):
                                     death_signal=signal.SIGTERM)
         scheduler_end.close()
         runtime = _runtime.Runtime(store, driver_end, session_dir, options)
+        runtime.leasing = True  # the driver may send lone tasks straight to a leased worker
         _runtime.install(runtime)
         _runtime_now = runtime
         return _context(runtime)

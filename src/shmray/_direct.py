@@ -51,6 +51,11 @@ def address(session_dir: str, actor_id: bytes) -> bytes:
     return b"\0shmray-" + os.path.basename(session_dir).encode() + b"-" + actor_id.hex().encode()
 
 
+def worker_key(pid: int) -> bytes:
+    """The name a worker listens under, for the driver that leases it."""
+    return b"worker-%d" % pid
+
+
 def listen(session_dir: str, actor_id: bytes) -> Optional[socket.socket]:
     """The actor's listening socket, or None if the name is taken (every call then goes
     through the scheduler, which is slower but complete)."""

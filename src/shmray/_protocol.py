@@ -31,6 +31,10 @@ Client (driver, worker, actor) -> scheduler
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
+    LEASE_REQUEST      -                             lend me an idle worker (drivers only)
+    LEASE_RETURN       worker_pid                    done with that lease
+    DIRECT_SUBMIT      worker_pid, spec              a task sent straight to a leased worker;
+                                                     the sender holds its results
     DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
                                                      actor_pid (``_direct``); the sender holds
                                                      its results
@@ -40,10 +44,12 @@ Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
                                                      serialized)
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
+Actor or leased worker -> scheduler
     DIRECT_DONE        task_id, results, caller_pid, retryable
-                                                     a direct call's results (as TASK_DONE's);
-                                                     those without refs inside were delivered
-                                                     to the caller already, unless retryable
+                                                     a direct call's or task's results (as
+                                                     TASK_DONE's); those without refs inside
+                                                     are delivered to the caller right after,
+                                                     unless retryable
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -58,8 +64,12 @@ Scheduler -> client
     CANCEL_CALL        task_id                       cancel a call sent before (queued calls
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
-Caller -> actor, and back, on a direct channel (``_direct``)
-    CALL               as the scheduler's; arg_ids is always empty
+    LEASE_GRANTED      worker_pid | None             a worker lent to the sender (None: none
+                                                     is free now)
+    LEASE_RECALL       worker_pid                    give that lease back once its task is
+                                                     done: the CPU is needed
+Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
+    CALL, EXECUTE      as the scheduler's; arg_ids is always empty
     RESULT             task_id, delivered, undelivered
                                                      [(object_id, data, metadata)] of the
                                                      results the caller may use at once; the
@@ -98,15 +108,20 @@ ACTOR_EXITING = 15
 CANCEL = 16
 DIRECT_CALL = 17
 DIRECT_DONE = 18
+LEASE_REQUEST = 19
+LEASE_RETURN = 20
+DIRECT_SUBMIT = 21
 
-READY = 20
-EXECUTE = 21
-EXIT = 22
-REPLY = 23
-START_ACTOR = 24
-CALL = 25
-CANCEL_CALL = 26
-RESULT = 27
+READY = 30
+EXECUTE = 31
+EXIT = 32
+REPLY = 33
+START_ACTOR = 34
+CALL = 35
+CANCEL_CALL = 36
+RESULT = 37
+LEASE_GRANTED = 38
+LEASE_RECALL = 39
 
 # TaskSpec field positions
 SPEC_TASK_ID = 0

@@ -47,7 +47,10 @@ _FLUSH_DELAY = 0.001    # ...but no longer than this
 _RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
-_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE))
+_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT))
+_ONE_CPU = {"CPU": 1.0}
+_LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
+_LEASE_RETRY_SECONDS = 0.005  # after "no worker is free", ask again no sooner
 
 
 class Runtime:
@@ -102,6 +105,14 @@ class Runtime:
         # them when it waits, the flusher within a millisecond.
         self.unflushed: set = set()
         self._spinner = _direct.Spinner()
+        # Leases (drivers): idle workers lent by the scheduler, to which a lone plain task
+        # goes straight (``_direct``).
+        self.leasing = False
+        self._leases: List[_Channel] = []
+        self._lease_asked = False
+        self._lease_retry_at = 0.0
+        self._last_leasable = False  # the last task submitted could have gone to a lease
+        self._function_code: Dict[bytes, bytes] = {}
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -155,8 +166,13 @@ class Runtime:
     def _flush_later(self) -> None:
         wanted = self._flush_wanted
         while not self.closed:
-            wanted.wait()
+            tending = self._leases or self._lease_asked
+            if not wanted.wait(_LEASE_IDLE_SECONDS if tending else None):
+                self._tend_leases()
+                continue
             time.sleep(_FLUSH_DELAY)
+            if self._leases or self._lease_asked:
+                self._tend_leases()
             with self._lock:
                 wanted.clear()
                 if self.closed:
@@ -169,6 +185,19 @@ class Runtime:
                     self.write_some(conn)
                 if self.unflushed:
                     wanted.set()  # a channel still full: try again in a millisecond
+
+    def _tend_leases(self) -> None:
+        """The flusher's round while leases are held: give back those left idle, and answer
+        recalls even while the program is busy elsewhere."""
+        with self._lock:
+            if self.closed or self._reading or not (self._leases or self._lease_asked):
+                return
+            try:
+                self.poll()
+                self._return_idle_leases(_LEASE_IDLE_SECONDS)
+                self.flush()
+            except exceptions.RaySystemError:
+                pass
 
     def _scheduler_gone(self) -> exceptions.RaySystemError:
         if self.closed:
@@ -452,7 +481,10 @@ class Runtime:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:
             _, object_id, data, metadata = message
-            self._owned_pending.discard(object_id)
+            if object_id in self._owned_pending:
+                self._owned_pending.discard(object_id)
+                if self.leasing and not self._owned_pending:
+                    self._ask_for_lease()
             if self._routed_ids:
                 actor_id = self._routed_ids.pop(object_id, None)
                 if actor_id is not None:
@@ -467,6 +499,10 @@ class Runtime:
                     self._resolve_futures(object_id, futures)
         elif message[0] == P.REPLY:
             self._replies[message[1]] = message[2]
+        elif message[0] == P.LEASE_GRANTED:
+            self._lease_granted(message[1])
+        elif message[0] == P.LEASE_RECALL:
+            self._lease_recalled(message[1])
 
         elif self.on_message is not None:
             self.on_message(message)
@@ -622,6 +658,15 @@ class Runtime:
     # -- tasks and queries -------------------------------------------------------------
 
     def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
+        """Send a task: straight to an idle leased worker if it may go there (``_direct``),
+        else through the scheduler."""
+        leasable = self.leasing and _leasable(spec)
+        self._last_leasable = leasable
+        if leasable:
+            with self._lock:
+                lease = self._idle_lease()
+                if lease is not None:
+                    return self._submit_leased(lease, spec, return_ids)
         return self._send_owning((P.SUBMIT, spec), return_ids)
 
     def _send_owning(self, message: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
@@ -694,26 +739,34 @@ class Runtime:
         return channel
 
     def _read_channel(self, channel: "_Channel") -> None:
-        """Results an actor sent straight back (caller holds the lock)."""
+        """Results an actor or a leased worker sent straight back (caller holds the lock)."""
         messages, lost = channel.conn.read_available()
         for _, _, delivered, undelivered in messages:
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
-            for object_id in undelivered:  # they hold refs: the scheduler announces them
-                if self._direct_pending.pop(object_id, None) is not None:
+            for object_id in undelivered:  # they hold refs, or will be retried: the
+                if self._direct_pending.pop(object_id, None) is not None:  # scheduler says
                     self._owned_pending.add(object_id)
+            if channel.actor_id is None:  # a lease: its worker is free again
+                channel.inflight -= 1
+                if channel.recalled and channel.inflight == 0:
+                    self._return_lease(channel)
         if lost:
             self._channel_lost(channel)
 
     def _channel_lost(self, channel: "_Channel") -> None:
-        """The actor died or restarted: the scheduler tells what it still owes us."""
+        """The actor or worker died (or restarted): the scheduler tells what it still owes
+        us (it retries or fails the work as it would its own)."""
         self.readers.pop(channel.conn.fd, None)
         self.unflushed.discard(channel.conn)
         channel.conn.close()
+        if channel.actor_id is None:
+            if channel in self._leases:
+                self._leases.remove(channel)
         # Connect afresh (to its next incarnation, if it restarts) once the calls made
         # meanwhile, which go through the scheduler, are done.
-        if self._channels.get(channel.actor_id) is channel:
+        elif self._channels.get(channel.actor_id) is channel:
             del self._channels[channel.actor_id]
         owed = [i for i, c in self._direct_pending.items() if c is channel]
         for object_id in owed:
@@ -722,6 +775,106 @@ class Runtime:
         if owed:
             self._subscribed.update(owed)
             self.conn.send((P.SUBSCRIBE, owed))
+
+    # -- leases: a lone plain task straight to a worker ---------------------------------------
+
+    def _idle_lease(self) -> Optional["_Channel"]:
+        """An idle leased worker for the next task, or None (caller holds the lock).
+
+        Leases serve a driver that waits on one task at a time: the round trip then skips
+        the scheduler.  While tasks of ours are in flight through the scheduler (a burst),
+        the scheduler's own queue and prefetch serve better, and a lease would only hold a
+        CPU they need, so none is used or asked for.
+        """
+        if self._lease_asked:
+            self.poll()  # the answer may be in
+        if not self._owned_pending:
+            for lease in self._leases:
+                if lease.inflight == 0 and not lease.recalled:
+                    return lease
+            if not self._leases:
+                return None
+        for lease in list(self._leases):  # tasks go through the scheduler now: its CPUs
+            lease.recalled = True          # are for them
+            if lease.inflight:
+                self._read_channel(lease)  # its result may be in: then it goes back now
+            elif lease in self._leases:
+                self._return_lease(lease)
+        return None
+
+    def _ask_for_lease(self) -> None:
+        """Our last task through the scheduler is done and nothing else of ours is there: a
+        driver calling one task at a time.  Ask for a worker now, so the next such task can
+        go straight to it (caller holds the lock)."""
+        if (self._leases or self._lease_asked or not self._last_leasable
+                or time.monotonic() < self._lease_retry_at):
+            return
+        self._lease_asked = True
+        self.conn.send((P.LEASE_REQUEST,))
+        try:
+            self.conn.flush()  # now, before our next task could take the idle worker
+        except ConnectionClosed as exc:
+            raise self._scheduler_gone() from exc
+
+    def _submit_leased(self, lease: "_Channel", spec: tuple, return_ids) -> List[ObjectRef]:
+        fn_id = spec[P.SPEC_FN_ID]
+        pickled = None
+        if fn_id not in lease.functions:
+            pickled = self._function_code[fn_id]
+            lease.functions.add(fn_id)
+        lease.conn.send((P.EXECUTE, spec[P.SPEC_TASK_ID], fn_id, pickled, spec[P.SPEC_NAME],
+                         spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
+                         spec[P.SPEC_RETRY_EXCEPTIONS], None))
+        if not self._write_soon(lease):  # it died: the scheduler runs the task instead
+            self._channel_lost(lease)
+            return self._send_owning((P.SUBMIT, spec), return_ids)
+        lease.inflight += 1
+        lease.last_used = time.monotonic()
+        self.send((P.DIRECT_SUBMIT, lease.peer_pid, spec))
+        for object_id in return_ids:
+            self._direct_pending[object_id] = lease
+        refs = [self.add_owned_ref(object_id) for object_id in return_ids]
+        self.flush_later()
+        return refs
+
+    def _lease_granted(self, worker_pid: Optional[int]) -> None:
+        self._lease_asked = False
+        if worker_pid is None:  # none free now: ask again a little later
+            self._lease_retry_at = time.monotonic() + _LEASE_RETRY_SECONDS
+            return
+        connected = _direct.connect(self.session_dir, _direct.worker_key(worker_pid))
+        if connected is None:  # it died meanwhile
+            self.conn.send((P.LEASE_RETURN, worker_pid))
+            return
+        lease = _Channel(None, *connected)
+        lease.last_used = time.monotonic()
+        self._leases.append(lease)
+        self.readers[lease.conn.fd] = lambda: self._read_channel(lease)
+        self.wake_reader()
+        self.flush_later()  # the flusher gives leases left idle back
+
+    def _lease_recalled(self, worker_pid: int) -> None:
+        """The scheduler has queued work that needs the CPU a lease holds."""
+        for lease in self._leases:
+            if lease.peer_pid == worker_pid:
+                lease.recalled = True
+                if lease.inflight == 0:
+                    self._return_lease(lease)
+                return
+
+    def _return_idle_leases(self, idle_for: float) -> None:
+        now = time.monotonic()
+        for lease in list(self._leases):
+            if lease.inflight == 0 and now - lease.last_used >= idle_for:
+                self._return_lease(lease)
+
+    def _return_lease(self, lease: "_Channel") -> None:
+        self._leases.remove(lease)
+        self.readers.pop(lease.conn.fd, None)
+        self.unflushed.discard(lease.conn)
+        lease.conn.close()
+        self.conn.send((P.LEASE_RETURN, lease.peer_pid))
+        self.flush_later()
 
     def _write_soon(self, channel: "_Channel") -> bool:
         """Write now, or with the next frame if we wrote to this channel very recently (a
@@ -755,8 +908,11 @@ class Runtime:
         if fn_id not in self._registered_functions:
             with self._lock:
                 if fn_id not in self._registered_functions:
-                    self.conn.send((P.REGISTER_FUNCTION, fn_id, pickled_fn(), name))
+                    code = pickled_fn()
+                    self.conn.send((P.REGISTER_FUNCTION, fn_id, code, name))
                     self._registered_functions.add(fn_id)
+                    if self.leasing:  # a leased worker gets it from us
+                        self._function_code[fn_id] = code
 
     def close(self) -> None:
         self.closed = True
@@ -769,9 +925,10 @@ class Runtime:
                 for future in futures:
                     future.cancel()
             self._futures.clear()
-            for channel in self._channels.values():
+            for channel in [*self._channels.values(), *self._leases]:
                 channel.conn.close()
             self._channels.clear()
+            self._leases.clear()
             self.readers.clear()
             self.unflushed.clear()
         self.store.close()
@@ -784,15 +941,27 @@ class Runtime:
 
 
 class _Channel:
-    """This process's direct connection to one actor (``_direct``)."""
+    """This process's direct connection to an actor, or to a worker it leases (``_direct``)."""
 
-    __slots__ = ("actor_id", "conn", "peer_pid", "last_write")
+    __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "inflight", "functions",
+                 "last_used", "recalled")
 
-    def __init__(self, actor_id: bytes, conn: Connection, peer_pid: int):
-        self.actor_id = actor_id
+    def __init__(self, actor_id: Optional[bytes], conn: Connection, peer_pid: int):
+        self.actor_id = actor_id  # None for a leased worker
         self.conn = conn
-        self.peer_pid = peer_pid  # which incarnation got our calls, for the scheduler
+        self.peer_pid = peer_pid  # which process got our work, for the scheduler
         self.last_write = 0.0
+        self.inflight = 0             # a lease: tasks sent, results not back yet
+        self.functions: set = set()   # a lease: function ids whose code it has from us
+        self.last_used = 0.0
+        self.recalled = False         # a lease: the scheduler wants it back
+
+
+def _leasable(spec: tuple) -> bool:
+    """A task a leased worker may run: nothing to wait for or hold, one CPU, no per-task
+    environment; the rest go through the scheduler."""
+    return (not spec[P.SPEC_ARG_IDS] and not spec[P.SPEC_CONTAINED]
+            and spec[P.SPEC_RESOURCES] == _ONE_CPU and not spec[P.SPEC_EXTRA])
 
 
 class _Waiter:

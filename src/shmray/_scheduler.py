@@ -23,6 +23,11 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
 - Resources: a task takes its ``num_cpus``/``num_gpus``/custom resources while it runs; a worker
   blocked in ``get``/``wait`` lends its CPUs back, and more workers are forked when every worker
   is busy, so nested tasks can't deadlock a small pool.
+- Leases: a driver waiting on one task at a time may borrow an idle worker (LEASE_REQUEST)
+  and send it plain tasks itself, two hops instead of four (``_direct``); the lease holds one
+  CPU until it is given back (idle for 2 ms, or recalled here when a queued task needs the
+  CPU).  Both ends report each such task (DIRECT_SUBMIT, DIRECT_DONE, in either order), so it
+  is owed, retried and failed like any other.
 - Short tasks are sent ahead: when every CPU is taken, a busy worker running a function known
   to be short and never to block gets the next task of the same shape in advance, and starts
   it without a round trip (``_prefetch``).
@@ -66,6 +71,7 @@ _PREFETCH_DEPTH = 1           # tasks sent ahead to a busy worker...
 _PREFETCH_MAX_SECONDS = 0.02  # ...only for functions that take less than this, so a task
                               # waits behind another for 20 ms at most
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
+_ONE_CPU = {"CPU": 1.0}  # what a lease holds
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
 
@@ -74,7 +80,8 @@ class Client:
     """A process connected to the scheduler: the driver, a worker or an actor."""
 
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
-                 "lent", "actor", "held_since", "queued", "cancel_slot", "calls")
+                 "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
+                 "leased_to", "direct", "recalled")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -91,6 +98,10 @@ class Client:
         self.queued: collections.deque = collections.deque()  # tasks sent ahead (prefetch)
         self.cancel_slot = None               # shared bytes naming the task SIGINT is for
         self.calls: Dict[bytes, int] = {}     # fn id -> tasks run (max_calls)
+        self.leases: set = set()              # workers lent to this client
+        self.leased_to: Optional["Client"] = None  # a worker: the client it is lent to
+        self.direct: Dict[bytes, "Task"] = {}      # a leased worker: tasks sent to it
+        self.recalled = False                 # a leased worker: asked back
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -208,6 +219,7 @@ class Scheduler:
         # task id -> (results, caller pid, retryable).
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_calls = 0
+        self.direct_tasks = 0
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
         if options.get("num_gpus"):
@@ -243,6 +255,9 @@ class Scheduler:
             P.CANCEL: self.on_cancel,
             P.DIRECT_CALL: self.on_direct_call,
             P.DIRECT_DONE: self.on_direct_done,
+            P.LEASE_REQUEST: self.on_lease_request,
+            P.LEASE_RETURN: self.on_lease_return,
+            P.DIRECT_SUBMIT: self.on_direct_submit,
         }
 
     # -- clients ---------------------------------------------------------------------------
@@ -547,6 +562,7 @@ class Scheduler:
                 self._start(task, worker)
             if queue:
                 self._prefetch(shape, queue)
+                self._recall_leases()
             if not queue:
                 del self.ready_by_shape[shape]
 
@@ -577,6 +593,90 @@ class Scheduler:
             queue.popleft()
             worker.queued.append(task)
             self._send_execute(task, worker)
+
+    def _recall_leases(self) -> None:
+        """Ready tasks wait for a CPU: ask lease holders to give theirs back."""
+        for client in self.clients.values():
+            for worker in client.leases:
+                if not worker.recalled:
+                    worker.recalled = True
+                    self.send(client, (P.LEASE_RECALL, worker.pid))
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def on_lease_request(self, client: Client) -> None:
+        worker = None
+        if (self.idle and self._fits(_ONE_CPU) and not self.ready_by_shape
+                and client.kind == "driver"):
+            worker = self.idle.pop()
+            worker.leased_to = client
+            worker.recalled = False
+            client.leases.add(worker)
+            self.available["CPU"] -= 1.0
+        self.send(client, (P.LEASE_GRANTED, worker.pid if worker is not None else None))
+
+    def on_lease_return(self, client: Client, worker_pid) -> None:
+        for worker in client.leases:
+            if worker.pid == worker_pid:
+                self._end_lease(worker)
+                if worker.alive and worker.task is None:
+                    self.idle.append(worker)
+                return
+
+    def _end_lease(self, worker: Client) -> None:
+        worker.leased_to.leases.discard(worker)
+        worker.leased_to = None
+        if worker.blocked:  # its CPU was lent back while a task waited in get()
+            worker.blocked = False
+        else:
+            self.available["CPU"] += 1.0
+
+    def on_direct_submit(self, client: Client, worker_pid, spec: tuple) -> None:
+        """A task its submitter sent straight to the worker ``worker_pid`` it leases."""
+        self.direct_tasks += 1
+        task = self._admit(spec, client)
+        task.direct = True
+        early = self.early_done.pop(task.task_id, None)
+        if early is not None:
+            self._direct_task_done(task, early[0], early[2])
+            self._unprotect(early[0])
+            return
+        if task.finished:
+            return
+        for worker in client.leases:
+            if worker.pid == worker_pid and worker.alive:
+                worker.direct[task.task_id] = task
+                task.worker = worker
+                return
+        self._lost_direct_task(task, None)  # the worker died before it reported the task
+
+    def _direct_task_done(self, task: Task, results, retryable: bool) -> None:
+        if task.finished:
+            return
+        if retryable and task.retries_left != 0:
+            self._retry(task)  # through the scheduler this time; its caller hears of it
+        elif retryable:
+            self._finish(task, results)  # it was told to wait for this
+        else:
+            self._finish_direct(task, results, False)
+
+    def _lost_direct_task(self, task: Task, status: Optional[int]) -> None:
+        """A leased worker died with this task sent to it."""
+        if task.finished:
+            return
+        task.worker = None
+        if task.cancelled:
+            self._delete_partial_returns(task)
+            self._fail(task, *self._cancelled_error(task))
+        elif task.retries_left != 0:
+            self._retry(task)
+        else:
+            self._delete_partial_returns(task)
+            self._fail(task, *self._serialized(exceptions.WorkerCrashedError(
+                f"the worker running {task.name}() died of {_how(status)}. It was retried "
+                f"{task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely causes: the "
+                "process ran out of memory, a C extension crashed, or it called os._exit(); "
+                "set max_retries to try more often.")))
 
     def _warn_worker_cap(self) -> None:
         if not self.warned_cap:
@@ -733,6 +833,10 @@ class Scheduler:
 
     def on_blocked(self, worker: Client) -> None:
         task = worker.task
+        if worker.leased_to is not None and task is None and not worker.blocked:
+            worker.blocked = True  # a leased task waits in get(): lend the lease's CPU
+            self.available["CPU"] += 1.0
+            return
         if task is None or worker.blocked:
             return
         self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
@@ -741,6 +845,10 @@ class Scheduler:
 
     def on_unblocked(self, worker: Client) -> None:
         task = worker.task
+        if worker.leased_to is not None and task is None and worker.blocked:
+            worker.blocked = False
+            self.available["CPU"] -= 1.0  # may go below zero for a while
+            return
         if task is None or not worker.blocked:
             return
         worker.blocked = False
@@ -761,6 +869,8 @@ class Scheduler:
             value = len(self.objects)
         elif what == "direct_calls":  # how many actor calls took the direct route
             value = self.direct_calls
+        elif what == "direct_tasks":  # how many tasks went straight to a leased worker
+            value = self.direct_tasks
         elif what == "named_actors":
             value = sorted(self.named)
         elif isinstance(what, tuple) and what[0] == "actor":
@@ -796,6 +906,17 @@ class Scheduler:
                 self._fail(task, *self._cancelled_error(task))
             return
         worker = task.worker
+        if task.direct and worker is not None and worker.leased_to is not None:
+            # On a leased worker: skipped if it has not started (the worker reports it
+            # cancelled), interrupted if it runs; either way its result says so.
+            if force:
+                _kill_quietly(worker.pid)  # on_disconnect fails it
+                return
+            self.send(worker, (P.CANCEL_CALL, task.task_id))
+            if worker.cancel_slot is not None:
+                worker.cancel_slot[:24] = task.task_id
+            _signal_quietly(worker.pid, signal.SIGINT)
+            return
         if worker is None:  # queued, or waiting for its arguments
             self._fail(task, *self._cancelled_error(task))
         elif worker.task is not task:  # sent ahead, not started: the worker will skip it
@@ -997,7 +1118,14 @@ class Scheduler:
 
     def on_direct_done(self, client: Client, task_id, results, caller_pid, retryable) -> None:
         actor = client.actor
-        task = actor.inflight.pop(task_id, None) if actor is not None else None
+        if actor is None:  # a leased worker's task
+            task = client.direct.pop(task_id, None)
+            if task is not None:
+                self._direct_task_done(task, results, retryable)
+            elif task_id not in self.tasks:
+                self._keep_early(task_id, results, caller_pid, retryable)
+            return
+        task = actor.inflight.pop(task_id, None)
         if task is None:
             if task_id in self.tasks:
                 return  # finished meanwhile (e.g. its actor was declared dead)
@@ -1195,6 +1323,11 @@ class Scheduler:
         self.busy.discard(client)
         if client in self.idle:
             self.idle.remove(client)
+        if client.leased_to is not None:
+            self._end_lease(client)
+        for task in list(client.direct.values()):
+            self._lost_direct_task(task, status)
+        client.direct.clear()
         while client.queued:  # sent ahead but never started: run them elsewhere, no retry used
             queued = client.queued.pop()
             if not queued.finished:

@@ -49,9 +49,9 @@ _POLL_INTERVAL = 0.0005   # while work is queued, look for new messages this oft
 
 
 class Worker:
-    """Runs what it is sent: by the scheduler, or (an actor) straight from its callers
-    (``_direct``).  Work sent straight here remembers where it came from (``origins``); its
-    results go back that way, and to the scheduler in batches (``report``)."""
+    """Runs what it is sent: by the scheduler, or straight from the driver leasing it (an
+    actor: from its callers; ``_direct``).  Work sent straight here remembers where it came
+    from (``origins``); its results go back that way, and to the scheduler (``report``)."""
 
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
@@ -424,6 +424,10 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot=None) 
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _runtime.install(runtime)
     try:
-        Worker(runtime, cancel_slot).run()
-    except ConnectionClosed:
+        worker = Worker(runtime, cancel_slot)
+        worker.listen(_direct.worker_key(os.getpid()))  # for the driver that leases it
+        worker.run()
+        worker.finish_replies()
+        runtime.flush()
+    except (ConnectionClosed, exceptions.RaySystemError):
         pass

@@ -1,0 +1,188 @@
+"""Leases: the driver sends a lone plain task straight to an idle worker the scheduler lent
+it (``_direct``).  Everything a task does must behave as through the scheduler."""
+
+import gc
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import runtime, settle, wait_for
+
+
+def direct_tasks():
+    return runtime().query("direct_tasks")
+
+
+def warm_lease(ray):
+    """Round trips until the driver holds a lease (the first goes through the scheduler)."""
+    @ray.remote
+    def noop():
+        return None
+
+    for _ in range(20):
+        ray.get(noop.remote())
+        if runtime()._leases:
+            return
+        time.sleep(0.01)
+    pytest.fail("the driver never got a lease")
+
+
+def test_lone_round_trips_take_the_lease(ray):
+    @ray.remote
+    def square(x):
+        return x * x
+
+    warm_lease(ray)
+    before = direct_tasks()
+    assert [ray.get(square.remote(i)) for i in range(50)] == [i * i for i in range(50)]
+    assert direct_tasks() - before >= 45
+
+
+def test_errors_from_leased_tasks_are_task_errors(ray):
+    class Oops(ValueError):
+        pass
+
+    @ray.remote
+    def fails():
+        raise Oops("no")
+
+    warm_lease(ray)
+    before = direct_tasks()
+    with pytest.raises(Oops) as info:
+        ray.get(fails.remote())
+    assert isinstance(info.value, ray.exceptions.RayTaskError)
+    assert "fails" in str(info.value)
+    assert direct_tasks() > before
+
+
+def test_retry_exceptions_on_a_leased_task(ray, tmp_path):
+    marker = tmp_path / "tries"
+
+    @ray.remote(retry_exceptions=True, max_retries=2)
+    def flaky():
+        tries = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(tries + 1))
+        if tries < 2:
+            raise RuntimeError("not yet")
+        return tries
+
+    warm_lease(ray)
+    assert ray.get(flaky.remote(), timeout=30) == 2
+
+
+@pytest.mark.parametrize("max_retries, outcome", [(1, "ok"), (0, "crash")])
+def test_a_leased_worker_dying_mid_task(ray, tmp_path, max_retries, outcome):
+    marker = tmp_path / "died"
+
+    @ray.remote(max_retries=max_retries)
+    def dies_once():
+        if not marker.exists():
+            marker.write_text("x")
+            os._exit(1)
+        return "ok"
+
+    warm_lease(ray)
+    ref = dies_once.remote()
+    if outcome == "ok":
+        assert ray.get(ref, timeout=30) == "ok"
+    else:
+        with pytest.raises(ray.exceptions.WorkerCrashedError):
+            ray.get(ref, timeout=30)
+    wait_for(lambda: len(runtime().query("workers")) >= 2)  # the pool is refilled
+    assert ray.get(dies_once.remote(), timeout=30) == "ok"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cancel_a_running_leased_task(ray, force):
+    @ray.remote
+    def spin():
+        while True:
+            time.sleep(0.01)
+
+    warm_lease(ray)
+    before = direct_tasks()
+    ref = spin.remote()
+    time.sleep(0.3)
+    assert direct_tasks() > before
+    ray.cancel(ref, force=force)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(ref, timeout=30)
+
+
+def test_a_leased_task_waiting_on_a_nested_one_lends_its_cpu():
+    import shmray
+
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def child(x):
+            return x + 1
+
+        @shmray.remote
+        def parent(x):
+            return shmray.get(child.remote(x))
+
+        warm_lease(shmray)
+        before = direct_tasks()
+        assert shmray.get(parent.remote(1), timeout=30) == 2  # one CPU, held by the lease
+        assert direct_tasks() > before
+    finally:
+        shmray.shutdown()
+
+
+def test_an_idle_lease_goes_back(ray):
+    warm_lease(ray)
+    wait_for(lambda: not runtime()._leases, timeout=5)
+    wait_for(lambda: ray.available_resources().get("CPU") == 2.0, timeout=5)
+
+
+def test_a_burst_after_round_trips_gets_every_cpu(ray):
+    @ray.remote
+    def sleepy():
+        time.sleep(1.0)
+        return os.getpid()
+
+    warm_lease(ray)
+    started = time.monotonic()
+    pids = ray.get([sleepy.remote() for _ in range(2)], timeout=30)
+    assert time.monotonic() - started < 1.8  # both ran at once: the lease gave way
+    assert len(set(pids)) == 2
+
+
+def test_results_of_leased_tasks_feed_other_tasks_and_are_freed(ray):
+    import numpy as np
+
+    @ray.remote
+    def make(i):
+        return np.full(100_000, i)  # in the arena
+
+    @ray.remote
+    def total(a):
+        return int(a.sum())
+
+    warm_lease(ray)
+    settle()
+    objects = runtime().query("objects")
+    for i in range(10):
+        ref = make.remote(i)
+        assert ray.get(total.remote(ref)) == 100_000 * i
+        del ref
+    gc.collect()
+    settle()
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] <= objects, timeout=10)
+    wait_for(lambda: runtime().store.statistics().bytes_in_use == 0, timeout=10)
+
+
+def test_a_leased_worker_killed_between_tasks(ray):
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    warm_lease(ray)
+    worker = ray.get(pid.remote())
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(0.2)
+    for _ in range(5):
+        assert ray.get(pid.remote(), timeout=30) != worker
