@@ -35,6 +35,7 @@ class RemoteFunction:
                          **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
         self._fn_id = os.urandom(16)
         self._pickled = None
+        self._fields = self._spec_fields(self._options)
         self.__doc__ = function.__doc__
         self.__name__ = self._name
         self.__qualname__ = getattr(function, "__qualname__", self._name)
@@ -51,25 +52,34 @@ class RemoteFunction:
         return _rebuild, (self._function, _user_options(self._options), self._fn_id)
 
     def remote(self, *args, **kwargs):
-        return self._submit(args, kwargs, self._options)
+        return self._submit(args, kwargs, self._fields)
 
     def options(self, **options):
         merged = {**self._options,
                   **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        fields = self._spec_fields(merged)
         parent = self
 
         class _Bound:
             def remote(self, *args, **kwargs):
-                return parent._submit(args, kwargs, merged)
+                return parent._submit(args, kwargs, fields)
 
         return _Bound()
+
+    def _spec_fields(self, options: Dict[str, Any]) -> tuple:
+        """What a task's spec takes from its options, worked out once, not per call."""
+        retry = options["retry_exceptions"]
+        return (options.get("name") or self._name, options["num_returns"],
+                _options.task_resources(options), options["max_retries"],
+                list(retry) if isinstance(retry, (list, tuple)) else retry,
+                _options.task_extra(options))
 
     def _code(self) -> bytes:
         if self._pickled is None:
             self._pickled = cloudpickle.dumps(self._function)
         return self._pickled
 
-    def _submit(self, args, kwargs, options):
+    def _submit(self, args, kwargs, fields):
         from ._api import _current
 
         check_call(self._function, self._name, args, kwargs)
@@ -77,12 +87,9 @@ class RemoteFunction:
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
-        num_returns = options["num_returns"]
-        retry = options["retry_exceptions"]
-        spec = (task_id, self._fn_id, options.get("name") or self._name, args_blob, arg_ids,
-                contained, num_returns, _options.task_resources(options),
-                options["max_retries"], list(retry) if isinstance(retry, (list, tuple)) else retry,
-                _options.task_extra(options))
+        name, num_returns, resources, max_retries, retry, extra = fields
+        spec = (task_id, self._fn_id, name, args_blob, arg_ids, contained, num_returns,
+                resources, max_retries, retry, extra)
         return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
         refs = runtime.submit(spec, return_ids)
         del temporaries  # the task holds them now; our refs can go

@@ -312,6 +312,8 @@ class Runtime:
         """Known ready, or sealed in the arena already (then no message is needed at all)."""
         if object_id in self._locations:
             return True
+        if object_id in self._direct_pending:
+            return False  # its RESULT will say (and the store's lock is not free)
         if self.store.contains(object_id) in ("sealed", "spilled"):
             self._locations[object_id] = (_IN_ARENA, b"")
             return True
