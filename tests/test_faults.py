@@ -274,6 +274,7 @@ def test_scheduler_death_is_a_clear_error():
         assert shmray.get(f.remote(), timeout=DEADLOCK) == 1
         workers = worker_pids()
         os.kill(shmray._api._scheduler_pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(shmray._api._scheduler_pid))  # kill() doesn't wait
         with pytest.raises(exceptions.RaySystemError, match="scheduler"):
             shmray.get(f.remote(), timeout=DEADLOCK)
         for pid in workers:

@@ -112,6 +112,10 @@ class Runtime:
         self._lease_asked = False
         self._lease_retry_at = 0.0
         self._last_leasable = False  # the last task submitted could have gone to a lease
+        # Watches the scheduler's connection: a task sent straight to a worker must not
+        # succeed when the session is already gone.
+        self._hangup = select.poll()
+        self._hangup.register(conn.fd, select.POLLIN)
         self._function_code: Dict[bytes, bytes] = {}
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -788,8 +792,8 @@ class Runtime:
         the scheduler's own queue and prefetch serve better, and a lease would only hold a
         CPU they need, so none is used or asked for.
         """
-        if self._lease_asked:
-            self.poll()  # the answer may be in
+        if self._lease_asked or self._hangup.poll(0):
+            self.poll()  # the answer may be in; or the scheduler died, which this raises
         if not self._owned_pending:
             for lease in self._leases:
                 if lease.inflight == 0 and not lease.recalled:
