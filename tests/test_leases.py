@@ -12,20 +12,22 @@ from conftest import runtime, settle, wait_for
 
 
 def direct_tasks():
-    return runtime().query("direct_tasks")
+    """Tasks this driver sent to a lease (counted here: a query would wait, and a driver
+    that waits on something else gives its idle lease back)."""
+    return runtime().leased_tasks
 
 
 def warm_lease(ray):
-    """Round trips until the driver holds a lease (the first goes through the scheduler)."""
+    """Round trips in quick succession until the driver holds a lease (it asks after a few
+    that went through the scheduler)."""
     @ray.remote
     def noop():
         return None
 
-    for _ in range(20):
+    for _ in range(200):
         ray.get(noop.remote())
         if runtime()._leases:
             return
-        time.sleep(0.01)
     pytest.fail("the driver never got a lease")
 
 
@@ -186,3 +188,101 @@ def test_a_leased_worker_killed_between_tasks(ray):
     time.sleep(0.2)
     for _ in range(5):
         assert ray.get(pid.remote(), timeout=30) != worker
+
+
+# -- regressions from review (each failed before its fix) ------------------------------
+
+
+def test_an_actor_is_placed_while_the_driver_holds_a_lease():
+    import shmray
+
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        class A:
+            def m(self):
+                return "m"
+
+        warm_lease(shmray)  # the one CPU is lent to us
+        a = A.remote()
+        assert shmray.get(a.m.remote(), timeout=30) == "m"
+    finally:
+        shmray.shutdown()
+
+
+def test_waiting_with_a_lease_costs_no_cpu(ray):
+    @ray.remote
+    class Slow:
+        def m(self):
+            time.sleep(2.0)
+            return "m"
+
+    slow = Slow.remote()
+    ray.get(slow.__ray_ready__.remote())
+    warm_lease(ray)
+    started = time.process_time()
+    assert ray.get(slow.m.remote(), timeout=30) == "m"
+    assert time.process_time() - started < 0.015  # was ~30 ms: a wake-up every 2 ms
+    assert not runtime()._leases  # and the idle lease went back
+
+
+def test_recursive_cancel_reaches_the_children_of_a_leased_task(ray, tmp_path):
+    marker = tmp_path / "child"
+
+    @ray.remote
+    def child():
+        time.sleep(3)
+        marker.write_text("ran to the end")
+
+    @ray.remote
+    def parent():
+        return ray.get(child.remote())
+
+    warm_lease(ray)
+    before = direct_tasks()
+    ref = parent.remote()
+    assert direct_tasks() > before
+    time.sleep(0.5)
+    ray.cancel(ref, recursive=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=30)
+    wait_for(lambda: ray.available_resources().get("CPU") == 2.0, timeout=5)
+    time.sleep(3)
+    assert not marker.exists()
+
+
+def test_results_holding_refs_do_not_turn_leasing_off(ray):
+    @ray.remote
+    def holder(i):
+        inner = ray.put(i)
+        time.sleep(0.003)
+        return [inner]
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    kept = []
+    for i in range(30):
+        warm_lease(ray)
+        ref = holder.remote(i)
+        ray.get(ref)
+        kept.append(ref)
+    before = direct_tasks()
+    assert [ray.get(square.remote(i)) for i in range(50)] == [i * i for i in range(50)]
+    assert direct_tasks() - before >= 40
+
+
+def test_available_resources_right_after_lone_tasks(ray):
+    warm_lease(ray)
+    assert ray.available_resources()["CPU"] == 2.0
+
+
+def test_batches_take_no_lease(ray):
+    @ray.remote
+    def square(x):
+        return x * x
+
+    for _ in range(20):
+        assert ray.get([square.remote(i) for i in range(10)]) == [i * i for i in range(10)]
+    assert direct_tasks() == 0 and not runtime()._leases

@@ -423,7 +423,9 @@ def cluster_resources() -> dict:
 
 def available_resources() -> dict:
     """The resources not held by running tasks right now."""
-    return _current().query("available")
+    runtime = _current()
+    runtime.return_idle_leases()  # a worker merely lent to us is available
+    return runtime.query("available")
 
 
 def nodes() -> list:

@@ -27,7 +27,8 @@ Client (driver, worker, actor) -> scheduler
     QUERY              request_id, what              what: "resources", "available", "workers",
                                                      "ping" (a barrier), "objects" (how many
                                                      the directory has), "named_actors",
-                                                     ("actor", name, namespace)
+                                                     ("actor", name, namespace), ("function",
+                                                     fn_id) (its code, for a leased worker)
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name

@@ -50,6 +50,8 @@ _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT))
 _ONE_CPU = {"CPU": 1.0}
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
+_LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
+_LONE_ROUND_TRIPS = 2         # lone round trips in a row before a lease is worth asking for
 _LEASE_RETRY_SECONDS = 0.005  # after "no worker is free", ask again no sooner
 
 
@@ -116,7 +118,9 @@ class Runtime:
         # succeed when the session is already gone.
         self._hangup = select.poll()
         self._hangup.register(conn.fd, select.POLLIN)
-        self._function_code: Dict[bytes, bytes] = {}
+        self._lone_streak = 0  # tasks in a row that were all we had in flight...
+        self._lone_done_at = 0.0  # ...each sent soon after the one before was done
+        self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -170,8 +174,7 @@ class Runtime:
     def _flush_later(self) -> None:
         wanted = self._flush_wanted
         while not self.closed:
-            tending = self._leases or self._lease_asked
-            if not wanted.wait(_LEASE_IDLE_SECONDS if tending else None):
+            if not wanted.wait(self._tend_interval()):
                 self._tend_leases()
                 continue
             time.sleep(_FLUSH_DELAY)
@@ -189,6 +192,14 @@ class Runtime:
                     self.write_some(conn)
                 if self.unflushed:
                     wanted.set()  # a channel still full: try again in a millisecond
+
+    def _tend_interval(self) -> Optional[float]:
+        """How soon the flusher should look after the leases: soon while one idles (it goes
+        back after 2 ms), now and then while one runs a task nobody is reading the result
+        of yet, never without leases."""
+        if self._lease_asked or any(lease.inflight == 0 for lease in self._leases):
+            return _LEASE_IDLE_SECONDS
+        return _LEASE_BUSY_TICK if self._leases else None
 
     def _tend_leases(self) -> None:
         """The flusher's round while leases are held: give back those left idle, and answer
@@ -336,6 +347,8 @@ class Runtime:
 
     def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[float]) -> bool:
         """Read messages until predicate() holds; False on timeout.  Caller holds the lock."""
+        if self._leases and not predicate():
+            self._return_idle_leases(0.0)  # we wait on something else: their CPUs may serve it
         blocked = False
         try:
             while not predicate():
@@ -349,6 +362,11 @@ class Runtime:
                 if self._reading:  # another thread reads for us
                     self._cv.wait(remaining)
                     continue
+                if self._leases:  # one granted or freed while we wait: we give it back
+                    self._return_idle_leases(_LEASE_IDLE_SECONDS)
+                    if any(lease.inflight == 0 for lease in self._leases):
+                        remaining = _LEASE_IDLE_SECONDS if remaining is None else min(
+                            remaining, _LEASE_IDLE_SECONDS)
                 self._read_once(remaining)
             return True
         finally:
@@ -669,6 +687,9 @@ class Runtime:
         leasable = self.leasing and _leasable(spec)
         self._last_leasable = leasable
         if leasable:
+            if (self._owned_pending
+                    or time.monotonic() - self._lone_done_at > _LEASE_IDLE_SECONDS):
+                self._lone_streak = 0  # a batch, or a pause a lease would not outlast
             with self._lock:
                 lease = self._idle_lease()
                 if lease is not None:
@@ -752,7 +773,8 @@ class Runtime:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
             for object_id in undelivered:  # they hold refs, or will be retried: the
-                if self._direct_pending.pop(object_id, None) is not None:  # scheduler says
+                if (self._direct_pending.pop(object_id, None) is not None  # scheduler says
+                        and object_id not in self._locations):  # (if it has not yet)
                     self._owned_pending.add(object_id)
             if channel.actor_id is None:  # a lease: its worker is free again
                 channel.inflight -= 1
@@ -770,6 +792,7 @@ class Runtime:
         if channel.actor_id is None:
             if channel in self._leases:
                 self._leases.remove(channel)
+                self.conn.send((P.LEASE_RETURN, channel.peer_pid))  # if it lives on
         # Connect afresh (to its next incarnation, if it restarts) once the calls made
         # meanwhile, which go through the scheduler, are done.
         elif self._channels.get(channel.actor_id) is channel:
@@ -809,10 +832,16 @@ class Runtime:
         return None
 
     def _ask_for_lease(self) -> None:
-        """Our last task through the scheduler is done and nothing else of ours is there: a
-        driver calling one task at a time.  Ask for a worker now, so the next such task can
-        go straight to it (caller holds the lock)."""
-        if (self._leases or self._lease_asked or not self._last_leasable
+        """Our last task through the scheduler is done and nothing else of ours is there.
+        After a few such lone round trips in a row (a driver calling one task at a time, not
+        one sending batches), ask for a worker, so the next task can go straight to it
+        (caller holds the lock)."""
+        if not self._last_leasable:
+            self._lone_streak = 0
+            return
+        self._lone_streak += 1
+        self._lone_done_at = time.monotonic()
+        if (self._lone_streak < _LONE_ROUND_TRIPS or self._leases or self._lease_asked
                 or time.monotonic() < self._lease_retry_at):
             return
         self._lease_asked = True
@@ -823,12 +852,9 @@ class Runtime:
             raise self._scheduler_gone() from exc
 
     def _submit_leased(self, lease: "_Channel", spec: tuple, return_ids) -> List[ObjectRef]:
-        fn_id = spec[P.SPEC_FN_ID]
-        pickled = None
-        if fn_id not in lease.functions:
-            pickled = self._function_code[fn_id]
-            lease.functions.add(fn_id)
-        lease.conn.send((P.EXECUTE, spec[P.SPEC_TASK_ID], fn_id, pickled, spec[P.SPEC_NAME],
+        # No code: a worker that lacks the function's asks the scheduler for it, once.
+        lease.conn.send((P.EXECUTE, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID], None,
+                         spec[P.SPEC_NAME],
                          spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
                          spec[P.SPEC_RETRY_EXCEPTIONS], None))
         if not self._write_soon(lease):  # it died: the scheduler runs the task instead
@@ -836,6 +862,7 @@ class Runtime:
             return self._send_owning((P.SUBMIT, spec), return_ids)
         lease.inflight += 1
         lease.last_used = time.monotonic()
+        self.leased_tasks += 1
         self.send((P.DIRECT_SUBMIT, lease.peer_pid, spec))
         for object_id in return_ids:
             self._direct_pending[object_id] = lease
@@ -867,6 +894,11 @@ class Runtime:
                 if lease.inflight == 0:
                     self._return_lease(lease)
                 return
+
+    def return_idle_leases(self) -> None:
+        """Give back every lease with no task running (before asking what is available)."""
+        with self._lock:
+            self._return_idle_leases(0.0)
 
     def _return_idle_leases(self, idle_for: float) -> None:
         now = time.monotonic()
@@ -914,11 +946,10 @@ class Runtime:
         if fn_id not in self._registered_functions:
             with self._lock:
                 if fn_id not in self._registered_functions:
-                    code = pickled_fn()
-                    self.conn.send((P.REGISTER_FUNCTION, fn_id, code, name))
+                    self.conn.send((P.REGISTER_FUNCTION, fn_id, pickled_fn(), name))
                     self._registered_functions.add(fn_id)
-                    if self.leasing:  # a leased worker gets it from us
-                        self._function_code[fn_id] = code
+                    if self.leasing:  # a leased worker may ask the scheduler for it at once
+                        self.flush()
 
     def close(self) -> None:
         self.closed = True
@@ -949,8 +980,8 @@ class Runtime:
 class _Channel:
     """This process's direct connection to an actor, or to a worker it leases (``_direct``)."""
 
-    __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "inflight", "functions",
-                 "last_used", "recalled")
+    __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "inflight", "last_used",
+                 "recalled")
 
     def __init__(self, actor_id: Optional[bytes], conn: Connection, peer_pid: int):
         self.actor_id = actor_id  # None for a leased worker
@@ -958,7 +989,6 @@ class _Channel:
         self.peer_pid = peer_pid  # which process got our work, for the scheduler
         self.last_write = 0.0
         self.inflight = 0             # a lease: tasks sent, results not back yet
-        self.functions: set = set()   # a lease: function ids whose code it has from us
         self.last_used = 0.0
         self.recalled = False         # a lease: the scheduler wants it back
 

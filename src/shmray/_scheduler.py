@@ -219,7 +219,7 @@ class Scheduler:
         # task id -> (results, caller pid, retryable).
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_calls = 0
-        self.direct_tasks = 0
+        self.leased: set = set()  # workers lent to a driver
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
         if options.get("num_gpus"):
@@ -482,8 +482,9 @@ class Scheduler:
 
     def _register(self, task: Task, client: Client) -> None:
         self.tasks[task.task_id] = task
-        if client.task is not None:  # submitted by a running task: its child, for cancel
-            client.task.children.append(task)
+        parent = client.task or _leased_task(client)
+        if parent is not None:  # submitted by a running task: its child, for cancel
+            parent.children.append(task)
 
     def on_submit(self, client: Client, spec: tuple) -> None:
         task = self._admit(spec, client)
@@ -595,23 +596,23 @@ class Scheduler:
             self._send_execute(task, worker)
 
     def _recall_leases(self) -> None:
-        """Ready tasks wait for a CPU: ask lease holders to give theirs back."""
-        for client in self.clients.values():
-            for worker in client.leases:
-                if not worker.recalled:
-                    worker.recalled = True
-                    self.send(client, (P.LEASE_RECALL, worker.pid))
+        """Work waits for a CPU: ask lease holders to give theirs back."""
+        for worker in self.leased:
+            if not worker.recalled:
+                worker.recalled = True
+                self.send(worker.leased_to, (P.LEASE_RECALL, worker.pid))
 
     # -- leases ----------------------------------------------------------------------------
 
     def on_lease_request(self, client: Client) -> None:
         worker = None
         if (self.idle and self._fits(_ONE_CPU) and not self.ready_by_shape
-                and client.kind == "driver"):
+                and not self.unplaced and client.kind == "driver"):
             worker = self.idle.pop()
             worker.leased_to = client
             worker.recalled = False
             client.leases.add(worker)
+            self.leased.add(worker)
             self.available["CPU"] -= 1.0
         self.send(client, (P.LEASE_GRANTED, worker.pid if worker is not None else None))
 
@@ -626,6 +627,7 @@ class Scheduler:
     def _end_lease(self, worker: Client) -> None:
         worker.leased_to.leases.discard(worker)
         worker.leased_to = None
+        self.leased.discard(worker)
         if worker.blocked:  # its CPU was lent back while a task waited in get()
             worker.blocked = False
         else:
@@ -633,7 +635,6 @@ class Scheduler:
 
     def on_direct_submit(self, client: Client, worker_pid, spec: tuple) -> None:
         """A task its submitter sent straight to the worker ``worker_pid`` it leases."""
-        self.direct_tasks += 1
         task = self._admit(spec, client)
         task.direct = True
         early = self.early_done.pop(task.task_id, None)
@@ -836,6 +837,9 @@ class Scheduler:
         if worker.leased_to is not None and task is None and not worker.blocked:
             worker.blocked = True  # a leased task waits in get(): lend the lease's CPU
             self.available["CPU"] += 1.0
+            leased = _leased_task(worker)
+            if leased is not None:  # never send tasks ahead behind this function
+                self.blocking_functions.add(leased.spec[P.SPEC_FN_ID])
             return
         if task is None or worker.blocked:
             return
@@ -869,10 +873,11 @@ class Scheduler:
             value = len(self.objects)
         elif what == "direct_calls":  # how many actor calls took the direct route
             value = self.direct_calls
-        elif what == "direct_tasks":  # how many tasks went straight to a leased worker
-            value = self.direct_tasks
         elif what == "named_actors":
             value = sorted(self.named)
+        elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
+            value = self.functions[what[1]][0]
+            client.functions.add(what[1])
         elif isinstance(what, tuple) and what[0] == "actor":
             actor_id = self.named.get((what[2], what[1]))
             actor = self.actors.get(actor_id) if actor_id is not None else None
@@ -989,6 +994,8 @@ class Scheduler:
                 continue
             place = actor.options["place"]
             if actor.waiting_on or not self._fits(place) or self._spawn_actor is None:
+                if not actor.waiting_on and self._spawn_actor is not None:
+                    self._recall_leases()  # it waits for a CPU a lease may hold
                 still.append(actor)
                 continue
             self._start_actor(actor)
@@ -1395,6 +1402,13 @@ class _ActorCreation:
     @property
     def finished(self) -> bool:
         return self.actor.state == "dead"
+
+
+def _leased_task(worker: Client) -> Optional[Task]:
+    """The task a leased worker runs (a lease sends one at a time), if any."""
+    if worker.direct:
+        return next(iter(worker.direct.values()))
+    return None
 
 
 def _how(status: Optional[int]) -> str:

@@ -261,6 +261,8 @@ class Worker:
         try:
             fn = self.functions.get(fn_id)
             if fn is None:
+                if pickled is None:  # sent by a lease holder, which leaves the code to us
+                    pickled = self.runtime.query(("function", fn_id))
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
