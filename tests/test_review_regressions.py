@@ -512,3 +512,18 @@ def test_runtime_env_and_max_calls_on_tasks_and_actors(ray):
 
     pids = [ray.get(pid.remote(), timeout=DEADLOCK) for _ in range(3)]
     assert len(set(pids)) == 3  # a fresh worker each time
+
+
+def test_wait_with_timeout_zero_sees_results_arrive(ray):
+    """A polling loop of wait(timeout=0) must read what has arrived (it never did)."""
+    @ray.remote
+    def slow():
+        time.sleep(0.2)
+        return 1
+
+    ref = slow.remote()
+    deadline = time.monotonic() + 10
+    while not ray.wait([ref], timeout=0)[0]:
+        assert time.monotonic() < deadline, "wait(timeout=0) never saw the result"
+        time.sleep(0.01)
+    assert ray.get(ref) == 1

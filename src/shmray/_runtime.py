@@ -350,10 +350,16 @@ class Runtime:
         if self._leases and not predicate():
             self._return_idle_leases(0.0)  # we wait on something else: their CPUs may serve it
         blocked = False
+        polled = False
         try:
             while not predicate():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    if not polled:  # timeout=0: still look at what has arrived
+                        polled = True
+                        self._flush_before_waiting()
+                        self.poll()
+                        continue
                     return False
                 if not blocked and self.blocked_hook is not None:
                     blocked = True
