@@ -103,6 +103,7 @@ class Runtime:
         # Descriptors read besides the scheduler's: fd -> callback (with the lock held);
         # channels, and an actor's listening socket and callers.
         self.readers: Dict[int, Callable[[], None]] = {}
+        self.listeners: set = set()  # those of them that only accept connections
         # Non-blocking connections with messages or bytes still to write; the reader writes
         # them when it waits, the flusher within a millisecond.
         self.unflushed: set = set()
@@ -447,7 +448,7 @@ class Runtime:
         def block(timeout):
             return poller.poll(None if timeout is None else min(timeout, 3600) * 1000)
 
-        if not self.readers:
+        if len(self.readers) <= len(self.listeners):  # no peer of ours on a direct channel
             return block(timeout)
         return self._spinner.wait(lambda: poller.poll(0), block, timeout)
 
@@ -821,11 +822,13 @@ class Runtime:
         the scheduler's own queue and prefetch serve better, and a lease would only hold a
         CPU they need, so none is used or asked for.
         """
-        if self._lease_asked or self._hangup.poll(0):
-            self.poll()  # the answer may be in; or the scheduler died, which this raises
+        if self._lease_asked:
+            self.poll()  # the answer may be in
         if not self._owned_pending:
             for lease in self._leases:
                 if lease.inflight == 0 and not lease.recalled:
+                    if self._hangup.poll(0):  # news from the scheduler, or its death,
+                        self.poll()           # which this raises
                     return lease
             if not self._leases:
                 return None

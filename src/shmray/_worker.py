@@ -87,6 +87,7 @@ class Worker:
     def listen(self, key: bytes) -> None:
         self.listener = _direct.listen(self.runtime.session_dir, key)
         if self.listener is not None:
+            self.runtime.listeners.add(self.listener.fileno())
             self.watch(self.listener.fileno(), self._accept)
 
     def _watch_in_runtime(self, fd: int, callback) -> None:
