@@ -286,3 +286,51 @@ def test_batches_take_no_lease(ray):
     for _ in range(20):
         assert ray.get([square.remote(i) for i in range(10)]) == [i * i for i in range(10)]
     assert direct_tasks() == 0 and not runtime()._leases
+
+
+def test_recursive_cancel_reaches_children_submitted_before_their_parent_is_registered(
+        ray, tmp_path):
+    marker = tmp_path / "child"
+
+    @ray.remote
+    def child():
+        time.sleep(2)
+        marker.write_text("ran to the end")
+
+    @ray.remote
+    def parent():
+        return ray.get(child.remote())
+
+    warm_lease(ray)
+    before = direct_tasks()
+    ref = parent.remote()
+    assert direct_tasks() > before
+    busy_until = time.monotonic() + 0.05
+    while time.monotonic() < busy_until:  # the driver computes: its reports wait
+        pass
+    time.sleep(0.3)
+    ray.cancel(ref, recursive=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=30)
+    time.sleep(2.2)
+    assert not marker.exists()
+
+
+def test_alternating_tasks_and_actor_calls_keep_the_lease(ray):
+    @ray.remote
+    def square(x):
+        return x * x
+
+    @ray.remote
+    class Echo:
+        def echo(self, x):
+            return x
+
+    echo = Echo.remote()
+    ray.get(echo.echo.remote(0))
+    warm_lease(ray)
+    before = direct_tasks()
+    for i in range(100):
+        assert ray.get(square.remote(i)) == i * i
+        assert ray.get(echo.echo.remote(i)) == i
+    assert direct_tasks() - before >= 90

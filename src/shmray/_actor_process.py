@@ -40,6 +40,8 @@ from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
                       task_error)
 
+_CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
+
 
 
 class ActorProcess(Worker):
@@ -62,8 +64,8 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
-        runtime.direct_calls = not self.is_async  # its event loop reads only its own sockets
-        self.cancelled_early: set = set()  # cancels that overtook their direct call
+        runtime.calls_actors_directly = not self.is_async  # its event loop reads only its own sockets
+        self.cancelled_early: dict = {}  # cancels that overtook their direct call (ordered)
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
         self.listen(self.actor_id)
@@ -72,7 +74,7 @@ class ActorProcess(Worker):
         task_id = message[1]
         self.origins[task_id] = origin
         if task_id in self.cancelled_early:
-            self.cancelled_early.discard(task_id)
+            del self.cancelled_early[task_id]
             self.report(task_id, _cancelled_results(task_id, message[6]), False)
             return
         self.on_message(message)
@@ -98,8 +100,11 @@ class ActorProcess(Worker):
         running = self.running_calls.get(task_id)
         if running is not None:
             running.cancel()
-        elif self.listener is not None and len(self.cancelled_early) < 100_000:
-            self.cancelled_early.add(task_id)  # a direct call still on its way, perhaps
+        elif self.listener is not None:
+            # A direct call still on its way, perhaps; the oldest such call is long done.
+            if len(self.cancelled_early) >= _CANCELLED_EARLY_KEPT:
+                del self.cancelled_early[next(iter(self.cancelled_early))]
+            self.cancelled_early[task_id] = None
 
 
     # -- construction ------------------------------------------------------------------

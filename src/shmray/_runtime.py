@@ -94,7 +94,7 @@ class Runtime:
         self.external_reader = False  # an event loop reads the connection (async actors)
         # An async actor's event loop reads only its own descriptors: it calls actors
         # through the scheduler.
-        self.direct_calls = True
+        self.calls_actors_directly = True
         # Direct channels to actors (_direct): actor id -> channel.
         self._channels: Dict[bytes, _Channel] = {}
         self._direct_pending: Dict[bytes, _Channel] = {}  # result id -> its channel
@@ -117,8 +117,8 @@ class Runtime:
         self._last_leasable = False  # the last task submitted could have gone to a lease
         # Watches the scheduler's connection: a task sent straight to a worker must not
         # succeed when the session is already gone.
-        self._hangup = select.poll()
-        self._hangup.register(conn.fd, select.POLLIN)
+        self._scheduler_poll = select.poll()
+        self._scheduler_poll.register(conn.fd, select.POLLIN)
         self._lone_streak = 0  # tasks in a row that were all we had in flight...
         self._lone_done_at = 0.0  # ...each sent soon after the one before was done
         self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
@@ -166,13 +166,13 @@ class Runtime:
         """Send within ``_FLUSH_DELAY`` (or with the next message that can't wait): for
         reports nobody is waiting on, such as the registration of a direct actor call."""
         if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_later, name="shmray-flusher",
+            self._flusher = threading.Thread(target=self._flusher_loop, name="shmray-flusher",
                                              daemon=True)
             self._flusher.start()
         if not self._flush_wanted.is_set():
             self._flush_wanted.set()
 
-    def _flush_later(self) -> None:
+    def _flusher_loop(self) -> None:
         wanted = self._flush_wanted
         while not self.closed:
             if not wanted.wait(self._tend_interval()):
@@ -186,6 +186,8 @@ class Runtime:
                 if self.closed:
                     return
                 try:
+                    if self.before_wait is not None:
+                        self.before_wait()  # replies an actor held back while calls ran
                     self.flush()
                 except exceptions.RaySystemError:
                     return
@@ -348,8 +350,6 @@ class Runtime:
 
     def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[float]) -> bool:
         """Read messages until predicate() holds; False on timeout.  Caller holds the lock."""
-        if self._leases and not predicate():
-            self._return_idle_leases(0.0)  # we wait on something else: their CPUs may serve it
         blocked = False
         polled = False
         try:
@@ -565,6 +565,7 @@ class Runtime:
         with self._lock:
             missing = self._not_ready(ids)
             if missing:
+                self._free_leases_for(missing)
                 waiter = self._waiter(missing)
                 try:
                     done = self._wait_until(lambda: waiter.remaining <= 0, deadline)
@@ -585,6 +586,7 @@ class Runtime:
             missing = self._not_ready(ids)
             needed = num_returns - (len(ids) - len(missing))
             if needed > 0:
+                self._free_leases_for(missing)
                 waiter = self._waiter(missing)
                 enough = len(missing) - needed  # stop when this many are still missing
                 try:
@@ -759,7 +761,7 @@ class Runtime:
 
     def _channel(self, actor_id: bytes) -> Optional["_Channel"]:
         """The direct channel to use for this call, or None (caller holds the lock)."""
-        if self._routed.get(actor_id) or not self.direct_calls:
+        if self._routed.get(actor_id) or not self.calls_actors_directly:
             return None  # calls of ours still in the scheduler would be overtaken
         channel = self._channels.get(actor_id)
         if channel is not None:
@@ -827,7 +829,7 @@ class Runtime:
         if not self._owned_pending:
             for lease in self._leases:
                 if lease.inflight == 0 and not lease.recalled:
-                    if self._hangup.poll(0):  # news from the scheduler, or its death,
+                    if self._scheduler_poll.poll(0):  # news from the scheduler, or its death,
                         self.poll()           # which this raises
                     return lease
             if not self._leases:
@@ -903,6 +905,14 @@ class Runtime:
                 if lease.inflight == 0:
                     self._return_lease(lease)
                 return
+
+    def _free_leases_for(self, missing) -> None:
+        """About to wait on work that goes through the scheduler: idle leases go back now,
+        their CPUs may be what it waits for (caller holds the lock).  Waiting on a direct
+        result keeps them: the next call will want one (the wait gives them back if it
+        lasts: ``_wait_until``)."""
+        if self._leases and any(i not in self._direct_pending for i in missing):
+            self._return_idle_leases(0.0)
 
     def return_idle_leases(self) -> None:
         """Give back every lease with no task running (before asking what is available)."""

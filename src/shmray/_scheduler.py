@@ -81,7 +81,7 @@ class Client:
 
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
-                 "leased_to", "direct", "recalled")
+                 "leased_to", "direct", "recalled", "orphans", "blocked_unknown")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -102,6 +102,10 @@ class Client:
         self.leased_to: Optional["Client"] = None  # a worker: the client it is lent to
         self.direct: Dict[bytes, "Task"] = {}      # a leased worker: tasks sent to it
         self.recalled = False                 # a leased worker: asked back
+        # A leased worker's task may submit children, or wait in get(), before its driver's
+        # registration of it arrives: kept here until it does.
+        self.orphans: List["Task"] = []
+        self.blocked_unknown = False
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -162,7 +166,7 @@ class Task:
         self.children: List["Task"] = []      # tasks it submitted while running (cancel)
         self.cancelled = False
         self.started_at = 0.0
-        self.direct = False  # an actor call sent straight to the actor by its caller
+        self.direct = False  # sent straight to its actor or leased worker by its caller
 
 
 class Actor:
@@ -218,7 +222,7 @@ class Scheduler:
         # Direct calls whose results came before their caller's registration:
         # task id -> (results, caller pid, retryable).
         self.early_done: Dict[bytes, tuple] = {}
-        self.direct_calls = 0
+        self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
@@ -485,6 +489,8 @@ class Scheduler:
         parent = client.task or _leased_task(client)
         if parent is not None:  # submitted by a running task: its child, for cancel
             parent.children.append(task)
+        elif client.leased_to is not None:
+            client.orphans.append(task)  # its parent is registered soon (on_direct_submit)
 
     def on_submit(self, client: Client, spec: tuple) -> None:
         task = self._admit(spec, client)
@@ -639,7 +645,11 @@ class Scheduler:
         task.direct = True
         early = self.early_done.pop(task.task_id, None)
         if early is not None:
-            self._direct_task_done(task, early[0], early[2])
+            for worker in client.leases:  # it is over: children it left are nobody's now
+                if worker.pid == worker_pid:
+                    worker.orphans = []
+                    worker.blocked_unknown = False
+            self._leased_task_done(task, early[0], early[2])
             self._unprotect(early[0])
             return
         if task.finished:
@@ -648,10 +658,15 @@ class Scheduler:
             if worker.pid == worker_pid and worker.alive:
                 worker.direct[task.task_id] = task
                 task.worker = worker
+                task.children.extend(worker.orphans)
+                worker.orphans = []
+                if worker.blocked_unknown:
+                    worker.blocked_unknown = False
+                    self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
                 return
         self._lost_direct_task(task, None)  # the worker died before it reported the task
 
-    def _direct_task_done(self, task: Task, results, retryable: bool) -> None:
+    def _leased_task_done(self, task: Task, results, retryable: bool) -> None:
         if task.finished:
             return
         if retryable and task.retries_left != 0:
@@ -840,6 +855,8 @@ class Scheduler:
             leased = _leased_task(worker)
             if leased is not None:  # never send tasks ahead behind this function
                 self.blocking_functions.add(leased.spec[P.SPEC_FN_ID])
+            else:
+                worker.blocked_unknown = True  # noted once its task is registered
             return
         if task is None or worker.blocked:
             return
@@ -872,11 +889,11 @@ class Scheduler:
         elif what == "objects":  # the directory's size, for tests and leak hunting
             value = len(self.objects)
         elif what == "direct_calls":  # how many actor calls took the direct route
-            value = self.direct_calls
+            value = self.direct_call_count
         elif what == "named_actors":
             value = sorted(self.named)
         elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
-            value = self.functions[what[1]][0]
+            value = self.functions.get(what[1], (None,))[0]
             client.functions.add(what[1])
         elif isinstance(what, tuple) and what[0] == "actor":
             actor_id = self.named.get((what[2], what[1]))
@@ -1092,7 +1109,7 @@ class Scheduler:
 
     def on_direct_call(self, client: Client, actor_id, actor_pid, spec: tuple) -> None:
         """A call its caller sent straight to the actor process ``actor_pid``."""
-        self.direct_calls += 1
+        self.direct_call_count += 1
         task = self._admit(spec, client)
         task.direct = True
         actor = task.actor = self.actors.get(actor_id)
@@ -1128,7 +1145,7 @@ class Scheduler:
         if actor is None:  # a leased worker's task
             task = client.direct.pop(task_id, None)
             if task is not None:
-                self._direct_task_done(task, results, retryable)
+                self._leased_task_done(task, results, retryable)
             elif task_id not in self.tasks:
                 self._keep_early(task_id, results, caller_pid, retryable)
             return

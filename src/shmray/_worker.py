@@ -143,8 +143,8 @@ class Worker:
                 runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
             _release_held(runtime, results)  # after the message that now holds them
-            if origin is None or origin[0].fd not in self.callers:
-                runtime.flush()
+            if origin is None or self.callers.get(origin[0].fd, (None,))[0] is not origin[0]:
+                runtime.flush()  # (a caller gone: its descriptor number may be reused)
                 return
             conn = origin[0]
             delivered = [] if retryable else [(object_id, data, metadata)
@@ -155,7 +155,8 @@ class Worker:
             self.held_replies.add(conn)
             if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
                 self.write_replies()
-            # else: sent with the next, or before this process waits (runtime.before_wait)
+            else:  # sent with the next, before this process waits, or by the flusher
+                runtime.flush_later()  # within a millisecond, should the next call be long
 
     def write_replies(self) -> None:
         """Write the replies held back, after what the scheduler must hear first (caller
@@ -263,7 +264,7 @@ class Worker:
             fn = self.functions.get(fn_id)
             if fn is None:
                 if pickled is None:  # sent by a lease holder, which leaves the code to us
-                    pickled = self.runtime.query(("function", fn_id))
+                    pickled = self._fetch_function(fn_id, name)
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
@@ -287,6 +288,18 @@ class Worker:
             current_task.task_id = None
             sys_flush()
         return results, retryable
+
+    def _fetch_function(self, fn_id: bytes, name: str) -> bytes:
+        """A function's code, from the scheduler (which has every function registered)."""
+        runtime = self.runtime
+        hook, runtime.blocked_hook = runtime.blocked_hook, None  # a fetch lends no CPU
+        try:
+            pickled = runtime.query(("function", fn_id))
+        finally:
+            runtime.blocked_hook = hook
+        if pickled is None:
+            raise exceptions.RaySystemError(f"the code of {name}() is unknown to the scheduler")
+        return pickled
 
     def _arguments(self, args_blob, arg_ids, values):
         args, kwargs = deserialize(memoryview(args_blob))
