@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import inspect
 import os
+import time
 
 import cloudpickle
 
@@ -41,7 +42,7 @@ from ._worker import (Worker, _cancelled_results, current_task, error_results, s
                       task_error)
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
-
+_POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
 
 
 class ActorProcess(Worker):
@@ -68,16 +69,25 @@ class ActorProcess(Worker):
         self.cancelled_early: dict = {}  # cancels that overtook their direct call (ordered)
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
+        self.last_poll = 0.0
         self.listen(self.actor_id)
 
     def _take_direct(self, message: tuple, origin) -> None:
         task_id = message[1]
-        self.origins[task_id] = origin
         if task_id in self.cancelled_early:
             del self.cancelled_early[task_id]
+            self.origins[task_id] = origin
             self.report(task_id, _cancelled_results(task_id, message[6]), False)
             return
-        self.on_message(message)
+        super()._take_direct(message, origin)
+
+    def poll_now_and_then(self) -> None:
+        """Handle new messages before the next queued call, at most every
+        ``_POLL_INTERVAL`` while calls are queued (a poll is a system call or two)."""
+        now = time.monotonic()
+        if not self.queue or now - self.last_poll > _POLL_INTERVAL:
+            self.last_poll = now
+            self.runtime.poll()
 
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
@@ -105,7 +115,6 @@ class ActorProcess(Worker):
             if len(self.cancelled_early) >= _CANCELLED_EARLY_KEPT:
                 del self.cancelled_early[next(iter(self.cancelled_early))]
             self.cancelled_early[task_id] = None
-
 
     # -- construction ------------------------------------------------------------------
 
@@ -329,7 +338,7 @@ class ActorProcess(Worker):
                         loop.remove_writer(conn.fd)
             loop.add_writer(conn.fd, on_writable)
 
-        def unwatch(fd, default=None):
+        def unwatch(fd):
             loop.remove_reader(fd)
             loop.remove_writer(fd)
 

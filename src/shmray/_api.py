@@ -147,8 +147,8 @@ def init(**kwargs: Any):
         _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
                                     death_signal=signal.SIGTERM)
         scheduler_end.close()
-        runtime = _runtime.Runtime(store, driver_end, session_dir, options)
-        runtime.leasing = True  # the driver may send lone tasks straight to a leased worker
+        # The driver may send lone tasks straight to a worker it leases.
+        runtime = _runtime.Runtime(store, driver_end, session_dir, options, leasing=True)
         _runtime.install(runtime)
         _runtime_now = runtime
         return _context(runtime)

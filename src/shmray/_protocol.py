@@ -124,6 +124,8 @@ RESULT = 37
 LEASE_GRANTED = 38
 LEASE_RECALL = 39
 
+LEASE_SHAPE = {"CPU": 1.0}  # what a lease holds, and the only tasks a lease runs ask for
+
 # TaskSpec field positions
 SPEC_TASK_ID = 0
 SPEC_FN_ID = 1

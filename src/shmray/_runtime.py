@@ -48,7 +48,6 @@ _RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
 _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT))
-_ONE_CPU = {"CPU": 1.0}
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
 _LONE_ROUND_TRIPS = 2         # lone round trips in a row before a lease is worth asking for
@@ -59,7 +58,7 @@ class Runtime:
     """The session as this process sees it."""
 
     def __init__(self, store: ObjectStore, conn: Connection, session_dir: str, options: dict,
-                 on_message: Optional[Callable[[tuple], None]] = None):
+                 on_message: Optional[Callable[[tuple], None]] = None, leasing: bool = False):
         self.store = store
         self.conn = conn
         self.session_dir = session_dir
@@ -110,7 +109,7 @@ class Runtime:
         self._spinner = _direct.Spinner()
         # Leases (drivers): idle workers lent by the scheduler, to which a lone plain task
         # goes straight (``_direct``).
-        self.leasing = False
+        self.leasing = leasing
         self._leases: List[_Channel] = []
         self._lease_asked = False
         self._lease_retry_at = 0.0
@@ -406,22 +405,16 @@ class Runtime:
         poller = self._poller()
         self._lock.release()
         try:
-            messages = []
             ready = self._wait_ready(poller, timeout)
+            messages = []
             if any(fd == self.conn.fd for fd, _ in ready):
                 messages = self.conn.recv_messages(block=True)
         except (ConnectionClosed, OSError) as exc:  # OSError: closed under us by shutdown
-            self._lock.acquire()
-            self._reading = False
-            self._cv.notify_all()
             raise self._scheduler_gone() from exc
-        except BaseException:
+        finally:
             self._lock.acquire()
             self._reading = False
-            self._cv.notify_all()
-            raise
-        self._lock.acquire()
-        self._reading = False
+            self._cv.notify_all()  # a follower may now read, or see the error for itself
         try:
             for message in messages:
                 self.handle(message)
@@ -792,12 +785,15 @@ class Runtime:
         if lost:
             self._channel_lost(channel)
 
-    def _channel_lost(self, channel: "_Channel") -> None:
-        """The actor or worker died (or restarted): the scheduler tells what it still owes
-        us (it retries or fails the work as it would its own)."""
+    def _close_channel(self, channel: "_Channel") -> None:
         self.readers.pop(channel.conn.fd, None)
         self.unflushed.discard(channel.conn)
         channel.conn.close()
+
+    def _channel_lost(self, channel: "_Channel") -> None:
+        """The actor or worker died (or restarted): the scheduler tells what it still owes
+        us (it retries or fails the work as it would its own)."""
+        self._close_channel(channel)
         if channel.actor_id is None:
             if channel in self._leases:
                 self._leases.remove(channel)
@@ -927,9 +923,7 @@ class Runtime:
 
     def _return_lease(self, lease: "_Channel") -> None:
         self._leases.remove(lease)
-        self.readers.pop(lease.conn.fd, None)
-        self.unflushed.discard(lease.conn)
-        lease.conn.close()
+        self._close_channel(lease)
         self.conn.send((P.LEASE_RETURN, lease.peer_pid))
         self.flush_later()
 
@@ -1016,7 +1010,7 @@ def _leasable(spec: tuple) -> bool:
     """A task a leased worker may run: nothing to wait for or hold, one CPU, no per-task
     environment; the rest go through the scheduler."""
     return (not spec[P.SPEC_ARG_IDS] and not spec[P.SPEC_CONTAINED]
-            and spec[P.SPEC_RESOURCES] == _ONE_CPU and not spec[P.SPEC_EXTRA])
+            and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA])
 
 
 class _Waiter:

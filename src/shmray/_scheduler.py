@@ -71,7 +71,6 @@ _PREFETCH_DEPTH = 1           # tasks sent ahead to a busy worker...
 _PREFETCH_MAX_SECONDS = 0.02  # ...only for functions that take less than this, so a task
                               # waits behind another for 20 ms at most
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
-_ONE_CPU = {"CPU": 1.0}  # what a lease holds
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
 
@@ -612,7 +611,7 @@ class Scheduler:
 
     def on_lease_request(self, client: Client) -> None:
         worker = None
-        if (self.idle and self._fits(_ONE_CPU) and not self.ready_by_shape
+        if (self.idle and self._fits(P.LEASE_SHAPE) and not self.ready_by_shape
                 and not self.unplaced and client.kind == "driver"):
             worker = self.idle.pop()
             worker.leased_to = client
@@ -664,7 +663,7 @@ class Scheduler:
                     worker.blocked_unknown = False
                     self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
                 return
-        self._lost_direct_task(task, None)  # the worker died before it reported the task
+        self._lost_direct_task(task, worker_pid, None)  # it died before it told us of this
 
     def _leased_task_done(self, task: Task, results, retryable: bool) -> None:
         if task.finished:
@@ -676,11 +675,15 @@ class Scheduler:
         else:
             self._finish_direct(task, results, False)
 
-    def _lost_direct_task(self, task: Task, status: Optional[int]) -> None:
+    def _lost_direct_task(self, task: Task, pid: int, status: Optional[int]) -> None:
         """A leased worker died with this task sent to it."""
-        if task.finished:
-            return
-        task.worker = None
+        if not task.finished:
+            task.worker = None
+            self._task_lost(task, pid, status)
+
+    def _task_lost(self, task: Task, pid: int, status: Optional[int]) -> None:
+        """The worker running ``task`` died: a cancelled task is cancelled, others are
+        retried while retries are left, then fail with WorkerCrashedError."""
         if task.cancelled:
             self._delete_partial_returns(task)
             self._fail(task, *self._cancelled_error(task))
@@ -689,7 +692,7 @@ class Scheduler:
         else:
             self._delete_partial_returns(task)
             self._fail(task, *self._serialized(exceptions.WorkerCrashedError(
-                f"the worker running {task.name}() died of {_how(status)}. It was retried "
+                f"the worker (pid {pid}) running {task.name}() died of {_how(status)}. It was retried "
                 f"{task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely causes: the "
                 "process ran out of memory, a C extension crashed, or it called os._exit(); "
                 "set max_retries to try more often.")))
@@ -1350,7 +1353,7 @@ class Scheduler:
         if client.leased_to is not None:
             self._end_lease(client)
         for task in list(client.direct.values()):
-            self._lost_direct_task(task, status)
+            self._lost_direct_task(task, client.pid, status)
         client.direct.clear()
         while client.queued:  # sent ahead but never started: run them elsewhere, no retry used
             queued = client.queued.pop()
@@ -1361,21 +1364,7 @@ class Scheduler:
         if task is not None and not task.finished:
             self._give_back(task, client)
             client.task = None
-            if task.cancelled:
-                self._delete_partial_returns(task)
-                self._fail(task, *self._cancelled_error(task))
-            elif task.retries_left != 0:
-                self._retry(task)
-            else:
-                self._delete_partial_returns(task)
-                how = _how(status)
-                error = exceptions.WorkerCrashedError(
-                    f"the worker (pid {client.pid}) running {task.name}() died of {how}. It was "
-                    f"retried {task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely "
-                    "causes: the process ran out of memory, a C extension crashed, or it called "
-                    "os._exit(); set max_retries to try more often."
-                )
-                self._fail(task, *self._serialized(error))
+            self._task_lost(task, client.pid, status)
         self._release_holds_of(client)
         while self.num_workers < self.min_workers and self.running:
             self.start_worker()

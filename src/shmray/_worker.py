@@ -44,8 +44,7 @@ class TaskContext:
 
 current_task = TaskContext()
 
-_REPLY_BATCH = 64         # replies held back at most, while more work is queued
-_POLL_INTERVAL = 0.0005   # while work is queued, look for new messages this often
+_REPLY_BATCH = 64  # replies held back at most, while more work is queued
 
 
 class Worker:
@@ -76,11 +75,8 @@ class Worker:
         self.listener = None
         self.callers: dict = {}         # fd -> (connection, peer pid)
         self.origins: dict = {}         # task id -> (connection, peer pid): sent straight here
-        self.last_poll = 0.0
         self.held_replies: set = set()  # connections with replies not written yet
         runtime.before_wait = self.write_replies
-        self.watch = self._watch_in_runtime  # an async actor's loop replaces these
-        self.unwatch = runtime.readers.pop
 
     # -- direct channels ------------------------------------------------------------------
 
@@ -90,8 +86,13 @@ class Worker:
             self.runtime.listeners.add(self.listener.fileno())
             self.watch(self.listener.fileno(), self._accept)
 
-    def _watch_in_runtime(self, fd: int, callback) -> None:
+    def watch(self, fd: int, callback) -> None:
+        """Have ``callback`` read ``fd`` when it is readable (an async actor's loop does it
+        its own way)."""
         self.runtime.readers[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        self.runtime.readers.pop(fd, None)
 
     def _accept(self) -> None:
         while True:
@@ -108,7 +109,7 @@ class Worker:
         for message in messages:
             self._take_direct(message, (conn, peer_pid))
         if closed:  # the peer is gone; results still owed it are reported to the scheduler
-            self.unwatch(conn.fd, None)
+            self.unwatch(conn.fd)
             self.callers.pop(conn.fd, None)
             self.runtime.unflushed.discard(conn)
             conn.close()
@@ -116,14 +117,6 @@ class Worker:
     def _take_direct(self, message: tuple, origin) -> None:
         self.origins[message[1]] = origin
         self.on_message(message)
-
-    def poll_now_and_then(self) -> None:
-        """Handle new messages before the next queued piece of work, at most every
-        ``_POLL_INTERVAL`` while work is queued (a poll is a system call or two)."""
-        now = time.monotonic()
-        if not self.queue or now - self.last_poll > _POLL_INTERVAL:
-            self.last_poll = now
-            self.runtime.poll()
 
     def report(self, task_id: bytes, results, retryable: bool) -> None:
         """Results of a task or call: to the scheduler, and straight back to a direct caller.
