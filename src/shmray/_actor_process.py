@@ -5,11 +5,11 @@ Runs in: actor processes (forked by the scheduler, named ``shmray::ClassName``).
 Calls arrive two ways: straight from their callers over direct channels (``_direct``: a
 listening socket, one connection per calling process; calls without refs among their
 arguments), and forwarded by the scheduler (the rest, in each caller's order).  Results go back
-the way their call came, and the scheduler hears of direct calls' results in batches.  Here
-they run:
+the way their call came, a direct call's after the scheduler has heard of it.  Here they run:
 
 - sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
-  which also reads the connection between calls, exactly like a worker;
+  which also reads its sockets between calls (at most every 0.5 ms while calls are queued);
+  replies wait for the next one while calls are queued, a millisecond at most;
 - threaded actor (sync methods, ``max_concurrency > 1``): calls run on a pool of that many
   threads while the main thread reads; a thread blocked in ``get`` lets the main thread read
   for it (the runtime's leader/followers reading);

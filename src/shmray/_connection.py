@@ -1,6 +1,7 @@
-"""Message framing over a Unix socket pair: length-prefixed pickled batches.
+"""Message framing over a Unix socket: length-prefixed pickled batches.
 
-Runs in: every process (the scheduler's side is non-blocking, everyone else's blocks).
+Runs in: every process.  The scheduler's sockets and every direct channel (``_direct``) are
+non-blocking; a process's own connection to the scheduler blocks.
 
 A frame is ``u32 length`` + ``pickle(list of messages)``; a message is a plain tuple
 ``(opcode, field, ...)`` (see ``_protocol``).  Plain tuples because pickling a NamedTuple costs
@@ -10,9 +11,9 @@ seven times as much per message (1.8 us against 0.26 us here), and every hop pay
   for any number of messages, and the peer unpickles the batch in one call.
 - ``recv_messages`` returns every message that has arrived, reading as many frames as one
   ``recv_into`` brought in.
-- The scheduler never blocks on a write (a slow reader must not stall the loop): its
-  connections keep unsent bytes in ``out`` and the loop finishes them when the socket is
-  writable again.
+- The scheduler never blocks on a write (a slow reader must not stall the loop), nor does
+  either end of a direct channel (two peers blocked writing to each other would deadlock):
+  those connections keep unsent bytes in ``out``, finished when the socket has room.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Direct caller <-> actor channels: an actor call in two hops instead of four.
+"""Direct channels: an actor call, or a lone task, in two hops instead of four.
 
-Runs in: actor processes (the listening side) and every process that calls actors.
+Runs in: actors and workers (the listening side), every process that calls actors, and the
+driver (which leases workers).
 
 An actor listens on a Unix socket in the abstract namespace (no file to clean up), named after
 the session and the actor; only processes of the same user are served (an abstract socket has
@@ -19,6 +20,10 @@ result a caller has seen is one the scheduler knows is done.  The two reports ma
 either order; the scheduler pairs them.  If the actor dies, the scheduler fails or retries
 the calls it was owed exactly as for calls it forwarded itself, and a caller that loses its
 channel asks the scheduler for the outstanding results instead.
+
+A lease works the same way for tasks: the driver, calling one plain task at a time, borrows
+an idle worker from the scheduler and sends it EXECUTE straight (DIRECT_SUBMIT, DIRECT_DONE
+report it); the lease holds the worker's CPU until it is given back.
 
 Per-caller order holds across both routes: a caller sends directly only while none of its
 calls to that actor that went through the scheduler is unfinished, and the scheduler forwards

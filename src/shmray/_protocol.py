@@ -26,7 +26,8 @@ Client (driver, worker, actor) -> scheduler
                                                      exception its retry_exceptions covers
     QUERY              request_id, what              what: "resources", "available", "workers",
                                                      "ping" (a barrier), "objects" (how many
-                                                     the directory has), "named_actors",
+                                                     the directory has), "direct_calls" (how
+                                                     many went straight), "named_actors",
                                                      ("actor", name, namespace), ("function",
                                                      fn_id) (its code, for a leased worker)
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
@@ -70,7 +71,9 @@ Scheduler -> client
     LEASE_RECALL       worker_pid                    give that lease back once its task is
                                                      done: the CPU is needed
 Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
-    CALL, EXECUTE      as the scheduler's; arg_ids is always empty
+    CALL, EXECUTE      as the scheduler's; arg_ids is empty, values too, and EXECUTE's
+                                                     pickled is None (the worker asks the
+                                                     scheduler for code it lacks)
     RESULT             task_id, delivered, undelivered
                                                      [(object_id, data, metadata)] of the
                                                      results the caller may use at once; the

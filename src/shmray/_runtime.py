@@ -7,9 +7,16 @@ Runs in: the driver, every worker and every actor (one Runtime per process).
   straight into its arena block by this process: one copy of each buffer.
 - ``get`` of an arena object is a table lookup and a mapping: a read-only, zero-copy view,
   pinned for as long as anything built on it lives.  A result this process is waiting for is
-  announced by a READY message from the scheduler; the thread that waits reads it itself
-  (a hand-off between threads costs more than the hop: DESIGN.md), and when several threads
-  wait, one reads and the others sleep on a condition (leader/followers).
+  announced by a READY message from the scheduler, or comes straight back on a direct channel
+  (RESULT) from an actor or a leased worker (``_direct``).  The thread that waits reads it
+  itself (a hand-off between threads costs more than the hop: DESIGN.md), polling every
+  descriptor at once; when several threads wait, one reads and the others sleep on a
+  condition (leader/followers), and a wake-up pipe makes the reader look again when another
+  thread opens a channel.  With a peer on a direct channel, a wait spins briefly first.
+- Actor calls without refs among their arguments go straight to the actor; the driver sends a
+  lone plain task straight to a worker the scheduler lends it (a lease), which it gives back
+  when idle or asked.  The flusher thread sends what may wait (releases, those calls'
+  registrations) within a millisecond and looks after leases while the program is busy.
 - Refs are counted locally; the scheduler hears only of first holds and last releases,
   queued and sent with the next message.  ObjectRef.__del__ only appends to a deque.
 - When the arena is full: a garbage collection first (refs caught in reference cycles), then

@@ -1,13 +1,16 @@
-"""A worker: runs one task at a time, sent by the scheduler.
+"""A worker: runs one task at a time, sent by the scheduler or by the driver leasing it.
 
-Runs in: worker processes (forked by the scheduler).
+Runs in: worker processes (forked by the scheduler); ``Worker`` is also the base of actors.
 
-For each EXECUTE: load the function (cached by id; its code arrives with the first task that
-uses it), rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes
-from the message, or a zero-copy view of the arena), run, and write each return value: a small
-one goes back inline in TASK_DONE, a large one straight into its arena block.  An exception
-becomes a ``RayTaskError`` carrying the cause and the formatted traceback, stored as the value
-of every return (inline, so dependents can be failed with it without reading the arena).
+For each EXECUTE: load the function (cached by id; its code arrives with the first task the
+scheduler sends that uses it, or is asked of the scheduler when a leased task needs it),
+rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes from the
+message, or a zero-copy view of the arena), run, and write each return value: a small one
+goes back inline, a large one straight into its arena block.  Results go to the scheduler
+(TASK_DONE, or DIRECT_DONE for work sent straight here) and, for work sent straight here,
+then back to its sender (RESULT: ``report``).  An exception becomes a ``RayTaskError``
+carrying the cause and the formatted traceback, stored as the value of every return (inline,
+so dependents can be failed with it without reading the arena).
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.
