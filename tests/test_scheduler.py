@@ -289,3 +289,31 @@ def test_a_task_sent_ahead_can_be_cancelled_or_rerun(setup):
     sched.dispatch()
     assert any(m[1] == rerun.task_id for _, m in executes(sched))
     assert not rerun.finished and rerun.retries_left == 0
+
+
+def test_a_leased_workers_question_for_code_not_yet_registered_waits_for_it(setup):
+    """The driver registers a function before it sends a task to its leased worker, but on
+    another socket: the worker's question may be read first."""
+    sched, driver, _ = setup
+    worker = sched.workers()[0]
+    sched.on_query(worker, 7, ("function", b"g" * 16))
+    assert sent(worker, P.REPLY) == []
+    sched.on_register_function(driver, b"g" * 16, b"code", "g")
+    assert sent(worker, P.REPLY) == [(P.REPLY, 7, b"code")]
+
+
+def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
+    sched, driver, _ = setup
+    sched.on_lease_request(driver)
+    [(_, granted)] = sent(driver, P.LEASE_GRANTED)
+    assert granted is not None and sched.available["CPU"] == 1.0
+    take(driver)
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    sched.on_submit(driver, spec(resources={"CPU": 2.0}))  # needs the CPU the lease holds
+    sched.dispatch()
+    assert sent(driver, P.LEASE_RECALL) == [(P.LEASE_RECALL, granted)]
+    sched.on_lease_request(driver)
+    assert (P.LEASE_GRANTED, None) in sent(driver, P.LEASE_GRANTED)
+    sched.on_lease_return(driver, granted)
+    sched.dispatch()
+    assert len(executes(sched)) == 1 and sched.available["CPU"] == 0.0

@@ -223,6 +223,7 @@ class Scheduler:
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
+        self.function_waiters: Dict[bytes, list] = {}  # fn id -> [(client, request id)]
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
         if options.get("num_gpus"):
@@ -482,6 +483,8 @@ class Scheduler:
 
     def on_register_function(self, client: Client, fn_id, pickled, name) -> None:
         self.functions[fn_id] = (pickled, name)
+        for waiter, request_id in self.function_waiters.pop(fn_id, ()):
+            self.send(waiter, (P.REPLY, request_id, pickled))
 
     def _register(self, task: Task, client: Client) -> None:
         self.tasks[task.task_id] = task
@@ -896,8 +899,14 @@ class Scheduler:
         elif what == "named_actors":
             value = sorted(self.named)
         elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
-            value = self.functions.get(what[1], (None,))[0]
-            client.functions.add(what[1])
+            fn_id = what[1]
+            client.functions.add(fn_id)
+            if fn_id not in self.functions:
+                # Its driver registered it before sending the task, but on another socket,
+                # which may be read after this one: answer once it is in.
+                self.function_waiters.setdefault(fn_id, []).append((client, request_id))
+                return
+            value = self.functions[fn_id][0]
         elif isinstance(what, tuple) and what[0] == "actor":
             actor_id = self.named.get((what[2], what[1]))
             actor = self.actors.get(actor_id) if actor_id is not None else None

@@ -260,7 +260,7 @@ class Worker:
             fn = self.functions.get(fn_id)
             if fn is None:
                 if pickled is None:  # sent by a lease holder, which leaves the code to us
-                    pickled = self._fetch_function(fn_id, name)
+                    pickled = self._fetch_function(fn_id)
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
@@ -285,17 +285,14 @@ class Worker:
             sys_flush()
         return results, retryable
 
-    def _fetch_function(self, fn_id: bytes, name: str) -> bytes:
+    def _fetch_function(self, fn_id: bytes) -> bytes:
         """A function's code, from the scheduler (which has every function registered)."""
         runtime = self.runtime
         hook, runtime.blocked_hook = runtime.blocked_hook, None  # a fetch lends no CPU
         try:
-            pickled = runtime.query(("function", fn_id))
+            return runtime.query(("function", fn_id))
         finally:
             runtime.blocked_hook = hook
-        if pickled is None:
-            raise exceptions.RaySystemError(f"the code of {name}() is unknown to the scheduler")
-        return pickled
 
     def _arguments(self, args_blob, arg_ids, values):
         args, kwargs = deserialize(memoryview(args_blob))
