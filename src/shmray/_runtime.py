@@ -832,8 +832,9 @@ class Runtime:
         if not self._owned_pending:
             for lease in self._leases:
                 if lease.inflight == 0 and not lease.recalled:
-                    if self._scheduler_poll.poll(0):  # news from the scheduler, or its death,
-                        self.poll()           # which this raises
+                    # News from the scheduler first: a recall, or its death (poll() raises).
+                    if self._scheduler_poll.poll(0):
+                        self.poll()
                     return lease
             if not self._leases:
                 return None
@@ -868,9 +869,8 @@ class Runtime:
     def _submit_leased(self, lease: "_Channel", spec: tuple, return_ids) -> List[ObjectRef]:
         # No code: a worker that lacks the function's asks the scheduler for it, once.
         lease.conn.send((P.EXECUTE, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID], None,
-                         spec[P.SPEC_NAME],
-                         spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
-                         spec[P.SPEC_RETRY_EXCEPTIONS], None))
+                         spec[P.SPEC_NAME], spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS],
+                         {}, spec[P.SPEC_RETRY_EXCEPTIONS], None))
         if not self._write_soon(lease):  # it died: the scheduler runs the task instead
             self._channel_lost(lease)
             return self._send_owning((P.SUBMIT, spec), return_ids)
