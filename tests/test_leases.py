@@ -236,12 +236,15 @@ def test_waiting_with_a_lease_costs_no_cpu(ray):
     assert not runtime()._leases  # and the idle lease went back
 
 
-def test_recursive_cancel_reaches_the_children_of_a_leased_task(ray, tmp_path):
+@pytest.mark.parametrize("computes", [0.0, 0.05])
+def test_recursive_cancel_reaches_the_children_of_a_leased_task(ray, tmp_path, computes):
+    """With the driver computing right after submitting, the leased task's children reach
+    the scheduler before the driver's registration of the task does."""
     marker = tmp_path / "child"
 
     @ray.remote
     def child():
-        time.sleep(3)
+        time.sleep(2)
         marker.write_text("ran to the end")
 
     @ray.remote
@@ -252,12 +255,15 @@ def test_recursive_cancel_reaches_the_children_of_a_leased_task(ray, tmp_path):
     before = direct_tasks()
     ref = parent.remote()
     assert direct_tasks() > before
-    time.sleep(0.5)
+    busy_until = time.monotonic() + computes
+    while time.monotonic() < busy_until:  # the flusher waits for the GIL meanwhile
+        pass
+    time.sleep(0.3)
     ray.cancel(ref, recursive=True)
     with pytest.raises(ray.exceptions.TaskCancelledError):
         ray.get(ref, timeout=30)
     wait_for(lambda: ray.available_resources().get("CPU") == 2.0, timeout=5)
-    time.sleep(3)
+    time.sleep(2.2)
     assert not marker.exists()
 
 
@@ -296,34 +302,6 @@ def test_batches_take_no_lease(ray):
     for _ in range(20):
         assert ray.get([square.remote(i) for i in range(10)]) == [i * i for i in range(10)]
     assert direct_tasks() == 0 and not runtime()._leases
-
-
-def test_recursive_cancel_reaches_children_submitted_before_their_parent_is_registered(
-        ray, tmp_path):
-    marker = tmp_path / "child"
-
-    @ray.remote
-    def child():
-        time.sleep(2)
-        marker.write_text("ran to the end")
-
-    @ray.remote
-    def parent():
-        return ray.get(child.remote())
-
-    warm_lease(ray)
-    before = direct_tasks()
-    ref = parent.remote()
-    assert direct_tasks() > before
-    busy_until = time.monotonic() + 0.05
-    while time.monotonic() < busy_until:  # the driver computes: its reports wait
-        pass
-    time.sleep(0.3)
-    ray.cancel(ref, recursive=True)
-    with pytest.raises(ray.exceptions.TaskCancelledError):
-        ray.get(ref, timeout=30)
-    time.sleep(2.2)
-    assert not marker.exists()
 
 
 def test_alternating_tasks_and_actor_calls_keep_the_lease(ray):
