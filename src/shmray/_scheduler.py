@@ -695,10 +695,10 @@ class Scheduler:
         else:
             self._delete_partial_returns(task)
             self._fail(task, *self._serialized(exceptions.WorkerCrashedError(
-                f"the worker (pid {pid}) running {task.name}() died of {_how(status)}. It was retried "
-                f"{task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely causes: the "
-                "process ran out of memory, a C extension crashed, or it called os._exit(); "
-                "set max_retries to try more often.")))
+                f"the worker (pid {pid}) running {task.name}() died of {_how(status)}. It "
+                f"was retried {task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely "
+                "causes: the process ran out of memory, a C extension crashed, or it called "
+                "os._exit(); set max_retries to try more often.")))
 
     def _warn_worker_cap(self) -> None:
         if not self.warned_cap:
