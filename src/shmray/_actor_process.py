@@ -65,7 +65,9 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
         runtime.blocked_hook = None  # an actor holds no CPU it could lend
-        runtime.calls_actors_directly = not self.is_async  # its event loop reads only its own sockets
+        # An async actor's event loop reads only its own sockets: it calls others through the
+        # scheduler.
+        runtime.calls_actors_directly = not self.is_async
         self.cancelled_early: dict = {}  # cancels that overtook their direct call (ordered)
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
