@@ -421,5 +421,6 @@ def test_soak_short():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # three minutes of work, past the suite's usual deadlock timeout
 def test_soak_long():
     _soak(180)
