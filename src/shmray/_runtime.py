@@ -519,7 +519,10 @@ class Runtime:
             if self._routed_ids:
                 actor_id = self._routed_ids.pop(object_id, None)
                 if actor_id is not None:
-                    self._routed[actor_id].discard(object_id)
+                    routed = self._routed[actor_id]
+                    routed.discard(object_id)
+                    if not routed:  # one entry per actor ever called would pile up
+                        del self._routed[actor_id]
             if object_id in self._counts:
                 self._locations[object_id] = (data, metadata)
                 self._subscribed.discard(object_id)
