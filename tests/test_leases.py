@@ -322,3 +322,41 @@ def test_alternating_tasks_and_actor_calls_keep_the_lease(ray):
         assert ray.get(square.remote(i)) == i * i
         assert ray.get(echo.echo.remote(i)) == i
     assert direct_tasks() - before >= 90
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_a_result_seen_stays_when_its_worker_dies_before_the_scheduler_hears(ray, registered):
+    """The driver reports a leased task's results after it has read them; if the worker dies
+    first, the scheduler must take the driver's word, not fail or rerun what was seen."""
+    @ray.remote(max_retries=0)
+    def pid():
+        return os.getpid()
+
+    @ray.remote
+    def same(x):
+        return x
+
+    warm_lease(ray)
+    before = direct_tasks()
+    ref = pid.remote()
+    assert direct_tasks() == before + 1
+    rt = runtime()
+    if registered:
+        rt.flush()  # the scheduler knows of the task; else only its result's report says
+    with rt._lock:  # held across get(): nothing more reaches the scheduler meanwhile
+        worker = ray.get(ref, timeout=30)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not _alive(worker))
+        time.sleep(0.3)  # the scheduler sees the death before the report
+    assert ray.get(ref, timeout=30) == worker
+    assert ray.get(same.remote(ref), timeout=30) == worker  # the scheduler's copy too
+    time.sleep(0.1)
+    assert ray.get(ref, timeout=30) == worker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:  # gone, or going as we read
+        return False

@@ -314,6 +314,75 @@ def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
     assert sent(driver, P.LEASE_RECALL) == [(P.LEASE_RECALL, granted)]
     sched.on_lease_request(driver)
     assert (P.LEASE_GRANTED, None) in sent(driver, P.LEASE_GRANTED)
-    sched.on_lease_return(driver, granted)
+    sched.on_lease_return(driver, granted, False)
     sched.dispatch()
     assert len(executes(sched)) == 1 and sched.available["CPU"] == 0.0
+
+
+def _leased(sched, driver, **spec_options):
+    """A task the driver sent straight to a worker it leases: (worker, task id)."""
+    sched.on_lease_request(driver)
+    [(_, pid)] = sent(driver, P.LEASE_GRANTED)
+    take(driver)
+    worker = next(w for w in sched.workers() if w.pid == pid)
+    task_spec = spec(**spec_options)
+    sched.on_direct_submit(driver, pid, task_spec)
+    return worker, task_spec[0]
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_dead_leased_workers_unreported_task_waits_for_its_drivers_word(setup, retries):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    worker, task_id = _leased(sched, driver, max_retries=retries)
+    sched.on_disconnect(worker)
+    assert sent(driver, P.LEASE_LOST) == [(P.LEASE_LOST, worker.pid)]
+    sched.on_cancel(driver, task_id, False, False)  # must not decide for the driver either
+    sched.dispatch()
+    assert not executes(sched) and not sent(driver, P.READY)
+    sched.on_lease_verdict(driver, worker.pid)  # nothing came back from it
+    sched.dispatch()
+    (ready,) = sent(driver, P.READY)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskCancelledError)
+    assert not executes(sched)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_dead_leased_workers_task_is_retried_or_failed_on_its_drivers_word(setup, retries):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    worker, task_id = _leased(sched, driver, max_retries=retries)
+    sched.on_disconnect(worker)
+    sched.on_lease_verdict(driver, worker.pid)
+    sched.dispatch()
+    if retries:
+        assert [m[1] for _, m in executes(sched)] == [task_id]
+    else:
+        (ready,) = sent(driver, P.READY)
+        assert isinstance(deserialize(memoryview(ready[2])), exceptions.WorkerCrashedError)
+
+
+@pytest.mark.parametrize("registered_first", [True, False])
+def test_a_result_the_driver_saw_is_kept_though_its_worker_died(setup, registered_first):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    sched.on_lease_request(driver)
+    [(_, pid)] = sent(driver, P.LEASE_GRANTED)
+    take(driver)
+    worker = next(w for w in sched.workers() if w.pid == pid)
+    task_spec = spec(max_retries=0)
+    task_id = task_spec[0]
+    if registered_first:
+        sched.on_direct_submit(driver, pid, task_spec)
+    sched.on_disconnect(worker)
+    if not registered_first:  # registration and report were still on their way
+        sched.on_direct_submit(driver, pid, task_spec)
+    assert sent(driver, P.LEASE_LOST) == [(P.LEASE_LOST, pid)]
+    data = serialize(42).to_bytes()
+    result_id = object_id_for_return(task_id, 0)
+    sched.on_leased_done(driver, task_id, [(result_id, data, b"")])
+    sched.on_lease_verdict(driver, pid)
+    sched.dispatch()
+    assert sched.objects[result_id].data == data
+    assert not sent(driver, P.READY) and not executes(sched)  # it has the value already
+    assert not sched.awaiting_verdict

@@ -48,6 +48,10 @@ _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this of
 class ActorProcess(Worker):
     """The actor's loop; method calls reuse the worker's argument and result handling."""
 
+    # Any process may call an actor: the scheduler hears of every call's results from here,
+    # first (``Worker.report``).
+    caller_reports = False
+
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)
         _, self.spec, pickled_class, self.init_values = start_message

@@ -171,8 +171,16 @@ def connection_pair(peer_a: str, peer_b: str):
 
 def wait_writable(fd: int, timeout: Optional[float]) -> bool:
     """poll(), not select(): descriptors may be numbered past select()'s 1024."""
+    return _wait(fd, select.POLLOUT, timeout)
+
+
+def wait_readable(fd: int, timeout: Optional[float]) -> bool:
+    return _wait(fd, select.POLLIN, timeout)
+
+
+def _wait(fd: int, events: int, timeout: Optional[float]) -> bool:
     poller = select.poll()
-    poller.register(fd, select.POLLOUT)
+    poller.register(fd, events)
     return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 

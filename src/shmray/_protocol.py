@@ -34,7 +34,13 @@ Client (driver, worker, actor) -> scheduler
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
     LEASE_REQUEST      -                             lend me an idle worker (drivers only)
-    LEASE_RETURN       worker_pid                    done with that lease
+    LEASE_RETURN       worker_pid, broken            done with that lease (broken: its channel
+                                                     failed with tasks unfinished on it)
+    LEASED_DONE        task_id, delivered            a leased task's results as its worker
+                                                     sent them back, all usable at once (the
+                                                     worker reports the others itself)
+    LEASE_VERDICT      worker_pid                    answers LEASE_LOST: every result that
+                                                     worker sent back has been reported
     DIRECT_SUBMIT      worker_pid, spec              a task sent straight to a leased worker;
                                                      the sender holds its results
     DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
@@ -48,10 +54,12 @@ Actor -> scheduler
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
 Actor or leased worker -> scheduler
     DIRECT_DONE        task_id, results, caller_pid, retryable
-                                                     a direct call's or task's results (as
-                                                     TASK_DONE's); those without refs inside
-                                                     are delivered to the caller right after,
-                                                     unless retryable
+                                                     a direct call's results (as TASK_DONE's);
+                                                     those without refs inside are delivered
+                                                     to the caller right after, unless
+                                                     retryable.  A leased worker sends it
+                                                     only for results it can't deliver (its
+                                                     driver reports the rest: LEASED_DONE)
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -70,6 +78,9 @@ Scheduler -> client
                                                      is free now)
     LEASE_RECALL       worker_pid                    give that lease back once its task is
                                                      done: the CPU is needed
+    LEASE_LOST         worker_pid                    that worker died with tasks of yours
+                                                     unreported: read what it sent, report it,
+                                                     then answer LEASE_VERDICT
 Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
     CALL, EXECUTE      as the scheduler's; arg_ids is empty, values too, and EXECUTE's
                                                      pickled is None (the worker asks the
@@ -115,6 +126,8 @@ DIRECT_DONE = 18
 LEASE_REQUEST = 19
 LEASE_RETURN = 20
 DIRECT_SUBMIT = 21
+LEASED_DONE = 22
+LEASE_VERDICT = 23
 
 READY = 30
 EXECUTE = 31
@@ -126,6 +139,7 @@ CANCEL_CALL = 36
 RESULT = 37
 LEASE_GRANTED = 38
 LEASE_RECALL = 39
+LEASE_LOST = 40
 
 LEASE_SHAPE = {"CPU": 1.0}  # what a lease holds, and the only tasks a lease runs ask for
 

@@ -22,7 +22,7 @@ import cloudpickle
 from . import _options, _protocol as P
 from ._ids import new_task_id, object_id_for_return
 from ._object_ref import ObjectRef
-from ._serialization import serialize
+from ._serialization import SCALARS, scalars_to_bytes, serialize
 
 
 class RemoteFunction:
@@ -143,6 +143,8 @@ def pack_arguments(runtime, args, kwargs):
     """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message."""
     if not args and not kwargs:
         return _NO_ARGUMENTS, [], [], []
+    if not kwargs and all(type(a) in SCALARS for a in args):  # most small tasks' arguments
+        return scalars_to_bytes((list(args), {})), [], [], []
     arg_ids: List[bytes] = []
 
     def placeholder(value):

@@ -35,7 +35,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _direct, _object_ref, _protocol as P, exceptions
-from ._connection import Connection, ConnectionClosed
+from ._connection import Connection, ConnectionClosed, wait_readable
 from ._ids import object_id_for_put
 from ._object_ref import ObjectRef
 from ._object_store import (
@@ -54,11 +54,13 @@ _FLUSH_DELAY = 0.001    # ...but no longer than this
 _RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
 _IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
-_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT))
+_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT,
+                         P.LEASED_DONE))
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
 _LONE_ROUND_TRIPS = 2         # lone round trips in a row before a lease is worth asking for
 _LEASE_RETRY_SECONDS = 0.005  # after "no worker is free", ask again no sooner
+_LOST_CHANNEL_WAIT = 1.0      # a dead worker's channel is at its end well within this
 
 
 class Runtime:
@@ -537,6 +539,8 @@ class Runtime:
             self._lease_granted(message[1])
         elif message[0] == P.LEASE_RECALL:
             self._lease_recalled(message[1])
+        elif message[0] == P.LEASE_LOST:
+            self._lease_lost(message[1])
 
         elif self.on_message is not None:
             self.on_message(message)
@@ -780,7 +784,11 @@ class Runtime:
     def _read_channel(self, channel: "_Channel") -> None:
         """Results an actor or a leased worker sent straight back (caller holds the lock)."""
         messages, lost = channel.conn.read_available()
-        for _, _, delivered, undelivered in messages:
+        for _, task_id, delivered, undelivered in messages:
+            if channel.actor_id is None and not undelivered:
+                # We are the scheduler's only source for these (``Worker.report``), whether
+                # or not we still hold them.
+                self.conn.send((P.LEASED_DONE, task_id, delivered))
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -807,7 +815,8 @@ class Runtime:
         if channel.actor_id is None:
             if channel in self._leases:
                 self._leases.remove(channel)
-                self.conn.send((P.LEASE_RETURN, channel.peer_pid))  # if it lives on
+                # If it lives on with tasks of ours, it can't answer: the scheduler ends it.
+                self.conn.send((P.LEASE_RETURN, channel.peer_pid, channel.inflight > 0))
         # Connect afresh (to its next incarnation, if it restarts) once the calls made
         # meanwhile, which go through the scheduler, are done.
         elif self._channels.get(channel.actor_id) is channel:
@@ -835,9 +844,12 @@ class Runtime:
         if not self._owned_pending:
             for lease in self._leases:
                 if lease.inflight == 0 and not lease.recalled:
-                    # News from the scheduler first: a recall, or its death (poll() raises).
+                    # News from the scheduler first: a recall, a loss, or its death (poll()
+                    # raises).
                     if self._scheduler_poll.poll(0):
                         self.poll()
+                        if lease.recalled or lease not in self._leases:
+                            return None
                     return lease
             if not self._leases:
                 return None
@@ -894,7 +906,7 @@ class Runtime:
             return
         connected = _direct.connect(self.session_dir, _direct.worker_key(worker_pid))
         if connected is None:  # it died meanwhile
-            self.conn.send((P.LEASE_RETURN, worker_pid))
+            self.conn.send((P.LEASE_RETURN, worker_pid, False))
             return
         lease = _Channel(None, *connected)
         lease.last_used = time.monotonic()
@@ -911,6 +923,19 @@ class Runtime:
                 if lease.inflight == 0:
                     self._return_lease(lease)
                 return
+
+    def _lease_lost(self, worker_pid: int) -> None:
+        """A leased worker died with tasks the scheduler has no results for: report all it
+        sent us (read to the end: it is dead, so the end is there), then say we are done."""
+        for lease in list(self._leases):
+            if lease.peer_pid == worker_pid:
+                while lease in self._leases:
+                    if not wait_readable(lease.conn.fd, _LOST_CHANNEL_WAIT):
+                        self._channel_lost(lease)  # not at its end: nothing more will come
+                        break
+                    self._read_channel(lease)
+        self.conn.send((P.LEASE_VERDICT, worker_pid))
+        self.flush_later()
 
     def _free_leases_for(self, missing) -> None:
         """About to wait on work that goes through the scheduler: idle leases go back now,
@@ -934,7 +959,7 @@ class Runtime:
     def _return_lease(self, lease: "_Channel") -> None:
         self._leases.remove(lease)
         self._close_channel(lease)
-        self.conn.send((P.LEASE_RETURN, lease.peer_pid))
+        self.conn.send((P.LEASE_RETURN, lease.peer_pid, False))
         self.flush_later()
 
     def _write_soon(self, channel: "_Channel") -> bool:

@@ -26,8 +26,13 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
 - Leases: a driver waiting on one task at a time may borrow an idle worker (LEASE_REQUEST)
   and send it plain tasks itself, two hops instead of four (``_direct``); the lease holds one
   CPU until it is given back (idle for 2 ms, or recalled here when a queued task needs the
-  CPU).  Both ends report each such task (DIRECT_SUBMIT, DIRECT_DONE, in either order), so it
-  is owed, retried and failed like any other.
+  CPU).  The driver registers each such task (DIRECT_SUBMIT) and, off the critical path,
+  reports the results the worker sent it (LEASED_DONE); the worker reports only results it
+  can't hand over (refs inside, a failure to retry: DIRECT_DONE, before it answers).  So the
+  driver is the one witness of what it has seen: when a leased worker dies with tasks
+  unreported, they wait here (``awaiting_verdict``) until the driver has read all the
+  worker sent, reported it, and says so (LEASE_LOST, LEASE_VERDICT); the rest are retried
+  or failed like any other.  A result the driver has seen is never retried or failed.
 - Short tasks are sent ahead: when every CPU is taken, a busy worker running a function known
   to be short and never to block gets the next task of the same shape in advance, and starts
   it without a round trip (``_prefetch``).
@@ -223,6 +228,9 @@ class Scheduler:
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
+        # Leased tasks whose worker died before their results were reported, until their
+        # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
+        self.awaiting_verdict: Dict[bytes, tuple] = {}
         self.function_waiters: Dict[bytes, list] = {}  # fn id -> [(client, request id)]
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
@@ -262,6 +270,8 @@ class Scheduler:
             P.LEASE_REQUEST: self.on_lease_request,
             P.LEASE_RETURN: self.on_lease_return,
             P.DIRECT_SUBMIT: self.on_direct_submit,
+            P.LEASED_DONE: self.on_leased_done,
+            P.LEASE_VERDICT: self.on_lease_verdict,
         }
 
     # -- clients ---------------------------------------------------------------------------
@@ -624,11 +634,15 @@ class Scheduler:
             self.available["CPU"] -= 1.0
         self.send(client, (P.LEASE_GRANTED, worker.pid if worker is not None else None))
 
-    def on_lease_return(self, client: Client, worker_pid) -> None:
+    def on_lease_return(self, client: Client, worker_pid, broken) -> None:
         for worker in client.leases:
             if worker.pid == worker_pid:
                 self._end_lease(worker)
-                if worker.alive and worker.task is None:
+                if broken and worker.direct:
+                    # Tasks on it whose results can no longer reach their driver: they are
+                    # settled as lost once it is gone (on_disconnect, LEASE_LOST).
+                    _kill_quietly(worker.pid)
+                elif worker.alive and worker.task is None:
                     self.idle.append(worker)
                 return
 
@@ -666,7 +680,39 @@ class Scheduler:
                     worker.blocked_unknown = False
                     self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
                 return
-        self._lost_direct_task(task, worker_pid, None)  # it died before it told us of this
+        # It died before this registration came: its driver may have seen the result.
+        self._await_verdict(task, worker_pid, None)
+
+    def on_leased_done(self, client: Client, task_id, delivered) -> None:
+        """Results a leased worker sent straight to ``client``, reported by it."""
+        task = self.tasks.get(task_id)
+        if task is None or task.finished:
+            return
+        if task.worker is not None:
+            task.worker.direct.pop(task_id, None)
+        self.awaiting_verdict.pop(task_id, None)
+        self._finish_direct(task, [(object_id, data, metadata, ())
+                                   for object_id, data, metadata in delivered], False)
+
+    def _await_verdict(self, task: Task, pid: int, status: Optional[int]) -> None:
+        """A leased worker died with ``task`` unreported: only its driver knows whether it
+        saw the results; ask it (once it has read everything the worker sent)."""
+        if task.finished:
+            return
+        task.worker = None
+        asked = any(p == pid for _, p, _ in self.awaiting_verdict.values())
+        self.awaiting_verdict[task.task_id] = (task, pid, status)
+        if not asked:
+            self.send(task.owner, (P.LEASE_LOST, pid))
+
+    def on_lease_verdict(self, client: Client, worker_pid) -> None:
+        """The driver has reported every result the dead worker sent it: the tasks still
+        unreported never finished."""
+        for task_id, (task, pid, status) in list(self.awaiting_verdict.items()):
+            if pid == worker_pid and task.owner is client:
+                del self.awaiting_verdict[task_id]
+                if not task.finished:
+                    self._task_lost(task, pid, status)
 
     def _leased_task_done(self, task: Task, results, retryable: bool) -> None:
         if task.finished:
@@ -677,12 +723,6 @@ class Scheduler:
             self._finish(task, results)  # it was told to wait for this
         else:
             self._finish_direct(task, results, False)
-
-    def _lost_direct_task(self, task: Task, pid: int, status: Optional[int]) -> None:
-        """A leased worker died with this task sent to it."""
-        if not task.finished:
-            task.worker = None
-            self._task_lost(task, pid, status)
 
     def _task_lost(self, task: Task, pid: int, status: Optional[int]) -> None:
         """The worker running ``task`` died: a cancelled task is cancelled, others are
@@ -939,6 +979,8 @@ class Scheduler:
             else:
                 self._fail(task, *self._cancelled_error(task))
             return
+        if task.task_id in self.awaiting_verdict:
+            return  # its worker is dead; its driver may have its result: LEASE_VERDICT says
         worker = task.worker
         if task.direct and worker is not None and worker.leased_to is not None:
             # On a leased worker: skipped if it has not started (the worker reports it
@@ -1362,7 +1404,7 @@ class Scheduler:
         if client.leased_to is not None:
             self._end_lease(client)
         for task in list(client.direct.values()):
-            self._lost_direct_task(task, client.pid, status)
+            self._await_verdict(task, client.pid, status)
         client.direct.clear()
         while client.queued:  # sent ahead but never started: run them elsewhere, no retry used
             queued = client.queued.pop()
@@ -1420,9 +1462,10 @@ class _ActorCreation:
 
 
 def _leased_task(worker: Client) -> Optional[Task]:
-    """The task a leased worker runs (a lease sends one at a time), if any."""
+    """The task a leased worker runs (a lease sends one at a time), if any: the last one
+    registered (an earlier one may be done, its report still on its way)."""
     if worker.direct:
-        return next(iter(worker.direct.values()))
+        return next(reversed(worker.direct.values()))
     return None
 
 

@@ -134,6 +134,17 @@ def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
     return _layout(stream, raw_buffers, metadata, contained)
 
 
+SCALARS = frozenset({type(None), bool, int, float})
+
+
+def scalars_to_bytes(value) -> bytes:
+    """The inline bytes of a value made of ``SCALARS`` in tuples, lists and dicts only (the
+    caller checked): no buffer and no ref can be inside, so ``serialize``'s checks and
+    layout are skipped (0.6 us against 2.5 us for a task's few int arguments)."""
+    stream = pickle.dumps(value, protocol=5)
+    return _head.pack(FORMAT_MAGIC, 0, len(stream)) + stream
+
+
 def _layout(stream: bytes, raw_buffers: Sequence[pickle.PickleBuffer], metadata: bytes,
             contained: Sequence[bytes]) -> SerializedObject:
     views = [buf.raw() for buf in raw_buffers]

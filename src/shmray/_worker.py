@@ -57,6 +57,7 @@ class Worker:
 
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
+    caller_reports = True  # a leased task's delivered results: the driver reports them
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
@@ -127,26 +128,30 @@ class Worker:
         Straight back go only results the caller may use at once: not those holding refs
         (the scheduler must count those refs first) and none of a failure that will be
         retried; the caller hears of those from the scheduler.  The scheduler always hears
-        first: a result a caller has seen is one the scheduler knows is done, so the call
-        can't be failed or retried afterwards if this process dies.
+        before the caller does, from here (an actor's calls, results not delivered), so a
+        result a caller has seen is one the scheduler knows is done and is never failed or
+        retried afterwards if this process dies; or from the caller itself (a leased task's
+        delivered results: ``caller_reports``), which then is the witness of what it saw.
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
+        conn = origin[0] if origin is not None else None
+        if conn is not None and self.callers.get(conn.fd, (None,))[0] is not conn:
+            conn = None  # the caller is gone (and its descriptor number may be reused)
+        undelivered = [r[0] for r in results if retryable or r[3]]
         with runtime._lock:
             if origin is None:
                 runtime.send((P.TASK_DONE, task_id, results, retryable))
-            else:
+            elif conn is None or undelivered or not self.caller_reports:
                 runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
             _release_held(runtime, results)  # after the message that now holds them
-            if origin is None or self.callers.get(origin[0].fd, (None,))[0] is not origin[0]:
-                runtime.flush()  # (a caller gone: its descriptor number may be reused)
+            if conn is None:
+                runtime.flush()
                 return
-            conn = origin[0]
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            undelivered = [r[0] for r in results if retryable or r[3]]
             conn.send((P.RESULT, task_id, delivered, undelivered))
             self.held_replies.add(conn)
             if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
