@@ -258,6 +258,23 @@ def test_short_tasks_are_sent_ahead_to_busy_workers(setup):
     assert worker.task is ahead and sched.available["CPU"] == 0  # it took over the CPU
 
 
+@pytest.mark.parametrize("slowest, depth", [(0.0001, 15), (0.01, 1)])
+def test_very_short_tasks_are_sent_ahead_many_at_a_time_and_evenly(setup, slowest, depth):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    _run_to_completion(sched, driver, b"f" * 16, slowest)
+    for _ in range(20):  # typically it takes 0.1 ms (one slow run keeps the depth at 1)
+        _run_to_completion(sched, driver, b"f" * 16, 0.0001)
+    for _ in range(32):
+        sched.on_submit(driver, spec())
+    sched.dispatch()
+    assert [len(w.queued) for w in sched.workers()] == [depth, depth]
+    worker = sched.workers()[0]
+    (done,) = [m for m in take(worker) if m[0] == P.EXECUTE][:1]
+    sched.on_task_done(worker, done[1], [], False, 0.0001)
+    assert len(worker.queued) == depth - 1  # the next one it had runs now
+
+
 def test_long_tasks_are_not_sent_ahead(setup):
     sched, driver, _ = setup
     sched.on_register_function(driver, b"f" * 16, b"code", "f")

@@ -21,9 +21,11 @@ Client (driver, worker, actor) -> scheduler
     SUBSCRIBE          ids                           send READY for each id once it is ready
     BLOCKED            -                             a worker waits in get/wait: lend its CPU
     UNBLOCKED          -                             ...and takes it back
-    TASK_DONE          task_id, results, retryable   results: [(object_id, data, metadata,
+    TASK_DONE          task_id, results, retryable, took
+                                                     results: [(object_id, data, metadata,
                                                      contained)]; retryable: it raised an
-                                                     exception its retry_exceptions covers
+                                                     exception its retry_exceptions covers;
+                                                     took: its run time in seconds
     QUERY              request_id, what              what: "resources", "available", "workers",
                                                      "ping" (a barrier), "objects" (how many
                                                      the directory has), "direct_calls" (how

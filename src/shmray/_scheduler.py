@@ -72,9 +72,11 @@ from ._object_store import ObjectNotFoundError, ObjectStore
 from ._process import describe_exit
 from ._serialization import META_ERROR, serialize
 
-_PREFETCH_DEPTH = 1           # tasks sent ahead to a busy worker...
-_PREFETCH_MAX_SECONDS = 0.02  # ...only for functions that take less than this, so a task
-                              # waits behind another for 20 ms at most
+_PREFETCH_MAX_SECONDS = 0.02  # tasks sent ahead to a busy worker: only of functions that
+                              # take less than this, so a task waits behind another for
+                              # 20 ms at most; more than one only of functions that never
+_PREFETCH_BUDGET = 0.002      # took longer than this, while their typical run times add up
+_PREFETCH_MAX_DEPTH = 16      # to no more than it, and never more than this many
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
@@ -219,6 +221,7 @@ class Scheduler:
         self.busy: set = set()                 # workers running a task
         self.blocking_functions: set = set()   # fn ids whose tasks have waited in get()
         self.durations: Dict[bytes, float] = {}  # fn id -> typical run time (EWMA), seconds
+        self.slowest: Dict[bytes, float] = {}    # fn id -> longest run time seen, seconds
         self.functions: Dict[bytes, tuple] = {}
         self.actors: Dict[bytes, Actor] = {}
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
@@ -589,29 +592,38 @@ class Scheduler:
         """Send short tasks ahead to busy workers of the same shape.
 
         A worker that finishes a task then starts the next without waiting for the
-        scheduler: no round trip, and no wake-up, which are most of a short task's cost.
-        Only functions seen to run under _PREFETCH_MAX_SECONDS qualify, so a task never waits
+        scheduler: no round trip, and no wake-up, which are most of a short task's cost; a
+        worker with several queued reports them in one message (``Worker.report``).  Only
+        functions seen to run under _PREFETCH_MAX_SECONDS qualify, so a task never waits
         long behind another while some other worker could have taken it; and only behind a
         running task of such a function that has never blocked in get(): a task queued behind
-        one that waits for it, directly or not, would wait forever.
+        one that waits for it, directly or not, would wait forever.  Workers get one task
+        each in turn, so a burst is spread evenly.
         """
-        for worker in list(self.busy):
-            if not queue:
-                return
-            head = worker.task
-            if (worker.blocked or len(worker.queued) >= _PREFETCH_DEPTH or head is None
-                    or head.shape != shape or not self._safe_to_queue_behind(head)):
-                continue
-            task = queue[0]
-            if task.finished:
+        takers = [worker for worker in self.busy
+                  if not worker.blocked and worker.task is not None
+                  and worker.task.shape == shape and self._safe_to_queue_behind(worker.task)]
+        while queue and takers:
+            for worker in list(takers):
+                if not queue:
+                    return
+                task = queue[0]
+                if task.finished:
+                    queue.popleft()
+                    continue
+                fn_id = task.spec[P.SPEC_FN_ID]
+                took = self.durations.get(fn_id, 1.0)
+                if took >= _PREFETCH_MAX_SECONDS or task.spec[P.SPEC_EXTRA]:
+                    return  # env_vars/max_calls: one at a time
+                ahead = len(worker.queued)
+                if ahead and (ahead >= _PREFETCH_MAX_DEPTH
+                              or (ahead + 1) * took > _PREFETCH_BUDGET
+                              or self.slowest.get(fn_id, 1.0) > _PREFETCH_BUDGET):
+                    takers.remove(worker)
+                    continue
                 queue.popleft()
-                continue
-            if (self.durations.get(task.spec[P.SPEC_FN_ID], 1.0) >= _PREFETCH_MAX_SECONDS
-                    or task.spec[P.SPEC_EXTRA]):  # env_vars/max_calls: one at a time
-                return
-            queue.popleft()
-            worker.queued.append(task)
-            self._send_execute(task, worker)
+                worker.queued.append(task)
+                self._send_execute(task, worker)
 
     def _recall_leases(self) -> None:
         """Work waits for a CPU: ask lease holders to give theirs back."""
@@ -796,7 +808,8 @@ class Scheduler:
                            spec[P.SPEC_ARG_IDS], spec[P.SPEC_NUM_RETURNS], values,
                            spec[P.SPEC_RETRY_EXCEPTIONS], spec[P.SPEC_EXTRA]))
 
-    def on_task_done(self, worker: Client, task_id, results, retryable) -> None:
+    def on_task_done(self, worker: Client, task_id, results, retryable,
+                     took: Optional[float] = None) -> None:
         if worker.actor is not None:
             task = worker.actor.inflight.pop(task_id, None)
             if task is not None and not task.finished:
@@ -806,9 +819,12 @@ class Scheduler:
         self._give_back(task, worker)
         if task is not None:
             fn_id = task.spec[P.SPEC_FN_ID]
-            took = time.monotonic() - task.started_at
+            if took is None or task.task_id != task_id:
+                took = time.monotonic() - task.started_at
             previous = self.durations.get(fn_id)
             self.durations[fn_id] = took if previous is None else 0.8 * previous + 0.2 * took
+            if took > self.slowest.get(fn_id, 0.0):
+                self.slowest[fn_id] = took
         if task is not None and self._used_up(worker, task):
             worker.task = None
             self.busy.discard(worker)

@@ -122,7 +122,7 @@ class Worker:
         self.origins[message[1]] = origin
         self.on_message(message)
 
-    def report(self, task_id: bytes, results, retryable: bool) -> None:
+    def report(self, task_id: bytes, results, retryable: bool, took: float = 0.0) -> None:
         """Results of a task or call: to the scheduler, and straight back to a direct caller.
 
         Straight back go only results the caller may use at once: not those holding refs
@@ -141,13 +141,16 @@ class Worker:
         undelivered = [r[0] for r in results if retryable or r[3]]
         with runtime._lock:
             if origin is None:
-                runtime.send((P.TASK_DONE, task_id, results, retryable))
+                runtime.send((P.TASK_DONE, task_id, results, retryable, took))
             elif conn is None or undelivered or not self.caller_reports:
                 runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
             _release_held(runtime, results)  # after the message that now holds them
             if conn is None:
-                runtime.flush()
+                if self.queue and len(runtime.conn.pending) < _REPLY_BATCH:
+                    runtime.flush_later()  # with the next report, or before this one waits
+                else:
+                    runtime.flush()
                 return
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
@@ -233,13 +236,14 @@ class Worker:
                     return
                 message = self.queue.popleft()
             task_id = message[1]
+            started = time.perf_counter()
             if task_id in self.skip:
                 self.skip.discard(task_id)
                 results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
             try:
-                self.report(task_id, results, retryable)
+                self.report(task_id, results, retryable, time.perf_counter() - started)
             except exceptions.RaySystemError:
                 return
 
