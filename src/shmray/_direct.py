@@ -22,8 +22,14 @@ the calls it was owed exactly as for calls it forwarded itself, and a caller tha
 channel asks the scheduler for the outstanding results instead.
 
 A lease works the same way for tasks: the driver, calling one plain task at a time, borrows
-an idle worker from the scheduler and sends it EXECUTE straight (DIRECT_SUBMIT, DIRECT_DONE
-report it); the lease holds the worker's CPU until it is given back.
+an idle worker from the scheduler and sends it EXECUTE straight; the lease holds the worker's
+CPU until it is given back.  Here the driver, not the worker, tells the scheduler what came
+back (DIRECT_SUBMIT, then LEASED_DONE, both batched), so the answer costs no wake-up of the
+scheduler on the way; only results the driver can't use at once (refs inside, a failure to
+retry) are reported by the worker first (DIRECT_DONE).  The driver is then the witness of
+what it saw: if the worker dies, the scheduler asks it (LEASE_LOST) before it retries or
+fails anything, and it answers (LEASE_VERDICT) once it has read and reported all the worker
+sent.
 
 Per-caller order holds across both routes: a caller sends directly only while none of its
 calls to that actor that went through the scheduler is unfinished, and the scheduler forwards

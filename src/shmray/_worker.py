@@ -7,8 +7,9 @@ scheduler sends that uses it, or is asked of the scheduler when a leased task ne
 rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes from the
 message, or a zero-copy view of the arena), run, and write each return value: a small one
 goes back inline, a large one straight into its arena block.  Results go to the scheduler
-(TASK_DONE, or DIRECT_DONE for work sent straight here) and, for work sent straight here,
-then back to its sender (RESULT: ``report``).  An exception becomes a ``RayTaskError``
+(TASK_DONE; for a few queued tasks, in one message), and for work sent straight here back to
+its sender (RESULT), the scheduler hearing first (DIRECT_DONE) except for a leased task's
+results the driver can use at once, which the driver reports itself (``report``).  An exception becomes a ``RayTaskError``
 carrying the cause and the formatted traceback, stored as the value of every return (inline,
 so dependents can be failed with it without reading the arena).
 
