@@ -105,6 +105,26 @@ def test_nested_task_of_the_same_function_on_one_cpu():
         shmray.shutdown()
 
 
+def test_a_task_waiting_on_children_sent_ahead_behind_it_on_its_own_worker():
+    """Children of a short function, submitted before it blocks, were sent ahead to its own
+    worker's queue, behind it: it waited for them forever.  Now they are handed back."""
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def f(n):
+            if n == 0:
+                return 1
+            refs = [f.remote(0) for _ in range(8)]
+            time.sleep(0.05)  # the scheduler sends them ahead meanwhile
+            return sum(shmray.get(refs))
+
+        shmray.get([f.remote(0) for _ in range(30)])  # learned: short, never waits
+        assert shmray.get(f.remote(1), timeout=DEADLOCK) == 8
+        assert shmray.get([f.remote(1) for _ in range(4)], timeout=DEADLOCK) == [8] * 4
+    finally:
+        shmray.shutdown()
+
+
 @pytest.mark.parametrize("arg", [5, "big"])
 def test_restarted_actor_gets_its_constructor_arguments_again(ray, arg):
     value = np.ones(1_000_000) if arg == "big" else arg

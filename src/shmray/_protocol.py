@@ -20,6 +20,10 @@ Client (driver, worker, actor) -> scheduler
     RELEASE            ids                           last local ref to each id is gone
     SUBSCRIBE          ids                           send READY for each id once it is ready
     BLOCKED            -                             a worker waits in get/wait: lend its CPU
+    HANDED_BACK        task_ids                      tasks sent ahead to a worker whose task
+                                                     now waits in get/wait: not started, run
+                                                     them elsewhere (they may be what it waits
+                                                     for)
     UNBLOCKED          -                             ...and takes it back
     TASK_DONE          task_id, results, retryable, took
                                                      results: [(object_id, data, metadata,
@@ -130,6 +134,7 @@ LEASE_RETURN = 20
 DIRECT_SUBMIT = 21
 LEASED_DONE = 22
 LEASE_VERDICT = 23
+HANDED_BACK = 24
 
 READY = 30
 EXECUTE = 31

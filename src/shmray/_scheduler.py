@@ -260,6 +260,7 @@ class Scheduler:
             P.RELEASE: self.on_release,
             P.SUBSCRIBE: self.on_subscribe,
             P.BLOCKED: self.on_blocked,
+            P.HANDED_BACK: self.on_handed_back,
             P.UNBLOCKED: self.on_unblocked,
             P.TASK_DONE: self.on_task_done,
             P.QUERY: self.on_query,
@@ -926,6 +927,20 @@ class Scheduler:
         self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
         worker.blocked = True
         self.available["CPU"] += task.resources.get("CPU", 0.0)
+
+    def on_handed_back(self, worker: Client, task_ids) -> None:
+        """Tasks sent ahead to ``worker`` that it will not run: they go back to the front of
+        the queue (a cancelled one was failed already)."""
+        returned = set(task_ids)
+        kept = collections.deque()
+        handed = []
+        for task in worker.queued:
+            (handed if task.task_id in returned else kept).append(task)
+        worker.queued = kept
+        for task in reversed(handed):
+            if not task.finished:
+                task.worker = None
+                self._requeue_front(task)
 
     def on_unblocked(self, worker: Client) -> None:
         task = worker.task

@@ -73,6 +73,7 @@ class Worker:
         self.in_user_code = False
         self.cancelled = False
         self.cancel_pending = False
+        self.waiting = False  # the running task waits in get/wait
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -210,6 +211,8 @@ class Worker:
     def on_message(self, message: tuple) -> None:
         if message[0] == P.EXECUTE:
             self.queue.append(message)
+            if self.waiting:
+                self._hand_back()
         elif message[0] == P.CANCEL_CALL:
             self.skip.add(message[1])
         elif message[0] == P.EXIT:
@@ -217,12 +220,25 @@ class Worker:
 
     def _blocked(self, blocked: bool) -> None:
         if current_task.task_id is not None:
+            self.waiting = blocked
+            if blocked:
+                self._hand_back()
             self.runtime.conn.send((P.BLOCKED,) if blocked else (P.UNBLOCKED,))
             if not blocked:  # the task computes again now: its CPU must not be lent out
                 try:
                     self.runtime.conn.flush()
                 except ConnectionClosed:
                     pass
+
+    def _hand_back(self) -> None:
+        """Tasks the scheduler sent ahead go back while the running task waits: it may be
+        waiting for one of them (caller holds the runtime's lock)."""
+        ahead = [m for m in self.queue if m[1] not in self.origins]  # not a lease holder's
+        if ahead:
+            for message in ahead:
+                self.queue.remove(message)
+                self.skip.discard(message[1])
+            self.runtime.conn.send((P.HANDED_BACK, [m[1] for m in ahead]))
 
     def run(self) -> None:
         runtime = self.runtime
