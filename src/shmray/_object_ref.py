@@ -30,6 +30,15 @@ class ObjectRef:
         if self._tracker is not None and not counted:
             self._tracker.add_local_ref(object_id)
 
+    @classmethod
+    def counted(cls, object_id: bytes, tracker) -> "ObjectRef":
+        """A ref its runtime made and has counted already (skips the checks: one per task
+        return, on the submit path)."""
+        ref = object.__new__(cls)
+        ref._id = object_id
+        ref._tracker = tracker
+        return ref
+
     def binary(self) -> bytes:
         return self._id
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import cloudpickle
 
-from . import _options, _protocol as P
+from . import _object_ref, _options, _protocol as P
 from ._ids import new_task_id, object_id_for_return
 from ._object_ref import ObjectRef
 from ._serialization import SCALARS, scalars_to_bytes, serialize
@@ -80,17 +80,20 @@ class RemoteFunction:
         return self._pickled
 
     def _submit(self, args, kwargs, fields):
-        from ._api import _current
-
         check_call(self._function, self._name, args, kwargs)
-        runtime = _current()
+        runtime = _object_ref._default_tracker  # this process's runtime, if shmray runs
+        if runtime is None:
+            from ._api import _current
+
+            runtime = _current()  # starts shmray if nobody has
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
         name, num_returns, resources, max_retries, retry, extra = fields
         spec = (task_id, self._fn_id, name, args_blob, arg_ids, contained, num_returns,
                 resources, max_retries, retry, extra)
-        return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
+        return_ids = ([task_id + _FIRST_RETURN] if num_returns == 1 else
+                      [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))])
         refs = runtime.submit(spec, return_ids)
         del temporaries  # the task holds them now; our refs can go
         if num_returns == 0:
@@ -176,6 +179,7 @@ def pack_arguments(runtime, args, kwargs):
 
 
 _NO_ARGUMENTS = serialize(([], {})).to_bytes()
+_FIRST_RETURN = object_id_for_return(b"", 0)  # the index part of a task's first return id
 
 
 def _serialize_arguments(args, kwargs):

@@ -248,7 +248,7 @@ class Runtime:
         """A ref the scheduler already counts for us (a put or a task return we submitted)."""
         with self._lock:
             self._counts[object_id] = self._counts.get(object_id, 0) + 1
-        return ObjectRef(object_id, self, counted=True)
+        return ObjectRef.counted(object_id, self)
 
     def release_later(self, object_id: bytes) -> None:
         self._releases.append(object_id)
