@@ -360,3 +360,29 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:  # gone, or going as we read
         return False
+
+
+def test_a_dead_leased_workers_task_is_retried_while_the_driver_does_other_things(ray, tmp_path):
+    """The retry waited for the driver's answer to the scheduler's question, which it read
+    only on its next call into shmray: the driver says so itself once the channel ends."""
+    marker, out = tmp_path / "crashed-once", tmp_path / "out"
+
+    @ray.remote(max_retries=1)
+    def dies_once():
+        if not marker.exists():
+            marker.write_text("x")
+            time.sleep(0.2)
+            os._exit(1)
+        return 5
+
+    @ray.remote
+    def write(x):
+        out.write_text(str(x))
+
+    warm_lease(ray)
+    before = direct_tasks()
+    x = dies_once.remote()
+    assert direct_tasks() == before + 1
+    write.remote(x)  # through the scheduler: it waits for x
+    wait_for(out.exists, timeout=20)  # no shmray call meanwhile: only time.sleep
+    assert out.read_text() == "5"

@@ -547,3 +547,100 @@ def test_wait_with_timeout_zero_sees_results_arrive(ray):
         assert time.monotonic() < deadline, "wait(timeout=0) never saw the result"
         time.sleep(0.01)
     assert ray.get(ref) == 1
+
+
+def _one_cpu_without_leases():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    runtime().leasing = False  # every task through the scheduler, sent ahead when short
+
+
+def test_a_crash_fails_the_task_that_crashed_not_those_whose_reports_it_held():
+    """Reports of short tasks sent ahead are held back while more are queued; a crash in a
+    later task lost them, failed tasks that had finished, and re-ran the crashing one."""
+    _one_cpu_without_leases()
+    try:
+        @shmray.remote(max_retries=0)
+        def f(i, crash_at):
+            if i == crash_at:
+                os._exit(1)
+            return i
+
+        for _ in range(5):  # known short: many are sent ahead
+            assert shmray.get([f.remote(i, -1) for i in range(50)]) == list(range(50))
+        refs = [f.remote(i, 25) for i in range(50)]
+        failed = []
+        for i, ref in enumerate(refs):
+            try:
+                assert shmray.get(ref, timeout=DEADLOCK) == i
+            except exceptions.WorkerCrashedError:
+                failed.append(i)
+        assert failed == [25]
+    finally:
+        shmray.shutdown()
+
+
+def test_tasks_sent_ahead_behind_a_max_calls_task_all_finish():
+    _one_cpu_without_leases()
+    try:
+        @shmray.remote(max_calls=1)
+        def retiring():
+            return os.getpid()
+
+        @shmray.remote(max_retries=0)
+        def f(i):
+            return i
+
+        for _ in range(3):
+            shmray.get([f.remote(i) for i in range(20)])
+            shmray.get([retiring.remote() for _ in range(3)])
+        refs = [retiring.remote()] + [f.remote(i) for i in range(20)]
+        assert shmray.get(refs[1:], timeout=DEADLOCK) == list(range(20))
+    finally:
+        shmray.shutdown()
+
+
+def test_actor_calls_finished_before_a_crash_keep_their_results(ray):
+    @ray.remote
+    class A:
+        def ok(self, x):
+            return x
+
+        def crash(self, x):
+            os._exit(1)
+
+    a = A.remote()
+    arg = ray.put(1)  # a ref among the arguments: the calls go through the scheduler
+    ray.get(a.ok.remote(arg))
+    oks = [a.ok.remote(arg) for _ in range(30)]
+    a.crash.remote(arg)
+    assert ray.get(oks, timeout=DEADLOCK) == [1] * 30
+
+
+def test_cancel_of_a_task_the_scheduler_thinks_is_still_queued_leaks_nothing():
+    """Reports of the short tasks before it are held back while a C loop holds the GIL, so
+    the scheduler may take the running task for one still sent ahead: its cancel must not
+    leave the result it stores when it ends behind (a report nobody wants is dropped)."""
+    _one_cpu_without_leases()
+    try:
+        @shmray.remote
+        def nap(t):
+            time.sleep(t)
+
+        @shmray.remote
+        def crunch(n):  # one C loop: holds the GIL while it runs
+            sum(range(n))
+            return b"x" * (1 << 20)
+
+        for _ in range(5):  # both known short
+            shmray.get([nap.remote(0.001), crunch.remote(10)])
+        head, short, long = nap.remote(0.015), nap.remote(0.001), crunch.remote(20_000_000)
+        time.sleep(0.1)  # `head` and `short` are done, their reports held; `long` runs
+        shmray.cancel(long)
+        with pytest.raises(exceptions.TaskCancelledError):
+            shmray.get(long, timeout=DEADLOCK)
+        assert shmray.get([head, short], timeout=DEADLOCK) == [None, None]
+        del head, short, long
+        wait_for(lambda: (settle(), runtime().store.statistics().bytes_in_use)[1] == 0,
+                 timeout=10)
+    finally:
+        shmray.shutdown()

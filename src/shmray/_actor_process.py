@@ -49,8 +49,9 @@ class ActorProcess(Worker):
     """The actor's loop; method calls reuse the worker's argument and result handling."""
 
     # Any process may call an actor: the scheduler hears of every call's results from here,
-    # first (``Worker.report``).
+    # first (``Worker.report``), and at once.
     caller_reports = False
+    hold_reports = False
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)

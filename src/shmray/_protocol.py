@@ -111,6 +111,9 @@ with each top-level ObjectRef replaced by ``ArgRef(i)``, ``arg_ids[i]`` being it
 
 from __future__ import annotations
 
+import pickle
+import struct
+
 REGISTER_FUNCTION = 1
 SUBMIT = 2
 PUT = 3
@@ -171,6 +174,46 @@ ACTOR_ARGS = 3
 ACTOR_ARG_IDS = 4
 ACTOR_CONTAINED = 5
 ACTOR_OPTIONS = 6
+
+
+# A worker's slot: shared memory the scheduler maps before forking it.
+#   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
+#   [24:48]  the last task the worker started (the worker writes it)
+#   [48:56]  u64 bytes parked after it, then TASK_DONE messages the worker holds back, each
+#            a u32 length and the pickled message: the scheduler reads them if it dies
+SLOT_SIZE = 1 << 18
+SLOT_PARKED = 48
+_u64 = struct.Struct("<Q")
+_u32 = struct.Struct("<I")
+
+
+def park_report(slot, message: tuple) -> bool:
+    """Append a held-back report to the slot; False if it does not fit."""
+    used = _u64.unpack_from(slot, SLOT_PARKED)[0]
+    data = pickle.dumps(message, protocol=5)
+    start = SLOT_PARKED + 8 + used
+    if start + 4 + len(data) > len(slot):
+        return False
+    _u32.pack_into(slot, start, len(data))
+    slot[start + 4 : start + 4 + len(data)] = data
+    _u64.pack_into(slot, SLOT_PARKED, used + 4 + len(data))  # last: a death before leaves
+    return True                                              # the parked ones whole
+
+
+def clear_parked(slot) -> None:
+    _u64.pack_into(slot, SLOT_PARKED, 0)
+
+
+def parked_reports(slot) -> list:
+    if slot is None:
+        return []
+    used = _u64.unpack_from(slot, SLOT_PARKED)[0]
+    messages, position, end = [], SLOT_PARKED + 8, SLOT_PARKED + 8 + used
+    while position < end:
+        (length,) = _u32.unpack_from(slot, position)
+        messages.append(pickle.loads(slot[position + 4 : position + 4 + length]))
+        position += 4 + length
+    return messages
 
 
 class ArgRef:

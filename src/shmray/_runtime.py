@@ -99,6 +99,7 @@ class Runtime:
         self.closed = False
         self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
         self.before_wait: Optional[Callable[[], None]] = None  # an actor's held-back replies
+        self.after_flush: Optional[Callable[[], None]] = None  # a worker's parked reports
         self.external_reader = False  # an event loop reads the connection (async actors)
         # An async actor's event loop reads only its own descriptors: it calls actors
         # through the scheduler.
@@ -156,6 +157,8 @@ class Runtime:
             except ConnectionClosed as exc:
                 raise self._scheduler_gone() from exc
             self._last_flush = time.monotonic()
+            if self.after_flush is not None:
+                self.after_flush()
 
     def flush_soon(self) -> None:
         """Send now, unless we sent very recently: then the message waits for the next frame.
@@ -407,6 +410,8 @@ class Runtime:
                 self.conn.flush()
             except ConnectionClosed as exc:
                 raise self._scheduler_gone() from exc
+            if self.after_flush is not None:
+                self.after_flush()
 
     def _read_once(self, timeout: Optional[float]) -> None:
         """Become the reader: wait for messages without the lock, handle them with it."""
@@ -784,6 +789,11 @@ class Runtime:
     def _read_channel(self, channel: "_Channel") -> None:
         """Results an actor or a leased worker sent straight back (caller holds the lock)."""
         messages, lost = channel.conn.read_available()
+        self._take_results(channel, messages)
+        if lost:
+            self._channel_lost(channel)
+
+    def _take_results(self, channel: "_Channel", messages) -> None:
         for _, task_id, delivered, undelivered in messages:
             if channel.actor_id is None and not undelivered:
                 # We are the scheduler's only source for these (``Worker.report``), whether
@@ -798,10 +808,8 @@ class Runtime:
                     self._owned_pending.add(object_id)
             if channel.actor_id is None:  # a lease: its worker is free again
                 channel.inflight -= 1
-                if channel.recalled and channel.inflight == 0:
+                if channel.recalled and channel.inflight == 0 and channel in self._leases:
                     self._return_lease(channel)
-        if lost:
-            self._channel_lost(channel)
 
     def _close_channel(self, channel: "_Channel") -> None:
         self.readers.pop(channel.conn.fd, None)
@@ -811,15 +819,18 @@ class Runtime:
     def _channel_lost(self, channel: "_Channel") -> None:
         """The actor or worker died (or restarted): the scheduler tells what it still owes
         us (it retries or fails the work as it would its own)."""
-        self._close_channel(channel)
         if channel.actor_id is None:
             if channel in self._leases:
                 self._leases.remove(channel)
-                # If it lives on with tasks of ours, it can't answer: the scheduler ends it.
+                self._read_to_the_end(channel)
+                # broken: tasks of ours on it never answered; all it did send is reported
+                # now, so the scheduler may settle them (and ends the worker if it lives).
                 self.conn.send((P.LEASE_RETURN, channel.peer_pid, channel.inflight > 0))
+                self.flush_later()
+        self._close_channel(channel)
         # Connect afresh (to its next incarnation, if it restarts) once the calls made
         # meanwhile, which go through the scheduler, are done.
-        elif self._channels.get(channel.actor_id) is channel:
+        if channel.actor_id is not None and self._channels.get(channel.actor_id) is channel:
             del self._channels[channel.actor_id]
         owed = [i for i, c in self._direct_pending.items() if c is channel]
         for object_id in owed:
@@ -926,16 +937,23 @@ class Runtime:
 
     def _lease_lost(self, worker_pid: int) -> None:
         """A leased worker died with tasks the scheduler has no results for: report all it
-        sent us (read to the end: it is dead, so the end is there), then say we are done."""
+        sent us (``_channel_lost`` reads to the end), then say we are done."""
         for lease in list(self._leases):
             if lease.peer_pid == worker_pid:
-                while lease in self._leases:
-                    if not wait_readable(lease.conn.fd, _LOST_CHANNEL_WAIT):
-                        self._channel_lost(lease)  # not at its end: nothing more will come
-                        break
-                    self._read_channel(lease)
+                self._channel_lost(lease)
         self.conn.send((P.LEASE_VERDICT, worker_pid))
         self.flush_later()
+
+    def _read_to_the_end(self, lease: "_Channel") -> None:
+        """Take every result a lost lease's worker sent (when it died, the end of its stream
+        is there; a worker alive but cut off gets a moment)."""
+        while lease.inflight:
+            if not wait_readable(lease.conn.fd, _LOST_CHANNEL_WAIT):
+                return
+            messages, lost = lease.conn.read_available()
+            self._take_results(lease, messages)
+            if lost:
+                return
 
     def _free_leases_for(self, missing) -> None:
         """About to wait on work that goes through the scheduler: idle leases go back now,

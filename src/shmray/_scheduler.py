@@ -35,8 +35,7 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
   or failed like any other.  A result the driver has seen is never retried or failed.
 - Short tasks are sent ahead: when every CPU is taken, a busy worker running a function known
   to be short and never to block gets the next task of the same shape in advance, and starts
-  it without a round trip; functions that never took over 2 ms get up to 16 (``_prefetch``),
-  whose reports come back batched.
+  it without a round trip; functions that never took over 2 ms get up to 16 (``_prefetch``).
 - A worker that dies mid-task: its task is retried up to ``max_retries`` on a fresh worker,
   then fails with ``WorkerCrashedError``; tasks sent ahead to it run elsewhere; the pool is
   refilled.
@@ -88,7 +87,8 @@ class Client:
 
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
-                 "leased_to", "direct", "recalled", "orphans", "blocked_unknown")
+                 "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
+                 "verdict_given")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -113,6 +113,7 @@ class Client:
         # registration of it arrives: kept here until it does.
         self.orphans: List["Task"] = []
         self.blocked_unknown = False
+        self.verdict_given = False  # a leased worker: its driver has said what it got
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -292,9 +293,10 @@ class Scheduler:
         return [c for c in self.clients.values() if c.kind == "worker"]
 
     def start_worker(self) -> Client:
-        # Shared with the worker before it is forked: SIGINT cancels the task named here
-        # and no other, whatever the worker has moved on to meanwhile.
-        slot = mmap.mmap(-1, 24)
+        # Shared with the worker before it is forked: SIGINT cancels the task named in the
+        # first 24 bytes and no other, whatever the worker has moved on to meanwhile; the
+        # worker names the last task it started in the next 24 (``_started``).
+        slot = mmap.mmap(-1, P.SLOT_SIZE)
         conn, pid = self._spawn_worker(self, slot)
         worker = self._add_client(conn, pid, "worker")
         worker.cancel_slot = slot
@@ -599,12 +601,15 @@ class Scheduler:
         functions seen to run under _PREFETCH_MAX_SECONDS qualify, so a task never waits
         long behind another while some other worker could have taken it; and only behind a
         running task of such a function that has never blocked in get(): a task queued behind
-        one that waits for it, directly or not, would wait forever.  Workers get one task
-        each in turn, so a burst is spread evenly.
+        one that waits for it, directly or not, would wait forever (and should one wait
+        after all, the worker hands back what it has queued: HANDED_BACK).  Never behind a
+        task with max_calls or env_vars: its worker may retire after it.  Workers get one
+        task each in turn, so a burst is spread evenly.
         """
         takers = [worker for worker in self.busy
                   if not worker.blocked and worker.task is not None
-                  and worker.task.shape == shape and self._safe_to_queue_behind(worker.task)]
+                  and worker.task.shape == shape and not worker.task.spec[P.SPEC_EXTRA]
+                  and self._safe_to_queue_behind(worker.task)]
         while queue and takers:
             for worker in list(takers):
                 if not queue:
@@ -619,6 +624,7 @@ class Scheduler:
                     return  # env_vars/max_calls: one at a time
                 ahead = len(worker.queued)
                 if ahead and (ahead >= _PREFETCH_MAX_DEPTH
+                              or not self._safe_to_queue_behind(worker.queued[-1])
                               or (ahead + 1) * took > _PREFETCH_BUDGET
                               or self.slowest.get(fn_id, 1.0) > _PREFETCH_BUDGET):
                     takers.remove(worker)
@@ -649,12 +655,15 @@ class Scheduler:
         self.send(client, (P.LEASE_GRANTED, worker.pid if worker is not None else None))
 
     def on_lease_return(self, client: Client, worker_pid, broken) -> None:
+        if broken:  # its channel ended; the driver has reported all that came back on it
+            self.on_lease_verdict(client, worker_pid)
         for worker in client.leases:
             if worker.pid == worker_pid:
                 self._end_lease(worker)
                 if broken and worker.direct:
-                    # Tasks on it whose results can no longer reach their driver: they are
-                    # settled as lost once it is gone (on_disconnect, LEASE_LOST).
+                    # Tasks on it whose results can no longer reach their driver: lost
+                    # once it is gone (the driver has had its say).
+                    worker.verdict_given = True
                     _kill_quietly(worker.pid)
                 elif worker.alive and worker.task is None:
                     self.idle.append(worker)
@@ -839,6 +848,7 @@ class Scheduler:
             if worker.alive:
                 self.idle.append(worker)
         if task is None or task.task_id != task_id or task.finished:
+            self._drop_unclaimed(results)  # e.g. cancelled meanwhile: nobody wants these
             return
         if retryable and task.retries_left != 0:
             self._retry(task)
@@ -1027,7 +1037,7 @@ class Scheduler:
             return
         if worker is None:  # queued, or waiting for its arguments
             self._fail(task, *self._cancelled_error(task))
-        elif worker.task is not task:  # sent ahead, not started: the worker will skip it
+        elif task not in _started(worker):  # sent ahead, not started: the worker skips it
             self.send(worker, (P.CANCEL_CALL, task.task_id))
             self._fail(task, *self._cancelled_error(task))
         elif force:
@@ -1302,6 +1312,14 @@ class Scheduler:
                     entry.container_holds -= 1
                     self._maybe_free(inner, entry)
 
+    def _drop_unclaimed(self, results) -> None:
+        """Arena results of a report that is ignored, unless the object is one the
+        directory knows is in the arena (then it is that very object)."""
+        for object_id, data, _, _ in results:
+            entry = self.objects.get(object_id)
+            if data is None and (entry is None or not entry.in_arena):
+                _delete_quietly(self.store, object_id)
+
     def _drop_results(self, results) -> None:
         for object_id, data, _, _ in results:
             if data is None:
@@ -1436,18 +1454,34 @@ class Scheduler:
         if client.leased_to is not None:
             self._end_lease(client)
         for task in list(client.direct.values()):
-            self._await_verdict(task, client.pid, status)
+            if client.verdict_given:
+                if not task.finished:
+                    task.worker = None
+                    self._task_lost(task, client.pid, status)
+            else:
+                self._await_verdict(task, client.pid, status)
         client.direct.clear()
-        while client.queued:  # sent ahead but never started: run them elsewhere, no retry used
-            queued = client.queued.pop()
+        for message in P.parked_reports(client.cancel_slot):
+            # Reports it held back (a few short tasks', ``Worker.report``): as if sent.
+            if client.task is not None and message[1] == client.task.task_id:
+                self.on_task_done(client, *message[1:])
+        started = _started(client)
+        while len(client.queued) > max(len(started) - 1, 0):  # sent ahead, never started:
+            queued = client.queued.pop()                     # run elsewhere, no retry used
             if not queued.finished:
                 queued.worker = None
                 self._requeue_front(queued)
         task = client.task
         if task is not None and not task.finished:
             self._give_back(task, client)
-            client.task = None
-            self._task_lost(task, client.pid, status)
+        client.task = None
+        # The one it ran when it died (or, should a report have been too big to park, one it
+        # finished before: its result died with it).
+        for lost in started:
+            if not lost.finished:
+                lost.worker = None
+                self._task_lost(lost, client.pid, status)
+        client.queued.clear()
         self._release_holds_of(client)
         while self.num_workers < self.min_workers and self.running:
             self.start_worker()
@@ -1499,6 +1533,26 @@ def _leased_task(worker: Client) -> Optional[Task]:
     if worker.direct:
         return next(reversed(worker.direct.values()))
     return None
+
+
+def _started(worker: Client) -> List[Task]:
+    """The tasks ``worker`` has started of those it was sent, in order: the running one, and
+    any sent ahead behind it up to the last it named as started in its slot (it may have
+    finished some whose reports it has not sent yet)."""
+    if worker.task is None:
+        return []
+    started = [worker.task]
+    slot = worker.cancel_slot
+    if slot is None or not worker.queued:
+        return started
+    last = slot[24:48]
+    if last == worker.task.task_id:
+        return started
+    for task in worker.queued:
+        started.append(task)
+        if task.task_id == last:
+            return started
+    return started[:1]  # it names none of them: it is still on the first
 
 
 def _how(status: Optional[int]) -> str:

@@ -7,7 +7,8 @@ scheduler sends that uses it, or is asked of the scheduler when a leased task ne
 rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes from the
 message, or a zero-copy view of the arena), run, and write each return value: a small one
 goes back inline, a large one straight into its arena block.  Results go to the scheduler
-(TASK_DONE; for a few queued tasks, in one message), and for work sent straight here back to
+(TASK_DONE; for a few short queued tasks, in one message), and for work sent straight here
+back to
 its sender (RESULT), the scheduler hearing first (DIRECT_DONE) except for a leased task's
 results the driver can use at once, which the driver reports itself (``report``).  An exception becomes a ``RayTaskError``
 carrying the cause and the formatted traceback, stored as the value of every return (inline,
@@ -59,6 +60,7 @@ class Worker:
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
     caller_reports = True  # a leased task's delivered results: the driver reports them
+    hold_reports = True    # reports of tasks from the scheduler wait while more are queued
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
@@ -74,6 +76,8 @@ class Worker:
         self.cancelled = False
         self.cancel_pending = False
         self.waiting = False  # the running task waits in get/wait
+        self.parked = False   # reports parked in the slot, not sent yet
+        runtime.after_flush = self._unpark
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -142,15 +146,26 @@ class Worker:
             conn = None  # the caller is gone (and its descriptor number may be reused)
         undelivered = [r[0] for r in results if retryable or r[3]]
         with runtime._lock:
+            done = None
             if origin is None:
-                runtime.send((P.TASK_DONE, task_id, results, retryable, took))
+                done = (P.TASK_DONE, task_id, results, retryable, took)
+                runtime.send(done)
             elif conn is None or undelivered or not self.caller_reports:
                 runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
             _release_held(runtime, results)  # after the message that now holds them
             if conn is None:
-                if self.queue and len(runtime.conn.pending) < _REPLY_BATCH:
-                    runtime.flush_later()  # with the next report, or before this one waits
+                if (done is not None and self.hold_reports and self.queue
+                        and len(runtime.conn.pending) < _REPLY_BATCH
+                        and self.cancel_slot is not None
+                        and P.park_report(self.cancel_slot, done)):
+                    # Sent with the next report, before this process waits, or by the
+                    # flusher within a millisecond (should the next task hold the GIL: when
+                    # it lets go); the scheduler only sends ahead tasks expected to be short.
+                    # Parked in the slot meanwhile: if this process dies, the scheduler
+                    # reads it there.
+                    self.parked = True
+                    runtime.flush_later()
                 else:
                     runtime.flush()
                 return
@@ -230,6 +245,11 @@ class Worker:
                 except ConnectionClosed:
                     pass
 
+    def _unpark(self) -> None:
+        if self.parked:
+            self.parked = False
+            P.clear_parked(self.cancel_slot)
+
     def _hand_back(self) -> None:
         """Tasks the scheduler sent ahead go back while the running task waits: it may be
         waiting for one of them (caller holds the runtime's lock)."""
@@ -253,6 +273,8 @@ class Worker:
                     return
                 message = self.queue.popleft()
             task_id = message[1]
+            if self.cancel_slot is not None and task_id not in self.origins:
+                self.cancel_slot[24:48] = task_id  # the scheduler reads it if we die
             started = time.perf_counter()
             if task_id in self.skip:
                 self.skip.discard(task_id)
