@@ -7,12 +7,12 @@ scheduler sends that uses it, or is asked of the scheduler when a leased task ne
 rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes from the
 message, or a zero-copy view of the arena), run, and write each return value: a small one
 goes back inline, a large one straight into its arena block.  Results go to the scheduler
-(TASK_DONE; for a few short queued tasks, in one message), and for work sent straight here
-back to
-its sender (RESULT), the scheduler hearing first (DIRECT_DONE) except for a leased task's
-results the driver can use at once, which the driver reports itself (``report``).  An exception becomes a ``RayTaskError``
-carrying the cause and the formatted traceback, stored as the value of every return (inline,
-so dependents can be failed with it without reading the arena).
+(TASK_DONE; a few short queued tasks' in one message, parked in shared memory meanwhile), and
+for work sent straight here back to its sender (RESULT), the scheduler hearing first
+(DIRECT_DONE) except for a leased task's results the driver can use at once, which the
+driver reports itself (``report``).  An exception becomes a ``RayTaskError`` carrying the
+cause and the formatted traceback, stored as the value of every return (inline, so
+dependents can be failed with it without reading the arena).
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.
