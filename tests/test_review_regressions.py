@@ -644,3 +644,28 @@ def test_cancel_of_a_task_the_scheduler_thinks_is_still_queued_leaks_nothing():
                  timeout=10)
     finally:
         shmray.shutdown()
+
+
+def test_a_crash_keeps_no_finished_report_whose_puts_died_with_the_worker():
+    """Reports parked while a put (or a child task) made by the task was still unsent were
+    replayed after a crash: the task looked done, its refs named nothing."""
+    _one_cpu_without_leases()
+    try:
+        @shmray.remote(max_retries=0)
+        def f(i, crash_at):
+            if i == crash_at:
+                os._exit(1)
+            return [shmray.put(i), shmray.put(-1)]
+
+        for _ in range(5):
+            for ref in [f.remote(i, -1) for i in range(50)]:
+                shmray.get(ref)
+        refs = [f.remote(i, 25) for i in range(50)]
+        for i, ref in enumerate(refs):
+            if i == 25:
+                with pytest.raises(exceptions.WorkerCrashedError):
+                    shmray.get(ref, timeout=DEADLOCK)
+            else:
+                assert shmray.get(shmray.get(ref, timeout=DEADLOCK)[0], timeout=DEADLOCK) == i
+    finally:
+        shmray.shutdown()

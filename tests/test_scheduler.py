@@ -403,3 +403,55 @@ def test_a_result_the_driver_saw_is_kept_though_its_worker_died(setup, registere
     assert sched.objects[result_id].data == data
     assert not sent(driver, P.READY) and not executes(sched)  # it has the value already
     assert not sched.awaiting_verdict
+
+
+def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
+    """The slot still named the task's first attempt on that worker: cancel took the retry
+    for a running task (and a crash would have charged it)."""
+    from shmray._scheduler import _started
+
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    sched.on_register_function(driver, b"L" * 16, b"code", "L")
+    _run_to_completion(sched, driver, b"f" * 16, 0.001)
+    sched.on_submit(driver, spec(fn_id=b"L" * 16))  # a long task holds the other CPU
+    sched.dispatch()
+    first = spec(max_retries=1)
+    sched.on_submit(driver, first)
+    sched.dispatch()
+    (worker,) = [w for w in sched.workers() if w.task and w.task.task_id == first[0]]
+    worker.cancel_slot[24:48] = first[0]  # it ran the first attempt, then went idle
+    other = spec()
+    sched.on_submit(driver, other)  # read before the report: it goes first
+    sched.on_task_done(worker, first[0], [], True, 0.001)  # a retryable failure
+    for w in sched.workers():
+        take(w)
+    sched.dispatch()
+    assert worker.task.task_id == other[0] and [t.task_id for t in worker.queued] == [first[0]]
+    assert [t.task_id for t in _started(worker)] == [other[0]]
+    sched.on_cancel(driver, first[0], False, False)
+    assert sent(worker, P.CANCEL_CALL)  # not started: skipped, not interrupted
+
+
+def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    _run_to_completion(sched, driver, b"f" * 16, 0.001)
+    for _ in range(6):
+        sched.on_submit(driver, spec(max_retries=0))
+    sched.dispatch()
+    worker = sched.workers()[0]
+    head, ahead = worker.task, worker.queued[0]
+    sched.on_cancel(driver, ahead.task_id, False, False)  # not started: failed at once
+    assert ahead.finished
+    # It finished `head` (report parked), took `ahead` before the cancel came, and died.
+    P.park_report(worker.cancel_slot, (P.TASK_DONE, head.task_id, [], False, 0.001))
+    worker.cancel_slot[24:48] = ahead.task_id
+    sched.on_disconnect(worker)
+    assert worker not in sched.busy
+    for _ in range(20):
+        for w in sched.workers():
+            if w.task is not None:
+                finish(sched, w, w.task.task_id)
+        sched.dispatch()
+    assert sched.available["CPU"] == 2.0

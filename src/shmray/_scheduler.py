@@ -792,6 +792,8 @@ class Scheduler:
         return all(available.get(name, 0.0) >= amount for name, amount in demand.items())
 
     def _start(self, task: Task, worker: Client) -> None:
+        if worker.cancel_slot is not None:  # idle, so not writing it: no task started yet
+            worker.cancel_slot[24:48] = bytes(24)
         self._make_running(task, worker)
         self._send_execute(task, worker)
 
@@ -1448,7 +1450,6 @@ class Scheduler:
             self._actor_died(client.actor, status)
             return
         self.num_workers -= 1
-        self.busy.discard(client)
         if client in self.idle:
             self.idle.remove(client)
         if client.leased_to is not None:
@@ -1472,9 +1473,10 @@ class Scheduler:
                 queued.worker = None
                 self._requeue_front(queued)
         task = client.task
-        if task is not None and not task.finished:
+        if task is not None:  # what it held (replaying reports may have moved it on)
             self._give_back(task, client)
         client.task = None
+        self.busy.discard(client)
         # The one it ran when it died (or, should a report have been too big to park, one it
         # finished before: its result died with it).
         for lost in started:

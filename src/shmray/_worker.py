@@ -50,6 +50,9 @@ class TaskContext:
 current_task = TaskContext()
 
 _REPLY_BATCH = 64  # replies held back at most, while more work is queued
+# What may be unsent beside parked reports: the reports themselves, and refs' holds and
+# releases (a dead process's holds are dropped anyway).
+_PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
 
 
 class Worker:
@@ -158,12 +161,14 @@ class Worker:
                 if (done is not None and self.hold_reports and self.queue
                         and len(runtime.conn.pending) < _REPLY_BATCH
                         and self.cancel_slot is not None
+                        and all(m[0] in _PARKABLE for m in runtime.conn.pending)
                         and P.park_report(self.cancel_slot, done)):
                     # Sent with the next report, before this process waits, or by the
                     # flusher within a millisecond (should the next task hold the GIL: when
                     # it lets go); the scheduler only sends ahead tasks expected to be short.
                     # Parked in the slot meanwhile: if this process dies, the scheduler
-                    # reads it there.
+                    # reads it there.  Only while nothing else is unsent that the report
+                    # may depend on (a put, a child task): refs in it would name nothing.
                     self.parked = True
                     runtime.flush_later()
                 else:
