@@ -258,13 +258,15 @@ def test_short_tasks_are_sent_ahead_to_busy_workers(setup):
     assert worker.task is ahead and sched.available["CPU"] == 0  # it took over the CPU
 
 
-@pytest.mark.parametrize("slowest, depth", [(0.0001, 15), (0.01, 1)])
-def test_very_short_tasks_are_sent_ahead_many_at_a_time_and_evenly(setup, slowest, depth):
+@pytest.mark.parametrize("slowest, runs, depth", [(0.0001, 20, 15), (0.01, 20, 1),
+                                                  (0.01, 60, 15)])
+def test_very_short_tasks_are_sent_ahead_many_at_a_time_and_evenly(setup, slowest, runs,
+                                                                   depth):
     sched, driver, _ = setup
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
     _run_to_completion(sched, driver, b"f" * 16, slowest)
-    for _ in range(20):  # typically it takes 0.1 ms (one slow run keeps the depth at 1)
-        _run_to_completion(sched, driver, b"f" * 16, 0.0001)
+    for _ in range(runs):  # typically it takes 0.1 ms (one slow run keeps the depth at 1,
+        _run_to_completion(sched, driver, b"f" * 16, 0.0001)  # until it is long past)
     for _ in range(32):
         sched.on_submit(driver, spec())
     sched.dispatch()

@@ -77,6 +77,7 @@ _PREFETCH_MAX_SECONDS = 0.02  # tasks sent ahead to a busy worker: only of funct
                               # 20 ms at most; more than one only of functions that never
 _PREFETCH_BUDGET = 0.002      # took longer than this, while their typical run times add up
 _PREFETCH_MAX_DEPTH = 16      # to no more than it, and never more than this many
+_SLOWEST_DECAY = 0.966        # per call, of the longest run time a function is known for
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
@@ -223,7 +224,7 @@ class Scheduler:
         self.busy: set = set()                 # workers running a task
         self.blocking_functions: set = set()   # fn ids whose tasks have waited in get()
         self.durations: Dict[bytes, float] = {}  # fn id -> typical run time (EWMA), seconds
-        self.slowest: Dict[bytes, float] = {}    # fn id -> longest run time seen, seconds
+        self.slowest: Dict[bytes, float] = {}    # fn id -> longest run time lately, seconds
         self.functions: Dict[bytes, tuple] = {}
         self.actors: Dict[bytes, Actor] = {}
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
@@ -836,8 +837,9 @@ class Scheduler:
                 took = time.monotonic() - task.started_at
             previous = self.durations.get(fn_id)
             self.durations[fn_id] = took if previous is None else 0.8 * previous + 0.2 * took
-            if took > self.slowest.get(fn_id, 0.0):
-                self.slowest[fn_id] = took
+            # The longest lately: one hiccup (a page fault storm, a preemption) must not
+            # keep a function off deep prefetch for good; 20 calls later it is half.
+            self.slowest[fn_id] = max(took, _SLOWEST_DECAY * self.slowest.get(fn_id, 0.0))
         if task is not None and self._used_up(worker, task):
             worker.task = None
             self.busy.discard(worker)

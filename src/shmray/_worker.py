@@ -80,6 +80,7 @@ class Worker:
         self.cancel_pending = False
         self.waiting = False  # the running task waits in get/wait
         self.parked = False   # reports parked in the slot, not sent yet
+        self.loading = 0.0    # of the task running: time spent loading its function
         runtime.after_flush = self._unpark
         runtime.on_message = self.on_message
         runtime.blocked_hook = self._blocked
@@ -281,13 +282,15 @@ class Worker:
             if self.cancel_slot is not None and task_id not in self.origins:
                 self.cancel_slot[24:48] = task_id  # the scheduler reads it if we die
             started = time.perf_counter()
+            self.loading = 0.0
             if task_id in self.skip:
                 self.skip.discard(task_id)
                 results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
             try:
-                self.report(task_id, results, retryable, time.perf_counter() - started)
+                self.report(task_id, results, retryable,
+                            time.perf_counter() - started - self.loading)
             except exceptions.RaySystemError:
                 return
 
@@ -312,9 +315,11 @@ class Worker:
         try:
             fn = self.functions.get(fn_id)
             if fn is None:
+                loading = time.perf_counter()
                 if pickled is None:  # sent by a lease holder, which leaves the code to us
                     pickled = self._fetch_function(fn_id)
                 fn = self.functions[fn_id] = cloudpickle.loads(pickled)
+                self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
             try:
