@@ -457,3 +457,22 @@ def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
                 finish(sched, w, w.task.task_id)
         sched.dispatch()
     assert sched.available["CPU"] == 2.0
+
+
+def test_a_leased_tasks_child_and_wait_are_its_own_though_its_registration_comes_late(setup):
+    """The driver's report of the previous task and registration of this one may arrive
+    after this one, already running, has submitted a child and waited in get()."""
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    sched.on_register_function(driver, b"p" * 16, b"code", "parent")
+    worker, first = _leased(sched, driver)
+    second = spec(fn_id=b"p" * 16)
+    child = spec()
+    sched.on_submit(worker, child, second[0])  # the worker names the task it runs
+    sched.on_blocked(worker, second[0])
+    sched.on_leased_done(driver, first, [(object_id_for_return(first, 0),
+                                          serialize(1).to_bytes(), b"")])
+    sched.on_direct_submit(driver, worker.pid, second)
+    assert [c.task_id for c in sched.tasks[second[0]].children] == [child[0]]
+    assert b"p" * 16 in sched.blocking_functions and b"f" * 16 not in sched.blocking_functions
+    assert not worker.orphans and not worker.blocked_unknown

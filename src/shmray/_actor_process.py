@@ -52,6 +52,7 @@ class ActorProcess(Worker):
     # first (``Worker.report``), and at once.
     caller_reports = False
     hold_reports = False
+    names_parent = False
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)

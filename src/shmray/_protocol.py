@@ -13,13 +13,16 @@ value holds those refs too.
 
 Client (driver, worker, actor) -> scheduler
     REGISTER_FUNCTION  fn_id, pickled, name         a function's code, sent once per function
-    SUBMIT             spec (TaskSpec tuple)         a task; the sender holds its return refs
+    SUBMIT             spec[, parent_id]             a task (TaskSpec tuple); the sender holds
+                                                     its return refs; a leased worker names
+                                                     the task it runs (its parent)
     PUT                object_id, data, metadata, contained
                                                      an object the sender made; it holds it
     HOLD               ids                           first local ref to each id
     RELEASE            ids                           last local ref to each id is gone
     SUBSCRIBE          ids                           send READY for each id once it is ready
-    BLOCKED            -                             a worker waits in get/wait: lend its CPU
+    BLOCKED            [task_id]                     a worker waits in get/wait: lend its CPU
+                                                     (a leased worker names its task)
     HANDED_BACK        task_ids                      tasks sent ahead to a worker whose task
                                                      now waits in get/wait: not started, run
                                                      them elsewhere (they may be what it waits

@@ -100,6 +100,9 @@ class Runtime:
         self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
         self.before_wait: Optional[Callable[[], None]] = None  # an actor's held-back replies
         self.after_flush: Optional[Callable[[], None]] = None  # a worker's parked reports
+        # A leased worker: the task it runs, named in what it submits (the scheduler may
+        # hear of that task from the driver only later).
+        self.running_leased: Optional[bytes] = None
         self.external_reader = False  # an event loop reads the connection (async actors)
         # An async actor's event loop reads only its own descriptors: it calls actors
         # through the scheduler.
@@ -715,6 +718,8 @@ class Runtime:
                 lease = self._idle_lease()
                 if lease is not None:
                     return self._submit_leased(lease, spec, return_ids)
+        if self.running_leased is not None:
+            return self._send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
         return self._send_owning((P.SUBMIT, spec), return_ids)
 
     def _send_owning(self, message: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:

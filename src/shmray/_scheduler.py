@@ -112,8 +112,8 @@ class Client:
         self.recalled = False                 # a leased worker: asked back
         # A leased worker's task may submit children, or wait in get(), before its driver's
         # registration of it arrives: kept here until it does.
-        self.orphans: List["Task"] = []
-        self.blocked_unknown = False
+        self.orphans: List[tuple] = []     # (parent id, task)
+        self.blocked_unknown: set = set()  # ids of those of its tasks that waited in get()
         self.verdict_given = False  # a leased worker: its driver has said what it got
 
     def __repr__(self) -> str:
@@ -504,16 +504,22 @@ class Scheduler:
         for waiter, request_id in self.function_waiters.pop(fn_id, ()):
             self.send(waiter, (P.REPLY, request_id, pickled))
 
-    def _register(self, task: Task, client: Client) -> None:
+    def _register(self, task: Task, client: Client, parent_id: Optional[bytes] = None) -> None:
+        """Record a task; one submitted by a running task is its child, for cancel.  A
+        leased worker names the task it runs (``parent_id``): its registration comes from
+        the driver, maybe later than this."""
         self.tasks[task.task_id] = task
-        parent = client.task or _leased_task(client)
-        if parent is not None:  # submitted by a running task: its child, for cancel
+        if parent_id is None:
+            parent = client.task
+        else:
+            parent = self.tasks.get(parent_id)
+            if parent is None:
+                client.orphans.append((parent_id, task))  # until it is (on_direct_submit)
+        if parent is not None:
             parent.children.append(task)
-        elif client.leased_to is not None:
-            client.orphans.append(task)  # its parent is registered soon (on_direct_submit)
 
-    def on_submit(self, client: Client, spec: tuple) -> None:
-        task = self._admit(spec, client)
+    def on_submit(self, client: Client, spec: tuple, parent_id=None) -> None:
+        task = self._admit(spec, client, parent_id)
         if task.finished:
             return
         infeasible = [name for name, amount in task.resources.items()
@@ -529,11 +535,11 @@ class Scheduler:
         if task.waiting_on == 0 and not task.finished:
             self._task_ready(task)
 
-    def _admit(self, spec: tuple, client: Client) -> Task:
+    def _admit(self, spec: tuple, client: Client, parent_id: Optional[bytes] = None) -> Task:
         """Record a submitted task or actor call: its results (held by and announced to the
         submitter) and the refs it holds while pending.  An unknown argument fails it."""
         task = Task(spec, client)
-        self._register(task, client)
+        self._register(task, client, parent_id)
         for object_id in task.return_ids:
             entry = self._entry(object_id)
             entry.holders.add(client)
@@ -687,8 +693,8 @@ class Scheduler:
         if early is not None:
             for worker in client.leases:  # it is over: children it left are nobody's now
                 if worker.pid == worker_pid:
-                    worker.orphans = []
-                    worker.blocked_unknown = False
+                    self._adopt(worker, task)
+                    task.children = []
             self._leased_task_done(task, early[0], early[2])
             self._unprotect(early[0])
             return
@@ -698,14 +704,20 @@ class Scheduler:
             if worker.pid == worker_pid and worker.alive:
                 worker.direct[task.task_id] = task
                 task.worker = worker
-                task.children.extend(worker.orphans)
-                worker.orphans = []
-                if worker.blocked_unknown:
-                    worker.blocked_unknown = False
-                    self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
+                self._adopt(worker, task)
                 return
         # It died before this registration came: its driver may have seen the result.
         self._await_verdict(task, worker_pid, None)
+
+    def _adopt(self, worker: Client, task: Task) -> None:
+        """What a leased worker said of ``task`` before its registration came: its children,
+        and that it waited in get()."""
+        if worker.orphans:
+            task.children.extend(t for p, t in worker.orphans if p == task.task_id)
+            worker.orphans = [(p, t) for p, t in worker.orphans if p != task.task_id]
+        if task.task_id in worker.blocked_unknown:
+            worker.blocked_unknown.discard(task.task_id)
+            self.blocking_functions.add(task.spec[P.SPEC_FN_ID])
 
     def on_leased_done(self, client: Client, task_id, delivered) -> None:
         """Results a leased worker sent straight to ``client``, reported by it."""
@@ -925,16 +937,16 @@ class Scheduler:
                 entry.arg_holds -= 1
                 self._maybe_free(object_id, entry)
 
-    def on_blocked(self, worker: Client) -> None:
+    def on_blocked(self, worker: Client, task_id=None) -> None:
         task = worker.task
         if worker.leased_to is not None and task is None and not worker.blocked:
             worker.blocked = True  # a leased task waits in get(): lend the lease's CPU
             self.available["CPU"] += 1.0
-            leased = _leased_task(worker)
+            leased = self.tasks.get(task_id)
             if leased is not None:  # never send tasks ahead behind this function
                 self.blocking_functions.add(leased.spec[P.SPEC_FN_ID])
-            else:
-                worker.blocked_unknown = True  # noted once its task is registered
+            elif task_id is not None:
+                worker.blocked_unknown.add(task_id)  # noted once its task is registered
             return
         if task is None or worker.blocked:
             return
@@ -1529,14 +1541,6 @@ class _ActorCreation:
     @property
     def finished(self) -> bool:
         return self.actor.state == "dead"
-
-
-def _leased_task(worker: Client) -> Optional[Task]:
-    """The task a leased worker runs (a lease sends one at a time), if any: the last one
-    registered (an earlier one may be done, its report still on its way)."""
-    if worker.direct:
-        return next(reversed(worker.direct.values()))
-    return None
 
 
 def _started(worker: Client) -> List[Task]:

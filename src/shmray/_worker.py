@@ -64,6 +64,7 @@ class Worker:
     batch_replies = True  # one task at a time: replies may wait while more work is queued
     caller_reports = True  # a leased task's delivered results: the driver reports them
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
+    names_parent = True    # a leased task names itself in what it submits
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
@@ -244,7 +245,12 @@ class Worker:
             self.waiting = blocked
             if blocked:
                 self._hand_back()
-            self.runtime.conn.send((P.BLOCKED,) if blocked else (P.UNBLOCKED,))
+            if not blocked:
+                self.runtime.conn.send((P.UNBLOCKED,))
+            elif self.runtime.running_leased is not None:
+                self.runtime.conn.send((P.BLOCKED, self.runtime.running_leased))
+            else:
+                self.runtime.conn.send((P.BLOCKED,))
             if not blocked:  # the task computes again now: its CPU must not be lent out
                 try:
                     self.runtime.conn.flush()
@@ -309,6 +315,8 @@ class Worker:
         self.cancel_pending = False
         self.cancelled = False
         current_task.task_id = task_id
+        if self.names_parent and task_id in self.origins:
+            self.runtime.running_leased = task_id
         current_task.name = name
         _output.set_name(name)
         retryable = False
@@ -340,6 +348,7 @@ class Worker:
             results = error_results(task_id, error, num_returns)
         finally:
             current_task.task_id = None
+            self.runtime.running_leased = None
             sys_flush()
         return results, retryable
 
