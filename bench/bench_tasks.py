@@ -17,7 +17,9 @@ Groups (compare within a group):
   the two arrays as arguments).
 - matmul-speedup: eight one-thread 600x600 @ 600x600 float64 matmuls whose inputs were ``put``
   beforehand, as shmray tasks, against the same eight run serially in the driver.  The shmray
-  case records ``extra_info["speedup"]`` (serial median / shmray median, when both ran).
+  case records ``extra_info["speedup"]`` (serial median / shmray median, when both ran).  A
+  third case measures what two CPUs of this machine allow at all: a ``Pool(2)`` whose workers
+  inherited the inputs when forked computes the eight and returns nothing (no data moves).
 
 The module-scoped fixtures start shmray and the Pool once (outside the timings) and shut them
 down at the end.  OPENBLAS_NUM_THREADS=1 comes from bench/conftest.py.
@@ -268,6 +270,27 @@ def test_matmul_shmray_tasks(benchmark, ray):
     results = benchmark.pedantic(parallel, rounds=8, iterations=1, warmup_rounds=1)
     assert np.allclose(results[0], expected)
     del results
+    _rate(benchmark, MATMUL_TASKS)
+    if "serial" in _medians:
+        benchmark.extra_info["speedup"] = _medians["serial"] / benchmark.stats.stats.median
+
+
+_inherited = []  # the inputs, set before the ceiling's Pool forks
+
+
+def _matmul_inherited(index):
+    a, b = _inherited[index]
+    a @ b
+
+
+def test_matmul_mp_pool_ceiling(benchmark):
+    benchmark.group = "matmul-speedup"
+    _inherited[:] = _matmul_inputs()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_matmul_inherited, range(2), chunksize=1)
+        benchmark.pedantic(pool.map, (_matmul_inherited, range(MATMUL_TASKS)),
+                           {"chunksize": 1}, rounds=8, iterations=1, warmup_rounds=1)
+    _inherited.clear()
     _rate(benchmark, MATMUL_TASKS)
     if "serial" in _medians:
         benchmark.extra_info["speedup"] = _medians["serial"] / benchmark.stats.stats.median
