@@ -554,29 +554,48 @@ def _one_cpu_without_leases():
     runtime().leasing = False  # every task through the scheduler, sent ahead when short
 
 
-def test_a_crash_fails_the_task_that_crashed_not_those_whose_reports_it_held():
-    """Reports of short tasks sent ahead are held back while more are queued; a crash in a
-    later task lost them, failed tasks that had finished, and re-ran the crashing one."""
+def _crash_in_a_burst(make, read):
+    """Fifty tasks of a short function (so sent ahead, their reports held back), the 26th
+    crashing its worker: the indices whose get() raised WorkerCrashedError.  Each other's
+    value is ``make(i)``, and ``read`` of it must give back i."""
     _one_cpu_without_leases()
     try:
         @shmray.remote(max_retries=0)
         def f(i, crash_at):
             if i == crash_at:
                 os._exit(1)
-            return i
+            return make(i)
 
         for _ in range(5):  # known short: many are sent ahead
-            assert shmray.get([f.remote(i, -1) for i in range(50)]) == list(range(50))
-        refs = [f.remote(i, 25) for i in range(50)]
+            assert [read(v) for v in shmray.get([f.remote(i, -1) for i in range(50)])] \
+                == list(range(50))
         failed = []
-        for i, ref in enumerate(refs):
+        for i, ref in enumerate([f.remote(i, 25) for i in range(50)]):
             try:
-                assert shmray.get(ref, timeout=DEADLOCK) == i
+                assert read(shmray.get(ref, timeout=DEADLOCK)) == i
             except exceptions.WorkerCrashedError:
                 failed.append(i)
-        assert failed == [25]
+        return failed
     finally:
         shmray.shutdown()
+
+
+def test_a_crash_fails_the_task_that_crashed_not_those_whose_reports_it_held():
+    """A crash in a later task lost the held reports, failed tasks that had finished, and
+    re-ran the crashing one."""
+    assert _crash_in_a_burst(lambda i: i, lambda value: value) == [25]
+
+
+def test_a_crash_keeps_no_finished_report_whose_puts_died_with_the_worker():
+    """Reports parked while a put (or a child task) made by the task was still unsent were
+    replayed after a crash: the task looked done, its refs named nothing."""
+    def make(i):
+        return [shmray.put(i), shmray.put(-1)]
+
+    def read(value):
+        return shmray.get(value[0], timeout=DEADLOCK)
+
+    assert _crash_in_a_burst(make, read) == [25]
 
 
 def test_tasks_sent_ahead_behind_a_max_calls_task_all_finish():
@@ -645,27 +664,3 @@ def test_cancel_of_a_task_the_scheduler_thinks_is_still_queued_leaks_nothing():
     finally:
         shmray.shutdown()
 
-
-def test_a_crash_keeps_no_finished_report_whose_puts_died_with_the_worker():
-    """Reports parked while a put (or a child task) made by the task was still unsent were
-    replayed after a crash: the task looked done, its refs named nothing."""
-    _one_cpu_without_leases()
-    try:
-        @shmray.remote(max_retries=0)
-        def f(i, crash_at):
-            if i == crash_at:
-                os._exit(1)
-            return [shmray.put(i), shmray.put(-1)]
-
-        for _ in range(5):
-            for ref in [f.remote(i, -1) for i in range(50)]:
-                shmray.get(ref)
-        refs = [f.remote(i, 25) for i in range(50)]
-        for i, ref in enumerate(refs):
-            if i == 25:
-                with pytest.raises(exceptions.WorkerCrashedError):
-                    shmray.get(ref, timeout=DEADLOCK)
-            else:
-                assert shmray.get(shmray.get(ref, timeout=DEADLOCK)[0], timeout=DEADLOCK) == i
-    finally:
-        shmray.shutdown()
