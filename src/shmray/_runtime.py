@@ -60,6 +60,7 @@ _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the schedu
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
 _LONE_ROUND_TRIPS = 2         # lone round trips in a row before a lease is worth asking for
 _LEASE_RETRY_SECONDS = 0.005  # after "no worker is free", ask again no sooner
+_WRITE_ATTEMPTS = 10          # writes of an object into a full arena, spilling between
 _LOOK_IN_ARENA = 8            # a get/wait of more ids than this doesn't look in the arena
                               # for results of our own tasks (their READY is coming)
 _LOST_CHANNEL_WAIT = 1.0      # a dead worker's channel is at its end well within this
@@ -321,7 +322,9 @@ class Runtime:
 
     def _write_with_room(self, object_id: bytes, serialized) -> None:
         needed = serialized.total_size
-        for attempt in range(3):
+        # Room made by spilling may be taken by another process writing at the same time:
+        # try again while spilling still finds room, a few times over.
+        for attempt in range(_WRITE_ATTEMPTS):
             try:
                 self.store.write_serialized(object_id, serialized)
                 return
