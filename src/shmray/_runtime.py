@@ -526,6 +526,11 @@ class Runtime:
                 self.handle(message)
         self._serve_descriptors(ready)
 
+    def scheduler_has_news(self) -> bool:
+        """Something from the scheduler is waiting to be read (one poll(2) on a poll object
+        kept for it, not one built over every descriptor)."""
+        return bool(self._scheduler_poll.poll(0))
+
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:

@@ -278,7 +278,8 @@ class Worker:
             with runtime._lock:
                 try:
                     runtime._wait_until(lambda: self.queue or self.exiting, None)
-                    runtime.poll()  # a cancel may have come for the task sent ahead
+                    if runtime.scheduler_has_news():  # a cancel for the task sent ahead?
+                        runtime.poll()
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
