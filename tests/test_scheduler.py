@@ -338,14 +338,19 @@ def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
     assert len(executes(sched)) == 1 and sched.available["CPU"] == 0.0
 
 
-def _leased(sched, driver, **spec_options):
-    """A task the driver sent straight to a worker it leases: (worker, task id)."""
+def _lease(sched, driver):
+    """The worker the scheduler lends the driver."""
     sched.on_lease_request(driver)
     [(_, pid)] = sent(driver, P.LEASE_GRANTED)
     take(driver)
-    worker = next(w for w in sched.workers() if w.pid == pid)
+    return next(w for w in sched.workers() if w.pid == pid)
+
+
+def _leased(sched, driver, **spec_options):
+    """A task the driver sent straight to a worker it leases: (worker, task id)."""
+    worker = _lease(sched, driver)
     task_spec = spec(**spec_options)
-    sched.on_direct_submit(driver, pid, task_spec)
+    sched.on_direct_submit(driver, worker.pid, task_spec)
     return worker, task_spec[0]
 
 
@@ -385,10 +390,8 @@ def test_a_dead_leased_workers_task_is_retried_or_failed_on_its_drivers_word(set
 def test_a_result_the_driver_saw_is_kept_though_its_worker_died(setup, registered_first):
     sched, driver, _ = setup
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
-    sched.on_lease_request(driver)
-    [(_, pid)] = sent(driver, P.LEASE_GRANTED)
-    take(driver)
-    worker = next(w for w in sched.workers() if w.pid == pid)
+    worker = _lease(sched, driver)
+    pid = worker.pid
     task_spec = spec(max_retries=0)
     task_id = task_spec[0]
     if registered_first:
