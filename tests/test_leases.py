@@ -1,5 +1,6 @@
-"""Leases: the driver sends a lone plain task straight to an idle worker the scheduler lent
-it (``_direct``).  Everything a task does must behave as through the scheduler."""
+"""Leases: the driver sends plain tasks straight to workers the scheduler lent it, and owns
+them: the scheduler hears of one only when it must (``_runtime``, "leases").  Everything a
+task does must behave as through the scheduler."""
 
 import gc
 import os
@@ -27,8 +28,7 @@ def direct_tasks():
 
 
 def warm_lease(ray):
-    """Round trips in quick succession until the driver holds a lease (it asks after a few
-    that went through the scheduler)."""
+    """Round trips in quick succession until the driver holds a lease."""
     @ray.remote
     def noop():
         return None
@@ -294,14 +294,137 @@ def test_available_resources_right_after_lone_tasks(ray):
     assert ray.available_resources()["CPU"] == 2.0
 
 
-def test_batches_take_no_lease(ray):
+def test_a_burst_runs_on_leases_and_the_scheduler_hears_of_none_of_it(ray):
     @ray.remote
     def square(x):
         return x * x
 
-    for _ in range(20):
-        assert ray.get([square.remote(i) for i in range(10)]) == [i * i for i in range(10)]
-    assert direct_tasks() == 0 and not runtime()._leases
+    settle()
+    objects = runtime().query("objects")
+    before = direct_tasks()
+    refs = [square.remote(i) for i in range(500)]
+    assert ray.get(refs, timeout=30) == [i * i for i in range(500)]
+    assert direct_tasks() - before == 500
+    assert runtime().query("objects") == objects  # ours alone
+    # Once a ref leaves the driver, the scheduler knows its object: as an argument, inside
+    # a put, pickled by hand, inside an argument.
+    assert ray.get(square.remote(refs[3])) == 81
+    assert ray.get(ray.put([refs[4]]))[0] is not None
+    assert ray.get(ray.get(ray.put([refs[4]]))[0]) == 16
+
+    @ray.remote
+    def unpickle_and_get(blob):
+        import pickle
+        return ray.get(pickle.loads(blob))
+
+    import pickle
+    assert ray.get(unpickle_and_get.remote(pickle.dumps(refs[5]))) == 25
+
+    @ray.remote
+    def get_inside(holder):
+        return ray.get(holder[0])
+
+    assert ray.get(get_inside.remote([refs[6]])) == 36
+    del refs
+    gc.collect()
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] == objects, timeout=10)
+    assert not runtime()._owner_only and not runtime()._unregistered
+
+
+def test_refs_of_tasks_still_running_or_waiting_for_a_worker_can_be_passed_on(ray):
+    @ray.remote
+    def slow(x):
+        time.sleep(0.3)
+        return x
+
+    @ray.remote
+    def add(a, b):
+        return a + b
+
+    refs = [slow.remote(i) for i in range(6)]  # two run, four wait in the driver's backlog
+    assert runtime()._backlog
+    total = add.remote(refs[0], refs[5])  # one running, one not sent yet
+    assert ray.get(total, timeout=30) == 5
+    assert ray.get(refs, timeout=30) == list(range(6))
+
+
+def test_a_burst_spreads_over_every_cpu(ray):
+    @ray.remote
+    def sleepy(i):
+        time.sleep(0.5)
+        return os.getpid()
+
+    started = time.monotonic()
+    pids = ray.get([sleepy.remote(i) for i in range(4)], timeout=30)
+    assert time.monotonic() - started < 1.8  # two at a time: two rounds, not four
+    assert len(set(pids)) == 2
+
+
+def test_a_worker_dying_in_a_pipelined_burst_costs_only_its_task(ray, tmp_path):
+    """Tasks queued behind the one that crashed its worker never started: they run again
+    elsewhere without using a retry (max_retries=0 here), and only that one fails."""
+    marker = tmp_path / "died"
+
+    @ray.remote(max_retries=0)
+    def short(i, crash):
+        if crash and not marker.exists():
+            marker.write_text("x")
+            os._exit(1)
+        return i
+
+    for _ in range(5):  # the driver learns it is short: many go to a worker at once
+        assert ray.get([short.remote(i, False) for i in range(200)]) == list(range(200))
+    refs = [short.remote(i, i == 100) for i in range(400)]
+    outcomes = []
+    for i, ref in enumerate(refs):
+        try:
+            outcomes.append(ray.get(ref, timeout=30))
+        except ray.exceptions.WorkerCrashedError:
+            outcomes.append("crashed")
+    assert outcomes == [("crashed" if i == 100 else i) for i in range(400)]
+
+
+def test_a_task_waiting_on_one_queued_behind_it_on_its_worker():
+    """A leased task that waits in get() for a task sent to the same worker after it: the
+    worker hands the queued tasks back, and they run elsewhere."""
+    import shmray
+
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        class Box:
+            def __init__(self):
+                self.refs = None
+
+            def put(self, refs):
+                self.refs = refs
+
+            def get(self):
+                return self.refs
+
+        @shmray.remote
+        def task(i, waits):
+            if not waits:
+                return i
+            box = shmray.get_actor("box")
+            while True:  # waits for the ref of the task queued behind it, then for it
+                refs = shmray.get(box.get.remote())
+                if refs is not None:
+                    return shmray.get(refs[0]) + 1
+                time.sleep(0.01)
+
+        box = Box.options(name="box").remote()
+        for _ in range(5):  # short, so tasks queue behind one another on the one worker
+            assert shmray.get([task.remote(i, False) for i in range(100)]) == list(range(100))
+        before = direct_tasks()
+        first = task.remote(0, True)
+        second = task.remote(41, False)
+        assert direct_tasks() - before == 2 and len(runtime()._leases) == 1
+        box.put.remote([second])
+        assert shmray.get(first, timeout=30) == 42
+        assert shmray.get(second, timeout=30) == 41
+    finally:
+        shmray.shutdown()
 
 
 def test_alternating_tasks_and_actor_calls_keep_the_lease(ray):
@@ -341,8 +464,9 @@ def test_a_result_seen_stays_when_its_worker_dies_before_the_scheduler_hears(ray
     ref = pid.remote()
     assert direct_tasks() == before + 1
     rt = runtime()
-    if registered:
-        rt.flush()  # the scheduler knows of the task; else only its result's report says
+    if registered:  # the scheduler knows of the task; else only we do
+        rt.publish([ref.binary()])
+        rt.flush()
     with rt._lock:  # held across get(): nothing more reaches the scheduler meanwhile
         worker = ray.get(ref, timeout=30)
         os.kill(worker, signal.SIGKILL)

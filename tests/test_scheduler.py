@@ -323,24 +323,32 @@ def test_a_leased_workers_question_for_code_not_yet_registered_waits_for_it(setu
 
 def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
     sched, driver, _ = setup
-    sched.on_lease_request(driver)
+    sched.on_lease_request(driver, 1)
     [(_, granted)] = sent(driver, P.LEASE_GRANTED)
     assert granted is not None and sched.available["CPU"] == 1.0
     take(driver)
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
-    sched.on_submit(driver, spec(resources={"CPU": 2.0}))  # needs the CPU the lease holds
+    task = spec(resources={"CPU": 2.0})  # needs the CPU the lease holds
+    sched.on_submit(driver, task)
     sched.dispatch()
     assert sent(driver, P.LEASE_RECALL) == [(P.LEASE_RECALL, granted)]
-    sched.on_lease_request(driver)
-    assert (P.LEASE_GRANTED, None) in sent(driver, P.LEASE_GRANTED)
-    sched.on_lease_return(driver, granted, False)
+    sched.on_lease_request(driver, 1)
+    assert sent(driver, P.LEASE_GRANTED) == []  # it stands: the queued task goes first
+    sched.on_lease_return(driver, granted, False, [])
     sched.dispatch()
-    assert len(executes(sched)) == 1 and sched.available["CPU"] == 0.0
+    sched._grant_leases()
+    [(worker, execute)] = executes(sched)
+    assert sched.available["CPU"] == 0.0 and sent(driver, P.LEASE_GRANTED) == []
+    sched.on_task_done(worker, execute[1], [(object_id_for_return(task[0], 0), b"x", b"", [])], False,
+                       0.001)
+    sched.dispatch()
+    sched._grant_leases()  # the request was still standing: met now
+    assert len(sent(driver, P.LEASE_GRANTED)) == 1 and sched.available["CPU"] == 1.0
 
 
 def _lease(sched, driver):
     """The worker the scheduler lends the driver."""
-    sched.on_lease_request(driver)
+    sched.on_lease_request(driver, 1)
     [(_, pid)] = sent(driver, P.LEASE_GRANTED)
     take(driver)
     return next(w for w in sched.workers() if w.pid == pid)

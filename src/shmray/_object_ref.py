@@ -67,6 +67,9 @@ class ObjectRef:
 
     def __reduce__(self):
         _serialization.note_contained_ref(self._id)
+        tracker = self._tracker
+        if tracker is not None and tracker.leasing:
+            tracker.exported(self._id)  # the scheduler must know the object it names
         return _rebuild_ref, (self._id,)
 
     def __del__(self):

@@ -42,16 +42,23 @@ Client (driver, worker, actor) -> scheduler
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None
     ACTOR_CALL         actor_id, spec (TaskSpec)     a method call; fn_id is the method name
-    LEASE_REQUEST      -                             lend me an idle worker (drivers only)
-    LEASE_RETURN       worker_pid, broken            done with that lease (broken: its channel
-                                                     failed with tasks unfinished on it)
-    LEASED_DONE        task_id, delivered            a leased task's results as its worker
-                                                     sent them back, all usable at once (the
-                                                     worker reports the others itself)
+    LEASE_REQUEST      count                         lend me up to this many more workers, as
+                                                     they become free (0: no more); it stands
+                                                     until granted or replaced (drivers only)
+    LEASE_RETURN       worker_pid, broken, order     done with that lease (broken: its channel
+                                                     failed with tasks unfinished on it, order:
+                                                     their ids in the order they were sent)
+    LEASED_DONE        task_id, delivered            a registered leased task's results as its
+                                                     worker sent them back, all usable at once
+                                                     (the worker reports the others itself)
     LEASE_VERDICT      worker_pid                    answers LEASE_LOST: every result that
                                                      worker sent back has been reported
-    DIRECT_SUBMIT      worker_pid, spec              a task sent straight to a leased worker;
-                                                     the sender holds its results
+    LEASE_HANDED_BACK  worker_pid, task_ids          registered tasks that leased worker gave
+                                                     back unstarted (HANDED_BACK): run them
+    DIRECT_SUBMIT      worker_pid, spec              registers a task sent straight to a leased
+                                                     worker; the sender holds its results.
+                                                     Sent only when the scheduler needs to know
+                                                     of it (``_runtime``: ownership)
     DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
                                                      actor_pid (``_direct``); the sender holds
                                                      its results
@@ -83,8 +90,7 @@ Scheduler -> client
     CANCEL_CALL        task_id                       cancel a call sent before (queued calls
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
-    LEASE_GRANTED      worker_pid | None             a worker lent to the sender (None: none
-                                                     is free now)
+    LEASE_GRANTED      worker_pid                    a worker lent to the sender
     LEASE_RECALL       worker_pid                    give that lease back once its task is
                                                      done: the CPU is needed
     LEASE_LOST         worker_pid                    that worker died with tasks of yours
@@ -94,12 +100,16 @@ Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
     CALL, EXECUTE      as the scheduler's; arg_ids is empty, values too, and EXECUTE's
                                                      pickled is None (the worker asks the
                                                      scheduler for code it lacks)
-    RESULT             task_id, delivered, undelivered
+    RESULT             task_id, delivered, undelivered, took, dealt
                                                      [(object_id, data, metadata)] of the
                                                      results the caller may use at once; the
                                                      ids of the others, which come as READY
                                                      from the scheduler (it must count refs
-                                                     inside them first)
+                                                     inside them first); took: its run time;
+                                                     dealt: it submitted tasks or waited in
+                                                     get(), so the scheduler knows its id
+    HANDED_BACK        task_ids                      (leased worker) tasks sent before, not
+                                                     started: the running one waits in get()
 
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
 options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,
@@ -141,6 +151,7 @@ DIRECT_SUBMIT = 21
 LEASED_DONE = 22
 LEASE_VERDICT = 23
 HANDED_BACK = 24
+LEASE_HANDED_BACK = 25
 
 READY = 30
 EXECUTE = 31

@@ -44,7 +44,7 @@ from ._object_store import (
     ObjectSpilledError,
     ObjectStore,
 )
-from ._serialization import META_ERROR, deserialize, serialize
+from ._serialization import META_ERROR, deserialize, in_serialize, serialize
 from ._spill import Spiller, store_full_error, too_large_error
 
 INLINE_THRESHOLD = 100 * 1024
@@ -58,8 +58,10 @@ _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMI
                          P.LEASED_DONE))
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
-_LONE_ROUND_TRIPS = 2         # lone round trips in a row before a lease is worth asking for
-_LEASE_RETRY_SECONDS = 0.005  # after "no worker is free", ask again no sooner
+_PIPELINE_BUDGET = 0.002      # tasks queued on one leased worker: no more than run this long
+_PIPELINE_MAX_DEPTH = 256     # ...and never more than this many
+_SLOWEST_DECAY = 0.966        # per task, of the longest run time a function is known for
+_BACKLOG_POLL_EVERY = 16      # while submitting into a backlog, look for results this often
 _WRITE_ATTEMPTS = 10          # writes of an object into a full arena, spilling between
 _LOOK_IN_ARENA = 8            # a get/wait of more ids than this doesn't look in the arena
                               # for results of our own tasks (their READY is coming)
@@ -123,19 +125,22 @@ class Runtime:
         # them when it waits, the flusher within a millisecond.
         self.unflushed: set = set()
         self._spinner = _direct.Spinner()
-        # Leases (drivers): idle workers lent by the scheduler, to which a lone plain task
-        # goes straight (``_direct``).
+        # Leases (drivers): workers lent by the scheduler, to which plain tasks go straight
+        # (``_direct``), owned here (see "leases" below).
         self.leasing = leasing
         self._leases: List[_Channel] = []
-        self._lease_asked = False
-        self._lease_retry_at = 0.0
-        self._last_leasable = False  # the last task submitted could have gone to a lease
+        self._backlog: collections.deque = collections.deque()  # _Leased, waiting for room
+        self._backlogged = 0          # tasks that waited in the backlog (polls among them)
+        self._lease_wanted = 0        # more leases asked for, as the scheduler knows it
+        self._max_leases = max(int(options.get("num_cpus") or 1), 1)
+        self._run_times = _RunTimes()
+        self._unregistered: Dict[bytes, _Leased] = {}  # results of tasks only we know of
+        self._owner_only: set = set()   # results only we have (published if a ref leaves)
+        self.leased_dealt = False  # a leased worker: its task submitted or waited (RESULT)
         # Watches the scheduler's connection: a task sent straight to a worker must not
         # succeed when the session is already gone.
         self._scheduler_poll = select.poll()
         self._scheduler_poll.register(conn.fd, select.POLLIN)
-        self._lone_streak = 0  # tasks in a row that were all we had in flight...
-        self._lone_done_at = 0.0  # ...each sent soon after the one before was done
         self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -196,7 +201,7 @@ class Runtime:
                 self._tend_leases()
                 continue
             time.sleep(_FLUSH_DELAY)
-            if self._leases or self._lease_asked:
+            if self._leases or self._lease_wanted:
                 self._tend_leases()
             with self._lock:
                 wanted.clear()
@@ -214,10 +219,13 @@ class Runtime:
                     wanted.set()  # a channel still full: try again in a millisecond
 
     def _tend_interval(self) -> Optional[float]:
-        """How soon the flusher should look after the leases: soon while one idles (it goes
-        back after 2 ms), now and then while one runs a task nobody is reading the result
-        of yet, never without leases."""
-        if self._lease_asked or any(lease.inflight == 0 for lease in self._leases):
+        """How soon the flusher should look after the leases: every millisecond while a
+        backlog waits for them (their workers must not run dry while the program is busy
+        elsewhere), soon while one idles (it goes back after 2 ms) or one is asked for, now
+        and then while tasks run whose results nobody reads yet, never without leases."""
+        if self._backlog and self._leases:
+            return _FLUSH_DELAY
+        if self._lease_wanted or any(not lease.sent for lease in self._leases):
             return _LEASE_IDLE_SECONDS
         return _LEASE_BUSY_TICK if self._leases else None
 
@@ -225,7 +233,7 @@ class Runtime:
         """The flusher's round while leases are held: give back those left idle, and answer
         recalls even while the program is busy elsewhere."""
         with self._lock:
-            if self.closed or self._reading or not (self._leases or self._lease_asked):
+            if self.closed or self._reading or not (self._leases or self._lease_wanted):
                 return
             try:
                 self.poll()
@@ -276,6 +284,9 @@ class Runtime:
                 continue
             del self._counts[object_id]
             self._locations.pop(object_id, None)
+            if object_id in self._owner_only or object_id in self._unregistered:
+                self._owner_only.discard(object_id)  # the scheduler never knew it (or
+                continue                             # hears of it with its registration)
             self._subscribed.discard(object_id)
             self._owned_pending.discard(object_id)
             self._direct_pending.pop(object_id, None)
@@ -351,7 +362,8 @@ class Runtime:
         look in the arena takes the store's lock, ~1 us an id."""
         if object_id in self._locations:
             return True
-        if object_id in self._direct_pending or (batch and object_id in self._owned_pending):
+        if (object_id in self._direct_pending or object_id in self._unregistered
+                or (batch and object_id in self._owned_pending)):
             return False  # its RESULT or READY will say
         if self.store.contains(object_id) in ("sealed", "spilled"):
             self._locations[object_id] = (_IN_ARENA, b"")
@@ -364,7 +376,7 @@ class Runtime:
         missing = [i for i in ids if not self._is_ready(i, batch)]
         unannounced = [i for i in missing
                        if i not in self._owned_pending and i not in self._subscribed
-                       and i not in self._direct_pending]
+                       and i not in self._direct_pending and i not in self._unregistered]
         if unannounced:
             self._subscribed.update(unannounced)
             self.conn.send((P.SUBSCRIBE, unannounced))
@@ -393,7 +405,7 @@ class Runtime:
                     continue
                 if self._leases:  # one granted or freed while we wait: we give it back
                     self._return_idle_leases(_LEASE_IDLE_SECONDS)
-                    if any(lease.inflight == 0 for lease in self._leases):
+                    if any(not lease.sent for lease in self._leases):
                         remaining = _LEASE_IDLE_SECONDS if remaining is None else min(
                             remaining, _LEASE_IDLE_SECONDS)
                 self._read_once(remaining)
@@ -535,10 +547,7 @@ class Runtime:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:
             _, object_id, data, metadata = message
-            if object_id in self._owned_pending:
-                self._owned_pending.discard(object_id)
-                if self.leasing and not self._owned_pending:
-                    self._ask_for_lease()
+            self._owned_pending.discard(object_id)
             if self._routed_ids:
                 actor_id = self._routed_ids.pop(object_id, None)
                 if actor_id is not None:
@@ -719,19 +728,15 @@ class Runtime:
     # -- tasks and queries -------------------------------------------------------------
 
     def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
-        """Send a task: straight to an idle leased worker if it may go there (``_direct``),
-        else through the scheduler."""
-        leasable = self.leasing and _leasable(spec)
-        self._last_leasable = leasable
-        if leasable:
-            if (self._owned_pending
-                    or time.monotonic() - self._lone_done_at > _LEASE_IDLE_SECONDS):
-                self._lone_streak = 0  # a batch, or a pause a lease would not outlast
+        """Send a task: a plain one to a worker we lease, owned here (see "leases" below),
+        others through the scheduler."""
+        if spec[P.SPEC_ARG_IDS] and (self._owner_only or self._unregistered):
+            self.publish(spec[P.SPEC_ARG_IDS])
+        if self.leasing and _leasable(spec):
             with self._lock:
-                lease = self._idle_lease()
-                if lease is not None:
-                    return self._submit_leased(lease, spec, return_ids)
+                return self._submit_leasable(spec, return_ids)
         if self.running_leased is not None:
+            self.leased_dealt = True  # our driver must register the task we run (RESULT)
             return self._send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
         return self._send_owning((P.SUBMIT, spec), return_ids)
 
@@ -746,6 +751,7 @@ class Runtime:
 
     def create_actor(self, spec: tuple, wait: bool):
         """(handle ref, actor options); waits for the scheduler's answer if ``wait``."""
+        self.publish(spec[P.ACTOR_ARG_IDS])
         with self._lock:
             if not wait:
                 self.conn.send((P.CREATE_ACTOR, None, spec))
@@ -768,6 +774,7 @@ class Runtime:
                    direct_ok: bool) -> List[ObjectRef]:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
         arguments) and order allows (``_direct``), else through the scheduler."""
+        self.publish(spec[P.SPEC_ARG_IDS])
         with self._lock:
             self.actor_calls.add(spec[P.SPEC_TASK_ID])
             channel = self._channel(actor_id) if direct_ok else None
@@ -812,11 +819,14 @@ class Runtime:
             self._channel_lost(channel)
 
     def _take_results(self, channel: "_Channel", messages) -> None:
-        for _, task_id, delivered, undelivered in messages:
-            if channel.actor_id is None and not undelivered:
-                # We are the scheduler's only source for these (``Worker.report``), whether
-                # or not we still hold them.
-                self.conn.send((P.LEASED_DONE, task_id, delivered))
+        lease = channel.actor_id is None
+        for message in messages:
+            if message[0] == P.HANDED_BACK:
+                self._handed_back(channel, message[1])
+                continue
+            _, task_id, delivered, undelivered, took, dealt = message
+            record = self._leased_result(channel, task_id, delivered, undelivered, took,
+                                         dealt) if lease else None
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -824,10 +834,13 @@ class Runtime:
                 if (self._direct_pending.pop(object_id, None) is not None  # scheduler says
                         and object_id not in self._locations):  # (if it has not yet)
                     self._owned_pending.add(object_id)
-            if channel.actor_id is None:  # a lease: its worker is free again
-                channel.inflight -= 1
-                if channel.recalled and channel.inflight == 0 and channel in self._leases:
-                    self._return_lease(channel)
+            if record is not None and not record.registered:
+                for object_id in record.return_ids:  # ours alone, unless they leave us
+                    del self._unregistered[object_id]
+                    if object_id in self._locations:
+                        self._owner_only.add(object_id)
+        if lease and channel in self._leases:
+            self._feed(channel)
 
     def _close_channel(self, channel: "_Channel") -> None:
         self.readers.pop(channel.conn.fd, None)
@@ -841,10 +854,18 @@ class Runtime:
             if channel in self._leases:
                 self._leases.remove(channel)
                 self._read_to_the_end(channel)
-                # broken: tasks of ours on it never answered; all it did send is reported
-                # now, so the scheduler may settle them (and ends the worker if it lives).
-                self.conn.send((P.LEASE_RETURN, channel.peer_pid, channel.inflight > 0))
+                # Tasks of ours on it never answered: the scheduler learns of them now, and
+                # of their order (those after the one it died in never started: they run
+                # again without using a retry); broken, so it settles them at once (and
+                # ends the worker if it lives).
+                order = list(channel.sent)
+                for record in channel.sent.values():
+                    if not record.registered:
+                        self._register(record, channel)
+                self.conn.send((P.LEASE_RETURN, channel.peer_pid, bool(order), order))
+                channel.sent.clear()
                 self.flush_later()
+                self._want_leases()
         self._close_channel(channel)
         # Connect afresh (to its next incarnation, if it restarts) once the calls made
         # meanwhile, which go through the scheduler, are done.
@@ -858,90 +879,218 @@ class Runtime:
             self._subscribed.update(owed)
             self.conn.send((P.SUBSCRIBE, owed))
 
-    # -- leases: a lone plain task straight to a worker ---------------------------------------
+    # -- leases: plain tasks straight to workers, owned here ----------------------------------
+    #
+    # A task with no ref among its arguments that asks for one CPU is ours to run: it waits
+    # in our backlog until a worker the scheduler lends us (a lease) has room, goes to it,
+    # and its result comes straight back.  The scheduler hears of it only when it must
+    # (``_register``): a ref to it leaves this process, it is cancelled, its result holds
+    # refs or lives in the arena, it will be retried, it submitted tasks or waited in get()
+    # (its worker says so), or its worker died.  Otherwise its result lives here alone
+    # (``_owner_only``) and is published (PUT) if a ref to it is ever sent anywhere.  This
+    # is Ray's ownership: for a burst of short tasks the scheduler does nothing per task.
 
-    def _idle_lease(self) -> Optional["_Channel"]:
-        """An idle leased worker for the next task, or None (caller holds the lock).
-
-        Leases serve a driver that waits on one task at a time: the round trip then skips
-        the scheduler.  While tasks of ours are in flight through the scheduler (a burst),
-        the scheduler's own queue and prefetch serve better, and a lease would only hold a
-        CPU they need, so none is used or asked for.
-        """
-        if self._lease_asked:
-            self.poll()  # the answer may be in
-        if not self._owned_pending:
-            for lease in self._leases:
-                if lease.inflight == 0 and not lease.recalled:
-                    # News from the scheduler first: a recall, a loss, or its death (poll()
-                    # raises).
-                    if self._scheduler_poll.poll(0):
-                        self.poll()
-                        if lease.recalled or lease not in self._leases:
-                            return None
-                    return lease
-            if not self._leases:
-                return None
-        for lease in list(self._leases):  # tasks go through the scheduler now: its CPUs
-            lease.recalled = True          # are for them
-            if lease.inflight:
-                self._read_channel(lease)  # its result may be in: then it goes back now
-            elif lease in self._leases:
-                self._return_lease(lease)
-        return None
-
-    def _ask_for_lease(self) -> None:
-        """Our last task through the scheduler is done and nothing else of ours is there.
-        After a few such lone round trips in a row (a driver calling one task at a time, not
-        one sending batches), ask for a worker, so the next task can go straight to it
-        (caller holds the lock)."""
-        if not self._last_leasable:
-            self._lone_streak = 0
-            return
-        self._lone_streak += 1
-        self._lone_done_at = time.monotonic()
-        if (self._lone_streak < _LONE_ROUND_TRIPS or self._leases or self._lease_asked
-                or time.monotonic() < self._lease_retry_at):
-            return
-        self._lease_asked = True
-        self.conn.send((P.LEASE_REQUEST,))
-        try:
-            self.conn.flush()  # now, before our next task could take the idle worker
-        except ConnectionClosed as exc:
-            raise self._scheduler_gone() from exc
-
-    def _submit_leased(self, lease: "_Channel", spec: tuple, return_ids) -> List[ObjectRef]:
-        # No code: a worker that lacks the function's asks the scheduler for it, once.
-        lease.conn.send((P.EXECUTE, spec[P.SPEC_TASK_ID], spec[P.SPEC_FN_ID], None,
-                         spec[P.SPEC_NAME], spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS],
-                         {}, spec[P.SPEC_RETRY_EXCEPTIONS], None))
-        if not self._write_soon(lease):  # it died: the scheduler runs the task instead
-            self._channel_lost(lease)
-            return self._send_owning((P.SUBMIT, spec), return_ids)
-        lease.inflight += 1
-        lease.last_used = time.monotonic()
-        self.leased_tasks += 1
-        self.send((P.DIRECT_SUBMIT, lease.peer_pid, spec))
+    def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
+        """(caller holds the lock)"""
+        record = _Leased(spec, return_ids)
+        unregistered = self._unregistered
         for object_id in return_ids:
-            self._direct_pending[object_id] = lease
+            unregistered[object_id] = record
         refs = [self.add_owned_ref(object_id) for object_id in return_ids]
-        self.flush_later()
+        backlog = self._backlog
+        if not backlog:
+            lease = self._roomiest_lease()
+            if (lease is not None
+                    and len(lease.sent) < self._run_times.depth(spec[P.SPEC_FN_ID])):
+                if self._send_leased(lease, record):
+                    lease.last_used = time.monotonic()
+                    if lease.conn in self.unflushed:
+                        self.flush_later()
+                return refs
+        backlog.append(record)
+        if len(backlog) == 1:
+            lease = self._roomiest_lease()
+            if lease is not None:
+                self._feed(lease)
+        if backlog:
+            self._want_leases()
+            self._backlogged += 1
+            if self._backlogged % _BACKLOG_POLL_EVERY == 0:
+                self.poll()  # results in: their workers have room again
         return refs
 
-    def _lease_granted(self, worker_pid: Optional[int]) -> None:
-        self._lease_asked = False
-        if worker_pid is None:  # none free now: ask again a little later
-            self._lease_retry_at = time.monotonic() + _LEASE_RETRY_SECONDS
+    def _roomiest_lease(self) -> Optional["_Channel"]:
+        best = None
+        for lease in self._leases:
+            if not (lease.recalled or lease.stalled) and (
+                    best is None or len(lease.sent) < len(best.sent)):
+                best = lease
+        return best
+
+    def _feed(self, lease: "_Channel") -> None:
+        """Send the lease what it has room for from the backlog (caller holds the lock): as
+        many tasks of a short function as run within ``_PIPELINE_BUDGET``, one of any
+        other.  A recalled lease gets nothing and goes back once its tasks are done."""
+        if lease.recalled:
+            if not lease.sent:
+                self._return_lease(lease)
             return
+        backlog = self._backlog
+        sent = 0
+        while backlog and not lease.stalled:
+            record = backlog[0]
+            if len(lease.sent) >= self._run_times.depth(record.spec[P.SPEC_FN_ID]):
+                break
+            backlog.popleft()
+            sent += 1
+            if not self._send_leased(lease, record):
+                return
+        if sent:
+            lease.last_used = time.monotonic()
+            if lease.conn in self.unflushed:
+                self.flush_later()
+            if backlog:
+                other = self._roomiest_lease()  # spread a burst over every lease
+                if other is not None and other is not lease and not other.sent:
+                    self._feed(other)
+
+    def _send_leased(self, lease: "_Channel", record: "_Leased") -> bool:
+        # No code: a worker that lacks the function's asks the scheduler for it, once.
+        spec = record.spec
+        task_id = spec[P.SPEC_TASK_ID]
+        lease.conn.send((P.EXECUTE, task_id, spec[P.SPEC_FN_ID], None, spec[P.SPEC_NAME],
+                         spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
+                         spec[P.SPEC_RETRY_EXCEPTIONS], None))
+        lease.sent[task_id] = record
+        for object_id in record.return_ids:
+            self._direct_pending[object_id] = lease
+        self.leased_tasks += 1
+        if not self._write_soon(lease):  # it died: the scheduler runs its tasks instead
+            self._channel_lost(lease)
+            return False
+        return True
+
+    def _leased_result(self, lease: "_Channel", task_id, delivered, undelivered, took, dealt):
+        """A leased task is done: the record it was sent as, or None."""
+        record = lease.sent.pop(task_id, None)
+        if record is None:
+            return None
+        lease.stalled = False
+        self._run_times.note(record.spec[P.SPEC_FN_ID], took, dealt)
+        if not record.registered and (undelivered or dealt
+                                      or any(r[1] is _IN_ARENA for r in delivered)):
+            self._register(record, lease)
+        if record.registered and not undelivered:
+            # We are the scheduler's only source for these (``Worker.report``), whether or
+            # not we still hold them.
+            self.conn.send((P.LEASED_DONE, task_id, delivered))
+        return record
+
+    def _handed_back(self, lease: "_Channel", task_ids) -> None:
+        """The lease's running task waits in get(), maybe for a task queued behind it: those
+        come back, and go to other workers.  It gets no more until its task is done."""
+        lease.stalled = True
+        if lease.sent:
+            head = next(iter(lease.sent.values()))
+            self._run_times.note_blocking(head.spec[P.SPEC_FN_ID])
+        to_scheduler = []
+        for task_id in reversed(task_ids):
+            record = lease.sent.pop(task_id, None)
+            if record is None:
+                continue
+            for object_id in record.return_ids:
+                self._direct_pending.pop(object_id, None)
+            if record.registered:  # the scheduler runs it
+                to_scheduler.append(task_id)
+                self._owned_pending.update(i for i in record.return_ids if i in self._counts)
+            else:
+                self._backlog.appendleft(record)
+        if to_scheduler:
+            self.conn.send((P.LEASE_HANDED_BACK, lease.peer_pid, to_scheduler[::-1]))
+            self.flush_later()
+        lease = self._roomiest_lease()
+        if lease is not None:
+            self._feed(lease)
+        self._want_leases()
+
+    def _register(self, record: "_Leased", lease: Optional["_Channel"]) -> None:
+        """Tell the scheduler of a task of ours: one sent to ``lease``, or (None) one still
+        in the backlog, which the scheduler then runs itself (caller holds the lock)."""
+        spec = record.spec
+        if lease is None:
+            self._backlog.remove(record)
+            self.conn.send((P.SUBMIT, spec))
+            self._owned_pending.update(i for i in record.return_ids if i in self._counts)
+        else:
+            self.conn.send((P.DIRECT_SUBMIT, lease.peer_pid, spec))
+        record.registered = True
+        gone = []
+        for object_id in record.return_ids:
+            del self._unregistered[object_id]
+            if object_id not in self._counts:
+                gone.append(object_id)  # dropped before the scheduler knew: drop it there
+        if gone:
+            self.conn.send((P.RELEASE, gone))
+        self.flush_later()
+
+    def publish(self, ids) -> None:
+        """Refs about to leave this process: the scheduler must know their objects first
+        (a PUT for a result only we had, the registration of a task only we knew of)."""
+        if not (self._owner_only or self._unregistered):
+            return
+        with self._lock:
+            for object_id in ids:
+                if object_id in self._owner_only:
+                    self._owner_only.discard(object_id)
+                    data, metadata = self._locations[object_id]
+                    self.conn.send((P.PUT, object_id, data, metadata, ()))
+                    continue
+                record = self._unregistered.get(object_id)
+                if record is not None:
+                    self._register(record, self._direct_pending.get(object_id))
+
+    def exported(self, object_id: bytes) -> None:
+        """A ref was pickled (ObjectRef.__reduce__): publish its object, at once if the
+        pickle is not for a message of ours (which would carry the PUT along)."""
+        if object_id in self._owner_only or object_id in self._unregistered:
+            self.publish((object_id,))
+            if not in_serialize():
+                self.flush()
+
+    def _want_leases(self) -> None:
+        """Ask for as many more workers as the backlog could use (caller holds the lock);
+        the request stands until granted or replaced."""
+        want = 0
+        if self._backlog:
+            usable = 0
+            demand = len(self._backlog)
+            for lease in self._leases:
+                demand += len(lease.sent)
+                usable += not lease.recalled
+            want = max(min(demand, self._max_leases) - usable, 0)
+        if want != self._lease_wanted:
+            first = self._lease_wanted == 0
+            self._lease_wanted = want
+            self.conn.send((P.LEASE_REQUEST, want))
+            if first and want:
+                self.flush()  # the backlog waits on the answer
+            else:
+                self.flush_later()
+
+    def _lease_granted(self, worker_pid: int) -> None:
+        self._lease_wanted = max(self._lease_wanted - 1, 0)
         connected = _direct.connect(self.session_dir, _direct.worker_key(worker_pid))
         if connected is None:  # it died meanwhile
-            self.conn.send((P.LEASE_RETURN, worker_pid, False))
+            self.conn.send((P.LEASE_RETURN, worker_pid, False, []))
+            self._want_leases()
             return
         lease = _Channel(None, *connected)
         lease.last_used = time.monotonic()
         self._leases.append(lease)
         self.readers[lease.conn.fd] = lambda: self._read_channel(lease)
         self.wake_reader()
+        self._feed(lease)
+        self._want_leases()
         self.flush_later()  # the flusher gives leases left idle back
 
     def _lease_recalled(self, worker_pid: int) -> None:
@@ -949,13 +1098,14 @@ class Runtime:
         for lease in self._leases:
             if lease.peer_pid == worker_pid:
                 lease.recalled = True
-                if lease.inflight == 0:
+                if not lease.sent:
                     self._return_lease(lease)
+                self._want_leases()
                 return
 
     def _lease_lost(self, worker_pid: int) -> None:
-        """A leased worker died with tasks the scheduler has no results for: report all it
-        sent us (``_channel_lost`` reads to the end), then say we are done."""
+        """A leased worker died: report all it sent us (``_channel_lost`` reads to the
+        end), then say we are done."""
         for lease in list(self._leases):
             if lease.peer_pid == worker_pid:
                 self._channel_lost(lease)
@@ -965,7 +1115,7 @@ class Runtime:
     def _read_to_the_end(self, lease: "_Channel") -> None:
         """Take every result a lost lease's worker sent (when it died, the end of its stream
         is there; a worker alive but cut off gets a moment)."""
-        while lease.inflight:
+        while lease.sent:
             if not wait_readable(lease.conn.fd, _LOST_CHANNEL_WAIT):
                 return
             messages, lost = lease.conn.read_available()
@@ -975,10 +1125,11 @@ class Runtime:
 
     def _free_leases_for(self, missing) -> None:
         """About to wait on work that goes through the scheduler: idle leases go back now,
-        their CPUs may be what it waits for (caller holds the lock).  Waiting on a direct
-        result keeps them: the next call will want one (the wait gives them back if it
-        lasts: ``_wait_until``)."""
-        if self._leases and any(i not in self._direct_pending for i in missing):
+        their CPUs may be what it waits for (caller holds the lock).  Waiting on a task of
+        ours keeps them: the next will want one (the wait gives them back if it lasts:
+        ``_wait_until``)."""
+        if self._leases and any(i not in self._direct_pending and i not in self._unregistered
+                                for i in missing):
             self._return_idle_leases(0.0)
 
     def return_idle_leases(self) -> None:
@@ -989,14 +1140,16 @@ class Runtime:
     def _return_idle_leases(self, idle_for: float) -> None:
         now = time.monotonic()
         for lease in list(self._leases):
-            if lease.inflight == 0 and now - lease.last_used >= idle_for:
+            if not lease.sent and now - lease.last_used >= idle_for:
                 self._return_lease(lease)
 
     def _return_lease(self, lease: "_Channel") -> None:
         self._leases.remove(lease)
         self._close_channel(lease)
-        self.conn.send((P.LEASE_RETURN, lease.peer_pid, False))
+        self.conn.send((P.LEASE_RETURN, lease.peer_pid, False, []))
         self.flush_later()
+        if self._backlog:
+            self._want_leases()
 
     def _write_soon(self, channel: "_Channel") -> bool:
         """Write now, or with the next frame if we wrote to this channel very recently (a
@@ -1064,17 +1217,60 @@ class Runtime:
 class _Channel:
     """This process's direct connection to an actor, or to a worker it leases (``_direct``)."""
 
-    __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "inflight", "last_used",
-                 "recalled")
+    __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "sent", "last_used",
+                 "recalled", "stalled")
 
     def __init__(self, actor_id: Optional[bytes], conn: Connection, peer_pid: int):
         self.actor_id = actor_id  # None for a leased worker
         self.conn = conn
         self.peer_pid = peer_pid  # which process got our work, for the scheduler
         self.last_write = 0.0
-        self.inflight = 0             # a lease: tasks sent, results not back yet
+        self.sent: Dict[bytes, _Leased] = {}  # a lease: tasks sent, not answered, in order
         self.last_used = 0.0
         self.recalled = False         # a lease: the scheduler wants it back
+        self.stalled = False          # a lease: its task waits in get(); send nothing more
+
+
+class _Leased:
+    """A task of ours for a leased worker: in the backlog, or sent and not answered."""
+
+    __slots__ = ("spec", "return_ids", "registered")
+
+    def __init__(self, spec: tuple, return_ids):
+        self.spec = spec
+        self.return_ids = return_ids
+        self.registered = False  # the scheduler knows of it (``_register``)
+
+
+class _RunTimes:
+    """How long each function's leased tasks run, as their workers measure it: how many
+    may queue on one leased worker.  A short function's many, so the worker never waits
+    for us between them; any other's one at a time, so a long task never delays one
+    another worker could have started, nor one that waits in get() (or submits tasks)
+    the tasks queued behind it."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self):
+        self._known: Dict[bytes, list] = {}  # fn_id -> [typical, slowest lately, dealt]
+
+    def note(self, fn_id: bytes, took: float, dealt: bool) -> None:
+        known = self._known.get(fn_id)
+        if known is None:
+            self._known[fn_id] = [took, took, dealt]
+            return
+        known[0] += 0.25 * (took - known[0])
+        known[1] = max(took, known[1] * _SLOWEST_DECAY)
+        known[2] = known[2] or dealt
+
+    def note_blocking(self, fn_id: bytes) -> None:
+        self._known.setdefault(fn_id, [1.0, 1.0, True])[2] = True
+
+    def depth(self, fn_id: bytes) -> int:
+        known = self._known.get(fn_id)
+        if known is None or known[2] or known[1] > _PIPELINE_BUDGET:
+            return 1
+        return max(1, min(_PIPELINE_MAX_DEPTH, int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
 
 
 def _leasable(spec: tuple) -> bool:

@@ -89,7 +89,7 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given")
+                 "verdict_given", "lease_wanted", "lease_order")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -115,6 +115,8 @@ class Client:
         self.orphans: List[tuple] = []     # (parent id, task)
         self.blocked_unknown: set = set()  # ids of those of its tasks that waited in get()
         self.verdict_given = False  # a leased worker: its driver has said what it got
+        self.lease_order: list = []  # ...and in which order it sent the tasks unanswered
+        self.lease_wanted = 0       # a driver: how many more workers it asks to lease
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -234,9 +236,13 @@ class Scheduler:
         self.early_done: Dict[bytes, tuple] = {}
         self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
+        self.lease_wanters: set = set()  # drivers with a lease request standing
         # Leased tasks whose worker died before their results were reported, until their
         # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
         self.awaiting_verdict: Dict[bytes, tuple] = {}
+        # Leased workers that died, until then: pid -> (exit status, the last task id the
+        # worker named as started in its slot).
+        self.lease_deaths: Dict[int, tuple] = {}
         self.function_waiters: Dict[bytes, list] = {}  # fn id -> [(client, request id)]
         num_cpus = float(options["num_cpus"])
         self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
@@ -279,6 +285,7 @@ class Scheduler:
             P.DIRECT_SUBMIT: self.on_direct_submit,
             P.LEASED_DONE: self.on_leased_done,
             P.LEASE_VERDICT: self.on_lease_verdict,
+            P.LEASE_HANDED_BACK: self.on_lease_handed_back,
         }
 
     # -- clients ---------------------------------------------------------------------------
@@ -338,6 +345,8 @@ class Scheduler:
                     self._read(client)
             try:
                 self.dispatch()
+                if self.lease_wanters:
+                    self._grant_leases()
             except Exception:  # e.g. fork failing for lack of memory: retried next turn
                 self.internal_errors += 1
                 traceback.print_exc()
@@ -649,21 +658,44 @@ class Scheduler:
 
     # -- leases ----------------------------------------------------------------------------
 
-    def on_lease_request(self, client: Client) -> None:
-        worker = None
-        if (self.idle and self._fits(P.LEASE_SHAPE) and not self.ready_by_shape
-                and not self.unplaced and client.kind == "driver"):
-            worker = self.idle.pop()
-            worker.leased_to = client
-            worker.recalled = False
-            client.leases.add(worker)
-            self.leased.add(worker)
-            self.available["CPU"] -= 1.0
-        self.send(client, (P.LEASE_GRANTED, worker.pid if worker is not None else None))
+    def on_lease_request(self, client: Client, count: int = 1) -> None:
+        """A driver asks for ``count`` more workers, as they become free (0: none)."""
+        client.lease_wanted = count if client.kind == "driver" else 0
+        if client.lease_wanted:
+            self.lease_wanters.add(client)
+            self._grant_leases()
+        else:
+            self.lease_wanters.discard(client)
 
-    def on_lease_return(self, client: Client, worker_pid, broken) -> None:
+    def _grant_leases(self) -> None:
+        """Lend workers to the drivers asking, while no work of ours waits for a CPU (the
+        work queued here goes first: it may be what a leased task waits for)."""
+        for client in list(self.lease_wanters):
+            while client.lease_wanted > 0:
+                if (self.ready_by_shape or self.unplaced or not client.alive
+                        or not self._fits(P.LEASE_SHAPE)):
+                    return
+                if not self.idle:
+                    if self.num_workers >= self.max_workers:
+                        return
+                    self.start_worker()  # the others wait in get(), their CPUs lent
+                worker = self.idle.pop()
+                if worker.cancel_slot is not None:  # idle: not writing it
+                    worker.cancel_slot[24:48] = bytes(24)
+                worker.leased_to = client
+                worker.recalled = False
+                worker.verdict_given = False
+                worker.lease_order = []
+                client.leases.add(worker)
+                self.leased.add(worker)
+                self.available["CPU"] -= 1.0
+                client.lease_wanted -= 1
+                self.send(client, (P.LEASE_GRANTED, worker.pid))
+            self.lease_wanters.discard(client)
+
+    def on_lease_return(self, client: Client, worker_pid, broken, order) -> None:
         if broken:  # its channel ended; the driver has reported all that came back on it
-            self.on_lease_verdict(client, worker_pid)
+            self.on_lease_verdict(client, worker_pid, order)
         for worker in client.leases:
             if worker.pid == worker_pid:
                 self._end_lease(worker)
@@ -671,10 +703,24 @@ class Scheduler:
                     # Tasks on it whose results can no longer reach their driver: lost
                     # once it is gone (the driver has had its say).
                     worker.verdict_given = True
+                    worker.lease_order = order
                     _kill_quietly(worker.pid)
                 elif worker.alive and worker.task is None:
                     self.idle.append(worker)
                 return
+
+    def on_lease_handed_back(self, client: Client, worker_pid, task_ids) -> None:
+        """Tasks a driver had sent to its leased worker, which gave them back unstarted
+        (its running task waits in get()): they run here."""
+        worker = next((w for w in client.leases if w.pid == worker_pid), None)
+        for task_id in reversed(task_ids):
+            task = self.tasks.get(task_id)
+            if task is None or task.finished:
+                continue
+            if worker is not None:
+                worker.direct.pop(task_id, None)
+            task.worker = None
+            self._requeue_front(task)
 
     def _end_lease(self, worker: Client) -> None:
         worker.leased_to.leases.discard(worker)
@@ -736,19 +782,39 @@ class Scheduler:
         if task.finished:
             return
         task.worker = None
-        asked = any(p == pid for _, p, _ in self.awaiting_verdict.values())
+        asked = pid in self.lease_deaths or any(
+            p == pid for _, p, _ in self.awaiting_verdict.values())
         self.awaiting_verdict[task.task_id] = (task, pid, status)
         if not asked:
             self.send(task.owner, (P.LEASE_LOST, pid))
 
-    def on_lease_verdict(self, client: Client, worker_pid) -> None:
+    def on_lease_verdict(self, client: Client, worker_pid, order=()) -> None:
         """The driver has reported every result the dead worker sent it: the tasks still
-        unreported never finished."""
-        for task_id, (task, pid, status) in list(self.awaiting_verdict.items()):
+        unreported never finished (``order``: as the driver sent them)."""
+        status, started = self.lease_deaths.pop(worker_pid, (None, None))
+        lost = []
+        for task_id, (task, pid, died_of) in list(self.awaiting_verdict.items()):
             if pid == worker_pid and task.owner is client:
                 del self.awaiting_verdict[task_id]
-                if not task.finished:
-                    self._task_lost(task, pid, status)
+                lost.append(task)
+                status = died_of if died_of is not None else status
+        self._settle_lost_lease(lost, order, started, worker_pid, status)
+
+    def _settle_lost_lease(self, tasks, order, started, pid: int, status) -> None:
+        """Tasks a dead leased worker never answered (``order``: as they were sent).  It
+        names each in its slot as it starts it (``started``): that one is lost (retried
+        while retries are left: ``_task_lost``).  The others did not kill it: those after
+        it never started, those before it finished but their results, held back for the
+        next frame, died with it; they run again without using a retry."""
+        position = {task_id: i for i, task_id in enumerate(order)}
+        for task in tasks:
+            if task.finished:
+                continue
+            task.worker = None
+            if task.task_id == started or task.cancelled or task.task_id not in position:
+                self._task_lost(task, pid, status)
+            else:
+                self.enqueue(task)
 
     def _leased_task_done(self, task: Task, results, retryable: bool) -> None:
         if task.finished:
@@ -1466,14 +1532,22 @@ class Scheduler:
         self.num_workers -= 1
         if client in self.idle:
             self.idle.remove(client)
-        if client.leased_to is not None:
+        holder = client.leased_to
+        if holder is not None:
             self._end_lease(client)
-        for task in list(client.direct.values()):
-            if client.verdict_given:
-                if not task.finished:
-                    task.worker = None
-                    self._task_lost(task, client.pid, status)
-            else:
+        started = bytes(client.cancel_slot[24:48]) if client.cancel_slot is not None else None
+        if client.verdict_given:
+            self._settle_lost_lease(list(client.direct.values()), client.lease_order, started,
+                                    client.pid, status)
+        elif holder is not None and holder.alive:
+            # Its driver may hold tasks the scheduler never heard of, and results of those
+            # it did: it reports, registers the rest and answers (LEASE_VERDICT).
+            self.lease_deaths[client.pid] = (status, started)
+            self.send(holder, (P.LEASE_LOST, client.pid))
+            for task in list(client.direct.values()):
+                self._await_verdict(task, client.pid, status)
+        else:
+            for task in list(client.direct.values()):
                 self._await_verdict(task, client.pid, status)
         client.direct.clear()
         for message in P.parked_reports(client.cancel_slot):

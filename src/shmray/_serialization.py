@@ -81,6 +81,11 @@ def note_contained_ref(object_id: bytes) -> None:
         _context.contained.append(object_id)
 
 
+def in_serialize() -> bool:
+    """This thread is inside ``serialize`` (pickling a value for a message of shmray's)."""
+    return _context.contained is not None
+
+
 class SerializedObject:
     """A value pickled, its buffers not yet copied anywhere.
 

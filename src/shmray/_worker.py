@@ -179,7 +179,8 @@ class Worker:
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            conn.send((P.RESULT, task_id, delivered, undelivered))
+            conn.send((P.RESULT, task_id, delivered, undelivered, took, runtime.leased_dealt))
+            runtime.leased_dealt = False
             self.held_replies.add(conn)
             if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
                 self.write_replies()
@@ -248,6 +249,7 @@ class Worker:
             if not blocked:
                 self.runtime.conn.send((P.UNBLOCKED,))
             elif self.runtime.running_leased is not None:
+                self.runtime.leased_dealt = True  # its driver registers it (RESULT)
                 self.runtime.conn.send((P.BLOCKED, self.runtime.running_leased))
             else:
                 self.runtime.conn.send((P.BLOCKED,))
@@ -263,14 +265,32 @@ class Worker:
             P.clear_parked(self.cancel_slot)
 
     def _hand_back(self) -> None:
-        """Tasks the scheduler sent ahead go back while the running task waits: it may be
-        waiting for one of them (caller holds the runtime's lock)."""
-        ahead = [m for m in self.queue if m[1] not in self.origins]  # not a lease holder's
+        """Tasks queued here go back while the running task waits: it may be waiting for
+        one of them: those the scheduler sent ahead to the scheduler, those the lease holder
+        sent to the lease holder (caller holds the runtime's lock)."""
+        if not self.queue:
+            return
+        ahead, leased = [], {}
+        for message in self.queue:
+            origin = self.origins.get(message[1])
+            if origin is None:
+                ahead.append(message[1])
+            else:
+                leased.setdefault(origin[0], []).append(message[1])
+        returned = set(ahead).union(*leased.values())
+        if not returned:
+            return
+        self.queue = collections.deque(m for m in self.queue if m[1] not in returned)
         if ahead:
-            for message in ahead:
-                self.queue.remove(message)
-                self.skip.discard(message[1])
-            self.runtime.conn.send((P.HANDED_BACK, [m[1] for m in ahead]))
+            self.skip.difference_update(ahead)
+            self.runtime.conn.send((P.HANDED_BACK, ahead))
+        for conn, task_ids in leased.items():
+            for task_id in task_ids:
+                del self.origins[task_id]
+            if self.callers.get(conn.fd, (None,))[0] is conn:
+                conn.send((P.HANDED_BACK, task_ids))
+                self.held_replies.add(conn)
+        self.write_replies()
 
     def run(self) -> None:
         runtime = self.runtime
@@ -286,8 +306,10 @@ class Worker:
                     return
                 message = self.queue.popleft()
             task_id = message[1]
-            if self.cancel_slot is not None and task_id not in self.origins:
-                self.cancel_slot[24:48] = task_id  # the scheduler reads it if we die
+            if self.cancel_slot is not None:
+                # The scheduler reads it if we die: this one may have crashed us, those
+                # sent after it never started.
+                self.cancel_slot[24:48] = task_id
             started = time.perf_counter()
             self.loading = 0.0
             if task_id in self.skip:
@@ -318,6 +340,7 @@ class Worker:
         current_task.task_id = task_id
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
+            self.runtime.leased_dealt = False
         current_task.name = name
         _output.set_name(name)
         retryable = False
