@@ -193,12 +193,24 @@ ACTOR_OPTIONS = 6
 # A worker's slot: shared memory the scheduler maps before forking it.
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
 #   [24:48]  the last task the worker started (the worker writes it)
-#   [48:56]  u64 bytes parked after it, then TASK_DONE messages the worker holds back, each
+#   [48:56]  u64 how many CANCEL_CALLs the scheduler has sent it: between tasks it reads its
+#            socket only while it has handled fewer (a poll(2) per task costs more than the
+#            task, for short ones)
+#   [56:64]  u64 bytes parked after it, then TASK_DONE messages the worker holds back, each
 #            a u32 length and the pickled message: the scheduler reads them if it dies
 SLOT_SIZE = 1 << 18
-SLOT_PARKED = 48
+SLOT_CANCELS = 48
+SLOT_PARKED = 56
 _u64 = struct.Struct("<Q")
 _u32 = struct.Struct("<I")
+
+
+def count_cancel(slot) -> None:
+    _u64.pack_into(slot, SLOT_CANCELS, _u64.unpack_from(slot, SLOT_CANCELS)[0] + 1)
+
+
+def cancels_sent(slot) -> int:
+    return _u64.unpack_from(slot, SLOT_CANCELS)[0]
 
 
 def park_report(slot, message: tuple) -> bool:

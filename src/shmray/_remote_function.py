@@ -146,8 +146,12 @@ def pack_arguments(runtime, args, kwargs):
     """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message."""
     if not args and not kwargs:
         return _NO_ARGUMENTS, [], [], []
-    if not kwargs and all(type(a) in SCALARS for a in args):  # most small tasks' arguments
-        return scalars_to_bytes((list(args), {})), [], [], []
+    if not kwargs:  # most small tasks' arguments are a few numbers
+        for a in args:
+            if type(a) not in SCALARS:
+                break
+        else:
+            return scalars_to_bytes((list(args), {})), [], [], []
     arg_ids: List[bytes] = []
 
     def placeholder(value):

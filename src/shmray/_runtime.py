@@ -131,6 +131,7 @@ class Runtime:
         self._leases: List[_Channel] = []
         self._backlog: collections.deque = collections.deque()  # _Leased, waiting for room
         self._backlogged = 0          # tasks that waited in the backlog (polls among them)
+        self._backlog_fed_at = 0.0    # when the last of them was submitted
         self._lease_wanted = 0        # more leases asked for, as the scheduler knows it
         self._max_leases = max(int(options.get("num_cpus") or 1), 1)
         self._run_times = _RunTimes()
@@ -230,8 +231,12 @@ class Runtime:
         return _LEASE_BUSY_TICK if self._leases else None
 
     def _tend_leases(self) -> None:
-        """The flusher's round while leases are held: give back those left idle, and answer
-        recalls even while the program is busy elsewhere."""
+        """The flusher's round while leases are held: give back those left idle, answer
+        recalls, and keep the leases fed while the program is busy elsewhere (not while it
+        submits into the backlog: it polls itself then, and two threads taking turns at
+        the lock cost more than they save)."""
+        if self._backlog and time.monotonic() - self._backlog_fed_at < _FLUSH_DELAY:
+            return
         with self._lock:
             if self.closed or self._reading or not (self._leases or self._lease_wanted):
                 return
@@ -893,17 +898,19 @@ class Runtime:
     def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
         """(caller holds the lock)"""
         record = _Leased(spec, return_ids)
-        unregistered = self._unregistered
+        unregistered, counts = self._unregistered, self._counts
+        refs = []
         for object_id in return_ids:
             unregistered[object_id] = record
-        refs = [self.add_owned_ref(object_id) for object_id in return_ids]
+            counts[object_id] = counts.get(object_id, 0) + 1
+            refs.append(ObjectRef.counted(object_id, self))
         backlog = self._backlog
         if not backlog:
             lease = self._roomiest_lease()
             if (lease is not None
                     and len(lease.sent) < self._run_times.depth(spec[P.SPEC_FN_ID])):
                 if self._send_leased(lease, record):
-                    lease.last_used = time.monotonic()
+                    lease.last_used = lease.last_write
                     if lease.conn in self.unflushed:
                         self.flush_later()
                 return refs
@@ -917,6 +924,7 @@ class Runtime:
             self._backlogged += 1
             if self._backlogged % _BACKLOG_POLL_EVERY == 0:
                 self.poll()  # results in: their workers have room again
+            self._backlog_fed_at = time.monotonic()
         return refs
 
     def _roomiest_lease(self) -> Optional["_Channel"]:
@@ -1073,9 +1081,8 @@ class Runtime:
             self._lease_wanted = want
             self.conn.send((P.LEASE_REQUEST, want))
             if first and want:
-                self.flush()  # the backlog waits on the answer
-            else:
-                self.flush_later()
+                self.flush()  # the backlog waits on the answer...
+            self.flush_later()  # ...which the flusher reads if the program is busy elsewhere
 
     def _lease_granted(self, worker_pid: int) -> None:
         self._lease_wanted = max(self._lease_wanted - 1, 0)
@@ -1249,28 +1256,32 @@ class _RunTimes:
     another worker could have started, nor one that waits in get() (or submits tasks)
     the tasks queued behind it."""
 
-    __slots__ = ("_known",)
+    __slots__ = ("_known", "_depths")
 
     def __init__(self):
         self._known: Dict[bytes, list] = {}  # fn_id -> [typical, slowest lately, dealt]
+        self._depths: Dict[bytes, int] = {}  # fn_id -> how many may be in flight
 
     def note(self, fn_id: bytes, took: float, dealt: bool) -> None:
         known = self._known.get(fn_id)
         if known is None:
-            self._known[fn_id] = [took, took, dealt]
-            return
-        known[0] += 0.25 * (took - known[0])
-        known[1] = max(took, known[1] * _SLOWEST_DECAY)
-        known[2] = known[2] or dealt
+            known = self._known[fn_id] = [took, took, dealt]
+        else:
+            known[0] += 0.25 * (took - known[0])
+            known[1] = max(took, known[1] * _SLOWEST_DECAY)
+            known[2] = known[2] or dealt
+        if known[2] or known[1] > _PIPELINE_BUDGET:
+            self._depths[fn_id] = 1
+        else:
+            self._depths[fn_id] = max(1, min(_PIPELINE_MAX_DEPTH,
+                                             int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
 
     def note_blocking(self, fn_id: bytes) -> None:
         self._known.setdefault(fn_id, [1.0, 1.0, True])[2] = True
+        self._depths[fn_id] = 1
 
     def depth(self, fn_id: bytes) -> int:
-        known = self._known.get(fn_id)
-        if known is None or known[2] or known[1] > _PIPELINE_BUDGET:
-            return 1
-        return max(1, min(_PIPELINE_MAX_DEPTH, int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
+        return self._depths.get(fn_id, 1)
 
 
 def _leasable(spec: tuple) -> bool:

@@ -1112,7 +1112,7 @@ class Scheduler:
             if force:
                 _kill_quietly(worker.pid)  # on_disconnect fails it
                 return
-            self.send(worker, (P.CANCEL_CALL, task.task_id))
+            self._send_cancel_call(worker, task.task_id)
             if worker.cancel_slot is not None:
                 worker.cancel_slot[:24] = task.task_id
             _signal_quietly(worker.pid, signal.SIGINT)
@@ -1120,7 +1120,7 @@ class Scheduler:
         if worker is None:  # queued, or waiting for its arguments
             self._fail(task, *self._cancelled_error(task))
         elif task not in _started(worker):  # sent ahead, not started: the worker skips it
-            self.send(worker, (P.CANCEL_CALL, task.task_id))
+            self._send_cancel_call(worker, task.task_id)
             self._fail(task, *self._cancelled_error(task))
         elif force:
             _kill_quietly(worker.pid)  # on_disconnect fails it, and the pool is refilled
@@ -1128,6 +1128,13 @@ class Scheduler:
             if worker.cancel_slot is not None:
                 worker.cancel_slot[:24] = task.task_id
             _signal_quietly(worker.pid, signal.SIGINT)  # KeyboardInterrupt in the task
+
+    def _send_cancel_call(self, worker: Client, task_id: bytes) -> None:
+        """Skip that task if it has not started: the worker looks for this message before
+        each task while its slot counts more than it has read."""
+        self.send(worker, (P.CANCEL_CALL, task_id))
+        if worker.cancel_slot is not None:
+            P.count_cancel(worker.cancel_slot)
 
     def _cancelled_error(self, task: Task) -> tuple:
         return self._serialized(exceptions.TaskCancelledError(task.task_id.hex()))

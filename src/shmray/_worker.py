@@ -70,6 +70,7 @@ class Worker:
         self.runtime = runtime
         self.cancel_slot = cancel_slot  # the scheduler names the task a SIGINT is for here
         self.skip: set = set()          # ids of tasks sent ahead, then cancelled
+        self.cancels_read = 0           # CANCEL_CALLs read (the slot counts those sent)
         self.functions: dict = {}
         self.queue: collections.deque = collections.deque()
         self.exiting = False
@@ -238,6 +239,7 @@ class Worker:
                 self._hand_back()
         elif message[0] == P.CANCEL_CALL:
             self.skip.add(message[1])
+            self.cancels_read += 1
         elif message[0] == P.EXIT:
             self.exiting = True
 
@@ -258,6 +260,12 @@ class Worker:
                     self.runtime.conn.flush()
                 except ConnectionClosed:
                     pass
+
+    def _cancel_unread(self) -> bool:
+        slot = self.cancel_slot
+        if slot is None:
+            return self.runtime.scheduler_has_news()
+        return P.cancels_sent(slot) != self.cancels_read
 
     def _unpark(self) -> None:
         if self.parked:
@@ -298,7 +306,7 @@ class Worker:
             with runtime._lock:
                 try:
                     runtime._wait_until(lambda: self.queue or self.exiting, None)
-                    if runtime.scheduler_has_news():  # a cancel for the task sent ahead?
+                    if self._cancel_unread():  # for the task it is about to start?
                         runtime.poll()
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
