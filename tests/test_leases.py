@@ -510,3 +510,66 @@ def test_a_dead_leased_workers_task_is_retried_while_the_driver_does_other_thing
     write.remote(x)  # through the scheduler: it waits for x
     wait_for(out.exists, timeout=20)  # no shmray call meanwhile: only time.sleep
     assert out.read_text() == "5"
+
+
+def test_a_futures_callback_can_pass_the_ref_on(ray):
+    """Callbacks run as the result comes in: the ref must already be publishable then."""
+    import threading
+
+    @ray.remote
+    def double(x):
+        return 2 * x
+
+    for _ in range(10):
+        ref = double.remote(3)
+        chained, done = [], threading.Event()
+
+        def then(future, ref=ref, chained=chained, done=done):
+            chained.append(double.remote(ref))
+            done.set()
+
+        ref.future().add_done_callback(then)
+        assert done.wait(30)
+        assert ray.get(chained[0], timeout=30) == 12
+
+
+def test_a_ref_pickled_by_hand_right_after_its_task_waited_in_get(ray):
+    """Its registration (sent as its result came) must reach the scheduler before the
+    ref reaches another process by a way of its own."""
+    import pickle
+
+    @ray.remote
+    def inner():
+        return 1
+
+    @ray.remote
+    def outer():
+        return ray.get(inner.remote()) + 1
+
+    @ray.remote
+    def use(blob):
+        return ray.get(pickle.loads(blob))
+
+    for _ in range(20):
+        ref = outer.remote()
+        assert ray.get(ref, timeout=30) == 2
+        assert ray.get(use.remote(pickle.dumps(ref)), timeout=30) == 2
+
+
+def test_a_ref_kept_past_shutdown_still_pickles():
+    import pickle
+
+    import shmray
+
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def f():
+            return 1
+
+        done = f.remote()
+        assert shmray.get(done) == 1
+        running = f.remote()
+    finally:
+        shmray.shutdown()
+    assert pickle.loads(pickle.dumps([done, running]))

@@ -664,3 +664,160 @@ def test_cancel_of_a_task_the_scheduler_thinks_is_still_queued_leaks_nothing():
     finally:
         shmray.shutdown()
 
+
+
+# -- owner-fed leases (tasks pipelined onto leased workers) ------------------------------
+
+
+def _one_cpu():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+
+
+def _learn_short(fn, *args):
+    """A few bursts, so the driver knows ``fn`` is short and sends many to a worker."""
+    for _ in range(5):
+        shmray.get([fn.remote(*args) for _ in range(100)], timeout=DEADLOCK)
+
+
+def test_force_cancel_of_a_queued_leased_task_spares_the_one_running():
+    """The scheduler killed the worker, and the task running ahead of the cancelled one died
+    with it (WorkerCrashedError with max_retries=0)."""
+    _one_cpu()
+    try:
+        @shmray.remote(max_retries=0)
+        def work(i, secs):
+            time.sleep(secs)
+            return i
+
+        _learn_short(work, 0, 0)
+        running = work.remote("innocent", 1.0)
+        queued = [work.remote(i, 0) for i in range(5)]
+        time.sleep(0.2)
+        shmray.cancel(queued[2], force=True)
+        assert shmray.get(running, timeout=DEADLOCK) == "innocent"
+        with pytest.raises(exceptions.TaskCancelledError):
+            shmray.get(queued[2], timeout=DEADLOCK)
+        assert [shmray.get(queued[i], timeout=DEADLOCK) for i in (0, 1, 3, 4)] == [0, 1, 3, 4]
+    finally:
+        shmray.shutdown()
+
+
+def test_a_cancelled_task_handed_back_by_its_worker_does_not_run(tmp_path):
+    """Handed back before the worker read the cancel, it was queued again and ran."""
+    ran = tmp_path / "ran"
+    _one_cpu()
+    try:
+        @shmray.remote
+        def child():
+            return "child"
+
+        @shmray.remote
+        def blocker():
+            time.sleep(0.5)
+            return shmray.get(child.remote())  # waits in get(): hands back what is queued
+
+        @shmray.remote
+        def victim(i, mark):
+            if mark:
+                ran.write_text("x")
+            return i
+
+        _learn_short(victim, -1, False)
+        b = blocker.remote()
+        v = victim.remote(7, True)  # queued behind blocker on the one leased worker
+        time.sleep(0.1)
+        shmray.cancel(v)
+        assert shmray.get(b, timeout=DEADLOCK) == "child"
+        with pytest.raises(exceptions.TaskCancelledError):
+            shmray.get(v, timeout=DEADLOCK)
+        assert not ran.exists()
+    finally:
+        shmray.shutdown()
+
+
+def test_a_task_waiting_for_a_resource_an_actor_holds_does_not_stop_plain_tasks():
+    """While it waited in the scheduler's queue, no lease was granted: plain tasks, which
+    run on leases, never ran though both CPUs were free."""
+    shmray.init(num_cpus=2, resources={"R": 1}, object_store_memory=100 << 20)
+    try:
+        @shmray.remote(num_cpus=0, resources={"R": 1})
+        class Holder:
+            def ping(self):
+                return "held"
+
+        @shmray.remote(resources={"R": 1})
+        def needs_r():
+            return "got R"
+
+        @shmray.remote
+        def plain(i):
+            return i
+
+        holder = Holder.remote()
+        assert shmray.get(holder.ping.remote(), timeout=DEADLOCK) == "held"
+        waiting = needs_r.remote()  # until the actor goes
+        time.sleep(0.2)
+        assert sum(shmray.get([plain.remote(i) for i in range(10)], timeout=DEADLOCK)) == 45
+        shmray.kill(holder)
+        assert shmray.get(waiting, timeout=DEADLOCK) == "got R"
+    finally:
+        shmray.shutdown()
+
+
+def test_a_leased_task_waiting_in_get_lends_its_cpu_to_the_drivers_tasks():
+    """One CPU: the leased task waits for a flag the driver sets once its plain tasks are
+    done; the driver asked for no other worker, and both waited for ever."""
+    _one_cpu()
+    try:
+        @shmray.remote(num_cpus=0)
+        class Flag:
+            def __init__(self):
+                self.value = False
+
+            def set(self):
+                self.value = True
+
+            def get(self):
+                return self.value
+
+        @shmray.remote
+        def waiter():
+            flag = shmray.get_actor("flag")
+            while not shmray.get(flag.get.remote()):
+                time.sleep(0.01)
+            return "flag seen"
+
+        @shmray.remote
+        def plain(i):
+            return i
+
+        flag = Flag.options(name="flag").remote()
+        shmray.get(flag.get.remote(), timeout=DEADLOCK)
+        w = waiter.remote()
+        time.sleep(0.3)
+        assert sum(shmray.get([plain.remote(i) for i in range(10)], timeout=DEADLOCK)) == 45
+        flag.set.remote()
+        assert shmray.get(w, timeout=DEADLOCK) == "flag seen"
+    finally:
+        shmray.shutdown()
+
+
+def test_short_tasks_do_not_queue_behind_a_long_one(ray):
+    """They were sent to the long task's worker (only their own function's run time was
+    looked at) and waited for it, the other CPU idle."""
+    @ray.remote
+    def short(i):
+        return i
+
+    @ray.remote
+    def long_one():
+        time.sleep(3)
+        return "long"
+
+    assert ray.get(long_one.remote(), timeout=DEADLOCK) == "long"  # known to be long
+    _learn_short(short, 0)
+    started = time.monotonic()
+    slow = long_one.remote()
+    assert ray.get([short.remote(i) for i in range(200)], timeout=DEADLOCK) == list(range(200))
+    assert time.monotonic() - started < 2.0
+    assert ray.get(slow, timeout=DEADLOCK) == "long"

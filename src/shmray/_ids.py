@@ -32,6 +32,7 @@ class _IdSource:
 
 
 _source = _IdSource()
+_FIRST_INDEX = _index.pack(1)
 os.register_at_fork(after_in_child=_source.reset)
 
 
@@ -41,6 +42,11 @@ def new_task_id() -> bytes:
 
 def object_id_for_return(task_id: bytes, index: int) -> bytes:
     return task_id + _index.pack(index + 1)
+
+
+def first_return_id(task_id: bytes) -> bytes:
+    """``object_id_for_return(task_id, 0)``, on the paths every task takes."""
+    return task_id + _FIRST_INDEX
 
 
 def object_id_for_put() -> bytes:

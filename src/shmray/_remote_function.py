@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import cloudpickle
 
 from . import _object_ref, _options, _protocol as P
-from ._ids import new_task_id, object_id_for_return
+from ._ids import first_return_id, new_task_id, object_id_for_return
 from ._object_ref import ObjectRef
 from ._serialization import SCALARS, scalars_to_bytes, serialize
 
@@ -92,7 +92,7 @@ class RemoteFunction:
         name, num_returns, resources, max_retries, retry, extra = fields
         spec = (task_id, self._fn_id, name, args_blob, arg_ids, contained, num_returns,
                 resources, max_retries, retry, extra)
-        return_ids = ([task_id + _FIRST_RETURN] if num_returns == 1 else
+        return_ids = ([first_return_id(task_id)] if num_returns == 1 else
                       [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))])
         refs = runtime.submit(spec, return_ids)
         del temporaries  # the task holds them now; our refs can go
@@ -183,7 +183,6 @@ def pack_arguments(runtime, args, kwargs):
 
 
 _NO_ARGUMENTS = serialize(([], {})).to_bytes()
-_FIRST_RETURN = object_id_for_return(b"", 0)  # the index part of a task's first return id
 
 
 def _serialize_arguments(args, kwargs):

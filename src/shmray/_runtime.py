@@ -131,7 +131,10 @@ class Runtime:
         self._leases: List[_Channel] = []
         self._backlog: collections.deque = collections.deque()  # _Leased, waiting for room
         self._backlogged = 0          # tasks that waited in the backlog (polls among them)
-        self._backlog_fed_at = 0.0    # when the last of them was submitted
+        # When the program last submitted a task for a lease: while it does, it writes as
+        # it goes, and the flusher keeps off the lock (two threads taking turns at it cost
+        # more than they save).
+        self._submitted_at = 0.0
         self._lease_wanted = 0        # more leases asked for, as the scheduler knows it
         self._max_leases = max(int(options.get("num_cpus") or 1), 1)
         self._run_times = _RunTimes()
@@ -202,6 +205,8 @@ class Runtime:
                 self._tend_leases()
                 continue
             time.sleep(_FLUSH_DELAY)
+            if time.monotonic() - self._submitted_at < _FLUSH_DELAY:
+                continue  # the program is submitting, and writes as it goes: come back
             if self._leases or self._lease_wanted:
                 self._tend_leases()
             with self._lock:
@@ -232,11 +237,7 @@ class Runtime:
 
     def _tend_leases(self) -> None:
         """The flusher's round while leases are held: give back those left idle, answer
-        recalls, and keep the leases fed while the program is busy elsewhere (not while it
-        submits into the backlog: it polls itself then, and two threads taking turns at
-        the lock cost more than they save)."""
-        if self._backlog and time.monotonic() - self._backlog_fed_at < _FLUSH_DELAY:
-            return
+        recalls, and keep the leases fed while the program is busy elsewhere."""
         with self._lock:
             if self.closed or self._reading or not (self._leases or self._lease_wanted):
                 return
@@ -832,6 +833,16 @@ class Runtime:
             _, task_id, delivered, undelivered, took, dealt = message
             record = self._leased_result(channel, task_id, delivered, undelivered, took,
                                          dealt) if lease else None
+            if record is not None and not record.registered:
+                # Ours alone from now on (unless a ref leaves us): settled before a READY
+                # runs a future's callbacks, which may pass the ref on.
+                for object_id, data, metadata in delivered:
+                    if object_id in self._counts:
+                        self._locations[object_id] = (data, metadata)
+                for object_id in record.return_ids:
+                    del self._unregistered[object_id]
+                    if object_id in self._locations:
+                        self._owner_only.add(object_id)
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -839,11 +850,6 @@ class Runtime:
                 if (self._direct_pending.pop(object_id, None) is not None  # scheduler says
                         and object_id not in self._locations):  # (if it has not yet)
                     self._owned_pending.add(object_id)
-            if record is not None and not record.registered:
-                for object_id in record.return_ids:  # ours alone, unless they leave us
-                    del self._unregistered[object_id]
-                    if object_id in self._locations:
-                        self._owner_only.add(object_id)
         if lease and channel in self._leases:
             self._feed(channel)
 
@@ -897,6 +903,9 @@ class Runtime:
 
     def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
         """(caller holds the lock)"""
+        now = self._submitted_at = time.monotonic()
+        if self.conn.pending and now - self._last_flush > _FLUSH_DELAY:
+            self.flush()  # what the flusher would have sent (it keeps off meanwhile)
         record = _Leased(spec, return_ids)
         unregistered, counts = self._unregistered, self._counts
         refs = []
@@ -907,8 +916,7 @@ class Runtime:
         backlog = self._backlog
         if not backlog:
             lease = self._roomiest_lease()
-            if (lease is not None
-                    and len(lease.sent) < self._run_times.depth(spec[P.SPEC_FN_ID])):
+            if lease is not None and self._has_room(lease, spec[P.SPEC_FN_ID]):
                 if self._send_leased(lease, record):
                     lease.last_used = lease.last_write
                     if lease.conn in self.unflushed:
@@ -924,7 +932,6 @@ class Runtime:
             self._backlogged += 1
             if self._backlogged % _BACKLOG_POLL_EVERY == 0:
                 self.poll()  # results in: their workers have room again
-            self._backlog_fed_at = time.monotonic()
         return refs
 
     def _roomiest_lease(self) -> Optional["_Channel"]:
@@ -947,7 +954,7 @@ class Runtime:
         sent = 0
         while backlog and not lease.stalled:
             record = backlog[0]
-            if len(lease.sent) >= self._run_times.depth(record.spec[P.SPEC_FN_ID]):
+            if not self._has_room(lease, record.spec[P.SPEC_FN_ID]):
                 break
             backlog.popleft()
             sent += 1
@@ -962,10 +969,18 @@ class Runtime:
                 if other is not None and other is not lease and not other.sent:
                     self._feed(other)
 
+    def _has_room(self, lease: "_Channel", fn_id: bytes) -> bool:
+        """Whether a task of ``fn_id`` may queue on the lease: behind tasks of short
+        functions only, as many as the shortest allowance among them all."""
+        sent = len(lease.sent)
+        return not sent or sent < min(lease.room, self._run_times.depth(fn_id))
+
     def _send_leased(self, lease: "_Channel", record: "_Leased") -> bool:
         # No code: a worker that lacks the function's asks the scheduler for it, once.
         spec = record.spec
         task_id = spec[P.SPEC_TASK_ID]
+        depth = self._run_times.depth(spec[P.SPEC_FN_ID])
+        lease.room = min(lease.room, depth) if lease.sent else depth
         lease.conn.send((P.EXECUTE, task_id, spec[P.SPEC_FN_ID], None, spec[P.SPEC_NAME],
                          spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
                          spec[P.SPEC_RETRY_EXCEPTIONS], None))
@@ -1044,7 +1059,7 @@ class Runtime:
     def publish(self, ids) -> None:
         """Refs about to leave this process: the scheduler must know their objects first
         (a PUT for a result only we had, the registration of a task only we knew of)."""
-        if not (self._owner_only or self._unregistered):
+        if self.closed or not (self._owner_only or self._unregistered):
             return
         with self._lock:
             for object_id in ids:
@@ -1060,22 +1075,25 @@ class Runtime:
     def exported(self, object_id: bytes) -> None:
         """A ref was pickled (ObjectRef.__reduce__): publish its object, at once if the
         pickle is not for a message of ours (which would carry the PUT along)."""
+        if self.closed:
+            return
         if object_id in self._owner_only or object_id in self._unregistered:
             self.publish((object_id,))
-            if not in_serialize():
-                self.flush()
+        if not in_serialize() and self.conn.pending:  # a registration may be unsent: the
+            self.flush()                               # ref may travel faster than it
 
     def _want_leases(self) -> None:
         """Ask for as many more workers as the backlog could use (caller holds the lock);
         the request stands until granted or replaced."""
         want = 0
         if self._backlog:
-            usable = 0
+            usable = stalled = 0
             demand = len(self._backlog)
             for lease in self._leases:
                 demand += len(lease.sent)
-                usable += not lease.recalled
-            want = max(min(demand, self._max_leases) - usable, 0)
+                usable += not (lease.recalled or lease.stalled)
+                stalled += lease.stalled  # its task waits in get(): its CPU is lent back
+            want = max(min(demand, self._max_leases + stalled) - usable, 0)
         if want != self._lease_wanted:
             first = self._lease_wanted == 0
             self._lease_wanted = want
@@ -1210,6 +1228,9 @@ class Runtime:
                 channel.conn.close()
             self._channels.clear()
             self._leases.clear()
+            self._backlog.clear()
+            self._unregistered.clear()
+            self._owner_only.clear()
             self.readers.clear()
             self.unflushed.clear()
         self.store.close()
@@ -1225,7 +1246,7 @@ class _Channel:
     """This process's direct connection to an actor, or to a worker it leases (``_direct``)."""
 
     __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "sent", "last_used",
-                 "recalled", "stalled")
+                 "recalled", "stalled", "room")
 
     def __init__(self, actor_id: Optional[bytes], conn: Connection, peer_pid: int):
         self.actor_id = actor_id  # None for a leased worker
@@ -1236,6 +1257,7 @@ class _Channel:
         self.last_used = 0.0
         self.recalled = False         # a lease: the scheduler wants it back
         self.stalled = False          # a lease: its task waits in get(); send nothing more
+        self.room = 1                 # a lease: how many tasks it may have (``_has_room``)
 
 
 class _Leased:
@@ -1259,25 +1281,29 @@ class _RunTimes:
     __slots__ = ("_known", "_depths")
 
     def __init__(self):
-        self._known: Dict[bytes, list] = {}  # fn_id -> [typical, slowest lately, dealt]
+        # fn_id -> [typical, slowest lately, dealt, tasks seen]
+        self._known: Dict[bytes, list] = {}
         self._depths: Dict[bytes, int] = {}  # fn_id -> how many may be in flight
 
     def note(self, fn_id: bytes, took: float, dealt: bool) -> None:
         known = self._known.get(fn_id)
         if known is None:
-            known = self._known[fn_id] = [took, took, dealt]
+            known = self._known[fn_id] = [took, took, dealt, 0]
         else:
             known[0] += 0.25 * (took - known[0])
-            known[1] = max(took, known[1] * _SLOWEST_DECAY)
+            slowest = known[1] * _SLOWEST_DECAY
+            known[1] = took if took > slowest else slowest
             known[2] = known[2] or dealt
-        if known[2] or known[1] > _PIPELINE_BUDGET:
-            self._depths[fn_id] = 1
-        else:
-            self._depths[fn_id] = max(1, min(_PIPELINE_MAX_DEPTH,
-                                             int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
+        known[3] += 1
+        if known[3] % 16 == 1 or took > _PIPELINE_BUDGET or dealt:  # now and then will do
+            if known[2] or known[1] > _PIPELINE_BUDGET:
+                self._depths[fn_id] = 1
+            else:
+                self._depths[fn_id] = max(1, min(_PIPELINE_MAX_DEPTH,
+                                                 int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
 
     def note_blocking(self, fn_id: bytes) -> None:
-        self._known.setdefault(fn_id, [1.0, 1.0, True])[2] = True
+        self._known.setdefault(fn_id, [1.0, 1.0, True, 0])[2] = True
         self._depths[fn_id] = 1
 
     def depth(self, fn_id: bytes) -> int:

@@ -237,6 +237,7 @@ class Scheduler:
         self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
         self.lease_wanters: set = set()  # drivers with a lease request standing
+        self.doubtful: list = []  # (client, id) subscriptions to ids unknown when read
         # Leased tasks whose worker died before their results were reported, until their
         # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
         self.awaiting_verdict: Dict[bytes, tuple] = {}
@@ -343,6 +344,8 @@ class Scheduler:
                     self._write(client)
                 if mask & selectors.EVENT_READ and client.alive:
                     self._read(client)
+            if self.doubtful:
+                self._settle_doubtful()
             try:
                 self.dispatch()
                 if self.lease_wanters:
@@ -351,7 +354,18 @@ class Scheduler:
                 self.internal_errors += 1
                 traceback.print_exc()
             self._flush_dirty(everyone=False)
-            timeout = 0 if self.dirty else 1.0
+            timeout = 0 if self.dirty or self.doubtful else 1.0
+
+    def _settle_doubtful(self) -> None:
+        """Subscriptions to ids unknown when read: read what every process has sent since
+        (it was sent before the ref could reach the subscriber), then answer them."""
+        doubtful, self.doubtful = self.doubtful, []
+        for key, mask in self.selector.select(0):
+            if mask & selectors.EVENT_READ and key.data.alive:
+                self._read(key.data)
+        for client, object_id in doubtful:
+            if client.alive:
+                self.on_subscribe(client, [object_id], final=True)
 
     def _read(self, client: Client) -> None:
         try:
@@ -438,10 +452,15 @@ class Scheduler:
                 entry.holders.discard(client)
                 self._maybe_free(object_id, entry)
 
-    def on_subscribe(self, client: Client, ids) -> None:
+    def on_subscribe(self, client: Client, ids, final: bool = False) -> None:
         for object_id in ids:
             entry = self.objects.get(object_id)
-            if entry is None:
+            if entry is None and not final:
+                # Perhaps named in a message another process sent first that is not read
+                # yet (a driver registers a task's result before a ref to it leaves by a
+                # way of its own): asked again once all that has arrived is read.
+                self.doubtful.append((client, object_id))
+            elif entry is None:
                 self.send(client, (P.READY, object_id, *self._lost(object_id)))
             elif entry.ready:
                 self.send(client, (P.READY, object_id, entry.data, entry.metadata))
@@ -604,7 +623,8 @@ class Scheduler:
                 self._start(task, worker)
             if queue:
                 self._prefetch(shape, queue)
-                self._recall_leases()
+                if queue and self._leases_in_the_way(demand):
+                    self._recall_leases()
             if not queue:
                 del self.ready_by_shape[shape]
 
@@ -649,6 +669,22 @@ class Scheduler:
                 worker.queued.append(task)
                 self._send_execute(task, worker)
 
+    def _leases_in_the_way(self, demand) -> bool:
+        """Would ``demand`` fit if the CPUs lent to drivers were free?  Only then is a lease
+        worth recalling, or not granting, for it: a task waiting for a resource an actor
+        holds, or for more CPUs than are free and leased, waits either way."""
+        leased = len(self.leased)
+        available = self.available
+        return all(amount <= available.get(name, 0.0) + (leased if name == "CPU" else 0.0)
+                   for name, amount in demand.items())
+
+    def _work_waits_for_cpus(self) -> bool:
+        """Queued work that leases keep from running: it goes before new leases."""
+        return (any(queue and self._leases_in_the_way(queue[0].resources)
+                    for queue in self.ready_by_shape.values())
+                or any(not actor.waiting_on and self._leases_in_the_way(actor.options["place"])
+                       for actor in self.unplaced))
+
     def _recall_leases(self) -> None:
         """Work waits for a CPU: ask lease holders to give theirs back."""
         for worker in self.leased:
@@ -670,10 +706,11 @@ class Scheduler:
     def _grant_leases(self) -> None:
         """Lend workers to the drivers asking, while no work of ours waits for a CPU (the
         work queued here goes first: it may be what a leased task waits for)."""
+        if self._work_waits_for_cpus():
+            return
         for client in list(self.lease_wanters):
             while client.lease_wanted > 0:
-                if (self.ready_by_shape or self.unplaced or not client.alive
-                        or not self._fits(P.LEASE_SHAPE)):
+                if not client.alive or not self._fits(P.LEASE_SHAPE):
                     return
                 if not self.idle:
                     if self.num_workers >= self.max_workers:
@@ -720,7 +757,10 @@ class Scheduler:
             if worker is not None:
                 worker.direct.pop(task_id, None)
             task.worker = None
-            self._requeue_front(task)
+            if task.cancelled:  # its cancel was on its way to the worker
+                self._fail(task, *self._cancelled_error(task))
+            else:
+                self._requeue_front(task)
 
     def _end_lease(self, worker: Client) -> None:
         worker.leased_to.leases.discard(worker)
@@ -1108,8 +1148,10 @@ class Scheduler:
         worker = task.worker
         if task.direct and worker is not None and worker.leased_to is not None:
             # On a leased worker: skipped if it has not started (the worker reports it
-            # cancelled), interrupted if it runs; either way its result says so.
-            if force:
+            # cancelled), interrupted if it runs, or killed if forced and its worker names
+            # it as started (not one running ahead of it); either way its result says so.
+            slot = worker.cancel_slot
+            if force and (slot is None or bytes(slot[24:48]) == task.task_id):
                 _kill_quietly(worker.pid)  # on_disconnect fails it
                 return
             self._send_cancel_call(worker, task.task_id)
@@ -1196,8 +1238,9 @@ class Scheduler:
                 continue
             place = actor.options["place"]
             if actor.waiting_on or not self._fits(place) or self._spawn_actor is None:
-                if not actor.waiting_on and self._spawn_actor is not None:
-                    self._recall_leases()  # it waits for a CPU a lease may hold
+                if (not actor.waiting_on and self._spawn_actor is not None
+                        and self._leases_in_the_way(place)):
+                    self._recall_leases()  # it waits for a CPU a lease holds
                 still.append(actor)
                 continue
             self._start_actor(actor)

@@ -33,8 +33,15 @@ import setproctitle
 
 from . import _direct, _output, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed, wait_writable
-from ._ids import object_id_for_return
-from ._serialization import META_ERROR, deserialize, serialize
+from ._ids import first_return_id, object_id_for_return
+from ._serialization import (
+    META_ERROR,
+    META_VALUE,
+    SCALARS,
+    deserialize,
+    scalars_to_bytes,
+    serialize,
+)
 
 
 class TaskContext:
@@ -49,7 +56,8 @@ class TaskContext:
 
 current_task = TaskContext()
 
-_REPLY_BATCH = 64  # replies held back at most, while more work is queued
+_REPLY_BATCH = 64
+_CANCEL_WAIT = 0.1  # for a CANCEL_CALL the slot counts but the socket has not brought yet  # replies held back at most, while more work is queued
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
 _PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
@@ -275,19 +283,22 @@ class Worker:
     def _hand_back(self) -> None:
         """Tasks queued here go back while the running task waits: it may be waiting for
         one of them: those the scheduler sent ahead to the scheduler, those the lease holder
-        sent to the lease holder (caller holds the runtime's lock)."""
-        if not self.queue:
-            return
+        sent to the lease holder, which hears that the task waits even if none were queued
+        (it may then lease another worker: this one's CPU is lent).  Caller holds the
+        runtime's lock."""
         ahead, leased = [], {}
+        running = self.origins.get(current_task.task_id) if self.waiting else None
+        if running is not None:
+            leased[running[0]] = []
         for message in self.queue:
             origin = self.origins.get(message[1])
             if origin is None:
                 ahead.append(message[1])
             else:
                 leased.setdefault(origin[0], []).append(message[1])
-        returned = set(ahead).union(*leased.values())
-        if not returned:
+        if not (ahead or leased):
             return
+        returned = set(ahead).union(*leased.values())
         self.queue = collections.deque(m for m in self.queue if m[1] not in returned)
         if ahead:
             self.skip.difference_update(ahead)
@@ -306,8 +317,10 @@ class Worker:
             with runtime._lock:
                 try:
                     runtime._wait_until(lambda: self.queue or self.exiting, None)
-                    if self._cancel_unread():  # for the task it is about to start?
-                        runtime.poll()
+                    if self._cancel_unread():  # for the task it is about to start? The
+                        runtime._wait_until(    # message follows the count at once
+                            lambda: not self._cancel_unread(),
+                            time.monotonic() + _CANCEL_WAIT)
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
@@ -405,6 +418,8 @@ class Worker:
 
     def _store_returns(self, task_id: bytes, outcome, num_returns: int, name: str):
         """Each return value stored; if one fails, those stored before it are deleted."""
+        if num_returns == 1 and type(outcome) in SCALARS:  # the most common result
+            return [(first_return_id(task_id), scalars_to_bytes(outcome), META_VALUE, ())]
         results = []
         try:
             for i, value in enumerate(_split_returns(outcome, num_returns, name)):
