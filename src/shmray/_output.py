@@ -87,6 +87,6 @@ def redirect(log_to_driver: bool, logs_dir: str, role: str) -> None:
 
 def set_name(name: str) -> None:
     for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, PrefixedLineWriter):
-            stream.flush()
+        if isinstance(stream, PrefixedLineWriter) and stream.name != name:
+            stream.flush()  # a line begun under the old name ends under it
             stream.name = name

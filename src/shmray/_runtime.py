@@ -13,10 +13,15 @@ Runs in: the driver, every worker and every actor (one Runtime per process).
   descriptor at once; when several threads wait, one reads and the others sleep on a
   condition (leader/followers), and a wake-up pipe makes the reader look again when another
   thread opens a channel.  With a peer on a direct channel, a wait spins briefly first.
-- Actor calls without refs among their arguments go straight to the actor; the driver sends a
-  lone plain task straight to a worker the scheduler lends it (a lease), which it gives back
-  when idle or asked.  The flusher thread sends what may wait (releases, those calls'
-  registrations) within a millisecond and looks after leases while the program is busy.
+- Actor calls without refs among their arguments go straight to the actor.  A driver owns
+  its plain tasks (no ref among the arguments, one CPU): they go straight to workers the
+  scheduler lends it (leases), several at a time to a worker for short functions, and the
+  scheduler hears of one only when it must (see "leases" below: Ray's ownership).  DESIGN.md
+  sends every task through the scheduler; for a burst of short tasks that made the
+  scheduler the bottleneck (~14 us of its CPU a task, and two more wake-ups), so the
+  driver now schedules its own.  The flusher thread sends what may wait (releases,
+  registrations) within a millisecond, and looks after leases while the program is busy
+  elsewhere.
 - Refs are counted locally; the scheduler hears only of first holds and last releases,
   queued and sent with the next message.  ObjectRef.__del__ only appends to a deque.
 - When the arena is full: a garbage collection first (refs caught in reference cycles), then

@@ -23,16 +23,19 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
 - Resources: a task takes its ``num_cpus``/``num_gpus``/custom resources while it runs; a worker
   blocked in ``get``/``wait`` lends its CPUs back, and more workers are forked when every worker
   is busy, so nested tasks can't deadlock a small pool.
-- Leases: a driver waiting on one task at a time may borrow an idle worker (LEASE_REQUEST)
-  and send it plain tasks itself, two hops instead of four (``_direct``); the lease holds one
-  CPU until it is given back (idle for 2 ms, or recalled here when a queued task needs the
-  CPU).  The driver registers each such task (DIRECT_SUBMIT) and, off the critical path,
-  reports the results the worker sent it (LEASED_DONE); the worker reports only results it
+- Leases: the driver runs its plain tasks on workers lent to it (``_runtime``, "leases"):
+  it asks for as many as its backlog could use (LEASE_REQUEST, a standing request met as
+  workers become free, unless work queued here needs the CPU: ``_grant_leases``), sends
+  them tasks itself, two hops instead of four (``_direct``), and gives a lease back when
+  idle for 2 ms, or once its tasks are done when recalled here.  Those tasks are the
+  driver's: this process hears of one only when it must (DIRECT_SUBMIT; SUBMIT for one
+  not sent yet), and then of its results (LEASED_DONE); the worker reports only results it
   can't hand over (refs inside, a failure to retry: DIRECT_DONE, before it answers).  So the
-  driver is the one witness of what it has seen: when a leased worker dies with tasks
-  unreported, they wait here (``awaiting_verdict``) until the driver has read all the
-  worker sent, reported it, and says so (LEASE_LOST, LEASE_VERDICT); the rest are retried
-  or failed like any other.  A result the driver has seen is never retried or failed.
+  driver is the one witness of what it has seen: when a leased worker dies, the driver
+  reads all it sent, registers the tasks left unanswered and says in which order it sent
+  them (LEASE_LOST, LEASE_RETURN, LEASE_VERDICT).  The one the worker's slot names as
+  started is retried or failed like any other; the rest run again without using a retry
+  (``_settle_lost_lease``).  A result the driver has seen is never retried or failed.
 - Short tasks are sent ahead: when every CPU is taken, a busy worker running a function known
   to be short and never to block gets the next task of the same shape in advance, and starts
   it without a round trip; functions that never took over 2 ms get up to 16 (``_prefetch``).

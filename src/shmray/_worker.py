@@ -15,7 +15,13 @@ cause and the formatted traceback, stored as the value of every return (inline, 
 dependents can be failed with it without reading the arena).
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
-its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.
+its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.  Tasks
+queued behind it go back where they came from (HANDED_BACK: the one it waits for may be
+among them), and a driver leasing the worker hears that its task waits even if none were.
+
+Between tasks it names the one it starts in its slot (shared with the scheduler, which
+reads it if the worker dies), and reads its socket only while the slot counts a cancel it
+has not read: a poll(2) per task would cost more than a short task does.
 """
 
 from __future__ import annotations
