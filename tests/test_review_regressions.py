@@ -821,3 +821,105 @@ def test_short_tasks_do_not_queue_behind_a_long_one(ray):
     assert ray.get([short.remote(i) for i in range(200)], timeout=DEADLOCK) == list(range(200))
     assert time.monotonic() - started < 2.0
     assert ray.get(slow, timeout=DEADLOCK) == "long"
+
+
+def test_a_force_cancel_as_a_leased_task_starts_still_stops_it():
+    """The scheduler saw the slot not yet naming the task, did not kill, and its SIGINT
+    came before the worker named the task: the task ran to the end."""
+    import random
+
+    _one_cpu()
+    try:
+        @shmray.remote(max_retries=0)
+        def long_one(i):
+            time.sleep(1.0)
+            return "ran to the end"
+
+        for i in range(150):  # the window is narrow: it was hit about once in 150
+            ref = long_one.remote(i)
+            end = time.perf_counter() + random.uniform(0, 150e-6)
+            while time.perf_counter() < end:
+                pass
+            shmray.cancel(ref, force=True)
+            with pytest.raises((exceptions.TaskCancelledError, exceptions.WorkerCrashedError)):
+                shmray.get(ref, timeout=DEADLOCK)
+    finally:
+        shmray.shutdown()
+
+
+def test_a_blocked_leased_tasks_lent_cpu_is_not_counted_twice():
+    """A task needing both CPUs (one held by an actor) looked placeable if the leases came
+    back, counting the CPU a waiting leased task had lent already: no lease was granted,
+    and plain tasks never ran though a CPU was free."""
+    shmray.init(num_cpus=2, object_store_memory=100 << 20)
+    try:
+        @shmray.remote(num_cpus=1)
+        class Holder:
+            def ping(self):
+                return "held"
+
+        @shmray.remote(num_cpus=0, max_concurrency=2)
+        class Flag:
+            def __init__(self):
+                self.event = threading.Event()
+
+            def set(self):
+                self.event.set()
+
+            def wait(self):
+                return self.event.wait(DEADLOCK)
+
+        @shmray.remote
+        def waiter():
+            assert shmray.get(shmray.get_actor("flag").wait.remote())
+            return "flag seen"
+
+        @shmray.remote(num_cpus=2)
+        def big():
+            return "big"
+
+        @shmray.remote
+        def plain(i):
+            return i
+
+        holder = Holder.remote()
+        shmray.get(holder.ping.remote(), timeout=DEADLOCK)
+        flag = Flag.options(name="flag").remote()
+        w = waiter.remote()
+        time.sleep(0.3)
+        b = big.remote()  # waits for the holder to go
+        time.sleep(0.3)
+        assert sum(shmray.get([plain.remote(i) for i in range(10)], timeout=DEADLOCK)) == 45
+        flag.set.remote()
+        assert shmray.get(w, timeout=DEADLOCK) == "flag seen"
+        shmray.kill(holder)
+        assert shmray.get(b, timeout=DEADLOCK) == "big"
+    finally:
+        shmray.shutdown()
+
+
+def test_actor_calls_go_out_while_the_program_keeps_submitting(ray):
+    """Calls waiting for their channel's next frame stayed unsent as long as tasks were
+    submitted less than a millisecond apart (the flusher kept off)."""
+    @ray.remote(num_cpus=0)
+    class Clock:
+        def now(self, i):
+            return time.monotonic()
+
+    @ray.remote
+    def plain(i):
+        return i
+
+    clock = Clock.remote()
+    for _ in range(5):
+        ray.get(clock.now.remote(-1), timeout=DEADLOCK)  # its direct channel is open
+    for _ in range(3):
+        time.sleep(0.1)
+        sent = time.monotonic()
+        calls = [clock.now.remote(i) for i in range(3)]  # the last wait for the next frame
+        refs = []
+        while time.monotonic() - sent < 1.0:
+            refs.append(plain.remote(0))
+            time.sleep(0.0002)
+        assert max(ray.get(calls, timeout=DEADLOCK)) - sent < 0.1  # was 0.15-0.36 s
+        ray.get(refs, timeout=DEADLOCK)

@@ -909,8 +909,10 @@ class Runtime:
     def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
         """(caller holds the lock)"""
         now = self._submitted_at = time.monotonic()
-        if self.conn.pending and now - self._last_flush > _FLUSH_DELAY:
+        if now - self._last_flush > _FLUSH_DELAY and (self.conn.pending or self.unflushed):
             self.flush()  # what the flusher would have sent (it keeps off meanwhile)
+            for conn in list(self.unflushed):
+                self.write_some(conn)
         record = _Leased(spec, return_ids)
         unregistered, counts = self._unregistered, self._counts
         refs = []

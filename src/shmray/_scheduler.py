@@ -81,6 +81,7 @@ _PREFETCH_MAX_SECONDS = 0.02  # tasks sent ahead to a busy worker: only of funct
 _PREFETCH_BUDGET = 0.002      # took longer than this, while their typical run times add up
 _PREFETCH_MAX_DEPTH = 16      # to no more than it, and never more than this many
 _SLOWEST_DECAY = 0.966        # per call, of the longest run time a function is known for
+_DOUBTFUL_READS = 16          # reads of every socket before an unknown id is called lost
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
@@ -363,9 +364,13 @@ class Scheduler:
         """Subscriptions to ids unknown when read: read what every process has sent since
         (it was sent before the ref could reach the subscriber), then answer them."""
         doubtful, self.doubtful = self.doubtful, []
-        for key, mask in self.selector.select(0):
-            if mask & selectors.EVENT_READ and key.data.alive:
-                self._read(key.data)
+        for _ in range(_DOUBTFUL_READS):
+            events = self.selector.select(0)
+            if not events:
+                break
+            for key, mask in events:
+                if mask & selectors.EVENT_READ and key.data.alive:
+                    self._read(key.data)
         for client, object_id in doubtful:
             if client.alive:
                 self.on_subscribe(client, [object_id], final=True)
@@ -676,7 +681,7 @@ class Scheduler:
         """Would ``demand`` fit if the CPUs lent to drivers were free?  Only then is a lease
         worth recalling, or not granting, for it: a task waiting for a resource an actor
         holds, or for more CPUs than are free and leased, waits either way."""
-        leased = len(self.leased)
+        leased = sum(not worker.blocked for worker in self.leased)  # the others' are lent
         available = self.available
         return all(amount <= available.get(name, 0.0) + (leased if name == "CPU" else 0.0)
                    for name, amount in demand.items())
@@ -1153,13 +1158,15 @@ class Scheduler:
             # On a leased worker: skipped if it has not started (the worker reports it
             # cancelled), interrupted if it runs, or killed if forced and its worker names
             # it as started (not one running ahead of it); either way its result says so.
+            # The cancel is counted before the slot is read, the worker writes the slot
+            # before it reads the count: one of us sees the other (``Worker.run``).
             slot = worker.cancel_slot
+            if slot is not None:
+                slot[:24] = task.task_id
+            self._send_cancel_call(worker, task.task_id)
             if force and (slot is None or bytes(slot[24:48]) == task.task_id):
                 _kill_quietly(worker.pid)  # on_disconnect fails it
                 return
-            self._send_cancel_call(worker, task.task_id)
-            if worker.cancel_slot is not None:
-                worker.cancel_slot[:24] = task.task_id
             _signal_quietly(worker.pid, signal.SIGINT)
             return
         if worker is None:  # queued, or waiting for its arguments

@@ -93,7 +93,7 @@ class Worker:
         # (the scheduler sends the next task only after this one's TASK_DONE).
         self.in_user_code = False
         self.cancelled = False
-        self.cancel_pending = False
+        self.cancel_pending: Optional[bytes] = None  # a task SIGINT came for before it ran
         self.waiting = False  # the running task waits in get/wait
         self.parked = False   # reports parked in the slot, not sent yet
         self.loading = 0.0    # of the task running: time spent loading its function
@@ -238,9 +238,12 @@ class Worker:
     def _on_sigint(self, signum, frame) -> None:
         slot = self.cancel_slot
         if slot is not None and slot[:24] != current_task.task_id:
-            return  # meant for a task this worker has finished already
+            if current_task.task_id is None and slot[:24] == slot[24:48]:
+                self.cancel_pending = bytes(slot[:24])  # named as started, not begun yet
+            return  # else meant for a task this worker has finished already
         if current_task.task_id is not None and not self.in_user_code:
-            self.cancel_pending = True  # loading the function or arguments: stop before it runs
+            # Loading the function or arguments: stop before it runs.
+            self.cancel_pending = current_task.task_id
             return
         if self.in_user_code:
             self.cancelled = True
@@ -274,6 +277,12 @@ class Worker:
                     self.runtime.conn.flush()
                 except ConnectionClosed:
                     pass
+
+    def _read_cancels(self) -> None:
+        """Read the CANCEL_CALLs the slot counts (the message follows the count at once)."""
+        if self._cancel_unread():
+            self.runtime._wait_until(lambda: not self._cancel_unread(),
+                                     time.monotonic() + _CANCEL_WAIT)
 
     def _cancel_unread(self) -> bool:
         slot = self.cancel_slot
@@ -323,20 +332,25 @@ class Worker:
             with runtime._lock:
                 try:
                     runtime._wait_until(lambda: self.queue or self.exiting, None)
-                    if self._cancel_unread():  # for the task it is about to start? The
-                        runtime._wait_until(    # message follows the count at once
-                            lambda: not self._cancel_unread(),
-                            time.monotonic() + _CANCEL_WAIT)
+                    self._read_cancels()  # for the task it is about to start?
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
                     return
                 message = self.queue.popleft()
             task_id = message[1]
+            self.cancelled = False
             if self.cancel_slot is not None:
                 # The scheduler reads it if we die: this one may have crashed us, those
-                # sent after it never started.
+                # sent after it never started.  It also reads it to cancel: it counts a
+                # cancel, then looks here; we write here, then look at the count (after a
+                # lock's fence), so one of us sees the other.
                 self.cancel_slot[24:48] = task_id
+                with runtime._lock:
+                    try:
+                        self._read_cancels()
+                    except exceptions.RaySystemError:
+                        return
             started = time.perf_counter()
             self.loading = 0.0
             if task_id in self.skip:
@@ -362,8 +376,6 @@ class Worker:
 
     def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                  retry_exceptions):
-        self.cancel_pending = False
-        self.cancelled = False
         current_task.task_id = task_id
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
@@ -382,7 +394,7 @@ class Worker:
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
             try:
-                if self.cancel_pending:
+                if self.cancel_pending == task_id:
                     self.cancelled = True
                     raise KeyboardInterrupt("task cancelled")
                 outcome = fn(*args, **kwargs)
