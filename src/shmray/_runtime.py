@@ -567,13 +567,8 @@ class Runtime:
                     if not routed:  # one entry per actor ever called would pile up
                         del self._routed[actor_id]
             if object_id in self._counts:
-                self._locations[object_id] = (data, metadata)
                 self._subscribed.discard(object_id)
-                for waiter in self._waiters.pop(object_id, ()):
-                    waiter.remaining -= 1
-                futures = self._futures.pop(object_id, None)
-                if futures:
-                    self._resolve_futures(object_id, futures)
+                self._arrived(object_id, (data, metadata))
         elif message[0] == P.REPLY:
             self._replies[message[1]] = message[2]
         elif message[0] == P.LEASE_GRANTED:
@@ -585,6 +580,18 @@ class Runtime:
 
         elif self.on_message is not None:
             self.on_message(message)
+
+    def _arrived(self, object_id: bytes, location) -> None:
+        """An object we hold is ready: where it is, and who waits for it (caller holds the
+        lock)."""
+        self._locations[object_id] = location
+        if self._waiters:
+            for waiter in self._waiters.pop(object_id, ()):
+                waiter.remaining -= 1
+        if self._futures:
+            futures = self._futures.pop(object_id, None)
+            if futures:
+                self._resolve_futures(object_id, futures)
 
     # -- get / wait ----------------------------------------------------------------------
 
@@ -838,6 +845,15 @@ class Runtime:
             _, task_id, delivered, undelivered, took, dealt = message
             record = self._leased_result(channel, task_id, delivered, undelivered, took,
                                          dealt) if lease else None
+            if record is not None and not record.registered and len(delivered) == 1:
+                # The common case, in short: one small result, ours alone from now on.
+                object_id, data, metadata = delivered[0]
+                del self._unregistered[object_id]
+                self._direct_pending.pop(object_id, None)
+                if object_id in self._counts:
+                    self._owner_only.add(object_id)  # before a future's callback runs
+                    self._arrived(object_id, (data, metadata))
+                continue
             if record is not None and not record.registered:
                 # Ours alone from now on (unless a ref leaves us): settled before a READY
                 # runs a future's callbacks, which may pass the ref on.
@@ -1007,9 +1023,14 @@ class Runtime:
             return None
         lease.stalled = False
         self._run_times.note(record.spec[P.SPEC_FN_ID], took, dealt)
-        if not record.registered and (undelivered or dealt
-                                      or any(r[1] is _IN_ARENA for r in delivered)):
-            self._register(record, lease)
+        if not record.registered:
+            if undelivered or dealt:
+                self._register(record, lease)
+            else:
+                for result in delivered:
+                    if result[1] is _IN_ARENA:  # the scheduler frees arena objects
+                        self._register(record, lease)
+                        break
         if record.registered and not undelivered:
             # We are the scheduler's only source for these (``Worker.report``), whether or
             # not we still hold them.
