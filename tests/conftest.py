@@ -59,6 +59,13 @@ def runtime():
     return shmray._api._runtime_now
 
 
+def learn_short(fn, *args):
+    """A few bursts, so the driver knows ``fn`` is short and sends many to a leased worker
+    at once."""
+    for _ in range(5):
+        shmray.get([fn.remote(*args) for _ in range(100)], timeout=60)
+
+
 def settle():
     """Send queued releases and wait until the scheduler has handled them."""
     runtime()._settle()

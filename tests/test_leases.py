@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import runtime, settle, wait_for
+from conftest import learn_short, runtime, settle, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -28,17 +28,15 @@ def direct_tasks():
 
 
 def warm_lease(ray):
-    """Round trips in quick succession until the driver holds a lease."""
+    """A round trip, so the driver holds a lease (it keeps it while not idle for long:
+    ``patient_leases``)."""
     @ray.remote
     def noop():
         return None
 
-    for _ in range(200):
-        before = runtime().leased_tasks
-        ray.get(noop.remote())
-        if runtime()._leases and runtime().leased_tasks > before:
-            return
-    pytest.fail("the driver never got a lease")
+    before = runtime().leased_tasks
+    ray.get(noop.remote())
+    assert runtime()._leases and runtime().leased_tasks > before
 
 
 def test_lone_round_trips_take_the_lease(ray):
@@ -159,7 +157,7 @@ def test_a_burst_after_round_trips_gets_every_cpu(ray):
     warm_lease(ray)
     started = time.monotonic()
     pids = ray.get([sleepy.remote() for _ in range(2)], timeout=30)
-    assert time.monotonic() - started < 1.8  # both ran at once: the lease gave way
+    assert time.monotonic() - started < 1.8  # both ran at once, on two leases
     assert len(set(pids)) == 2
 
 
@@ -267,7 +265,7 @@ def test_recursive_cancel_reaches_the_children_of_a_leased_task(ray, tmp_path, c
     assert not marker.exists()
 
 
-def test_results_holding_refs_do_not_turn_leasing_off(ray):
+def test_results_holding_refs_do_not_keep_tasks_off_leases(ray):
     @ray.remote
     def holder(i):
         inner = ray.put(i)
@@ -306,10 +304,24 @@ def test_a_burst_runs_on_leases_and_the_scheduler_hears_of_none_of_it(ray):
     assert ray.get(refs, timeout=30) == [i * i for i in range(500)]
     assert direct_tasks() - before == 500
     assert runtime().query("objects") == objects  # ours alone
-    # Once a ref leaves the driver, the scheduler knows its object: as an argument, inside
-    # a put, pickled by hand, inside an argument.
+    del refs
+    gc.collect()
+    settle()  # applies the releases queued by the refs' __del__
+    assert not runtime()._owner_only and not runtime()._unregistered
+
+
+def test_refs_to_results_only_the_driver_had_resolve_wherever_they_go(ray):
+    """Once a ref leaves the driver, the scheduler knows its object: as an argument, inside
+    a put, pickled by hand, inside an argument; and it is freed once they are gone."""
+    @ray.remote
+    def square(x):
+        return x * x
+
+    settle()
+    objects = runtime().query("objects")
+    refs = [square.remote(i) for i in range(10)]
+    ray.get(refs, timeout=30)
     assert ray.get(square.remote(refs[3])) == 81
-    assert ray.get(ray.put([refs[4]]))[0] is not None
     assert ray.get(ray.get(ray.put([refs[4]]))[0]) == 16
 
     @ray.remote
@@ -372,8 +384,7 @@ def test_a_worker_dying_in_a_pipelined_burst_costs_only_its_task(ray, tmp_path):
             os._exit(1)
         return i
 
-    for _ in range(5):  # the driver learns it is short: many go to a worker at once
-        assert ray.get([short.remote(i, False) for i in range(200)]) == list(range(200))
+    learn_short(short, 0, False)
     refs = [short.remote(i, i == 100) for i in range(400)]
     outcomes = []
     for i, ref in enumerate(refs):
@@ -414,8 +425,7 @@ def test_a_task_waiting_on_one_queued_behind_it_on_its_worker():
                 time.sleep(0.01)
 
         box = Box.options(name="box").remote()
-        for _ in range(5):  # short, so tasks queue behind one another on the one worker
-            assert shmray.get([task.remote(i, False) for i in range(100)]) == list(range(100))
+        learn_short(task, 0, False)  # so tasks queue behind one another on the one worker
         before = direct_tasks()
         first = task.remote(0, True)
         second = task.remote(41, False)

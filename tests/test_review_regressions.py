@@ -14,7 +14,7 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import runtime, settle, wait_for
+from conftest import learn_short, runtime, settle, wait_for
 
 DEADLOCK = 60
 
@@ -673,12 +673,6 @@ def _one_cpu():
     shmray.init(num_cpus=1, object_store_memory=100 << 20)
 
 
-def _learn_short(fn, *args):
-    """A few bursts, so the driver knows ``fn`` is short and sends many to a worker."""
-    for _ in range(5):
-        shmray.get([fn.remote(*args) for _ in range(100)], timeout=DEADLOCK)
-
-
 def test_force_cancel_of_a_queued_leased_task_spares_the_one_running():
     """The scheduler killed the worker, and the task running ahead of the cancelled one died
     with it (WorkerCrashedError with max_retries=0)."""
@@ -689,7 +683,7 @@ def test_force_cancel_of_a_queued_leased_task_spares_the_one_running():
             time.sleep(secs)
             return i
 
-        _learn_short(work, 0, 0)
+        learn_short(work, 0, 0)
         running = work.remote("innocent", 1.0)
         queued = [work.remote(i, 0) for i in range(5)]
         time.sleep(0.2)
@@ -722,7 +716,7 @@ def test_a_cancelled_task_handed_back_by_its_worker_does_not_run(tmp_path):
                 ran.write_text("x")
             return i
 
-        _learn_short(victim, -1, False)
+        learn_short(victim, -1, False)
         b = blocker.remote()
         v = victim.remote(7, True)  # queued behind blocker on the one leased worker
         time.sleep(0.1)
@@ -815,7 +809,7 @@ def test_short_tasks_do_not_queue_behind_a_long_one(ray):
         return "long"
 
     assert ray.get(long_one.remote(), timeout=DEADLOCK) == "long"  # known to be long
-    _learn_short(short, 0)
+    learn_short(short, 0)
     started = time.monotonic()
     slow = long_one.remote()
     assert ray.get([short.remote(i) for i in range(200)], timeout=DEADLOCK) == list(range(200))
@@ -923,3 +917,50 @@ def test_actor_calls_go_out_while_the_program_keeps_submitting(ray):
             time.sleep(0.0002)
         assert max(ray.get(calls, timeout=DEADLOCK)) - sent < 0.1  # was 0.15-0.36 s
         ray.get(refs, timeout=DEADLOCK)
+
+
+@pytest.mark.parametrize("num_cpus", [0.5, 1.0])
+def test_a_cancel_right_after_submit_stops_the_task(ray, num_cpus):
+    """Through the scheduler (num_cpus=0.5) the task was taken for started before its worker
+    had named it: the SIGINT came too early, was ignored, and the task ran to the end."""
+    import random
+
+    @ray.remote(num_cpus=num_cpus, max_retries=0)
+    def long_one(i):
+        time.sleep(0.3)
+        return "ran to the end"
+
+    ray.get([long_one.remote(-1), long_one.remote(-2)], timeout=DEADLOCK)
+    for i in range(60):
+        ref = long_one.remote(i)
+        end = time.perf_counter() + random.uniform(0, 400e-6)
+        while time.perf_counter() < end:
+            pass
+        ray.cancel(ref)
+        with pytest.raises(exceptions.TaskCancelledError):
+            ray.get(ref, timeout=DEADLOCK)
+
+
+def test_cancelling_a_running_leased_task_then_those_queued_behind_it(ray):
+    """Each cancel named its task as the SIGINT's target; the later ones (queued tasks)
+    overwrote the first before the worker read it, and the running task ran to the end."""
+    for trial in range(3):
+        @ray.remote(max_retries=0)
+        def work(seconds, trial=trial):  # a new function each trial
+            time.sleep(seconds)
+            return "ran to the end"
+
+        learn_short(work, 0)
+        running = work.remote(1.0)
+        queued = [work.remote(0.0005) for _ in range(30)]
+        time.sleep(0.05)
+        ray.cancel(running)
+        for ref in queued:
+            ray.cancel(ref)
+        with pytest.raises(exceptions.TaskCancelledError):
+            ray.get(running, timeout=DEADLOCK)
+        for ref in queued:
+            try:
+                ray.get(ref, timeout=DEADLOCK)
+            except exceptions.TaskCancelledError:
+                pass

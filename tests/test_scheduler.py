@@ -321,11 +321,11 @@ def test_a_leased_workers_question_for_code_not_yet_registered_waits_for_it(setu
     assert sent(worker, P.REPLY) == [(P.REPLY, 7, b"code")]
 
 
-def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
+def test_a_lease_request_stands_until_work_that_needs_the_cpu_has_run(setup):
     sched, driver, _ = setup
     sched.on_lease_request(driver, 1)
     [(_, granted)] = sent(driver, P.LEASE_GRANTED)
-    assert granted is not None and sched.available["CPU"] == 1.0
+    assert sched.available["CPU"] == 1.0
     take(driver)
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
     task = spec(resources={"CPU": 2.0})  # needs the CPU the lease holds
@@ -334,16 +334,27 @@ def test_a_lease_is_lent_only_when_nothing_waits_for_a_cpu(setup):
     assert sent(driver, P.LEASE_RECALL) == [(P.LEASE_RECALL, granted)]
     sched.on_lease_request(driver, 1)
     assert sent(driver, P.LEASE_GRANTED) == []  # it stands: the queued task goes first
-    sched.on_lease_return(driver, granted, False, [])
+    sched.on_lease_return(driver, granted, [])
     sched.dispatch()
     sched._grant_leases()
     [(worker, execute)] = executes(sched)
     assert sched.available["CPU"] == 0.0 and sent(driver, P.LEASE_GRANTED) == []
-    sched.on_task_done(worker, execute[1], [(object_id_for_return(task[0], 0), b"x", b"", [])], False,
-                       0.001)
+    sched.on_task_done(worker, execute[1], [(object_id_for_return(task[0], 0), b"x", b"", [])],
+                       False, 0.001)
     sched.dispatch()
     sched._grant_leases()  # the request was still standing: met now
     assert len(sent(driver, P.LEASE_GRANTED)) == 1 and sched.available["CPU"] == 1.0
+
+
+def test_a_lease_is_lent_though_a_task_waits_for_what_leases_cannot_give(setup):
+    """A task waiting for a resource no lease holds does not stop the driver's tasks."""
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    sched.available["slot"] = 0.0  # as if an actor held it
+    sched.on_submit(driver, spec(resources={"CPU": 1.0, "slot": 1.0}))
+    sched.dispatch()
+    sched.on_lease_request(driver, 2)
+    assert len(sent(driver, P.LEASE_GRANTED)) == 2 and not sent(driver, P.LEASE_RECALL)
 
 
 def _lease(sched, driver):
@@ -487,3 +498,40 @@ def test_a_leased_tasks_child_and_wait_are_its_own_though_its_registration_comes
     assert [c.task_id for c in sched.tasks[second[0]].children] == [child[0]]
     assert b"p" * 16 in sched.blocking_functions and b"f" * 16 not in sched.blocking_functions
     assert not worker.orphans and not worker.blocked_unknown
+
+
+def test_of_a_dead_leased_workers_unanswered_tasks_only_the_one_it_started_is_charged(setup):
+    """Those sent after it never started, those before it finished but their results died
+    with it: they run again, without using a retry (max_retries=0 here)."""
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    worker = _lease(sched, driver)
+    specs = [spec(max_retries=0) for _ in range(3)]
+    for task_spec in specs:
+        sched.on_direct_submit(driver, worker.pid, task_spec)
+    worker.cancel_slot[P.SLOT_STARTED] = specs[1][0]  # it died in the second
+    sched.on_disconnect(worker)
+    assert sent(driver, P.LEASE_LOST) == [(P.LEASE_LOST, worker.pid)]
+    sched.on_lease_return(driver, worker.pid, [s[0] for s in specs])
+    sched.dispatch()
+    (ready,) = sent(driver, P.READY)
+    assert ready[1] == object_id_for_return(specs[1][0], 0)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.WorkerCrashedError)
+    assert sorted(m[1] for _, m in executes(sched)) == sorted([specs[0][0], specs[2][0]])
+
+
+def test_tasks_a_leased_worker_hands_back_run_here_unless_cancelled(setup):
+    sched, driver, _ = setup
+    sched.on_register_function(driver, b"f" * 16, b"code", "f")
+    worker = _lease(sched, driver)
+    kept, cancelled = spec(), spec()
+    for task_spec in (kept, cancelled):
+        sched.on_direct_submit(driver, worker.pid, task_spec)
+    sched.on_cancel(driver, cancelled[0], False, False)  # on its way to the worker...
+    sched.on_lease_handed_back(driver, worker.pid, [kept[0], cancelled[0]])  # ...too late
+    sched.dispatch()
+    assert [m[1] for w, m in executes(sched) if w is not worker] == [kept[0]]
+    (ready,) = sent(driver, P.READY)
+    assert ready[1] == object_id_for_return(cancelled[0], 0)
+    assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskCancelledError)
+    assert not worker.direct

@@ -1,4 +1,4 @@
-"""Direct channels: an actor call, or a lone task, in two hops instead of four.
+"""Direct channels: an actor call, or a plain task, in two hops instead of four.
 
 Runs in: actors and workers (the listening side), every process that calls actors, and the
 driver (which leases workers).
@@ -21,15 +21,22 @@ either order; the scheduler pairs them.  If the actor dies, the scheduler fails 
 the calls it was owed exactly as for calls it forwarded itself, and a caller that loses its
 channel asks the scheduler for the outstanding results instead.
 
-A lease works the same way for tasks: the driver, calling one plain task at a time, borrows
-an idle worker from the scheduler and sends it EXECUTE straight; the lease holds the worker's
-CPU until it is given back.  Here the driver, not the worker, tells the scheduler what came
-back (DIRECT_SUBMIT, then LEASED_DONE, both batched), so the answer costs no wake-up of the
-scheduler on the way; only results the driver can't use at once (refs inside, a failure to
-retry) are reported by the worker first (DIRECT_DONE).  The driver is then the witness of
-what it saw: if the worker dies, the scheduler asks it (LEASE_LOST) before it retries or
-fails anything, and it answers (LEASE_VERDICT) once it has read and reported all the worker
-sent.
+A lease carries tasks the same way: the driver owns its plain tasks and sends them to
+workers the scheduler lends it, several at a time to a worker for short functions; the
+lease holds the worker's CPU until it is given back::
+
+    driver ── EXECUTE, EXECUTE, ... ─────▶ leased worker
+       ◀───── RESULT, RESULT, ... ─────────┘
+       └── only if it must: DIRECT_SUBMIT, LEASED_DONE ──▶ scheduler
+
+The scheduler hears of such a task only when it must (``_runtime``, "leases": a ref to it
+leaves the driver, it is cancelled, it waited in get() or submitted tasks, its results
+hold refs or live in the arena, it will be retried); then the driver registers it and
+reports what came back, and the worker reports first only the results the driver can't
+use at once (DIRECT_DONE).  The driver is the witness of what it saw: if the worker dies,
+it reads all the worker sent, registers what was left unanswered (LEASE_RETURN) and
+answers the scheduler's question (LEASE_LOST, LEASE_VERDICT) before anything is retried
+or failed.
 
 Per-caller order holds across both routes: a caller sends directly only while none of its
 calls to that actor that went through the scheduler is unfinished, and the scheduler forwards

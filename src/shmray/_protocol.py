@@ -45,9 +45,9 @@ Client (driver, worker, actor) -> scheduler
     LEASE_REQUEST      count                         lend me up to this many more workers, as
                                                      they become free (0: no more); it stands
                                                      until granted or replaced (drivers only)
-    LEASE_RETURN       worker_pid, broken, order     done with that lease (broken: its channel
-                                                     failed with tasks unfinished on it, order:
-                                                     their ids in the order they were sent)
+    LEASE_RETURN       worker_pid, unanswered        done with that lease; unanswered: ids of
+                                                     tasks sent on it whose results never came
+                                                     (its channel ended), registered just before
     LEASED_DONE        task_id, delivered            a registered leased task's results as its
                                                      worker sent them back, all usable at once
                                                      (the worker reports the others itself)
@@ -75,7 +75,8 @@ Actor or leased worker -> scheduler
                                                      to the caller right after, unless
                                                      retryable.  A leased worker sends it
                                                      only for results it can't deliver (its
-                                                     driver reports the rest: LEASED_DONE)
+                                                     driver reports the rest, LEASED_DONE,
+                                                     if it registered the task)
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -91,25 +92,29 @@ Scheduler -> client
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
     LEASE_GRANTED      worker_pid                    a worker lent to the sender
-    LEASE_RECALL       worker_pid                    give that lease back once its task is
+    LEASE_RECALL       worker_pid                    give that lease back once its tasks are
                                                      done: the CPU is needed
-    LEASE_LOST         worker_pid                    that worker died with tasks of yours
-                                                     unreported: read what it sent, report it,
-                                                     then answer LEASE_VERDICT
+    LEASE_LOST         worker_pid                    that worker you lease died: read what it
+                                                     sent, report it, return the lease with
+                                                     what it left unanswered, then answer
+                                                     LEASE_VERDICT
 Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
     CALL, EXECUTE      as the scheduler's; arg_ids is empty, values too, and EXECUTE's
                                                      pickled is None (the worker asks the
                                                      scheduler for code it lacks)
-    RESULT             task_id, delivered, undelivered, took, dealt
+    RESULT             task_id, delivered, undelivered, took, must_register
                                                      [(object_id, data, metadata)] of the
                                                      results the caller may use at once; the
                                                      ids of the others, which come as READY
                                                      from the scheduler (it must count refs
                                                      inside them first); took: its run time;
-                                                     dealt: it submitted tasks or waited in
-                                                     get(), so the scheduler knows its id
-    HANDED_BACK        task_ids                      (leased worker) tasks sent before, not
-                                                     started: the running one waits in get()
+                                                     must_register: it submitted tasks or
+                                                     waited in get() under its id, so the
+                                                     driver must register it (an actor's
+                                                     RESULT: always False)
+    HANDED_BACK        task_ids                      (leased worker) its running task waits in
+                                                     get(): these tasks, sent before, did not
+                                                     start (none: the news alone)
 
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
 options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,
@@ -192,13 +197,16 @@ ACTOR_OPTIONS = 6
 
 # A worker's slot: shared memory the scheduler maps before forking it.
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
-#   [24:48]  the last task the worker started (the worker writes it)
+#   [24:48]  the last task the worker started (the worker writes it; the scheduler clears it
+#            before it gives an idle worker work)
 #   [48:56]  u64 how many CANCEL_CALLs the scheduler has sent it: between tasks it reads its
 #            socket only while it has handled fewer (a poll(2) per task costs more than the
 #            task, for short ones)
 #   [56:64]  u64 bytes parked after it, then TASK_DONE messages the worker holds back, each
 #            a u32 length and the pickled message: the scheduler reads them if it dies
 SLOT_SIZE = 1 << 18
+SLOT_TARGET = slice(0, 24)
+SLOT_STARTED = slice(24, 48)
 SLOT_CANCELS = 48
 SLOT_PARKED = 56
 _u64 = struct.Struct("<Q")

@@ -49,6 +49,7 @@ from ._object_store import (
     ObjectSpilledError,
     ObjectStore,
 )
+from ._run_times import RunTimes
 from ._serialization import META_ERROR, deserialize, in_serialize, serialize
 from ._spill import Spiller, store_full_error, too_large_error
 
@@ -63,9 +64,7 @@ _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMI
                          P.LEASED_DONE))
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
-_PIPELINE_BUDGET = 0.002      # tasks queued on one leased worker: no more than run this long
-_PIPELINE_MAX_DEPTH = 256     # ...and never more than this many
-_SLOWEST_DECAY = 0.966        # per task, of the longest run time a function is known for
+_PIPELINE_MAX_DEPTH = 256     # tasks in flight on one leased worker, at most (``_run_times``)
 _BACKLOG_POLL_EVERY = 16      # while submitting into a backlog, look for results this often
 _WRITE_ATTEMPTS = 10          # writes of an object into a full arena, spilling between
 _LOOK_IN_ARENA = 8            # a get/wait of more ids than this doesn't look in the arena
@@ -135,21 +134,19 @@ class Runtime:
         self.leasing = leasing
         self._leases: List[_Channel] = []
         self._backlog: collections.deque = collections.deque()  # _Leased, waiting for room
-        self._backlogged = 0          # tasks that waited in the backlog (polls among them)
+        self._backlog_submits = 0     # tasks submitted into the backlog (polls among them)
         # When the program last submitted a task for a lease: while it does, it writes as
         # it goes, and the flusher keeps off the lock (two threads taking turns at it cost
         # more than they save).
         self._submitted_at = 0.0
         self._lease_wanted = 0        # more leases asked for, as the scheduler knows it
         self._max_leases = max(int(options.get("num_cpus") or 1), 1)
-        self._run_times = _RunTimes()
+        self._run_times = RunTimes(_PIPELINE_MAX_DEPTH)
         self._unregistered: Dict[bytes, _Leased] = {}  # results of tasks only we know of
         self._owner_only: set = set()   # results only we have (published if a ref leaves)
-        self.leased_dealt = False  # a leased worker: its task submitted or waited (RESULT)
-        # Watches the scheduler's connection: a task sent straight to a worker must not
-        # succeed when the session is already gone.
-        self._scheduler_poll = select.poll()
-        self._scheduler_poll.register(conn.fd, select.POLLIN)
+        # A leased worker: its task submitted tasks or waited in get(), under its id, so its
+        # driver must register it (RESULT).
+        self.leased_must_register = False
         self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -549,11 +546,6 @@ class Runtime:
                 self.handle(message)
         self._serve_descriptors(ready)
 
-    def scheduler_has_news(self) -> bool:
-        """Something from the scheduler is waiting to be read (one poll(2) on a poll object
-        kept for it, not one built over every descriptor)."""
-        return bool(self._scheduler_poll.poll(0))
-
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock)."""
         if message[0] == P.READY:
@@ -754,7 +746,7 @@ class Runtime:
             with self._lock:
                 return self._submit_leasable(spec, return_ids)
         if self.running_leased is not None:
-            self.leased_dealt = True  # our driver must register the task we run (RESULT)
+            self.leased_must_register = True
             return self._send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
         return self._send_owning((P.SUBMIT, spec), return_ids)
 
@@ -842,28 +834,12 @@ class Runtime:
             if message[0] == P.HANDED_BACK:
                 self._handed_back(channel, message[1])
                 continue
-            _, task_id, delivered, undelivered, took, dealt = message
+            _, task_id, delivered, undelivered, took, must_register = message
             record = self._leased_result(channel, task_id, delivered, undelivered, took,
-                                         dealt) if lease else None
-            if record is not None and not record.registered and len(delivered) == 1:
-                # The common case, in short: one small result, ours alone from now on.
-                object_id, data, metadata = delivered[0]
-                del self._unregistered[object_id]
-                self._direct_pending.pop(object_id, None)
-                if object_id in self._counts:
-                    self._owner_only.add(object_id)  # before a future's callback runs
-                    self._arrived(object_id, (data, metadata))
-                continue
+                                         must_register) if lease else None
             if record is not None and not record.registered:
-                # Ours alone from now on (unless a ref leaves us): settled before a READY
-                # runs a future's callbacks, which may pass the ref on.
-                for object_id, data, metadata in delivered:
-                    if object_id in self._counts:
-                        self._locations[object_id] = (data, metadata)
-                for object_id in record.return_ids:
-                    del self._unregistered[object_id]
-                    if object_id in self._locations:
-                        self._owner_only.add(object_id)
+                self._keep_unregistered(record, delivered)
+                continue
             for object_id, data, metadata in delivered:
                 if self._direct_pending.pop(object_id, None) is not None:
                     self.handle((P.READY, object_id, data, metadata))
@@ -873,6 +849,19 @@ class Runtime:
                     self._owned_pending.add(object_id)
         if lease and channel in self._leases:
             self._feed(channel)
+
+    def _keep_unregistered(self, record: "_Leased", delivered) -> None:
+        """Results of a task the scheduler never heard of (all small, no refs inside): ours
+        alone from now on, published if a ref to one leaves us.  Marked so before a
+        future's callback runs (``_arrived``): it may pass the ref on."""
+        for object_id, _, _ in delivered:
+            del self._unregistered[object_id]
+            self._direct_pending.pop(object_id, None)
+            if object_id in self._counts:
+                self._owner_only.add(object_id)
+        for object_id, data, metadata in delivered:
+            if object_id in self._counts:
+                self._arrived(object_id, (data, metadata))
 
     def _close_channel(self, channel: "_Channel") -> None:
         self.readers.pop(channel.conn.fd, None)
@@ -886,15 +875,14 @@ class Runtime:
             if channel in self._leases:
                 self._leases.remove(channel)
                 self._read_to_the_end(channel)
-                # Tasks of ours on it never answered: the scheduler learns of them now, and
-                # of their order (those after the one it died in never started: they run
-                # again without using a retry); broken, so it settles them at once (and
-                # ends the worker if it lives).
-                order = list(channel.sent)
+                # Tasks of ours on it never answered: the scheduler learns of them now (all
+                # but the one it died in run again without using a retry), and settles
+                # them at once (ending the worker if it lives).
+                unanswered = list(channel.sent)
                 for record in channel.sent.values():
                     if not record.registered:
                         self._register(record, channel)
-                self.conn.send((P.LEASE_RETURN, channel.peer_pid, bool(order), order))
+                self.conn.send((P.LEASE_RETURN, channel.peer_pid, unanswered))
                 channel.sent.clear()
                 self.flush_later()
                 self._want_leases()
@@ -923,12 +911,12 @@ class Runtime:
     # is Ray's ownership: for a burst of short tasks the scheduler does nothing per task.
 
     def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
-        """(caller holds the lock)"""
+        """Own a plain task: straight to the roomiest lease if it has room and nothing
+        waits before it (the hot path of a burst), else into the backlog, asking for
+        leases (caller holds the lock)."""
         now = self._submitted_at = time.monotonic()
-        if now - self._last_flush > _FLUSH_DELAY and (self.conn.pending or self.unflushed):
-            self.flush()  # what the flusher would have sent (it keeps off meanwhile)
-            for conn in list(self.unflushed):
-                self.write_some(conn)
+        if now - self._last_flush > _FLUSH_DELAY:
+            self._flush_for_the_flusher()
         record = _Leased(spec, return_ids)
         unregistered, counts = self._unregistered, self._counts
         refs = []
@@ -941,7 +929,7 @@ class Runtime:
             lease = self._roomiest_lease()
             if lease is not None and self._has_room(lease, spec[P.SPEC_FN_ID]):
                 if self._send_leased(lease, record):
-                    lease.last_used = lease.last_write
+                    lease.last_used = now
                     if lease.conn in self.unflushed:
                         self.flush_later()
                 return refs
@@ -952,10 +940,17 @@ class Runtime:
                 self._feed(lease)
         if backlog:
             self._want_leases()
-            self._backlogged += 1
-            if self._backlogged % _BACKLOG_POLL_EVERY == 0:
+            self._backlog_submits += 1
+            if self._backlog_submits % _BACKLOG_POLL_EVERY == 0:
                 self.poll()  # results in: their workers have room again
         return refs
+
+    def _flush_for_the_flusher(self) -> None:
+        """What the flusher thread would send; it keeps off while the program submits."""
+        if self.conn.pending or self.unflushed:
+            self.flush()
+            for conn in list(self.unflushed):
+                self.write_some(conn)
 
     def _roomiest_lease(self) -> Optional["_Channel"]:
         best = None
@@ -996,14 +991,14 @@ class Runtime:
         """Whether a task of ``fn_id`` may queue on the lease: behind tasks of short
         functions only, as many as the shortest allowance among them all."""
         sent = len(lease.sent)
-        return not sent or sent < min(lease.room, self._run_times.depth(fn_id))
+        return not sent or sent < min(lease.depth_limit, self._run_times.depth(fn_id))
 
     def _send_leased(self, lease: "_Channel", record: "_Leased") -> bool:
         # No code: a worker that lacks the function's asks the scheduler for it, once.
         spec = record.spec
         task_id = spec[P.SPEC_TASK_ID]
         depth = self._run_times.depth(spec[P.SPEC_FN_ID])
-        lease.room = min(lease.room, depth) if lease.sent else depth
+        lease.depth_limit = min(lease.depth_limit, depth) if lease.sent else depth
         lease.conn.send((P.EXECUTE, task_id, spec[P.SPEC_FN_ID], None, spec[P.SPEC_NAME],
                          spec[P.SPEC_ARGS], (), spec[P.SPEC_NUM_RETURNS], {},
                          spec[P.SPEC_RETRY_EXCEPTIONS], None))
@@ -1016,15 +1011,16 @@ class Runtime:
             return False
         return True
 
-    def _leased_result(self, lease: "_Channel", task_id, delivered, undelivered, took, dealt):
+    def _leased_result(self, lease: "_Channel", task_id, delivered, undelivered, took,
+                       must_register):
         """A leased task is done: the record it was sent as, or None."""
         record = lease.sent.pop(task_id, None)
         if record is None:
             return None
         lease.stalled = False
-        self._run_times.note(record.spec[P.SPEC_FN_ID], took, dealt)
+        self._run_times.note(record.spec[P.SPEC_FN_ID], took, must_register)
         if not record.registered:
-            if undelivered or dealt:
+            if undelivered or must_register:
                 self._register(record, lease)
             else:
                 for result in delivered:
@@ -1044,8 +1040,8 @@ class Runtime:
         if lease.sent:
             head = next(iter(lease.sent.values()))
             self._run_times.note_blocking(head.spec[P.SPEC_FN_ID])
-        to_scheduler = []
-        for task_id in reversed(task_ids):
+        to_scheduler, to_backlog = [], []
+        for task_id in task_ids:
             record = lease.sent.pop(task_id, None)
             if record is None:
                 continue
@@ -1055,13 +1051,14 @@ class Runtime:
                 to_scheduler.append(task_id)
                 self._owned_pending.update(i for i in record.return_ids if i in self._counts)
             else:
-                self._backlog.appendleft(record)
+                to_backlog.append(record)
+        self._backlog.extendleft(reversed(to_backlog))  # first, in the order they were sent
         if to_scheduler:
-            self.conn.send((P.LEASE_HANDED_BACK, lease.peer_pid, to_scheduler[::-1]))
+            self.conn.send((P.LEASE_HANDED_BACK, lease.peer_pid, to_scheduler))
             self.flush_later()
-        lease = self._roomiest_lease()
-        if lease is not None:
-            self._feed(lease)
+        other = self._roomiest_lease()
+        if other is not None:
+            self._feed(other)
         self._want_leases()
 
     def _register(self, record: "_Leased", lease: Optional["_Channel"]) -> None:
@@ -1101,14 +1098,15 @@ class Runtime:
                     self._register(record, self._direct_pending.get(object_id))
 
     def exported(self, object_id: bytes) -> None:
-        """A ref was pickled (ObjectRef.__reduce__): publish its object, at once if the
-        pickle is not for a message of ours (which would carry the PUT along)."""
+        """A ref was pickled (ObjectRef.__reduce__): publish its object; and, if the
+        pickle is the user's own (not one of our messages, which follow the registration
+        on the same connection), send the registration now: the ref may travel faster."""
         if self.closed:
             return
         if object_id in self._owner_only or object_id in self._unregistered:
             self.publish((object_id,))
-        if not in_serialize() and self.conn.pending:  # a registration may be unsent: the
-            self.flush()                               # ref may travel faster than it
+        if not in_serialize() and self.conn.pending:
+            self.flush()
 
     def _want_leases(self) -> None:
         """Ask for as many more workers as the backlog could use (caller holds the lock);
@@ -1134,7 +1132,7 @@ class Runtime:
         self._lease_wanted = max(self._lease_wanted - 1, 0)
         connected = _direct.connect(self.session_dir, _direct.worker_key(worker_pid))
         if connected is None:  # it died meanwhile
-            self.conn.send((P.LEASE_RETURN, worker_pid, False, []))
+            self.conn.send((P.LEASE_RETURN, worker_pid, []))
             self._want_leases()
             return
         lease = _Channel(None, *connected)
@@ -1199,7 +1197,7 @@ class Runtime:
     def _return_lease(self, lease: "_Channel") -> None:
         self._leases.remove(lease)
         self._close_channel(lease)
-        self.conn.send((P.LEASE_RETURN, lease.peer_pid, False, []))
+        self.conn.send((P.LEASE_RETURN, lease.peer_pid, []))
         self.flush_later()
         if self._backlog:
             self._want_leases()
@@ -1274,7 +1272,7 @@ class _Channel:
     """This process's direct connection to an actor, or to a worker it leases (``_direct``)."""
 
     __slots__ = ("actor_id", "conn", "peer_pid", "last_write", "sent", "last_used",
-                 "recalled", "stalled", "room")
+                 "recalled", "stalled", "depth_limit")
 
     def __init__(self, actor_id: Optional[bytes], conn: Connection, peer_pid: int):
         self.actor_id = actor_id  # None for a leased worker
@@ -1285,7 +1283,7 @@ class _Channel:
         self.last_used = 0.0
         self.recalled = False         # a lease: the scheduler wants it back
         self.stalled = False          # a lease: its task waits in get(); send nothing more
-        self.room = 1                 # a lease: how many tasks it may have (``_has_room``)
+        self.depth_limit = 1          # a lease: how many tasks it may have (``_has_room``)
 
 
 class _Leased:
@@ -1297,45 +1295,6 @@ class _Leased:
         self.spec = spec
         self.return_ids = return_ids
         self.registered = False  # the scheduler knows of it (``_register``)
-
-
-class _RunTimes:
-    """How long each function's leased tasks run, as their workers measure it: how many
-    may queue on one leased worker.  A short function's many, so the worker never waits
-    for us between them; any other's one at a time, so a long task never delays one
-    another worker could have started, nor one that waits in get() (or submits tasks)
-    the tasks queued behind it."""
-
-    __slots__ = ("_known", "_depths")
-
-    def __init__(self):
-        # fn_id -> [typical, slowest lately, dealt, tasks seen]
-        self._known: Dict[bytes, list] = {}
-        self._depths: Dict[bytes, int] = {}  # fn_id -> how many may be in flight
-
-    def note(self, fn_id: bytes, took: float, dealt: bool) -> None:
-        known = self._known.get(fn_id)
-        if known is None:
-            known = self._known[fn_id] = [took, took, dealt, 0]
-        else:
-            known[0] += 0.25 * (took - known[0])
-            slowest = known[1] * _SLOWEST_DECAY
-            known[1] = took if took > slowest else slowest
-            known[2] = known[2] or dealt
-        known[3] += 1
-        if known[3] % 16 == 1 or took > _PIPELINE_BUDGET or dealt:  # now and then will do
-            if known[2] or known[1] > _PIPELINE_BUDGET:
-                self._depths[fn_id] = 1
-            else:
-                self._depths[fn_id] = max(1, min(_PIPELINE_MAX_DEPTH,
-                                                 int(_PIPELINE_BUDGET / max(known[0], 1e-6))))
-
-    def note_blocking(self, fn_id: bytes) -> None:
-        self._known.setdefault(fn_id, [1.0, 1.0, True, 0])[2] = True
-        self._depths[fn_id] = 1
-
-    def depth(self, fn_id: bytes) -> int:
-        return self._depths.get(fn_id, 1)
 
 
 def _leasable(spec: tuple) -> bool:

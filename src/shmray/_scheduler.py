@@ -51,8 +51,10 @@ Data flow for one task (each arrow one message, batched with whatever else is qu
   killed, the session folder is removed, and the scheduler exits.
 
 Each loop turn: wait for readable sockets, handle every message that arrived (one dispatch
-table), start what became ready, write every queued message in one frame per peer: at once to
-workers and actors, and to the driver once the loop has nothing left to read (``_flush_dirty``).
+table), answer subscriptions to ids that were unknown when read (``_settle_doubtful``), start
+what became ready, lend workers to drivers asking (``_grant_leases``), write every queued
+message in one frame per peer: at once to workers and actors, and to the driver once the
+loop has nothing left to read (``_flush_dirty``).
 """
 
 from __future__ import annotations
@@ -73,14 +75,14 @@ from . import _protocol as P, exceptions
 from ._connection import Connection, ConnectionClosed
 from ._object_store import ObjectNotFoundError, ObjectStore
 from ._process import describe_exit
+from ._run_times import SHORT_BUDGET, SLOWEST_DECAY
 from ._serialization import META_ERROR, serialize
 
 _PREFETCH_MAX_SECONDS = 0.02  # tasks sent ahead to a busy worker: only of functions that
                               # take less than this, so a task waits behind another for
                               # 20 ms at most; more than one only of functions that never
-_PREFETCH_BUDGET = 0.002      # took longer than this, while their typical run times add up
+_PREFETCH_BUDGET = SHORT_BUDGET  # took longer than this, while their typical run times add up
 _PREFETCH_MAX_DEPTH = 16      # to no more than it, and never more than this many
-_SLOWEST_DECAY = 0.966        # per call, of the longest run time a function is known for
 _DOUBTFUL_READS = 16          # reads of every socket before an unknown id is called lost
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
@@ -93,7 +95,7 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given", "lease_wanted", "lease_order")
+                 "verdict_given", "lease_wanted", "unanswered")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -108,7 +110,8 @@ class Client:
         self.actor: Optional["Actor"] = None  # the actor this process is, if any
         self.held_since = 0.0                 # when its queued messages were last written
         self.queued: collections.deque = collections.deque()  # tasks sent ahead (prefetch)
-        self.cancel_slot = None               # shared bytes naming the task SIGINT is for
+        self.cancel_slot = None               # a worker's shared slot (``_protocol``): the
+                                              # task SIGINT is for, the one it started...
         self.calls: Dict[bytes, int] = {}     # fn id -> tasks run (max_calls)
         self.leases: set = set()              # workers lent to this client
         self.leased_to: Optional["Client"] = None  # a worker: the client it is lent to
@@ -119,7 +122,7 @@ class Client:
         self.orphans: List[tuple] = []     # (parent id, task)
         self.blocked_unknown: set = set()  # ids of those of its tasks that waited in get()
         self.verdict_given = False  # a leased worker: its driver has said what it got
-        self.lease_order: list = []  # ...and in which order it sent the tasks unanswered
+        self.unanswered: list = []  # ...and which tasks it sent that it got no answer to
         self.lease_wanted = 0       # a driver: how many more workers it asks to lease
 
     def __repr__(self) -> str:
@@ -245,8 +248,8 @@ class Scheduler:
         # Leased tasks whose worker died before their results were reported, until their
         # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
         self.awaiting_verdict: Dict[bytes, tuple] = {}
-        # Leased workers that died, until then: pid -> (exit status, the last task id the
-        # worker named as started in its slot).
+        # Leased workers that died, until their driver's verdict: pid -> (exit status, the
+        # last task id the worker named as started in its slot).
         self.lease_deaths: Dict[int, tuple] = {}
         self.function_waiters: Dict[bytes, list] = {}  # fn id -> [(client, request id)]
         num_cpus = float(options["num_cpus"])
@@ -373,7 +376,7 @@ class Scheduler:
                     self._read(key.data)
         for client, object_id in doubtful:
             if client.alive:
-                self.on_subscribe(client, [object_id], final=True)
+                self._subscribe(client, object_id)
 
     def _read(self, client: Client) -> None:
         try:
@@ -460,20 +463,24 @@ class Scheduler:
                 entry.holders.discard(client)
                 self._maybe_free(object_id, entry)
 
-    def on_subscribe(self, client: Client, ids, final: bool = False) -> None:
+    def on_subscribe(self, client: Client, ids) -> None:
         for object_id in ids:
-            entry = self.objects.get(object_id)
-            if entry is None and not final:
+            if object_id in self.objects:
+                self._subscribe(client, object_id)
+            else:
                 # Perhaps named in a message another process sent first that is not read
                 # yet (a driver registers a task's result before a ref to it leaves by a
-                # way of its own): asked again once all that has arrived is read.
+                # way of its own): answered once all that has arrived is read.
                 self.doubtful.append((client, object_id))
-            elif entry is None:
-                self.send(client, (P.READY, object_id, *self._lost(object_id)))
-            elif entry.ready:
-                self.send(client, (P.READY, object_id, entry.data, entry.metadata))
-            else:
-                entry.subscribers.append(client)
+
+    def _subscribe(self, client: Client, object_id: bytes) -> None:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            self.send(client, (P.READY, object_id, *self._lost(object_id)))
+        elif entry.ready:
+            self.send(client, (P.READY, object_id, entry.data, entry.metadata))
+        else:
+            entry.subscribers.append(client)
 
     def _lost(self, object_id: bytes):
         error = exceptions.ObjectLostError(
@@ -702,7 +709,7 @@ class Scheduler:
 
     # -- leases ----------------------------------------------------------------------------
 
-    def on_lease_request(self, client: Client, count: int = 1) -> None:
+    def on_lease_request(self, client: Client, count: int) -> None:
         """A driver asks for ``count`` more workers, as they become free (0: none)."""
         client.lease_wanted = count if client.kind == "driver" else 0
         if client.lease_wanted:
@@ -725,12 +732,11 @@ class Scheduler:
                         return
                     self.start_worker()  # the others wait in get(), their CPUs lent
                 worker = self.idle.pop()
-                if worker.cancel_slot is not None:  # idle: not writing it
-                    worker.cancel_slot[24:48] = bytes(24)
+                _clear_started(worker)
                 worker.leased_to = client
                 worker.recalled = False
                 worker.verdict_given = False
-                worker.lease_order = []
+                worker.unanswered = []
                 client.leases.add(worker)
                 self.leased.add(worker)
                 self.available["CPU"] -= 1.0
@@ -738,17 +744,19 @@ class Scheduler:
                 self.send(client, (P.LEASE_GRANTED, worker.pid))
             self.lease_wanters.discard(client)
 
-    def on_lease_return(self, client: Client, worker_pid, broken, order) -> None:
-        if broken:  # its channel ended; the driver has reported all that came back on it
-            self.on_lease_verdict(client, worker_pid, order)
+    def on_lease_return(self, client: Client, worker_pid, unanswered) -> None:
+        """Done with a lease; ``unanswered``: the tasks sent on it whose results never came
+        (its channel ended), which the driver has registered just before."""
+        if unanswered:  # the driver has reported all that came back on it
+            self._settle_verdict(client, worker_pid, unanswered)
         for worker in client.leases:
             if worker.pid == worker_pid:
                 self._end_lease(worker)
-                if broken and worker.direct:
+                if unanswered and worker.direct:
                     # Tasks on it whose results can no longer reach their driver: lost
                     # once it is gone (the driver has had its say).
                     worker.verdict_given = True
-                    worker.lease_order = order
+                    worker.unanswered = unanswered
                     _kill_quietly(worker.pid)
                 elif worker.alive and worker.task is None:
                     self.idle.append(worker)
@@ -758,7 +766,7 @@ class Scheduler:
         """Tasks a driver had sent to its leased worker, which gave them back unstarted
         (its running task waits in get()): they run here."""
         worker = next((w for w in client.leases if w.pid == worker_pid), None)
-        for task_id in reversed(task_ids):
+        for task_id in reversed(task_ids):  # each to the front: they keep their order
             task = self.tasks.get(task_id)
             if task is None or task.finished:
                 continue
@@ -836,30 +844,37 @@ class Scheduler:
         if not asked:
             self.send(task.owner, (P.LEASE_LOST, pid))
 
-    def on_lease_verdict(self, client: Client, worker_pid, order=()) -> None:
-        """The driver has reported every result the dead worker sent it: the tasks still
-        unreported never finished (``order``: as the driver sent them)."""
-        status, started = self.lease_deaths.pop(worker_pid, (None, None))
+    def on_lease_verdict(self, client: Client, worker_pid) -> None:
+        """The driver has reported every result the dead worker sent it, and registered
+        the tasks it left unanswered (LEASE_RETURN, which settled them)."""
+        self._settle_verdict(client, worker_pid, ())
+
+    def _settle_verdict(self, client: Client, worker_pid: int, unanswered) -> None:
+        """The tasks of ``client`` a dead leased worker left unreported never finished (the
+        driver has reported all it got): the one the worker died in, and any the driver
+        does not list in ``unanswered``, are charged (``_settle_lost_lease``)."""
+        status, started_id = self.lease_deaths.pop(worker_pid, (None, None))
         lost = []
         for task_id, (task, pid, died_of) in list(self.awaiting_verdict.items()):
             if pid == worker_pid and task.owner is client:
                 del self.awaiting_verdict[task_id]
                 lost.append(task)
                 status = died_of if died_of is not None else status
-        self._settle_lost_lease(lost, order, started, worker_pid, status)
+        self._settle_lost_lease(lost, unanswered, started_id, worker_pid, status)
 
-    def _settle_lost_lease(self, tasks, order, started, pid: int, status) -> None:
-        """Tasks a dead leased worker never answered (``order``: as they were sent).  It
-        names each in its slot as it starts it (``started``): that one is lost (retried
-        while retries are left: ``_task_lost``).  The others did not kill it: those after
-        it never started, those before it finished but their results, held back for the
-        next frame, died with it; they run again without using a retry."""
-        position = {task_id: i for i, task_id in enumerate(order)}
+    def _settle_lost_lease(self, tasks, unanswered, started_id, pid: int, status) -> None:
+        """Tasks a dead leased worker never answered.  It names each in its slot as it
+        starts it (``started_id``): that one is lost (retried while retries are left:
+        ``_task_lost``).  The others in ``unanswered`` did not kill it: those sent after it
+        never started, those before it finished but their results, held back for the next
+        frame, died with it; they run again without using a retry."""
+        unanswered = set(unanswered)
         for task in tasks:
             if task.finished:
                 continue
             task.worker = None
-            if task.task_id == started or task.cancelled or task.task_id not in position:
+            if (task.task_id == started_id or task.cancelled
+                    or task.task_id not in unanswered):
                 self._task_lost(task, pid, status)
             else:
                 self.enqueue(task)
@@ -919,8 +934,7 @@ class Scheduler:
         return all(available.get(name, 0.0) >= amount for name, amount in demand.items())
 
     def _start(self, task: Task, worker: Client) -> None:
-        if worker.cancel_slot is not None:  # idle, so not writing it: no task started yet
-            worker.cancel_slot[24:48] = bytes(24)
+        _clear_started(worker)
         self._make_running(task, worker)
         self._send_execute(task, worker)
 
@@ -965,7 +979,7 @@ class Scheduler:
             self.durations[fn_id] = took if previous is None else 0.8 * previous + 0.2 * took
             # The longest lately: one hiccup (a page fault storm, a preemption) must not
             # keep a function off deep prefetch for good; 20 calls later it is half.
-            self.slowest[fn_id] = max(took, _SLOWEST_DECAY * self.slowest.get(fn_id, 0.0))
+            self.slowest[fn_id] = max(took, SLOWEST_DECAY * self.slowest.get(fn_id, 0.0))
         if task is not None and self._used_up(worker, task):
             worker.task = None
             self.busy.discard(worker)
@@ -1154,32 +1168,32 @@ class Scheduler:
         if task.task_id in self.awaiting_verdict:
             return  # its worker is dead; its driver may have its result: LEASE_VERDICT says
         worker = task.worker
-        if task.direct and worker is not None and worker.leased_to is not None:
-            # On a leased worker: skipped if it has not started (the worker reports it
-            # cancelled), interrupted if it runs, or killed if forced and its worker names
-            # it as started (not one running ahead of it); either way its result says so.
-            # The cancel is counted before the slot is read, the worker writes the slot
-            # before it reads the count: one of us sees the other (``Worker.run``).
-            slot = worker.cancel_slot
-            if slot is not None:
-                slot[:24] = task.task_id
-            self._send_cancel_call(worker, task.task_id)
-            if force and (slot is None or bytes(slot[24:48]) == task.task_id):
-                _kill_quietly(worker.pid)  # on_disconnect fails it
-                return
-            _signal_quietly(worker.pid, signal.SIGINT)
-            return
         if worker is None:  # queued, or waiting for its arguments
             self._fail(task, *self._cancelled_error(task))
-        elif task not in _started(worker):  # sent ahead, not started: the worker skips it
-            self._send_cancel_call(worker, task.task_id)
-            self._fail(task, *self._cancelled_error(task))
-        elif force:
-            _kill_quietly(worker.pid)  # on_disconnect fails it, and the pool is refilled
-        else:
-            if worker.cancel_slot is not None:
-                worker.cancel_slot[:24] = task.task_id
-            _signal_quietly(worker.pid, signal.SIGINT)  # KeyboardInterrupt in the task
+            return
+        # On a worker: the cancel is counted first, then the slot read for the task it
+        # started last.  The worker names each task there before it reads the count, so
+        # one of us sees the other (``Worker.run``): a task the slot does not name yet is
+        # skipped by the worker, which reports it cancelled.
+        self._send_cancel_call(worker, task.task_id)
+        slot = worker.cancel_slot
+        if slot is None or bytes(slot[P.SLOT_STARTED]) == task.task_id:
+            self._interrupt(worker, task, force)  # it runs (or has just finished)
+        elif not task.direct and task not in _started(worker):
+            self._fail(task, *self._cancelled_error(task))  # sent ahead, not started
+        # Else: a leased task not started (skipped) or finished (its result comes), or the
+        # task the scheduler sent first, not named yet: the worker skips it.
+
+    def _interrupt(self, worker: Client, task: Task, force: bool) -> None:
+        """Stop the task ``worker`` runs: kill the worker if forced (its death fails the
+        task), else a KeyboardInterrupt in the task, which only that task takes (the slot
+        names it as the target)."""
+        if force:
+            _kill_quietly(worker.pid)
+            return
+        if worker.cancel_slot is not None:
+            worker.cancel_slot[P.SLOT_TARGET] = task.task_id
+        _signal_quietly(worker.pid, signal.SIGINT)
 
     def _send_cancel_call(self, worker: Client, task_id: bytes) -> None:
         """Skip that task if it has not started: the worker looks for this message before
@@ -1595,18 +1609,17 @@ class Scheduler:
         holder = client.leased_to
         if holder is not None:
             self._end_lease(client)
-        started = bytes(client.cancel_slot[24:48]) if client.cancel_slot is not None else None
+        slot = client.cancel_slot
+        started_id = bytes(slot[P.SLOT_STARTED]) if slot is not None else None
         if client.verdict_given:
-            self._settle_lost_lease(list(client.direct.values()), client.lease_order, started,
-                                    client.pid, status)
-        elif holder is not None and holder.alive:
-            # Its driver may hold tasks the scheduler never heard of, and results of those
-            # it did: it reports, registers the rest and answers (LEASE_VERDICT).
-            self.lease_deaths[client.pid] = (status, started)
-            self.send(holder, (P.LEASE_LOST, client.pid))
-            for task in list(client.direct.values()):
-                self._await_verdict(task, client.pid, status)
+            self._settle_lost_lease(list(client.direct.values()), client.unanswered,
+                                    started_id, client.pid, status)
         else:
+            if holder is not None and holder.alive:
+                # Its driver may hold tasks the scheduler never heard of, and results of
+                # those it did: it reports, registers the rest and answers (LEASE_VERDICT).
+                self.lease_deaths[client.pid] = (status, started_id)
+                self.send(holder, (P.LEASE_LOST, client.pid))
             for task in list(client.direct.values()):
                 self._await_verdict(task, client.pid, status)
         client.direct.clear()
@@ -1677,6 +1690,12 @@ class _ActorCreation:
         return self.actor.state == "dead"
 
 
+def _clear_started(worker: Client) -> None:
+    """Before an idle worker (so not writing its slot) is given work: nothing started yet."""
+    if worker.cancel_slot is not None:
+        worker.cancel_slot[P.SLOT_STARTED] = bytes(24)
+
+
 def _started(worker: Client) -> List[Task]:
     """The tasks ``worker`` has started of those it was sent, in order: the running one, and
     any sent ahead behind it up to the last it named as started in its slot (it may have
@@ -1687,7 +1706,7 @@ def _started(worker: Client) -> List[Task]:
     slot = worker.cancel_slot
     if slot is None or not worker.queued:
         return started
-    last = slot[24:48]
+    last = slot[P.SLOT_STARTED]
     if last == worker.task.task_id:
         return started
     for task in worker.queued:

@@ -9,8 +9,8 @@ message, or a zero-copy view of the arena), run, and write each return value: a 
 goes back inline, a large one straight into its arena block.  Results go to the scheduler
 (TASK_DONE; a few short queued tasks' in one message, parked in shared memory meanwhile), and
 for work sent straight here back to its sender (RESULT), the scheduler hearing first
-(DIRECT_DONE) except for a leased task's results the driver can use at once, which the
-driver reports itself (``report``).  An exception becomes a ``RayTaskError`` carrying the
+(DIRECT_DONE) except for a leased task's results the driver can use at once: the driver
+owns the task, and reports those itself if the scheduler must know of it (``report``).  An exception becomes a ``RayTaskError`` carrying the
 cause and the formatted traceback, stored as the value of every return (inline, so
 dependents can be failed with it without reading the arena).
 
@@ -62,8 +62,8 @@ class TaskContext:
 
 current_task = TaskContext()
 
-_REPLY_BATCH = 64
-_CANCEL_WAIT = 0.1  # for a CANCEL_CALL the slot counts but the socket has not brought yet  # replies held back at most, while more work is queued
+_REPLY_BATCH = 64   # replies held back at most, while more work is queued
+_CANCEL_WAIT = 0.1  # for a CANCEL_CALL the slot counts but the socket has not brought yet
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
 _PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
@@ -153,11 +153,12 @@ class Worker:
 
         Straight back go only results the caller may use at once: not those holding refs
         (the scheduler must count those refs first) and none of a failure that will be
-        retried; the caller hears of those from the scheduler.  The scheduler always hears
-        before the caller does, from here (an actor's calls, results not delivered), so a
-        result a caller has seen is one the scheduler knows is done and is never failed or
-        retried afterwards if this process dies; or from the caller itself (a leased task's
-        delivered results: ``caller_reports``), which then is the witness of what it saw.
+        retried; the caller hears of those from the scheduler.  The scheduler hears before
+        the caller does, from here (an actor's calls, results not delivered), so a result a
+        caller has seen is one the scheduler knows is done and is never failed or retried
+        afterwards if this process dies.  A leased task's delivered results go to its driver
+        alone (``caller_reports``), which reports them if it has told the scheduler of the
+        task, and is the witness of what it saw.
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
@@ -194,8 +195,9 @@ class Worker:
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            conn.send((P.RESULT, task_id, delivered, undelivered, took, runtime.leased_dealt))
-            runtime.leased_dealt = False
+            conn.send((P.RESULT, task_id, delivered, undelivered, took,
+                       runtime.leased_must_register))
+            runtime.leased_must_register = False
             self.held_replies.add(conn)
             if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
                 self.write_replies()
@@ -237,9 +239,9 @@ class Worker:
 
     def _on_sigint(self, signum, frame) -> None:
         slot = self.cancel_slot
-        if slot is not None and slot[:24] != current_task.task_id:
-            if current_task.task_id is None and slot[:24] == slot[24:48]:
-                self.cancel_pending = bytes(slot[:24])  # named as started, not begun yet
+        if slot is not None and slot[P.SLOT_TARGET] != current_task.task_id:
+            if current_task.task_id is None and slot[P.SLOT_TARGET] == slot[P.SLOT_STARTED]:
+                self.cancel_pending = bytes(slot[P.SLOT_TARGET])  # named as started, not begun yet
             return  # else meant for a task this worker has finished already
         if current_task.task_id is not None and not self.in_user_code:
             # Loading the function or arguments: stop before it runs.
@@ -268,7 +270,7 @@ class Worker:
             if not blocked:
                 self.runtime.conn.send((P.UNBLOCKED,))
             elif self.runtime.running_leased is not None:
-                self.runtime.leased_dealt = True  # its driver registers it (RESULT)
+                self.runtime.leased_must_register = True
                 self.runtime.conn.send((P.BLOCKED, self.runtime.running_leased))
             else:
                 self.runtime.conn.send((P.BLOCKED,))
@@ -285,10 +287,8 @@ class Worker:
                                      time.monotonic() + _CANCEL_WAIT)
 
     def _cancel_unread(self) -> bool:
-        slot = self.cancel_slot
-        if slot is None:
-            return self.runtime.scheduler_has_news()
-        return P.cancels_sent(slot) != self.cancels_read
+        slot = self.cancel_slot  # every worker has one (actors, which don't, never ask)
+        return slot is not None and P.cancels_sent(slot) != self.cancels_read
 
     def _unpark(self) -> None:
         if self.parked:
@@ -296,11 +296,10 @@ class Worker:
             P.clear_parked(self.cancel_slot)
 
     def _hand_back(self) -> None:
-        """Tasks queued here go back while the running task waits: it may be waiting for
-        one of them: those the scheduler sent ahead to the scheduler, those the lease holder
-        sent to the lease holder, which hears that the task waits even if none were queued
-        (it may then lease another worker: this one's CPU is lent).  Caller holds the
-        runtime's lock."""
+        """Tasks queued here go back to whoever sent them while the running task waits: it
+        may be waiting for one of them.  A driver leasing this worker hears that its task
+        waits even if none were queued: it may lease another worker meanwhile, this one's
+        CPU being lent.  Caller holds the runtime's lock."""
         ahead, leased = [], {}
         running = self.origins.get(current_task.task_id) if self.waiting else None
         if running is not None:
@@ -345,7 +344,7 @@ class Worker:
                 # sent after it never started.  It also reads it to cancel: it counts a
                 # cancel, then looks here; we write here, then look at the count (after a
                 # lock's fence), so one of us sees the other.
-                self.cancel_slot[24:48] = task_id
+                self.cancel_slot[P.SLOT_STARTED] = task_id
                 with runtime._lock:
                     try:
                         self._read_cancels()
@@ -354,10 +353,10 @@ class Worker:
             started = time.perf_counter()
             self.loading = 0.0
             if task_id in self.skip:
-                self.skip.discard(task_id)
                 results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
+            self.skip.discard(task_id)  # a cancel that came as it ran, too
             try:
                 self.report(task_id, results, retryable,
                             time.perf_counter() - started - self.loading)
@@ -379,7 +378,7 @@ class Worker:
         current_task.task_id = task_id
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
-            self.runtime.leased_dealt = False
+            self.runtime.leased_must_register = False
         current_task.name = name
         _output.set_name(name)
         retryable = False
@@ -559,7 +558,7 @@ def sys_flush() -> None:
             pass
 
 
-def worker_main(conn, store, session_dir: str, options: dict, cancel_slot=None) -> None:
+def worker_main(conn, store, session_dir: str, options: dict, cancel_slot) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
