@@ -95,7 +95,7 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given", "lease_wanted", "unanswered")
+                 "verdict_given", "lease_wanted", "unanswered", "killed_for")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -124,6 +124,7 @@ class Client:
         self.verdict_given = False  # a leased worker: its driver has said what it got
         self.unanswered: list = []  # ...and which tasks it sent that it got no answer to
         self.lease_wanted = 0       # a driver: how many more workers it asks to lease
+        self.killed_for: Optional[bytes] = None  # a worker: the task a forced cancel was for
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -1189,6 +1190,9 @@ class Scheduler:
         task), else a KeyboardInterrupt in the task, which only that task takes (the slot
         names it as the target)."""
         if force:
+            # The one to charge for its death: it may have moved on to a task nobody
+            # cancelled by the time the signal lands.
+            worker.killed_for = task.task_id
             _kill_quietly(worker.pid)
             return
         if worker.cancel_slot is not None:
@@ -1197,8 +1201,13 @@ class Scheduler:
 
     def _send_cancel_call(self, worker: Client, task_id: bytes) -> None:
         """Skip that task if it has not started: the worker looks for this message before
-        each task while its slot counts more than it has read."""
+        each task while its slot counts more than it has read, so it is written first (the
+        loop's turn may be long: a recursive cancel of many tasks)."""
         self.send(worker, (P.CANCEL_CALL, task_id))
+        try:
+            worker.conn.flush_nonblocking()  # what doesn't fit goes when the socket has room
+        except ConnectionClosed:
+            return  # its death is read next
         if worker.cancel_slot is not None:
             P.count_cancel(worker.cancel_slot)
 
@@ -1610,7 +1619,8 @@ class Scheduler:
         if holder is not None:
             self._end_lease(client)
         slot = client.cancel_slot
-        started_id = bytes(slot[P.SLOT_STARTED]) if slot is not None else None
+        started_id = client.killed_for or (bytes(slot[P.SLOT_STARTED]) if slot is not None
+                                           else None)
         if client.verdict_given:
             self._settle_lost_lease(list(client.direct.values()), client.unanswered,
                                     started_id, client.pid, status)
@@ -1643,7 +1653,10 @@ class Scheduler:
         for lost in started:
             if not lost.finished:
                 lost.worker = None
-                self._task_lost(lost, client.pid, status)
+                if client.killed_for in (None, lost.task_id):
+                    self._task_lost(lost, client.pid, status)
+                else:  # killed for another (cancelled) task: this one did nothing wrong
+                    self._requeue_front(lost)
         client.queued.clear()
         self._release_holds_of(client)
         while self.num_workers < self.min_workers and self.running:

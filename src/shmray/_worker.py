@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import Dict, Optional
 
 import cloudpickle
 import setproctitle
@@ -63,7 +63,7 @@ class TaskContext:
 current_task = TaskContext()
 
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
-_CANCEL_WAIT = 0.1  # for a CANCEL_CALL the slot counts but the socket has not brought yet
+_SKIPS_KEPT = 1024  # cancels of tasks not started yet kept (most are used within a task)
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
 _PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
@@ -83,7 +83,9 @@ class Worker:
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
         self.cancel_slot = cancel_slot  # the scheduler names the task a SIGINT is for here
-        self.skip: set = set()          # ids of tasks sent ahead, then cancelled
+        # Ids of tasks cancelled before they started (in order: a cancel of a task already
+        # done stays unused, and only the latest _SKIPS_KEPT are kept).
+        self.skip: Dict[bytes, None] = {}
         self.cancels_read = 0           # CANCEL_CALLs read (the slot counts those sent)
         self.functions: dict = {}
         self.queue: collections.deque = collections.deque()
@@ -257,7 +259,9 @@ class Worker:
             if self.waiting:
                 self._hand_back()
         elif message[0] == P.CANCEL_CALL:
-            self.skip.add(message[1])
+            self.skip[message[1]] = None
+            if len(self.skip) > _SKIPS_KEPT:
+                del self.skip[next(iter(self.skip))]
             self.cancels_read += 1
         elif message[0] == P.EXIT:
             self.exiting = True
@@ -281,10 +285,10 @@ class Worker:
                     pass
 
     def _read_cancels(self) -> None:
-        """Read the CANCEL_CALLs the slot counts (the message follows the count at once)."""
+        """Read the CANCEL_CALLs the slot counts (the scheduler writes the message before it
+        counts it: it is on its way)."""
         if self._cancel_unread():
-            self.runtime._wait_until(lambda: not self._cancel_unread(),
-                                     time.monotonic() + _CANCEL_WAIT)
+            self.runtime._wait_until(lambda: not self._cancel_unread(), None)
 
     def _cancel_unread(self) -> bool:
         slot = self.cancel_slot  # every worker has one (actors, which don't, never ask)
@@ -315,7 +319,8 @@ class Worker:
         returned = set(ahead).union(*leased.values())
         self.queue = collections.deque(m for m in self.queue if m[1] not in returned)
         if ahead:
-            self.skip.difference_update(ahead)
+            for task_id in ahead:
+                self.skip.pop(task_id, None)
             self.runtime.conn.send((P.HANDED_BACK, ahead))
         for conn, task_ids in leased.items():
             for task_id in task_ids:
@@ -356,7 +361,7 @@ class Worker:
                 results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
-            self.skip.discard(task_id)  # a cancel that came as it ran, too
+            self.skip.pop(task_id, None)  # a cancel that came as it ran, too
             try:
                 self.report(task_id, results, retryable,
                             time.perf_counter() - started - self.loading)
