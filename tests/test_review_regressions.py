@@ -964,3 +964,38 @@ def test_cancelling_a_running_leased_task_then_those_queued_behind_it(ray):
                 ray.get(ref, timeout=DEADLOCK)
             except exceptions.TaskCancelledError:
                 pass
+
+
+def test_a_cancel_that_lands_while_a_task_is_inside_shmray_waits_until_it_is_out():
+    """The KeyboardInterrupt came in the middle of writing a message to the scheduler: the
+    frame was cut, the scheduler found it unreadable and killed the worker."""
+    shmray.init(num_cpus=2, resources={"R": 1}, object_store_memory=100 << 20)
+    try:
+        @shmray.remote(num_cpus=0, resources={"R": 1})
+        class Holder:
+            def ping(self):
+                return 1
+
+        @shmray.remote(resources={"R": 1})
+        def child(i, pad):
+            return i
+
+        @shmray.remote(max_retries=0)
+        def parent():
+            pad = b"x" * 90_000  # each submission a 90 KB message: mostly inside send()
+            refs = []
+            while True:
+                refs.append(child.remote(len(refs), pad))
+
+        holder = Holder.remote()
+        shmray.get(holder.ping.remote(), timeout=DEADLOCK)
+        workers = set(runtime().query("workers"))
+        for _ in range(3):
+            p = parent.remote()
+            time.sleep(0.4)
+            shmray.cancel(p, recursive=True)
+            with pytest.raises(exceptions.TaskCancelledError):
+                shmray.get(p, timeout=DEADLOCK)
+        assert set(runtime().query("workers")) == workers  # none killed (and replaced)
+    finally:
+        shmray.shutdown()

@@ -65,6 +65,14 @@ def executes(sched):
     return [(w, m) for w in sched.workers() for m in sent(w, P.EXECUTE)]
 
 
+def cancels_received(pool, sched, worker):
+    """The CANCEL_CALLs the worker's end has received (the scheduler writes them at once)."""
+    peer = pool.peers[sched.workers().index(worker)]
+    peer.sock.setblocking(False)
+    peer.fill_nonblocking()
+    return [m[1] for m in peer.recv_messages(block=False) if m[0] == P.CANCEL_CALL]
+
+
 def take(client):
     messages, client.conn.pending = client.conn.pending, []
     return messages
@@ -288,7 +296,7 @@ def test_long_tasks_are_not_sent_ahead(setup):
 
 
 def test_a_task_sent_ahead_can_be_cancelled_or_rerun(setup):
-    sched, driver, _ = setup
+    sched, driver, pool = setup
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
     _run_to_completion(sched, driver, b"f" * 16, 0.001)
     tasks = [spec(max_retries=0) for _ in range(4)]
@@ -299,7 +307,8 @@ def test_a_task_sent_ahead_can_be_cancelled_or_rerun(setup):
     cancelled, rerun = first.queued[0], second.queued[0]
     take(driver)
     sched.on_cancel(driver, cancelled.task_id, False, True)
-    assert sent(first, P.CANCEL_CALL)[0][1] == cancelled.task_id  # the worker will skip it
+    # the worker will skip it
+    assert cancels_received(pool, sched, first) == [cancelled.task_id]
     (ready,) = sent(driver, P.READY)
     assert isinstance(deserialize(memoryview(ready[2])), exceptions.TaskCancelledError)
     for w in (first, second):
@@ -434,7 +443,7 @@ def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
     for a running task (and a crash would have charged it)."""
     from shmray._scheduler import _started
 
-    sched, driver, _ = setup
+    sched, driver, pool = setup
     sched.on_register_function(driver, b"f" * 16, b"code", "f")
     sched.on_register_function(driver, b"L" * 16, b"code", "L")
     _run_to_completion(sched, driver, b"f" * 16, 0.001)
@@ -444,7 +453,7 @@ def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
     sched.on_submit(driver, first)
     sched.dispatch()
     (worker,) = [w for w in sched.workers() if w.task and w.task.task_id == first[0]]
-    worker.cancel_slot[24:48] = first[0]  # it ran the first attempt, then went idle
+    worker.cancel_slot[P.SLOT_STARTED] = first[0]  # it ran the first attempt, then went idle
     other = spec()
     sched.on_submit(driver, other)  # read before the report: it goes first
     sched.on_task_done(worker, first[0], [], True, 0.001)  # a retryable failure
@@ -454,7 +463,8 @@ def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
     assert worker.task.task_id == other[0] and [t.task_id for t in worker.queued] == [first[0]]
     assert [t.task_id for t in _started(worker)] == [other[0]]
     sched.on_cancel(driver, first[0], False, False)
-    assert sent(worker, P.CANCEL_CALL)  # not started: skipped, not interrupted
+    assert cancels_received(pool, sched, worker) == [first[0]]  # not started: skipped
+    assert worker.cancel_slot[P.SLOT_TARGET] != first[0]  # ...not interrupted
 
 
 def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):

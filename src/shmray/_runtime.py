@@ -147,6 +147,7 @@ class Runtime:
         # A leased worker: its task submitted tasks or waited in get(), under its id, so its
         # driver must register it (RESULT).
         self.leased_must_register = False
+        self.pending_interrupt = False  # a worker: its task was cancelled inside shmray
         self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -330,6 +331,7 @@ class Runtime:
             ref = self.add_owned_ref(object_id)
         # No hurry: whatever uses the object reaches the scheduler after this message.
         self.flush_soon()
+        self.take_interrupt()
         return ref
 
     def store_object(self, object_id: bytes, serialized, force_inline: bool = False):
@@ -396,6 +398,7 @@ class Runtime:
         polled = False
         try:
             while not predicate():
+                self.take_interrupt()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     if not polled:  # timeout=0: still look at what has arrived
@@ -421,6 +424,13 @@ class Runtime:
         finally:
             if blocked:
                 self.blocked_hook(False)
+
+    def take_interrupt(self) -> None:
+        """A cancel that came while the task was inside shmray (``Worker._on_sigint``) is
+        raised here, where nothing is half done."""
+        if self.pending_interrupt:
+            self.pending_interrupt = False
+            raise KeyboardInterrupt("task cancelled")
 
     def _flush_before_waiting(self) -> None:
         """Send what we wait on; releases and direct calls' reports alone wait for the next
@@ -757,6 +767,7 @@ class Runtime:
             self._owned_pending.update(return_ids)
             refs = [self.add_owned_ref(object_id) for object_id in return_ids]
         self.flush_soon()
+        self.take_interrupt()
         return refs
 
     def create_actor(self, spec: tuple, wait: bool):

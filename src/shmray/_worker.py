@@ -30,6 +30,7 @@ import collections
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Dict, Optional
@@ -250,6 +251,15 @@ class Worker:
             self.cancel_pending = current_task.task_id
             return
         if self.in_user_code:
+            if not _interruptible(frame):
+                # Inside shmray, called by the task (a put, a submit, a message half
+                # written): an exception there would cut a frame or lose bytes read.  It
+                # is raised where shmray is done (``Runtime.take_interrupt``), or when the
+                # signal comes again in a moment, should the task have left shmray.
+                self.cancelled = True
+                self.runtime.pending_interrupt = True
+                threading.Timer(_REDELIVER_SECONDS, _signal_self).start()
+                return
             self.cancelled = True
             raise KeyboardInterrupt("task cancelled")
 
@@ -344,6 +354,7 @@ class Worker:
                 message = self.queue.popleft()
             task_id = message[1]
             self.cancelled = False
+            runtime.pending_interrupt = False
             if self.cancel_slot is not None:
                 # The scheduler reads it if we die: this one may have crashed us, those
                 # sent after it never started.  It also reads it to cancel: it counts a
@@ -416,6 +427,7 @@ class Worker:
         finally:
             current_task.task_id = None
             self.runtime.running_leased = None
+            self.runtime.pending_interrupt = False  # it ended before it took the cancel
             sys_flush()
         return results, retryable
 
@@ -458,6 +470,32 @@ class Worker:
         _hold(self.runtime, serialized.contained_refs)
         data = self.runtime.store_object(object_id, serialized)
         return (object_id, data, serialized.metadata, serialized.contained_refs)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_REDELIVER_SECONDS = 0.001
+
+
+def _interruptible(frame) -> bool:
+    """The task's own code runs (the first of shmray's frames out from where the signal
+    landed is ``Worker._execute``), or shmray waits on its behalf in poll(2), with nothing
+    half done (``Runtime._wait_ready``'s ``block``, ``_direct.Spinner.wait``)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith(_PACKAGE):
+            name, path = code.co_name, code.co_filename
+            return (name == "_execute" and path == __file__
+                    or name == "block" and path.endswith("_runtime.py")
+                    or name == "wait" and path.endswith("_direct.py"))
+        frame = frame.f_back
+    return True
+
+
+def _signal_self() -> None:
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    except OSError:
+        pass
 
 
 def error_results(task_id: bytes, error: BaseException, num_returns: int):
