@@ -346,12 +346,7 @@ class Scheduler:
                 self._flush_dirty(everyone=True)
                 timeout = 1.0
                 continue
-            for key, mask in events:
-                client: Client = key.data
-                if mask & selectors.EVENT_WRITE:
-                    self._write(client)
-                if mask & selectors.EVENT_READ and client.alive:
-                    self._read(client)
+            self._handle_events(events)
             if self.doubtful:
                 self._settle_doubtful()
             try:
@@ -364,6 +359,14 @@ class Scheduler:
             self._flush_dirty(everyone=False)
             timeout = 0 if self.dirty or self.doubtful else 1.0
 
+    def _handle_events(self, events) -> None:
+        for key, mask in events:
+            client: Client = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._write(client)
+            if mask & selectors.EVENT_READ and client.alive:
+                self._read(client)
+
     def _settle_doubtful(self) -> None:
         """Subscriptions to ids unknown when read: read what every process has sent since
         (it was sent before the ref could reach the subscriber), then answer them."""
@@ -372,9 +375,7 @@ class Scheduler:
             events = self.selector.select(0)
             if not events:
                 break
-            for key, mask in events:
-                if mask & selectors.EVENT_READ and key.data.alive:
-                    self._read(key.data)
+            self._handle_events(events)
         for client, object_id in doubtful:
             if client.alive:
                 self._subscribe(client, object_id)
@@ -628,14 +629,11 @@ class Scheduler:
                 task = queue.popleft()
                 if task.finished:
                     continue
-                worker = self.idle.pop() if self.idle else None
+                worker = self._idle_worker()
                 if worker is None:
-                    if self.num_workers >= self.max_workers:
-                        queue.appendleft(task)
-                        self._warn_worker_cap()
-                        return
-                    self.start_worker()
-                    worker = self.idle.pop()
+                    queue.appendleft(task)
+                    self._warn_worker_cap()
+                    return
                 self._start(task, worker)
             if queue:
                 self._prefetch(shape, queue)
@@ -643,6 +641,16 @@ class Scheduler:
                     self._recall_leases()
             if not queue:
                 del self.ready_by_shape[shape]
+
+    def _idle_worker(self) -> Optional[Client]:
+        """A worker with nothing to do, forked if none is (the others wait in get(), their
+        CPUs lent), or None at the cap on workers."""
+        if self.idle:
+            return self.idle.pop()
+        if self.num_workers >= self.max_workers:
+            return None
+        self.start_worker()
+        return self.idle.pop()
 
     def _prefetch(self, shape: tuple, queue: collections.deque) -> None:
         """Send short tasks ahead to busy workers of the same shape.
@@ -728,11 +736,9 @@ class Scheduler:
             while client.lease_wanted > 0:
                 if not client.alive or not self._fits(P.LEASE_SHAPE):
                     return
-                if not self.idle:
-                    if self.num_workers >= self.max_workers:
-                        return
-                    self.start_worker()  # the others wait in get(), their CPUs lent
-                worker = self.idle.pop()
+                worker = self._idle_worker()
+                if worker is None:
+                    return
                 _clear_started(worker)
                 worker.leased_to = client
                 worker.recalled = False
