@@ -922,9 +922,8 @@ class Runtime:
     # is Ray's ownership: for a burst of short tasks the scheduler does nothing per task.
 
     def _submit_leasable(self, spec: tuple, return_ids) -> List[ObjectRef]:
-        """Own a plain task: straight to the roomiest lease if it has room and nothing
-        waits before it (the hot path of a burst), else into the backlog, asking for
-        leases (caller holds the lock)."""
+        """Own a plain task: into the backlog, from which the roomiest lease takes it at
+        once if nothing waits before it; else ask for leases (caller holds the lock)."""
         now = self._submitted_at = time.monotonic()
         if now - self._last_flush > _FLUSH_DELAY:
             self._flush_for_the_flusher()
@@ -936,14 +935,6 @@ class Runtime:
             counts[object_id] = counts.get(object_id, 0) + 1
             refs.append(ObjectRef.counted(object_id, self))
         backlog = self._backlog
-        if not backlog:
-            lease = self._roomiest_lease()
-            if lease is not None and self._has_room(lease, spec[P.SPEC_FN_ID]):
-                if self._send_leased(lease, record):
-                    lease.last_used = now
-                    if lease.conn in self.unflushed:
-                        self.flush_later()
-                return refs
         backlog.append(record)
         if len(backlog) == 1:
             lease = self._roomiest_lease()
@@ -973,8 +964,8 @@ class Runtime:
 
     def _feed(self, lease: "_Channel") -> None:
         """Send the lease what it has room for from the backlog (caller holds the lock): as
-        many tasks of a short function as run within ``_PIPELINE_BUDGET``, one of any
-        other.  A recalled lease gets nothing and goes back once its tasks are done."""
+        many tasks of short functions as run within ``_run_times.SHORT_BUDGET``, one of
+        any other.  A recalled lease gets nothing and goes back once its tasks are done."""
         if lease.recalled:
             if not lease.sent:
                 self._return_lease(lease)

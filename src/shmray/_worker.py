@@ -10,9 +10,10 @@ goes back inline, a large one straight into its arena block.  Results go to the 
 (TASK_DONE; a few short queued tasks' in one message, parked in shared memory meanwhile), and
 for work sent straight here back to its sender (RESULT), the scheduler hearing first
 (DIRECT_DONE) except for a leased task's results the driver can use at once: the driver
-owns the task, and reports those itself if the scheduler must know of it (``report``).  An exception becomes a ``RayTaskError`` carrying the
-cause and the formatted traceback, stored as the value of every return (inline, so
-dependents can be failed with it without reading the arena).
+owns the task, and reports those itself if the scheduler must know of it (``report``).  An
+exception becomes a ``RayTaskError`` carrying the cause and the formatted traceback, stored
+as the value of every return (inline, so dependents can be failed with it without reading
+the arena).
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.  Tasks
