@@ -111,14 +111,27 @@ def session_dirs():
     return {name for name in os.listdir(root) if name.startswith("shmray-session-")}
 
 
+def alive(pid: int) -> bool:
+    """Whether pid runs and is not a zombie; a process may end while we look."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def shmray_children():
     """Live processes named shmray:: whose parent chain leads to this test process."""
     import psutil
 
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-            and " ".join(p.cmdline()).startswith("shmray::")]
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:  # any child may end between listing and looking at it
+            if alive(child.pid) and " ".join(child.cmdline()).startswith("shmray::"):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 @pytest.fixture(autouse=True)

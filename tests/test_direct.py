@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import runtime, settle, wait_for
+from conftest import alive, runtime, settle, wait_for
 
 
 def direct_calls():
@@ -156,10 +156,7 @@ def test_calls_made_before_the_last_handle_went_still_run(ray, Log):
     refs = [log.add.remote(i) for i in range(100)]
     del log  # the actor ends, but only after the calls it owes
     assert ray.get(refs) == list(range(100))
-    import psutil
-
-    wait_for(lambda: not psutil.pid_exists(pid) or
-             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+    wait_for(lambda: not alive(pid), timeout=10)
 
 
 def test_cancel_a_queued_direct_call(ray, Log):

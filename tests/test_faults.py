@@ -17,7 +17,7 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import arena_mappings, dev_shm_files, session_dirs, wait_for
+from conftest import alive, arena_mappings, dev_shm_files, session_dirs, wait_for
 
 DEADLOCK = 60
 
@@ -274,21 +274,13 @@ def test_scheduler_death_is_a_clear_error():
         assert shmray.get(f.remote(), timeout=DEADLOCK) == 1
         workers = worker_pids()
         os.kill(shmray._api._scheduler_pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(shmray._api._scheduler_pid))  # kill() doesn't wait
+        wait_for(lambda: not alive(shmray._api._scheduler_pid))  # kill() doesn't wait
         with pytest.raises(exceptions.RaySystemError, match="scheduler"):
             shmray.get(f.remote(), timeout=DEADLOCK)
         for pid in workers:
-            wait_for(lambda: not _alive(pid))
+            wait_for(lambda: not alive(pid))
     finally:
         shmray.shutdown()
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.crash
@@ -321,9 +313,9 @@ def test_sigkilled_driver_leaves_nothing_within_seconds():
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(p) for p in pids), "a shmray process outlived its driver by 5 s"
+        assert not any(alive(p) for p in pids), "a shmray process outlived its driver by 5 s"
         assert all(arena_mappings(p) == [] for p in pids)
         wait_for(lambda: session_dirs() == before_dirs, timeout=5)
         assert dev_shm_files() == before_shm

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import learn_short, runtime, settle, wait_for
+from conftest import alive, learn_short, runtime, settle, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -480,20 +480,12 @@ def test_a_result_seen_stays_when_its_worker_dies_before_the_scheduler_hears(ray
     with rt._lock:  # held across get(): nothing more reaches the scheduler meanwhile
         worker = ray.get(ref, timeout=30)
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: not _alive(worker))
+        wait_for(lambda: not alive(worker))
         time.sleep(0.3)  # the scheduler sees the death before the report
     assert ray.get(ref, timeout=30) == worker
     assert ray.get(same.remote(ref), timeout=30) == worker  # the scheduler's copy too
     time.sleep(0.1)
     assert ray.get(ref, timeout=30) == worker
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:  # gone, or going as we read
-        return False
 
 
 def test_a_dead_leased_workers_task_is_retried_while_the_driver_does_other_things(ray, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import learn_short, runtime, settle, wait_for
+from conftest import alive, learn_short, runtime, settle, wait_for
 
 DEADLOCK = 60
 
@@ -298,8 +298,7 @@ def test_exit_actor_ends_a_threaded_actor(ray):
     t = T.remote()
     pid = ray.get(t.pid.remote(), timeout=DEADLOCK)
     t.leave.remote()
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
-             open(f"/proc/{pid}/stat").read().split()[2] == "Z", timeout=10)
+    wait_for(lambda: not alive(pid), timeout=10)
 
 
 def test_init_inside_a_task(ray):
