@@ -680,6 +680,86 @@ def test_reap_undoes_a_dead_process_half_made_objects(arena):
     assert st.bytes_in_use == block_size(100) + block_size(700)
 
 
+# -- lending: create within a budget, adopt under another id ---------------------------------
+
+
+def test_create_within_keeps_the_asked_bytes_free(small_arena):
+    a = small_arena
+    heap = a.stats().heap_size
+    off = ffi.new("uint64_t *")
+    status = lib.shm_create_within(a.store, oid(1), heap // 2, 0, heap // 2, off)
+    assert status == lib.SHM_ERR_FULL
+    assert a.stats().num_objects == 0
+    assert lib.shm_create_within(a.store, oid(1), heap // 4, 0, heap // 2, off) == lib.SHM_OK
+    assert a.contains(oid(1)) == (lib.SHM_OK, lib.SHM_STATE_CREATED)
+    assert lib.shm_create_within(a.store, oid(1), 10, 0, 0, off) == lib.SHM_ERR_EXISTS
+    assert lib.shm_create_within(a.store, oid(2), heap + 1, 0, 0, off) == lib.SHM_ERR_TOO_LARGE
+
+
+def test_adopt_turns_a_created_block_into_a_sealed_pinned_object(arena):
+    status, off = arena.create(oid(1), 5000, 64)
+    assert status == lib.SHM_OK
+    arena.write(off, pattern(oid(2), 4990 + 10))
+    before = arena.stats()
+    assert lib.shm_adopt(arena.store, oid(1), oid(2), 4990, 10) == lib.SHM_OK
+    assert arena.contains(oid(1))[0] == lib.SHM_ERR_NOT_FOUND
+    status, info = arena.info(oid(2))
+    assert status == lib.SHM_OK
+    assert (info.state, info.flags, info.pin_count, info.offset, info.data_size,
+            info.metadata_size) == (lib.SHM_STATE_SEALED, lib.SHM_FLAG_LENT, 1, off, 4990, 10)
+    after = arena.stats()
+    assert (after.bytes_in_use, after.num_objects) == (before.bytes_in_use, before.num_objects)
+    assert (after.num_created, after.num_sealed, after.num_pinned) == (0, 1, 1)
+    arena.verify(oid(2))
+    # The buffer's pin: a reader's release can't take it, a delete waits for it, and its
+    # own release frees the block.
+    assert arena.get(oid(2))[0] == lib.SHM_OK
+    assert arena.release(oid(2)) == (lib.SHM_OK, 0)
+    assert arena.release(oid(2))[0] == lib.SHM_ERR_INVALID
+    assert arena.delete(oid(2)) == (lib.SHM_OK, lib.SHM_DELETE_DEFERRED)
+    assert lib.shm_release_lent(arena.store, oid(2)) == lib.SHM_OK
+    assert arena.contains(oid(2))[0] == lib.SHM_ERR_NOT_FOUND
+    assert lib.shm_release_lent(arena.store, oid(2)) == lib.SHM_ERR_INVALID
+    assert arena.stats().bytes_in_use == 0
+
+
+def test_reap_drops_a_dead_process_lent_pins(arena):
+    def child():
+        for n in (1, 2):
+            assert arena.create(oid(n), 1000)[0] == lib.SHM_OK
+            assert lib.shm_adopt(arena.store, oid(n), oid(10 + n), 900, 0) == lib.SHM_OK
+
+    assert wait_child(fork_child(child)) == 0
+    assert arena.delete(oid(11)) == (lib.SHM_OK, lib.SHM_DELETE_DEFERRED)
+    assert arena.reap(os.getpid()) == 0  # not ours: untouched
+    infos, _ = arena.list(10)
+    pid = infos[0].creator_pid
+    assert arena.reap(pid) == 2
+    assert arena.contains(oid(11))[0] == lib.SHM_ERR_NOT_FOUND  # deleted: freed with its pin
+    status, info = arena.info(oid(12))
+    assert (status, info.flags, info.pin_count) == (lib.SHM_OK, 0, 0)
+    assert arena.reap(pid) == 0
+
+
+def test_adopt_refuses_what_is_not_its_own_unsealed_block(arena):
+    arena.create(oid(1), 1000)
+    arena.put(oid(2), 100)
+    for source, target, size in [
+        (oid(9), oid(3), 10),      # no such object
+        (oid(2), oid(3), 10),      # sealed already
+        (oid(1), oid(3), 100_000),  # larger than its block
+    ]:
+        assert lib.shm_adopt(arena.store, source, target, size, 0) == lib.SHM_ERR_INVALID
+    assert lib.shm_adopt(arena.store, oid(1), oid(2), 10, 0) == lib.SHM_ERR_EXISTS
+
+    def child():  # another process's unsealed object is not its to adopt
+        assert lib.shm_adopt(arena.store, oid(1), oid(4), 10, 0) == lib.SHM_ERR_INVALID
+
+    assert wait_child(fork_child(child)) == 0
+    assert arena.contains(oid(1)) == (lib.SHM_OK, lib.SHM_STATE_CREATED)
+    assert arena.contains(oid(4))[0] == lib.SHM_ERR_NOT_FOUND
+
+
 # -- concurrency ----------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ OBJECT_ID_SIZE = 28  # == SHM_ID_SIZE in _store.h
 
 _index = struct.Struct("<I")
 _counter_bytes = struct.Struct("<Q")
+_LENT_MARK = b"\xff" * 8
 
 
 class _IdSource:
@@ -28,6 +29,8 @@ class _IdSource:
 
     def reset(self) -> None:
         self.prefix = os.urandom(16)
+        while self.prefix.startswith(_LENT_MARK):  # that mark names lent buffers (_lend.c)
+            self.prefix = os.urandom(16)
         self.counter = itertools.count(1)  # next() on it is atomic under the GIL
 
 

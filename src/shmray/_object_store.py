@@ -383,5 +383,23 @@ class ObjectStore:
         _raise_for(lib.shm_reap(self._handle(), pid, count))
         return count[0]
 
+    # -- lending (see _lend.py) ---------------------------------------------------------
+
+    def numpy_handler(self, fallback: int, threshold: int, largest: int, most_lent: int,
+                      keep_free: int) -> int:
+        """The address of a numpy allocator lending from this arena (0 if it can't)."""
+        handler = lib.shm_numpy_handler(self._handle(), ffi.cast("void *", fallback),
+                                        threshold, largest, most_lent, keep_free)
+        return int(ffi.cast("uintptr_t", handler))
+
+    def adopt_lent(self, object_id: bytes, address: int, size: int, header: bytes,
+                   metadata: bytes) -> bool:
+        """Seal the lent buffer at address as object_id, uncopied; False if it isn't one
+        (or the object exists: a copy then fails the way any store would)."""
+        status = lib.shm_lent_adopt(self._handle(), ffi.cast("void *", address), size,
+                                    _checked_id(object_id), header, len(header),
+                                    metadata, len(metadata))
+        return status == lib.SHM_OK
+
     def address(self, offset: int) -> int:
         return self._base + offset

@@ -58,7 +58,7 @@ _RELEASES_ALONE = 64  # queued release messages worth a frame of their own
 _BATCH_WINDOW = 200e-6  # a submission this soon after a flush waits for the next frame
 _FLUSH_DELAY = 0.001    # ...but no longer than this
 _RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
-_IN_ARENA = None  # location of an object whose bytes are sealed in the arena
+IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
 _DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT,
                          P.LEASED_DONE))
@@ -339,7 +339,7 @@ class Runtime:
         if force_inline or serialized.total_size < INLINE_THRESHOLD:
             return serialized.to_bytes()
         self._write_with_room(object_id, serialized)
-        return _IN_ARENA
+        return IN_ARENA
 
     def _write_with_room(self, object_id: bytes, serialized) -> None:
         needed = serialized.total_size
@@ -376,7 +376,7 @@ class Runtime:
                 or (batch and object_id in self._owned_pending)):
             return False  # its RESULT or READY will say
         if self.store.contains(object_id) in ("sealed", "spilled"):
-            self._locations[object_id] = (_IN_ARENA, b"")
+            self._locations[object_id] = (IN_ARENA, b"")
             return True
         return False
 
@@ -633,7 +633,7 @@ class Runtime:
                         f"get() timed out after {timeout} s: {waiter.remaining} of {len(ids)} "
                         "objects were not ready"
                     )
-            locations = [self._locations.get(i, (_IN_ARENA, b"")) for i in ids]
+            locations = [self._locations.get(i, (IN_ARENA, b"")) for i in ids]
         return [self.value_at(i, location) for i, location in zip(ids, locations)]
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int, timeout: Optional[float]):
@@ -704,7 +704,7 @@ class Runtime:
         return future
 
     def _resolve_futures(self, object_id: bytes, futures) -> None:
-        location = self._locations.get(object_id, (_IN_ARENA, b""))
+        location = self._locations.get(object_id, (IN_ARENA, b""))
         try:
             value = self.value_at(object_id, location)
         except BaseException as exc:  # the task's own error, or a lost object
@@ -1026,7 +1026,7 @@ class Runtime:
                 self._register(record, lease)
             else:
                 for result in delivered:
-                    if result[1] is _IN_ARENA:  # the scheduler frees arena objects
+                    if result[1] is IN_ARENA:  # the scheduler frees arena objects
                         self._register(record, lease)
                         break
         if record.registered and not undelivered:

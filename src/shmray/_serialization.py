@@ -210,14 +210,24 @@ def _plain_array(value: np.ndarray) -> bool:
 
 
 def _layout_array(value: np.ndarray, metadata: bytes) -> SerializedObject:
+    start = _align(_array_head.size + 8 * value.ndim + len(value.dtype.str))
+    header = array_header(value, start)
+    # a byte view: datetime arrays, for one, can't export a buffer of their own dtype
+    raw = memoryview(value.ravel(order="K").view(np.uint8)) if value.size else memoryview(b"")
+    return SerializedObject(header, [(start, raw)], start + raw.nbytes, metadata, ())
+
+
+def array_header(value: np.ndarray, start: int) -> bytes:
+    """The header of a plain array whose bytes begin ``start`` bytes into its object."""
     dtype = value.dtype.str.encode()
     fortran = int(value.ndim > 1 and not value.flags.c_contiguous)
     shape = struct.pack(f"<{value.ndim}Q", *value.shape)
-    start = _align(_array_head.size + len(shape) + len(dtype))
-    # a byte view: datetime arrays, for one, can't export a buffer of their own dtype
-    raw = memoryview(value.ravel(order="K").view(np.uint8)) if value.size else memoryview(b"")
-    header = _array_head.pack(ARRAY_MAGIC, value.ndim, start, fortran, len(dtype)) + shape + dtype
-    return SerializedObject(header, [(start, raw)], start + raw.nbytes, metadata, ())
+    return _array_head.pack(ARRAY_MAGIC, value.ndim, start, fortran, len(dtype)) + shape + dtype
+
+
+def lendable_array(value) -> bool:
+    """A plain array that owns its one contiguous buffer (what _lend can adopt)."""
+    return type(value) is np.ndarray and value.flags.owndata and _plain_array(value)
 
 
 def _rebuild_array(data: memoryview) -> np.ndarray:

@@ -53,7 +53,7 @@
 #define MAX_TABLE_SLOTS (UINT64_C(1) << 22)
 #define MIN_HEAP_BLOCKS 16
 
-#define KNOWN_FLAGS (SHM_FLAG_DELETE_PENDING | SHM_FLAG_SPILLING | SHM_FLAG_RESTORING)
+#define KNOWN_FLAGS (SHM_FLAG_DELETE_PENDING | SHM_FLAG_SPILLING | SHM_FLAG_RESTORING | SHM_FLAG_LENT)
 
 /* --- layout ---------------------------------------------------------------- */
 
@@ -650,7 +650,9 @@ static bool entry_normalize(struct shm_entry *e)
         e->pin_count = 0;
         return true;
     case SHM_STATE_SEALED:
-        e->flags &= SHM_FLAG_DELETE_PENDING;
+        e->flags &= SHM_FLAG_DELETE_PENDING | SHM_FLAG_LENT;
+        if (e->pin_count == 0)
+            e->flags &= ~(uint32_t)SHM_FLAG_LENT;
         /* Its last pin went, but the dead process did not get to free it. */
         return !(e->flags & SHM_FLAG_DELETE_PENDING && e->pin_count == 0);
     case SHM_STATE_SPILLED:
@@ -1062,6 +1064,32 @@ static int object_abort(const struct shm_store *s, const uint8_t *id)
     return SHM_OK;
 }
 
+/* The entry is taken out before its replacement goes in: a crash in between
+ * leaves a block no entry owns, which repair frees (its process is dead, so
+ * nobody uses it), never two entries owning one block. */
+static int object_adopt(const struct shm_store *s, const uint8_t *from, const uint8_t *to,
+                        uint64_t data_size, uint64_t metadata_size)
+{
+    struct shm_entry *e = table_find(s, from);
+    if (!e || e->state != SHM_STATE_CREATED || e->flags || e->pin_count ||
+        e->creator_pid != (int32_t)getpid())
+        return SHM_ERR_INVALID;
+    if (table_find(s, to))
+        return SHM_ERR_EXISTS;
+    struct shm_block *b = entry_block(s, e);
+    if (data_size > b->size || metadata_size > b->size ||
+        block_size_for(data_size + metadata_size) > b->size)
+        return SHM_ERR_INVALID;
+    struct shm_header *h = s->header;
+    h->num_created--;
+    h->num_objects--;
+    table_remove(s, e);
+    e = entry_insert(s, to, b, data_size, metadata_size);
+    entry_set_state(s, e, SHM_STATE_SEALED);
+    entry_set_flags_pins(s, e, SHM_FLAG_LENT, 1);
+    return SHM_OK;
+}
+
 static int object_get(const struct shm_store *s, const uint8_t *id, uint64_t *offset_out,
                       uint64_t *data_size_out, uint64_t *metadata_size_out)
 {
@@ -1085,20 +1113,38 @@ static int object_get(const struct shm_store *s, const uint8_t *id, uint64_t *of
     return SHM_OK;
 }
 
+/* One pin less, the flags now `flags`; frees a deleted object whose last pin
+ * that was (returns 1 then). */
+static int object_unpin(const struct shm_store *s, struct shm_entry *e, uint32_t flags)
+{
+    entry_set_flags_pins(s, e, flags, e->pin_count - 1);
+    if (e->pin_count == 0 && (e->flags & SHM_FLAG_DELETE_PENDING)) {
+        object_free(s, e);
+        return 1;
+    }
+    return 0;
+}
+
 static int object_release(const struct shm_store *s, const uint8_t *id, int *freed_out)
 {
     struct shm_entry *e = table_find(s, id);
     if (!e)
         return SHM_ERR_NOT_FOUND;
-    /* A spilling object's last pin is the spiller's, for shm_spill_finish. */
-    uint32_t spill_pin = (e->flags & SHM_FLAG_SPILLING) ? 1 : 0;
-    if (e->pin_count <= spill_pin)
+    /* A spilling object's last pin is the spiller's, for shm_spill_finish; a
+     * lent one's is its buffer's, for shm_release_lent. */
+    uint32_t kept = ((e->flags & SHM_FLAG_SPILLING) ? 1 : 0) + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
+    if (e->pin_count <= kept)
         return SHM_ERR_INVALID;
-    entry_set_flags_pins(s, e, e->flags, e->pin_count - 1);
-    if (e->pin_count == 0 && (e->flags & SHM_FLAG_DELETE_PENDING)) {
-        object_free(s, e);
-        *freed_out = 1;
-    }
+    *freed_out = object_unpin(s, e, e->flags);
+    return SHM_OK;
+}
+
+static int object_release_lent(const struct shm_store *s, const uint8_t *id)
+{
+    struct shm_entry *e = table_find(s, id);
+    if (!e || !(e->flags & SHM_FLAG_LENT))
+        return SHM_ERR_INVALID;
+    object_unpin(s, e, e->flags & ~(uint32_t)SHM_FLAG_LENT);
     return SHM_OK;
 }
 
@@ -1205,6 +1251,28 @@ static int object_restore_begin(const struct shm_store *s, const uint8_t *id, ui
     return SHM_OK;
 }
 
+/* What shm_reap does to one entry: REAP_NONE (not the dead process's, or
+ * nothing of it to undo), REAP_KEPT (undone, the entry stays), REAP_GONE
+ * (undone and removed: a later entry may have moved into its slot). */
+enum reap_outcome { REAP_NONE, REAP_KEPT, REAP_GONE };
+
+static enum reap_outcome reap_entry(const struct shm_store *s, struct shm_entry *e, int32_t pid)
+{
+    if (e->state == SHM_STATE_EMPTY || e->creator_pid != pid)
+        return REAP_NONE;
+    if (e->state == SHM_STATE_CREATED && (e->flags & SHM_FLAG_RESTORING)) {
+        object_unrestore(s, e);
+        return REAP_KEPT;
+    }
+    if (e->state == SHM_STATE_CREATED) {
+        object_free(s, e);
+        return REAP_GONE;
+    }
+    if (e->state == SHM_STATE_SEALED && (e->flags & SHM_FLAG_LENT))
+        return object_unpin(s, e, e->flags & ~(uint32_t)SHM_FLAG_LENT) ? REAP_GONE : REAP_KEPT;
+    return REAP_NONE;
+}
+
 /* Removing an entry shifts later ones up into its slot, so the scan looks at
  * slot i again after undoing it.  Entries that wrap around the table's end
  * may be looked at twice, which is harmless: undone ones no longer match. */
@@ -1212,14 +1280,11 @@ static uint64_t store_reap(const struct shm_store *s, int32_t pid)
 {
     uint64_t undone = 0;
     for (uint64_t i = 0; i <= s->slot_mask; i++) {
-        struct shm_entry *e = &s->table[i];
-        while (e->state == SHM_STATE_CREATED && e->creator_pid == pid) {
+        enum reap_outcome outcome;
+        while ((outcome = reap_entry(s, &s->table[i], pid)) != REAP_NONE) {
             undone++;
-            if (e->flags & SHM_FLAG_RESTORING) {
-                object_unrestore(s, e);
+            if (outcome == REAP_KEPT)
                 break;
-            }
-            object_free(s, e);
         }
     }
     return undone;
@@ -1265,6 +1330,52 @@ int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t met
     if (rc != SHM_OK)
         return rc;
     rc = object_create(s, id, data_size, metadata_size, offset_out);
+    store_unlock(s);
+    return rc;
+}
+
+int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t metadata_size,
+                      uint64_t keep_free, uint64_t *offset_out)
+{
+    if (!s || !id)
+        return SHM_ERR_INVALID;
+    uint64_t heap_size = s->heap_end - s->heap_start;
+    if (data_size > heap_size || metadata_size > heap_size ||
+        block_size_for(data_size + metadata_size) > heap_size)
+        return SHM_ERR_TOO_LARGE;
+    int rc = store_lock(s);
+    if (rc != SHM_OK)
+        return rc;
+    const struct shm_header *h = s->header;
+    if (h->heap_size - h->bytes_in_use < block_size_for(data_size + metadata_size) + keep_free)
+        rc = SHM_ERR_FULL;
+    else
+        rc = object_create(s, id, data_size, metadata_size, offset_out);
+    store_unlock(s);
+    return rc;
+}
+
+int shm_adopt(shm_store *s, const uint8_t *from, const uint8_t *to, uint64_t data_size,
+              uint64_t metadata_size)
+{
+    if (!s || !from || !to)
+        return SHM_ERR_INVALID;
+    int rc = store_lock(s);
+    if (rc != SHM_OK)
+        return rc;
+    rc = object_adopt(s, from, to, data_size, metadata_size);
+    store_unlock(s);
+    return rc;
+}
+
+int shm_release_lent(shm_store *s, const uint8_t *id)
+{
+    if (!s || !id)
+        return SHM_ERR_INVALID;
+    int rc = store_lock(s);
+    if (rc != SHM_OK)
+        return rc;
+    rc = object_release_lent(s, id);
     store_unlock(s);
     return rc;
 }
@@ -1572,6 +1683,8 @@ static int entry_check(const struct shm_entry *e, uint64_t slot, char *msg, size
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": DELETE_PENDING with pin_count 0", slot);
     if ((f & SHM_FLAG_SPILLING) && (st != SHM_STATE_SEALED || pins == 0))
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": SPILLING but state %u, pin_count %u", slot, st, pins);
+    if ((f & SHM_FLAG_LENT) && (st != SHM_STATE_SEALED || pins == 0))
+        return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": LENT but state %u, pin_count %u", slot, st, pins);
     if ((f & SHM_FLAG_RESTORING) && st != SHM_STATE_CREATED)
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": RESTORING but state %u", slot, st);
     if (st == SHM_STATE_CREATED && pins)

@@ -81,6 +81,7 @@
 #define SHM_FLAG_DELETE_PENDING 1  /* deleted while pinned: freed at last release */
 #define SHM_FLAG_SPILLING 2        /* being written to a spill file */
 #define SHM_FLAG_RESTORING 4       /* CREATED from a spill file */
+#define SHM_FLAG_LENT 8            /* one pin is its creator's buffer (shm_adopt) */
 
 /* shm_delete() outcomes (a bit set) */
 #define SHM_DELETED_NOW 1        /* the entry and its block are gone */
@@ -202,9 +203,49 @@ int shm_spill_cancel(shm_store *s, const uint8_t *id);
  * the object is not spilled (restored already). */
 int shm_restore_begin(shm_store *s, const uint8_t *id, uint64_t *offset_out);
 
-/* After a process died: abort the CREATED objects it created and return its
- * unfinished restores to SPILLED.  *count_out gets how many were undone.
- * Pins it held and spills it had begun are not known per process and stay. */
+/* --- lending: a process's own large buffers in the arena ----------------- */
+
+/* shm_create, but only while at least keep_free heap bytes stay free after
+ * it: memory lent to a process's own buffers must not crowd out objects. */
+int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size,
+                      uint64_t metadata_size, uint64_t keep_free, uint64_t *offset_out);
+/* Turn a CREATED object of this process into the SEALED object `to`, with
+ * new sizes that fit its block, pinned once by the buffer still using it
+ * (flag LENT): its bytes become an object without being copied.
+ * SHM_ERR_EXISTS if `to` is stored, SHM_ERR_INVALID if `from` is not this
+ * process's CREATED object or the sizes don't fit. */
+int shm_adopt(shm_store *s, const uint8_t *from, const uint8_t *to,
+              uint64_t data_size, uint64_t metadata_size);
+/* Drop the pin of an adopted object's buffer (shm_release won't), freeing
+ * the object if it was deleted meanwhile.  SHM_ERR_INVALID if not LENT. */
+int shm_release_lent(shm_store *s, const uint8_t *id);
+
+/* numpy's allocator (a PyDataMem_Handler, numpy >= 1.22) for this process:
+ * buffers of `threshold` to `largest` bytes come from the arena, while this
+ * process holds at most `most_lent` bytes of them and keep_free heap bytes
+ * stay free; the rest come from `fallback`, the handler numpy had.  Returns
+ * the handler to wrap in a "mem_handler" capsule.  Only the calling process
+ * lends: a child forked later allocates with fallback. */
+void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold,
+                        uint64_t largest, uint64_t most_lent, uint64_t keep_free);
+/* Make the array data at `data` (n bytes, from the handler above) the
+ * sealed object `id` without copying: the bytes in front of it (up to
+ * SHM_LEND_HEADER_MAX) take `header`, the bytes after it `metadata` (up to
+ * SHM_LEND_METADATA_MAX), and the array's buffer keeps a pin until numpy
+ * frees it.  SHM_ERR_INVALID when `data` is not a whole buffer lent to this
+ * process, or header/metadata don't fit: store a copy instead. */
+int shm_lent_adopt(shm_store *s, const void *data, uint64_t n, const uint8_t *id,
+                   const uint8_t *header, uint64_t header_size,
+                   const uint8_t *metadata, uint64_t metadata_size);
+/* Bytes in front of a lent buffer: the object's header starts there. */
+#define SHM_LEND_PREFIX 256
+#define SHM_LEND_HEADER_MAX 208
+#define SHM_LEND_METADATA_MAX 64
+
+/* After a process died: abort the CREATED objects it created, return its
+ * unfinished restores to SPILLED and drop the pins of its adopted buffers.
+ * *count_out gets how many were undone.  Other pins it held and spills it
+ * had begun are not known per process and stay. */
 int shm_reap(shm_store *s, int32_t pid, uint64_t *count_out);
 
 /* Walk the whole arena and verify every invariant (block chain covers the

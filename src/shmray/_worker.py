@@ -39,7 +39,7 @@ from typing import Dict, Optional
 import cloudpickle
 import setproctitle
 
-from . import _direct, _output, _protocol as P, _runtime, exceptions
+from . import _direct, _lend, _output, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed, wait_writable
 from ._ids import first_return_id, object_id_for_return
 from ._serialization import (
@@ -417,7 +417,8 @@ class Worker:
             finally:
                 self.in_user_code = False
             del args, kwargs
-            results = self._store_returns(task_id, outcome, num_returns, name)
+            handed_over = _lend.handed_over(outcome)
+            results = self._store_returns(task_id, outcome, num_returns, name, handed_over)
         except BaseException as exc:  # the task's failure is its result
             retryable = _should_retry(exc, retry_exceptions) and not self.cancelled
             if self.cancelled and isinstance(exc, KeyboardInterrupt):
@@ -425,6 +426,10 @@ class Worker:
             else:
                 error = task_error(name, exc)
             results = error_results(task_id, error, num_returns)
+            # The error holds the traceback, whose first frame is this one, which holds the
+            # error: a cycle only the garbage collector would free, keeping what the task's
+            # frames held (large arrays, lent buffers) alive meanwhile.
+            del error
         finally:
             current_task.task_id = None
             self.runtime.running_leased = None
@@ -451,10 +456,15 @@ class Worker:
         kwargs = {k: resolved[v.index] if type(v) is P.ArgRef else v for k, v in kwargs.items()}
         return args, kwargs
 
-    def _store_returns(self, task_id: bytes, outcome, num_returns: int, name: str):
-        """Each return value stored; if one fails, those stored before it are deleted."""
+    def _store_returns(self, task_id: bytes, outcome, num_returns: int, name: str,
+                       handed_over: bool = False):
+        """Each return value stored; if one fails, those stored before it are deleted.
+        An array ``handed_over`` by the task (see _lend) may become its object uncopied."""
         if num_returns == 1 and type(outcome) in SCALARS:  # the most common result
             return [(first_return_id(task_id), scalars_to_bytes(outcome), META_VALUE, ())]
+        if num_returns == 1 and handed_over and _lend.adopt(first_return_id(task_id), outcome,
+                                                             META_VALUE):
+            return [(first_return_id(task_id), _runtime.IN_ARENA, META_VALUE, ())]
         results = []
         try:
             for i, value in enumerate(_split_returns(outcome, num_returns, name)):
@@ -607,6 +617,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot) -> No
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _runtime.install(runtime)
+    _lend.lend_to_numpy(store)
     try:
         worker = Worker(runtime, cancel_slot)
         worker.listen(_direct.worker_key(os.getpid()))  # for the driver that leases it

@@ -1,0 +1,215 @@
+"""A worker's large numpy buffers are lent from the arena (_lend.py, _lend.c): an array a
+task hands back becomes its object where it lies; anything else is copied as before."""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+import shmray
+from shmray import exceptions
+from shmray._store_cffi import lib
+from conftest import runtime, settle, wait_for
+
+N = 1 << 18  # 2 MiB of float64: over _lend.THRESHOLD
+PREFIX = lib.SHM_LEND_PREFIX
+
+
+def data_size(ref) -> int:
+    shmray.wait([ref])
+    return runtime().store.info(ref.binary()).data_size
+
+
+def lent_buffers() -> int:
+    return runtime().store.statistics().num_created
+
+
+@pytest.fixture
+def one_cpu():
+    """One worker, so consecutive tasks share its memory."""
+    shmray.init(num_cpus=1, object_store_memory=150 << 20)
+    yield shmray
+    shmray.shutdown()
+
+
+def test_a_returned_array_becomes_its_object_uncopied(ray):
+    @ray.remote
+    def make(n):
+        return np.full(n, 3.0) * 2  # a fresh buffer (np.full's own is freed by the product)
+
+    ref = make.remote(N)
+    value = ray.get(ref)
+    assert value.shape == (N,) and (value == 6.0).all()
+    assert not value.flags.writeable
+    assert data_size(ref) == PREFIX + value.nbytes  # the lent layout: nothing was copied
+    del value, ref
+    settle()
+    assert runtime().store.statistics().num_objects == 0
+
+
+def test_shapes_orders_and_dtypes_survive_adoption(ray):
+    @ray.remote
+    def make(shape, dtype, order):
+        out = np.empty(shape, dtype=dtype, order=order)
+        out.reshape(-1, order="A")[:] = np.arange(out.size) % 7
+        return out
+
+    for shape, dtype, order in [((512, 512), np.float64, "C"), ((512, 512), np.float64, "F"),
+                                ((64, 64, 64), np.int32, "C"), ((1 << 20,), np.uint8, "C")]:
+        ref = make.remote(shape, dtype, order)
+        value = ray.get(ref)
+        expected = np.empty(shape, dtype=dtype, order=order)
+        expected.reshape(-1, order="A")[:] = np.arange(expected.size) % 7
+        assert value.dtype == dtype and value.shape == shape
+        assert value.flags.f_contiguous == expected.flags.f_contiguous
+        assert value.flags.c_contiguous == expected.flags.c_contiguous
+        assert np.array_equal(value, expected)
+        assert data_size(ref) == PREFIX + value.nbytes
+
+
+def test_an_array_the_task_keeps_is_copied_and_later_changes_dont_show(one_cpu):
+    ray = one_cpu
+
+    @ray.remote
+    def keep(n):
+        sys.shmray_test_kept = np.ones(n)
+        return sys.shmray_test_kept
+
+    @ray.remote
+    def change():
+        sys.shmray_test_kept[:] = -1.0
+        return float(sys.shmray_test_kept.sum())
+
+    ref = keep.remote(N)
+    assert data_size(ref) != PREFIX + 8 * N  # copied
+    assert ray.get(change.remote()) == -N
+    assert (ray.get(ref) == 1.0).all()
+
+
+def test_a_view_or_a_part_is_copied(ray):
+    @ray.remote
+    def part(n):
+        return (np.ones(n) * 2)[1:]
+
+    ref = part.remote(N)
+    value = ray.get(ref)
+    assert value.shape == (N - 1,) and (value == 2.0).all()
+    assert data_size(ref) != PREFIX + value.nbytes
+
+
+def test_a_small_array_is_not_lent(ray):
+    @ray.remote
+    def small():
+        return np.ones(1000) * 2
+
+    assert (ray.get(small.remote()) == 2.0).all()
+
+
+def test_temporaries_give_their_buffers_back(ray):
+    @ray.remote
+    def churn(n):
+        total = 0.0
+        for i in range(20):
+            a = np.ones(n) * i
+            b = a + a
+            total += float(b[-1])
+        return total
+
+    settle()
+    before = runtime().store.statistics().bytes_in_use
+    assert ray.get([churn.remote(N) for _ in range(4)]) == [float(2 * sum(range(20)))] * 4
+    settle()
+    assert lent_buffers() == 0
+    assert runtime().store.statistics().bytes_in_use == before
+
+
+def test_resize_moves_a_lent_buffer(ray):
+    @ray.remote
+    def grow(n):
+        a = np.arange(n, dtype=np.float64)
+        a.resize(2 * n, refcheck=False)  # numpy reallocs the buffer
+        return a
+
+    value = ray.get(grow.remote(N))
+    assert np.array_equal(value[:N], np.arange(N, dtype=np.float64))
+    assert (value[N:] == 0).all()
+    settle()
+    assert lent_buffers() == 0
+
+
+def test_an_array_over_a_sixteenth_of_the_store_is_not_lent(ray):
+    @ray.remote
+    def big(n):
+        return np.ones(n) * 2
+
+    n = (10 << 20) // 8  # 10 MiB of a 150 MiB store
+    ref = big.remote(n)
+    assert data_size(ref) != PREFIX + 8 * n
+    assert float(ray.get(ref)[-1]) == 2.0
+
+
+def test_a_worker_that_dies_holding_lent_buffers_leaves_none(ray):
+    @ray.remote(max_retries=0)
+    def hoard_and_die(n):
+        kept = [np.ones(n) * i for i in range(5)]  # noqa: F841 - held as it dies
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    settle()
+    before = runtime().store.statistics().bytes_in_use
+    with pytest.raises(exceptions.WorkerCrashedError):
+        ray.get(hoard_and_die.remote(N))
+    wait_for(lambda: lent_buffers() == 0)  # the scheduler reaps the dead worker's objects
+    assert runtime().store.statistics().bytes_in_use == before
+
+
+def test_a_forked_child_of_a_task_neither_lends_nor_gives_back(ray):
+    @ray.remote
+    def fork_and_use(n):
+        kept = np.ones(n) * 5  # lent to this worker
+        pid = os.fork()
+        if pid == 0:  # the child frees its copy of the array and makes its own
+            code = 1
+            try:
+                del kept
+                mine = np.ones(n) * 7
+                code = 0 if float(mine.sum()) == 7.0 * n else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        other = np.ones(n) * 9  # would take kept's block, had the child given it back
+        return os.waitstatus_to_exitcode(status), float(kept.sum()), float(other[0])
+
+    assert ray.get(fork_and_use.remote(N)) == (0, 5.0 * N, 9.0)
+    settle()
+    assert lent_buffers() == 0
+
+
+def test_nothing_is_lent_while_the_store_is_over_half_full(ray):
+    @ray.remote
+    def make(n):
+        return np.ones(n) * 2
+
+    filler = [ray.put(np.ones((40 << 20) // 8)) for _ in range(2)]  # 80 MiB of 150
+    ref = make.remote(N)
+    assert data_size(ref) != PREFIX + 8 * N
+    del filler
+    settle()
+    ref = make.remote(N)
+    assert data_size(ref) == PREFIX + 8 * N
+
+
+def test_a_worker_keeping_lent_arrays_stops_borrowing(one_cpu):
+    ray = one_cpu
+
+    @ray.remote
+    def hoard(n, count):
+        sys.shmray_test_hoard = [np.ones(n) for _ in range(count)]
+        return np.ones(n) * 2
+
+    # 150 MiB store: at most an eighth (~18 MiB) lent to one worker, 2 MiB each.
+    ref = hoard.remote(N, 12)
+    assert data_size(ref) != PREFIX + 8 * N  # the worker holds its share already
+    assert lent_buffers() <= 9
+    assert float(ray.get(ref)[0]) == 2.0
