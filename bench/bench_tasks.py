@@ -15,6 +15,9 @@ Groups (compare within a group):
   ``multiply_matrices`` (np.dot) on their refs, against the same through the Pool, where the
   arrays travel by pickling (both created by ``apply_async``, then ``apply`` of the multiply with
   the two arrays as arguments).
+- large-result: one task that computes a 16 MiB float64 array and returns it, gotten by the
+  driver, against ``pool.apply`` of the same function (the array comes back pickled).  shmray
+  workers allocate such arrays in the arena, so the result is sealed where it lies (_lend.py).
 - matmul-speedup: eight one-thread 600x600 @ 600x600 float64 matmuls whose inputs were ``put``
   beforehand, as shmray tasks, against the same eight run serially in the driver.  The shmray
   case records ``extra_info["speedup"]`` (serial median / shmray median, when both ran).  A
@@ -38,6 +41,7 @@ RAY_INIT = dict(num_cpus=2, object_store_memory=512 * MiB)
 N_THROUGHPUT = 2000
 MATMUL_N = 600
 MATMUL_TASKS = 8
+LARGE_RESULT_N = (16 << 20) // 8
 
 _medians = {}  # matmul-speedup: group member -> median seconds
 
@@ -59,6 +63,10 @@ def _matmul(a, b):
     return a @ b
 
 
+def _large_result(n):
+    return np.arange(n, dtype=np.float64) * 0.5
+
+
 def _blas_env():
     return os.environ.get("OPENBLAS_NUM_THREADS")
 
@@ -67,6 +75,7 @@ noop = shmray.remote(_noop)
 create_matrix = shmray.remote(_create_matrix)
 multiply_matrices = shmray.remote(_multiply_matrices)
 matmul = shmray.remote(_matmul)
+large_result = shmray.remote(_large_result)
 blas_env = shmray.remote(_blas_env)
 
 
@@ -236,6 +245,20 @@ def test_matrix_dag_mp_pool(benchmark, pool):
 
     shape = benchmark.pedantic(dag, rounds=15, iterations=1, warmup_rounds=1)
     assert shape == (1000, 1000)
+
+
+# --- large-result ------------------------------------------------------------------------
+
+def test_large_result_shmray(benchmark, ray):
+    benchmark.group = "large-result-16MiB"
+    value = benchmark(lambda: ray.get(large_result.remote(LARGE_RESULT_N)))
+    assert value[-1] == (LARGE_RESULT_N - 1) * 0.5
+
+
+def test_large_result_mp_pool(benchmark, pool):
+    benchmark.group = "large-result-16MiB"
+    value = benchmark(pool.apply, _large_result, (LARGE_RESULT_N,))
+    assert value[-1] == (LARGE_RESULT_N - 1) * 0.5
 
 
 # --- matmul-speedup ----------------------------------------------------------------------
