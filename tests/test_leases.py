@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from conftest import alive, learn_short, runtime, settle, wait_for
@@ -393,6 +394,29 @@ def test_a_worker_dying_in_a_pipelined_burst_costs_only_its_task(ray, tmp_path):
         except ray.exceptions.WorkerCrashedError:
             outcomes.append("crashed")
     assert outcomes == [("crashed" if i == 100 else i) for i in range(400)]
+
+
+def test_tasks_rerun_after_their_worker_died_store_their_arrays_again(ray, tmp_path):
+    """Tasks that finished before their worker died, their arena results sealed but held
+    back unreported, run again: their old results are deleted first, or the re-run finds
+    its object already there."""
+    @ray.remote(max_retries=0)
+    def make(i, marker):
+        if marker is not None and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.full((1 << 20) // 8 + 8, i, dtype=np.float64)  # into the arena
+
+    learn_short(make, 0, None)
+    for attempt in range(3):  # how many results are held back when it dies varies
+        marker = str(tmp_path / f"died{attempt}")
+        refs = [make.remote(i, marker if i == 30 else None) for i in range(60)]
+        for i, ref in enumerate(refs):
+            if i == 30:
+                with pytest.raises(ray.exceptions.WorkerCrashedError):
+                    ray.get(ref, timeout=30)
+            else:
+                assert ray.get(ref, timeout=30)[0] == i
 
 
 def test_a_task_waiting_on_one_queued_behind_it_on_its_worker():

@@ -10,16 +10,17 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from shmray._store_cffi import lib
 from conftest import runtime, settle, wait_for
 
 N = 1 << 18  # 2 MiB of float64: over _lend.THRESHOLD
-PREFIX = lib.SHM_LEND_PREFIX
 
 
-def data_size(ref) -> int:
+def adopted(ref, nbytes: int) -> bool:
+    """Whether the object has the lent layout: its data starts a page, a page or more in."""
     shmray.wait([ref])
-    return runtime().store.info(ref.binary()).data_size
+    info = runtime().store.info(ref.binary())
+    prefix = info.data_size - nbytes
+    return prefix >= 4096 and (info.offset + prefix) % 4096 == 0
 
 
 def lent_buffers() -> int:
@@ -43,7 +44,7 @@ def test_a_returned_array_becomes_its_object_uncopied(ray):
     value = ray.get(ref)
     assert value.shape == (N,) and (value == 6.0).all()
     assert not value.flags.writeable
-    assert data_size(ref) == PREFIX + value.nbytes  # the lent layout: nothing was copied
+    assert adopted(ref, value.nbytes)  # the lent layout: nothing was copied
     del value, ref
     settle()
     assert runtime().store.statistics().num_objects == 0
@@ -66,7 +67,7 @@ def test_shapes_orders_and_dtypes_survive_adoption(ray):
         assert value.flags.f_contiguous == expected.flags.f_contiguous
         assert value.flags.c_contiguous == expected.flags.c_contiguous
         assert np.array_equal(value, expected)
-        assert data_size(ref) == PREFIX + value.nbytes
+        assert adopted(ref, value.nbytes)
 
 
 def test_an_array_the_task_keeps_is_copied_and_later_changes_dont_show(one_cpu):
@@ -83,7 +84,7 @@ def test_an_array_the_task_keeps_is_copied_and_later_changes_dont_show(one_cpu):
         return float(sys.shmray_test_kept.sum())
 
     ref = keep.remote(N)
-    assert data_size(ref) != PREFIX + 8 * N  # copied
+    assert not adopted(ref, 8 * N)  # copied
     assert ray.get(change.remote()) == -N
     assert (ray.get(ref) == 1.0).all()
 
@@ -96,7 +97,7 @@ def test_a_view_or_a_part_is_copied(ray):
     ref = part.remote(N)
     value = ray.get(ref)
     assert value.shape == (N - 1,) and (value == 2.0).all()
-    assert data_size(ref) != PREFIX + value.nbytes
+    assert not adopted(ref, value.nbytes)
 
 
 def test_a_small_array_is_not_lent(ray):
@@ -146,7 +147,7 @@ def test_an_array_over_a_sixteenth_of_the_store_is_not_lent(ray):
 
     n = (10 << 20) // 8  # 10 MiB of a 150 MiB store
     ref = big.remote(n)
-    assert data_size(ref) != PREFIX + 8 * n
+    assert not adopted(ref, 8 * n)
     assert float(ray.get(ref)[-1]) == 2.0
 
 
@@ -162,6 +163,44 @@ def test_a_worker_that_dies_holding_lent_buffers_leaves_none(ray):
         ray.get(hoard_and_die.remote(N))
     wait_for(lambda: lent_buffers() == 0)  # the scheduler reaps the dead worker's objects
     assert runtime().store.statistics().bytes_in_use == before
+
+
+def test_a_forked_child_writes_to_its_own_copies(one_cpu):
+    """A lent buffer lies in shared memory, where fork shares rather than copies: the
+    child must get private copies, as of any memory, or it writes into the worker's
+    arrays, and into an object the worker's array became."""
+    ray = one_cpu
+
+    @ray.remote
+    def fork_and_return(n):
+        a = np.empty(n)
+        a[:] = 5.0
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # writes to its a once the parent has returned b
+            os.close(write)
+            os.read(read, 1)
+            a[:] = -1.0
+            os._exit(0)
+        os.close(read)
+        sys.shmray_test_child = pid, write
+        del a
+        b = np.empty(n)  # a's block again
+        b[:] = 7.0
+        return b
+
+    @ray.remote
+    def release_child():
+        pid, write = sys.shmray_test_child
+        os.write(write, b"x")
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    ref = fork_and_return.remote(N)
+    value = ray.get(ref)
+    assert adopted(ref, value.nbytes) and (value == 7.0).all()
+    assert ray.get(release_child.remote()) == 0
+    assert (value == 7.0).all()  # the child wrote to its own copy
 
 
 def test_a_forked_child_of_a_task_neither_lends_nor_gives_back(ray):
@@ -193,11 +232,11 @@ def test_nothing_is_lent_while_the_store_is_over_half_full(ray):
 
     filler = [ray.put(np.ones((40 << 20) // 8)) for _ in range(2)]  # 80 MiB of 150
     ref = make.remote(N)
-    assert data_size(ref) != PREFIX + 8 * N
+    assert not adopted(ref, 8 * N)
     del filler
     settle()
     ref = make.remote(N)
-    assert data_size(ref) == PREFIX + 8 * N
+    assert adopted(ref, 8 * N)
 
 
 def test_a_worker_keeping_lent_arrays_stops_borrowing(one_cpu):
@@ -210,6 +249,24 @@ def test_a_worker_keeping_lent_arrays_stops_borrowing(one_cpu):
 
     # 150 MiB store: at most an eighth (~18 MiB) lent to one worker, 2 MiB each.
     ref = hoard.remote(N, 12)
-    assert data_size(ref) != PREFIX + 8 * N  # the worker holds its share already
+    assert not adopted(ref, 8 * N)  # the worker holds its share already
     assert lent_buffers() <= 9
     assert float(ray.get(ref)[0]) == 2.0
+
+
+def test_a_buffer_kept_across_tasks_does_not_split_the_store(one_cpu):
+    """Lent buffers can't move: they are taken from the top of the heap, so one kept by a
+    worker leaves the bottom, where objects go, in one piece."""
+    ray = one_cpu
+
+    @ray.remote
+    def keep(n):
+        sys.shmray_test_cache = np.ones(n)
+        return 0
+
+    low = ray.put(np.ones((60 << 20) // 8))  # the bottom of the heap
+    ray.get(keep.remote((4 << 20) // 8))
+    del low
+    settle()
+    big = ray.put(np.ones((100 << 20) // 8))  # of a 150 MiB store
+    assert float(ray.get(big)[-1]) == 1.0

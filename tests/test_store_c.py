@@ -717,9 +717,10 @@ def test_adopt_turns_a_created_block_into_a_sealed_pinned_object(arena):
     assert arena.release(oid(2)) == (lib.SHM_OK, 0)
     assert arena.release(oid(2))[0] == lib.SHM_ERR_INVALID
     assert arena.delete(oid(2)) == (lib.SHM_OK, lib.SHM_DELETE_DEFERRED)
-    assert lib.shm_release_lent(arena.store, oid(2)) == lib.SHM_OK
+    assert lib.shm_lent_return(arena.store, oid(2), off + 64) == lib.SHM_ERR_INVALID  # elsewhere
+    assert lib.shm_lent_return(arena.store, oid(2), off) == lib.SHM_OK
     assert arena.contains(oid(2))[0] == lib.SHM_ERR_NOT_FOUND
-    assert lib.shm_release_lent(arena.store, oid(2)) == lib.SHM_ERR_INVALID
+    assert lib.shm_lent_return(arena.store, oid(2), off) == lib.SHM_ERR_INVALID
     assert arena.stats().bytes_in_use == 0
 
 

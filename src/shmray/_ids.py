@@ -15,12 +15,13 @@ import itertools
 import os
 import struct
 
+from ._object_store import LENT_MARK
+
 TASK_ID_SIZE = 24
 OBJECT_ID_SIZE = 28  # == SHM_ID_SIZE in _store.h
 
 _index = struct.Struct("<I")
 _counter_bytes = struct.Struct("<Q")
-_LENT_MARK = b"\xff" * 8
 
 
 class _IdSource:
@@ -29,7 +30,7 @@ class _IdSource:
 
     def reset(self) -> None:
         self.prefix = os.urandom(16)
-        while self.prefix.startswith(_LENT_MARK):  # that mark names lent buffers (_lend.c)
+        while self.prefix.startswith(LENT_MARK):  # ids of buffers lent to numpy start so
             self.prefix = os.urandom(16)
         self.counter = itertools.count(1)  # next() on it is atomic under the GIL
 

@@ -4,23 +4,43 @@
  * of being copied there (see shm_numpy_handler and shm_lent_adopt in
  * _store.h, and shmray._lend for when it is used).
  *
- * A lent buffer is the data of a CREATED object with a made-up id.  The
- * SHM_LEND_PREFIX bytes in front of the buffer are the rest of that object:
- * room for the header the object will need, and at their end a tag naming
- * the object, the process it was lent to and the buffer's size.  The free
- * function reads the tag: a buffer still lent aborts its object; an adopted
- * one (the tag now names the real object) drops the pin its array held.
+ * A lent buffer is the data of a CREATED object with a made-up id, placed so
+ * that the pages it spans, and the page in front of it, belong to it alone:
  *
- * numpy calls these functions with or without the GIL, from any thread;
- * they touch no Python state, and the store's lock covers the arena.
+ *     payload start            the object's header, once adopted
+ *     data - 4096 .. data      (page aligned) ends with the tag: the object's
+ *                              id, the owner's pid, the size, the payload offset
+ *     data .. data + size      the array's bytes; metadata follows, once adopted
+ *
+ * The free function reads the tag: a buffer still lent drops its object; an
+ * adopted one (the tag now names the real object) drops the pin its array
+ * held.  The store checks the tag's id against its offset either way.
+ *
+ * Fork.  The arena is a shared mapping, so a child forked by a task would
+ * share its lent buffers with the worker instead of getting copies, and
+ * could write into a sealed object.  Each process keeps a list of its live
+ * buffers; at fork the child maps private copies over them before it runs
+ * any code of its own, while the parent waits (no buffer of it may be freed
+ * and reused meanwhile).  The child then frees nothing it inherited and
+ * lends nothing.
+ *
+ * numpy calls these functions with or without the GIL, from any thread; they
+ * touch no Python state, and the store's lock covers the arena.
  */
 #define _GNU_SOURCE
 #include "_store.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#define PAGE 4096
 
 /* numpy's PyDataMem_Handler (numpy/ndarraytypes.h), version 1; its layout is
  * part of numpy's ABI. */
@@ -38,36 +58,54 @@ struct numpy_handler {
     struct numpy_allocator allocator;
 };
 
-/* At the end of a lent buffer's prefix, right in front of the array data. */
 struct lend_tag {
     uint8_t id[SHM_ID_SIZE];
     int32_t pid;
     uint64_t size;
-    uint64_t reserved;
+    uint64_t offset; /* of the object's payload, from the arena base */
 };
 #define TAG_SIZE 48
 _Static_assert(sizeof(struct lend_tag) == TAG_SIZE, "tag layout");
-_Static_assert(SHM_LEND_HEADER_MAX + TAG_SIZE == SHM_LEND_PREFIX, "the header stops at the tag");
-_Static_assert(SHM_LEND_PREFIX % SHM_ALIGN == 0, "lent data stays aligned");
+/* The data's page is the first page boundary at least a page past the
+ * payload's start (64-byte aligned); a page more, less 64 bytes, at most. */
+#define MOST_IN_FRONT (2 * PAGE - SHM_ALIGN)
+_Static_assert(SHM_LEND_HEADER_MAX + TAG_SIZE <= PAGE, "the header stops before the tag");
 
-/* Lent ids can't be taken for real ones: those start with a job or task id,
- * whose bytes are never all 0xff. */
+/* Lent ids can't be taken for real ones: those start with a random prefix
+ * that shmray._ids never lets begin with eight 0xff bytes. */
 static const uint8_t LENT_MARK[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+
+struct live_buffer {
+    uint8_t *data;
+    uint64_t size;
+};
 
 struct lender {
     shm_store *store;
+    uint8_t *base;
     uint8_t *heap_lo, *heap_hi; /* lent buffers lie between */
     uint64_t threshold;
     uint64_t largest;           /* lent buffers are at most this large */
     uint64_t keep_free;
     uint64_t most_lent;         /* at once, to this process: long-lived buffers can't hoard */
     atomic_uint_fast64_t lent;  /* bytes of buffers lent and not yet adopted or given back */
+    atomic_uint_fast64_t next;  /* numbers lent ids */
     pid_t pid;                  /* the process that lends; its children don't */
     struct numpy_allocator fallback;
-    atomic_uint_fast64_t next;  /* numbers lent ids */
+    /* The buffers a forked child must copy, lent or adopted, until freed. */
+    pthread_mutex_t live_lock;
+    struct live_buffer *live;
+    size_t live_count, live_capacity;
+    bool forking;               /* between before_fork and the after_fork functions */
+    int fork_done[2];           /* the child says it has its copies; -1 when no wait */
 };
 
-static struct lender lender;
+static struct lender lender = {.live_lock = PTHREAD_MUTEX_INITIALIZER, .fork_done = {-1, -1}};
+
+static uint64_t page_up(uint64_t n)
+{
+    return (n + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+}
 
 static struct lend_tag *tag_of(void *data)
 {
@@ -77,6 +115,47 @@ static struct lend_tag *tag_of(void *data)
 static bool is_lent(const void *data)
 {
     return data && (const uint8_t *)data >= lender.heap_lo && (const uint8_t *)data < lender.heap_hi;
+}
+
+static bool live_add(uint8_t *data, uint64_t size)
+{
+    bool added = true;
+    pthread_mutex_lock(&lender.live_lock);
+    if (lender.live_count == lender.live_capacity) {
+        size_t capacity = lender.live_capacity ? 2 * lender.live_capacity : 64;
+        struct live_buffer *grown = realloc(lender.live, capacity * sizeof *grown);
+        if (grown) {
+            lender.live = grown;
+            lender.live_capacity = capacity;
+        }
+    }
+    if (lender.live_count < lender.live_capacity)
+        lender.live[lender.live_count++] = (struct live_buffer){data, size};
+    else
+        added = false;
+    pthread_mutex_unlock(&lender.live_lock);
+    return added;
+}
+
+static void live_remove(const uint8_t *data)
+{
+    pthread_mutex_lock(&lender.live_lock);
+    for (size_t i = 0; i < lender.live_count; i++) {
+        if (lender.live[i].data == data) {
+            lender.live[i] = lender.live[--lender.live_count];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lender.live_lock);
+}
+
+/* Drop the buffer's object (lent) or its pin (adopted). */
+static void give_back(void *data)
+{
+    struct lend_tag *tag = tag_of(data);
+    if (memcmp(tag->id, LENT_MARK, sizeof LENT_MARK) == 0)
+        atomic_fetch_sub(&lender.lent, tag->size);
+    shm_lent_return(lender.store, tag->id, tag->offset);
 }
 
 static void *lend(size_t size)
@@ -92,28 +171,18 @@ static void *lend(size_t size)
     memcpy(tag.id, LENT_MARK, sizeof LENT_MARK);
     memcpy(tag.id + sizeof LENT_MARK, &tag.pid, sizeof tag.pid);
     memcpy(tag.id + sizeof LENT_MARK + sizeof tag.pid, &n, sizeof n);
-    uint64_t offset;
-    if (shm_create_within(lender.store, tag.id, SHM_LEND_PREFIX + size, SHM_LEND_METADATA_MAX,
-                          lender.keep_free, &offset) != SHM_OK) {
+    if (shm_create_within(lender.store, tag.id, MOST_IN_FRONT + page_up(size), SHM_LEND_METADATA_MAX,
+                          lender.keep_free, &tag.offset) != SHM_OK) {
         atomic_fetch_sub(&lender.lent, size);
         return NULL;
     }
-    uint8_t *data = (uint8_t *)shm_store_base(lender.store) + offset + SHM_LEND_PREFIX;
+    uint8_t *data = lender.base + page_up(tag.offset + PAGE);
     *tag_of(data) = tag;
-    return data;
-}
-
-static void give_back(void *data)
-{
-    struct lend_tag *tag = tag_of(data);
-    if (tag->pid != getpid())
-        return; /* a forked child's copy of its parent's array: the parent frees it */
-    if (memcmp(tag->id, LENT_MARK, sizeof LENT_MARK) == 0) {
-        atomic_fetch_sub(&lender.lent, tag->size);
-        shm_abort(lender.store, tag->id);
-    } else {
-        shm_release_lent(lender.store, tag->id);
+    if (!live_add(data, size)) {
+        give_back(data);
+        return NULL;
     }
+    return data;
 }
 
 static void *lend_malloc(void *ctx, size_t size)
@@ -130,6 +199,18 @@ static void *lend_calloc(void *ctx, size_t nelem, size_t elsize)
     return lender.fallback.calloc(lender.fallback.ctx, nelem, elsize);
 }
 
+static void lend_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    if (!is_lent(ptr)) {
+        lender.fallback.free(lender.fallback.ctx, ptr, size);
+    } else if (getpid() == lender.pid) {
+        live_remove(ptr);
+        give_back(ptr);
+    }
+    /* else a forked child's private copy of its parent's buffer: it stays mapped */
+}
+
 static void *lend_realloc(void *ctx, void *ptr, size_t new_size)
 {
     if (!is_lent(ptr))
@@ -139,18 +220,68 @@ static void *lend_realloc(void *ctx, void *ptr, size_t new_size)
         return NULL;
     uint64_t old_size = tag_of(ptr)->size;
     memcpy(moved, ptr, old_size < new_size ? old_size : new_size);
-    give_back(ptr);
+    lend_free(ctx, ptr, old_size);
     return moved;
 }
 
-static void lend_free(void *ctx, void *ptr, size_t size)
+/* --- fork ------------------------------------------------------------------------- */
+
+static void before_fork(void)
 {
-    (void)ctx;
-    if (is_lent(ptr))
-        give_back(ptr);
-    else
-        lender.fallback.free(lender.fallback.ctx, ptr, size);
+    if (getpid() != lender.pid)
+        return; /* a child's fork: what it inherited is private already */
+    pthread_mutex_lock(&lender.live_lock); /* until the child has its copies */
+    lender.forking = true;
+    if (lender.live_count && pipe2(lender.fork_done, O_CLOEXEC) != 0)
+        lender.fork_done[0] = lender.fork_done[1] = -1;
 }
+
+static void after_fork_in_parent(void)
+{
+    if (!lender.forking)
+        return;
+    if (lender.fork_done[0] >= 0) {
+        close(lender.fork_done[1]);
+        char done;
+        while (read(lender.fork_done[0], &done, 1) < 0 && errno == EINTR)
+            ; /* a byte, or the end when the child died or fork failed */
+        close(lender.fork_done[0]);
+        lender.fork_done[0] = lender.fork_done[1] = -1;
+    }
+    lender.forking = false;
+    pthread_mutex_unlock(&lender.live_lock);
+}
+
+/* Replace the shared pages of each live buffer (and its tag's page) by
+ * private pages holding the same bytes: mremap moves the copy into place in
+ * one step.  A buffer it can't copy stays shared, as the last resort. */
+static void after_fork_in_child(void)
+{
+    if (!lender.forking)
+        return;
+    for (size_t i = 0; i < lender.live_count; i++) {
+        uint8_t *start = lender.live[i].data - PAGE;
+        uint64_t length = PAGE + page_up(lender.live[i].size);
+        void *copy = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (copy == MAP_FAILED)
+            continue;
+        memcpy(copy, start, length);
+        if (mremap(copy, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
+            munmap(copy, length);
+    }
+    if (lender.fork_done[1] >= 0) {
+        char done = 1;
+        while (write(lender.fork_done[1], &done, 1) < 0 && errno == EINTR)
+            ;
+        close(lender.fork_done[0]);
+        close(lender.fork_done[1]);
+        lender.fork_done[0] = lender.fork_done[1] = -1;
+    }
+    lender.forking = false;
+    pthread_mutex_init(&lender.live_lock, NULL);
+}
+
+/* --- the handler ------------------------------------------------------------------ */
 
 static struct numpy_handler handler = {
     .name = "shmray_arena",
@@ -173,7 +304,14 @@ void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold, 
     shm_store *own;
     if (shm_store_open(base, stats.capacity, &own) != SHM_OK)
         return NULL;
+    static bool hooked;
+    if (!hooked && pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) != 0) {
+        shm_store_close(own);
+        return NULL;
+    }
+    hooked = true;
     lender.store = own;
+    lender.base = base;
     lender.heap_lo = base + (stats.capacity - stats.heap_size);
     lender.heap_hi = base + stats.capacity;
     lender.threshold = threshold > 0 ? threshold : 1;
@@ -185,27 +323,35 @@ void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold, 
     return &handler;
 }
 
+uint64_t shm_lent_prefix(const void *data)
+{
+    if (!is_lent(data) || getpid() != lender.pid)
+        return 0;
+    const struct lend_tag *tag = tag_of((void *)data);
+    if (tag->pid != lender.pid || memcmp(tag->id, LENT_MARK, sizeof LENT_MARK) != 0)
+        return 0;
+    return (uint64_t)((const uint8_t *)data - lender.base) - tag->offset;
+}
+
 int shm_lent_adopt(shm_store *s, const void *data, uint64_t n, const uint8_t *id,
                    const uint8_t *header, uint64_t header_size,
                    const uint8_t *metadata, uint64_t metadata_size)
 {
-    if (!s || shm_store_base(s) != shm_store_base(lender.store) || !id || !is_lent(data) ||
-        getpid() != lender.pid)
+    uint64_t prefix = shm_lent_prefix(data);
+    if (!s || shm_store_base(s) != lender.base || !id || prefix == 0)
         return SHM_ERR_INVALID;
     struct lend_tag *tag = tag_of((void *)data);
-    if (tag->pid != lender.pid || tag->size != n ||
-        memcmp(tag->id, LENT_MARK, sizeof LENT_MARK) != 0 ||
-        header_size > SHM_LEND_HEADER_MAX || metadata_size > SHM_LEND_METADATA_MAX)
+    if (tag->size != n || header_size > SHM_LEND_HEADER_MAX || header_size > prefix - TAG_SIZE ||
+        metadata_size > SHM_LEND_METADATA_MAX)
         return SHM_ERR_INVALID;
-    uint8_t *start = (uint8_t *)data - SHM_LEND_PREFIX;
-    memcpy(start, header, header_size);
+    memcpy(lender.base + tag->offset, header, header_size);
     if (metadata_size)
         memcpy((uint8_t *)data + n, metadata, metadata_size);
     /* The tag names the object before the object exists: once it does, a free
-     * must release its pin, never abort. */
+     * must drop its pin, never its object. */
     struct lend_tag lent = *tag;
     memcpy(tag->id, id, SHM_ID_SIZE);
-    int rc = shm_adopt(s, lent.id, id, SHM_LEND_PREFIX + n, metadata_size);
+    int rc = shm_adopt(s, lent.id, id, prefix + n, metadata_size);
     if (rc == SHM_OK)
         atomic_fetch_sub(&lender.lent, n); /* an object now, spillable once numpy lets go */
     else

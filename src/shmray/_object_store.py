@@ -22,6 +22,7 @@ from ._store_cffi import ffi, lib
 
 ID_SIZE = lib.SHM_ID_SIZE
 MIN_OBJECT_STORE_MEMORY = 75 * 1024 * 1024  # Ray's minimum
+LENT_MARK = b"\xff" * 8  # how the ids of buffers lent to numpy begin (_lend.c)
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 STATE_NAMES = {
@@ -140,6 +141,8 @@ class ObjectInfo:
     last_access: int
     delete_pending: bool
     spilling: bool
+    lent: bool  # a worker's numpy buffer: not yet an object (state "created"), or one still
+    #             pinned by the buffer it was adopted from (see _lend.py)
 
     @classmethod
     def _from_c(cls, c) -> "ObjectInfo":
@@ -154,6 +157,8 @@ class ObjectInfo:
             last_access=c.last_access,
             delete_pending=bool(c.flags & lib.SHM_FLAG_DELETE_PENDING),
             spilling=bool(c.flags & lib.SHM_FLAG_SPILLING),
+            lent=(bool(c.flags & lib.SHM_FLAG_LENT)
+                  or bytes(ffi.buffer(c.id, len(LENT_MARK))) == LENT_MARK),
         )
 
 

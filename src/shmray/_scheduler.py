@@ -884,6 +884,7 @@ class Scheduler:
                     or task.task_id not in unanswered):
                 self._task_lost(task, pid, status)
             else:
+                self._delete_partial_returns(task)  # a finished one's, sealed unreported
                 self.enqueue(task)
 
     def _leased_task_done(self, task: Task, results, retryable: bool) -> None:

@@ -152,17 +152,21 @@ def store_full_error(store: ObjectStore, needed: int,
     stats = store.statistics()
     objects = store.list()
     pinned = [o for o in objects if o.pin_count]
-    writing = [o for o in objects if o.state == "created"]
+    lent = [o for o in objects if o.lent and o.state == "created"]
+    writing = [o for o in objects if o.state == "created" and not o.lent]
     biggest = sorted(objects, key=lambda o: o.data_size, reverse=True)[:5]
     listing = "; ".join(
-        f"{o.object_id.hex()} {_mib(o.data_size)} ({o.state}, made by pid {o.creator_pid}"
+        f"{'numpy buffer' if o.lent and o.state == 'created' else o.object_id.hex()} "
+        f"{_mib(o.data_size)} ({o.state}, made by pid {o.creator_pid}"
         f"{', pinned x%d' % o.pin_count if o.pin_count else ''})" for o in biggest
     )
     return exceptions.ObjectStoreFullError(
         f"cannot {doing} of {_mib(needed)}: the object store ({_mib(stats.capacity)}) has "
-        f"{_mib(stats.bytes_in_use)} in use by {stats.num_objects} objects, {len(pinned)} of "
-        f"them pinned by live values (e.g. numpy arrays from get) and {len(writing)} being "
-        f"written, and none of them could be spilled; largest free block "
+        f"{_mib(stats.bytes_in_use)} in use by {stats.num_objects - len(lent)} objects, "
+        f"{len(pinned)} of them pinned by live values (e.g. numpy arrays from get) and "
+        f"{len(writing)} being written, and by {len(lent)} large numpy arrays of tasks "
+        f"({_mib(sum(o.data_size for o in lent))}), and none of them could be spilled; "
+        f"largest free block "
         f"{_mib(stats.largest_free)}. Largest objects: {listing or 'none'}. Drop values and "
         "refs you no longer need, or start shmray with a larger object_store_memory."
     )

@@ -450,6 +450,7 @@ static void block_absorb(const struct shm_store *s, struct shm_block *left, stru
 struct reservation {
     struct shm_block *block;
     struct shm_block *rest; /* split off block, or NULL */
+    bool cut_from_end;      /* block is the end of a free block that stays listed */
 };
 
 /* Address-ordered first fit.  The block stays on the free list until
@@ -462,6 +463,7 @@ static bool heap_reserve(const struct shm_store *s, uint64_t size, struct reserv
         if (b->size >= size) {
             out->block = b;
             out->rest = block_split(s, b, size);
+            out->cut_from_end = false;
             crash_point_reached(SHM_CRASH_AFTER_SPLIT);
             return true;
         }
@@ -470,10 +472,33 @@ static bool heap_reserve(const struct shm_store *s, uint64_t size, struct reserv
     return false;
 }
 
+/* Address-ordered last fit, cut from the end of the block: for memory lent to
+ * a process's buffers, which can be neither spilled nor moved, kept at the
+ * top of the heap, away from the objects first fit packs at its bottom. */
+static bool heap_reserve_top(const struct shm_store *s, uint64_t size, struct reservation *out)
+{
+    struct shm_block *last = NULL;
+    for (uint64_t off = s->header->free_head; off; off = block_at(s, off)->next_free)
+        if (block_at(s, off)->size >= size)
+            last = block_at(s, off);
+    if (!last)
+        return false;
+    if (last->size - size < MIN_BLOCK_SIZE) {
+        *out = (struct reservation){.block = last, .rest = NULL, .cut_from_end = false};
+    } else {
+        struct shm_block *end = block_split(s, last, last->size - size);
+        *out = (struct reservation){.block = end, .rest = NULL, .cut_from_end = true};
+    }
+    crash_point_reached(SHM_CRASH_AFTER_SPLIT);
+    return true;
+}
+
 static void heap_commit(const struct shm_store *s, const struct reservation *r)
 {
     struct shm_header *h = s->header;
-    if (r->rest) {
+    if (r->cut_from_end) {
+        /* The free block it was cut from keeps its place on the list. */
+    } else if (r->rest) {
         free_list_replace(s, r->block, r->rest);
     } else {
         free_list_remove(s, r->block);
@@ -1019,14 +1044,15 @@ void *shm_store_base(shm_store *s)
 /* --- object operations (each runs under the lock) ---------------------------------- */
 
 static int object_create(const struct shm_store *s, const uint8_t *id, uint64_t data_size,
-                         uint64_t metadata_size, uint64_t *offset_out)
+                         uint64_t metadata_size, bool at_top, uint64_t *offset_out)
 {
     if (table_find(s, id))
         return SHM_ERR_EXISTS;
     if (!table_has_room(s))
         return SHM_ERR_TABLE_FULL;
     struct reservation r;
-    if (!heap_reserve(s, block_size_for(data_size + metadata_size), &r))
+    uint64_t size = block_size_for(data_size + metadata_size);
+    if (!(at_top ? heap_reserve_top(s, size, &r) : heap_reserve(s, size, &r)))
         return SHM_ERR_FULL;
     struct shm_entry *e = entry_insert(s, id, r.block, data_size, metadata_size);
     crash_point_reached(SHM_CRASH_AFTER_ENTRY);
@@ -1139,13 +1165,22 @@ static int object_release(const struct shm_store *s, const uint8_t *id, int *fre
     return SHM_OK;
 }
 
-static int object_release_lent(const struct shm_store *s, const uint8_t *id)
+/* Checked against the payload offset too, so a damaged tag in front of a
+ * buffer can't drop someone else's object. */
+static int object_lent_return(const struct shm_store *s, const uint8_t *id, uint64_t offset)
 {
     struct shm_entry *e = table_find(s, id);
-    if (!e || !(e->flags & SHM_FLAG_LENT))
+    if (!e || e->offset != offset || e->creator_pid != (int32_t)getpid())
         return SHM_ERR_INVALID;
-    object_unpin(s, e, e->flags & ~(uint32_t)SHM_FLAG_LENT);
-    return SHM_OK;
+    if (e->state == SHM_STATE_CREATED && !(e->flags & SHM_FLAG_RESTORING)) {
+        object_free(s, e);
+        return SHM_OK;
+    }
+    if (e->state == SHM_STATE_SEALED && (e->flags & SHM_FLAG_LENT)) {
+        object_unpin(s, e, e->flags & ~(uint32_t)SHM_FLAG_LENT);
+        return SHM_OK;
+    }
+    return SHM_ERR_INVALID;
 }
 
 static int object_delete(const struct shm_store *s, const uint8_t *id, int *outcome_out)
@@ -1329,7 +1364,7 @@ int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t met
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    rc = object_create(s, id, data_size, metadata_size, offset_out);
+    rc = object_create(s, id, data_size, metadata_size, false, offset_out);
     store_unlock(s);
     return rc;
 }
@@ -1350,7 +1385,7 @@ int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size, uint6
     if (h->heap_size - h->bytes_in_use < block_size_for(data_size + metadata_size) + keep_free)
         rc = SHM_ERR_FULL;
     else
-        rc = object_create(s, id, data_size, metadata_size, offset_out);
+        rc = object_create(s, id, data_size, metadata_size, true, offset_out);
     store_unlock(s);
     return rc;
 }
@@ -1368,14 +1403,14 @@ int shm_adopt(shm_store *s, const uint8_t *from, const uint8_t *to, uint64_t dat
     return rc;
 }
 
-int shm_release_lent(shm_store *s, const uint8_t *id)
+int shm_lent_return(shm_store *s, const uint8_t *id, uint64_t offset)
 {
     if (!s || !id)
         return SHM_ERR_INVALID;
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    rc = object_release_lent(s, id);
+    rc = object_lent_return(s, id, offset);
     store_unlock(s);
     return rc;
 }

@@ -205,8 +205,10 @@ int shm_restore_begin(shm_store *s, const uint8_t *id, uint64_t *offset_out);
 
 /* --- lending: a process's own large buffers in the arena ----------------- */
 
-/* shm_create, but only while at least keep_free heap bytes stay free after
- * it: memory lent to a process's own buffers must not crowd out objects. */
+/* shm_create for memory lent to a process's own buffers, which can be neither
+ * spilled nor moved: only while at least keep_free heap bytes stay free
+ * after it, and from the top of the heap, away from the objects that
+ * shm_create packs at its bottom. */
 int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size,
                       uint64_t metadata_size, uint64_t keep_free, uint64_t *offset_out);
 /* Turn a CREATED object of this process into the SEALED object `to`, with
@@ -216,30 +218,34 @@ int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size,
  * process's CREATED object or the sizes don't fit. */
 int shm_adopt(shm_store *s, const uint8_t *from, const uint8_t *to,
               uint64_t data_size, uint64_t metadata_size);
-/* Drop the pin of an adopted object's buffer (shm_release won't), freeing
- * the object if it was deleted meanwhile.  SHM_ERR_INVALID if not LENT. */
-int shm_release_lent(shm_store *s, const uint8_t *id);
+/* A lent buffer is freed: its CREATED object goes, or an adopted object
+ * loses its buffer's pin (which shm_release won't take), and is freed if it
+ * was deleted meanwhile.  SHM_ERR_INVALID unless `id` is this process's
+ * CREATED or LENT object at payload `offset`. */
+int shm_lent_return(shm_store *s, const uint8_t *id, uint64_t offset);
 
 /* numpy's allocator (a PyDataMem_Handler, numpy >= 1.22) for this process:
  * buffers of `threshold` to `largest` bytes come from the arena, while this
  * process holds at most `most_lent` bytes of them and keep_free heap bytes
  * stay free; the rest come from `fallback`, the handler numpy had.  Returns
  * the handler to wrap in a "mem_handler" capsule.  Only the calling process
- * lends: a child forked later allocates with fallback. */
+ * lends; a child it forks gets private copies of the buffers it inherits,
+ * as it would of malloc'd ones, and allocates with fallback. */
 void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold,
                         uint64_t largest, uint64_t most_lent, uint64_t keep_free);
-/* Make the array data at `data` (n bytes, from the handler above) the
- * sealed object `id` without copying: the bytes in front of it (up to
- * SHM_LEND_HEADER_MAX) take `header`, the bytes after it `metadata` (up to
- * SHM_LEND_METADATA_MAX), and the array's buffer keeps a pin until numpy
- * frees it.  SHM_ERR_INVALID when `data` is not a whole buffer lent to this
- * process, or header/metadata don't fit: store a copy instead. */
+/* Bytes from the start of the object to `data`, if `data` starts a buffer
+ * lent to this process and not yet adopted; 0 otherwise. */
+uint64_t shm_lent_prefix(const void *data);
+/* Make the array data at `data` (n bytes, a buffer lent to this process)
+ * the sealed object `id` without copying: the object starts with `header`,
+ * shm_lent_prefix(data) bytes in front of the data (which the header must
+ * say), and `metadata` follows the data; the array's buffer keeps a pin
+ * until numpy frees it.  SHM_ERR_INVALID when `data` is not such a buffer
+ * or header or metadata don't fit: store a copy instead. */
 int shm_lent_adopt(shm_store *s, const void *data, uint64_t n, const uint8_t *id,
                    const uint8_t *header, uint64_t header_size,
                    const uint8_t *metadata, uint64_t metadata_size);
-/* Bytes in front of a lent buffer: the object's header starts there. */
-#define SHM_LEND_PREFIX 256
-#define SHM_LEND_HEADER_MAX 208
+#define SHM_LEND_HEADER_MAX 4000
 #define SHM_LEND_METADATA_MAX 64
 
 /* After a process died: abort the CREATED objects it created, return its
