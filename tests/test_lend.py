@@ -203,6 +203,58 @@ def test_a_forked_child_writes_to_its_own_copies(one_cpu):
     assert (value == 7.0).all()  # the child wrote to its own copy
 
 
+def test_a_child_that_cant_copy_faults_rather_than_share(one_cpu):
+    """A child whose copy fails (no memory for it here) must not keep the shared pages:
+    touching them kills it, and the worker's array stays as it was."""
+    ray = one_cpu
+
+    @ray.remote
+    def fork_under_a_memory_limit(n):
+        import resource
+
+        a = np.empty(n)
+        a[:] = 5.0
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status
+                        if line.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 20), hard))  # no room for a copy
+        try:
+            pid = os.fork()
+            if pid == 0:
+                import faulthandler
+
+                faulthandler.disable()  # the fault is expected: no report of it
+                a[:] = -1.0
+                os._exit(0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        _, status = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status), float(a[0])
+
+    assert ray.get(fork_under_a_memory_limit.remote(N)) == (signal.SIGSEGV, 5.0)
+
+
+def test_a_worker_that_keeps_a_lent_array_lends_no_more(one_cpu):
+    ray = one_cpu
+
+    @ray.remote
+    def make(n, keep):
+        value = np.empty(n)
+        value[:] = 3.0
+        if keep:
+            sys.shmray_test_kept_lent = value
+            return 0
+        return value
+
+    first = make.remote(N, False)
+    assert adopted(first, 8 * N)
+    ray.get(make.remote(N, True))
+    later = make.remote(N, False)
+    assert not adopted(later, 8 * N)  # copied: the kept buffer stays, no more are lent
+    assert (ray.get(later) == 3.0).all()
+
+
 def test_a_forked_child_of_a_task_neither_lends_nor_gives_back(ray):
     @ray.remote
     def fork_and_use(n):

@@ -21,8 +21,9 @@
  * could write into a sealed object.  Each process keeps a list of its live
  * buffers; at fork the child maps private copies over them before it runs
  * any code of its own, while the parent waits (no buffer of it may be freed
- * and reused meanwhile).  The child then frees nothing it inherited and
- * lends nothing.
+ * and reused meanwhile).  Should that fail, the child's pages of the buffer
+ * are made to fault rather than stay shared.  The child then frees nothing
+ * it inherited and lends nothing.
  *
  * numpy calls these functions with or without the GIL, from any thread; they
  * touch no Python state, and the store's lock covers the arena.
@@ -90,6 +91,7 @@ struct lender {
     uint64_t most_lent;         /* at once, to this process: long-lived buffers can't hoard */
     atomic_uint_fast64_t lent;  /* bytes of buffers lent and not yet adopted or given back */
     atomic_uint_fast64_t next;  /* numbers lent ids */
+    atomic_bool no_more;        /* shm_lend_no_more was called */
     pid_t pid;                  /* the process that lends; its children don't */
     struct numpy_allocator fallback;
     /* The buffers a forked child must copy, lent or adopted, until freed. */
@@ -160,7 +162,8 @@ static void give_back(void *data)
 
 static void *lend(size_t size)
 {
-    if (size < lender.threshold || size > lender.largest || getpid() != lender.pid)
+    if (size < lender.threshold || size > lender.largest || getpid() != lender.pid ||
+        atomic_load(&lender.no_more))
         return NULL;
     if (atomic_fetch_add(&lender.lent, size) + size > lender.most_lent) {
         atomic_fetch_sub(&lender.lent, size);
@@ -226,48 +229,86 @@ static void *lend_realloc(void *ctx, void *ptr, size_t new_size)
 
 /* --- fork ------------------------------------------------------------------------- */
 
+/* The pipe the next child signals on is made ahead, so that a fork needs no
+ * new descriptor (a process at its limit would otherwise fork unwaited). */
+static void make_fork_pipe(void)
+{
+    if (lender.fork_done[0] < 0 && pipe2(lender.fork_done, O_CLOEXEC) != 0)
+        lender.fork_done[0] = lender.fork_done[1] = -1;
+}
+
 static void before_fork(void)
 {
     if (getpid() != lender.pid)
         return; /* a child's fork: what it inherited is private already */
     pthread_mutex_lock(&lender.live_lock); /* until the child has its copies */
     lender.forking = true;
-    if (lender.live_count && pipe2(lender.fork_done, O_CLOEXEC) != 0)
-        lender.fork_done[0] = lender.fork_done[1] = -1;
+    if (lender.live_count)
+        make_fork_pipe();
 }
 
 static void after_fork_in_parent(void)
 {
     if (!lender.forking)
         return;
-    if (lender.fork_done[0] >= 0) {
+    int saved_errno = errno; /* what a failed fork() reports */
+    if (lender.live_count && lender.fork_done[0] >= 0) {
         close(lender.fork_done[1]);
         char done;
         while (read(lender.fork_done[0], &done, 1) < 0 && errno == EINTR)
             ; /* a byte, or the end when the child died or fork failed */
         close(lender.fork_done[0]);
         lender.fork_done[0] = lender.fork_done[1] = -1;
+        make_fork_pipe();
     }
     lender.forking = false;
     pthread_mutex_unlock(&lender.live_lock);
+    errno = saved_errno;
 }
 
-/* Replace the shared pages of each live buffer (and its tag's page) by
- * private pages holding the same bytes: mremap moves the copy into place in
- * one step.  A buffer it can't copy stays shared, as the last resort. */
+/* Replace the shared pages of a live buffer (and its tag's page) by private
+ * pages holding the same bytes: mremap moves the copy into place in one step.
+ * Returns false if it could not. */
+static bool copy_privately(uint8_t *start, uint64_t length)
+{
+    void *copy = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (copy == MAP_FAILED)
+        return false;
+    memcpy(copy, start, length);
+    if (mremap(copy, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED) {
+        munmap(copy, length);
+        return false;
+    }
+    return true;
+}
+
+/* Without a copy the child must not keep the shared pages: its writes would
+ * land in the worker's buffers, later in objects.  Pages that fault on any
+ * touch are the safe answer; a child that can't even have those dies here. */
+static void cut_off(uint8_t *start, uint64_t length)
+{
+    if (mmap(start, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) ==
+        MAP_FAILED) {
+        static const char msg[] = "shmray: a child forked by a task could not unshare its parent's arrays\n";
+        ssize_t ignored = write(2, msg, sizeof msg - 1);
+        (void)ignored;
+        _exit(70);
+    }
+}
+
+/* The parent waits (fork_done) while this runs, so none of these buffers is
+ * freed and reused meanwhile; without that wait a copy could be of someone
+ * else's bytes, so the buffers are cut off instead. */
 static void after_fork_in_child(void)
 {
     if (!lender.forking)
         return;
+    bool parent_waits = lender.fork_done[1] >= 0;
     for (size_t i = 0; i < lender.live_count; i++) {
         uint8_t *start = lender.live[i].data - PAGE;
         uint64_t length = PAGE + page_up(lender.live[i].size);
-        void *copy = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (copy == MAP_FAILED)
-            continue;
-        memcpy(copy, start, length);
-        if (mremap(copy, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
-            munmap(copy, length);
+        if (!parent_waits || !copy_privately(start, length))
+            cut_off(start, length);
     }
     if (lender.fork_done[1] >= 0) {
         char done = 1;
@@ -292,8 +333,9 @@ static struct numpy_handler handler = {
 void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold, uint64_t largest,
                         uint64_t most_lent, uint64_t keep_free)
 {
-    if (!s || !fallback || ((const struct numpy_handler *)fallback)->version != 1)
-        return NULL;
+    if (!s || !fallback || ((const struct numpy_handler *)fallback)->version != 1 ||
+        sysconf(_SC_PAGESIZE) != PAGE)
+        return NULL; /* the layout keeps each buffer on pages of its own */
     if (lender.store && lender.pid == getpid())
         return &handler; /* lending already */
     uint8_t *base = shm_store_base(s);
@@ -320,7 +362,18 @@ void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold, 
     lender.keep_free = keep_free;
     lender.pid = getpid();
     lender.fallback = ((const struct numpy_handler *)fallback)->allocator;
+    make_fork_pipe();
     return &handler;
+}
+
+uint64_t shm_lent_outstanding(void)
+{
+    return getpid() == lender.pid ? atomic_load(&lender.lent) : 0;
+}
+
+void shm_lend_no_more(void)
+{
+    atomic_store(&lender.no_more, true);
 }
 
 uint64_t shm_lent_prefix(const void *data)

@@ -17,11 +17,13 @@ before.  Lent buffers can be neither spilled nor moved, so they must neither cro
 objects nor cut the heap into pieces too small for them: they are taken from the top of
 the heap (objects are packed at its bottom), only while half of the heap stays free, only
 up to a sixteenth of the heap each, and only while the worker holds at most an eighth of
-the heap in them (arrays a task keeps in a global, say).  numpy's own allocator serves
+the heap in them.  A worker that keeps lent buffers past the task that made them (in a
+global, a cache) lends no more: each kept buffer may cut the heap in two.  numpy's own allocator serves
 everything else: small, huge or zeroed buffers, and every process but the task workers.
 
-A child the task forks gets private copies of the lent buffers it inherits, as fork gives
-of any other memory (the arena itself is shared), and lends nothing.  A worker that dies
+A child the task forks gets private copies of the lent buffers it inherits (the arena
+itself is shared), as of any other memory, but made at fork rather than on write; it lends
+nothing.  A worker that dies
 leaves its lent buffers and the pins of its adopted ones to the scheduler, which reaps
 them with the rest of its half-made objects.  As with malloc, ``np.empty`` returns whatever
 the memory held before: here, possibly bytes of a freed object of the same session.
@@ -84,6 +86,13 @@ def lend_to_numpy(store) -> bool:
     set_handler(_capsule_new(ours, _HANDLER_NAME, None))
     _lending_store = store
     return True
+
+
+def after_task() -> None:
+    """Stop lending in this worker once it keeps lent buffers past the task that made them
+    (in a global, a cache): they can't move, and more of them would split the heap."""
+    if _lending_store is not None and lib.shm_lent_outstanding():
+        lib.shm_lend_no_more()
 
 
 def handed_over(value) -> bool:

@@ -1663,6 +1663,7 @@ class Scheduler:
                 if client.killed_for in (None, lost.task_id):
                     self._task_lost(lost, client.pid, status)
                 else:  # killed for another (cancelled) task: this one did nothing wrong
+                    self._delete_partial_returns(lost)
                     self._requeue_front(lost)
         client.queued.clear()
         self._release_holds_of(client)

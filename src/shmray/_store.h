@@ -229,10 +229,14 @@ int shm_lent_return(shm_store *s, const uint8_t *id, uint64_t offset);
  * process holds at most `most_lent` bytes of them and keep_free heap bytes
  * stay free; the rest come from `fallback`, the handler numpy had.  Returns
  * the handler to wrap in a "mem_handler" capsule.  Only the calling process
- * lends; a child it forks gets private copies of the buffers it inherits,
- * as it would of malloc'd ones, and allocates with fallback. */
+ * lends.  A child it forks gets private copies of the buffers it inherits,
+ * made at fork (not on write), and allocates with fallback. */
 void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold,
                         uint64_t largest, uint64_t most_lent, uint64_t keep_free);
+/* Bytes of this process's lent buffers that are neither adopted nor freed. */
+uint64_t shm_lent_outstanding(void);
+/* Lend no more buffers in this process (those lent stay until freed). */
+void shm_lend_no_more(void);
 /* Bytes from the start of the object to `data`, if `data` starts a buffer
  * lent to this process and not yet adopted; 0 otherwise. */
 uint64_t shm_lent_prefix(const void *data);

@@ -373,6 +373,7 @@ class Worker:
                 results, retryable = _cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
+                _lend.after_task()
             self.skip.pop(task_id, None)  # a cancel that came as it ran, too
             try:
                 self.report(task_id, results, retryable,
