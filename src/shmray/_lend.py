@@ -14,19 +14,20 @@ The array keeps a pin on the object until numpy frees it, a moment later.
 Only a value the task hands over is adopted: an array with other references (a global, a
 view, an actor's state) could still change after ``get`` returned it, so it is copied as
 before.  Lent buffers can be neither spilled nor moved, so they must neither crowd out
-objects nor cut the heap into pieces too small for them: they are taken from the top of
-the heap (objects are packed at its bottom), only while half of the heap stays free, only
-up to a sixteenth of the heap each, and only while the worker holds at most an eighth of
-the heap in them.  A worker that keeps lent buffers past the task that made them (in a
-global, a cache) lends no more: each kept buffer may cut the heap in two.  numpy's own allocator serves
-everything else: small, huge or zeroed buffers, and every process but the task workers.
+objects nor cut the heap into pieces too small for them: they are taken from the top of the
+heap (objects are packed at its bottom), only while half of the heap stays free, only up to
+a sixteenth of the heap each, and only while the worker holds at most an eighth of the heap
+in them.  A worker that keeps lent buffers past the task that made them (in a global, a
+cache) lends no more: each kept buffer may cut the heap in two.  numpy's own allocator
+serves everything else: small, huge or zeroed buffers, and every process but the task
+workers.
 
 A child the task forks gets private copies of the lent buffers it inherits (the arena
 itself is shared), as of any other memory, but made at fork rather than on write; it lends
-nothing.  A worker that dies
-leaves its lent buffers and the pins of its adopted ones to the scheduler, which reaps
-them with the rest of its half-made objects.  As with malloc, ``np.empty`` returns whatever
-the memory held before: here, possibly bytes of a freed object of the same session.
+nothing.  A worker that dies leaves its lent buffers and the pins of its adopted ones to
+the scheduler, which reaps them with the rest of its half-made objects.  As with malloc,
+``np.empty`` returns whatever the memory held before: here, possibly bytes of a freed
+object of the same session.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from ._serialization import array_header, lendable_array
 from ._store_cffi import ffi, lib
 
 THRESHOLD = 1 << 20
-# A lent buffer can't be spilled or moved while numpy uses it: kept small beside the heap,
-# lent buffers can't cut it into pieces too small for a large object.
+# Lent buffers can be neither spilled nor moved: each is at most this share of the heap, so
+# that none can cut it into pieces too small for a large object.
 _LARGEST_SHARE = 16
 _MOST_LENT_SHARE = 8  # of the heap, to one worker at once: buffers it keeps can't hoard
 _HANDLER_NAME = b"mem_handler"  # numpy's capsule name; these bytes outlive the capsule
@@ -72,7 +73,10 @@ def _numpy_c_api():
 def lend_to_numpy(store) -> bool:
     """Make numpy allocate this thread's large buffers in ``store``'s arena (see above)."""
     global _lending_store
-    api = _numpy_c_api()
+    try:
+        api = _numpy_c_api()
+    except (ImportError, AttributeError, ValueError):  # a numpy unlike any we know: copy
+        return False
     if api is None:
         return False
     get_handler = ctypes.PYFUNCTYPE(ctypes.py_object)(api[_GET_HANDLER])

@@ -1157,7 +1157,7 @@ static int object_release(const struct shm_store *s, const uint8_t *id, int *fre
     if (!e)
         return SHM_ERR_NOT_FOUND;
     /* A spilling object's last pin is the spiller's, for shm_spill_finish; a
-     * lent one's is its buffer's, for shm_release_lent. */
+     * lent one's is its buffer's, for shm_lent_return. */
     uint32_t kept = ((e->flags & SHM_FLAG_SPILLING) ? 1 : 0) + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
     if (e->pin_count <= kept)
         return SHM_ERR_INVALID;

@@ -25,6 +25,9 @@
  * order, with immediate coalescing of physical neighbours.  Address order
  * makes a steady-state workload reuse the same low pages, which are already
  * faulted in: on this class of machine a first touch costs 7-10x a warm copy.
+ * Memory lent to a process's numpy buffers (_lend.c), which can't move, is
+ * taken by last fit from the end of a free block instead, at the top of the
+ * heap, so it doesn't cut the objects' end of it into pieces.
  *
  * Crash safety.  Every operation runs under one robust mutex.  If a process
  * dies holding it, the next locker gets EOWNERDEAD and repairs the arena
