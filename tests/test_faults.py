@@ -260,6 +260,23 @@ def test_results_spill_and_restore_across_processes(ray):
     runtime.store.check()
 
 
+def test_processes_spilling_at_once_never_fail_a_task(ray):
+    """Two workers short of room may pick the same victim: the one that finds it spilled
+    (or being restored) by the other goes on to the next."""
+    @ray.remote
+    def big(i):
+        a = np.empty((3 << 20) // 8)
+        a[:] = i
+        return a
+
+    for _ in range(3):  # 240 MiB a round through a 150 MiB store
+        refs = [big.remote(i) for i in range(80)]
+        for i, ref in enumerate(refs):
+            assert ray.get(ref, timeout=DEADLOCK)[0] == i
+        del refs
+    shmray._api._runtime_now.store.check()
+
+
 # -- the scheduler or the driver dies ----------------------------------------------------
 
 

@@ -4,6 +4,7 @@ task hands back becomes its object where it lies; anything else is copied as bef
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +204,38 @@ def test_a_forked_child_writes_to_its_own_copies(one_cpu):
     assert (value == 7.0).all()  # the child wrote to its own copy
 
 
+def test_every_fork_waits_for_the_childs_copies():
+    """A fork while no buffer was lent must leave nothing behind that lets a later fork's
+    parent run on (and write) before its child has copied."""
+    shmray.init(num_cpus=1, object_store_memory=512 << 20)
+    try:
+        @shmray.remote
+        def fork_twice(n, count):
+            pid = os.fork()  # nothing lent yet: a Pool started early, say
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            arrays = [np.empty(n) for _ in range(count)]
+            for a in arrays:
+                a[:] = 1.0
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # looks at its copies once the parent has changed its own
+                os.close(write)
+                os.read(read, 1)
+                os._exit(0 if all((a == 1.0).all() for a in arrays) else 1)
+            os.close(read)
+            for a in arrays:
+                a[:] = 2.0
+            os.write(write, b"x")
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+
+        assert shmray.get(fork_twice.remote((16 << 20) // 8, 3)) == 0
+    finally:
+        shmray.shutdown()
+
+
 def test_a_child_that_cant_copy_faults_rather_than_share(one_cpu):
     """A child whose copy fails (no memory for it here) must not keep the shared pages:
     touching them kills it, and the worker's array stays as it was."""
@@ -322,3 +355,61 @@ def test_a_buffer_kept_across_tasks_does_not_split_the_store(one_cpu):
     settle()
     big = ray.put(np.ones((100 << 20) // 8))  # of a 150 MiB store
     assert float(ray.get(big)[-1]) == 1.0
+
+
+@pytest.fixture
+def store_of_100mib():
+    shmray.init(num_cpus=2, object_store_memory=100 << 20)
+    yield shmray
+    shmray.shutdown()
+
+
+def test_a_put_waits_for_the_buffers_running_tasks_use(store_of_100mib):
+    """Lent buffers can't be spilled: a put that needs their room waits for their tasks."""
+    ray = store_of_100mib
+
+    @ray.remote
+    def compute(seconds):
+        n = (6 << 20) // 8
+        a = np.empty(n)
+        a[:] = 1.0
+        b = np.empty(n)
+        b[:] = 2.0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            c = a + b  # noqa: F841 - more temporaries
+        return float(b[0])
+
+    refs = [compute.remote(1.5) for _ in range(2)]
+    wait_for(lambda: lent_buffers() >= 4)
+    big = ray.put(np.ones((80 << 20) // 8))  # fits only once the tasks are done
+    assert ray.get(refs) == [2.0, 2.0]
+    assert float(ray.get(big)[-1]) == 1.0
+
+
+def test_garbage_holding_lent_buffers_is_collected_after_the_task(store_of_100mib):
+    """Arrays in reference cycles die only in a collection, which an idle worker never
+    runs: after each task the worker collects, so the buffers come back and it lends on."""
+    ray = store_of_100mib
+
+    @ray.remote
+    def leave_cycles(n):
+        class Node:
+            pass
+
+        for i in range(2):
+            node = Node()
+            node.data = np.empty(n)
+            node.data[:] = i
+            node.itself = node
+        return 0
+
+    @ray.remote
+    def make(n):
+        value = np.empty(n)
+        value[:] = 1.0
+        return value
+
+    assert ray.get([leave_cycles.remote(N) for _ in range(2)]) == [0, 0]
+    assert lent_buffers() == 0
+    assert all(adopted(make.remote(N), 8 * N) for _ in range(2))

@@ -99,6 +99,7 @@ struct lender {
     struct live_buffer *live;
     size_t live_count, live_capacity;
     bool forking;               /* between before_fork and the after_fork functions */
+    bool parent_waits;          /* ...for the child to signal on fork_done */
     int fork_done[2];           /* the child says it has its copies; -1 when no wait */
 };
 
@@ -245,6 +246,7 @@ static void before_fork(void)
     lender.forking = true;
     if (lender.live_count)
         make_fork_pipe();
+    lender.parent_waits = lender.live_count && lender.fork_done[0] >= 0;
 }
 
 static void after_fork_in_parent(void)
@@ -252,7 +254,7 @@ static void after_fork_in_parent(void)
     if (!lender.forking)
         return;
     int saved_errno = errno; /* what a failed fork() reports */
-    if (lender.live_count && lender.fork_done[0] >= 0) {
+    if (lender.parent_waits) {
         close(lender.fork_done[1]);
         char done;
         while (read(lender.fork_done[0], &done, 1) < 0 && errno == EINTR)
@@ -303,17 +305,18 @@ static void after_fork_in_child(void)
 {
     if (!lender.forking)
         return;
-    bool parent_waits = lender.fork_done[1] >= 0;
     for (size_t i = 0; i < lender.live_count; i++) {
         uint8_t *start = lender.live[i].data - PAGE;
         uint64_t length = PAGE + page_up(lender.live[i].size);
-        if (!parent_waits || !copy_privately(start, length))
+        if (!lender.parent_waits || !copy_privately(start, length))
             cut_off(start, length);
     }
-    if (lender.fork_done[1] >= 0) {
+    if (lender.parent_waits) {
         char done = 1;
         while (write(lender.fork_done[1], &done, 1) < 0 && errno == EINTR)
             ;
+    }
+    if (lender.fork_done[0] >= 0) { /* the parent's, made for its next fork */
         close(lender.fork_done[0]);
         close(lender.fork_done[1]);
         lender.fork_done[0] = lender.fork_done[1] = -1;

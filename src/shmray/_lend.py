@@ -33,6 +33,7 @@ object of the same session.
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 
 import numpy as np
@@ -94,9 +95,12 @@ def lend_to_numpy(store) -> bool:
 
 def after_task() -> None:
     """Stop lending in this worker once it keeps lent buffers past the task that made them
-    (in a global, a cache): they can't move, and more of them would split the heap."""
+    (in a global, a cache): they can't move, and more of them would split the heap.  Those
+    only garbage holds (a reference cycle) go first: an idle worker collects none."""
     if _lending_store is not None and lib.shm_lent_outstanding():
-        lib.shm_lend_no_more()
+        gc.collect()
+        if lib.shm_lent_outstanding():
+            lib.shm_lend_no_more()
 
 
 def handed_over(value) -> bool:

@@ -24,10 +24,15 @@ from ._object_store import (
     ObjectNotFoundError,
     ObjectNotSealedError,
     ObjectPinnedError,
+    ObjectSpilledError,
     ObjectStore,
 )
 
 _RESTORE_WAIT_S = 60.0
+# How long room is waited for that only other processes' lent numpy buffers (_lend.py) take:
+# they come back when their tasks end, as plasma's full creates are retried in Ray.
+_LENT_WAIT_S = 10.0
+_LENT_POLL_S = (0.001, 0.05)  # first and longest pause between looks
 
 
 class Spiller:
@@ -43,26 +48,40 @@ class Spiller:
         return os.path.join(self._directory(), object_id.hex())
 
     def make_room(self, nbytes: int) -> bool:
-        """Spill until a block of ``nbytes`` fits; False if nothing more can be spilled."""
-        if self._store.statistics().largest_free >= nbytes:
-            return True
-        victims = sorted(
-            (info for info in self._store.list()
-             if info.state == "sealed" and info.pin_count == 0
-             and not info.delete_pending and not info.spilling),
-            key=lambda info: info.last_access,
-        )
-        for info in victims:
-            self.spill(info.object_id)
+        """Spill until a block of ``nbytes`` fits; False if nothing more can be spilled and
+        no other process's lent buffer comes back within _LENT_WAIT_S."""
+        deadline, pause = None, _LENT_POLL_S[0]
+        while True:
             if self._store.statistics().largest_free >= nbytes:
                 return True
-        return False
+            objects = self._store.list()
+            victims = sorted(
+                (info for info in objects
+                 if info.state == "sealed" and info.pin_count == 0
+                 and not info.delete_pending and not info.spilling),
+                key=lambda info: info.last_access,
+            )
+            for info in victims:
+                self.spill(info.object_id)
+                if self._store.statistics().largest_free >= nbytes:
+                    return True
+            me = os.getpid()
+            if not any(o.lent and o.creator_pid != me for o in objects):
+                return False  # this process's own buffers can't come back while it waits
+            if deadline is None:
+                deadline = time.monotonic() + _LENT_WAIT_S
+            elif time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, _LENT_POLL_S[1])
 
     def spill(self, object_id: bytes) -> bool:
-        """Move one object to its file; False if it was in use or gone by then."""
+        """Move one object to its file; False if it was in use or gone by then (or another
+        process is spilling or restoring it)."""
         try:
             view = self._store.spill_begin(object_id)
-        except (ObjectPinnedError, ObjectNotFoundError):
+        except (ObjectPinnedError, ObjectNotFoundError, ObjectSpilledError,
+                ObjectNotSealedError):
             return False
         path = self.path(object_id)
         size = view.nbytes
