@@ -236,6 +236,8 @@ def test_every_fork_waits_for_the_childs_copies():
         shmray.shutdown()
 
 
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer's shadow memory can't live under RLIMIT_AS")
 def test_a_child_that_cant_copy_faults_rather_than_share(one_cpu):
     """A child whose copy fails (no memory for it here) must not keep the shared pages:
     touching them kills it, and the worker's array stays as it was."""

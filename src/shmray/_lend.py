@@ -18,9 +18,10 @@ objects nor cut the heap into pieces too small for them: they are taken from the
 heap (objects are packed at its bottom), only while half of the heap stays free, only up to
 a sixteenth of the heap each, and only while the worker holds at most an eighth of the heap
 in them.  A worker that keeps lent buffers past the task that made them (in a global, a
-cache) lends no more: each kept buffer may cut the heap in two.  numpy's own allocator
-serves everything else: small, huge or zeroed buffers, and every process but the task
-workers.
+cache) lends no more: each kept buffer may cut the heap in two.  A process short of room
+for an object waits up to 10 s for other processes' lent buffers to come back
+(``_spill.Spiller.make_room``).  numpy's own allocator serves everything else: small, huge
+or zeroed buffers, and every process but the task workers.
 
 A child the task forks gets private copies of the lent buffers it inherits (the arena
 itself is shared), as of any other memory, but made at fork rather than on write; it lends
