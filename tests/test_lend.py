@@ -28,12 +28,16 @@ def lent_buffers() -> int:
     return runtime().store.statistics().num_created
 
 
+def _session(num_cpus: int, store_mib: int):
+    shmray.init(num_cpus=num_cpus, object_store_memory=store_mib << 20)
+    yield shmray
+    shmray.shutdown()
+
+
 @pytest.fixture
 def one_cpu():
     """One worker, so consecutive tasks share its memory."""
-    shmray.init(num_cpus=1, object_store_memory=150 << 20)
-    yield shmray
-    shmray.shutdown()
+    yield from _session(1, 150)
 
 
 def test_a_returned_array_becomes_its_object_uncopied(ray):
@@ -361,9 +365,7 @@ def test_a_buffer_kept_across_tasks_does_not_split_the_store(one_cpu):
 
 @pytest.fixture
 def store_of_100mib():
-    shmray.init(num_cpus=2, object_store_memory=100 << 20)
-    yield shmray
-    shmray.shutdown()
+    yield from _session(2, 100)
 
 
 def test_a_put_waits_for_the_buffers_running_tasks_use(store_of_100mib):

@@ -1351,8 +1351,10 @@ static void store_statistics(const struct shm_store *s, shm_stats *out)
 
 /* --- the public functions: check arguments, lock, work, unlock ---------------------- */
 
-int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t metadata_size,
-               uint64_t *offset_out)
+/* shm_create and shm_create_within: memory lent to a process's buffers goes
+ * to the top of the heap, and only while keep_free heap bytes stay free. */
+static int create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t metadata_size,
+                  bool lent, uint64_t keep_free, uint64_t *offset_out)
 {
     if (!s || !id)
         return SHM_ERR_INVALID;
@@ -1364,30 +1366,25 @@ int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t met
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    rc = object_create(s, id, data_size, metadata_size, false, offset_out);
+    const struct shm_header *h = s->header;
+    if (lent && h->heap_size - h->bytes_in_use < block_size_for(data_size + metadata_size) + keep_free)
+        rc = SHM_ERR_FULL;
+    else
+        rc = object_create(s, id, data_size, metadata_size, lent, offset_out);
     store_unlock(s);
     return rc;
+}
+
+int shm_create(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t metadata_size,
+               uint64_t *offset_out)
+{
+    return create(s, id, data_size, metadata_size, false, 0, offset_out);
 }
 
 int shm_create_within(shm_store *s, const uint8_t *id, uint64_t data_size, uint64_t metadata_size,
                       uint64_t keep_free, uint64_t *offset_out)
 {
-    if (!s || !id)
-        return SHM_ERR_INVALID;
-    uint64_t heap_size = s->heap_end - s->heap_start;
-    if (data_size > heap_size || metadata_size > heap_size ||
-        block_size_for(data_size + metadata_size) > heap_size)
-        return SHM_ERR_TOO_LARGE;
-    int rc = store_lock(s);
-    if (rc != SHM_OK)
-        return rc;
-    const struct shm_header *h = s->header;
-    if (h->heap_size - h->bytes_in_use < block_size_for(data_size + metadata_size) + keep_free)
-        rc = SHM_ERR_FULL;
-    else
-        rc = object_create(s, id, data_size, metadata_size, true, offset_out);
-    store_unlock(s);
-    return rc;
+    return create(s, id, data_size, metadata_size, true, keep_free, offset_out);
 }
 
 int shm_adopt(shm_store *s, const uint8_t *from, const uint8_t *to, uint64_t data_size,
