@@ -417,3 +417,48 @@ def test_garbage_holding_lent_buffers_is_collected_after_the_task(store_of_100mi
     assert ray.get([leave_cycles.remote(N) for _ in range(2)]) == [0, 0]
     assert lent_buffers() == 0
     assert all(adopted(make.remote(N), 8 * N) for _ in range(2))
+
+
+def test_a_kept_buffer_is_not_waited_for(store_of_100mib):
+    """A put short of room waits for lent buffers that will come back, not for one a
+    worker keeps: the store-full error comes at once."""
+    ray = store_of_100mib
+
+    @ray.remote
+    def keep(n):
+        sys.shmray_test_kept_for_good = np.ones(n)
+        return 0
+
+    ray.get(keep.remote((5 << 20) // 8))
+    held = [ray.put(np.ones((35 << 20) // 8)) for _ in range(2)]
+    views = ray.get(held)  # pinned: nothing can be spilled
+    started = time.monotonic()
+    with pytest.raises(exceptions.ObjectStoreFullError):
+        ray.put(np.ones((27 << 20) // 8))  # would fit, were the kept buffer to go
+    assert time.monotonic() - started < 5  # not the 10 s a returning buffer is waited for
+    del views, held
+
+
+def test_a_worker_that_lends_no_more_collects_no_more(one_cpu):
+    """Collecting garbage after each task is for deciding to stop lending, once."""
+    ray = one_cpu
+
+    @ray.remote
+    def keep_and_count(n):
+        import gc
+
+        sys.shmray_test_kept_once = np.ones(n)
+        sys.shmray_test_collections = []
+        gc.callbacks.append(lambda phase, info: sys.shmray_test_collections.append(phase))
+        return 0
+
+    @ray.remote
+    def collections():
+        return len(sys.shmray_test_collections)
+
+    ray.get(keep_and_count.remote(N))
+    seen = ray.get(collections.remote())
+    assert seen > 0  # the collection that decided to stop lending
+    for _ in range(5):
+        ray.get(ray.remote(lambda: 0).remote())
+    assert ray.get(collections.remote()) == seen

@@ -75,6 +75,8 @@ _Static_assert(SHM_LEND_HEADER_MAX + TAG_SIZE <= PAGE, "the header stops before 
 /* Lent ids can't be taken for real ones: those start with a random prefix
  * that shmray._ids never lets begin with eight 0xff bytes. */
 static const uint8_t LENT_MARK[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+/* At the start of a lent buffer's object once its process keeps it past its task. */
+static const uint8_t KEPT_MARK[8] = {'s', 'h', 'm', 'K', 'E', 'P', 'T', 0};
 
 struct live_buffer {
     uint8_t *data;
@@ -377,6 +379,22 @@ uint64_t shm_lent_outstanding(void)
 void shm_lend_no_more(void)
 {
     atomic_store(&lender.no_more, true);
+    /* The buffers it holds now are kept (in a global, a cache): say so where others look
+     * (shm_lent_kept), in the object's header room, unused until an adoption. */
+    pthread_mutex_lock(&lender.live_lock);
+    for (size_t i = 0; i < lender.live_count; i++) {
+        const struct lend_tag *tag = tag_of(lender.live[i].data);
+        if (memcmp(tag->id, LENT_MARK, sizeof LENT_MARK) == 0)
+            memcpy(lender.base + tag->offset, KEPT_MARK, sizeof KEPT_MARK);
+    }
+    pthread_mutex_unlock(&lender.live_lock);
+}
+
+int shm_lent_kept(shm_store *s, uint64_t offset)
+{
+    if (!s || offset < sizeof KEPT_MARK)
+        return 0;
+    return memcmp((uint8_t *)shm_store_base(s) + offset, KEPT_MARK, sizeof KEPT_MARK) == 0;
 }
 
 uint64_t shm_lent_prefix(const void *data)

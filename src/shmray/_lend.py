@@ -19,8 +19,8 @@ heap (objects are packed at its bottom), only while half of the heap stays free,
 a sixteenth of the heap each, and only while the worker holds at most an eighth of the heap
 in them.  A worker that keeps lent buffers past the task that made them (in a global, a
 cache) lends no more: each kept buffer may cut the heap in two.  A process short of room
-for an object waits up to 10 s for other processes' lent buffers to come back
-(``_spill.Spiller.make_room``).  numpy's own allocator serves everything else: small, huge
+for an object waits up to 10 s for other processes' lent buffers to come back, if they
+could make the room and are not kept (``_spill.Spiller.make_room``).  numpy's own allocator serves everything else: small, huge
 or zeroed buffers, and every process but the task workers.
 
 A child the task forks gets private copies of the lent buffers it inherits (the arena
@@ -98,10 +98,12 @@ def after_task() -> None:
     """Stop lending in this worker once it keeps lent buffers past the task that made them
     (in a global, a cache): they can't move, and more of them would split the heap.  Those
     only garbage holds (a reference cycle) go first: an idle worker collects none."""
+    global _lending_store
     if _lending_store is not None and lib.shm_lent_outstanding():
         gc.collect()
         if lib.shm_lent_outstanding():
             lib.shm_lend_no_more()
+            _lending_store = None  # nothing more to adopt, or to collect for
 
 
 def handed_over(value) -> bool:

@@ -397,6 +397,10 @@ class ObjectStore:
                                         threshold, largest, most_lent, keep_free)
         return int(ffi.cast("uintptr_t", handler))
 
+    def lent_kept(self, info: "ObjectInfo") -> bool:
+        """Whether a lent buffer is kept by its process past its task (see _lend.after_task)."""
+        return info.state == "created" and bool(lib.shm_lent_kept(self._handle(), info.offset))
+
     def adopt_lent(self, object_id: bytes, address: int, size: int, header: bytes,
                    metadata: bytes) -> bool:
         """Seal the lent buffer at address as object_id, uncopied; False if it isn't one

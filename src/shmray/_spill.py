@@ -65,15 +65,22 @@ class Spiller:
                 self.spill(info.object_id)
                 if self._store.statistics().largest_free >= nbytes:
                     return True
-            me = os.getpid()
-            if not any(o.lent and o.creator_pid != me for o in objects):
-                return False  # this process's own buffers can't come back while it waits
+            if not self._lent_room_may_come(objects, nbytes):
+                return False
             if deadline is None:
                 deadline = time.monotonic() + _LENT_WAIT_S
             elif time.monotonic() > deadline:
                 return False
             time.sleep(pause)
             pause = min(2 * pause, _LENT_POLL_S[1])
+
+    def _lent_room_may_come(self, objects, nbytes: int) -> bool:
+        """Whether lent buffers that will come back could make room for ``nbytes``: other
+        processes' (this one's can't come back while it waits), not kept past their task."""
+        me = os.getpid()
+        coming = sum(o.data_size + o.metadata_size for o in objects
+                     if o.lent and o.creator_pid != me and not self._store.lent_kept(o))
+        return coming > 0 and self._store.statistics().bytes_free + coming >= nbytes
 
     def spill(self, object_id: bytes) -> bool:
         """Move one object to its file; False if it was in use or gone by then (or another

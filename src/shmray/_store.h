@@ -238,8 +238,12 @@ void *shm_numpy_handler(shm_store *s, const void *fallback, uint64_t threshold,
                         uint64_t largest, uint64_t most_lent, uint64_t keep_free);
 /* Bytes of this process's lent buffers that are neither adopted nor freed. */
 uint64_t shm_lent_outstanding(void);
-/* Lend no more buffers in this process (those lent stay until freed). */
+/* Lend no more buffers in this process (those lent stay until freed), and
+ * mark those it holds as kept. */
 void shm_lend_no_more(void);
+/* Whether the lent buffer whose object's payload is at `offset` is kept by
+ * its process past its task (shm_lend_no_more): room no one should wait for. */
+int shm_lent_kept(shm_store *s, uint64_t offset);
 /* Bytes from the start of the object to `data`, if `data` starts a buffer
  * lent to this process and not yet adopted; 0 otherwise. */
 uint64_t shm_lent_prefix(const void *data);
