@@ -20,8 +20,9 @@ a sixteenth of the heap each, and only while the worker holds at most an eighth 
 in them.  A worker that keeps lent buffers past the task that made them (in a global, a
 cache) lends no more: each kept buffer may cut the heap in two.  A process short of room
 for an object waits up to 10 s for other processes' lent buffers to come back, if they
-could make the room and are not kept (``_spill.Spiller.make_room``).  numpy's own allocator serves everything else: small, huge
-or zeroed buffers, and every process but the task workers.
+could make the room and are not kept (``_spill.Spiller.make_room``).  numpy's own allocator
+serves everything else: small, huge or zeroed buffers, and every process but the task
+workers.
 
 A child the task forks gets private copies of the lent buffers it inherits (the arena
 itself is shared), as of any other memory, but made at fork rather than on write; it lends
