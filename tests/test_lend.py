@@ -16,6 +16,11 @@ from conftest import runtime, settle, wait_for
 N = 1 << 18  # 2 MiB of float64: over _lend.THRESHOLD
 
 
+@shmray.remote
+def twos(n):
+    return np.ones(n) * 2  # a fresh buffer (that of np.ones is freed by the product)
+
+
 def adopted(ref, nbytes: int) -> bool:
     """Whether the object has the lent layout: its data starts a page, a page or more in."""
     shmray.wait([ref])
@@ -146,12 +151,8 @@ def test_resize_moves_a_lent_buffer(ray):
 
 
 def test_an_array_over_a_sixteenth_of_the_store_is_not_lent(ray):
-    @ray.remote
-    def big(n):
-        return np.ones(n) * 2
-
     n = (10 << 20) // 8  # 10 MiB of a 150 MiB store
-    ref = big.remote(n)
+    ref = twos.remote(n)
     assert not adopted(ref, 8 * n)
     assert float(ray.get(ref)[-1]) == 2.0
 
@@ -317,16 +318,12 @@ def test_a_forked_child_of_a_task_neither_lends_nor_gives_back(ray):
 
 
 def test_nothing_is_lent_while_the_store_is_over_half_full(ray):
-    @ray.remote
-    def make(n):
-        return np.ones(n) * 2
-
     filler = [ray.put(np.ones((40 << 20) // 8)) for _ in range(2)]  # 80 MiB of 150
-    ref = make.remote(N)
+    ref = twos.remote(N)
     assert not adopted(ref, 8 * N)
     del filler
     settle()
-    ref = make.remote(N)
+    ref = twos.remote(N)
     assert adopted(ref, 8 * N)
 
 
@@ -408,15 +405,9 @@ def test_garbage_holding_lent_buffers_is_collected_after_the_task(store_of_100mi
             node.itself = node
         return 0
 
-    @ray.remote
-    def make(n):
-        value = np.empty(n)
-        value[:] = 1.0
-        return value
-
     assert ray.get([leave_cycles.remote(N) for _ in range(2)]) == [0, 0]
     assert lent_buffers() == 0
-    assert all(adopted(make.remote(N), 8 * N) for _ in range(2))
+    assert all(adopted(twos.remote(N), 8 * N) for _ in range(2))
 
 
 def test_a_kept_buffer_is_not_waited_for(store_of_100mib):
