@@ -30,9 +30,7 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-import cloudpickle
-
-from . import _options, _protocol as P, exceptions
+from . import _options, _pickling, _protocol as P, exceptions
 from ._ids import new_task_id, object_id_for_put, object_id_for_return
 from ._object_ref import ObjectRef
 from ._remote_function import check_call, pack_arguments
@@ -124,7 +122,7 @@ class ActorClass:
 
     def _code(self) -> bytes:
         if self._pickled is None:
-            self._pickled = cloudpickle.dumps(self._cls)
+            self._pickled = _pickling.dumps(self._cls)
         return self._pickled
 
     def _create(self, args, kwargs, options) -> "ActorHandle":

@@ -33,9 +33,7 @@ import inspect
 import os
 import time
 
-import cloudpickle
-
-from . import _direct, _output, _protocol as P, _runtime, exceptions
+from . import _direct, _output, _pickling, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
 from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
@@ -61,7 +59,7 @@ class ActorProcess(Worker):
         self.class_name = self.spec[P.ACTOR_CLASS_NAME]
         self.actor_id = self.spec[P.ACTOR_ID]
         os.environ.update(options.get("env_vars") or {})  # runtime_env, for the actor's life
-        self.cls = cloudpickle.loads(pickled_class)
+        self.cls = _pickling.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]
         self.instance = None

@@ -17,9 +17,7 @@ import inspect
 import os
 from typing import Any, Dict, List
 
-import cloudpickle
-
-from . import _object_ref, _options, _protocol as P
+from . import _object_ref, _options, _pickling, _protocol as P
 from ._ids import first_return_id, new_task_id, object_id_for_return
 from ._object_ref import ObjectRef
 from ._serialization import SCALARS, scalars_to_bytes, serialize
@@ -76,7 +74,7 @@ class RemoteFunction:
 
     def _code(self) -> bytes:
         if self._pickled is None:
-            self._pickled = cloudpickle.dumps(self._function)
+            self._pickled = _pickling.dumps(self._function)
         return self._pickled
 
     def _submit(self, args, kwargs, fields):
@@ -198,7 +196,7 @@ def _serialize_arguments(args, kwargs):
 
 def _explain(label: str, value) -> None:
     try:
-        cloudpickle.dumps(value)
+        _pickling.dumps(value)
     except Exception as exc:
         raise TypeError(
             f"{label} ({type(value).__qualname__}) can't be sent to a task: it can't be "

@@ -29,8 +29,9 @@ import struct
 import threading
 from typing import List, Optional, Sequence, Tuple
 
-import cloudpickle
 import numpy as np
+
+from . import _pickling
 
 ALIGN = 64
 FORMAT_MAGIC = 0x53485231  # "SHR1"
@@ -126,7 +127,7 @@ def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
         if _is_plain(value):
             stream = pickle.dumps(value, protocol=5, buffer_callback=raw_buffers.append)
         else:
-            stream = cloudpickle.dumps(value, protocol=5, buffer_callback=raw_buffers.append)
+            stream = _pickling.dumps(value, buffer_callback=raw_buffers.append)
         contained = _context.contained
     except Exception as exc:
         raise TypeError(

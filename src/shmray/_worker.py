@@ -36,10 +36,9 @@ import time
 import traceback
 from typing import Dict, Optional
 
-import cloudpickle
 import setproctitle
 
-from . import _direct, _lend, _output, _protocol as P, _runtime, exceptions
+from . import _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
 from ._connection import ConnectionClosed, wait_writable
 from ._ids import first_return_id, object_id_for_return
 from ._serialization import (
@@ -406,7 +405,7 @@ class Worker:
                 loading = time.perf_counter()
                 if pickled is None:  # sent by a lease holder, which leaves the code to us
                     pickled = self._fetch_function(fn_id)
-                fn = self.functions[fn_id] = cloudpickle.loads(pickled)
+                fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = self._arguments(args_blob, arg_ids, values)
             self.in_user_code = True
@@ -596,11 +595,11 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayError:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     cause = exc
     try:
-        cloudpickle.loads(cloudpickle.dumps(exc))
+        _pickling.loads(_pickling.dumps(exc))
     except Exception:
         cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
         if cause is None:
-            cause = exceptions.UnserializableException(text)
+            cause = exceptions.UnserializableException(text, type(exc).__name__)
     exc.__traceback__ = None
     return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from . import _pickling
+
 
 class RayError(Exception):
     """Base of every shmray error; never raised directly."""
@@ -76,20 +78,27 @@ class RayTaskError(RayError):
         super().__init__(function_name, traceback_str)
 
     def __reduce__(self):
-        return (
-            RayTaskError,
-            (self.function_name, self.traceback_str, self._pickled_cause(), self.proctitle,
-             self.pid),
-        )
+        return _rebuild_task_error, self._fields(dual=False)
 
-    def _pickled_cause(self):
+    def _fields(self, dual: bool) -> tuple:
+        """What rebuilds this error elsewhere.  The cause travels as a pickle of its own: a
+        process that can't rebuild it (its class is in a module only the task's process
+        has) still gets the task's name, message and traceback (``_rebuild_task_error``)."""
+        cause = self.cause
         if getattr(self, "_cause_by_state", False):
-            return _PortableException(self.cause)
-        return self.cause
+            cause = _PortableException(cause)
+        try:
+            pickled_cause = _pickling.dumps(cause)
+        except Exception:
+            pickled_cause = None
+        return (self.function_name, self.traceback_str, pickled_cause, self.proctitle,
+                self.pid, dual, type(self.cause).__name__)
 
     def __str__(self) -> str:
         where = f"{self.proctitle} pid={self.pid}" if self.pid else self.proctitle
-        head = f"{type(self.cause).__name__ if self.cause is not None else 'Error'}"
+        cause = self.cause
+        head = (getattr(cause, "class_name", None) if isinstance(cause, UnserializableException)
+                else None) or (type(cause).__name__ if cause is not None else "Error")
         return (
             f"{head} raised in {self.function_name}() ({where}):\n"
             f"{self.traceback_str.rstrip()}"
@@ -135,11 +144,7 @@ def _dual_class(cause_cls: type) -> Optional[type]:
         return _dual_classes[cause_cls]
 
     def __reduce__(self):
-        return (
-            _rebuild_dual,
-            (self.function_name, self.traceback_str, self._pickled_cause(), self.proctitle,
-             self.pid),
-        )
+        return _rebuild_task_error, self._fields(dual=True)
 
     try:
         derived = type(
@@ -159,8 +164,17 @@ def _dual_class(cause_cls: type) -> Optional[type]:
     return derived
 
 
-def _rebuild_dual(function_name, traceback_str, cause, proctitle, pid):
-    return RayTaskError(function_name, traceback_str, cause, proctitle, pid).as_instanceof_cause()
+def _rebuild_task_error(function_name, traceback_str, pickled_cause, proctitle, pid, dual,
+                        cause_name):
+    try:
+        cause = _pickling.loads(pickled_cause) if pickled_cause is not None else None
+    except Exception as exc:
+        cause = UnserializableException(
+            f"the {cause_name} that {function_name}() raised can't be rebuilt in this process "
+            f"({type(exc).__name__}: {exc}); most likely its class is defined in a module "
+            f"this process can't import. Its traceback:\n{traceback_str}", cause_name)
+    error = RayTaskError(function_name, traceback_str, cause, proctitle, pid)
+    return error.as_instanceof_cause() if dual else error
 
 
 class _PortableException:
@@ -187,12 +201,8 @@ def _rebuild_exception(cls, args, state):
 
 def portable_exception(exc: BaseException):
     """``exc`` in a form that pickles (class, args, __dict__), or None if even that fails."""
-    import pickle
-
-    import cloudpickle
-
     try:
-        rebuilt = pickle.loads(cloudpickle.dumps(_PortableException(exc)))
+        rebuilt = _pickling.loads(_pickling.dumps(_PortableException(exc)))
     except Exception:
         return None
     return _PortableCause(rebuilt)
@@ -314,11 +324,17 @@ class CrossLanguageError(RayError):
 
 
 class UnserializableException(RayError):
-    """A remote exception could not be pickled; its text is kept."""
+    """Stands for a task's exception that could not be pickled where it was raised, or not
+    rebuilt where it arrived (its class can't be imported there); its text is kept, and
+    ``class_name`` names the class it stands for."""
 
-    def __init__(self, original_stack_trace: str):
+    def __init__(self, original_stack_trace: str, class_name: Optional[str] = None):
         self.original_stack_trace = original_stack_trace
+        self.class_name = class_name
         super().__init__(original_stack_trace)
+
+    def __reduce__(self):
+        return UnserializableException, (self.original_stack_trace, self.class_name)
 
 
 __all__ = [name for name, obj in list(globals().items())

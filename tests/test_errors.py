@@ -1,0 +1,168 @@
+"""A task's failure as its caller sees it: the user's classes, messages and remote traceback.
+
+End to end through real workers and actors; each test names the bug it guards.
+"""
+
+import linecache
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import shmray
+from shmray import exceptions
+
+HERE = os.path.abspath(__file__)
+
+
+@pytest.fixture
+def ray1():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        yield shmray
+    finally:
+        shmray.shutdown()
+
+
+def _raised(ref):
+    with pytest.raises(exceptions.RayTaskError) as info:
+        shmray.get(ref, timeout=60)
+    return str(info.value)
+
+
+# -- remote tracebacks keep the user's files, lines and source (cloudpickle >= 3.1.3 names
+#    every code object it pickles by value "<dynamic-code>") ------------------------------
+
+
+def test_traceback_of_a_local_function_names_its_file_line_and_source(ray1):
+    @ray1.remote
+    def divide(a, b):
+        return a / b  # the line the traceback must show
+
+    line = divide._function.__code__.co_firstlineno + 2
+    text = _raised(divide.remote(1, 0))
+    assert f'File "{HERE}", line {line}, in divide' in text
+    assert "return a / b  # the line the traceback must show" in text
+    assert "<dynamic-code>" not in text
+
+
+def test_traceback_of_a_closure_and_a_nested_function(ray1):
+    factor = 0
+
+    def inner(x):
+        return x / factor  # inner's line
+
+    @ray1.remote
+    def outer(x):
+        return inner(x)
+
+    text = _raised(outer.remote(3))
+    assert f'File "{HERE}"' in text and "in inner" in text and "in outer" in text
+    assert "return x / factor  # inner's line" in text
+    assert "<dynamic-code>" not in text
+
+
+def test_traceback_of_an_actor_method_and_its_init(ray1):
+    @ray1.remote
+    class Local:
+        def __init__(self, fail=False):
+            if fail:
+                raise ValueError("init fails here")
+
+        def method(self):
+            raise KeyError("method fails here")
+
+    text = _raised(Local.remote().method.remote())
+    assert f'File "{HERE}"' in text and 'raise KeyError("method fails here")' in text
+
+    with pytest.raises(exceptions.ActorDiedError) as info:
+        shmray.get(Local.remote(fail=True).method.remote(), timeout=60)
+    assert 'raise ValueError("init fails here")' in str(info.value)
+    assert "<dynamic-code>" not in str(info.value)
+
+
+def test_traceback_of_code_that_exists_only_in_linecache(ray1):
+    """Code typed into a notebook cell has no file on disk; its source lines travel."""
+    filename = "<cell-42-shmray-test>"
+    source = "def from_a_cell(x):\n    return x['missing']  # cell source line\n"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    try:
+        namespace = {}
+        exec(compile(source, filename, "exec"), namespace)
+        task = ray1.remote(namespace["from_a_cell"])
+        text = _raised(task.remote({}))
+    finally:
+        del linecache.cache[filename]
+    assert f'File "{filename}", line 2, in from_a_cell' in text
+    assert "return x['missing']  # cell source line" in text
+
+
+def test_traceback_of_a_function_in_main(tmp_path):
+    script = tmp_path / "main_script.py"
+    script.write_text(textwrap.dedent("""
+        import shmray
+
+        @shmray.remote
+        def fails():
+            raise RuntimeError("from __main__")  # main's line
+
+        shmray.init(num_cpus=1, object_store_memory=100 << 20)
+        try:
+            shmray.get(fails.remote())
+        except RuntimeError as error:
+            print(error)
+        shmray.shutdown()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f'File "{script}", line 6, in fails' in out.stdout
+    assert 'raise RuntimeError("from __main__")  # main\'s line' in out.stdout
+
+
+# -- exceptions whose class the caller can't import --------------------------------------
+
+
+def test_exception_of_a_class_the_driver_cannot_import(ray1, tmp_path):
+    """It came back as a bare ModuleNotFoundError from unpickling, losing the task's name,
+    message and traceback."""
+    @ray1.remote
+    def raise_private(folder):
+        sys.path.insert(0, folder)
+        with open(os.path.join(folder, "only_in_the_worker.py"), "w") as f:
+            f.write("class OnlyHereError(Exception):\n    pass\n")
+        import only_in_the_worker
+
+        raise only_in_the_worker.OnlyHereError("the message")
+
+    with pytest.raises(exceptions.RayTaskError) as info:
+        shmray.get(raise_private.remote(str(tmp_path)), timeout=60)
+    error = info.value
+    assert isinstance(error, exceptions.UnserializableException)
+    assert error.function_name == "raise_private"
+    text = str(error)
+    assert text.startswith("OnlyHereError raised in raise_private()")
+    assert "only_in_the_worker.OnlyHereError: the message" in text
+    assert 'raise only_in_the_worker.OnlyHereError("the message")' in text
+    assert "only_in_the_worker" in error.cause.original_stack_trace
+
+
+def test_unimportable_exception_passes_through_a_nested_get(ray1, tmp_path):
+    @ray1.remote
+    def raise_private(folder):
+        sys.path.insert(0, folder)
+        with open(os.path.join(folder, "only_in_that_worker.py"), "w") as f:
+            f.write("class PrivateError(Exception):\n    pass\n")
+        import only_in_that_worker
+
+        raise only_in_that_worker.PrivateError("deep")
+
+    @ray1.remote
+    def middle(folder):
+        return shmray.get(raise_private.remote(folder))
+
+    with pytest.raises(exceptions.RayTaskError) as info:
+        shmray.get(middle.remote(str(tmp_path)), timeout=60)
+    assert "PrivateError: deep" in str(info.value)
