@@ -253,7 +253,7 @@ def _listening(handle) -> bool:
 
     probe = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
     try:
-        probe.connect(_direct.address(runtime().session_dir, handle._actor_id))
+        probe.connect(_direct.address(runtime().socket_dir, handle._actor_id))
         return True
     except OSError:
         return False
@@ -363,7 +363,7 @@ def test_other_users_cannot_send_calls(ray, Log, tmp_path):
             os.setgid(65534)
             os.setuid(65534)
             probe = socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM)
-            probe.connect(_direct.address(runtime().session_dir, log._actor_id))
+            probe.connect(_direct.address(runtime().socket_dir, log._actor_id))
             probe.sendall(struct.pack("<I", len(frame)) + frame)
             time.sleep(0.3)
         finally:

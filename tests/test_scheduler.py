@@ -39,7 +39,8 @@ def setup(tmp_path):
     driver_end, scheduler_end = connection_pair("driver", "scheduler")
     pool = FakePool()
     sched = Scheduler(scheduler_end, NO_SUCH_PID, store, str(tmp_path),
-                      {"num_cpus": 2, "resources": {"slot": 1}}, pool.spawn)
+                      {"num_cpus": 2, "resources": {"slot": 1}, "socket_dir": str(tmp_path)},
+                      pool.spawn)
     for _ in range(sched.min_workers):
         sched.start_worker()
     yield sched, sched.driver, pool

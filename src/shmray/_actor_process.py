@@ -51,6 +51,7 @@ class ActorProcess(Worker):
     caller_reports = False
     hold_reports = False
     names_parent = False
+    direct_shapes = {P.CALL: P.CALL_FIELDS}
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)
@@ -76,7 +77,7 @@ class ActorProcess(Worker):
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
         self.last_poll = 0.0
-        self.listen(self.actor_id)
+        self.listen(_direct.listen(_direct.address(runtime.socket_dir, self.actor_id)))
 
     def _take_direct(self, message: tuple, origin) -> None:
         task_id = message[1]

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _object_ref, _process, _protocol as P, _runtime
+from . import _direct, _object_ref, _process, _protocol as P, _runtime
 from ._connection import connection_pair
 from ._object_ref import ObjectRef
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -131,6 +131,7 @@ def init(**kwargs: Any):
             os.environ[name] = str(value)  # inherited by the scheduler and every worker
         store = ObjectStore(_store_size(kwargs.get("object_store_memory")))
         session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
+        options["socket_dir"] = _direct.socket_folder(session_dir)
         _job_counter += 1
         options["job_id"] = _job_counter
         driver_end, scheduler_end = connection_pair("driver", "scheduler")
@@ -214,6 +215,7 @@ def shutdown() -> None:
             _wait_for_exit(pid, timeout=10.0)
         # The scheduler removes it; this covers a scheduler that was killed first.
         shutil.rmtree(runtime.session_dir, ignore_errors=True)
+        _direct.remove_socket_folder(runtime.socket_dir)
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:

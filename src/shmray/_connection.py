@@ -95,12 +95,16 @@ class Connection:
     # -- reading ---------------------------------------------------------------------------
 
     def recv_messages(self, block: bool = True) -> List[tuple]:
-        """Messages that have arrived; with ``block``, waits until at least one has."""
+        """Messages that have arrived; with ``block``, waits until at least one has (also
+        on a non-blocking socket, such as an async actor's, whose frame may come in parts)."""
         while True:
             messages = self._parse()
             if messages or not block:
                 return messages
-            self.fill()
+            try:
+                self.fill()
+            except BlockingIOError:
+                wait_readable(self.fd, None)
 
     def read_available(self):
         """(messages that have arrived, whether the peer is gone) for a non-blocking socket

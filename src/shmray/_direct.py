@@ -3,9 +3,12 @@
 Runs in: actors and workers (the listening side), every process that calls actors, and the
 driver (which leases workers).
 
-An actor listens on a Unix socket in the abstract namespace (no file to clean up), named after
-the session and the actor; only processes of the same user are served (an abstract socket has
-no permissions, and what arrives is unpickled).  A calling process connects once per actor
+An actor, and a worker a driver may lease, listens on a Unix socket in the session's socket
+folder (``socket_folder``: made 0700, so no other user can connect to a socket there, nor
+bind a name a process of ours is about to take; an abstract socket's name, which any user can
+read in /proc/net/unix and bind first, let another user stop every task of a session).  What
+arrives is still checked: only processes of our user are served, and a message of the wrong
+shape closes its connection.  A calling process connects once per actor
 and keeps the connection; a call whose arguments hold no ObjectRef (nothing to wait for,
 nothing whose lifetime the scheduler must track on the way) is written straight to the
 actor, which writes the result straight back::
@@ -49,11 +52,13 @@ across CPUs costs ~30 us, a third of a round trip.
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import os
 import selectors
+import shutil
 import socket
 import struct
+import tempfile
 import time
 from typing import Callable, Optional, Tuple
 
@@ -64,22 +69,47 @@ SPIN_SECONDS = 100e-6 if (os.cpu_count() or 1) > 1 else 0.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def address(session_dir: str, actor_id: bytes) -> bytes:
-    """The actor's abstract socket name: unique to this session and actor."""
-    return b"\0shmray-" + os.path.basename(session_dir).encode() + b"-" + actor_id.hex().encode()
+_SUN_PATH_MAX = 107   # bytes of a socket's path (sun_path, less its NUL)
+_LONGEST_NAME = 26    # "/a" + 24 hex digits
 
 
-def worker_key(pid: int) -> bytes:
-    """The name a worker listens under, for the driver that leases it."""
-    return b"worker-%d" % pid
+def socket_folder(session_dir: str) -> str:
+    """A new 0700 folder for the session's sockets: ``session_dir/s``, or, should socket
+    paths there be too long for the kernel (a deep TMPDIR), one of its own in /tmp, which
+    ``remove_socket_folder`` removes."""
+    path = os.path.join(session_dir, "s")
+    if len(path.encode()) + _LONGEST_NAME <= _SUN_PATH_MAX:
+        os.mkdir(path, 0o700)
+        return path
+    return tempfile.mkdtemp(prefix="shmray-s-", dir="/tmp")  # 0700, like every mkdtemp
 
 
-def listen(session_dir: str, actor_id: bytes) -> Optional[socket.socket]:
-    """The actor's listening socket, or None if the name is taken (every call then goes
-    through the scheduler, which is slower but complete)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def remove_socket_folder(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def address(folder: str, actor_id: bytes) -> str:
+    """The socket an actor listens on: unique to it within the session, short enough for
+    any folder ``socket_folder`` makes."""
+    return os.path.join(folder, "a" + hashlib.blake2b(actor_id, digest_size=12).hexdigest())
+
+
+def worker_address(folder: str, pid: int) -> str:
+    """The socket a worker listens on, for the driver that leases it."""
+    return os.path.join(folder, "w%d" % pid)
+
+
+def listen(path: str) -> Optional[socket.socket]:
+    """A listening socket at ``path``, or None if it can't be made (every call then goes
+    through the scheduler, which is slower but complete).  A file left there by a process
+    that died (its pid reused, an actor restarting) is replaced: the folder is ours alone."""
     try:
-        sock.bind(address(session_dir, actor_id))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        unlink_quietly(path)
+        sock.bind(path)
         sock.listen(_BACKLOG)
     except OSError:
         sock.close()
@@ -88,16 +118,23 @@ def listen(session_dir: str, actor_id: bytes) -> Optional[socket.socket]:
     return sock
 
 
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def accept(listener: socket.socket) -> Optional[Tuple[Connection, int]]:
     """A caller's connection (non-blocking) and the caller's pid, or None if none waits.
-
-    An abstract socket has no file permissions: anyone on the machine may connect, and what
-    arrives is unpickled.  So only processes of our own user are served (they could ptrace
-    us anyway); others are hung up on."""
+    Only processes of our own user are served (they could ptrace us anyway); others, should
+    the folder's permissions ever be changed, are hung up on."""
     while True:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        except OSError:  # out of descriptors: the caller waits in the backlog meanwhile
             return None
         pid, uid = peer_credentials(sock)
         if uid == os.getuid():
@@ -106,20 +143,23 @@ def accept(listener: socket.socket) -> Optional[Tuple[Connection, int]]:
         sock.close()
 
 
-def connect(session_dir: str, actor_id: bytes) -> Optional[Tuple[Connection, int]]:
-    """Connect to the actor; (connection, actor pid), or None if it is not listening (not
-    started yet, gone, or its backlog is full): the call then goes through the scheduler."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def connect(path: str) -> Optional[Tuple[Connection, int]]:
+    """Connect to the socket at ``path``; (connection, pid of the process that made the
+    listening socket: an actor, or the scheduler for a worker's), or None if nobody of ours
+    listens there (not started yet, gone, its backlog full, or we are out of descriptors):
+    the work then goes through the scheduler."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return None
     sock.setblocking(False)
     try:
-        sock.connect(address(session_dir, actor_id))
-    except OSError as exc:
+        sock.connect(path)
+        pid, uid = peer_credentials(sock)
+    except OSError:
         sock.close()
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
-            return None
-        raise
-    pid, uid = peer_credentials(sock)
-    if uid != os.getuid():  # someone else took the name: never unpickle what they send
+        return None
+    if uid != os.getuid():  # never unpickle what another user sends
         sock.close()
         return None
     return Connection(sock, peer="actor"), pid

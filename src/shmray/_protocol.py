@@ -47,7 +47,9 @@ Client (driver, worker, actor) -> scheduler
                                                      until granted or replaced (drivers only)
     LEASE_RETURN       worker_pid, unanswered        done with that lease; unanswered: ids of
                                                      tasks sent on it whose results never came
-                                                     (its channel ended), registered just before
+                                                     (its channel ended), registered just
+                                                     before; None: it could not be reached
+                                                     (connect failed): replace it
     LEASED_DONE        task_id, delivered            a registered leased task's results as its
                                                      worker sent them back, all usable at once
                                                      (the worker reports the others itself)
@@ -248,6 +250,25 @@ def parked_reports(slot) -> list:
         messages.append(pickle.loads(slot[position + 4 : position + 4 + length]))
         position += 4 + length
     return messages
+
+
+# What may arrive on a direct channel's listening end, field by field (after the opcode).
+# Any process of the session's user can connect there, so each message is checked before it
+# is acted on (``well_formed``); the scheduler's own sockets are private to the session.
+_LISTS = (list, tuple)
+CALL_FIELDS = (bytes, str, str, bytes, _LISTS, int, dict)
+EXECUTE_FIELDS = (bytes, bytes, type(None), str, bytes, _LISTS, int, dict,
+                  (bool, list, tuple), (type(None), dict))
+
+
+def well_formed(message, shapes: dict) -> bool:
+    """Whether ``message`` is a tuple whose opcode is in ``shapes`` (opcode -> the types of
+    its fields) and whose fields are of those types, with a task id for the first."""
+    if type(message) is not tuple or not message or type(message[0]) is not int:
+        return False
+    shape = shapes.get(message[0])
+    return (shape is not None and len(message) == len(shape) + 1
+            and all(map(isinstance, message[1:], shape)) and len(message[1]) == 24)
 
 
 class ArgRef:

@@ -35,6 +35,7 @@ import concurrent.futures
 import gc
 import os
 import select
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -70,6 +71,7 @@ _WRITE_ATTEMPTS = 10          # writes of an object into a full arena, spilling 
 _LOOK_IN_ARENA = 8            # a get/wait of more ids than this doesn't look in the arena
                               # for results of our own tasks (their READY is coming)
 _LOST_CHANNEL_WAIT = 1.0      # a dead worker's channel is at its end well within this
+_UNREACHABLE_LEASES_MAX = 3   # leases in a row we can't connect to before we stop leasing
 
 
 class Runtime:
@@ -80,6 +82,7 @@ class Runtime:
         self.store = store
         self.conn = conn
         self.session_dir = session_dir
+        self.socket_dir = options["socket_dir"]  # where actors and workers listen (_direct)
         self.options = options
         self.pid = os.getpid()
         self.spiller = Spiller(store, self._spill_dir)
@@ -149,6 +152,7 @@ class Runtime:
         self.leased_must_register = False
         self.pending_interrupt = False  # a worker: its task was cancelled inside shmray
         self.leased_tasks = 0  # how many went to a lease (for tests and curiosity)
+        self._unreachable_leases = 0  # workers lent to us in a row that we couldn't reach
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -824,7 +828,7 @@ class Runtime:
         channel = self._channels.get(actor_id)
         if channel is not None:
             return channel
-        connected = _direct.connect(self.session_dir, actor_id)
+        connected = _direct.connect(_direct.address(self.socket_dir, actor_id))
         if connected is None:  # not listening yet: try again once the routed calls are done
             return None
         channel = self._channels[actor_id] = _Channel(actor_id, *connected)
@@ -1132,12 +1136,17 @@ class Runtime:
 
     def _lease_granted(self, worker_pid: int) -> None:
         self._lease_wanted = max(self._lease_wanted - 1, 0)
-        connected = _direct.connect(self.session_dir, _direct.worker_key(worker_pid))
-        if connected is None:  # it died meanwhile
+        if not self.leasing:  # granted before our request for no more arrived
             self.conn.send((P.LEASE_RETURN, worker_pid, []))
-            self._want_leases()
             return
-        lease = _Channel(None, *connected)
+        connected = _direct.connect(_direct.worker_address(self.socket_dir, worker_pid))
+        if connected is None:
+            self._lease_unreachable(worker_pid)
+            return
+        self._unreachable_leases = 0
+        # Named by the grant: the kernel's idea of the peer is whoever made the listening
+        # socket, which for a worker is the scheduler (``_worker_pool.spawn_worker``).
+        lease = _Channel(None, connected[0], worker_pid)
         lease.last_used = time.monotonic()
         self._leases.append(lease)
         self.readers[lease.conn.fd] = lambda: self._read_channel(lease)
@@ -1145,6 +1154,23 @@ class Runtime:
         self._feed(lease)
         self._want_leases()
         self.flush_later()  # the flusher gives leases left idle back
+
+    def _lease_unreachable(self, worker_pid: int) -> None:
+        """The worker lent to us can't be reached (it died meanwhile, or one of us is out of
+        descriptors): the scheduler replaces it.  Should that keep happening, our tasks go
+        through the scheduler from now on, rather than asking for workers in a loop."""
+        self.conn.send((P.LEASE_RETURN, worker_pid, None))
+        self._unreachable_leases += 1
+        if self._unreachable_leases < _UNREACHABLE_LEASES_MAX:
+            self._want_leases()
+            return
+        print(f"shmray: {self._unreachable_leases} workers lent to this process in a row could "
+              "not be reached; its tasks go through the scheduler from now on",
+              file=sys.stderr, flush=True)
+        self.leasing = False
+        while self._backlog:
+            self._register(self._backlog[0], None)
+        self._want_leases()
 
     def _lease_recalled(self, worker_pid: int) -> None:
         """The scheduler has queued work that needs the CPU a lease holds."""

@@ -71,7 +71,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import _protocol as P, exceptions
+from . import _direct, _protocol as P, exceptions
 from ._connection import Connection, ConnectionClosed
 from ._object_store import ObjectNotFoundError, ObjectStore
 from ._process import describe_exit
@@ -753,13 +753,16 @@ class Scheduler:
 
     def on_lease_return(self, client: Client, worker_pid, unanswered) -> None:
         """Done with a lease; ``unanswered``: the tasks sent on it whose results never came
-        (its channel ended), which the driver has registered just before."""
+        (its channel ended), which the driver has registered just before; None: the driver
+        could not reach the worker, which is replaced."""
         if unanswered:  # the driver has reported all that came back on it
             self._settle_verdict(client, worker_pid, unanswered)
         for worker in client.leases:
             if worker.pid == worker_pid:
                 self._end_lease(worker)
-                if unanswered and worker.direct:
+                if unanswered is None:
+                    _kill_quietly(worker.pid)  # its death refills the pool
+                elif unanswered and worker.direct:
                     # Tasks on it whose results can no longer reach their driver: lost
                     # once it is gone (the driver has had its say).
                     worker.verdict_given = True
@@ -1615,6 +1618,10 @@ class Scheduler:
                 self._unprotect(results)
         status = _reap(client.pid)
         self.store.reap(client.pid)
+        socket_dir = self.options["socket_dir"]
+        _direct.unlink_quietly(_direct.address(socket_dir, client.actor.actor_id)
+                               if client.actor is not None
+                               else _direct.worker_address(socket_dir, client.pid))
         if client.actor is not None:
             self._release_holds_of(client)
             self._actor_died(client.actor, status)
@@ -1692,6 +1699,7 @@ class Scheduler:
             child.conn.close()
         self.selector.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
+        _direct.remove_socket_folder(self.options["socket_dir"])
 
 
 def _terminate(signum, frame):

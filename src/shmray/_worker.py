@@ -80,6 +80,7 @@ class Worker:
     caller_reports = True  # a leased task's delivered results: the driver reports them
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
+    direct_shapes = {P.EXECUTE: P.EXECUTE_FIELDS}  # what a driver leasing it may send
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
@@ -113,9 +114,10 @@ class Worker:
 
     # -- direct channels ------------------------------------------------------------------
 
-    def listen(self, key: bytes) -> None:
-        self.listener = _direct.listen(self.runtime.session_dir, key)
-        if self.listener is not None:
+    def listen(self, listener) -> None:
+        """Serve direct channels on ``listener`` (None: this process has none)."""
+        self.listener = listener
+        if listener is not None:
             self.runtime.listeners.add(self.listener.fileno())
             self.watch(self.listener.fileno(), self._accept)
 
@@ -137,9 +139,16 @@ class Worker:
             self.watch(conn.fd, lambda conn=conn, pid=peer_pid: self._read_caller(conn, pid))
 
     def _read_caller(self, conn, peer_pid: int) -> None:
-        """Work from one peer, in its order (the runtime's lock is held)."""
+        """Work from one peer, in its order (the runtime's lock is held).  A message of
+        the wrong shape ends that peer's connection, never this process."""
         messages, closed = conn.read_available()
         for message in messages:
+            if not P.well_formed(message, self.direct_shapes):
+                print(f"shmray: {setproctitle.getproctitle()} (pid {os.getpid()}) got a "
+                      f"malformed message from pid {peer_pid} on its direct channel; "
+                      "dropping it and closing that connection", file=sys.stderr, flush=True)
+                closed = True
+                break
             self._take_direct(message, (conn, peer_pid))
         if closed:  # the peer is gone; results still owed it are reported to the scheduler
             self.unwatch(conn.fd)
@@ -612,7 +621,7 @@ def sys_flush() -> None:
             pass
 
 
-def worker_main(conn, store, session_dir: str, options: dict, cancel_slot) -> None:
+def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, listener) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
@@ -620,7 +629,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot) -> No
     _lend.lend_to_numpy(store)
     try:
         worker = Worker(runtime, cancel_slot)
-        worker.listen(_direct.worker_key(os.getpid()))  # for the driver that leases it
+        worker.listen(listener)  # for the driver that leases it
         worker.run()
         worker.finish_replies()
         runtime.flush()

@@ -11,15 +11,34 @@ concerns.
 
 from __future__ import annotations
 
+import os
+
+from . import _direct
 from ._connection import connection_pair
 from ._process import fork_child
 
+_UNNAMED = "w-forking"  # a worker's socket until its pid, which names it, is known
+
 
 def spawn_worker(scheduler, cancel_slot):
-    """Fork one worker; returns (the scheduler's end of its connection, its pid)."""
+    """Fork one worker; returns (the scheduler's end of its connection, its pid).
+
+    Its listening socket (for a driver that leases it) is made here, before the fork, and
+    named after the worker's pid as soon as that is known: it exists before the worker can
+    be lent to anyone, so a driver never finds it missing (and mistakes the worker for one
+    it can't reach) because the worker has not got round to listening yet."""
     from ._worker import worker_main
 
-    return _spawn(scheduler, "shmray::worker", worker_main, cancel_slot)
+    folder = scheduler.options["socket_dir"]
+    listener = _direct.listen(os.path.join(folder, _UNNAMED))
+    try:
+        conn, pid = _spawn(scheduler, "shmray::worker", worker_main, cancel_slot, listener)
+        if listener is not None:
+            os.rename(os.path.join(folder, _UNNAMED), _direct.worker_address(folder, pid))
+    finally:
+        if listener is not None:
+            listener.close()  # the worker's now
+    return conn, pid
 
 
 def spawn_actor(scheduler, class_name: str):
