@@ -13,6 +13,7 @@ from shmray import _protocol as P, exceptions
 from shmray._connection import connection_pair
 from shmray._ids import new_task_id, object_id_for_put, object_id_for_return
 from shmray._object_store import ObjectStore
+from shmray._resources import session_totals
 from shmray._scheduler import Scheduler
 from shmray._serialization import META_ERROR, deserialize, serialize
 
@@ -38,9 +39,9 @@ def setup(tmp_path):
     store = ObjectStore(100 << 20)
     driver_end, scheduler_end = connection_pair("driver", "scheduler")
     pool = FakePool()
-    sched = Scheduler(scheduler_end, NO_SUCH_PID, store, str(tmp_path),
-                      {"num_cpus": 2, "resources": {"slot": 1}, "socket_dir": str(tmp_path)},
-                      pool.spawn)
+    options = {"num_cpus": 2, "resources": {"slot": 1}, "socket_dir": str(tmp_path)}
+    options["total"] = session_totals(options, store.capacity)
+    sched = Scheduler(scheduler_end, NO_SUCH_PID, store, str(tmp_path), options, pool.spawn)
     for _ in range(sched.min_workers):
         sched.start_worker()
     yield sched, sched.driver, pool

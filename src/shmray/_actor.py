@@ -137,6 +137,7 @@ class ActorClass:
         num_cpus = options["num_cpus"]
         hold = _options.task_resources({**options, "num_cpus": num_cpus or 0})
         place = dict(hold) if num_cpus is not None else {**hold, "CPU": 1.0}
+        runtime.check_feasible(place, f"actor {self._name}", actor=True)
         namespace = options["namespace"] or runtime.options.get("namespace", "default")
         actor_options = {
             "is_async": self._is_async,
@@ -296,15 +297,17 @@ def list_named_actors(all_namespaces: bool = False):
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
-    """Kill an actor at once (SIGKILL); its pending and later calls raise ActorDiedError."""
+    """Kill an actor at once (SIGKILL); its pending and later calls raise ActorDiedError.
+
+    Returns once the actor's process is dead and the scheduler has failed what it owed (or,
+    with ``no_restart=False`` and restarts left, begun its restart): a call made after
+    kill() never reaches the old process (Ray lets a few through)."""
     from ._api import _current
 
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() takes an actor handle, got {type(actor).__name__}; "
                          "to stop a task use cancel()")
-    runtime = _current()
-    runtime.send((P.KILL_ACTOR, actor._actor_id, bool(no_restart)))
-    runtime.flush()
+    _current().kill_actor(actor._actor_id, bool(no_restart))
 
 
 def exit_actor() -> None:

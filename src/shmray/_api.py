@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _direct, _object_ref, _process, _protocol as P, _runtime
+from . import _direct, _object_ref, _process, _protocol as P, _resources, _runtime
 from ._connection import connection_pair
 from ._object_ref import ObjectRef
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -130,6 +130,7 @@ def init(**kwargs: Any):
         for name, value in ((options.get("runtime_env") or {}).get("env_vars") or {}).items():
             os.environ[name] = str(value)  # inherited by the scheduler and every worker
         store = ObjectStore(_store_size(kwargs.get("object_store_memory")))
+        options["total"] = _resources.session_totals(options, store.capacity)
         session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
         options["socket_dir"] = _direct.socket_folder(session_dir)
         _job_counter += 1

@@ -64,7 +64,9 @@ Client (driver, worker, actor) -> scheduler
     DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
                                                      actor_pid (``_direct``); the sender holds
                                                      its results
-    KILL_ACTOR         actor_id, no_restart          SIGKILL the actor process
+    KILL_ACTOR         request_id, actor_id, no_restart
+                                                     SIGKILL the actor process; the REPLY
+                                                     comes once its death is dealt with
     CANCEL             task_id, force, recursive     stop a task (or an actor call)
 Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import _direct, _object_ref, _protocol as P, exceptions
+from . import _direct, _object_ref, _protocol as P, _resources, exceptions
 from ._connection import Connection, ConnectionClosed, wait_readable
 from ._ids import object_id_for_put
 from ._object_ref import ObjectRef
@@ -84,6 +84,8 @@ class Runtime:
         self.session_dir = session_dir
         self.socket_dir = options["socket_dir"]  # where actors and workers listen (_direct)
         self.options = options
+        self.total = options["total"]  # the session's resources (``_resources``)
+        self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity
         self.pid = os.getpid()
         self.spiller = Spiller(store, self._spill_dir)
         self.on_message = on_message  # messages other than READY (a worker's EXECUTE, EXIT)
@@ -753,7 +755,11 @@ class Runtime:
 
     def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
         """Send a task: a plain one to a worker we lease, owned here (see "leases" below),
-        others through the scheduler."""
+        others through the scheduler.  One that can never run raises here, whatever its
+        route."""
+        resources = spec[P.SPEC_RESOURCES]
+        if self._feasible.get(id(resources)) is not resources:
+            self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
         if spec[P.SPEC_ARG_IDS] and (self._owner_only or self._unregistered):
             self.publish(spec[P.SPEC_ARG_IDS])
         if self.leasing and _leasable(spec):
@@ -763,6 +769,14 @@ class Runtime:
             self.leased_must_register = True
             return self._send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
         return self._send_owning((P.SUBMIT, spec), return_ids)
+
+    def check_feasible(self, demand: dict, what: str, actor: bool = False) -> None:
+        """Raise if ``demand`` can never be met here (``_resources``).  A demand found
+        feasible is remembered by identity: a remote function's is the same dict every call."""
+        _resources.check_feasible(demand, self.total, what, actor)
+        if len(self._feasible) > 1024:
+            self._feasible.clear()
+        self._feasible[id(demand)] = demand
 
     def _send_owning(self, message: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
         """Send a task or call; we own its results, whose READY will come unasked."""
@@ -783,11 +797,7 @@ class Runtime:
                 ref = self.add_owned_ref(spec[P.ACTOR_ID])
                 options = spec[P.ACTOR_OPTIONS]
             else:
-                self._next_request += 1
-                request_id = self._next_request
-                self.conn.send((P.CREATE_ACTOR, request_id, spec))
-                self._wait_until(lambda: request_id in self._replies, None)
-                reply = self._replies.pop(request_id)
+                reply = self.request(P.CREATE_ACTOR, spec)
                 if isinstance(reply, BaseException):
                     raise reply
                 actor_id, options = reply
@@ -1249,12 +1259,25 @@ class Runtime:
 
     def query(self, what):
         """Ask the scheduler (resources, workers, actors); waits for the answer."""
+        return self.request(P.QUERY, what)
+
+    def request(self, opcode: int, *fields):
+        """Send ``(opcode, request_id, *fields)`` and wait for the scheduler's REPLY."""
         with self._lock:
             self._next_request += 1
             request_id = self._next_request
-            self.conn.send((P.QUERY, request_id, what))
+            self.conn.send((opcode, request_id, *fields))
             self._wait_until(lambda: request_id in self._replies, None)
             return self._replies.pop(request_id)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        """Kill an actor; return once it is dead and the scheduler has dealt with its death
+        (its calls failed, or it is restarting), so no call made after this reaches it."""
+        with self._lock:
+            self.request(P.KILL_ACTOR, actor_id, no_restart)
+            channel = self._channels.get(actor_id)
+            if channel is not None:  # to a dead process: the scheduler says what it owed
+                self._channel_lost(channel)
 
     # -- functions -------------------------------------------------------------------------
 

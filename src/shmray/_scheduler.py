@@ -71,7 +71,7 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import _direct, _protocol as P, exceptions
+from . import _direct, _protocol as P, _resources, exceptions
 from ._connection import Connection, ConnectionClosed
 from ._object_store import ObjectNotFoundError, ObjectStore
 from ._process import describe_exit
@@ -95,7 +95,7 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given", "lease_wanted", "unanswered", "killed_for")
+                 "verdict_given", "lease_wanted", "unanswered", "killed_for", "exit_status")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -125,6 +125,7 @@ class Client:
         self.unanswered: list = []  # ...and which tasks it sent that it got no answer to
         self.lease_wanted = 0       # a driver: how many more workers it asks to lease
         self.killed_for: Optional[bytes] = None  # a worker: the task a forced cancel was for
+        self.exit_status: Optional[int] = None  # its waitpid status, once reaped
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -254,12 +255,7 @@ class Scheduler:
         self.lease_deaths: Dict[int, tuple] = {}
         self.function_waiters: Dict[bytes, list] = {}  # fn id -> [(client, request id)]
         num_cpus = float(options["num_cpus"])
-        self.total: Dict[str, float] = {"CPU": num_cpus, "memory": 0.0}
-        if options.get("num_gpus"):
-            self.total["GPU"] = float(options["num_gpus"])
-        for name, amount in (options.get("resources") or {}).items():
-            self.total[name] = float(amount)
-        self.total["object_store_memory"] = float(store.capacity)
+        self.total: Dict[str, float] = dict(options["total"])  # _resources.session_totals
         self.available = dict(self.total)
         self.min_workers = max(1, int(num_cpus))
         # Workers beyond the CPUs exist only for tasks blocked in get(); each costs a fork and
@@ -380,13 +376,21 @@ class Scheduler:
             if client.alive:
                 self._subscribe(client, object_id)
 
-    def _read(self, client: Client) -> None:
+    def _read(self, client: Client, drain: bool = False) -> None:
+        """Handle what ``client`` sent: what one read brings, or, to ``drain`` a dead
+        process's socket, all there is."""
         try:
             client.conn.fill_nonblocking()
-            messages = client.conn.recv_messages(block=False)
+            while drain:
+                client.conn.fill()
+        except BlockingIOError:
+            pass
         except (ConnectionClosed, ConnectionResetError):
-            self.on_disconnect(client)
-            return
+            if not drain:
+                self.on_disconnect(client)
+                return
+        try:
+            messages = client.conn.recv_messages(block=False)
         except Exception:  # a corrupt frame: that process is beyond trust, the session is not
             traceback.print_exc()
             print(f"shmray scheduler: unreadable message from {client!r}; dropping it",
@@ -567,14 +571,11 @@ class Scheduler:
         task = self._admit(spec, client, parent_id)
         if task.finished:
             return
-        infeasible = [name for name, amount in task.resources.items()
-                      if amount > self.total.get(name, 0.0)]
-        if infeasible:
+        missing = _resources.shortfall(task.resources, self.total)
+        if missing:  # its submitter checked (``_resources``): this is a backstop
             self._fail(task, *self._serialized(exceptions.TaskUnschedulableError(
-                f"task {task.name}() asks for {task.resources}, more than this machine has "
-                f"({ {k: self.total.get(k, 0.0) for k in infeasible} }); pass smaller "
-                "num_cpus/num_gpus/resources, or give shmray.init() more"
-            )))
+                _resources.unschedulable_message(f"task {task.name}()", task.resources,
+                                                 self.total, missing))))
             return
         self._count_dependencies(task)
         if task.waiting_on == 0 and not task.finished:
@@ -1280,6 +1281,12 @@ class Scheduler:
             if actor.state == "dead":
                 continue
             place = actor.options["place"]
+            missing = _resources.shortfall(place, self.total)
+            if missing:  # its creator checked (``_resources``): this is a backstop
+                self._actor_dead(actor, *self._serialized(exceptions.ActorUnschedulableError(
+                    _resources.unschedulable_message(f"actor {actor.class_name}", place,
+                                                     self.total, missing))))
+                continue
             if actor.waiting_on or not self._fits(place) or self._spawn_actor is None:
                 if (not actor.waiting_on and self._spawn_actor is not None
                         and self._leases_in_the_way(place)):
@@ -1500,17 +1507,27 @@ class Scheduler:
             if data is None:
                 _delete_quietly(self.store, object_id)
 
-    def on_kill_actor(self, client: Client, actor_id, no_restart) -> None:
+    def on_kill_actor(self, client: Client, request_id, actor_id, no_restart) -> None:
+        """Kill the actor and deal with its death before answering: once kill() returns,
+        no call can reach the old process."""
         actor = self.actors.get(actor_id)
-        if actor is None or actor.state == "dead":
-            return
-        if no_restart:
-            actor.no_restart = True
-            actor.death = self._died_error(actor, "it was killed by kill()")
-        if actor.client is not None:
-            _kill_quietly(actor.client.pid)
-        elif no_restart:
-            self._actor_dead(actor, *actor.death)
+        if actor is not None and actor.state != "dead":
+            if no_restart:
+                actor.no_restart = True
+                actor.death = self._died_error(actor, "it was killed by kill()")
+            if actor.client is not None:
+                self._kill_now(actor.client)
+            elif no_restart:
+                self._actor_dead(actor, *actor.death)
+        self.send(client, (P.REPLY, request_id, None))
+
+    def _kill_now(self, victim: Client) -> None:
+        """SIGKILL a child and handle its death at once: what it wrote before it died is
+        read first (its reports of calls it finished), then it is gone."""
+        _kill_quietly(victim.pid)
+        victim.exit_status = _reap(victim.pid)
+        self._read(victim, drain=True)
+        self.on_disconnect(victim)
 
     def _actor_out_of_scope(self, actor_id: bytes) -> None:
         actor = self.actors.get(actor_id)
@@ -1616,7 +1633,7 @@ class Scheduler:
                 del self.early_done[task_id]
                 self._drop_results(results)
                 self._unprotect(results)
-        status = _reap(client.pid)
+        status = client.exit_status if client.exit_status is not None else _reap(client.pid)
         self.store.reap(client.pid)
         socket_dir = self.options["socket_dir"]
         _direct.unlink_quietly(_direct.address(socket_dir, client.actor.actor_id)
