@@ -4,6 +4,7 @@ Every wait has a timeout that only a deadlock reaches.
 """
 
 import ctypes
+import gc
 import os
 import random
 import signal
@@ -344,9 +345,23 @@ def test_sigkilled_driver_leaves_nothing_within_seconds():
 # -- chaos and soak ----------------------------------------------------------------------
 
 
+def _fork_a_child_that_exits() -> int:
+    """Fork this process; the child does what exiting would (shmray's exit handler, the
+    finalizers of what it inherited) and leaves.  Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            shmray._api.shutdown()  # what atexit runs at a normal exit
+            gc.collect()
+        finally:
+            os._exit(0)
+    return pid
+
+
 @pytest.mark.crash
-def test_chaos_dag_survives_worker_kills():
-    """A 2,000-task DAG gives the exact result while a random worker dies every 50 ms."""
+def test_chaos_dag_survives_worker_kills_and_forks():
+    """A 2,000-task DAG gives the exact result while a random worker dies every 50 ms and
+    the driver forks a child that exits every 250 ms (a child's exit ended the session)."""
     shmray.init(num_cpus=2, object_store_memory=150 << 20)
     try:
         @shmray.remote(max_retries=-1)
@@ -365,6 +380,7 @@ def test_chaos_dag_survives_worker_kills():
         kills = 0
         deadline = time.monotonic() + 120
         ready = []
+        children = []
         while not ready and time.monotonic() < deadline:
             pids = worker_pids()
             if pids:
@@ -373,9 +389,49 @@ def test_chaos_dag_survives_worker_kills():
                     kills += 1
                 except ProcessLookupError:
                     pass
+            if kills % 5 == 0:
+                children.append(_fork_a_child_that_exits())
             ready, _ = shmray.wait(refs, timeout=0.05)
         assert shmray.get(refs[0], timeout=DEADLOCK) == sum(range(1600))
-        assert kills > 5
+        assert kills > 5 and children
+        assert all(os.waitpid(child, 0)[1] == 0 for child in children)
+    finally:
+        shmray.shutdown()
+
+
+@pytest.mark.crash
+def test_chaos_actor_calls_survive_kills_and_forks():
+    """Calls in flight while their actor is killed (and restarted) and the driver forks:
+    each returns its own value or raises ActorDiedError, none hangs, and once kill()
+    returns the next call reaches the new process."""
+    shmray.init(num_cpus=2, object_store_memory=150 << 20)
+    try:
+        @shmray.remote(max_restarts=-1)
+        class Echo:
+            def echo(self, i):
+                time.sleep(0.0005)
+                return i, os.getpid()
+
+        echo = Echo.remote()
+        answered = died = 0
+        children = []
+        for round_ in range(15):
+            pid = shmray.get(echo.echo.remote(-1), timeout=DEADLOCK)[1]
+            refs = [echo.echo.remote(i) for i in range(100)]
+            time.sleep(0.01)
+            if round_ % 3 == 0:
+                children.append(_fork_a_child_that_exits())
+            shmray.kill(echo, no_restart=False)
+            assert not alive(pid)
+            for i, ref in enumerate(refs):
+                try:
+                    assert shmray.get(ref, timeout=DEADLOCK)[0] == i
+                    answered += 1
+                except exceptions.ActorDiedError:
+                    died += 1
+            assert shmray.get(echo.echo.remote(0), timeout=DEADLOCK)[1] != pid
+        assert answered and died
+        assert all(os.waitpid(child, 0)[1] == 0 for child in children)
     finally:
         shmray.shutdown()
 

@@ -32,6 +32,7 @@ from ._object_ref import ObjectRef
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
 from ._process import fork_child
 from ._remote_function import RemoteFunction
+from .exceptions import RaySystemError
 
 _DEFAULT_STORE_FRACTION = 0.3
 
@@ -46,6 +47,7 @@ _lock = threading.RLock()
 _runtime_now: Optional[_runtime.Runtime] = None
 _scheduler_pid: Optional[int] = None
 _job_counter = 0
+_forked_from: Optional[int] = None  # a forked child: the process whose session it left
 
 
 def _store_size(requested: Optional[int]) -> int:
@@ -107,7 +109,7 @@ def _check_init_options(kwargs: dict) -> dict:
 
 def init(**kwargs: Any):
     """Start shmray on this machine.  Keywords as ``ray.init``; returns a context dict."""
-    global _runtime_now, _scheduler_pid, _job_counter
+    global _runtime_now, _scheduler_pid, _job_counter, _forked_from
     options = _check_init_options(kwargs)
     if _process.in_child:  # inside a task or actor: the session is already there
         if kwargs.get("ignore_reinit_error"):
@@ -153,6 +155,7 @@ def init(**kwargs: Any):
         runtime = _runtime.Runtime(store, driver_end, session_dir, options, leasing=True)
         _runtime.install(runtime)
         _runtime_now = runtime
+        _forked_from = None  # a forked child with a session of its own now
         return _context(runtime)
 
 
@@ -239,6 +242,28 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
 atexit.register(shutdown)
 
 
+def _forget_session_after_fork() -> None:
+    """A child the user (or a library) forks from a process of a session never touches that
+    session, not even on exit (this module's atexit shutdown used to end the parent's
+    session, spill files and all): it lets go of it (``Runtime.forget_after_fork``).  Using
+    shmray there raises a clear error until the child starts a session of its own with
+    ``init()``.  shmray's own forks (the scheduler, workers, actors) happen where no
+    session is attached, so this does nothing for them."""
+    global _runtime_now, _scheduler_pid, _lock, _forked_from
+    runtime = _runtime_now or _object_ref._default_tracker
+    _lock = threading.RLock()  # another thread may have held it at the fork
+    if runtime is None:
+        return
+    _forked_from = os.getppid()
+    _runtime_now = _scheduler_pid = None
+    _runtime.install(None)
+    _process.in_child = False  # a task's helper process may start a session of its own
+    runtime.forget_after_fork(_forked_from)
+
+
+os.register_at_fork(after_in_child=_forget_session_after_fork)
+
+
 def _current() -> _runtime.Runtime:
     runtime = _runtime_now
     if runtime is None:
@@ -246,9 +271,13 @@ def _current() -> _runtime.Runtime:
         tracker = _object_ref._default_tracker
         if tracker is not None:
             return tracker
+        if _forked_from is not None:
+            raise RaySystemError(
+                f"this process was forked from process {_forked_from} while that one ran a "
+                "shmray session, and a forked child can't use its parent's session. Call "
+                "shmray.init() here to start a session of this process's own, or send the "
+                "work back to the parent.")
         if _process.in_child:
-            from .exceptions import RaySystemError
-
             raise RaySystemError("this shmray process has no session any more")
         with _lock:
             if _runtime_now is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from . import _serialization
+from .exceptions import RaySystemError
 
 
 class ObjectRef:
@@ -89,8 +90,14 @@ class ObjectRef:
 def _runtime_for(ref: ObjectRef):
     tracker = ref._tracker
     if tracker is None or tracker is not _default_tracker:
-        from .exceptions import RaySystemError
-
+        parent = getattr(tracker, "forked_from", None)
+        if parent is not None:
+            raise RaySystemError(
+                f"{ref!r} belongs to the shmray session of process {parent}, from which this "
+                "process was forked; a forked child can't use its parent's session. Send "
+                "the work back to that process, or start a session of this process's own "
+                "with shmray.init() and make the objects there."
+            )
         raise RaySystemError(
             f"{ref!r} belongs to a shmray session that has been shut down; its object is "
             "gone. Refs can't outlive shmray.shutdown()."

@@ -162,6 +162,9 @@ class ObjectInfo:
         )
 
 
+_abandoned: list = []  # arenas of a parent's session, mapped for good in a forked child
+
+
 class _Arena:
     """The shared-memory file and this process's mapping of it."""
 
@@ -221,6 +224,17 @@ class ObjectStore:
                 "new session"
             )
         return self._s
+
+    def abandon(self) -> None:
+        """In a forked child, where this handle is the parent's session's: make it inert
+        (views inherited release no pin, nothing is freed) and keep the mapping for the
+        rest of this process's life, since arrays it inherited may lie in it (views, and
+        a task's lent buffers, which hold no reference to it)."""
+        if self._s is None:
+            return
+        handle, self._s = self._s, None
+        lib.shm_store_close(handle)
+        _abandoned.append(self._arena)
 
     def close(self) -> None:
         """Drop this handle; the mapping goes once no pinned view uses it."""

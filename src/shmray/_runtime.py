@@ -111,6 +111,7 @@ class Runtime:
         self._flusher: Optional[threading.Thread] = None
         self._flush_wanted = threading.Event()
         self.closed = False
+        self.forked_from: Optional[int] = None  # in a forked child: the session's process
         self.blocked_hook: Optional[Callable[[bool], None]] = None  # workers lend their CPU
         self.before_wait: Optional[Callable[[], None]] = None  # an actor's held-back replies
         self.after_flush: Optional[Callable[[], None]] = None  # a worker's parked reports
@@ -1289,6 +1290,29 @@ class Runtime:
                     self._registered_functions.add(fn_id)
                     if self.leasing:  # a leased worker may ask the scheduler for it at once
                         self.flush()
+
+    def forget_after_fork(self, parent_pid: int) -> None:
+        """In a child the user (or a library) forked from this process: the session is the
+        parent's, and the child must never touch it.  No message, no socket shut down (each
+        is shared with the parent), no pin released in the arena (the parent's views hold
+        them; unpinning is a no-op once the store is abandoned here), no lock taken (a thread
+        of the parent may have held one at the fork).  The child's copies of the session's
+        descriptors now point at /dev/null: a child that outlives this process can't keep
+        its sockets open, which would hide its death from the scheduler."""
+        self.closed = True
+        self.forked_from = parent_pid
+        self.store.abandon()
+        fds = {self.conn.fd, self._wake_r, self._wake_w, *self.readers}
+        fds.update(channel.conn.fd for channel in [*self._channels.values(), *self._leases])
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                try:
+                    os.dup2(null, fd, inheritable=False)
+                except OSError:
+                    pass
+        finally:
+            os.close(null)
 
     def close(self) -> None:
         self.closed = True
