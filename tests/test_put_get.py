@@ -1,18 +1,21 @@
 """put/get end to end through the real arena: zero copy, lifetime, spilling, bad input."""
 
+import copy
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import MiB, arena_fds, arena_mappings, dev_shm_files, runtime, settle
+from conftest import MiB, arena_fds, arena_mappings, dev_shm_files, runtime, settle, wait_for
 
 
 def test_small_values_round_trip(ray):
@@ -247,3 +250,72 @@ def test_sigkilled_driver_leaves_nothing():
             child.kill()
     assert dev_shm_files() == before
     assert arena_mappings(child.pid) == []
+
+
+# -- refs the user passes by ways of their own (a multiprocessing queue, a file) ----------
+
+
+def test_a_ref_a_task_pickles_into_a_file_resolves_in_another_task(ray, tmp_path):
+    """A worker sends its put or submission within a millisecond; a ref pickled by hand
+    meanwhile reached another process first, whose get raised ObjectLostError (20 of 20)."""
+    @ray.remote
+    def produce(path, kind):
+        if kind == "put":
+            ray.put(b"a first put, so the next one waits for the flusher")
+            ref = ray.put(b"the value")
+        else:
+            ray.put(b"warm")
+            ref = echo.remote(b"the value")
+        with open(path + ".tmp", "wb") as file:
+            pickle.dump(ref, file)
+        os.rename(path + ".tmp", path)
+        return True  # the ref goes: its object lives on for the consumer (escaped)
+
+    @ray.remote
+    def echo(value):
+        return value
+
+    @ray.remote
+    def consume(path):
+        while not os.path.exists(path):
+            time.sleep(0.0002)
+        with open(path, "rb") as file:
+            return ray.get(pickle.load(file), timeout=30)
+
+    for i in range(20):
+        for kind in ("put", "task"):
+            path = str(tmp_path / f"{kind}-{i}")
+            consumer = consume.remote(path)
+            assert ray.get(produce.remote(path, kind), timeout=60)
+            assert ray.get(consumer, timeout=60) == b"the value"
+
+
+def test_an_object_whose_ref_was_pickled_by_hand_lives_while_the_pickler_does(ray):
+    @ray.remote
+    class Pickler:
+        def pickled_put(self):
+            return pickle.dumps(ray.put(np.arange(10)))  # the actor keeps no ref
+
+    pickler = Pickler.remote()
+    settle()
+    before = runtime().query("objects")
+    blob = ray.get(pickler.pickled_put.remote(), timeout=60)
+    settle()
+    assert runtime().query("objects") == before + 1
+    assert list(ray.get(pickle.loads(blob), timeout=60)) == list(range(10))
+    gc.collect()
+    ray.kill(pickler)  # the pickler goes: so does the hold it had
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] == before)
+    with pytest.raises(exceptions.ObjectLostError):
+        ray.get(pickle.loads(blob), timeout=60)
+
+
+def test_copies_of_refs_hold_nothing_after_they_are_gone(ray):
+    settle()
+    before = runtime().query("objects")
+    ref = ray.put(np.ones(10))
+    copies = [copy.copy(ref), copy.deepcopy({"ref": ref})["ref"]]
+    assert all(ray.get(c)[0] == 1.0 for c in copies)
+    del ref, copies
+    gc.collect()
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] == before)

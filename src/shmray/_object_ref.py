@@ -69,9 +69,15 @@ class ObjectRef:
     def __reduce__(self):
         _serialization.note_contained_ref(self._id)
         tracker = self._tracker
-        if tracker is not None and tracker.leasing:
+        if tracker is not None:
             tracker.exported(self._id)  # the scheduler must know the object it names
         return _rebuild_ref, (self._id,)
+
+    def __copy__(self) -> "ObjectRef":  # a copy stays in this process: nothing to export
+        return ObjectRef(self._id, self._tracker)
+
+    def __deepcopy__(self, memo) -> "ObjectRef":
+        return ObjectRef(self._id, self._tracker)
 
     def __del__(self):
         tracker = self._tracker

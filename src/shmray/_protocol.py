@@ -20,6 +20,8 @@ Client (driver, worker, actor) -> scheduler
                                                      an object the sender made; it holds it
     HOLD               ids                           first local ref to each id
     RELEASE            ids                           last local ref to each id is gone
+    ESCAPED            ids                           refs the sender pickled itself: it holds
+                                                     their objects until it exits
     SUBSCRIBE          ids                           send READY for each id once it is ready
     BLOCKED            [task_id]                     a worker waits in get/wait: lend its CPU
                                                      (a leased worker names its task)
@@ -141,6 +143,7 @@ SUBMIT = 2
 PUT = 3
 HOLD = 4
 RELEASE = 5
+ESCAPED = 26
 SUBSCRIBE = 6
 BLOCKED = 7
 UNBLOCKED = 8

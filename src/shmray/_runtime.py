@@ -61,8 +61,8 @@ _FLUSH_DELAY = 0.001    # ...but no longer than this
 _RESTORE_WAIT = 120.0   # how long a get waits for another process to restore an object
 IN_ARENA = None  # location of an object whose bytes are sealed in the arena
 # Messages that may wait for the next frame: nobody is waiting on them.
-_DEFERRABLE = frozenset((P.RELEASE, P.DIRECT_CALL, P.DIRECT_DONE, P.DIRECT_SUBMIT,
-                         P.LEASED_DONE))
+_DEFERRABLE = frozenset((P.RELEASE, P.ESCAPED, P.DIRECT_CALL, P.DIRECT_DONE,
+                         P.DIRECT_SUBMIT, P.LEASED_DONE))
 _LEASE_IDLE_SECONDS = 0.002   # a lease unused this long goes back to the scheduler
 _LEASE_BUSY_TICK = 0.01       # how often the flusher looks at a lease whose task runs
 _PIPELINE_MAX_DEPTH = 256     # tasks in flight on one leased worker, at most (``_run_times``)
@@ -1115,15 +1115,23 @@ class Runtime:
                     self._register(record, self._direct_pending.get(object_id))
 
     def exported(self, object_id: bytes) -> None:
-        """A ref was pickled (ObjectRef.__reduce__): publish its object; and, if the
-        pickle is the user's own (not one of our messages, which follow the registration
-        on the same connection), send the registration now: the ref may travel faster."""
+        """A ref was pickled (ObjectRef.__reduce__): publish its object.  A pickle of the
+        user's own (a multiprocessing queue, a file; not one of our messages, which follow
+        the object's registration on the same connection) may reach another process by a
+        faster way than ours: what makes the object known is written before this returns,
+        and the object is held for as long as this process lives (as in Ray), since we
+        can't see when that copy of the ref goes."""
         if self.closed:
             return
         if object_id in self._owner_only or object_id in self._unregistered:
             self.publish((object_id,))
-        if not in_serialize() and self.conn.pending:
-            self.flush()
+        if in_serialize():
+            return
+        with self._lock:
+            unsent = bool(self.conn.pending or self.conn.out)
+            self.conn.send((P.ESCAPED, [object_id]))  # before any later RELEASE of it
+            if unsent:
+                self.flush()
 
     def _want_leases(self) -> None:
         """Ask for as many more workers as the backlog could use (caller holds the lock);

@@ -83,7 +83,6 @@ _PREFETCH_MAX_SECONDS = 0.02  # tasks sent ahead to a busy worker: only of funct
                               # 20 ms at most; more than one only of functions that never
 _PREFETCH_BUDGET = SHORT_BUDGET  # took longer than this, while their typical run times add up
 _PREFETCH_MAX_DEPTH = 16      # to no more than it, and never more than this many
-_DOUBTFUL_READS = 16          # reads of every socket before an unknown id is called lost
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
@@ -95,7 +94,8 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given", "lease_wanted", "unanswered", "killed_for", "exit_status")
+                 "verdict_given", "lease_wanted", "unanswered", "killed_for", "exit_status",
+                 "escaped")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
         self.conn = conn
@@ -126,6 +126,7 @@ class Client:
         self.lease_wanted = 0       # a driver: how many more workers it asks to lease
         self.killed_for: Optional[bytes] = None  # a worker: the task a forced cancel was for
         self.exit_status: Optional[int] = None  # its waitpid status, once reaped
+        self.escaped: set = set()   # ids it pickled itself: held until it exits
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"
@@ -271,6 +272,7 @@ class Scheduler:
             P.PUT: self.on_put,
             P.HOLD: self.on_hold,
             P.RELEASE: self.on_release,
+            P.ESCAPED: self.on_escaped,
             P.SUBSCRIBE: self.on_subscribe,
             P.BLOCKED: self.on_blocked,
             P.HANDED_BACK: self.on_handed_back,
@@ -364,29 +366,28 @@ class Scheduler:
                 self._read(client)
 
     def _settle_doubtful(self) -> None:
-        """Subscriptions to ids unknown when read: read what every process has sent since
-        (it was sent before the ref could reach the subscriber), then answer them."""
+        """Subscriptions to ids unknown when read: first read everything every process had
+        sent by now.  A ref leaves its process only after the message that makes its object
+        known was written (``Runtime.exported``), so that message is among those bytes;
+        an id still unknown after them is one nobody will ever make known."""
         doubtful, self.doubtful = self.doubtful, []
-        for _ in range(_DOUBTFUL_READS):
-            events = self.selector.select(0)
-            if not events:
-                break
-            self._handle_events(events)
+        for client in list(self.clients.values()):
+            if client.alive:
+                self._read(client, everything=True)
         for client, object_id in doubtful:
             if client.alive:
                 self._subscribe(client, object_id)
 
-    def _read(self, client: Client, drain: bool = False) -> None:
-        """Handle what ``client`` sent: what one read brings, or, to ``drain`` a dead
-        process's socket, all there is."""
+    def _read(self, client: Client, everything: bool = False) -> None:
+        """Handle what ``client`` sent: what one read brings, or ``everything`` it had
+        sent by now (what a dead process wrote, to the last byte)."""
         try:
-            client.conn.fill_nonblocking()
-            while drain:
-                client.conn.fill()
-        except BlockingIOError:
-            pass
+            if everything:
+                client.conn.fill_arrived()
+            else:
+                client.conn.fill_nonblocking()
         except (ConnectionClosed, ConnectionResetError):
-            if not drain:
+            if not everything:
                 self.on_disconnect(client)
                 return
         try:
@@ -461,8 +462,20 @@ class Scheduler:
                 entry.holders.add(client)
                 client.holds.add(object_id)
 
+    def on_escaped(self, client: Client, ids) -> None:
+        """Refs the client pickled itself (for a queue or a file of its own): we can't see
+        where they go, so it holds their objects until it exits (as Ray does)."""
+        for object_id in ids:
+            entry = self.objects.get(object_id)
+            if entry is not None:
+                entry.holders.add(client)
+                client.holds.add(object_id)
+                client.escaped.add(object_id)
+
     def on_release(self, client: Client, ids) -> None:
         for object_id in ids:
+            if object_id in client.escaped:
+                continue
             client.holds.discard(object_id)
             entry = self.objects.get(object_id)
             if entry is not None:
@@ -1526,7 +1539,7 @@ class Scheduler:
         read first (its reports of calls it finished), then it is gone."""
         _kill_quietly(victim.pid)
         victim.exit_status = _reap(victim.pid)
-        self._read(victim, drain=True)
+        self._read(victim, everything=True)
         self.on_disconnect(victim)
 
     def _actor_out_of_scope(self, actor_id: bytes) -> None:
@@ -1702,6 +1715,7 @@ class Scheduler:
                 entry.holders.discard(client)
                 self._maybe_free(object_id, entry)
         client.holds.clear()
+        client.escaped.clear()
 
     def stop(self) -> None:
         """End every worker, reap them, remove the session folder."""
