@@ -241,6 +241,48 @@ def test_cancel_of_a_non_ref_is_a_type_error(ray):
 # -- memory pressure ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["retired", "crashed", "actor killed"])
+def test_the_pins_of_a_process_that_died_are_freed_when_its_death_is_seen(ray, how):
+    """Pins held by a dead process were freed only at shutdown: a session whose workers
+    crash or retire (max_calls) leaked store memory."""
+    runtime = shmray._api._runtime_now
+    ref = ray.put(np.ones(1 << 20))  # 8 MiB: in the arena
+
+    @ray.remote(max_calls=1)
+    def keep_a_view(arrays):
+        global KEPT
+        KEPT = ray.get(arrays[0])  # a view kept past the task; then the worker retires
+        return os.getpid()
+
+    @ray.remote(max_retries=0)
+    def crash_holding_a_view(arrays):
+        view = ray.get(arrays[0])  # noqa: F841
+        os._exit(7)
+
+    @ray.remote
+    class Keeper:
+        def keep(self, arrays):
+            self.view = ray.get(arrays[0])
+            return os.getpid()
+
+    if how == "retired":
+        pids = [ray.get(keep_a_view.remote([ref]), timeout=DEADLOCK) for _ in range(3)]
+    elif how == "crashed":
+        with pytest.raises(exceptions.WorkerCrashedError):
+            ray.get(crash_holding_a_view.remote([ref]), timeout=DEADLOCK)
+        pids = []
+    else:
+        keeper = Keeper.remote()
+        pids = [ray.get(keeper.keep.remote([ref]), timeout=DEADLOCK)]
+        ray.kill(keeper)
+    wait_for(lambda: not any(alive(pid) for pid in pids))
+    wait_for(lambda: runtime.store.info(ref.binary()).pin_count == 0)
+    del ref
+    gc.collect()
+    wait_for(lambda: (runtime._settle(), runtime.store.statistics().num_objects)[1] == 0)
+
+
+
 def test_results_spill_and_restore_across_processes(ray):
     @ray.remote
     def make(i):

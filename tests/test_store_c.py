@@ -680,6 +680,131 @@ def test_reap_undoes_a_dead_process_half_made_objects(arena):
     assert st.bytes_in_use == block_size(100) + block_size(700)
 
 
+# -- pins: each process's are its own, and go with it ----------------------------------------
+
+
+def test_reap_gives_back_exactly_a_dead_process_pins(arena):
+    """Pins held by a process that died were freed only at shutdown: a long session whose
+    workers crash or retire leaked store memory."""
+    a, b = oid(1), oid(2)
+    arena.put(a, 1000)
+    arena.put(b, 2000)
+    assert arena.get(a)[0] == lib.SHM_OK  # the parent's own pin on a
+
+    def child():
+        for object_id in (a, a, b):
+            assert arena.get(object_id)[0] == lib.SHM_OK  # never released
+
+    pid = fork_child(child)
+    assert wait_child(pid) == 0
+    assert arena.info(a)[1].pin_count == 3 and arena.info(b)[1].pin_count == 1
+    assert arena.stats().num_pin_holders == 3
+    assert arena.delete(b) == (lib.SHM_OK, lib.SHM_DELETE_DEFERRED)
+    arena.check()
+    assert arena.reap(pid) == 2  # its two holdings
+    assert arena.info(a)[1].pin_count == 1  # the parent's stays
+    assert arena.contains(b)[0] == lib.SHM_ERR_NOT_FOUND  # deleted, its last pin gone
+    assert arena.stats().num_pin_holders == 1
+    assert arena.release(a) == (lib.SHM_OK, 0)
+    assert arena.stats().bytes_in_use == block_size(1000)
+
+
+def test_a_process_cannot_release_a_pin_it_does_not_hold(arena):
+    """A forked child that dropped the views it inherited gave back its parent's pins."""
+    a = oid(1)
+    arena.put(a, 1000)
+    assert arena.get(a)[0] == lib.SHM_OK
+
+    def child():
+        assert arena.release(a)[0] == lib.SHM_ERR_INVALID
+
+    assert wait_child(fork_child(child)) == 0
+    assert arena.info(a)[1].pin_count == 1
+    assert arena.release(a) == (lib.SHM_OK, 0)
+    assert arena.release(a)[0] == lib.SHM_ERR_INVALID
+
+
+def test_reap_cancels_the_spill_a_dead_process_began(arena):
+    """A spiller that died between spill_begin and spill_finish left its object pinned
+    and flagged SPILLING for the rest of the session."""
+    a = oid(1)
+    arena.put(a, 1000)
+
+    def child():
+        assert arena.spill_begin(a)[0] == lib.SHM_OK  # and dies before finishing
+
+    pid = fork_child(child)
+    assert wait_child(pid) == 0
+    info = arena.info(a)[1]
+    assert info.flags == lib.SHM_FLAG_SPILLING and info.pin_count == 1
+    assert arena.reap(pid) == 1
+    info = arena.info(a)[1]
+    assert info.flags == 0 and info.pin_count == 0
+    assert arena.spill_begin(a)[0] == lib.SHM_OK  # spillable again, by anyone
+    assert lib.shm_spill_finish(arena.store, a) == lib.SHM_OK
+
+
+def test_pins_beyond_a_full_pin_table_stay_counted_and_consistent(small_arena):
+    a = small_arena
+    slots = a.stats().table_slots
+    limit = slots - slots // 4
+    ids = [oid(i) for i in range(limit // 2 + 50)]
+    for object_id in ids:
+        a.put(object_id, 0)
+
+    def pin_all():
+        for object_id in ids:
+            assert a.get(object_id)[0] == lib.SHM_OK
+
+    first, second = fork_child(pin_all), None
+    assert wait_child(first) == 0
+    second = fork_child(pin_all)
+    assert wait_child(second) == 0
+    st = a.stats()
+    assert st.num_pin_holders == limit and st.untracked_pins == 2 * len(ids) - limit
+    a.check()
+    assert a.reap(first) == len(ids)
+    a.check()
+    assert a.stats().num_pin_holders == limit - len(ids)
+    assert a.reap(second) == limit - len(ids)  # its others are nobody's: kept
+    a.check()
+    assert a.stats().untracked_pins == 2 * len(ids) - limit
+
+
+@pytest.mark.parametrize("point", [lib.SHM_CRASH_PIN_UNRECORDED, lib.SHM_CRASH_IN_PIN_SHIFT],
+                         ids=["pin_unrecorded", "in_pin_shift"])
+def test_crash_while_recording_pins_is_repaired(small_arena, point):
+    a = small_arena
+    ids = [oid(i) for i in range(700)]  # 1,400 pin slots of 2,048: a crowded table
+    for object_id in ids:
+        a.put(object_id, 0)
+        assert a.get(object_id)[0] == lib.SHM_OK  # the parent's
+
+    def child():
+        for object_id in ids:
+            assert a.get(object_id)[0] == lib.SHM_OK
+        lib.shm_debug_crash_at(point)
+        if point == lib.SHM_CRASH_PIN_UNRECORDED:
+            a.get(ids[0])
+        else:
+            for object_id in ids:  # releases until one shifts a slot up
+                a.release(object_id)
+        raise AssertionError("the crash point was not reached")
+
+    pid = fork_child(child)
+    assert_killed(wait_child(pid))
+    assert a.stats().repairs == 1
+    a.check()
+    a.reap(pid)
+    a.check()
+    for object_id in ids:  # the parent's pins are intact, and its own to give back
+        assert a.release(object_id)[0] == lib.SHM_OK
+    st = a.stats()
+    assert st.num_pin_holders == 0
+    # The pin the child was taking or giving back when it died: counted, nobody's.
+    assert st.untracked_pins == 1
+
+
 # -- lending: create within a budget, adopt under another id ---------------------------------
 
 

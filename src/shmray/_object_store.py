@@ -122,6 +122,8 @@ class StoreStats:
     num_sealed: int
     num_spilled: int
     num_pinned: int
+    num_pin_holders: int
+    untracked_pins: int
     free_blocks: int
     table_slots: int
     repairs: int

@@ -77,7 +77,12 @@
  *    112  num_sealed                                             (derived)
  *    120  num_spilled                                            (derived)
  *    128  num_pinned    entries with pin_count > 0               (derived)
- *    136  zero
+ *    136  pin_slots     slots of the pin table, == table_slots
+ *    144  pins_offset   table_offset + table_slots * 80
+ *    152  num_pins      pin table slots in use                   (derived)
+ *    160  untracked     pins counted in entries but in no pin table slot:
+ *                       taken while the pin table was full       (derived)
+ *    168  zero
  *    192  lock          pthread_mutex_t, robust and process-shared
  *         zero up to 4096
  *
@@ -103,6 +108,10 @@ struct shm_header {
     uint64_t num_sealed;
     uint64_t num_spilled;
     uint64_t num_pinned;
+    uint64_t pin_slots;
+    uint64_t pins_offset;
+    uint64_t num_pins;
+    uint64_t untracked;
     /* Its own cache line: every locker writes it, the geometry above is only read. */
     alignas(64) pthread_mutex_t lock;
     uint8_t reserved1[HEADER_SIZE - 192 - sizeof(pthread_mutex_t)];
@@ -111,6 +120,7 @@ _Static_assert(sizeof(struct shm_header) == HEADER_SIZE, "header is one page");
 _Static_assert(offsetof(struct shm_header, capacity) == 16, "layout as documented");
 _Static_assert(offsetof(struct shm_header, free_head) == 56, "layout as documented");
 _Static_assert(offsetof(struct shm_header, num_pinned) == 128, "layout as documented");
+_Static_assert(offsetof(struct shm_header, untracked) == 160, "layout as documented");
 _Static_assert(offsetof(struct shm_header, lock) == 192, "layout as documented");
 
 /*
@@ -180,6 +190,37 @@ _Static_assert(sizeof(struct shm_block) == BLOCK_HEADER_SIZE, "a block header is
 _Static_assert(BLOCK_HEADER_SIZE % SHM_ALIGN == 0, "payloads stay aligned");
 _Static_assert(HEADER_SIZE % SHM_ALIGN == 0, "the table starts aligned");
 
+/*
+ * One slot of the pin table: how many pins one process holds on one sealed
+ * object, so that a process's death gives back exactly its own pins
+ * (shm_reap) and nobody else's.  Open addressing keyed by (id, pid), linear
+ * probing, deletion by backward shift, like the object table.  Byte layout
+ * (48 bytes):
+ *
+ *      0  id        SHM_ID_SIZE bytes
+ *     28  pid       the process; 0 marks a free slot.  Stored last when a
+ *                   slot is written, first (as 0) when it is overwritten
+ *     32  count     pins it holds, >= 1
+ *     36  spilling  1 if one of them is its spill's (SHM_FLAG_SPILLING)
+ *     40  zero
+ *
+ * An entry's pin_count is its LENT buffer's pin, plus the counts of its pin
+ * table slots, plus pins taken while the pin table was full (`untracked`,
+ * freed only with the session).  A pin is added to the entry before its slot
+ * and taken from its slot before the entry, so a crash in between can only
+ * leave a pin nobody is known to hold: memory kept, never freed under a view.
+ */
+struct shm_pin {
+    uint8_t id[SHM_ID_SIZE];
+    int32_t pid;
+    uint32_t count;
+    uint32_t spilling;
+    uint64_t reserved;
+};
+_Static_assert(sizeof(struct shm_pin) == 48, "pin layout as documented");
+_Static_assert(offsetof(struct shm_pin, pid) == 28, "layout as documented");
+_Static_assert(offsetof(struct shm_pin, count) == 32, "layout as documented");
+
 /* The per-process handle: where this process mapped the arena, and the
  * geometry validated once at open, so the hot paths need not re-read and
  * re-check it in shared memory.  No pid is cached: a forked child keeps using
@@ -190,6 +231,8 @@ struct shm_store {
     struct shm_header *header;
     struct shm_entry *table;
     uint64_t slot_mask;
+    struct shm_pin *pins;
+    uint64_t pin_mask;
     uint64_t heap_start;
     uint64_t heap_end;
 };
@@ -207,6 +250,11 @@ static void publish_u64(uint64_t *field, uint64_t value)
 }
 
 static void publish_u32(uint32_t *field, uint32_t value)
+{
+    __atomic_store_n(field, value, __ATOMIC_RELEASE);
+}
+
+static void publish_pid(int32_t *field, int32_t value)
 {
     __atomic_store_n(field, value, __ATOMIC_RELEASE);
 }
@@ -325,6 +373,98 @@ static void table_remove(const struct shm_store *s, struct shm_entry *e)
         }
     }
     publish_u32(&s->table[hole].state, SHM_STATE_EMPTY);
+}
+
+/* --- the pin table: who holds which pins ------------------------------------------ */
+
+static uint64_t pin_home(const struct shm_store *s, const uint8_t *id, int32_t pid)
+{
+    return hash_mix(id_hash(id) ^ (uint32_t)pid) & s->pin_mask;
+}
+
+static struct shm_pin *pin_find(const struct shm_store *s, const uint8_t *id, int32_t pid)
+{
+    for (uint64_t i = pin_home(s, id, pid);; i = (i + 1) & s->pin_mask) {
+        struct shm_pin *p = &s->pins[i];
+        if (p->pid == 0)
+            return NULL;
+        if (p->pid == pid && memcmp(p->id, id, SHM_ID_SIZE) == 0)
+            return p;
+    }
+}
+
+/* At most 3/4 full, as the object table. */
+static bool pins_have_room(const struct shm_store *s)
+{
+    uint64_t slots = s->pin_mask + 1;
+    return s->header->num_pins < slots - slots / 4;
+}
+
+/* One more pin of pid's on id, its spill's if `spill`.  False if the table
+ * has no room for a new slot: the pin is then nobody's in particular. */
+static bool pin_add(const struct shm_store *s, const uint8_t *id, int32_t pid, bool spill)
+{
+    struct shm_pin *p = pin_find(s, id, pid);
+    if (p) {
+        p->count++;
+        if (spill)
+            p->spilling = 1;
+        return true;
+    }
+    if (!pins_have_room(s))
+        return false;
+    uint64_t i = pin_home(s, id, pid);
+    while (s->pins[i].pid != 0)
+        i = (i + 1) & s->pin_mask;
+    p = &s->pins[i];
+    *p = (struct shm_pin){.count = 1, .spilling = spill};
+    memcpy(p->id, id, SHM_ID_SIZE);
+    s->header->num_pins++;
+    publish_pid(&p->pid, pid);
+    return true;
+}
+
+/* Copy a slot into another; as entry_move, a crash leaves at worst the same
+ * slot twice, which repair dedupes. */
+static void pin_move(struct shm_pin *dst, const struct shm_pin *src)
+{
+    publish_pid(&dst->pid, 0);
+    crash_order_barrier();
+    struct shm_pin copy = *src;
+    copy.pid = 0;
+    *dst = copy;
+    publish_pid(&dst->pid, src->pid);
+}
+
+/* Remove a slot by backward shift (table_remove's Algorithm R). */
+static void pin_remove(const struct shm_store *s, struct shm_pin *p)
+{
+    uint64_t mask = s->pin_mask;
+    uint64_t hole = (uint64_t)(p - s->pins);
+    for (uint64_t j = (hole + 1) & mask; s->pins[j].pid != 0; j = (j + 1) & mask) {
+        uint64_t home = pin_home(s, s->pins[j].id, s->pins[j].pid);
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            pin_move(&s->pins[hole], &s->pins[j]);
+            crash_point_reached(SHM_CRASH_IN_PIN_SHIFT);
+            hole = j;
+        }
+    }
+    publish_pid(&s->pins[hole].pid, 0);
+    s->header->num_pins--;
+}
+
+/* One pin less of pid's on id (its spill's if `spill`); false if pid holds
+ * no such pin. */
+static bool pin_drop(const struct shm_store *s, const uint8_t *id, int32_t pid, bool spill)
+{
+    struct shm_pin *p = pin_find(s, id, pid);
+    if (!p || (spill && !p->spilling))
+        return false;
+    if (spill)
+        p->spilling = 0;
+    if (--p->count == 0)
+        pin_remove(s, p);
+    return true;
 }
 
 /* --- the heap: free list ---------------------------------------------------- */
@@ -818,6 +958,77 @@ static void table_refill(const struct shm_store *s, const struct shm_entry *e, u
     }
 }
 
+static int pin_cmp(const void *a, const void *b)
+{
+    const struct shm_pin *x = a, *y = b;
+    int c = memcmp(x->id, y->id, SHM_ID_SIZE);
+    return c ? c : (x->pid > y->pid) - (x->pid < y->pid);
+}
+
+/* Rebuild the pin table against the repaired object table.  A slot in two
+ * places (a move cut short) counts once; a slot for an object gone or not
+ * sealed goes; a spill's pin goes with the spill (entry_normalize cancelled
+ * them all); and where slots claim more pins than their entry has, some were
+ * taken off the entry but not yet off the slot: the slots give them up.
+ * Whatever the entry has beyond its slots and its lent buffer is untracked. */
+static int pins_rebuild(const struct shm_store *s)
+{
+    struct shm_header *h = s->header;
+    uint64_t slots = s->pin_mask + 1, count = 0, n = 0;
+    for (uint64_t i = 0; i < slots; i++)
+        count += s->pins[i].pid != 0;
+    struct shm_pin *saved = malloc((count ? count : 1) * sizeof *saved);
+    uint32_t *tracked = calloc(s->slot_mask + 1, sizeof *tracked);
+    if (!saved || !tracked) {
+        free(saved);
+        free(tracked);
+        return SHM_ERR_SYSTEM;
+    }
+    /* Emptied as it is read: a repairer that dies past here leaves pins
+     * untracked, which a later repair counts as such. */
+    for (uint64_t i = 0; i < slots && n < count; i++) {
+        if (s->pins[i].pid == 0)
+            continue;
+        saved[n++] = s->pins[i];
+        publish_pid(&s->pins[i].pid, 0);
+    }
+    qsort(saved, n, sizeof *saved, pin_cmp);
+    h->num_pins = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        struct shm_pin p = saved[i];
+        if (i && pin_cmp(&saved[i - 1], &p) == 0)
+            continue;
+        if (p.spilling) {
+            p.spilling = 0;
+            p.count--;
+        }
+        const struct shm_entry *e = table_find(s, p.id);
+        if (!e || e->state != SHM_STATE_SEALED || p.count == 0)
+            continue;
+        uint64_t slot = (uint64_t)(e - s->table);
+        uint32_t held = e->pin_count - ((e->flags & SHM_FLAG_LENT) ? 1 : 0) - tracked[slot];
+        if (p.count > held)
+            p.count = held;
+        if (p.count == 0)
+            continue;
+        tracked[slot] += p.count;
+        uint64_t j = pin_home(s, p.id, p.pid);
+        while (s->pins[j].pid != 0)
+            j = (j + 1) & s->pin_mask;
+        s->pins[j] = p;
+        h->num_pins++;
+    }
+    h->untracked = 0;
+    for (uint64_t i = 0; i <= s->slot_mask; i++) {
+        const struct shm_entry *e = &s->table[i];
+        if (e->state == SHM_STATE_SEALED)
+            h->untracked += e->pin_count - ((e->flags & SHM_FLAG_LENT) ? 1 : 0) - tracked[i];
+    }
+    free(saved);
+    free(tracked);
+    return SHM_OK;
+}
+
 static int store_repair(const struct shm_store *s)
 {
     struct shm_entry *saved;
@@ -827,7 +1038,7 @@ static int store_repair(const struct shm_store *s)
     heap_rebuild(s, saved, n);
     table_refill(s, saved, n);
     free(saved);
-    return SHM_OK;
+    return pins_rebuild(s);
 }
 
 /* Take the store lock.  If its holder died, repair what it left half-done
@@ -940,9 +1151,15 @@ static uint64_t table_slots_for(uint64_t capacity)
     return slots;
 }
 
+/* The pin table has as many slots as the object table, and follows it. */
+static uint64_t pins_offset_for(uint64_t slots)
+{
+    return HEADER_SIZE + slots * sizeof(struct shm_entry);
+}
+
 static uint64_t heap_offset_for(uint64_t slots)
 {
-    return align_up(HEADER_SIZE + slots * sizeof(struct shm_entry), PAGE_SIZE_ASSUMED);
+    return align_up(pins_offset_for(slots) + slots * sizeof(struct shm_pin), PAGE_SIZE_ASSUMED);
 }
 
 uint64_t shm_min_capacity(void)
@@ -982,10 +1199,14 @@ int shm_store_format(void *base, uint64_t size)
     h->capacity = capacity;
     h->table_offset = HEADER_SIZE;
     h->table_slots = slots;
+    h->pin_slots = slots;
+    h->pins_offset = pins_offset_for(slots);
     h->heap_offset = heap_offset;
     h->heap_size = capacity - heap_offset;
     /* The memory should be zeroed already; a stale table would be phantom
-     * objects, and these pages get touched by inserts anyway. */
+     * objects, and these pages get touched by inserts anyway.  The pin table
+     * is left to the caller's zeroed memory: only a few of its pages are ever
+     * touched, and a whole arena's pin table is tens of MiB. */
     memset((uint8_t *)base + HEADER_SIZE, 0, slots * sizeof(struct shm_entry));
 
     struct shm_block *first = (struct shm_block *)((uint8_t *)base + heap_offset);
@@ -1003,7 +1224,8 @@ static bool header_geometry_valid(const struct shm_header *h, uint64_t size)
 {
     uint64_t slots = h->table_slots;
     return h->capacity <= size && h->table_offset == HEADER_SIZE && slots >= MIN_TABLE_SLOTS &&
-           slots <= MAX_TABLE_SLOTS && (slots & (slots - 1)) == 0 && h->heap_offset == heap_offset_for(slots) &&
+           slots <= MAX_TABLE_SLOTS && (slots & (slots - 1)) == 0 && h->pin_slots == slots &&
+           h->pins_offset == pins_offset_for(slots) && h->heap_offset == heap_offset_for(slots) &&
            h->heap_size >= MIN_HEAP_BLOCKS * MIN_BLOCK_SIZE && h->heap_size % SHM_ALIGN == 0 &&
            h->heap_offset + h->heap_size == h->capacity;
 }
@@ -1024,6 +1246,8 @@ int shm_store_open(void *base, uint64_t size, shm_store **out)
         .header = h,
         .table = (struct shm_entry *)((uint8_t *)base + h->table_offset),
         .slot_mask = h->table_slots - 1,
+        .pins = (struct shm_pin *)((uint8_t *)base + h->pins_offset),
+        .pin_mask = h->pin_slots - 1,
         .heap_start = h->heap_offset,
         .heap_end = h->heap_offset + h->heap_size,
     };
@@ -1129,6 +1353,9 @@ static int object_get(const struct shm_store *s, const uint8_t *id, uint64_t *of
     if (e->pin_count == UINT32_MAX)
         return SHM_ERR_INVALID;
     entry_set_flags_pins(s, e, e->flags, e->pin_count + 1);
+    crash_point_reached(SHM_CRASH_PIN_UNRECORDED);
+    if (!pin_add(s, id, (int32_t)getpid(), false))
+        s->header->untracked++;
     entry_touch(s, e);
     if (offset_out)
         *offset_out = e->offset;
@@ -1161,6 +1388,13 @@ static int object_release(const struct shm_store *s, const uint8_t *id, int *fre
     uint32_t kept = ((e->flags & SHM_FLAG_SPILLING) ? 1 : 0) + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
     if (e->pin_count <= kept)
         return SHM_ERR_INVALID;
+    /* Only a pin of the caller's own: a forked child must not give back the
+     * pins of the views it inherited, which are its parent's. */
+    if (!pin_drop(s, id, (int32_t)getpid(), false)) {
+        if (!s->header->untracked)
+            return SHM_ERR_INVALID;
+        s->header->untracked--;
+    }
     *freed_out = object_unpin(s, e, e->flags);
     return SHM_OK;
 }
@@ -1212,7 +1446,10 @@ static int object_spill_begin(const struct shm_store *s, const uint8_t *id, uint
         return SHM_ERR_SPILLED;
     if (e->pin_count)
         return SHM_ERR_PINNED;
+    if (!pins_have_room(s))
+        return SHM_ERR_PINNED; /* a spill its spiller's death could not undo: skip it */
     entry_set_flags_pins(s, e, e->flags | SHM_FLAG_SPILLING, 1);
+    (void)pin_add(s, id, (int32_t)getpid(), true); /* there is room */
     if (offset_out)
         *offset_out = e->offset;
     if (data_size_out)
@@ -1232,6 +1469,7 @@ static int object_spill_finish(const struct shm_store *s, const uint8_t *id)
     if (!(e->flags & SHM_FLAG_SPILLING))
         return SHM_ERR_PINNED; /* a repair cancelled the spill (see entry_normalize) */
     assert(e->state == SHM_STATE_SEALED && e->pin_count >= 1 && "a spill holds a pin on a sealed object");
+    pin_drop(s, id, (int32_t)getpid(), true);
     uint32_t flags = e->flags & ~(uint32_t)SHM_FLAG_SPILLING, pins = e->pin_count - 1;
     entry_set_flags_pins(s, e, flags, pins);
     if (flags & SHM_FLAG_DELETE_PENDING) {
@@ -1255,6 +1493,7 @@ static int object_spill_cancel(const struct shm_store *s, const uint8_t *id)
         return SHM_ERR_NOT_FOUND;
     if (!(e->flags & SHM_FLAG_SPILLING))
         return e->state == SHM_STATE_SEALED ? SHM_OK : SHM_ERR_INVALID; /* a repair cancelled it */
+    pin_drop(s, id, (int32_t)getpid(), true);
     uint32_t flags = e->flags & ~(uint32_t)SHM_FLAG_SPILLING, pins = e->pin_count - 1;
     entry_set_flags_pins(s, e, flags, pins);
     if (pins == 0 && (flags & SHM_FLAG_DELETE_PENDING))
@@ -1308,12 +1547,44 @@ static enum reap_outcome reap_entry(const struct shm_store *s, struct shm_entry 
     return REAP_NONE;
 }
 
+/* The pins a dead process held, its slot already gone: off its object, which
+ * is freed if that was the last pin of a deleted one.  A spill it had begun
+ * is cancelled (its file, half written or not, is never read). */
+static void pins_give_back(const struct shm_store *s, const struct shm_pin *gone)
+{
+    struct shm_entry *e = table_find(s, gone->id);
+    if (!e || e->state != SHM_STATE_SEALED)
+        return;
+    uint32_t flags = e->flags, held = e->pin_count - ((flags & SHM_FLAG_LENT) ? 1 : 0);
+    if (gone->spilling)
+        flags &= ~(uint32_t)SHM_FLAG_SPILLING;
+    entry_set_flags_pins(s, e, flags, e->pin_count - (gone->count < held ? gone->count : held));
+    if (e->pin_count == 0 && (e->flags & SHM_FLAG_DELETE_PENDING))
+        object_free(s, e);
+}
+
+/* Removing a slot shifts later ones up into it, so the scan looks at slot i
+ * again after each removal (as store_reap does with entries). */
+static uint64_t pins_reap(const struct shm_store *s, int32_t pid)
+{
+    uint64_t undone = 0;
+    for (uint64_t i = 0; i <= s->pin_mask; i++) {
+        while (s->pins[i].pid == pid) {
+            struct shm_pin gone = s->pins[i];
+            pin_remove(s, &s->pins[i]);
+            pins_give_back(s, &gone);
+            undone++;
+        }
+    }
+    return undone;
+}
+
 /* Removing an entry shifts later ones up into its slot, so the scan looks at
  * slot i again after undoing it.  Entries that wrap around the table's end
  * may be looked at twice, which is harmless: undone ones no longer match. */
 static uint64_t store_reap(const struct shm_store *s, int32_t pid)
 {
-    uint64_t undone = 0;
+    uint64_t undone = pins_reap(s, pid);
     for (uint64_t i = 0; i <= s->slot_mask; i++) {
         enum reap_outcome outcome;
         while ((outcome = reap_entry(s, &s->table[i], pid)) != REAP_NONE) {
@@ -1343,6 +1614,8 @@ static void store_statistics(const struct shm_store *s, shm_stats *out)
         .num_sealed = h->num_sealed,
         .num_spilled = h->num_spilled,
         .num_pinned = h->num_pinned,
+        .num_pin_holders = h->num_pins,
+        .untracked_pins = h->untracked,
         .free_blocks = h->free_blocks,
         .table_slots = h->table_slots,
         .repairs = h->repairs,
@@ -1594,11 +1867,6 @@ int shm_restore_begin(shm_store *s, const uint8_t *id, uint64_t *offset_out)
     return rc;
 }
 
-/* Spills begun by pid are left alone: entries do not record who spills them,
- * and a repair cancels a spill only when a process dies holding the lock.  A
- * worker that dies between shm_spill_begin and shm_spill_finish leaves its
- * object pinned; the spill policy runs in a long-lived process for that
- * reason. */
 int shm_reap(shm_store *s, int32_t pid, uint64_t *count_out)
 {
     if (!s)
@@ -1792,6 +2060,58 @@ static int ownership_check(struct span *used, uint64_t used_count, struct span *
     return SHM_OK;
 }
 
+/* Every pin table slot names a process and a sealed object, holds a pin or
+ * more, and is the one a lookup finds (reachable from its home, no twin); per
+ * object, its slots and its lent buffer account for no more than its pins,
+ * and what they leave is `untracked`; the counters match. */
+static int pins_check(const struct shm_store *s, char *msg, size_t msg_size)
+{
+    const struct shm_header *h = s->header;
+    uint64_t *tracked = calloc(s->slot_mask + 1, sizeof *tracked);
+    if (!tracked)
+        return SHM_ERR_SYSTEM;
+    uint64_t used = 0, untracked = 0;
+    int rc = SHM_OK;
+    for (uint64_t i = 0; i <= s->pin_mask && rc == SHM_OK; i++) {
+        const struct shm_pin *p = &s->pins[i];
+        if (p->pid == 0)
+            continue;
+        used++;
+        const struct shm_entry *e = table_find(s, p->id);
+        if (p->pid < 0 || p->count == 0 || p->spilling > 1)
+            rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": pid %d, count %u, spilling %u", i, (int)p->pid,
+                            p->count, p->spilling);
+        else if (pin_find(s, p->id, p->pid) != p)
+            rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": not the slot a lookup finds (unreachable or a twin)", i);
+        else if (!e || e->state != SHM_STATE_SEALED)
+            rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": pins an object that is not sealed", i);
+        else if (p->spilling && !(e->flags & SHM_FLAG_SPILLING))
+            rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": holds a spill's pin, its object is not spilling", i);
+        else
+            tracked[e - s->table] += p->count;
+    }
+    for (uint64_t i = 0; i <= s->slot_mask && rc == SHM_OK; i++) {
+        const struct shm_entry *e = &s->table[i];
+        if (e->state != SHM_STATE_SEALED)
+            continue;
+        uint64_t known = tracked[i] + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
+        if (known > e->pin_count)
+            rc = check_fail(msg, msg_size, "entry in slot %" PRIu64 ": %u pins, its holders account for %" PRIu64, i,
+                            e->pin_count, known);
+        else
+            untracked += e->pin_count - known;
+    }
+    if (rc == SHM_OK && (used != h->num_pins || untracked != h->untracked))
+        rc = check_fail(msg, msg_size,
+                        "pin counters (slots %" PRIu64 ", untracked %" PRIu64 ") disagree with the tables (%" PRIu64
+                        ", %" PRIu64 ")",
+                        h->num_pins, h->untracked, used, untracked);
+    if (rc == SHM_OK && used > s->pin_mask + 1 - (s->pin_mask + 1) / 4)
+        rc = check_fail(msg, msg_size, "pin table holds %" PRIu64 " slots, above its load limit", used);
+    free(tracked);
+    return rc;
+}
+
 static int store_check(const struct shm_store *s, char *msg, size_t msg_size)
 {
     const struct shm_header *h = s->header;
@@ -1814,6 +2134,8 @@ static int store_check(const struct shm_store *s, char *msg, size_t msg_size)
             rc = table_check(s, claims, &claim_count, msg, msg_size);
         if (rc == SHM_OK)
             rc = ownership_check(used, used_count, claims, claim_count, msg, msg_size);
+        if (rc == SHM_OK)
+            rc = pins_check(s, msg, msg_size);
     }
     free(used);
     free(claims);

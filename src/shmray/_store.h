@@ -15,6 +15,10 @@
  *                       SHM_ID_SIZE-byte ObjectIDs; deletion by backward
  *                       shift (Knuth 6.4 Algorithm R), so there are no
  *                       tombstones and a lookup stops at the first EMPTY slot
+ *   pins_offset       struct shm_pin[table_slots]: the pin table, which
+ *                       process holds how many pins on which object, keyed
+ *                       by (ObjectID, pid) the same way, so that a dead
+ *                       process's pins are given back (shm_reap)
  *   heap_offset       the heap: a chain of blocks, each a 64-byte
  *                       struct shm_block followed by its payload; block sizes
  *                       are multiples of SHM_ALIGN, so every payload is
@@ -57,7 +61,7 @@
 /* cdef-begin */
 #define SHM_ID_SIZE 28
 #define SHM_ALIGN 64
-#define SHM_VERSION 1
+#define SHM_VERSION 2
 
 /* status codes */
 #define SHM_OK 0
@@ -97,6 +101,8 @@
 #define SHM_CRASH_AFTER_SPLIT 1    /* block split done, free list and table not */
 #define SHM_CRASH_AFTER_ENTRY 2    /* table entry written, free list not updated */
 #define SHM_CRASH_IN_COALESCE 3    /* half-way through merging free neighbours */
+#define SHM_CRASH_PIN_UNRECORDED 4 /* a get's pin counted, its holder not yet */
+#define SHM_CRASH_IN_PIN_SHIFT 5   /* a pin slot moved up, its old slot not cleared */
 
 typedef struct shm_store shm_store;   /* per-process handle, opaque */
 
@@ -111,6 +117,9 @@ typedef struct {
     uint64_t num_sealed;
     uint64_t num_spilled;
     uint64_t num_pinned;        /* entries with pin_count > 0 */
+    uint64_t num_pin_holders;   /* (process, object) pairs with pins */
+    uint64_t untracked_pins;    /* pins taken while the pin table was full:
+                                   freed with the session, not with their process */
     uint64_t free_blocks;
     uint64_t table_slots;
     uint64_t repairs;           /* times a dead lock holder was recovered from */
@@ -167,8 +176,9 @@ int shm_abort(shm_store *s, const uint8_t *id);
  * shm_contains and shm_spill_begin; shm_info and shm_list still show it. */
 int shm_get(shm_store *s, const uint8_t *id, uint64_t *offset_out,
             uint64_t *data_size_out, uint64_t *metadata_size_out);
-/* Unpin.  If that was the last pin of a DELETE_PENDING object it is freed
- * and *freed_out is 1.  SHM_ERR_INVALID if it was not pinned. */
+/* Unpin one of this process's pins.  If that was the last pin of a
+ * DELETE_PENDING object it is freed and *freed_out is 1.  SHM_ERR_INVALID if
+ * this process holds no pin on it (a forked child's views are its parent's). */
 int shm_release(shm_store *s, const uint8_t *id, int *freed_out);
 /* Delete an object in any state.  Unpinned: freed now.  Pinned: marked
  * DELETE_PENDING, freed at its last release.  *outcome_out gets SHM_DELETED_*
@@ -259,10 +269,11 @@ int shm_lent_adopt(shm_store *s, const void *data, uint64_t n, const uint8_t *id
 #define SHM_LEND_HEADER_MAX 4000
 #define SHM_LEND_METADATA_MAX 64
 
-/* After a process died: abort the CREATED objects it created, return its
- * unfinished restores to SPILLED and drop the pins of its adopted buffers.
- * *count_out gets how many were undone.  Other pins it held and spills it
- * had begun are not known per process and stay. */
+/* After a process died: drop every pin it held (the views it had, its
+ * adopted buffers'), cancel the spills it had begun, abort the CREATED
+ * objects it created and return its unfinished restores to SPILLED; objects
+ * deleted meanwhile whose last pin that was are freed.  *count_out gets how
+ * many were undone. */
 int shm_reap(shm_store *s, int32_t pid, uint64_t *count_out);
 
 /* Walk the whole arena and verify every invariant (block chain covers the
