@@ -165,6 +165,44 @@ def test_seed_threaded_actor(ray):
     assert t1 != t2
 
 
+@pytest.mark.parametrize("other", ["none", "sync", "async", "threaded"])
+def test_an_async_actor_awaits_tasks_it_submitted_while_other_actors_exist(other):
+    """Reported: with any other actor in the session, an async actor awaiting the tasks it
+    submitted hung (GetTimeoutError after 15 s); a sync actor's get and a nested task did
+    not.  Not reproduced since, on any Python, load or dependency release tried: kept."""
+    with shmray.init(num_cpus=4, object_store_memory=100 << 20):
+        @shmray.remote
+        def some_task():
+            return 1
+
+        @shmray.remote
+        class Sync:
+            def ping(self):
+                return "pong"
+
+        @shmray.remote
+        class Async:
+            async def ping(self):
+                return "pong"
+
+        @shmray.remote(max_concurrency=4)
+        class Threaded:
+            def ping(self):
+                return "pong"
+
+        @shmray.remote
+        class Gatherer:
+            async def run(self):
+                return sum(await asyncio.gather(*[some_task.remote() for _ in range(5)]))
+
+        kinds = {"sync": Sync, "async": Async, "threaded": Threaded}
+        if other != "none":
+            others = [kinds[other].remote()]
+            assert shmray.get(others[0].ping.remote(), timeout=DEADLOCK) == "pong"
+        gatherer = Gatherer.remote()
+        assert [shmray.get(gatherer.run.remote(), timeout=15) for _ in range(5)] == [5] * 5
+
+
 def test_default_async_concurrency_is_1000(ray):
     @ray.remote
     class Gate:

@@ -343,7 +343,12 @@ class ActorProcess(Worker):
                     runtime.write_some(conn)
                     if conn not in runtime.unflushed:
                         loop.remove_writer(conn.fd)
-            loop.add_writer(conn.fd, on_writable)
+            def watch_writable():
+                if conn in runtime.unflushed:  # not written meanwhile, nor closed
+                    loop.add_writer(conn.fd, on_writable)
+
+            # Through the loop: the flusher thread writes held replies too (``before_wait``).
+            loop.call_soon_threadsafe(watch_writable)
 
         def unwatch(fd):
             loop.remove_reader(fd)
