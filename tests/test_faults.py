@@ -241,6 +241,24 @@ def test_cancel_of_a_non_ref_is_a_type_error(ray):
 # -- memory pressure ---------------------------------------------------------------------
 
 
+def test_spill_files_live_as_long_as_their_objects(ray):
+    """A restored object keeps its file (spilling it again writes nothing); the files go
+    with their objects."""
+    runtime = shmray._api._runtime_now
+    refs = [ray.put(np.full(5 << 20, i, dtype=np.float64)) for i in range(5)]  # 40 MiB each
+    spill = os.path.join(runtime.session_dir, "spill")
+    spilled = set(os.listdir(spill))
+    assert spilled
+    for _ in range(2):  # every object restored, and spilled again, twice
+        for i, ref in enumerate(refs):
+            assert float(ray.get(ref, timeout=DEADLOCK)[-1]) == i
+    assert spilled <= set(os.listdir(spill))
+    assert not [name for name in os.listdir(spill) if "." in name]  # no draft left
+    del refs, ref
+    gc.collect()
+    wait_for(lambda: (runtime._settle(), os.listdir(spill))[1] == [])
+
+
 @pytest.mark.parametrize("how", ["retired", "crashed", "actor killed"])
 def test_the_pins_of_a_process_that_died_are_freed_when_its_death_is_seen(ray, how):
     """Pins held by a dead process were freed only at shutdown: a session whose workers

@@ -568,7 +568,8 @@ def test_spill_and_restore_round_trip(arena):
     st = arena.stats()
     assert (st.num_spilled, st.num_sealed, st.bytes_in_use, st.num_pinned) == (1, 0, 0, 0)
     status, info = arena.info(a)
-    assert (info.state, info.offset, info.pin_count, info.flags) == (lib.SHM_STATE_SPILLED, 0, 0, 0)
+    assert (info.state, info.offset, info.pin_count, info.flags) == (
+        lib.SHM_STATE_SPILLED, 0, 0, lib.SHM_FLAG_HAS_FILE)
     assert arena.get(a)[0] == lib.SHM_ERR_SPILLED
     assert arena.contains(a) == (lib.SHM_OK, lib.SHM_STATE_SPILLED)
     assert arena.spill_begin(a)[0] == lib.SHM_ERR_SPILLED
@@ -578,15 +579,50 @@ def test_spill_and_restore_round_trip(arena):
     status, off = arena.restore_begin(a)
     assert status == lib.SHM_OK
     status, info = arena.info(a)
-    assert (info.state, info.flags, info.creator_pid) == (lib.SHM_STATE_CREATED, lib.SHM_FLAG_RESTORING, os.getpid())
+    assert (info.state, info.flags, info.creator_pid) == (
+        lib.SHM_STATE_CREATED, lib.SHM_FLAG_RESTORING | lib.SHM_FLAG_HAS_FILE, os.getpid())
     assert (info.data_size, info.metadata_size) == (50_000, 100)
     assert arena.get(a)[0] == lib.SHM_ERR_NOT_SEALED
     assert arena.restore_begin(a)[0] == lib.SHM_ERR_NOT_SEALED
     arena.write(off, saved)
     assert lib.shm_seal(arena.store, a) == lib.SHM_OK
-    assert arena.info(a)[1].flags == 0
+    assert arena.info(a)[1].flags == lib.SHM_FLAG_HAS_FILE  # its file stays while it lives
     assert arena.restore_begin(a)[0] == lib.SHM_ERR_INVALID
     arena.verify(a)
+    assert arena.delete(a) == (lib.SHM_OK, lib.SHM_DELETED_NOW | lib.SHM_DELETED_SPILLED)
+
+
+def test_a_spill_is_finished_or_cancelled_only_by_its_spiller(arena):
+    """After a repair cancelled one process's spill and another began one, the first
+    process's spill_finish completed the second's (and both wrote the same file)."""
+    a = oid(1)
+    arena.put(a, 1000)
+    assert arena.spill_begin(a)[0] == lib.SHM_OK  # ours; then a repair cancels it:
+
+    def die_holding_the_lock():
+        assert lib.shm_debug_lock(arena.store) == lib.SHM_OK
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    assert_killed(wait_child(fork_child(die_holding_the_lock)))
+    assert arena.stats().repairs == 1 and arena.info(a)[1].flags == 0
+    read, write = os.pipe()
+
+    def spill_it_and_wait():  # another process spills it now
+        assert arena.spill_begin(a)[0] == lib.SHM_OK
+        os.read(read, 1)
+        assert lib.shm_spill_finish(arena.store, a) == lib.SHM_OK
+
+    pid = fork_child(spill_it_and_wait)
+    while not arena.info(a)[1].flags & lib.SHM_FLAG_SPILLING:
+        time.sleep(0.001)
+    assert lib.shm_spill_finish(arena.store, a) == lib.SHM_ERR_PINNED  # not ours
+    assert lib.shm_spill_cancel(arena.store, a) == lib.SHM_OK  # nothing of ours to undo
+    assert arena.info(a)[1].flags & lib.SHM_FLAG_SPILLING  # theirs goes on
+    os.write(write, b"x")
+    assert wait_child(pid) == 0
+    assert arena.info(a)[1].state == lib.SHM_STATE_SPILLED
+    os.close(read)
+    os.close(write)
 
 
 def test_spill_races(arena):
@@ -600,12 +636,13 @@ def test_spill_races(arena):
     # created: no spill
     arena.create(oid(50), 10)
     assert arena.spill_begin(oid(50))[0] == lib.SHM_ERR_NOT_SEALED
-    # pinned during the spill: finish undoes it
+    # pinned during the spill: finish undoes it (the file it wrote stays, flagged)
     assert arena.spill_begin(b)[0] == lib.SHM_OK
     assert arena.get(b)[0] == lib.SHM_OK
     assert lib.shm_spill_finish(arena.store, b) == lib.SHM_ERR_PINNED
     status, info = arena.info(b)
-    assert (info.state, info.pin_count, info.flags) == (lib.SHM_STATE_SEALED, 1, 0)
+    assert (info.state, info.pin_count, info.flags) == (lib.SHM_STATE_SEALED, 1,
+                                                        lib.SHM_FLAG_HAS_FILE)
     assert arena.release(b) == (lib.SHM_OK, 0)
     # deleted during the spill: finish frees it
     used = arena.stats().bytes_in_use

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import _serialization
+from . import _pickling
 from .exceptions import RaySystemError
 
 
@@ -67,17 +67,17 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        _serialization.note_contained_ref(self._id)
+        _pickling.note_ref(self._id)
         tracker = self._tracker
         if tracker is not None:
             tracker.exported(self._id)  # the scheduler must know the object it names
         return _rebuild_ref, (self._id,)
 
-    def __copy__(self) -> "ObjectRef":  # a copy stays in this process: nothing to export
-        return ObjectRef(self._id, self._tracker)
+    def __copy__(self) -> "ObjectRef":  # immutable; and a copy exports nothing
+        return self
 
     def __deepcopy__(self, memo) -> "ObjectRef":
-        return ObjectRef(self._id, self._tracker)
+        return self
 
     def __del__(self):
         tracker = self._tracker

@@ -145,6 +145,7 @@ class ObjectInfo:
     spilling: bool
     lent: bool  # a worker's numpy buffer: not yet an object (state "created"), or one still
     #             pinned by the buffer it was adopted from (see _lend.py)
+    has_file: bool  # its spill file exists (kept after a restore; see _spill.py)
 
     @classmethod
     def _from_c(cls, c) -> "ObjectInfo":
@@ -161,6 +162,7 @@ class ObjectInfo:
             spilling=bool(c.flags & lib.SHM_FLAG_SPILLING),
             lent=(bool(c.flags & lib.SHM_FLAG_LENT)
                   or bytes(ffi.buffer(c.id, len(LENT_MARK))) == LENT_MARK),
+            has_file=bool(c.flags & lib.SHM_FLAG_HAS_FILE),
         )
 
 

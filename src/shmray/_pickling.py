@@ -11,6 +11,10 @@ pickles each code object with its real file name, and, for code whose file is no
 unpickling puts those lines into the receiving process's ``linecache``, so its tracebacks
 show them.  Nothing else differs from ``cloudpickle.dumps``, for every cloudpickle release
 shmray allows (pyproject.toml).
+
+Pickles of shmray's own (values for its messages, checks that never leave the process) are
+told apart from the user's: an ObjectRef pickled in one of ours is recorded (the holder of
+the value holds it too), one pickled by the user is exported (``Runtime.exported``).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import io
 import linecache
 import os
 import pickle
+import threading
 import types
 from collections import ChainMap
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import cloudpickle
 
@@ -38,9 +43,21 @@ def _source_lines(filename: str) -> Optional[list]:
     """The lines of a file that exists only in this process's linecache; None for a file
     on disk (the receiver, on this machine, reads it there) or one nobody knows."""
     entry = linecache.cache.get(filename)
-    if entry is None or len(entry) != 4 or os.path.exists(filename):
+    if entry is None or len(entry) != 4 or _on_disk(filename):
         return None
     return entry[2]
+
+
+_seen_on_disk: dict = {}  # file name -> whether it exists: one stat per file, not per code
+
+
+def _on_disk(filename: str) -> bool:
+    found = _seen_on_disk.get(filename)
+    if found is None:
+        if len(_seen_on_disk) > 4096:
+            _seen_on_disk.clear()
+        found = _seen_on_disk[filename] = os.path.exists(filename)
+    return found
 
 
 def _rebuild_code(rebuild: Callable, args: tuple, filename: str, lines: Optional[list]):
@@ -64,3 +81,43 @@ def dumps(value, buffer_callback=None) -> bytes:
 
 
 loads = pickle.loads
+
+
+class _OwnPickle(threading.local):
+    refs: Optional[List[bytes]] = None  # in a pickle of shmray's own: ids of its refs
+
+
+_own = _OwnPickle()
+
+
+def start_own_pickle() -> Optional[List[bytes]]:
+    """What this thread pickles from now on is shmray's own; returns what to hand to
+    ``end_own_pickle`` (pickles of ours nest: a value's __reduce__ may call serialize)."""
+    previous, _own.refs = _own.refs, []
+    return previous
+
+
+def end_own_pickle(previous: Optional[List[bytes]]) -> List[bytes]:
+    """The ids of the refs pickled since the matching ``start_own_pickle``."""
+    refs, _own.refs = _own.refs, previous
+    return refs
+
+
+def in_own_pickle() -> bool:
+    return _own.refs is not None
+
+
+def note_ref(object_id: bytes) -> None:
+    """Called by ObjectRef.__reduce__: remember a ref pickled into a pickle of ours."""
+    if _own.refs is not None:
+        _own.refs.append(object_id)
+
+
+def trial_dumps(value) -> bytes:
+    """``dumps`` for a check that stays in this process (can it be pickled, and rebuilt?):
+    refs in it don't leave, so they are not exported."""
+    previous = start_own_pickle()
+    try:
+        return dumps(value)
+    finally:
+        end_own_pickle(previous)

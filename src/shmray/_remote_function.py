@@ -196,7 +196,7 @@ def _serialize_arguments(args, kwargs):
 
 def _explain(label: str, value) -> None:
     try:
-        _pickling.dumps(value)
+        _pickling.trial_dumps(value)
     except Exception as exc:
         raise TypeError(
             f"{label} ({type(value).__qualname__}) can't be sent to a task: it can't be "

@@ -12,7 +12,7 @@ leased or through the scheduler, runs through ``check_feasible``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import psutil
 
@@ -49,12 +49,10 @@ def unschedulable_message(what: str, demand: Dict[str, float], total: Dict[str, 
             f"num_gpus=..., resources={{...}}). This session has {_shown(total)}.")
 
 
-def check_feasible(demand: Dict[str, float], total: Optional[Dict[str, float]], what: str,
+def check_feasible(demand: Dict[str, float], total: Dict[str, float], what: str,
                    actor: bool = False) -> None:
     """Raise TaskUnschedulableError (ActorUnschedulableError for an actor) if ``demand``
     can never be met."""
-    if total is None:
-        return
     missing = shortfall(demand, total)
     if missing:
         error = exceptions.ActorUnschedulableError if actor else exceptions.TaskUnschedulableError

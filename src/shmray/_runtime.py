@@ -51,7 +51,8 @@ from ._object_store import (
     ObjectStore,
 )
 from ._run_times import RunTimes
-from ._serialization import META_ERROR, deserialize, in_serialize, serialize
+from ._pickling import in_own_pickle
+from ._serialization import META_ERROR, deserialize, serialize
 from ._spill import Spiller, store_full_error, too_large_error
 
 INLINE_THRESHOLD = 100 * 1024
@@ -1125,7 +1126,7 @@ class Runtime:
             return
         if object_id in self._owner_only or object_id in self._unregistered:
             self.publish((object_id,))
-        if in_serialize():
+        if in_own_pickle():
             return
         with self._lock:
             unsent = bool(self.conn.pending or self.conn.out)
@@ -1282,8 +1283,8 @@ class Runtime:
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         """Kill an actor; return once it is dead and the scheduler has dealt with its death
         (its calls failed, or it is restarting), so no call made after this reaches it."""
+        self.request(P.KILL_ACTOR, actor_id, no_restart)
         with self._lock:
-            self.request(P.KILL_ACTOR, actor_id, no_restart)
             channel = self._channels.get(actor_id)
             if channel is not None:  # to a dead process: the scheduler says what it owed
                 self._channel_lost(channel)

@@ -94,7 +94,7 @@ class Client:
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
                  "lent", "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
-                 "verdict_given", "lease_wanted", "unanswered", "killed_for", "exit_status",
+                 "verdict_given", "lease_wanted", "unanswered", "killed_for", "killers",
                  "escaped")
 
     def __init__(self, conn: Connection, pid: int, kind: str):
@@ -125,7 +125,7 @@ class Client:
         self.unanswered: list = []  # ...and which tasks it sent that it got no answer to
         self.lease_wanted = 0       # a driver: how many more workers it asks to lease
         self.killed_for: Optional[bytes] = None  # a worker: the task a forced cancel was for
-        self.exit_status: Optional[int] = None  # its waitpid status, once reaped
+        self.killers: list = []     # an actor: (client, request id) of kill()s to answer
         self.escaped: set = set()   # ids it pickled itself: held until it exits
 
     def __repr__(self) -> str:
@@ -247,7 +247,8 @@ class Scheduler:
         self.direct_call_count = 0
         self.leased: set = set()  # workers lent to a driver
         self.lease_wanters: set = set()  # drivers with a lease request standing
-        self.doubtful: list = []  # (client, id) subscriptions to ids unknown when read
+        # (client, id, subscribe) holds and subscriptions of ids unknown when read
+        self.doubtful: list = []
         # Leased tasks whose worker died before their results were reported, until their
         # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
         self.awaiting_verdict: Dict[bytes, tuple] = {}
@@ -360,36 +361,39 @@ class Scheduler:
     def _handle_events(self, events) -> None:
         for key, mask in events:
             client: Client = key.data
-            if mask & selectors.EVENT_WRITE:
+            if mask & selectors.EVENT_WRITE and client.alive:
                 self._write(client)
             if mask & selectors.EVENT_READ and client.alive:
                 self._read(client)
 
     def _settle_doubtful(self) -> None:
-        """Subscriptions to ids unknown when read: first read everything every process had
-        sent by now.  A ref leaves its process only after the message that makes its object
-        known was written (``Runtime.exported``), so that message is among those bytes;
-        an id still unknown after them is one nobody will ever make known."""
+        """Holds of and subscriptions to ids unknown when read: first read everything every
+        process had sent by now.  A ref leaves its process only after the message that makes
+        its object known was written (``Runtime.exported``), so that message is among those
+        bytes; an id still unknown after them is one nobody will ever make known."""
         doubtful, self.doubtful = self.doubtful, []
         for client in list(self.clients.values()):
             if client.alive:
                 self._read(client, everything=True)
-        for client, object_id in doubtful:
-            if client.alive:
+        for client, object_id, subscribe in doubtful:
+            if not client.alive:
+                continue
+            if subscribe:
                 self._subscribe(client, object_id)
+            elif object_id in self.objects:  # else it is gone, and its get says so
+                self.on_hold(client, (object_id,))
 
     def _read(self, client: Client, everything: bool = False) -> None:
         """Handle what ``client`` sent: what one read brings, or ``everything`` it had
-        sent by now (what a dead process wrote, to the last byte)."""
+        sent by now."""
         try:
             if everything:
                 client.conn.fill_arrived()
             else:
                 client.conn.fill_nonblocking()
         except (ConnectionClosed, ConnectionResetError):
-            if not everything:
-                self.on_disconnect(client)
-                return
+            self.on_disconnect(client)
+            return
         try:
             messages = client.conn.recv_messages(block=False)
         except Exception:  # a corrupt frame: that process is beyond trust, the session is not
@@ -402,6 +406,8 @@ class Scheduler:
             return
         handlers = self.handlers
         for message in messages:
+            if not client.alive:  # its death was dealt with meanwhile: the rest is moot
+                break
             try:
                 handlers[message[0]](client, *message[1:])
             except Exception:  # a bug here must not take every task of the session down
@@ -414,7 +420,7 @@ class Scheduler:
         try:
             if client.conn.flush_nonblocking():
                 self.selector.modify(client.conn.fd, selectors.EVENT_READ, client)
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             self.on_disconnect(client)
 
     def _flush_dirty(self, everyone: bool) -> None:
@@ -461,6 +467,8 @@ class Scheduler:
             if entry is not None:
                 entry.holders.add(client)
                 client.holds.add(object_id)
+            else:  # a ref that came by a way of the user's own, faster: ``_settle_doubtful``
+                self.doubtful.append((client, object_id, False))
 
     def on_escaped(self, client: Client, ids) -> None:
         """Refs the client pickled itself (for a queue or a file of its own): we can't see
@@ -490,7 +498,7 @@ class Scheduler:
                 # Perhaps named in a message another process sent first that is not read
                 # yet (a driver registers a task's result before a ref to it leaves by a
                 # way of its own): answered once all that has arrived is read.
-                self.doubtful.append((client, object_id))
+                self.doubtful.append((client, object_id, True))
 
     def _subscribe(self, client: Client, object_id: bytes) -> None:
         entry = self.objects.get(object_id)
@@ -1521,26 +1529,21 @@ class Scheduler:
                 _delete_quietly(self.store, object_id)
 
     def on_kill_actor(self, client: Client, request_id, actor_id, no_restart) -> None:
-        """Kill the actor and deal with its death before answering: once kill() returns,
-        no call can reach the old process."""
+        """Kill the actor; answer once its death is dealt with (``on_disconnect``: all it
+        sent before it died read first), so that no call made after kill() returns can
+        reach the old process."""
         actor = self.actors.get(actor_id)
         if actor is not None and actor.state != "dead":
             if no_restart:
                 actor.no_restart = True
                 actor.death = self._died_error(actor, "it was killed by kill()")
             if actor.client is not None:
-                self._kill_now(actor.client)
-            elif no_restart:
+                actor.client.killers.append((client, request_id))
+                _kill_quietly(actor.client.pid)
+                return
+            if no_restart:
                 self._actor_dead(actor, *actor.death)
         self.send(client, (P.REPLY, request_id, None))
-
-    def _kill_now(self, victim: Client) -> None:
-        """SIGKILL a child and handle its death at once: what it wrote before it died is
-        read first (its reports of calls it finished), then it is gone."""
-        _kill_quietly(victim.pid)
-        victim.exit_status = _reap(victim.pid)
-        self._read(victim, everything=True)
-        self.on_disconnect(victim)
 
     def _actor_out_of_scope(self, actor_id: bytes) -> None:
         actor = self.actors.get(actor_id)
@@ -1646,7 +1649,7 @@ class Scheduler:
                 del self.early_done[task_id]
                 self._drop_results(results)
                 self._unprotect(results)
-        status = client.exit_status if client.exit_status is not None else _reap(client.pid)
+        status = _reap(client.pid)
         self.store.reap(client.pid)
         socket_dir = self.options["socket_dir"]
         _direct.unlink_quietly(_direct.address(socket_dir, client.actor.actor_id)
@@ -1655,6 +1658,8 @@ class Scheduler:
         if client.actor is not None:
             self._release_holds_of(client)
             self._actor_died(client.actor, status)
+            for killer, request_id in client.killers:  # kill() returns now
+                self.send(killer, (P.REPLY, request_id, None))
             return
         self.num_workers -= 1
         if client in self.idle:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import pickle
 import struct
-import threading
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,24 +68,6 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
-class _Context(threading.local):
-    contained: Optional[list] = None
-
-
-_context = _Context()
-
-
-def note_contained_ref(object_id: bytes) -> None:
-    """Called by ObjectRef.__reduce__: remember a ref pickled into the current value."""
-    if _context.contained is not None:
-        _context.contained.append(object_id)
-
-
-def in_serialize() -> bool:
-    """This thread is inside ``serialize`` (pickling a value for a message of shmray's)."""
-    return _context.contained is not None
-
-
 class SerializedObject:
     """A value pickled, its buffers not yet copied anywhere.
 
@@ -122,13 +103,12 @@ def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
     if type(value) is np.ndarray and _plain_array(value):
         return _layout_array(value, metadata)
     raw_buffers: List[pickle.PickleBuffer] = []
-    previous, _context.contained = _context.contained, []
+    previous = _pickling.start_own_pickle()
     try:
         if _is_plain(value):
             stream = pickle.dumps(value, protocol=5, buffer_callback=raw_buffers.append)
         else:
             stream = _pickling.dumps(value, buffer_callback=raw_buffers.append)
-        contained = _context.contained
     except Exception as exc:
         raise TypeError(
             f"cannot serialize a value of type {type(value).__qualname__}: {exc}. "
@@ -136,7 +116,7 @@ def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
             "sockets or generators can't be pickled: pass what is needed to rebuild them."
         ) from exc
     finally:
-        _context.contained = previous
+        contained = _pickling.end_own_pickle(previous)
     return _layout(stream, raw_buffers, metadata, contained)
 
 

@@ -8,6 +8,12 @@ restore any object without asking another.  The C store makes each step race-fre
 (``spill_begin`` pins the object while its bytes are copied out; ``spill_finish`` frees the
 block only if nobody pinned it meanwhile; ``restore_begin`` lets one process refill it).
 
+A spill file is written whole under a name of the spiller's own and renamed into place, and
+it stays for as long as its object does (the store flags it HAS_FILE; the scheduler removes
+it with the object): an object's bytes never change, so a restored object spilled again
+needs no write, and no process ever removes a file another may rely on (a restorer that
+removed the file after sealing could take away the file of a spill begun meanwhile).
+
 Victims are chosen least recently used first, and only until the request fits: spilling
 costs a disk write now and a read later.
 """
@@ -92,24 +98,30 @@ class Spiller:
             return False
         path = self.path(object_id)
         size = view.nbytes
-        try:
-            with open(path, "wb") as f:
-                f.write(view)
-        except OSError as exc:
-            view.release()
-            _discard(path)
-            self._store.spill_cancel(object_id)
-            if exc.errno == errno.ENOSPC:
-                raise exceptions.OutOfDiskError(
-                    f"spilling object {object_id.hex()} ({size} bytes) to {path} failed: the disk "
-                    "is full. Free disk space or give shmray a larger object_store_memory."
-                ) from exc
-            raise
+        if not self._store.info(object_id).has_file:  # else its file is there already
+            draft = f"{path}.{os.getpid()}"
+            try:
+                with open(draft, "wb") as f:
+                    f.write(view)
+                os.rename(draft, path)
+            except OSError as exc:
+                view.release()
+                _discard(draft)
+                self._store.spill_cancel(object_id)
+                if exc.errno == errno.ENOSPC:
+                    raise exceptions.OutOfDiskError(
+                        f"spilling object {object_id.hex()} ({size} bytes) to {path} failed: "
+                        "the disk is full. Free disk space or give shmray a larger "
+                        "object_store_memory."
+                    ) from exc
+                raise
         view.release()
         try:
             self._store.spill_finish(object_id)
-        except (ObjectPinnedError, ObjectNotFoundError):
+        except ObjectNotFoundError:  # deleted meanwhile: nobody needs its file
             _discard(path)
+            return False
+        except ObjectPinnedError:  # in use again: its file stays, for the next spill
             return False
         self.spilled_bytes += size
         return True
@@ -150,14 +162,8 @@ class Spiller:
                     f"({exc}); the session folder may have been removed or the disk failed"
                 ) from exc
             raise
-        self._store.seal(object_id)
-        _discard(path)
+        self._store.seal(object_id)  # the file stays with the object (see the docstring)
         self.restored_bytes += size
-
-    def discard(self, object_id: bytes) -> None:
-        """Remove the spill file of an object deleted while spilled."""
-        _discard(self.path(object_id))
-
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"

@@ -53,7 +53,10 @@
 #define MAX_TABLE_SLOTS (UINT64_C(1) << 22)
 #define MIN_HEAP_BLOCKS 16
 
-#define KNOWN_FLAGS (SHM_FLAG_DELETE_PENDING | SHM_FLAG_SPILLING | SHM_FLAG_RESTORING | SHM_FLAG_LENT)
+#define KNOWN_FLAGS \
+    (SHM_FLAG_DELETE_PENDING | SHM_FLAG_SPILLING | SHM_FLAG_RESTORING | SHM_FLAG_LENT | SHM_FLAG_HAS_FILE)
+#define HOLDERS_OFFSET 1024
+#define HOLDER_BUCKETS 256
 
 /* --- layout ---------------------------------------------------------------- */
 
@@ -80,10 +83,12 @@
  *    136  pin_slots     slots of the pin table, == table_slots
  *    144  pins_offset   table_offset + table_slots * 80
  *    152  num_pins      pin table slots in use                   (derived)
- *    160  untracked     pins counted in entries but in no pin table slot:
- *                       taken while the pin table was full       (derived)
+ *    160  untracked     the entries' untracked pins, summed       (derived)
  *    168  zero
  *    192  lock          pthread_mutex_t, robust and process-shared
+ *   1024  holders       u32[256]: pin table slots of the pids in each
+ *                       bucket (pid % 256), so that reaping a process
+ *                       that held no pins (most) skips the scan   (derived)
  *         zero up to 4096
  *
  * "Derived" fields are recomputed by repair; nothing else about them is
@@ -114,7 +119,9 @@ struct shm_header {
     uint64_t untracked;
     /* Its own cache line: every locker writes it, the geometry above is only read. */
     alignas(64) pthread_mutex_t lock;
-    uint8_t reserved1[HEADER_SIZE - 192 - sizeof(pthread_mutex_t)];
+    uint8_t reserved1[HOLDERS_OFFSET - 192 - sizeof(pthread_mutex_t)];
+    uint32_t holders[HOLDER_BUCKETS];
+    uint8_t reserved2[HEADER_SIZE - HOLDERS_OFFSET - HOLDER_BUCKETS * sizeof(uint32_t)];
 };
 _Static_assert(sizeof(struct shm_header) == HEADER_SIZE, "header is one page");
 _Static_assert(offsetof(struct shm_header, capacity) == 16, "layout as documented");
@@ -122,6 +129,7 @@ _Static_assert(offsetof(struct shm_header, free_head) == 56, "layout as document
 _Static_assert(offsetof(struct shm_header, num_pinned) == 128, "layout as documented");
 _Static_assert(offsetof(struct shm_header, untracked) == 160, "layout as documented");
 _Static_assert(offsetof(struct shm_header, lock) == 192, "layout as documented");
+_Static_assert(offsetof(struct shm_header, holders) == HOLDERS_OFFSET, "layout as documented");
 
 /*
  * One slot of the object table.  Byte layout (80 bytes):
@@ -132,7 +140,9 @@ _Static_assert(offsetof(struct shm_header, lock) == 192, "layout as documented")
  *     36  pin_count                     } so a spill takes its pin and its
  *                                         flag in one store
  *     40  creator_pid
- *     44  zero
+ *     44  untracked      of its pins, those in no pin table slot (taken while
+ *                        the pin table was full, or cut short by a crash):
+ *                        any process may give one back
  *     48  offset         payload offset from the arena base; 0 when SPILLED
  *     56  data_size
  *     64  metadata_size
@@ -152,7 +162,7 @@ struct shm_entry {
         uint64_t flags_pins;
     };
     int32_t creator_pid;
-    uint32_t reserved;
+    uint32_t untracked;
     uint64_t offset;
     uint64_t data_size;
     uint64_t metadata_size;
@@ -205,10 +215,10 @@ _Static_assert(HEADER_SIZE % SHM_ALIGN == 0, "the table starts aligned");
  *     40  zero
  *
  * An entry's pin_count is its LENT buffer's pin, plus the counts of its pin
- * table slots, plus pins taken while the pin table was full (`untracked`,
- * freed only with the session).  A pin is added to the entry before its slot
- * and taken from its slot before the entry, so a crash in between can only
- * leave a pin nobody is known to hold: memory kept, never freed under a view.
+ * table slots, plus its `untracked` pins.  A pin is added to the entry before
+ * its slot and taken from its slot before the entry, so a crash in between
+ * can only leave a pin nobody is known to hold (repair counts it untracked):
+ * memory kept, never freed under a view.
  */
 struct shm_pin {
     uint8_t id[SHM_ID_SIZE];
@@ -274,6 +284,30 @@ static void crash_point_reached(int point)
 {
     if (crash_point_armed == point)
         raise(SIGKILL);
+}
+
+/* getpid(), cached: a system call less on every get and release.  The cache is
+ * dropped in a forked child (pthread_atfork), which has a pid of its own. */
+static int32_t cached_pid;
+
+static void forget_pid(void)
+{
+    cached_pid = 0;
+}
+
+static void register_forget_pid(void)
+{
+    pthread_atfork(NULL, NULL, forget_pid);
+}
+
+static int32_t current_pid(void)
+{
+    if (!cached_pid) {
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        pthread_once(&once, register_forget_pid);
+        cached_pid = (int32_t)getpid();
+    }
+    return cached_pid;
 }
 
 /* The size of the block that holds `payload` bytes; empty objects still own
@@ -420,6 +454,7 @@ static bool pin_add(const struct shm_store *s, const uint8_t *id, int32_t pid, b
     *p = (struct shm_pin){.count = 1, .spilling = spill};
     memcpy(p->id, id, SHM_ID_SIZE);
     s->header->num_pins++;
+    s->header->holders[(uint32_t)pid % HOLDER_BUCKETS]++;
     publish_pid(&p->pid, pid);
     return true;
 }
@@ -441,6 +476,7 @@ static void pin_remove(const struct shm_store *s, struct shm_pin *p)
 {
     uint64_t mask = s->pin_mask;
     uint64_t hole = (uint64_t)(p - s->pins);
+    s->header->holders[(uint32_t)p->pid % HOLDER_BUCKETS]--;
     for (uint64_t j = (hole + 1) & mask; s->pins[j].pid != 0; j = (j + 1) & mask) {
         uint64_t home = pin_home(s, s->pins[j].id, s->pins[j].pid);
         if (((j - home) & mask) >= ((j - hole) & mask)) {
@@ -725,7 +761,7 @@ static struct shm_entry *entry_insert(const struct shm_store *s, const uint8_t *
     struct shm_entry *e = table_claim(s, id);
     *e = (struct shm_entry){
         .state = SHM_STATE_EMPTY,
-        .creator_pid = (int32_t)getpid(),
+        .creator_pid = current_pid(),
         .offset = block_offset(s, block) + BLOCK_HEADER_SIZE,
         .data_size = data_size,
         .metadata_size = metadata_size,
@@ -811,18 +847,20 @@ static bool entry_normalize(struct shm_entry *e)
     }
     switch (e->state) {
     case SHM_STATE_CREATED:
-        e->flags &= SHM_FLAG_RESTORING;
+        e->flags &= SHM_FLAG_RESTORING | SHM_FLAG_HAS_FILE;
         e->pin_count = 0;
+        e->untracked = 0;
         return true;
     case SHM_STATE_SEALED:
-        e->flags &= SHM_FLAG_DELETE_PENDING | SHM_FLAG_LENT;
+        e->flags &= SHM_FLAG_DELETE_PENDING | SHM_FLAG_LENT | SHM_FLAG_HAS_FILE;
         if (e->pin_count == 0)
             e->flags &= ~(uint32_t)SHM_FLAG_LENT;
         /* Its last pin went, but the dead process did not get to free it. */
         return !(e->flags & SHM_FLAG_DELETE_PENDING && e->pin_count == 0);
     case SHM_STATE_SPILLED:
-        e->flags = 0;
+        e->flags = SHM_FLAG_HAS_FILE;
         e->pin_count = 0;
+        e->untracked = 0;
         e->offset = 0;
         return true;
     }
@@ -970,7 +1008,7 @@ static int pin_cmp(const void *a, const void *b)
  * sealed goes; a spill's pin goes with the spill (entry_normalize cancelled
  * them all); and where slots claim more pins than their entry has, some were
  * taken off the entry but not yet off the slot: the slots give them up.
- * Whatever the entry has beyond its slots and its lent buffer is untracked. */
+ * Whatever an entry has beyond its slots and its lent buffer is untracked. */
 static int pins_rebuild(const struct shm_store *s)
 {
     struct shm_header *h = s->header;
@@ -994,6 +1032,7 @@ static int pins_rebuild(const struct shm_store *s)
     }
     qsort(saved, n, sizeof *saved, pin_cmp);
     h->num_pins = 0;
+    memset(h->holders, 0, sizeof h->holders);
     for (uint64_t i = 0; i < n; i++) {
         struct shm_pin p = saved[i];
         if (i && pin_cmp(&saved[i - 1], &p) == 0)
@@ -1015,14 +1054,20 @@ static int pins_rebuild(const struct shm_store *s)
         uint64_t j = pin_home(s, p.id, p.pid);
         while (s->pins[j].pid != 0)
             j = (j + 1) & s->pin_mask;
-        s->pins[j] = p;
+        struct shm_pin *dst = &s->pins[j];
+        *dst = (struct shm_pin){.count = p.count};
+        memcpy(dst->id, p.id, SHM_ID_SIZE);
         h->num_pins++;
+        h->holders[(uint32_t)p.pid % HOLDER_BUCKETS]++;
+        publish_pid(&dst->pid, p.pid);
     }
     h->untracked = 0;
     for (uint64_t i = 0; i <= s->slot_mask; i++) {
-        const struct shm_entry *e = &s->table[i];
-        if (e->state == SHM_STATE_SEALED)
-            h->untracked += e->pin_count - ((e->flags & SHM_FLAG_LENT) ? 1 : 0) - tracked[i];
+        struct shm_entry *e = &s->table[i];
+        if (e->state != SHM_STATE_SEALED)
+            continue;
+        e->untracked = e->pin_count - ((e->flags & SHM_FLAG_LENT) ? 1 : 0) - tracked[i];
+        h->untracked += e->untracked;
     }
     free(saved);
     free(tracked);
@@ -1205,8 +1250,8 @@ int shm_store_format(void *base, uint64_t size)
     h->heap_size = capacity - heap_offset;
     /* The memory should be zeroed already; a stale table would be phantom
      * objects, and these pages get touched by inserts anyway.  The pin table
-     * is left to the caller's zeroed memory: only a few of its pages are ever
-     * touched, and a whole arena's pin table is tens of MiB. */
+     * is left to the caller's zeroed memory: most of its pages are touched
+     * only when a process that held pins is reaped (pins_reap scans it). */
     memset((uint8_t *)base + HEADER_SIZE, 0, slots * sizeof(struct shm_entry));
 
     struct shm_block *first = (struct shm_block *)((uint8_t *)base + heap_offset);
@@ -1322,7 +1367,7 @@ static int object_adopt(const struct shm_store *s, const uint8_t *from, const ui
 {
     struct shm_entry *e = table_find(s, from);
     if (!e || e->state != SHM_STATE_CREATED || e->flags || e->pin_count ||
-        e->creator_pid != (int32_t)getpid())
+        e->creator_pid != current_pid())
         return SHM_ERR_INVALID;
     if (table_find(s, to))
         return SHM_ERR_EXISTS;
@@ -1354,8 +1399,10 @@ static int object_get(const struct shm_store *s, const uint8_t *id, uint64_t *of
         return SHM_ERR_INVALID;
     entry_set_flags_pins(s, e, e->flags, e->pin_count + 1);
     crash_point_reached(SHM_CRASH_PIN_UNRECORDED);
-    if (!pin_add(s, id, (int32_t)getpid(), false))
+    if (!pin_add(s, id, current_pid(), false)) {
+        e->untracked++;
         s->header->untracked++;
+    }
     entry_touch(s, e);
     if (offset_out)
         *offset_out = e->offset;
@@ -1388,11 +1435,13 @@ static int object_release(const struct shm_store *s, const uint8_t *id, int *fre
     uint32_t kept = ((e->flags & SHM_FLAG_SPILLING) ? 1 : 0) + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
     if (e->pin_count <= kept)
         return SHM_ERR_INVALID;
-    /* Only a pin of the caller's own: a forked child must not give back the
-     * pins of the views it inherited, which are its parent's. */
-    if (!pin_drop(s, id, (int32_t)getpid(), false)) {
-        if (!s->header->untracked)
+    /* Only a pin of the caller's own, or one nobody is known to hold: a forked
+     * child must not give back the pins of the views it inherited, which are
+     * its parent's. */
+    if (!pin_drop(s, id, current_pid(), false)) {
+        if (!e->untracked)
             return SHM_ERR_INVALID;
+        e->untracked--;
         s->header->untracked--;
     }
     *freed_out = object_unpin(s, e, e->flags);
@@ -1404,7 +1453,7 @@ static int object_release(const struct shm_store *s, const uint8_t *id, int *fre
 static int object_lent_return(const struct shm_store *s, const uint8_t *id, uint64_t offset)
 {
     struct shm_entry *e = table_find(s, id);
-    if (!e || e->offset != offset || e->creator_pid != (int32_t)getpid())
+    if (!e || e->offset != offset || e->creator_pid != current_pid())
         return SHM_ERR_INVALID;
     if (e->state == SHM_STATE_CREATED && !(e->flags & SHM_FLAG_RESTORING)) {
         object_free(s, e);
@@ -1422,13 +1471,14 @@ static int object_delete(const struct shm_store *s, const uint8_t *id, int *outc
     struct shm_entry *e = table_find(s, id);
     if (!e)
         return SHM_ERR_NOT_FOUND;
+    /* A restore in progress still has its spill file, and a restored object keeps its
+     * own; none is needed once the object is deleted. */
+    bool has_file = e->state == SHM_STATE_SPILLED || (e->flags & (SHM_FLAG_RESTORING | SHM_FLAG_HAS_FILE));
     if (e->pin_count) {
         entry_set_flags_pins(s, e, e->flags | SHM_FLAG_DELETE_PENDING, e->pin_count);
-        *outcome_out = SHM_DELETE_DEFERRED;
+        *outcome_out = SHM_DELETE_DEFERRED | (has_file ? SHM_DELETED_SPILLED : 0);
         return SHM_OK;
     }
-    /* A restore in progress still has its spill file. */
-    bool has_file = e->state == SHM_STATE_SPILLED || (e->flags & SHM_FLAG_RESTORING);
     *outcome_out = SHM_DELETED_NOW | (has_file ? SHM_DELETED_SPILLED : 0);
     object_free(s, e);
     return SHM_OK;
@@ -1449,7 +1499,7 @@ static int object_spill_begin(const struct shm_store *s, const uint8_t *id, uint
     if (!pins_have_room(s))
         return SHM_ERR_PINNED; /* a spill its spiller's death could not undo: skip it */
     entry_set_flags_pins(s, e, e->flags | SHM_FLAG_SPILLING, 1);
-    (void)pin_add(s, id, (int32_t)getpid(), true); /* there is room */
+    (void)pin_add(s, id, current_pid(), true); /* there is room */
     if (offset_out)
         *offset_out = e->offset;
     if (data_size_out)
@@ -1469,8 +1519,11 @@ static int object_spill_finish(const struct shm_store *s, const uint8_t *id)
     if (!(e->flags & SHM_FLAG_SPILLING))
         return SHM_ERR_PINNED; /* a repair cancelled the spill (see entry_normalize) */
     assert(e->state == SHM_STATE_SEALED && e->pin_count >= 1 && "a spill holds a pin on a sealed object");
-    pin_drop(s, id, (int32_t)getpid(), true);
-    uint32_t flags = e->flags & ~(uint32_t)SHM_FLAG_SPILLING, pins = e->pin_count - 1;
+    if (!pin_drop(s, id, current_pid(), true))
+        return SHM_ERR_PINNED; /* cancelled by a repair; the spill now is another's */
+    /* The caller's file is whole by now: it stays as long as the object does. */
+    uint32_t flags = (e->flags & ~(uint32_t)SHM_FLAG_SPILLING) | SHM_FLAG_HAS_FILE;
+    uint32_t pins = e->pin_count - 1;
     entry_set_flags_pins(s, e, flags, pins);
     if (flags & SHM_FLAG_DELETE_PENDING) {
         if (pins == 0)
@@ -1493,7 +1546,8 @@ static int object_spill_cancel(const struct shm_store *s, const uint8_t *id)
         return SHM_ERR_NOT_FOUND;
     if (!(e->flags & SHM_FLAG_SPILLING))
         return e->state == SHM_STATE_SEALED ? SHM_OK : SHM_ERR_INVALID; /* a repair cancelled it */
-    pin_drop(s, id, (int32_t)getpid(), true);
+    if (!pin_drop(s, id, current_pid(), true))
+        return SHM_OK; /* cancelled by a repair, and another process spills it now */
     uint32_t flags = e->flags & ~(uint32_t)SHM_FLAG_SPILLING, pins = e->pin_count - 1;
     entry_set_flags_pins(s, e, flags, pins);
     if (pins == 0 && (flags & SHM_FLAG_DELETE_PENDING))
@@ -1514,7 +1568,7 @@ static int object_restore_begin(const struct shm_store *s, const uint8_t *id, ui
     if (!heap_reserve(s, block_size_for(e->data_size + e->metadata_size), &r))
         return SHM_ERR_FULL;
     e->offset = block_offset(s, r.block) + BLOCK_HEADER_SIZE;
-    e->creator_pid = (int32_t)getpid();
+    e->creator_pid = current_pid();
     entry_set_flags_pins(s, e, e->flags | SHM_FLAG_RESTORING, 0);
     entry_touch(s, e);
     entry_set_state(s, e, SHM_STATE_CREATED);
@@ -1568,6 +1622,8 @@ static void pins_give_back(const struct shm_store *s, const struct shm_pin *gone
 static uint64_t pins_reap(const struct shm_store *s, int32_t pid)
 {
     uint64_t undone = 0;
+    if (s->header->holders[(uint32_t)pid % HOLDER_BUCKETS] == 0)
+        return 0; /* no slot of its: no need to look at the whole table */
     for (uint64_t i = 0; i <= s->pin_mask; i++) {
         while (s->pins[i].pid == pid) {
             struct shm_pin gone = s->pins[i];
@@ -1989,9 +2045,12 @@ static int entry_check(const struct shm_entry *e, uint64_t slot, char *msg, size
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": RESTORING but state %u", slot, st);
     if (st == SHM_STATE_CREATED && pins)
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": CREATED with pin_count %u", slot, pins);
-    if (st == SHM_STATE_SPILLED && (pins || e->offset || f))
+    if (st == SHM_STATE_SPILLED && (pins || e->offset || f != SHM_FLAG_HAS_FILE))
         return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": SPILLED with pin_count %u, offset %" PRIu64 ", flags %#x",
                           slot, pins, e->offset, f);
+    if (st != SHM_STATE_SEALED && e->untracked)
+        return check_fail(msg, msg_size, "entry in slot %" PRIu64 ": state %u with %u untracked pins", slot, st,
+                          e->untracked);
     return SHM_OK;
 }
 
@@ -2062,12 +2121,13 @@ static int ownership_check(struct span *used, uint64_t used_count, struct span *
 
 /* Every pin table slot names a process and a sealed object, holds a pin or
  * more, and is the one a lookup finds (reachable from its home, no twin); per
- * object, its slots and its lent buffer account for no more than its pins,
- * and what they leave is `untracked`; the counters match. */
+ * object, its lent buffer, its slots and its untracked pins are its pins; the
+ * counters match. */
 static int pins_check(const struct shm_store *s, char *msg, size_t msg_size)
 {
     const struct shm_header *h = s->header;
     uint64_t *tracked = calloc(s->slot_mask + 1, sizeof *tracked);
+    uint32_t holders[HOLDER_BUCKETS] = {0};
     if (!tracked)
         return SHM_ERR_SYSTEM;
     uint64_t used = 0, untracked = 0;
@@ -2087,25 +2147,31 @@ static int pins_check(const struct shm_store *s, char *msg, size_t msg_size)
             rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": pins an object that is not sealed", i);
         else if (p->spilling && !(e->flags & SHM_FLAG_SPILLING))
             rc = check_fail(msg, msg_size, "pin slot %" PRIu64 ": holds a spill's pin, its object is not spilling", i);
-        else
+        else {
             tracked[e - s->table] += p->count;
+            holders[(uint32_t)p->pid % HOLDER_BUCKETS]++;
+        }
     }
     for (uint64_t i = 0; i <= s->slot_mask && rc == SHM_OK; i++) {
         const struct shm_entry *e = &s->table[i];
         if (e->state != SHM_STATE_SEALED)
             continue;
-        uint64_t known = tracked[i] + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
-        if (known > e->pin_count)
-            rc = check_fail(msg, msg_size, "entry in slot %" PRIu64 ": %u pins, its holders account for %" PRIu64, i,
+        uint64_t known = tracked[i] + e->untracked + ((e->flags & SHM_FLAG_LENT) ? 1 : 0);
+        if (known != e->pin_count)
+            rc = check_fail(msg, msg_size,
+                            "entry in slot %" PRIu64 ": %u pins, its holders and untracked pins make %" PRIu64, i,
                             e->pin_count, known);
-        else
-            untracked += e->pin_count - known;
+        untracked += e->untracked;
     }
     if (rc == SHM_OK && (used != h->num_pins || untracked != h->untracked))
         rc = check_fail(msg, msg_size,
                         "pin counters (slots %" PRIu64 ", untracked %" PRIu64 ") disagree with the tables (%" PRIu64
                         ", %" PRIu64 ")",
                         h->num_pins, h->untracked, used, untracked);
+    for (int b = 0; b < HOLDER_BUCKETS && rc == SHM_OK; b++)
+        if (holders[b] != h->holders[b])
+            rc = check_fail(msg, msg_size, "holders of pid bucket %d: %u counted, %u in the pin table", b,
+                            h->holders[b], holders[b]);
     if (rc == SHM_OK && used > s->pin_mask + 1 - (s->pin_mask + 1) / 4)
         rc = check_fail(msg, msg_size, "pin table holds %" PRIu64 " slots, above its load limit", used);
     free(tracked);

@@ -89,6 +89,8 @@
 #define SHM_FLAG_SPILLING 2        /* being written to a spill file */
 #define SHM_FLAG_RESTORING 4       /* CREATED from a spill file */
 #define SHM_FLAG_LENT 8            /* one pin is its creator's buffer (shm_adopt) */
+#define SHM_FLAG_HAS_FILE 16       /* its spill file exists (kept after a restore: the
+                                      bytes never change, so a later spill reuses it) */
 
 /* shm_delete() outcomes (a bit set) */
 #define SHM_DELETED_NOW 1        /* the entry and its block are gone */

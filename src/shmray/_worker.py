@@ -604,7 +604,7 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayError:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     cause = exc
     try:
-        _pickling.loads(_pickling.dumps(exc))
+        _pickling.loads(_pickling.trial_dumps(exc))
     except Exception:
         cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
         if cause is None:

@@ -202,7 +202,7 @@ def _rebuild_exception(cls, args, state):
 def portable_exception(exc: BaseException):
     """``exc`` in a form that pickles (class, args, __dict__), or None if even that fails."""
     try:
-        rebuilt = _pickling.loads(_pickling.dumps(_PortableException(exc)))
+        rebuilt = _pickling.loads(_pickling.trial_dumps(_PortableException(exc)))
     except Exception:
         return None
     return _PortableCause(rebuilt)
