@@ -87,21 +87,22 @@ def ray():
 def pytest_configure(config):
     """Run the suite in a temp folder of its own (every process it starts inherits TMPDIR),
     so session folders of other shmray programs running meanwhile can't be mistaken for
-    ours, and nothing of the run is left in /tmp afterwards."""
+    ours, and nothing of the run is left in /tmp afterwards.  It is removed at exit, after
+    pytest's own exit handlers (registered later, run earlier), which clean up in it."""
+    import atexit
+    import shutil
     import tempfile
 
     private = tempfile.mkdtemp(prefix="shmray-tests-")
     os.environ["TMPDIR"] = private
     tempfile.tempdir = private
-    config._shmray_tmp = private
+    suite = os.getpid()
 
+    def remove_private():
+        if os.getpid() == suite:  # not in a child a test forked that exits normally
+            shutil.rmtree(private, ignore_errors=True)
 
-def pytest_unconfigure(config):
-    import shutil
-
-    private = getattr(config, "_shmray_tmp", None)
-    if private:
-        shutil.rmtree(private, ignore_errors=True)
+    atexit.register(remove_private)
 
 
 def session_dirs():

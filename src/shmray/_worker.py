@@ -310,8 +310,12 @@ class Worker:
             self.runtime._wait_until(lambda: not self._cancel_unread(), None)
 
     def _cancel_unread(self) -> bool:
+        """A cancel the slot counts is still on its way.  The scheduler writes the message
+        before it counts it, so we may have read more than the slot says yet: waiting then
+        would be for input that never comes (a leased task sat queued until some other
+        message came, 5 s in a stress loop)."""
         slot = self.cancel_slot  # every worker has one (actors, which don't, never ask)
-        return slot is not None and P.cancels_sent(slot) != self.cancels_read
+        return slot is not None and P.cancels_sent(slot) > self.cancels_read
 
     def _unpark(self) -> None:
         if self.parked:
