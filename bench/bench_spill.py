@@ -4,7 +4,9 @@ Run: python -m pytest bench/bench_spill.py --benchmark-enable --benchmark-only
 
 Group spill-40MiB: a get that restores a 40 MiB object from the session's spill folder (and
 spills the least recently used one to make room), against the floor under it: writing and
-reading the same 40 MiB through a file.
+reading the same 40 MiB through a file.  A restored object keeps its spill file (its bytes
+never change), so once every object has been spilled, spilling one again writes nothing and
+each get costs a read.
 """
 
 import numpy as np
