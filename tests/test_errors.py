@@ -125,17 +125,20 @@ def test_traceback_of_a_function_in_main(tmp_path):
 # -- exceptions whose class the caller can't import --------------------------------------
 
 
+def raise_an_error_only_this_process_can_import(folder: str, module: str, message: str):
+    """Write a module defining OnlyHereError into ``folder``, import it, raise it."""
+    sys.path.insert(0, folder)
+    with open(os.path.join(folder, f"{module}.py"), "w") as f:
+        f.write("class OnlyHereError(Exception):\n    pass\n")
+    raise __import__(module).OnlyHereError(message)
+
+
 def test_exception_of_a_class_the_driver_cannot_import(ray1, tmp_path):
     """It came back as a bare ModuleNotFoundError from unpickling, losing the task's name,
     message and traceback."""
     @ray1.remote
     def raise_private(folder):
-        sys.path.insert(0, folder)
-        with open(os.path.join(folder, "only_in_the_worker.py"), "w") as f:
-            f.write("class OnlyHereError(Exception):\n    pass\n")
-        import only_in_the_worker
-
-        raise only_in_the_worker.OnlyHereError("the message")
+        raise_an_error_only_this_process_can_import(folder, "only_in_the_worker", "the message")
 
     with pytest.raises(exceptions.RayTaskError) as info:
         shmray.get(raise_private.remote(str(tmp_path)), timeout=60)
@@ -145,19 +148,14 @@ def test_exception_of_a_class_the_driver_cannot_import(ray1, tmp_path):
     text = str(error)
     assert text.startswith("OnlyHereError raised in raise_private()")
     assert "only_in_the_worker.OnlyHereError: the message" in text
-    assert 'raise only_in_the_worker.OnlyHereError("the message")' in text
+    assert "raise __import__(module).OnlyHereError(message)" in text
     assert "only_in_the_worker" in error.cause.original_stack_trace
 
 
 def test_unimportable_exception_passes_through_a_nested_get(ray1, tmp_path):
     @ray1.remote
     def raise_private(folder):
-        sys.path.insert(0, folder)
-        with open(os.path.join(folder, "only_in_that_worker.py"), "w") as f:
-            f.write("class PrivateError(Exception):\n    pass\n")
-        import only_in_that_worker
-
-        raise only_in_that_worker.PrivateError("deep")
+        raise_an_error_only_this_process_can_import(folder, "only_in_that_worker", "deep")
 
     @ray1.remote
     def middle(folder):
@@ -165,4 +163,4 @@ def test_unimportable_exception_passes_through_a_nested_get(ray1, tmp_path):
 
     with pytest.raises(exceptions.RayTaskError) as info:
         shmray.get(middle.remote(str(tmp_path)), timeout=60)
-    assert "PrivateError: deep" in str(info.value)
+    assert "OnlyHereError: deep" in str(info.value)

@@ -150,25 +150,22 @@ def test_another_user_can_neither_reach_nor_squat_the_sessions_sockets(ray2):
     future = [_direct.worker_address(folder, p)
               for p in range(max(workers) + 1, max(workers) + 200)]
 
+    def refused(paths, attempt) -> int:
+        count = 0
+        for path in paths:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                attempt(sock, path)
+            except PermissionError:
+                count += 1
+            finally:
+                sock.close()
+        return count
+
     def intrude() -> int:
-        refused = 0
-        for path in existing:  # connect to what listens
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except PermissionError:
-                refused += 1
-            finally:
-                probe.close()
-        for path in future:  # take the names of workers not forked yet
-            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                squatter.bind(path)
-            except PermissionError:
-                refused += 1
-            finally:
-                squatter.close()
-        return 0 if refused == len(existing) + len(future) else 3
+        connects = refused(existing, socket.socket.connect)  # to what listens
+        binds = refused(future, socket.socket.bind)  # the names of workers not forked yet
+        return 0 if connects + binds == len(existing) + len(future) else 3
 
     assert _as_another_user(intrude) == 0
     for worker in workers:  # replacements are forked, and must be reachable
