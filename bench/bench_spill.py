@@ -38,7 +38,7 @@ def test_spill_and_restore_40mib(benchmark, small_ray):
         return value[0]
 
     benchmark.pedantic(get_next, rounds=10, iterations=1, warmup_rounds=5)
-    spiller = shmray._api._runtime_now.spiller
+    spiller = shmray._context.runtime.spiller
     benchmark.extra_info["restored_MiB"] = spiller.restored_bytes / MiB
 
 

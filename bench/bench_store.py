@@ -53,7 +53,7 @@ def _mp_free(shm):
 def test_put_shmray(benchmark, ray, size):
     benchmark.group = f"put-{size}"
     array = _array(SIZES[size])
-    runtime = shmray._api._runtime_now
+    runtime = shmray._context.runtime
 
     def put_and_drop():
         ray.put(array)

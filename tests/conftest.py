@@ -56,7 +56,7 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
 
 
 def runtime():
-    return shmray._api._runtime_now
+    return shmray._context.runtime
 
 
 def learn_short(fn, *args):
@@ -77,7 +77,7 @@ def ray():
     shmray.init(num_cpus=2, object_store_memory=150 * MiB)
     try:
         yield shmray
-        runtime = shmray._api._runtime_now
+        runtime = shmray._context.runtime
         if runtime is not None:
             runtime.store.check()
     finally:

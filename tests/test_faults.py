@@ -24,7 +24,7 @@ DEADLOCK = 60
 
 
 def worker_pids():
-    return shmray._api._runtime_now.query("workers")
+    return shmray._context.runtime.query("workers")
 
 
 # -- worker death ------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_cancel_of_a_non_ref_is_a_type_error(ray):
 def test_spill_files_live_as_long_as_their_objects(ray):
     """A restored object keeps its file (spilling it again writes nothing); the files go
     with their objects."""
-    runtime = shmray._api._runtime_now
+    runtime = shmray._context.runtime
     refs = [ray.put(np.full(5 << 20, i, dtype=np.float64)) for i in range(5)]  # 40 MiB each
     spill = os.path.join(runtime.session_dir, "spill")
     spilled = set(os.listdir(spill))
@@ -263,7 +263,7 @@ def test_spill_files_live_as_long_as_their_objects(ray):
 def test_the_pins_of_a_process_that_died_are_freed_when_its_death_is_seen(ray, how):
     """Pins held by a dead process were freed only at shutdown: a session whose workers
     crash or retire (max_calls) leaked store memory."""
-    runtime = shmray._api._runtime_now
+    runtime = shmray._context.runtime
     ref = ray.put(np.ones(1 << 20))  # 8 MiB: in the arena
 
     @ray.remote(max_calls=1)
@@ -294,7 +294,8 @@ def test_the_pins_of_a_process_that_died_are_freed_when_its_death_is_seen(ray, h
         pids = [ray.get(keeper.keep.remote([ref]), timeout=DEADLOCK)]
         ray.kill(keeper)
     wait_for(lambda: not any(alive(pid) for pid in pids))
-    wait_for(lambda: runtime.store.info(ref.binary()).pin_count == 0)
+    object_id = ref.binary()
+    wait_for(lambda: runtime.store.info(object_id).pin_count == 0)
     del ref
     gc.collect()
     wait_for(lambda: (runtime._settle(), runtime.store.statistics().num_objects)[1] == 0)
@@ -317,7 +318,7 @@ def test_results_spill_and_restore_across_processes(ray):
         return float(a[0])
 
     assert ray.get([first.remote(r) for r in refs], timeout=DEADLOCK) == [0, 1, 2, 3, 4]
-    runtime = shmray._api._runtime_now
+    runtime = shmray._context.runtime
     runtime.store.check()
 
 
@@ -335,7 +336,7 @@ def test_processes_spilling_at_once_never_fail_a_task(ray):
         for i, ref in enumerate(refs):
             assert ray.get(ref, timeout=DEADLOCK)[0] == i
         del refs
-    shmray._api._runtime_now.store.check()
+    shmray._context.runtime.store.check()
 
 
 # -- the scheduler or the driver dies ----------------------------------------------------
@@ -351,8 +352,8 @@ def test_scheduler_death_is_a_clear_error():
 
         assert shmray.get(f.remote(), timeout=DEADLOCK) == 1
         workers = worker_pids()
-        os.kill(shmray._api._scheduler_pid, signal.SIGKILL)
-        wait_for(lambda: not alive(shmray._api._scheduler_pid))  # kill() doesn't wait
+        os.kill(shmray._session._scheduler_pid, signal.SIGKILL)
+        wait_for(lambda: not alive(shmray._session._scheduler_pid))  # kill() doesn't wait
         with pytest.raises(exceptions.RaySystemError, match="scheduler"):
             shmray.get(f.remote(), timeout=DEADLOCK)
         for pid in workers:
@@ -379,8 +380,8 @@ def test_sigkilled_driver_leaves_nothing_within_seconds():
 
         h = Holder.remote()
         refs = [forever.remote() for _ in range(2)]
-        pids = shmray._api._runtime_now.query("workers") + [shmray.get(h.pid.remote())]
-        print(shmray._api._scheduler_pid, *pids, flush=True)
+        pids = shmray._context.runtime.query("workers") + [shmray.get(h.pid.remote())]
+        print(shmray._session._scheduler_pid, *pids, flush=True)
         sys.stdin.read()
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
@@ -411,7 +412,7 @@ def _fork_a_child_that_exits() -> int:
     pid = os.fork()
     if pid == 0:
         try:
-            shmray._api.shutdown()  # what atexit runs at a normal exit
+            shmray._session.shutdown()  # what atexit runs at a normal exit
             gc.collect()
         finally:
             os._exit(0)
@@ -515,8 +516,8 @@ def _soak(seconds):
                 return self.total
 
         acc = Acc.remote()
-        runtime = shmray._api._runtime_now
-        scheduler = psutil.Process(shmray._api._scheduler_pid)
+        runtime = shmray._context.runtime
+        scheduler = psutil.Process(shmray._session._scheduler_pid)
 
         def one_round():
             arrays = [shmray.put(np.ones(50_000)) for _ in range(4)]

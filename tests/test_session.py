@@ -36,7 +36,7 @@ def test_a_forked_child_that_exits_leaves_the_parents_session_alone():
         arrays = [np.full(5 << 20, i, dtype=np.float64) for i in range(3)]  # 40 MiB each:
         refs = [shmray.put(a) for a in arrays]                               # one spills
         views = [shmray.get(r) for r in refs[1:]]  # pinned in the arena
-        spill = os.path.join(shmray._api._runtime_now.session_dir, "spill")
+        spill = os.path.join(shmray._context.runtime.session_dir, "spill")
         assert os.listdir(spill), "nothing spilled"
         pid = os.fork()
         if pid == 0:
@@ -45,7 +45,7 @@ def test_a_forked_child_that_exits_leaves_the_parents_session_alone():
             sys.exit(0)  # ...and exits as programs do: atexit handlers, finalizers
         assert os.waitpid(pid, 0)[1] == 0
         assert os.listdir(spill), "the child removed the parent's spill files"
-        runtime = shmray._api._runtime_now
+        runtime = shmray._context.runtime
         assert runtime.store.statistics().num_pinned == 2  # the child unpinned none of ours
         del views
         for i, ref in enumerate(refs):

@@ -341,7 +341,7 @@ def test_async_function_cannot_be_a_task():
 
 
 def test_objects_are_freed_when_no_ref_remains(ray2):
-    store = shmray._api._runtime_now.store
+    store = shmray._context.runtime.store
 
     @ray2.remote
     def make(n):
@@ -363,7 +363,7 @@ def test_objects_are_freed_when_no_ref_remains(ray2):
     gc.collect()
     deadline = time.monotonic() + 10
     while store.statistics().bytes_in_use != start and time.monotonic() < deadline:
-        shmray._api._runtime_now.flush()
+        shmray._context.runtime.flush()
         time.sleep(0.05)
     assert store.statistics().bytes_in_use == start
 

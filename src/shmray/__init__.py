@@ -12,15 +12,13 @@ from ._api import (
     cluster_resources,
     get,
     get_runtime_context,
-    init,
-    is_initialized,
     nodes,
     put,
     remote,
-    shutdown,
     wait,
 )
 from ._object_ref import ObjectRef
+from ._session import init, is_initialized, shutdown
 
 __version__ = "0.1.0"
 

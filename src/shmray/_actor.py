@@ -30,10 +30,12 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-from . import _options, _pickling, _protocol as P, exceptions
+from . import _options, _pickling, exceptions
+from ._context import current_task
 from ._ids import new_task_id, object_id_for_put, object_id_for_return
 from ._object_ref import ObjectRef
 from ._remote_function import check_call, pack_arguments
+from ._session import current
 
 _SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
@@ -126,11 +128,9 @@ class ActorClass:
         return self._pickled
 
     def _create(self, args, kwargs, options) -> "ActorHandle":
-        from ._api import _current
-
         if self._cls.__init__ is not object.__init__:
             check_call(self._cls.__init__, self._name, args, kwargs, skip_self=True)
-        runtime = _current()
+        runtime = current()
         max_concurrency = options["max_concurrency"]
         if max_concurrency is None:
             max_concurrency = 1000 if self._is_async else 1  # Ray's defaults
@@ -210,9 +210,7 @@ class ActorHandle:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
 
     def _call(self, method_name: str, args, kwargs, num_returns: int):
-        from ._api import _current
-
-        runtime = _current()
+        runtime = current()
         limit = self._actor_options.get("max_pending_calls", -1)
         if limit is not None and limit > 0:
             self._pending = runtime.still_pending(self._pending)
@@ -270,11 +268,9 @@ class ActorMethod:
 
 def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
     """The handle of the named actor; ValueError if there is none."""
-    from ._api import _current
-
     if not isinstance(name, str) or not name:
         raise ValueError(f"an actor name is a non-empty str, got {name!r}")
-    runtime = _current()
+    runtime = current()
     namespace = namespace or runtime.options.get("namespace", "default")
     found = runtime.query(("actor", name, namespace))
     if found is None:
@@ -286,9 +282,7 @@ def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
 
 def list_named_actors(all_namespaces: bool = False):
     """Names of the live named actors (in this namespace, or all as dicts)."""
-    from ._api import _current
-
-    runtime = _current()
+    runtime = current()
     named = runtime.query("named_actors")
     if all_namespaces:
         return [{"name": name, "namespace": namespace} for namespace, name in named]
@@ -302,18 +296,14 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     Returns once the actor's process is dead and the scheduler has failed what it owed (or,
     with ``no_restart=False`` and restarts left, begun its restart): a call made after
     kill() never reaches the old process (Ray lets a few through)."""
-    from ._api import _current
-
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() takes an actor handle, got {type(actor).__name__}; "
                          "to stop a task use cancel()")
-    _current().kill_actor(actor._actor_id, bool(no_restart))
+    current().kill_actor(actor._actor_id, bool(no_restart))
 
 
 def exit_actor() -> None:
     """End the actor this is called in, after the current call (Ray's ``exit_actor``)."""
-    from ._worker import current_task
-
     if current_task.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor")
     current_task.exit_requested = True  # the actor ends even if user code catches this

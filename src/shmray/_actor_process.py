@@ -26,18 +26,17 @@ current call, and the scheduler does not restart it.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import inspect
 import os
 import time
 
-from . import _direct, _output, _pickling, _protocol as P, _runtime, exceptions
+from . import _context, _direct, _output, _pickling, _protocol as P, _runtime, exceptions
+from ._context import current_task
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
-from ._worker import (Worker, _cancelled_results, current_task, error_results, sys_flush,
-                      task_error)
+from ._worker import Worker, _cancelled_results, error_results, sys_flush, task_error
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
 _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
@@ -183,6 +182,8 @@ class ActorProcess(Worker):
         return error_results(task_id, died, num_returns), False
 
     async def call_async(self, message: tuple):
+        import asyncio  # see _run_async
+
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
         try:
             if method_name in ("__ray_ready__", "__ray_terminate__"):
@@ -269,6 +270,10 @@ class ActorProcess(Worker):
                 self.runtime._cv.notify_all()
 
     def _run_async(self) -> None:
+        # asyncio is imported only where an async actor runs: ~10 ms that every driver would
+        # otherwise pay to import shmray, which imports this module.
+        import asyncio
+
         loop = asyncio.SelectorEventLoop(_direct.SpinningSelector())
         asyncio.set_event_loop(loop)
         try:
@@ -277,6 +282,8 @@ class ActorProcess(Worker):
             loop.close()
 
     async def _serve_async(self, loop) -> None:
+        import asyncio  # see _run_async
+
         if not self.construct():
             return
         runtime = self.runtime
@@ -375,7 +382,7 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
-    _runtime.install(runtime)
+    _context.install(runtime)
     try:
         start = collections.deque()
         runtime.on_message = start.append

@@ -11,9 +11,7 @@ drains at its next call.  This is also what batches releases.
 
 from __future__ import annotations
 
-from typing import Optional
-
-from . import _pickling
+from . import _context, _pickling
 from .exceptions import RaySystemError
 
 
@@ -26,7 +24,7 @@ class ObjectRef:
         if not isinstance(object_id, bytes) or len(object_id) != 28:
             raise ValueError("an ObjectRef is made from a 28-byte object id")
         self._id = object_id
-        self._tracker = tracker if tracker is not None else _default_tracker
+        self._tracker = tracker if tracker is not None else _context.runtime
         # ``counted``: the runtime has already counted this ref (it made it)
         if self._tracker is not None and not counted:
             self._tracker.add_local_ref(object_id)
@@ -53,9 +51,7 @@ class ObjectRef:
         return self._id == bytes(28)
 
     def job_id(self) -> str:
-        from ._api import get_runtime_context
-
-        return get_runtime_context().get_job_id()
+        return f"{_runtime_for(self).options.get('job_id', 1):08x}"
 
     def __hash__(self) -> int:
         return hash(self._id)
@@ -95,7 +91,7 @@ class ObjectRef:
 
 def _runtime_for(ref: ObjectRef):
     tracker = ref._tracker
-    if tracker is None or tracker is not _default_tracker:
+    if tracker is None or tracker is not _context.runtime:
         parent = getattr(tracker, "forked_from", None)
         if parent is not None:
             raise RaySystemError(
@@ -110,14 +106,6 @@ def _runtime_for(ref: ObjectRef):
         )
     return tracker
 
-
-_default_tracker: Optional[object] = None
-
-
-def set_tracker(tracker) -> None:
-    """The runtime that counts refs made in this process from now on (None at shutdown)."""
-    global _default_tracker
-    _default_tracker = tracker
 
 
 def _rebuild_ref(object_id: bytes) -> ObjectRef:

@@ -17,10 +17,11 @@ import inspect
 import os
 from typing import Any, Dict, List
 
-from . import _object_ref, _options, _pickling, _protocol as P
+from . import _context, _options, _pickling, _protocol as P
 from ._ids import first_return_id, new_task_id, object_id_for_return
 from ._object_ref import ObjectRef
 from ._serialization import SCALARS, scalars_to_bytes, serialize
+from ._session import current
 
 
 class RemoteFunction:
@@ -79,11 +80,9 @@ class RemoteFunction:
 
     def _submit(self, args, kwargs, fields):
         check_call(self._function, self._name, args, kwargs)
-        runtime = _object_ref._default_tracker  # this process's runtime, if shmray runs
+        runtime = _context.runtime  # this process's, if shmray runs
         if runtime is None:
-            from ._api import _current
-
-            runtime = _current()  # starts shmray if nobody has
+            runtime = current()  # starts shmray if nobody has
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import _direct, _object_ref, _protocol as P, _resources, exceptions
+from . import _direct, _protocol as P, _resources, exceptions
 from ._connection import Connection, ConnectionClosed, wait_readable
 from ._ids import object_id_for_put
 from ._object_ref import ObjectRef
@@ -1401,12 +1401,3 @@ def _unwrap(value, metadata: bytes):
             raise value.as_instanceof_cause()
         raise value
     return value
-
-
-def install(runtime: Optional[Runtime]) -> None:
-    _object_ref.set_tracker(runtime)
-
-
-def current() -> Optional[Runtime]:
-    """This process's runtime, if shmray runs here."""
-    return _object_ref._default_tracker

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 

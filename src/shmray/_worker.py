@@ -38,7 +38,8 @@ from typing import Dict, Optional
 
 import setproctitle
 
-from . import _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
+from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
+from ._context import current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._ids import first_return_id, object_id_for_return
 from ._serialization import (
@@ -50,18 +51,6 @@ from ._serialization import (
     serialize,
 )
 
-
-class TaskContext:
-    """What ``get_runtime_context()`` reports inside a task."""
-
-    def __init__(self):
-        self.task_id: Optional[bytes] = None
-        self.name: Optional[str] = None
-        self.actor_id: Optional[bytes] = None
-        self.exit_requested = False  # exit_actor() was called, whether or not it was caught
-
-
-current_task = TaskContext()
 
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
 _SKIPS_KEPT = 1024  # cancels of tasks not started yet kept (most are used within a task)
@@ -529,7 +518,7 @@ def error_results(task_id: bytes, error: BaseException, num_returns: int):
     live as long as the error does.
     """
     serialized = serialize(error, META_ERROR)
-    _hold(_runtime.current(), serialized.contained_refs)
+    _hold(_context.runtime, serialized.contained_refs)
     data = serialized.to_bytes()
     return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
             for i in range(max(num_returns, 1))]
@@ -629,7 +618,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
-    _runtime.install(runtime)
+    _context.install(runtime)
     _lend.lend_to_numpy(store)
     try:
         worker = Worker(runtime, cancel_slot)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 
 from . import _direct
+from ._actor_process import actor_main
 from ._connection import connection_pair
 from ._process import fork_child
+from ._worker import worker_main
 
 _UNNAMED = "w-forking"  # a worker's socket until its pid, which names it, is known
 
@@ -27,8 +29,6 @@ def spawn_worker(scheduler, cancel_slot):
     named after the worker's pid as soon as that is known: it exists before the worker can
     be lent to anyone, so a driver never finds it missing (and mistakes the worker for one
     it can't reach) because the worker has not got round to listening yet."""
-    from ._worker import worker_main
-
     folder = scheduler.options["socket_dir"]
     listener = _direct.listen(os.path.join(folder, _UNNAMED))
     try:
@@ -43,8 +43,6 @@ def spawn_worker(scheduler, cancel_slot):
 
 def spawn_actor(scheduler, class_name: str):
     """Fork one actor process (named shmray::ClassName); returns (connection, pid)."""
-    from ._actor_process import actor_main
-
     return _spawn(scheduler, f"shmray::{class_name}", actor_main)
 
 

@@ -1,0 +1,276 @@
+"""A session's life: init, shutdown, and "this process's runtime, or start one".
+
+Runs in: the driver (which starts and ends a session), and every process of one (which asks
+for its runtime, or finds it was forked from one: ``current``).
+
+``init`` creates the arena and the session folder, then forks the scheduler, which forks the
+workers.  The first ``remote``/``put``/``get``/``wait`` before ``init`` starts shmray with the
+defaults, as Ray does (``current``).  The object store's default size is 30% of the memory available now (Ray's default);
+a size larger than what is available, or below Ray's minimum of 75 MiB, is refused with the
+size to pass instead.  ``shutdown`` closes the driver's connection: the scheduler sees EOF,
+kills the workers, removes the session folder and exits, and the driver reaps it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections.abc
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+import psutil
+
+from . import _context, _direct, _process, _resources, _runtime
+from ._connection import connection_pair
+from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
+from ._process import fork_child
+from ._scheduler import Scheduler
+from ._worker_pool import spawn_actor, spawn_worker
+from .exceptions import RaySystemError
+
+_DEFAULT_STORE_FRACTION = 0.3
+
+_INIT_KEYWORDS = frozenset({
+    "address", "num_cpus", "num_gpus", "resources", "object_store_memory",
+    "ignore_reinit_error", "log_to_driver", "namespace", "logging_level", "runtime_env",
+    "include_dashboard", "dashboard_host", "dashboard_port", "configure_logging",
+    "logging_format", "local_mode", "_temp_dir", "job_config", "_system_config",
+})
+
+_lock = threading.RLock()
+_scheduler_pid: Optional[int] = None  # set while this process runs a session it started
+_job_counter = 0
+_forked_from: Optional[int] = None  # a forked child: the process whose session it left
+
+
+def _store_size(requested: Optional[int]) -> int:
+    available = psutil.virtual_memory().available
+    if requested is None:
+        return max(MIN_OBJECT_STORE_MEMORY, int(available * _DEFAULT_STORE_FRACTION))
+    if not isinstance(requested, int) or isinstance(requested, bool):
+        raise TypeError(f"object_store_memory must be a number of bytes (int), got {requested!r}")
+    if requested < MIN_OBJECT_STORE_MEMORY:
+        raise ValueError(
+            f"object_store_memory={requested} is below the minimum of "
+            f"{MIN_OBJECT_STORE_MEMORY} bytes (75 MiB); pass at least that much"
+        )
+    if requested > available:
+        raise ValueError(
+            f"object_store_memory={requested} is more than the {available} bytes of memory "
+            f"available on this machine; pass a smaller size, e.g. "
+            f"object_store_memory={int(available * _DEFAULT_STORE_FRACTION)} (30% of it)"
+        )
+    return requested
+
+
+def _check_init_options(kwargs: dict) -> dict:
+    unknown = sorted(set(kwargs) - _INIT_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"init() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"known keywords: {', '.join(sorted(_INIT_KEYWORDS))}"
+        )
+    address = kwargs.get("address")
+    if address not in (None, "local", "auto"):
+        raise ValueError(
+            f"shmray runs on this machine only; address={address!r} is not supported "
+            "(use Ray itself to connect to a cluster)"
+        )
+    for key in ("num_cpus", "num_gpus"):
+        value = kwargs.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or value < 0):
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    resources = kwargs.get("resources")
+    if resources is not None and (not isinstance(resources, dict) or any(
+            not isinstance(v, (int, float)) or v < 0 for v in resources.values())):
+        raise ValueError(f"resources must be a dict of name -> amount >= 0, got {resources!r}")
+    runtime_env = kwargs.get("runtime_env") or {}
+    unsupported = sorted(set(runtime_env) - {"env_vars"})
+    if unsupported:
+        raise ValueError(
+            f"runtime_env keys {unsupported} are not supported on one machine; shmray applies "
+            "env_vars only (install packages into the environment you run from)"
+        )
+    options = dict(kwargs)
+    options["num_cpus"] = kwargs.get("num_cpus") if kwargs.get("num_cpus") is not None \
+        else (os.cpu_count() or 1)
+    options.setdefault("log_to_driver", True)
+    options["namespace"] = kwargs.get("namespace") or "default"
+    return options
+
+
+def init(**kwargs: Any):
+    """Start shmray on this machine.  Keywords as ``ray.init``; returns a context dict."""
+    global _scheduler_pid, _job_counter, _forked_from
+    options = _check_init_options(kwargs)
+    if _process.in_child:  # inside a task or actor: the session is already there
+        if kwargs.get("ignore_reinit_error"):
+            return None
+        raise RuntimeError(
+            "shmray.init() called inside a task or actor: shmray is already running there. "
+            "Check shmray.is_initialized() first, or pass ignore_reinit_error=True"
+        )
+    with _lock:
+        if _scheduler_pid is not None:
+            if kwargs.get("ignore_reinit_error"):
+                return RayContext(_context.runtime)
+            raise RuntimeError(
+                "shmray.init() was called twice: shut down first with shmray.shutdown(), or "
+                "pass ignore_reinit_error=True"
+            )
+        level = kwargs.get("logging_level")
+        if level is not None:
+            logging.getLogger("shmray").setLevel(level)
+        for name, value in ((options.get("runtime_env") or {}).get("env_vars") or {}).items():
+            os.environ[name] = str(value)  # inherited by the scheduler and every worker
+        store = ObjectStore(_store_size(kwargs.get("object_store_memory")))
+        options["total"] = _resources.session_totals(options, store.capacity)
+        session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
+        options["socket_dir"] = _direct.socket_folder(session_dir)
+        _job_counter += 1
+        options["job_id"] = _job_counter
+        driver_end, scheduler_end = connection_pair("driver", "scheduler")
+        driver_pid = os.getpid()
+
+        def scheduler_main():
+            driver_end.close()
+            Scheduler(scheduler_end, driver_pid, store, session_dir, options, spawn_worker,
+                      spawn_actor).run()
+
+        _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
+                                    death_signal=signal.SIGTERM)
+        scheduler_end.close()
+        # The driver runs its plain tasks on workers it leases (``_runtime``, "leases").
+        runtime = _runtime.Runtime(store, driver_end, session_dir, options, leasing=True)
+        _context.install(runtime)
+        _forked_from = None  # a forked child with a session of its own now
+        return RayContext(runtime)
+
+
+class RayContext(collections.abc.Mapping):
+    """What ``init()`` returns, as Ray's: a read-only mapping of the session's facts, with
+    attributes, and a context manager: ``with shmray.init(): ...`` shuts down at the end."""
+
+    def __init__(self, runtime: _runtime.Runtime):
+        import platform
+
+        self.address_info = {
+            "node_ip_address": "127.0.0.1",
+            "node_id": "0" * 56,
+            "session_dir": runtime.session_dir,
+            "object_store_memory": runtime.store.capacity,
+            "num_cpus": runtime.options["num_cpus"],
+        }
+        self.dashboard_url = None  # no dashboard on one machine
+        self.python_version = platform.python_version()
+        self.ray_version = __import__("shmray").__version__
+
+    def __getitem__(self, key):
+        return self.address_info[key]
+
+    def __iter__(self):
+        return iter(self.address_info)
+
+    def __len__(self) -> int:
+        return len(self.address_info)
+
+    def __enter__(self) -> "RayContext":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutdown()
+
+    def disconnect(self) -> None:
+        shutdown()
+
+
+def is_initialized() -> bool:
+    """True in a driver after init(), and always inside tasks and actors."""
+    return _context.runtime is not None
+
+
+def shutdown() -> None:
+    """Stop shmray: end the scheduler and every worker, free the store, remove the session folder.
+    Only the process that started the session ends it (in a task or actor this does nothing)."""
+    global _scheduler_pid
+    with _lock:
+        pid, _scheduler_pid = _scheduler_pid, None
+        if pid is None:
+            return
+        runtime = _context.runtime
+        _context.install(None)
+        runtime.close()
+        if pid != os.getpid():
+            _wait_for_exit(pid, timeout=10.0)
+        # The scheduler removes it; this covers a scheduler that was killed first.
+        shutil.rmtree(runtime.session_dir, ignore_errors=True)
+        _direct.remove_socket_folder(runtime.socket_dir)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.002)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+atexit.register(shutdown)
+
+
+def _forget_session_after_fork() -> None:
+    """A child the user (or a library) forks from a process of a session never touches that
+    session, not even on exit (this module's atexit shutdown used to end the parent's
+    session, spill files and all): it lets go of it (``Runtime.forget_after_fork``).  Using
+    shmray there raises a clear error until the child starts a session of its own with
+    ``init()``.  shmray's own forks (the scheduler, workers, actors) happen where no
+    session is attached, so this does nothing for them."""
+    global _scheduler_pid, _lock, _forked_from
+    runtime = _context.runtime
+    _lock = threading.RLock()  # another thread may have held it at the fork
+    if runtime is None:
+        return
+    _forked_from = os.getppid()
+    _scheduler_pid = None
+    _context.install(None)
+    _process.in_child = False  # a task's helper process may start a session of its own
+    runtime.forget_after_fork(_forked_from)
+
+
+os.register_at_fork(after_in_child=_forget_session_after_fork)
+
+
+def current() -> _runtime.Runtime:
+    """This process's runtime; in a driver with no session yet, one is started (Ray's
+    implicit init)."""
+    runtime = _context.runtime
+    if runtime is None:
+        if _forked_from is not None:
+            raise RaySystemError(
+                f"this process was forked from process {_forked_from} while that one ran a "
+                "shmray session, and a forked child can't use its parent's session. Call "
+                "shmray.init() here to start a session of this process's own, or send the "
+                "work back to the parent.")
+        if _process.in_child:
+            raise RaySystemError("this shmray process has no session any more")
+        with _lock:
+            if _context.runtime is None:
+                init()
+            runtime = _context.runtime
+    return runtime

@@ -1,0 +1,60 @@
+"""The package's shape: imports only go downward (no cycle among shmray's modules), and no
+module imports another inside a function to dodge one.  Read from the source with ast."""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "src" / "shmray"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports():
+    """(module, imported shmray module, whether at module level) for every import."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "build" not in p.name}
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            base = f"{base}.{node.module}" if node.module else base
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.append((name, target if target in modules else base, id(node) in top))
+    return modules, found
+
+
+def test_no_module_imports_inside_a_function():
+    _, found = _imports()
+    assert [(m, t) for m, t, at_top in found if not at_top and t.startswith("shmray")] == []
+
+
+def test_imports_form_no_cycle():
+    modules, found = _imports()
+    graph = {name: set() for name in modules}
+    for module, target, _ in found:
+        if target in modules and target != module:
+            graph[module].add(target)
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            cycle = path[path.index(module):] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        path.append(module)
+        for target in sorted(graph[module]):
+            visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
