@@ -66,6 +66,22 @@ def learn_short(fn, *args):
         shmray.get([fn.remote(*args) for _ in range(100)], timeout=60)
 
 
+def worker_pids():
+    return runtime().query("workers")
+
+
+def one_cpu():
+    """Start a session of one CPU (the test shuts it down)."""
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+
+
+def one_cpu_without_leases():
+    """Start a session of one CPU whose driver leases no worker: every task goes through the
+    scheduler, which sends short ones ahead to busy workers (the test shuts it down)."""
+    one_cpu()
+    runtime().leasing = False
+
+
 def settle():
     """Send queued releases and wait until the scheduler has handled them."""
     runtime()._settle()

@@ -593,3 +593,160 @@ def test_actor_pool(ray):
     pool.submit(lambda a, v: a.double.remote(v), 21)
     assert pool.has_next() and pool.get_next(timeout=DEADLOCK) == 42
     assert not pool.has_next()
+
+
+def test_async_actor_survives_large_pipelined_results(ray):
+    """A full socket buffer once made an async actor write half a frame, killing the scheduler."""
+    @ray.remote
+    class Big:
+        async def blob(self):
+            return b"x" * 90_000
+
+    b = Big.remote()
+    assert len(ray.get([b.blob.remote() for _ in range(300)], timeout=DEADLOCK)) == 300
+
+
+def test_blocking_get_in_async_actor_and_calls_that_arrive_meanwhile(ray):
+    @ray.remote
+    def slow():
+        time.sleep(1)
+        return 7
+
+    @ray.remote
+    class A:
+        async def ping(self):
+            return "pong"
+
+        async def blocking(self, refs):
+            return ray.get(refs[0])
+
+    a = A.remote()
+    ray.get(a.ping.remote(), timeout=DEADLOCK)
+    r1 = a.blocking.remote([slow.remote()])
+    time.sleep(0.3)
+    r2 = a.ping.remote()  # read by the blocking get; must still run afterwards
+    assert ray.get(r1, timeout=DEADLOCK) == 7
+    assert ray.get(r2, timeout=10) == "pong"
+
+
+@pytest.mark.parametrize("how", ["failed dependency", "cancel"])
+def test_actor_calls_behind_a_dropped_call_still_run(ray, how):
+    @ray.remote
+    def slow_fail():
+        time.sleep(0.3)
+        raise ValueError("no")
+
+    @ray.remote
+    def slow():
+        time.sleep(0.5)
+        return 1
+
+    @ray.remote
+    class A:
+        def f(self, x):
+            return x
+
+        def g(self):
+            return "g"
+
+    a = A.remote()
+    ray.get(a.g.remote(), timeout=DEADLOCK)
+    first = a.f.remote(slow_fail.remote() if how == "failed dependency" else slow.remote())
+    second = a.g.remote()
+    if how == "cancel":
+        ray.cancel(first)
+    assert ray.get(second, timeout=10) == "g"
+
+
+@pytest.mark.parametrize("arg", [5, "big"])
+def test_restarted_actor_gets_its_constructor_arguments_again(ray, arg):
+    value = np.ones(1_000_000) if arg == "big" else arg
+
+    @ray.remote(max_restarts=1)
+    class A:
+        def __init__(self, v):
+            self.v = v
+
+        def size(self):
+            return int(np.size(self.v)), os.getpid()
+
+    a = A.remote(ray.put(value) if arg == 5 else value)
+    size, pid = ray.get(a.size.remote(), timeout=DEADLOCK)
+    os.kill(pid, 9)
+
+    def restarted():
+        try:
+            return ray.get(a.size.remote(), timeout=DEADLOCK)[1] != pid
+        except exceptions.RayActorError:
+            return False
+
+    wait_for(restarted, timeout=DEADLOCK)
+    assert ray.get(a.size.remote(), timeout=DEADLOCK)[0] == size
+
+
+def test_max_pending_calls_clears_without_a_get(ray):
+    @ray.remote(max_pending_calls=2)
+    class A:
+        def f(self):
+            return 1
+
+    a = A.remote()
+    a.f.remote()
+    a.f.remote()
+    time.sleep(1.5)  # both done by now, though nobody read their results
+    a.f.remote()
+
+
+def test_an_actor_serves_calls_made_before_its_last_handle_went(ray):
+    @ray.remote
+    class S:
+        def __init__(self, v):
+            time.sleep(0.3)  # still starting when the handle goes
+            self.v = v
+
+        def m(self):
+            return self.v
+
+    s = S.remote(7)
+    ref = s.m.remote()
+    del s
+    assert ray.get(ref, timeout=DEADLOCK) == 7
+
+
+def test_exit_actor_ends_a_threaded_actor(ray):
+    @ray.remote(max_concurrency=2)
+    class T:
+        def pid(self):
+            return os.getpid()
+
+        def leave(self):
+            shmray.actor.exit_actor()
+
+    t = T.remote()
+    pid = ray.get(t.pid.remote(), timeout=DEADLOCK)
+    t.leave.remote()
+    wait_for(lambda: not alive(pid), timeout=10)
+
+
+def test_exit_actor_makes_the_calling_call_raise_and_always_ends(ray):
+    @ray.remote
+    class E:
+        def bye(self):
+            shmray.actor.exit_actor()
+
+        def stubborn_bye(self):
+            try:
+                shmray.actor.exit_actor()
+            except SystemExit:
+                pass  # user code catching it must not keep the actor alive
+            return "still here?"
+
+        def ping(self):
+            return 1
+
+    for method in ("bye", "stubborn_bye"):
+        e = E.remote()
+        with pytest.raises(exceptions.ActorDiedError, match="exit_actor"):
+            ray.get(getattr(e, method).remote(), timeout=DEADLOCK)
+        with pytest.raises(exceptions.RayActorError):
+            ray.get(e.ping.remote(), timeout=DEADLOCK)

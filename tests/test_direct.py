@@ -11,6 +11,8 @@ import pytest
 
 from conftest import alive, runtime, settle, wait_for
 
+DEADLOCK = 60
+
 
 def direct_calls():
     return runtime().query("direct_calls")
@@ -381,3 +383,30 @@ def test_results_of_pipelined_slow_calls_come_back_as_each_is_done(ray, Log):
     refs = [log.nap.remote(0.3) for _ in range(6)]
     ray.get(refs[0], timeout=30)
     assert time.monotonic() - started < 1.2  # was 1.8: every reply waited for the last call
+
+
+def test_actor_calls_go_out_while_the_program_keeps_submitting(ray):
+    """Calls waiting for their channel's next frame stayed unsent as long as tasks were
+    submitted less than a millisecond apart (the flusher kept off)."""
+    @ray.remote(num_cpus=0)
+    class Clock:
+        def now(self, i):
+            return time.monotonic()
+
+    @ray.remote
+    def plain(i):
+        return i
+
+    clock = Clock.remote()
+    for _ in range(5):
+        ray.get(clock.now.remote(-1), timeout=DEADLOCK)  # its direct channel is open
+    for _ in range(3):
+        time.sleep(0.1)
+        sent = time.monotonic()
+        calls = [clock.now.remote(i) for i in range(3)]  # the last wait for the next frame
+        refs = []
+        while time.monotonic() - sent < 1.0:
+            refs.append(plain.remote(0))
+            time.sleep(0.0002)
+        assert max(ray.get(calls, timeout=DEADLOCK)) - sent < 0.1  # was 0.15-0.36 s
+        ray.get(refs, timeout=DEADLOCK)

@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import numpy as np
 import pytest
 
 import shmray
 from shmray import exceptions
 
 HERE = os.path.abspath(__file__)
+DEADLOCK = 60
 
 
 @pytest.fixture
@@ -164,3 +167,59 @@ def test_unimportable_exception_passes_through_a_nested_get(ray1, tmp_path):
     with pytest.raises(exceptions.RayTaskError) as info:
         shmray.get(middle.remote(str(tmp_path)), timeout=60)
     assert "OnlyHereError: deep" in str(info.value)
+
+
+def test_sys_exit_in_a_task_does_not_exit_the_driver(ray):
+    import sys
+
+    @ray.remote
+    def quits():
+        sys.exit(3)
+
+    with pytest.raises(exceptions.RayTaskError) as info:
+        ray.get(quits.remote(), timeout=DEADLOCK)
+    assert not isinstance(info.value, SystemExit)
+
+
+class TwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+        self.a, self.b = a, b
+
+
+def test_exception_whose_init_differs_from_its_args_keeps_its_class(ray):
+    @ray.remote
+    def fails():
+        raise TwoArgs(1, 2)
+
+    with pytest.raises(TwoArgs) as info:
+        ray.get(fails.remote(), timeout=DEADLOCK)
+    assert (info.value.a, info.value.b) == (1, 2)
+
+
+def test_refs_inside_an_exception_stay_alive(ray):
+    @ray.remote
+    def fails():
+        raise ValueError(shmray.put(np.arange(300_000)), shmray.put("small"))
+
+    with pytest.raises(ValueError) as info:
+        ray.get(fails.remote(), timeout=DEADLOCK)
+    big, small = info.value.args
+    time.sleep(0.2)
+    assert ray.get(small, timeout=DEADLOCK) == "small"
+    assert ray.get(big, timeout=DEADLOCK).sum() == np.arange(300_000).sum()
+
+
+def test_nested_failures_keep_the_frames_they_passed(ray):
+    @ray.remote
+    def innermost():
+        raise KeyError("deep")
+
+    @ray.remote
+    def middle():
+        return shmray.get(innermost.remote())
+
+    with pytest.raises(KeyError) as info:
+        ray.get(middle.remote(), timeout=DEADLOCK)
+    text = str(info.value)
+    assert "innermost" in text and "which reached middle() through get()" in text

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import alive, learn_short, runtime, settle, wait_for
 
+DEADLOCK = 60
+
 
 @pytest.fixture(autouse=True)
 def patient_leases(monkeypatch):
@@ -627,3 +629,24 @@ def test_a_worker_waits_only_for_cancels_counted_and_not_yet_read():
     assert worker._cancel_unread()
     worker.on_message((P.CANCEL_CALL, b"u" * 24))
     assert not worker._cancel_unread()
+
+
+def test_short_tasks_do_not_queue_behind_a_long_one(ray):
+    """They were sent to the long task's worker (only their own function's run time was
+    looked at) and waited for it, the other CPU idle."""
+    @ray.remote
+    def short(i):
+        return i
+
+    @ray.remote
+    def long_one():
+        time.sleep(3)
+        return "long"
+
+    assert ray.get(long_one.remote(), timeout=DEADLOCK) == "long"  # known to be long
+    learn_short(short, 0)
+    started = time.monotonic()
+    slow = long_one.remote()
+    assert ray.get([short.remote(i) for i in range(200)], timeout=DEADLOCK) == list(range(200))
+    assert time.monotonic() - started < 2.0
+    assert ray.get(slow, timeout=DEADLOCK) == "long"

@@ -319,3 +319,23 @@ def test_copies_of_refs_hold_nothing_after_they_are_gone(ray):
     del ref, copies
     gc.collect()
     wait_for(lambda: (settle(), runtime().query("objects"))[1] == before)
+
+
+def test_wait_on_no_refs(ray):
+    assert ray.wait([]) == ([], [])
+    assert ray.wait([], timeout=0) == ([], [])
+
+
+def test_wait_with_timeout_zero_sees_results_arrive(ray):
+    """A polling loop of wait(timeout=0) must read what has arrived (it never did)."""
+    @ray.remote
+    def slow():
+        time.sleep(0.2)
+        return 1
+
+    ref = slow.remote()
+    deadline = time.monotonic() + 10
+    while not ray.wait([ref], timeout=0)[0]:
+        assert time.monotonic() < deadline, "wait(timeout=0) never saw the result"
+        time.sleep(0.01)
+    assert ray.get(ref) == 1

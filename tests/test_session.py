@@ -1,15 +1,22 @@
-"""A session's life: what belongs to it, and what a forked child of its processes may do.
+"""A session's life: init, shutdown, and what a forked child of its processes may do.
 
 A child forked by the user or a library (``os.fork()``, multiprocessing's fork start method)
 from the driver or from a task never touches its parent's session; it gets a clear error if
-it uses shmray, until it calls ``shmray.init()`` to start a session of its own.  These tests
-run real driver scripts in subprocesses: a forked child must exit the way programs do
+it uses shmray, until it calls ``shmray.init()`` to start a session of its own.  The fork
+tests run real driver scripts in subprocesses: a forked child must exit the way programs do
 (atexit handlers, finalizers), which a test can't do inside pytest's own process.
 """
 
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+
+import numpy as np
+
+import shmray
+from shmray import exceptions
 
 DEADLOCK = 120
 
@@ -141,3 +148,77 @@ def test_a_child_forked_in_a_task_leaves_the_worker_alone():
         shmray.shutdown()
     """)
     assert out.split("\n")[:2] == ["forked 3", "still works"]
+
+
+def test_init_inside_a_task(ray):
+    @ray.remote
+    def inside():
+        already = shmray.is_initialized()
+        shmray.init(ignore_reinit_error=True)
+        try:
+            shmray.init()
+        except RuntimeError as exc:
+            return already, str(exc)
+        return already, None
+
+    already, error = ray.get(inside.remote(), timeout=DEADLOCK)
+    assert already and "inside a task" in error
+
+
+def test_shutdown_while_another_thread_puts_does_not_crash():
+    """shutdown() once unmapped the arena under a copy running in another thread (SIGSEGV)."""
+    shmray.init(num_cpus=1, object_store_memory=150 << 20)
+    errors = []
+    stop = threading.Event()
+
+    def putter():
+        array = np.ones(5 << 20)
+        try:
+            # no new put once shutdown is under way: like Ray's, it would start a new session
+            while not stop.is_set():
+                shmray.put(array)
+        except Exception as exc:  # StoreClosedError / RaySystemError once shut down
+            errors.append(exc)
+
+    thread = threading.Thread(target=putter)
+    thread.start()
+    time.sleep(0.2)
+    stop.set()
+    shmray.shutdown()
+    thread.join(timeout=DEADLOCK)
+    assert not thread.is_alive()
+    assert all(isinstance(e, exceptions.RaySystemError) for e in errors)
+
+
+def test_shutdown_wakes_a_thread_blocked_in_get_with_a_clear_error():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    outcome = []
+
+    @shmray.remote
+    def forever():
+        time.sleep(1000)
+
+    ref = forever.remote()
+
+    def getter():
+        try:
+            shmray.get(ref)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=getter)
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    shmray.shutdown()
+    thread.join(timeout=DEADLOCK)
+    assert time.monotonic() - start < 5
+    assert isinstance(outcome[0], exceptions.RaySystemError) and "shut down" in str(outcome[0])
+
+
+def test_init_returns_a_context_like_rays():
+    with shmray.init(num_cpus=1, object_store_memory=100 << 20) as context:
+        assert context["node_ip_address"] == "127.0.0.1"
+        assert context.dashboard_url is None and "session_dir" in context.address_info
+        assert shmray.is_initialized()
+    assert not shmray.is_initialized()

@@ -3,7 +3,9 @@
 import asyncio
 import concurrent.futures
 import gc
+import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -11,6 +13,9 @@ import pytest
 
 import shmray
 from shmray import exceptions
+from conftest import one_cpu_without_leases, runtime, settle, wait_for
+
+DEADLOCK = 60
 
 
 @pytest.fixture
@@ -394,3 +399,153 @@ def test_runtime_context_and_nodes(ray2):
     assert ray2.get_runtime_context().get_task_id() is None
     (node,) = ray2.nodes()
     assert node["Alive"] and node["Resources"]["CPU"] == 2
+
+
+def test_nested_task_of_the_same_function_onone_cpu():
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def inner(x):
+            return x + 1
+
+        @shmray.remote
+        def outer():
+            return shmray.get(inner.remote(1))
+
+        assert shmray.get(outer.remote(), timeout=DEADLOCK) == 2
+
+        @shmray.remote
+        def apply(fn, x):  # a remote function passed as an argument keeps its identity
+            return shmray.get(fn.remote(x))
+
+        assert shmray.get([apply.remote(inner, i) for i in range(3)], timeout=DEADLOCK) == [1, 2, 3]
+        assert len(set(inner.__reduce__()[1][2] for _ in range(2))) == 1
+    finally:
+        shmray.shutdown()
+
+
+def test_a_task_waiting_on_children_sent_ahead_behind_it_on_its_own_worker():
+    """Children of a short function, submitted before it blocks, were sent ahead to its own
+    worker's queue, behind it: it waited for them forever.  Now they are handed back."""
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote
+        def f(n):
+            if n == 0:
+                return 1
+            refs = [f.remote(0) for _ in range(8)]
+            time.sleep(0.05)  # the scheduler sends them ahead meanwhile
+            return sum(shmray.get(refs))
+
+        shmray.get([f.remote(0) for _ in range(30)])  # learned: short, never waits
+        assert shmray.get(f.remote(1), timeout=DEADLOCK) == 8
+        assert shmray.get([f.remote(1) for _ in range(4)], timeout=DEADLOCK) == [8] * 4
+    finally:
+        shmray.shutdown()
+
+
+def test_failed_multi_return_leaves_nothing_in_the_store(ray):
+    @ray.remote(num_returns=2)
+    def two():
+        return np.ones(10**6), threading.Lock()
+
+    a, b = two.remote()
+    for ref in (a, b):
+        with pytest.raises(TypeError):
+            ray.get(ref, timeout=DEADLOCK)
+    del a, b
+    gc.collect()
+    settle()
+    wait_for(lambda: runtime().store.list() == [])
+
+
+def test_num_returns_zero_leaves_no_entry(ray):
+    f = ray.remote(lambda: None).options(num_returns=0)
+    ray.get(ray.remote(lambda: 0).remote(), timeout=DEADLOCK)
+    settle()
+    before = runtime().query("objects")
+    for _ in range(20):
+        assert f.remote() is None
+    ray.get(ray.remote(lambda: 0).remote(), timeout=DEADLOCK)  # after the 20 in the same queue
+    wait_for(lambda: (settle(), runtime().query("objects"))[1] <= before)
+
+
+def test_arguments_are_checked_where_remote_is_called(ray):
+    @ray.remote
+    def two(a, b):
+        return a + b
+
+    @ray.remote
+    class A:
+        def __init__(self, x):
+            self.x = x
+
+        def add(self, y, *, z=0):
+            return self.x + y + z
+
+    with pytest.raises(TypeError, match="two.remote"):
+        two.remote(1)
+    with pytest.raises(TypeError, match="A.remote"):
+        A.remote()
+    a = A.remote(1)
+    with pytest.raises(TypeError, match="A.add.remote"):
+        a.add.remote(1, 2)
+    assert ray.get(a.add.remote(1, z=2), timeout=DEADLOCK) == 4
+
+
+def test_generator_functions_are_refused_clearly():
+    with pytest.raises(TypeError, match="generator"):
+        @shmray.remote
+        def gen():
+            yield 1
+
+
+def test_runtime_env_and_max_calls_on_tasks_and_actors(ray):
+    @ray.remote(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "task"}})
+    def read_env():
+        return os.environ.get("SHMRAY_TEST_VAR")
+
+    @ray.remote
+    def plain():
+        return os.environ.get("SHMRAY_TEST_VAR")
+
+    assert ray.get(read_env.remote(), timeout=DEADLOCK) == "task"
+    assert ray.get(read_env.options(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "opt"}})
+                   .remote(), timeout=DEADLOCK) == "opt"
+    assert ray.get([plain.remote() for _ in range(4)], timeout=DEADLOCK) == [None] * 4
+
+    @ray.remote(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "actor"}})
+    class Env:
+        def read(self):
+            return os.environ.get("SHMRAY_TEST_VAR")
+
+    assert ray.get(Env.remote().read.remote(), timeout=DEADLOCK) == "actor"
+    with pytest.raises(ValueError, match="pip"):
+        ray.remote(runtime_env={"pip": ["x"]})(lambda: 1)
+
+    @ray.remote(max_calls=1)
+    def pid():
+        return os.getpid()
+
+    pids = [ray.get(pid.remote(), timeout=DEADLOCK) for _ in range(3)]
+    assert len(set(pids)) == 3  # a fresh worker each time
+
+
+def test_tasks_sent_ahead_behind_a_max_calls_task_all_finish():
+    one_cpu_without_leases()
+    try:
+        @shmray.remote(max_calls=1)
+        def retiring():
+            return os.getpid()
+
+        @shmray.remote(max_retries=0)
+        def f(i):
+            return i
+
+        for _ in range(3):
+            shmray.get([f.remote(i) for i in range(20)])
+            shmray.get([retiring.remote() for _ in range(3)])
+        refs = [retiring.remote()] + [f.remote(i) for i in range(20)]
+        assert shmray.get(refs[1:], timeout=DEADLOCK) == list(range(20))
+    finally:
+        shmray.shutdown()

@@ -4,7 +4,7 @@ module imports another inside a function to dodge one.  Read from the source wit
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "src" / "shmray"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "src" / "shmray"
 
 
 def _module_name(path: pathlib.Path) -> str:
