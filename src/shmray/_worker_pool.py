@@ -50,9 +50,9 @@ def _spawn(scheduler, name: str, child_main, *extra):
     scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():
-        for client in list(scheduler.clients.values()):
+        for client in scheduler.clients.all():
             client.conn.close()
-        scheduler.selector.close()
+        scheduler.clients.selector.close()
         scheduler_end.close()
         child_main(child_end, scheduler.store, scheduler.session_dir, scheduler.options, *extra)
 

@@ -1,0 +1,393 @@
+"""Actors: creating, placing and restarting their processes; each caller's calls, in order.
+
+Runs in: the scheduler.
+
+An actor has a record here (``Actor``): its process, per-caller queues of the calls that go
+through the scheduler (those with refs among their arguments), the calls sent to its process
+and not done yet, and its fate.  Calls are forwarded in each caller's order as their
+arguments become ready.  Calls without refs go straight from caller to actor (``_direct``);
+both ends report them here (DIRECT_CALL, DIRECT_DONE, in either order), so they are owed,
+failed and retried like forwarded ones, and a caller's forwarded calls wait until its direct
+ones are done.  A handle is a reference to the actor's pseudo-object in the directory: once
+nothing holds it the actor ends, after the calls made before (``out_of_scope``).  When the
+process dies the actor restarts while ``max_restarts`` allows, else it is dead and every
+call owed or made later fails with its death.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Dict, Iterable, Optional
+
+from .. import _protocol as P, _resources, exceptions
+from .._serialization import META_ERROR
+from .clients import Client, Clients, how, kill_quietly
+from .leases import Leases
+from .objects import Directory, ObjectEntry, serialized
+from .records import Actor
+from .resources import Resources
+from .tasks import Tasks
+
+
+class Actors:
+    def __init__(self, clients: Clients, objects: Directory, resources: Resources,
+                 tasks: Tasks, leases: Leases, spawn: Optional[Callable]):
+        self.clients = clients
+        self.objects = objects
+        self.resources = resources
+        self.tasks = tasks
+        self.leases = leases
+        self._spawn = spawn  # (class name) -> (Connection, pid); None: never placed
+        self.table: Dict[bytes, Actor] = {}
+        self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
+        self.unplaced: list = []               # actors waiting for arguments or resources
+        self.direct_call_count = 0
+
+    def placements_waiting(self) -> Iterable[dict]:
+        """What the actors waiting only for resources ask (``Leases``)."""
+        return (actor.options["place"] for actor in self.unplaced if not actor.waiting_on)
+
+    # -- creation and placement -----------------------------------------------------------
+
+    def on_create_actor(self, client: Client, request_id, spec: tuple) -> None:
+        options = spec[P.ACTOR_OPTIONS]
+        actor_id = spec[P.ACTOR_ID]
+        name = options["name"]
+        key = (options["namespace"], name)
+        if name is not None and key in self.named:
+            existing = self.table[self.named[key]]
+            if options["get_if_exists"]:
+                self._hold_actor(client, existing.actor_id)
+                self.clients.send(client, (P.REPLY, request_id,
+                                           (existing.actor_id, existing.options)))
+            else:
+                self.clients.send(client, (P.REPLY, request_id, ValueError(
+                    f"The name {name!r} (namespace={options['namespace']!r}) is already taken "
+                    "by a live actor; pick another name, or pass get_if_exists=True")))
+            return
+        actor = Actor(spec)
+        self.table[actor_id] = actor
+        if name is not None:
+            self.named[key] = actor_id
+        entry = self.objects.entry(actor_id)
+        entry.actor = True
+        entry.ready = True
+        self._hold_actor(client, actor_id)
+        if options["detached"]:
+            entry.container_holds += 1  # a detached actor outlives its handles
+        actor.creation_holds, unknown = self.objects.hold_arguments(actor.creation_holds)
+        if request_id is not None:
+            self.clients.send(client, (P.REPLY, request_id, (actor_id, actor.options)))
+        if unknown:
+            self._dead(actor, *self.objects.lost(unknown[0]))
+            return
+        for object_id in spec[P.ACTOR_ARG_IDS]:
+            arg = self.objects.get(object_id)
+            if not arg.ready:
+                actor.waiting_on += 1
+                arg.dependents.append((actor, self._argument_ready))
+            elif arg.failed:
+                self._dead(actor, arg.data, arg.metadata)
+                return
+        self.unplaced.append(actor)
+
+    def _argument_ready(self, actor: Actor, entry: ObjectEntry) -> None:
+        if actor.state == "dead":
+            return
+        if entry.failed:
+            self._dead(actor, entry.data, entry.metadata)
+        else:
+            actor.waiting_on -= 1
+
+    def _hold_actor(self, client: Client, actor_id: bytes) -> None:
+        self.objects.get(actor_id).holders.add(client)
+        client.holds.add(actor_id)
+
+    def place(self) -> None:
+        """Start the actors whose arguments are ready, as resources allow."""
+        if not self.unplaced:
+            return
+        still = []
+        total = self.resources.total
+        for actor in self.unplaced:
+            if actor.state == "dead":
+                continue
+            place = actor.options["place"]
+            missing = _resources.shortfall(place, total)
+            if missing:  # its creator checked (``_resources``): this is a backstop
+                self._dead(actor, *serialized(exceptions.ActorUnschedulableError(
+                    _resources.unschedulable_message(f"actor {actor.class_name}", place,
+                                                     total, missing))))
+                continue
+            if actor.waiting_on or not self.resources.fits(place) or self._spawn is None:
+                if not actor.waiting_on and self._spawn is not None:
+                    self.leases.recall_if_in_the_way(place)  # it may wait for a leased CPU
+                still.append(actor)
+                continue
+            self._start(actor)
+        self.unplaced = still
+
+    def _start(self, actor: Actor) -> None:
+        hold = actor.options["hold"]
+        self.resources.take(hold)
+        actor.held = dict(hold)
+        conn, pid = self._spawn(actor.class_name)
+        client = self.clients.add(conn, pid, "actor")
+        client.actor = actor
+        actor.client = client
+        actor.state = "alive"
+        spec = actor.spec
+        values = self.objects.inline_values(
+            [i for i in spec[P.ACTOR_ARG_IDS] if i in self.objects])
+        pickled = self.tasks.dispatcher.functions[spec[P.ACTOR_CLASS_ID]][0]
+        self.clients.send(client, (P.START_ACTOR, spec, pickled, values))
+        self.forward(actor)
+        if actor.out_of_scope:
+            self._exit_when_done(actor)
+
+    def on_actor_started(self, client: Client, error) -> None:
+        actor = client.actor
+        if actor is None:
+            return
+        if actor.restarts_left == 0:  # no restart can need the constructor's arguments again
+            self._release_creation_holds(actor)
+        if error is not None:
+            actor.death = (error, META_ERROR)
+            actor.no_restart = True  # Ray does not restart an actor whose __init__ raised
+
+    def on_actor_exiting(self, client: Client) -> None:
+        if client.actor is not None:
+            self.clients.send(client, (P.EXIT,))  # wakes its reader (a threaded actor's)
+            client.actor.no_restart = True
+            if client.actor.death is None:
+                client.actor.death = self._died_error(
+                    client.actor, "it exited intentionally (exit_actor() or __ray_terminate__)")
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def on_actor_call(self, client: Client, actor_id, spec: tuple) -> None:
+        task = self.tasks.admit(spec, client)
+        actor = task.actor = self.table.get(actor_id)
+        if task.finished:
+            return
+        if actor is None:
+            self.tasks.fail(task, *serialized(exceptions.ActorDiedError(
+                f"no actor with id {actor_id.hex()} exists in this session")))
+            return
+        if actor.state == "dead":
+            self.tasks.fail(task, *actor.death)
+            return
+        self.tasks.count_dependencies(task)
+        if task.finished:
+            return
+        queue = actor.queues.get(client)
+        if queue is None:
+            queue = actor.queues[client] = collections.deque()
+        queue.append(task)
+        self.forward(actor)
+
+    def forward(self, actor: Actor) -> None:
+        """Send each caller's calls on, in order, as far as their arguments are ready."""
+        client = actor.client
+        if client is None or actor.state != "alive":
+            return
+        for caller, queue in list(actor.queues.items()):
+            if actor.direct_open.get(caller):
+                continue  # the caller's direct calls, made earlier, run first
+            while queue:
+                task = queue[0]
+                if task.finished:
+                    queue.popleft()
+                    continue
+                if task.waiting_on:
+                    break
+                queue.popleft()
+                actor.inflight[task.task_id] = task
+                task.worker = client
+                spec = task.spec
+                values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
+                self.clients.send(client, (P.CALL, task.task_id, spec[P.SPEC_FN_ID],
+                                           task.name, spec[P.SPEC_ARGS], spec[P.SPEC_ARG_IDS],
+                                           spec[P.SPEC_NUM_RETURNS], values))
+            if not queue:
+                del actor.queues[caller]
+
+    def on_call_done(self, client: Client, task_id, results) -> None:
+        """TASK_DONE from an actor process: a call forwarded through here."""
+        task = client.actor.inflight.pop(task_id, None)
+        if task is not None and not task.finished:
+            self.tasks.finish(task, results)
+
+    def on_direct_call(self, client: Client, actor_id, actor_pid, spec: tuple) -> None:
+        """A call its caller sent straight to the actor process ``actor_pid``."""
+        self.direct_call_count += 1
+        task = self.tasks.admit(spec, client)
+        task.direct = True
+        actor = task.actor = self.table.get(actor_id)
+        early = self.objects.take_early(task.task_id)
+        if early is not None:
+            self.tasks.finish_direct(task, early[0], early[2])
+            self.objects.unprotect(early[0])
+            return
+        if task.finished:
+            return
+        if actor is None:
+            self.tasks.fail(task, *serialized(exceptions.ActorDiedError(
+                f"no actor with id {actor_id.hex()} exists in this session")))
+        elif (actor.state == "alive" and actor.client is not None
+              and actor.client.pid == actor_pid):
+            actor.inflight[task.task_id] = task
+            task.worker = actor.client
+            actor.direct_open[client] = actor.direct_open.get(client, 0) + 1
+        elif actor.state == "dead":
+            self.tasks.fail(task, *actor.death)
+        elif task.retries_left != 0:  # the process it went to died: retry on the next one
+            if task.retries_left > 0:
+                task.retries_left -= 1
+            actor.queues.setdefault(client, collections.deque()).append(task)
+            self.forward(actor)
+        else:
+            self.tasks.fail(task, *self._died_error(
+                actor, "its process died while this call was on its way to it or running "
+                "(max_task_retries would retry the call)"))
+
+    def on_direct_done(self, client: Client, task_id, results, caller_pid, retryable) -> None:
+        """An actor reports a call its caller sent it straight."""
+        actor = client.actor
+        task = actor.inflight.pop(task_id, None)
+        if task is None:
+            if self.tasks.get(task_id) is not None:
+                return  # finished meanwhile (e.g. its actor was declared dead)
+            self.objects.keep_early(task_id, results, caller_pid, retryable)
+            return
+        open_calls = actor.direct_open.get(task.owner, 0) - 1
+        if open_calls > 0:
+            actor.direct_open[task.owner] = open_calls
+        else:
+            actor.direct_open.pop(task.owner, None)
+        if not task.finished:
+            self.tasks.finish_direct(task, results, retryable)
+        if open_calls <= 0:
+            if task.owner in actor.queues:
+                self.forward(actor)
+            if actor.out_of_scope:
+                self._exit_when_done(actor)
+
+    def caller_died(self, caller: Client) -> None:
+        """A caller died: its direct calls may never reach their actor (still in its
+        buffers), and nobody will read their results.  They are finished here; if one ran
+        after all, its report finds it finished and its results are dropped."""
+        for actor in self.table.values():
+            if actor.direct_open.pop(caller, None) is None:
+                continue
+            for task_id, task in list(actor.inflight.items()):
+                if task.owner is caller and task.direct:
+                    del actor.inflight[task_id]
+                    self.tasks.fail(task, *self._died_error(
+                        actor, "the caller of this call died before it was done"))
+            self.forward(actor)  # its calls queued here were held behind those
+            if actor.out_of_scope:
+                self._exit_when_done(actor)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def on_kill_actor(self, client: Client, request_id, actor_id, no_restart) -> None:
+        """Kill the actor; answer once its death is dealt with (``process_died``: all it
+        sent before it died read first), so that no call made after kill() returns can
+        reach the old process."""
+        actor = self.table.get(actor_id)
+        if actor is not None and actor.state != "dead":
+            if no_restart:
+                actor.no_restart = True
+                actor.death = self._died_error(actor, "it was killed by kill()")
+            if actor.client is not None:
+                actor.client.killers.append((client, request_id))
+                kill_quietly(actor.client.pid)
+                return
+            if no_restart:
+                self._dead(actor, *actor.death)
+        self.clients.send(client, (P.REPLY, request_id, None))
+
+    def out_of_scope(self, actor_id: bytes) -> None:
+        """No handle to the actor is left anywhere (``Directory.on_actor_unheld``)."""
+        actor = self.table.get(actor_id)
+        if actor is None or actor.state == "dead":
+            return
+        actor.out_of_scope = True
+        actor.no_restart = True
+        actor.death = self._died_error(actor, "every handle to it went out of scope")
+        if actor.client is not None:
+            self._exit_when_done(actor)
+        elif not actor.queues:
+            self._dead(actor, *actor.death)
+        # else: calls made before the last handle went are still owed; _start sends EXIT
+        # after forwarding them, as Ray ends such an actor once they are done
+
+    def _exit_when_done(self, actor: Actor) -> None:
+        """EXIT goes after the calls sent through here; calls sent straight to the actor
+        travel another way, so it waits until they are done (all are registered by now: a
+        caller registers its calls before it releases its last handle)."""
+        if not actor.exit_sent and not actor.direct_open and actor.client is not None:
+            actor.exit_sent = True
+            self.clients.send(actor.client, (P.EXIT,))
+
+    def process_died(self, client: Client, status: Optional[int]) -> None:
+        """The actor's process is gone: restart it, or fail what it owed; then answer the
+        kill()s that waited for this."""
+        self._died(client.actor, status)
+        for killer, request_id in client.killers:
+            self.clients.send(killer, (P.REPLY, request_id, None))
+
+    def _died(self, actor: Actor, status: Optional[int]) -> None:
+        self.resources.give(actor.held)
+        actor.held = {}
+        actor.client = None
+        actor.exit_sent = False
+        inflight = list(actor.inflight.values())
+        actor.inflight.clear()
+        actor.direct_open.clear()
+        if not actor.no_restart and actor.restarts_left != 0:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            actor.state = "pending"
+            for task in reversed(inflight):
+                if task.retries_left != 0:
+                    if task.retries_left > 0:
+                        task.retries_left -= 1
+                    actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
+                else:
+                    self.tasks.fail(task, *self._died_error(
+                        actor, f"its process died of {how(status)} while running this call; "
+                        "it is being restarted (max_task_retries would retry the call)"))
+            self.unplaced.append(actor)
+            return
+        death = actor.death or self._died_error(
+            actor, f"its process died of {how(status)} (killed, crashed or out of memory)")
+        for task in inflight:
+            self.tasks.fail(task, *death)
+        self._dead(actor, *death)
+
+    def _dead(self, actor: Actor, data: bytes, metadata: bytes) -> None:
+        actor.state = "dead"
+        actor.death = (data, metadata)
+        for queue in actor.queues.values():
+            for task in queue:
+                if not task.finished:
+                    self.tasks.fail(task, data, metadata)
+        actor.queues.clear()
+        options = actor.options
+        key = (options["namespace"], options["name"])
+        if self.named.get(key) == actor.actor_id:
+            del self.named[key]
+        self._release_creation_holds(actor)
+        actor.spec = None  # its code and arguments are not needed any more
+
+    def _release_creation_holds(self, actor: Actor) -> None:
+        held, actor.creation_holds = actor.creation_holds, []
+        self.objects.release_arguments(held)
+
+    @staticmethod
+    def _died_error(actor: Actor, why: str) -> tuple:
+        return serialized(exceptions.ActorDiedError(
+            f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
+            "Calls to it raise this error."))

@@ -1,0 +1,335 @@
+"""The scheduler's loop: one thread, one selector, one dispatch table; never user code.
+
+Runs in: the scheduler process (forked by the driver at ``init``).
+
+Data flow for one task that goes through the scheduler (each arrow one message, batched
+with whatever else is queued; a driver's plain tasks go to workers it leases instead:
+``leases``)::
+
+    driver/worker                 scheduler                         worker
+    ─────────────                 ─────────                         ──────
+    SUBMIT(spec) ───────────────▶ tasks: table, dependency counts
+                                  ready queue ── resources fit ──▶ EXECUTE(spec, inline args)
+                                                                    run; big results sealed
+                                                                    straight into the arena
+                                  objects: directory ◀─────────── TASK_DONE(results)
+    READY(id, data|None) ◀─────── owner (the submitter) and
+                                  subscribers; dependents wake
+
+The parts, each a module that imports only those below it:
+
+- ``cancel``: cancel() of tasks and actor calls;
+- ``actors``: actor processes, each caller's calls in order, restarts and deaths;
+- ``leases``: workers lent to drivers, and what became of their tasks when one dies;
+- ``tasks``: admission, dependencies, what workers report, retries;
+- ``dispatch``: the ready queues, dispatch to workers, sending short tasks ahead;
+- ``objects`` (the directory), ``resources``, ``workers`` (the pool);
+- ``clients``: the connected processes, and what is queued to each.
+
+Lower parts tell higher ones of events through hooks wired here (an actor call's progress,
+work that needs leased CPUs, an actor handle nobody holds, actors waiting to be placed).
+Every message is handled through one table (``handlers``); a process's death is fanned out
+to each part (``on_disconnect``).
+
+Each turn: wait for readable sockets, handle every message that arrived, answer holds and
+subscriptions of ids that were unknown when read (``_settle_doubtful``), start what became
+ready, lend workers to drivers asking, and write every queued message in one frame per
+peer: at once to workers and actors, to the driver once the loop has nothing left to read
+(``_flush_dirty``).  The driver's connection closing (exit, crash or SIGKILL) ends the
+session: workers are killed, the session folder is removed, and the scheduler exits.
+"""
+
+from __future__ import annotations
+
+import selectors
+import shutil
+import signal
+import sys
+import time
+import traceback
+from typing import Callable, Optional
+
+from .. import _direct, _protocol as P
+from .._connection import Connection, ConnectionClosed
+from .._object_store import ObjectStore
+from .actors import Actors
+from .cancel import Cancel
+from .clients import Client, Clients, kill_quietly, reap
+from .dispatch import Dispatcher
+from .leases import Leases
+from .objects import Directory
+from .resources import Resources
+from .tasks import Tasks
+from .workers import WorkerPool
+
+_HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
+_HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
+
+
+class Scheduler:
+    def __init__(self, driver_conn: Connection, driver_pid: int, store: ObjectStore,
+                 session_dir: str, options: dict, spawn_worker: Callable,
+                 spawn_actor: Optional[Callable] = None):
+        self.store = store
+        self.session_dir = session_dir
+        self.options = options
+        self.clients = Clients()
+        self.driver = self.clients.add(driver_conn, driver_pid, "driver")
+        self.resources = Resources(options["total"])
+        self.objects = Directory(store, self.clients, session_dir)
+        self.pool = WorkerPool(self.clients, lambda slot: spawn_worker(self, slot),
+                               float(options["num_cpus"]))
+        self.dispatcher = Dispatcher(self.clients, self.objects, self.resources, self.pool)
+        self.tasks = Tasks(self.clients, self.objects, self.resources, self.pool,
+                           self.dispatcher)
+        self.leases = Leases(self.clients, self.objects, self.resources, self.pool, self.tasks)
+        self.actors = Actors(self.clients, self.objects, self.resources, self.tasks,
+                             self.leases,
+                             None if spawn_actor is None
+                             else lambda class_name: spawn_actor(self, class_name))
+        self.cancel = Cancel(self.clients, self.tasks, self.leases)
+        self.objects.on_actor_unheld = self.actors.out_of_scope
+        self.tasks.forward_actor = self.actors.forward
+        self.dispatcher.cpu_wanted = self.leases.recall_if_in_the_way
+        self.leases.placements_waiting = self.actors.placements_waiting
+        self.running = True
+        self.internal_errors = 0
+        objects, tasks, leases, actors = self.objects, self.tasks, self.leases, self.actors
+        self.handlers = {
+            P.REGISTER_FUNCTION: self.dispatcher.on_register_function,
+            P.SUBMIT: tasks.on_submit,
+            P.PUT: objects.on_put,
+            P.HOLD: objects.on_hold,
+            P.RELEASE: objects.on_release,
+            P.ESCAPED: objects.on_escaped,
+            P.SUBSCRIBE: objects.on_subscribe,
+            P.BLOCKED: tasks.on_blocked,
+            P.HANDED_BACK: tasks.on_handed_back,
+            P.UNBLOCKED: tasks.on_unblocked,
+            P.TASK_DONE: self._on_task_done,
+            P.QUERY: self.on_query,
+            P.CREATE_ACTOR: actors.on_create_actor,
+            P.ACTOR_CALL: actors.on_actor_call,
+            P.KILL_ACTOR: actors.on_kill_actor,
+            P.ACTOR_STARTED: actors.on_actor_started,
+            P.ACTOR_EXITING: actors.on_actor_exiting,
+            P.CANCEL: self.cancel.on_cancel,
+            P.DIRECT_CALL: actors.on_direct_call,
+            P.DIRECT_DONE: self._on_direct_done,
+            P.LEASE_REQUEST: leases.on_lease_request,
+            P.LEASE_RETURN: leases.on_lease_return,
+            P.DIRECT_SUBMIT: leases.on_direct_submit,
+            P.LEASED_DONE: leases.on_leased_done,
+            P.LEASE_VERDICT: leases.on_lease_verdict,
+            P.LEASE_HANDED_BACK: leases.on_lease_handed_back,
+        }
+
+    def _on_task_done(self, client: Client, task_id, results, retryable, took=None) -> None:
+        if client.actor is not None:
+            self.actors.on_call_done(client, task_id, results)
+        else:
+            self.tasks.on_task_done(client, task_id, results, retryable, took)
+
+    def _on_direct_done(self, client: Client, task_id, results, caller_pid, retryable) -> None:
+        if client.actor is not None:
+            self.actors.on_direct_done(client, task_id, results, caller_pid, retryable)
+        else:
+            self.leases.on_direct_done(client, task_id, results, caller_pid, retryable)
+
+    def dispatch(self) -> None:
+        """Start what is ready: actors whose arguments are, then tasks."""
+        self.actors.place()
+        self.dispatcher.dispatch()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        # SIGTERM (sent by the kernel when the driver dies) ends the loop like EOF does.
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            self._serve()
+        finally:
+            self.stop()
+
+    def _serve(self) -> None:
+        self.pool.refill()
+        timeout = 1.0
+        while self.running:
+            events = self.clients.selector.select(timeout)
+            if not events and self.clients.dirty:  # nothing more to read: send what waits
+                self._flush_dirty(everyone=True)
+                timeout = 1.0
+                continue
+            self._handle_events(events)
+            if self.objects.doubtful:
+                self._settle_doubtful()
+            try:
+                self.dispatch()
+                if self.leases.wanters:
+                    self.leases.grant()
+            except Exception:  # e.g. fork failing for lack of memory: retried next turn
+                self.internal_errors += 1
+                traceback.print_exc()
+            self._flush_dirty(everyone=False)
+            timeout = 0 if self.clients.dirty or self.objects.doubtful else 1.0
+
+    def _handle_events(self, events) -> None:
+        for key, mask in events:
+            client: Client = key.data
+            if mask & selectors.EVENT_WRITE and client.alive:
+                self._write(client)
+            if mask & selectors.EVENT_READ and client.alive:
+                self._read(client)
+
+    def _settle_doubtful(self) -> None:
+        """Holds of and subscriptions to ids unknown when read: first read everything every
+        process had sent by now.  A ref leaves its process only after the message that makes
+        its object known was written (``Runtime.exported``), so that message is among those
+        bytes; an id still unknown after them is one nobody will ever make known."""
+        doubtful, self.objects.doubtful = self.objects.doubtful, []
+        for client in self.clients.all():
+            if client.alive:
+                self._read(client, everything=True)
+        self.objects.settle_doubtful(doubtful)
+
+    def _read(self, client: Client, everything: bool = False) -> None:
+        """Handle what ``client`` sent: what one read brings, or ``everything`` it had
+        sent by now."""
+        try:
+            if everything:
+                client.conn.fill_arrived()
+            else:
+                client.conn.fill_nonblocking()
+        except (ConnectionClosed, ConnectionResetError):
+            self.on_disconnect(client)
+            return
+        try:
+            messages = client.conn.recv_messages(block=False)
+        except Exception:  # a corrupt frame: that process is beyond trust, the session is not
+            traceback.print_exc()
+            print(f"shmray scheduler: unreadable message from {client!r}; dropping it",
+                  file=sys.stderr, flush=True)
+            if client.kind != "driver":
+                kill_quietly(client.pid)
+            self.on_disconnect(client)
+            return
+        handlers = self.handlers
+        for message in messages:
+            if not client.alive:  # its death was dealt with meanwhile: the rest is moot
+                break
+            try:
+                handlers[message[0]](client, *message[1:])
+            except Exception:  # a bug here must not take every task of the session down
+                self.internal_errors += 1
+                traceback.print_exc()
+                print(f"shmray scheduler: internal error handling message {message[0]} from "
+                      f"{client!r}; continuing", file=sys.stderr, flush=True)
+
+    def _write(self, client: Client) -> None:
+        try:
+            if client.conn.flush_nonblocking():
+                self.clients.selector.modify(client.conn.fd, selectors.EVENT_READ, client)
+        except (ConnectionClosed, OSError):
+            self.on_disconnect(client)
+
+    def _flush_dirty(self, everyone: bool) -> None:
+        """Write queued messages: to workers and actors at once (they have work to start),
+        to the driver only once the loop runs out of messages to handle, or a backlog or a
+        millisecond has built up.  A lone round trip is answered just as fast (the loop goes
+        idle right after), while a burst of results costs the driver one wake-up, not one
+        per task: each wake-up across CPUs costs ~30 us here (DESIGN.md)."""
+        clients = self.clients
+        dirty, clients.dirty = clients.dirty, set()
+        now = time.monotonic()
+        for client in dirty:
+            if not client.alive:
+                continue
+            if not everyone and client.kind == "driver":
+                if client.conn.pending and len(client.conn.pending) < _HOLD_BACK_MESSAGES \
+                        and now - client.held_since < _HOLD_BACK_SECONDS:
+                    clients.dirty.add(client)
+                    continue
+            client.held_since = now
+            try:
+                if not client.conn.flush_nonblocking():
+                    clients.selector.modify(client.conn.fd,
+                                            selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                            client)
+            except ConnectionClosed:
+                self.on_disconnect(client)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def on_query(self, client: Client, request_id, what) -> None:
+        if what == "resources":
+            value = dict(self.resources.total)
+        elif what == "available":
+            value = self.resources.free_now()
+        elif what == "ping":  # a round trip: everything sent before it has been handled
+            value = None
+        elif what == "workers":
+            value = [w.pid for w in self.clients.workers()]
+        elif what == "objects":  # the directory's size, for tests and leak hunting
+            value = len(self.objects)
+        elif what == "direct_calls":  # how many actor calls took the direct route
+            value = self.actors.direct_call_count
+        elif what == "named_actors":
+            value = sorted(self.actors.named)
+        elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
+            self.dispatcher.send_function(client, request_id, what[1])
+            return
+        elif isinstance(what, tuple) and what[0] == "actor":
+            actor_id = self.actors.named.get((what[2], what[1]))
+            actor = self.actors.table.get(actor_id) if actor_id is not None else None
+            value = (actor_id, actor.options) if actor is not None else None
+        else:
+            value = None
+        self.clients.send(client, (P.REPLY, request_id, value))
+
+    # -- deaths and the end ----------------------------------------------------------------
+
+    def on_disconnect(self, client: Client) -> None:
+        """A process is gone (all it sent before has been handled): each part deals with
+        what it had of it."""
+        if not self.clients.remove(client):
+            return
+        if client.kind == "driver":
+            self.running = False
+            return
+        self.actors.caller_died(client)
+        self.objects.drop_early_of(client.pid)
+        status = reap(client.pid)
+        self.store.reap(client.pid)
+        socket_dir = self.options["socket_dir"]
+        _direct.unlink_quietly(_direct.address(socket_dir, client.actor.actor_id)
+                               if client.actor is not None
+                               else _direct.worker_address(socket_dir, client.pid))
+        if client.actor is not None:
+            self.objects.release_holds_of(client)
+            self.actors.process_died(client, status)
+            return
+        self.pool.gone(client)
+        self.leases.worker_died(client, status)
+        self.tasks.worker_died(client, status)
+        self.objects.release_holds_of(client)
+        if self.running:
+            self.pool.refill()
+
+    def stop(self) -> None:
+        """End every worker, reap them, remove the session folder."""
+        # The driver's death arrives twice (EOF and the parent-death SIGTERM); the second
+        # must not cut this cleanup short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        children = [c for c in self.clients.all() if c.kind != "driver"]
+        for child in children:
+            kill_quietly(child.pid)
+        for child in children:
+            reap(child.pid, timeout=5.0)
+            child.conn.close()
+        self.clients.selector.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+        _direct.remove_socket_folder(self.options["socket_dir"])
+
+
+def _terminate(signum, frame):
+    raise SystemExit(0)

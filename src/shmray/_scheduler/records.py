@@ -1,0 +1,67 @@
+"""What the scheduler knows of a task and of an actor: plain records, no logic.
+
+Runs in: the scheduler.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Dict, List, Optional
+
+from .. import _protocol as P
+from .clients import Client
+
+
+class Task:
+    __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
+                 "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
+                 "children", "cancelled", "started_at", "direct")
+
+    def __init__(self, spec: tuple, owner: Client):
+        self.spec = spec
+        self.task_id = spec[P.SPEC_TASK_ID]
+        self.name = spec[P.SPEC_NAME]
+        self.owner = owner
+        num_returns = spec[P.SPEC_NUM_RETURNS]
+        self.return_ids = [self.task_id + (i + 1).to_bytes(4, "little")
+                           for i in range(max(num_returns, 1))]
+        self.resources: Dict[str, float] = spec[P.SPEC_RESOURCES]
+        self.shape = tuple(sorted(self.resources.items()))
+        self.waiting_on = 0
+        self.retries_left = spec[P.SPEC_MAX_RETRIES]
+        self.worker: Optional[Client] = None
+        self.finished = False
+        # every id the task holds until it finishes: top-level args and refs nested in args
+        self.held_ids = list(spec[P.SPEC_ARG_IDS]) + list(spec[P.SPEC_CONTAINED])
+        self.actor: Optional["Actor"] = None  # set for actor method calls
+        self.children: List["Task"] = []      # tasks it submitted while running (cancel)
+        self.cancelled = False
+        self.started_at = 0.0
+        self.direct = False  # sent straight to its actor or leased worker by its caller
+
+
+class Actor:
+    """The scheduler's record of one actor: its process, its mailbox order, its fate."""
+
+    __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
+                 "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
+                 "creation_holds", "out_of_scope", "direct_open", "exit_sent")
+
+    def __init__(self, spec: tuple):
+        self.actor_id = spec[P.ACTOR_ID]
+        self.spec = spec
+        self.options = spec[P.ACTOR_OPTIONS]
+        self.class_name = spec[P.ACTOR_CLASS_NAME]
+        self.client: Optional[Client] = None
+        self.state = "pending"                # pending -> alive -> (pending again) -> dead
+        self.queues: Dict[Client, collections.deque] = {}   # per caller, in call order
+        self.inflight: Dict[bytes, Task] = {}               # sent to the process, not done
+        self.direct_open: Dict[Client, int] = {}  # per caller: direct calls not done yet
+        self.exit_sent = False
+        self.restarts_left = self.options["max_restarts"]
+        self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
+        self.no_restart = False
+        self.held: Dict[str, float] = {}
+        self.waiting_on = 0                   # constructor arguments not ready yet
+        self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
+        self.out_of_scope = False
