@@ -79,12 +79,12 @@ def one_cpu_without_leases():
     """Start a session of one CPU whose driver leases no worker: every task goes through the
     scheduler, which sends short ones ahead to busy workers (the test shuts it down)."""
     one_cpu()
-    runtime().leasing = False
+    runtime().leases.enabled = False
 
 
 def settle():
     """Send queued releases and wait until the scheduler has handled them."""
-    runtime()._settle()
+    runtime().settle()
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_spill_files_live_as_long_as_their_objects(ray):
     assert not [name for name in os.listdir(spill) if "." in name]  # no draft left
     del refs, ref
     gc.collect()
-    wait_for(lambda: (runtime._settle(), os.listdir(spill))[1] == [])
+    wait_for(lambda: (runtime.settle(), os.listdir(spill))[1] == [])
 
 
 @pytest.mark.parametrize("how", ["retired", "crashed", "actor killed"])
@@ -181,7 +181,7 @@ def test_the_pins_of_a_process_that_died_are_freed_when_its_death_is_seen(ray, h
     wait_for(lambda: runtime.store.info(object_id).pin_count == 0)
     del ref
     gc.collect()
-    wait_for(lambda: (runtime._settle(), runtime.store.statistics().num_objects)[1] == 0)
+    wait_for(lambda: (runtime.settle(), runtime.store.statistics().num_objects)[1] == 0)
 
 
 def test_results_spill_and_restore_across_processes(ray):
@@ -408,14 +408,14 @@ def _soak(seconds):
 
         for _ in range(20):  # warm up: pools, caches, allocator
             one_round()
-        runtime._settle()
+        runtime.settle()
         workers = [psutil.Process(pid) for pid in runtime.query("workers")]
         base_store = runtime.store.statistics().bytes_in_use
         base_rss = [p.memory_info().rss for p in [scheduler] + workers]
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             one_round()
-        runtime._settle()
+        runtime.settle()
         assert runtime.store.statistics().bytes_in_use == base_store
         for process, before in zip([scheduler] + workers, base_rss):
             grown = process.memory_info().rss - before

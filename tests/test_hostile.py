@@ -199,7 +199,7 @@ def _unreachable_leases(ray2, monkeypatch, capfd):
     monkeypatch.setattr(_direct, "connect", unreachable_workers)
     assert len(ray2.get([pid.remote() for _ in range(200)], timeout=60)) == 200
     assert len(attempts) == 3  # then the driver stops leasing
-    assert not runtime().leasing
+    assert not runtime().leases.enabled
     assert "could not be reached" in capfd.readouterr().err
     unreachable = {int(os.path.basename(path)[1:]) for path in attempts}
     wait_for(lambda: not any(alive(p) for p in unreachable))  # killed, and replaced:

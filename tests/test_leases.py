@@ -1,5 +1,5 @@
 """Leases: the driver sends plain tasks straight to workers the scheduler lent it, and owns
-them: the scheduler hears of one only when it must (``_runtime``, "leases").  Everything a
+them: the scheduler hears of one only when it must (``_runtime.leases``).  Everything a
 task does must behave as through the scheduler."""
 
 import gc
@@ -19,15 +19,15 @@ DEADLOCK = 60
 def patient_leases(monkeypatch):
     """Leases idle 0.5 s before they go back, not 2 ms: on a loaded machine 2 ms can pass
     between two lines of a test, and the lease it set up would be gone."""
-    from shmray import _runtime
+    from shmray._runtime import leases
 
-    monkeypatch.setattr(_runtime, "_LEASE_IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(leases, "IDLE_SECONDS", 0.5)
 
 
 def direct_tasks():
     """Tasks this driver sent to a lease (counted here: a query would wait, and a driver
     that waits on something else gives its idle lease back)."""
-    return runtime().leased_tasks
+    return runtime().leases.tasks_sent
 
 
 def warm_lease(ray):
@@ -37,9 +37,9 @@ def warm_lease(ray):
     def noop():
         return None
 
-    before = runtime().leased_tasks
+    before = runtime().leases.tasks_sent
     ray.get(noop.remote())
-    assert runtime()._leases and runtime().leased_tasks > before
+    assert runtime().leases.held and runtime().leases.tasks_sent > before
 
 
 def test_lone_round_trips_take_the_lease(ray):
@@ -147,7 +147,7 @@ def test_a_leased_task_waiting_on_a_nested_one_lends_its_cpu():
 
 def test_an_idle_lease_goes_back(ray):
     warm_lease(ray)
-    wait_for(lambda: not runtime()._leases, timeout=5)
+    wait_for(lambda: not runtime().leases.held, timeout=5)
     wait_for(lambda: ray.available_resources().get("CPU") == 2.0, timeout=5)
 
 
@@ -234,7 +234,7 @@ def test_waiting_with_a_lease_costs_no_cpu(ray):
     started = time.process_time()
     assert ray.get(slow.m.remote(), timeout=30) == "m"
     assert time.process_time() - started < 0.015  # was ~30 ms: a wake-up every 2 ms
-    assert not runtime()._leases  # and the idle lease went back
+    assert not runtime().leases.held  # and the idle lease went back
 
 
 @pytest.mark.parametrize("computes", [0.0, 0.05])
@@ -310,7 +310,7 @@ def test_a_burst_runs_on_leases_and_the_scheduler_hears_of_none_of_it(ray):
     del refs
     gc.collect()
     settle()  # applies the releases queued by the refs' __del__
-    assert not runtime()._owner_only and not runtime()._unregistered
+    assert not runtime().objects.owner_only and not runtime().objects.unregistered
 
 
 def test_refs_to_results_only_the_driver_had_resolve_wherever_they_go(ray):
@@ -344,7 +344,7 @@ def test_refs_to_results_only_the_driver_had_resolve_wherever_they_go(ray):
     del refs
     gc.collect()
     wait_for(lambda: (settle(), runtime().query("objects"))[1] == objects + 1, timeout=10)
-    assert not runtime()._owner_only and not runtime()._unregistered
+    assert not runtime().objects.owner_only and not runtime().objects.unregistered
 
 
 def test_refs_of_tasks_still_running_or_waiting_for_a_worker_can_be_passed_on(ray):
@@ -358,7 +358,7 @@ def test_refs_of_tasks_still_running_or_waiting_for_a_worker_can_be_passed_on(ra
         return a + b
 
     refs = [slow.remote(i) for i in range(6)]  # two run, four wait in the driver's backlog
-    assert runtime()._backlog
+    assert runtime().leases.backlog
     total = add.remote(refs[0], refs[5])  # one running, one not sent yet
     assert ray.get(total, timeout=30) == 5
     assert ray.get(refs, timeout=30) == list(range(6))
@@ -456,7 +456,7 @@ def test_a_task_waiting_on_one_queued_behind_it_on_its_worker():
         before = direct_tasks()
         first = task.remote(0, True)
         second = task.remote(41, False)
-        assert direct_tasks() - before == 2 and len(runtime()._leases) == 1
+        assert direct_tasks() - before == 2 and len(runtime().leases.held) == 1
         box.put.remote([second])
         assert shmray.get(first, timeout=30) == 42
         assert shmray.get(second, timeout=30) == 41
@@ -504,7 +504,7 @@ def test_a_result_seen_stays_when_its_worker_dies_before_the_scheduler_hears(ray
     if registered:  # the scheduler knows of the task; else only we do
         rt.publish([ref.binary()])
         rt.flush()
-    with rt._lock:  # held across get(): nothing more reaches the scheduler meanwhile
+    with rt.link.lock:  # held across get(): nothing more reaches the scheduler meanwhile
         worker = ray.get(ref, timeout=30)
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: not alive(worker))
@@ -618,7 +618,7 @@ def test_a_worker_waits_only_for_cancels_counted_and_not_yet_read():
     slot = mmap.mmap(-1, P.SLOT_SIZE)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        worker = Worker(types.SimpleNamespace(), slot)
+        worker = Worker(types.SimpleNamespace(link=types.SimpleNamespace()), slot)
     finally:
         signal.signal(signal.SIGINT, handler)
     worker.on_message((P.CANCEL_CALL, b"t" * 24))  # read before it is counted

@@ -60,7 +60,7 @@ def test_a_forked_child_that_exits_leaves_the_parents_session_alone():
         assert shmray.get(double.remote(21), timeout=60) == 42
         del refs, ref, arrays
         gc.collect()
-        runtime._settle()
+        runtime.settle()
         runtime.store.check()
         assert runtime.store.statistics().num_objects == 0
         shmray.shutdown()

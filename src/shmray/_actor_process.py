@@ -68,10 +68,10 @@ class ActorProcess(Worker):
         self.wake = None               # async actors: schedules the queued calls on the loop
         current_task.actor_id = self.actor_id
         _output.set_name(self.class_name)
-        runtime.blocked_hook = None  # an actor holds no CPU it could lend
+        runtime.link.blocked_hook = None  # an actor holds no CPU it could lend
         # An async actor's event loop reads only its own sockets: it calls others through the
         # scheduler.
-        runtime.calls_actors_directly = not self.is_async
+        runtime.channels.enabled = not self.is_async
         self.cancelled_early: dict = {}  # cancels that overtook their direct call (ordered)
         # A sync actor with more calls queued holds replies back a little (see Worker).
         self.batch_replies = not self.is_async and self.max_concurrency == 1
@@ -93,7 +93,7 @@ class ActorProcess(Worker):
         now = time.monotonic()
         if not self.queue or now - self.last_poll > _POLL_INTERVAL:
             self.last_poll = now
-            self.runtime.poll()
+            self.runtime.link.poll()
 
     def on_message(self, message: tuple) -> None:
         if message[0] == P.CALL:
@@ -226,10 +226,10 @@ class ActorProcess(Worker):
     def _next_call(self):
         """The next CALL, reading the connection if none is queued; None when it's over."""
         runtime = self.runtime
-        with runtime._lock:
+        with runtime.link.lock:
             try:
                 self.poll_now_and_then()  # a CANCEL_CALL may be waiting behind queued calls
-                runtime._wait_until(lambda: self.queue or self.exiting or self.exit_requested,
+                runtime.link.wait_until(lambda: self.queue or self.exiting or self.exit_requested,
                                     None)
             except exceptions.RaySystemError:
                 return None
@@ -266,8 +266,7 @@ class ActorProcess(Worker):
         except exceptions.RaySystemError:
             pass
         if self.exit_requested:
-            with self.runtime._lock:
-                self.runtime._cv.notify_all()
+            self.runtime.link.wake_waiters()
 
     def _run_async(self) -> None:
         # asyncio is imported only where an async actor runs: ~10 ms that every driver would
@@ -287,7 +286,7 @@ class ActorProcess(Worker):
         if not self.construct():
             return
         runtime = self.runtime
-        runtime.external_reader = True
+        runtime.link.external_reader = True
         finished = asyncio.Event()
         running = set()
         active = [0]  # calls started and not finished
@@ -322,36 +321,29 @@ class ActorProcess(Worker):
                     lambda _t, task_id=message[1]: self.running_calls.pop(task_id, None))
 
         def on_readable():
-            with runtime._lock:
-                try:
-                    runtime.conn.fill_nonblocking()
-                    messages = runtime.conn.recv_messages(block=False)
-                except ConnectionClosed:
-                    finished.set()
-                    return
-                for message in messages:
-                    runtime.handle(message)
-                runtime._cv.notify_all()
+            if not runtime.link.serve_arrived():
+                finished.set()
+                return
             start_queued()
             if self.exiting:
                 finished.set()
 
         def watch(fd, callback):
             def on_ready():
-                with runtime._lock:
+                with runtime.link.lock:
                     callback()
-                    runtime._cv.notify_all()
+                runtime.link.wake_waiters()
                 start_queued()
             loop.add_reader(fd, on_ready)
 
         def on_unflushed(conn):
             def on_writable():
-                with runtime._lock:
-                    runtime.write_some(conn)
-                    if conn not in runtime.unflushed:
+                with runtime.link.lock:
+                    runtime.link.write_some(conn)
+                    if conn not in runtime.link.unflushed:
                         loop.remove_writer(conn.fd)
             def watch_writable():
-                if conn in runtime.unflushed:  # not written meanwhile, nor closed
+                if conn in runtime.link.unflushed:  # not written meanwhile, nor closed
                     loop.add_writer(conn.fd, on_writable)
 
             # Through the loop: the flusher thread writes held replies too (``before_wait``).
@@ -363,15 +355,15 @@ class ActorProcess(Worker):
 
         self.wake = lambda: loop.call_soon(start_queued)
         self.watch, self.unwatch, self.on_unflushed = watch, unwatch, on_unflushed
-        for fd, callback in list(runtime.readers.items()):  # the listener, registered early
-            runtime.readers.pop(fd)
+        for fd, callback in list(runtime.link.readers.items()):  # the listener, registered early
+            runtime.link.readers.pop(fd)
             watch(fd, callback)
-        runtime.conn.sock.setblocking(False)
-        loop.add_reader(runtime.conn.fd, on_readable)
+        runtime.link.conn.sock.setblocking(False)
+        loop.add_reader(runtime.link.conn.fd, on_readable)
         start_queued()
         on_readable()
         await finished.wait()
-        loop.remove_reader(runtime.conn.fd)
+        loop.remove_reader(runtime.link.conn.fd)
         if self.exiting:  # EXIT comes after the calls sent before it: finish them all
             while self.queue or running:
                 start_queued()
@@ -385,9 +377,9 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
     _context.install(runtime)
     try:
         start = collections.deque()
-        runtime.on_message = start.append
-        with runtime._lock:
-            runtime._wait_until(lambda: start, None)
+        runtime.link.on_message = start.append
+        with runtime.link.lock:
+            runtime.link.wait_until(lambda: start, None)
         message = start.popleft()
         actor = ActorProcess(runtime, message)
         for early in start:  # what arrived with START_ACTOR, in order (calls, cancels)

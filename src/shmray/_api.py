@@ -111,7 +111,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
         )
     runtime = current()
     task_id = object_ref.task_id()
-    if force and task_id in runtime.actor_calls:
+    if force and task_id in runtime.objects.actor_calls:
         raise ValueError(
             "force=True is not supported for actor calls (as in Ray): use kill() on the actor"
         )

@@ -32,7 +32,7 @@ lease holds the worker's CPU until it is given back::
        ◀───── RESULT, RESULT, ... ─────────┘
        └── only if it must: DIRECT_SUBMIT, LEASED_DONE ──▶ scheduler
 
-The scheduler hears of such a task only when it must (``_runtime``, "leases": a ref to it
+The scheduler hears of such a task only when it must (``_runtime.leases``: a ref to it
 leaves the driver, it is cancelled, it waited in get() or submitted tasks, its results
 hold refs or live in the arena, it will be retried); then the driver registers it and
 reports what came back, and the worker reports first only the results the driver can't
@@ -63,6 +63,7 @@ import time
 from typing import Callable, Optional, Tuple
 
 from ._connection import Connection
+from ._context import cancel_point
 
 _BACKLOG = 128
 SPIN_SECONDS = 100e-6 if (os.cpu_count() or 1) > 1 else 0.0
@@ -188,6 +189,7 @@ class Spinner:
     def __init__(self):
         self.recent = 1.0  # how long waits took lately, seconds (moving average)
 
+    @cancel_point  # between polls and in block(): nothing half done
     def wait(self, poll: Callable[[], object], block: Callable[[Optional[float]], object],
              timeout: Optional[float]):
         """poll() or block(timeout)'s result: whatever arrived first."""

@@ -62,7 +62,7 @@ Client (driver, worker, actor) -> scheduler
     DIRECT_SUBMIT      worker_pid, spec              registers a task sent straight to a leased
                                                      worker; the sender holds its results.
                                                      Sent only when the scheduler needs to know
-                                                     of it (``_runtime``: ownership)
+                                                     of it (``_runtime.leases``: ownership)
     DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
                                                      actor_pid (``_direct``); the sender holds
                                                      its results
@@ -200,6 +200,23 @@ ACTOR_ARGS = 3
 ACTOR_ARG_IDS = 4
 ACTOR_CONTAINED = 5
 ACTOR_OPTIONS = 6
+
+
+# Messages built in more than one process, built here only.
+
+def execute_message(spec: tuple, pickled, values: dict) -> tuple:
+    """EXECUTE of a TaskSpec: from the scheduler (with the function's code if the worker
+    lacks it, and the values of small ref arguments), or from a driver to a worker it
+    leases (neither: its tasks have no ref arguments, and the worker asks for code)."""
+    return (EXECUTE, spec[SPEC_TASK_ID], spec[SPEC_FN_ID], pickled, spec[SPEC_NAME],
+            spec[SPEC_ARGS], spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values,
+            spec[SPEC_RETRY_EXCEPTIONS], spec[SPEC_EXTRA])
+
+
+def call_message(spec: tuple, values: dict) -> tuple:
+    """CALL of an actor method's TaskSpec: from the scheduler, or straight from the caller."""
+    return (CALL, spec[SPEC_TASK_ID], spec[SPEC_FN_ID], spec[SPEC_NAME], spec[SPEC_ARGS],
+            spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values)
 
 
 # A worker's slot: shared memory the scheduler maps before forking it.

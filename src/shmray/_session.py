@@ -147,7 +147,7 @@ def init(**kwargs: Any):
         _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
                                     death_signal=signal.SIGTERM)
         scheduler_end.close()
-        # The driver runs its plain tasks on workers it leases (``_runtime``, "leases").
+        # The driver runs its plain tasks on workers it leases (``_runtime.leases``).
         runtime = _runtime.Runtime(store, driver_end, session_dir, options, leasing=True)
         _context.install(runtime)
         _forked_from = None  # a forked child with a session of its own now

@@ -39,7 +39,7 @@ from typing import Dict, Optional
 import setproctitle
 
 from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
-from ._context import current_task
+from ._context import at_cancel_point, cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._ids import first_return_id, object_id_for_return
 from ._serialization import (
@@ -90,16 +90,16 @@ class Worker:
         self.waiting = False  # the running task waits in get/wait
         self.parked = False   # reports parked in the slot, not sent yet
         self.loading = 0.0    # of the task running: time spent loading its function
-        runtime.after_flush = self._unpark
-        runtime.on_message = self.on_message
-        runtime.blocked_hook = self._blocked
+        runtime.link.after_flush = self._unpark
+        runtime.link.on_message = self.on_message
+        runtime.link.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
         # Direct channels: peers connect to the listener; one connection per peer process.
         self.listener = None
         self.callers: dict = {}         # fd -> (connection, peer pid)
         self.origins: dict = {}         # task id -> (connection, peer pid): sent straight here
         self.held_replies: set = set()  # connections with replies not written yet
-        runtime.before_wait = self.write_replies
+        runtime.link.before_wait = self.write_replies
 
     # -- direct channels ------------------------------------------------------------------
 
@@ -107,16 +107,16 @@ class Worker:
         """Serve direct channels on ``listener`` (None: this process has none)."""
         self.listener = listener
         if listener is not None:
-            self.runtime.listeners.add(self.listener.fileno())
+            self.runtime.link.listeners.add(self.listener.fileno())
             self.watch(self.listener.fileno(), self._accept)
 
     def watch(self, fd: int, callback) -> None:
         """Have ``callback`` read ``fd`` when it is readable (an async actor's loop does it
         its own way)."""
-        self.runtime.readers[fd] = callback
+        self.runtime.link.readers[fd] = callback
 
     def unwatch(self, fd: int) -> None:
-        self.runtime.readers.pop(fd, None)
+        self.runtime.link.readers.pop(fd, None)
 
     def _accept(self) -> None:
         while True:
@@ -142,7 +142,7 @@ class Worker:
         if closed:  # the peer is gone; results still owed it are reported to the scheduler
             self.unwatch(conn.fd)
             self.callers.pop(conn.fd, None)
-            self.runtime.unflushed.discard(conn)
+            self.runtime.link.unflushed.discard(conn)
             conn.close()
 
     def _take_direct(self, message: tuple, origin) -> None:
@@ -167,7 +167,7 @@ class Worker:
         if conn is not None and self.callers.get(conn.fd, (None,))[0] is not conn:
             conn = None  # the caller is gone (and its descriptor number may be reused)
         undelivered = [r[0] for r in results if retryable or r[3]]
-        with runtime._lock:
+        with runtime.link.lock:
             done = None
             if origin is None:
                 done = (P.TASK_DONE, task_id, results, retryable, took)
@@ -178,9 +178,9 @@ class Worker:
             _release_held(runtime, results)  # after the message that now holds them
             if conn is None:
                 if (done is not None and self.hold_reports and self.queue
-                        and len(runtime.conn.pending) < _REPLY_BATCH
+                        and len(runtime.link.conn.pending) < _REPLY_BATCH
                         and self.cancel_slot is not None
-                        and all(m[0] in _PARKABLE for m in runtime.conn.pending)
+                        and all(m[0] in _PARKABLE for m in runtime.link.conn.pending)
                         and P.park_report(self.cancel_slot, done)):
                     # Sent with the next report, before this process waits, or by the
                     # flusher within a millisecond (should the next task hold the GIL: when
@@ -213,8 +213,8 @@ class Worker:
         runtime = self.runtime
         runtime.flush()
         for conn in self.held_replies:
-            runtime.write_some(conn)
-            if conn in runtime.unflushed:
+            runtime.link.write_some(conn)
+            if conn in runtime.link.unflushed:
                 self.on_unflushed(conn)
         self.held_replies.clear()
 
@@ -230,12 +230,12 @@ class Worker:
         long gets its results from the scheduler instead)."""
         runtime = self.runtime
         deadline = time.monotonic() + patience
-        with runtime._lock:
+        with runtime.link.lock:
             self.write_replies()
-            while runtime.unflushed and time.monotonic() < deadline:
-                for conn in list(runtime.unflushed):
-                    runtime.write_some(conn)
-                for conn in list(runtime.unflushed)[:1]:
+            while runtime.link.unflushed and time.monotonic() < deadline:
+                for conn in list(runtime.link.unflushed):
+                    runtime.link.write_some(conn)
+                for conn in list(runtime.link.unflushed)[:1]:
                     wait_writable(conn.fd, 0.05)
 
     def _on_sigint(self, signum, frame) -> None:
@@ -249,13 +249,13 @@ class Worker:
             self.cancel_pending = current_task.task_id
             return
         if self.in_user_code:
-            if not _interruptible(frame):
+            if not at_cancel_point(frame):
                 # Inside shmray, called by the task (a put, a submit, a message half
                 # written): an exception there would cut a frame or lose bytes read.  It
-                # is raised where shmray is done (``Runtime.take_interrupt``), or when the
+                # is raised where shmray is done (``Link.take_interrupt``), or when the
                 # signal comes again in a moment, should the task have left shmray.
                 self.cancelled = True
-                self.runtime.pending_interrupt = True
+                self.runtime.link.pending_interrupt = True
                 threading.Timer(_REDELIVER_SECONDS, _signal_self).start()
                 return
             self.cancelled = True
@@ -280,15 +280,15 @@ class Worker:
             if blocked:
                 self._hand_back()
             if not blocked:
-                self.runtime.conn.send((P.UNBLOCKED,))
+                self.runtime.link.conn.send((P.UNBLOCKED,))
             elif self.runtime.running_leased is not None:
                 self.runtime.leased_must_register = True
-                self.runtime.conn.send((P.BLOCKED, self.runtime.running_leased))
+                self.runtime.link.conn.send((P.BLOCKED, self.runtime.running_leased))
             else:
-                self.runtime.conn.send((P.BLOCKED,))
+                self.runtime.link.conn.send((P.BLOCKED,))
             if not blocked:  # the task computes again now: its CPU must not be lent out
                 try:
-                    self.runtime.conn.flush()
+                    self.runtime.link.conn.flush()
                 except ConnectionClosed:
                     pass
 
@@ -296,7 +296,7 @@ class Worker:
         """Read the CANCEL_CALLs the slot counts (the scheduler writes the message before it
         counts it: it is on its way)."""
         if self._cancel_unread():
-            self.runtime._wait_until(lambda: not self._cancel_unread(), None)
+            self.runtime.link.wait_until(lambda: not self._cancel_unread(), None)
 
     def _cancel_unread(self) -> bool:
         """A cancel the slot counts is still on its way.  The scheduler writes the message
@@ -333,7 +333,7 @@ class Worker:
         if ahead:
             for task_id in ahead:
                 self.skip.pop(task_id, None)
-            self.runtime.conn.send((P.HANDED_BACK, ahead))
+            self.runtime.link.conn.send((P.HANDED_BACK, ahead))
         for conn, task_ids in leased.items():
             for task_id in task_ids:
                 del self.origins[task_id]
@@ -345,9 +345,9 @@ class Worker:
     def run(self) -> None:
         runtime = self.runtime
         while True:
-            with runtime._lock:
+            with runtime.link.lock:
                 try:
-                    runtime._wait_until(lambda: self.queue or self.exiting, None)
+                    runtime.link.wait_until(lambda: self.queue or self.exiting, None)
                     self._read_cancels()  # for the task it is about to start?
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
@@ -356,14 +356,14 @@ class Worker:
                 message = self.queue.popleft()
             task_id = message[1]
             self.cancelled = False
-            runtime.pending_interrupt = False
+            runtime.link.pending_interrupt = False
             if self.cancel_slot is not None:
                 # The scheduler reads it if we die: this one may have crashed us, those
                 # sent after it never started.  It also reads it to cancel: it counts a
                 # cancel, then looks here; we write here, then look at the count (after a
                 # lock's fence), so one of us sees the other.
                 self.cancel_slot[P.SLOT_STARTED] = task_id
-                with runtime._lock:
+                with runtime.link.lock:
                     try:
                         self._read_cancels()
                     except exceptions.RaySystemError:
@@ -392,6 +392,7 @@ class Worker:
             if restore is not None:
                 restore()
 
+    @cancel_point  # the task's own code runs (nothing of shmray's is under it)
     def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                  retry_exceptions):
         current_task.task_id = task_id
@@ -435,18 +436,18 @@ class Worker:
         finally:
             current_task.task_id = None
             self.runtime.running_leased = None
-            self.runtime.pending_interrupt = False  # it ended before it took the cancel
+            self.runtime.link.pending_interrupt = False  # it ended before it took the cancel
             sys_flush()
         return results, retryable
 
     def _fetch_function(self, fn_id: bytes) -> bytes:
         """A function's code, from the scheduler (which has every function registered)."""
         runtime = self.runtime
-        hook, runtime.blocked_hook = runtime.blocked_hook, None  # a fetch lends no CPU
+        hook, runtime.link.blocked_hook = runtime.link.blocked_hook, None  # a fetch lends no CPU
         try:
             return runtime.query(("function", fn_id))
         finally:
-            runtime.blocked_hook = hook
+            runtime.link.blocked_hook = hook
 
     def _arguments(self, args_blob, arg_ids, values):
         args, kwargs = deserialize(memoryview(args_blob))
@@ -485,23 +486,7 @@ class Worker:
         return (object_id, data, serialized.metadata, serialized.contained_refs)
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _REDELIVER_SECONDS = 0.001
-
-
-def _interruptible(frame) -> bool:
-    """The task's own code runs (the first of shmray's frames out from where the signal
-    landed is ``Worker._execute``), or shmray waits on its behalf in poll(2), with nothing
-    half done (``Runtime._wait_ready``'s ``block``, ``_direct.Spinner.wait``)."""
-    while frame is not None:
-        code = frame.f_code
-        if code.co_filename.startswith(_PACKAGE):
-            name, path = code.co_name, code.co_filename
-            return (name == "_execute" and path == __file__
-                    or name == "block" and path.endswith("_runtime.py")
-                    or name == "wait" and path.endswith("_direct.py"))
-        frame = frame.f_back
-    return True
 
 
 def _signal_self() -> None:

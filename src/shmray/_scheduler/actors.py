@@ -206,9 +206,7 @@ class Actors:
                 task.worker = client
                 spec = task.spec
                 values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
-                self.clients.send(client, (P.CALL, task.task_id, spec[P.SPEC_FN_ID],
-                                           task.name, spec[P.SPEC_ARGS], spec[P.SPEC_ARG_IDS],
-                                           spec[P.SPEC_NUM_RETURNS], values))
+                self.clients.send(client, P.call_message(spec, values))
             if not queue:
                 del actor.queues[caller]
 

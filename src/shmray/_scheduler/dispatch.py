@@ -166,10 +166,7 @@ class Dispatcher:
             pickled = self.functions[fn_id][0]
             worker.functions.add(fn_id)
         values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
-        self.clients.send(worker, (P.EXECUTE, task.task_id, fn_id, pickled, task.name,
-                                   spec[P.SPEC_ARGS], spec[P.SPEC_ARG_IDS],
-                                   spec[P.SPEC_NUM_RETURNS], values,
-                                   spec[P.SPEC_RETRY_EXCEPTIONS], spec[P.SPEC_EXTRA]))
+        self.clients.send(worker, P.execute_message(spec, pickled, values))
 
     def note_run_time(self, task: Task, task_id: bytes, took: Optional[float]) -> None:
         fn_id = task.spec[P.SPEC_FN_ID]

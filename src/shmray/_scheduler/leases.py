@@ -1,6 +1,6 @@
 """Leases: workers lent to a driver, which sends them its plain tasks itself.
 
-Runs in: the scheduler.  (The driver's side is in ``_runtime``, "leases".)
+Runs in: the scheduler.  (The driver's side is in ``_runtime.leases``.)
 
 A driver owns the tasks it submits with no ref among their arguments and one CPU, as in
 Ray: it keeps them in a backlog, leases workers from the scheduler and sends the tasks

@@ -1,0 +1,232 @@
+"""One process's part of a running session: the ``Runtime``, made of five parts.
+
+Runs in: the driver, every worker and every actor (one Runtime per process).
+
+The parts, each in its module, import one way (a lower one tells a higher one of events
+through a hook the higher one sets)::
+
+    link      the connection to the scheduler: sending, the one reader, waiting, the flusher,
+      ^       and the one table through which every message from the scheduler is handled
+    objects   refs, put, get/wait, where each object is
+      ^
+    futures   refs as concurrent futures and awaitables
+    channels  actor calls straight to the actor (``_direct``)
+      ^
+    leases    the driver's plain tasks, straight to workers it leases, owned here
+
+``Runtime`` is the face the rest of shmray sees: the API (``_api``, ``_actor``,
+``_remote_function``) calls its methods; a worker or actor process (``_worker``,
+``_actor_process``) also uses its ``link`` (the lock, waiting, its descriptors, its hooks).
+
+DESIGN.md sends every task through the scheduler.  For a burst of short tasks that made
+the scheduler the bottleneck (~14 us of its CPU a task, and two more wake-ups), so a driver
+now runs its plain tasks on workers it leases (``leases``) and the scheduler hears of one
+only when it must: Ray's ownership.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .. import _protocol as P, _resources
+from .._connection import Connection
+from .._object_ref import ObjectRef
+from .._object_store import ObjectStore
+from .._pickling import in_own_pickle
+from .._spill import Spiller
+from .channels import Channels
+from .futures import Futures
+from .leases import Leases, leasable
+from .link import Link
+from .objects import IN_ARENA, INLINE_THRESHOLD, Objects
+
+__all__ = ["IN_ARENA", "INLINE_THRESHOLD", "Runtime"]
+
+
+class Runtime:
+    """The session as this process sees it."""
+
+    def __init__(self, store: ObjectStore, conn: Connection, session_dir: str, options: dict,
+                 leasing: bool = False):
+        self.store = store
+        self.session_dir = session_dir
+        self.socket_dir = options["socket_dir"]  # where actors and workers listen (_direct)
+        self.options = options
+        self.total = options["total"]  # the session's resources (``_resources``)
+        self.inline_threshold = INLINE_THRESHOLD
+        self.forked_from: Optional[int] = None  # in a forked child: the session's process
+        self.spiller = Spiller(store, self._spill_dir)
+        self.link = link = Link(conn)
+        self.objects = objects = Objects(link, store, self.spiller, tracker=self)
+        self.futures = Futures(link, objects)
+        self.channels = Channels(link, objects, self.socket_dir)
+        self.leases = Leases(link, objects, self.socket_dir,
+                             max(int(options.get("num_cpus") or 1), 1), leasing)
+        self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity
+        self._registered_functions: set = set()
+        # A leased worker: the task it runs, named in what it submits (the scheduler may
+        # hear of that task from the driver only later); and whether that task submitted
+        # tasks or waited in get(), so its driver must register it (RESULT).
+        self.running_leased: Optional[bytes] = None
+        self.leased_must_register = False
+        # The hottest calls, straight to the part that does them (ObjectRef's, get's).
+        self.add_local_ref = objects.add_local_ref
+        self.add_owned_ref = objects.add_owned_ref
+        self.release_later = objects.release_later
+        self.get_values = objects.get_values
+        self.wait = objects.wait
+        self.value_at = objects.value_at
+        self.store_object = objects.store_object
+        self.still_pending = objects.still_pending
+        self.num_local_refs = objects.num_local_refs
+        self.settle = objects.settle
+        self.future_of = self.futures.future_of
+        self.await_ref = self.futures.await_ref
+        self.send = link.send
+        self.flush = link.flush
+        self.flush_later = link.flush_later
+
+    def _spill_dir(self) -> str:
+        path = os.path.join(self.session_dir, "spill")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def put(self, value) -> ObjectRef:
+        return self.objects.put(value)
+
+    def exported(self, object_id: bytes) -> None:
+        """A ref was pickled (ObjectRef.__reduce__): publish its object.  A pickle of the
+        user's own (a multiprocessing queue, a file; not one of our messages, which follow
+        the object's registration on the same connection) may reach another process by a
+        faster way than ours: what makes the object known is written before this returns,
+        and the object is held for as long as this process lives (as in Ray), since we
+        can't see when that copy of the ref goes."""
+        link = self.link
+        if link.closed:
+            return
+        self.leases.publish((object_id,))
+        if in_own_pickle():
+            return
+        with link.lock:
+            unsent = bool(link.conn.pending or link.conn.out)
+            link.conn.send((P.ESCAPED, [object_id]))  # before any later RELEASE of it
+            if unsent:
+                link.flush()
+
+    # -- tasks and actors ------------------------------------------------------------------
+
+    def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
+        """Send a task: a plain one to a worker we lease (``leases``), others through the
+        scheduler.  One that can never run raises here, whatever its route."""
+        resources = spec[P.SPEC_RESOURCES]
+        if self._feasible.get(id(resources)) is not resources:
+            self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
+        if spec[P.SPEC_ARG_IDS]:
+            self.leases.publish(spec[P.SPEC_ARG_IDS])
+        if self.leases.enabled and leasable(spec):
+            with self.link.lock:
+                return self.leases.submit(spec, return_ids)
+        if self.running_leased is not None:
+            self.leased_must_register = True
+            return self.objects.send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
+        return self.objects.send_owning((P.SUBMIT, spec), return_ids)
+
+    def check_feasible(self, demand: dict, what: str, actor: bool = False) -> None:
+        """Raise if ``demand`` can never be met here (``_resources``).  A demand found
+        feasible is remembered by identity: a remote function's is the same dict every call."""
+        _resources.check_feasible(demand, self.total, what, actor)
+        if len(self._feasible) > 1024:
+            self._feasible.clear()
+        self._feasible[id(demand)] = demand
+
+    def ensure_function(self, fn_id: bytes, pickled_fn: Callable[[], bytes], name: str) -> None:
+        if fn_id not in self._registered_functions:
+            with self.link.lock:
+                if fn_id not in self._registered_functions:
+                    self.link.conn.send((P.REGISTER_FUNCTION, fn_id, pickled_fn(), name))
+                    self._registered_functions.add(fn_id)
+                    if self.leases.enabled:  # a leased worker may ask for it at once
+                        self.link.flush()
+
+    def create_actor(self, spec: tuple, wait: bool):
+        """(handle ref, actor options); waits for the scheduler's answer if ``wait``."""
+        self.leases.publish(spec[P.ACTOR_ARG_IDS])
+        with self.link.lock:
+            if not wait:
+                self.link.conn.send((P.CREATE_ACTOR, None, spec))
+                ref = self.objects.add_owned_ref(spec[P.ACTOR_ID])
+                options = spec[P.ACTOR_OPTIONS]
+            else:
+                reply = self.link.request(P.CREATE_ACTOR, spec)
+                if isinstance(reply, BaseException):
+                    raise reply
+                actor_id, options = reply
+                ref = self.objects.add_owned_ref(actor_id)
+        self.link.flush()
+        return ref, options
+
+    def call_actor(self, actor_id: bytes, spec: tuple, return_ids,
+                   direct_ok: bool) -> List[ObjectRef]:
+        """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
+        arguments) and order allows (``channels``), else through the scheduler."""
+        self.leases.publish(spec[P.SPEC_ARG_IDS])
+        with self.link.lock:
+            return self.channels.call(actor_id, spec, return_ids, direct_ok)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        """Kill an actor; return once it is dead and the scheduler has dealt with its death
+        (its calls failed, or it is restarting), so no call made after this reaches it."""
+        self.link.request(P.KILL_ACTOR, actor_id, no_restart)
+        self.channels.killed(actor_id)
+
+    def publish(self, ids) -> None:
+        self.leases.publish(ids)
+
+    def return_idle_leases(self) -> None:
+        """Give back every lease with no task running (before asking what is available)."""
+        with self.link.lock:
+            self.leases.return_idle(0.0)
+
+    def query(self, what):
+        """Ask the scheduler (resources, workers, actors); waits for the answer."""
+        return self.link.request(P.QUERY, what)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def forget_after_fork(self, parent_pid: int) -> None:
+        """In a child the user (or a library) forked from this process: the session is the
+        parent's, and the child must never touch it.  No message, no socket shut down (each
+        is shared with the parent), no pin released in the arena (the parent's views hold
+        them; unpinning is a no-op once the store is abandoned here), no lock taken (a thread
+        of the parent may have held one at the fork).  The child's copies of the session's
+        descriptors now point at /dev/null: a child that outlives this process can't keep
+        its sockets open, which would hide its death from the scheduler."""
+        self.link.closed = True
+        self.forked_from = parent_pid
+        self.store.abandon()
+        fds = self.link.descriptors()
+        fds.update(channel.conn.fd
+                   for channel in [*self.channels.by_actor.values(), *self.leases.held])
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                try:
+                    os.dup2(null, fd, inheritable=False)
+                except OSError:
+                    pass
+        finally:
+            os.close(null)
+
+    def close(self) -> None:
+        link = self.link
+        link.stop()
+        with link.lock:
+            self.objects.clear()
+            self.futures.cancel_all()
+            self.channels.close()
+            self.leases.close()
+        self.store.close()
+        link.close()
