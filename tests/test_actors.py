@@ -728,6 +728,32 @@ def test_exit_actor_ends_a_threaded_actor(ray):
     wait_for(lambda: not alive(pid), timeout=10)
 
 
+def test_exit_actor_in_an_async_actor_raises_asyncio_actor_exit(ray, tmp_path):
+    """As in Ray: an asyncio actor's exit_actor() raises AsyncioActorExit (an Exception a
+    broad except catches), and the actor ends even so."""
+    seen = tmp_path / "seen"
+
+    @ray.remote
+    class A:
+        async def bye(self):
+            try:
+                shmray.actor.exit_actor()
+            except BaseException as exc:
+                seen.write_text(type(exc).__name__)
+                return "caught it"
+
+        async def ping(self):
+            return 1
+
+    a = A.remote()
+    assert ray.get(a.ping.remote(), timeout=DEADLOCK) == 1
+    with pytest.raises(exceptions.ActorDiedError, match="exit_actor"):
+        ray.get(a.bye.remote(), timeout=DEADLOCK)
+    assert seen.read_text() == "AsyncioActorExit"
+    with pytest.raises(exceptions.RayActorError):
+        ray.get(a.ping.remote(), timeout=DEADLOCK)
+
+
 def test_exit_actor_makes_the_calling_call_raise_and_always_ends(ray):
     @ray.remote
     class E:

@@ -618,16 +618,16 @@ def test_a_worker_waits_only_for_cancels_counted_and_not_yet_read():
     slot = mmap.mmap(-1, P.SLOT_SIZE)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        worker = Worker(types.SimpleNamespace(link=types.SimpleNamespace()), slot)
+        worker = Worker(types.SimpleNamespace(link=types.SimpleNamespace(handlers={})), slot)
     finally:
         signal.signal(signal.SIGINT, handler)
-    worker.on_message((P.CANCEL_CALL, b"t" * 24))  # read before it is counted
+    worker.handlers()[P.CANCEL_CALL](b"t" * 24)  # read before it is counted
     assert not worker._cancel_unread()
     P.count_cancel(slot)
     assert not worker._cancel_unread()
     P.count_cancel(slot)  # counted, not read yet: on its way
     assert worker._cancel_unread()
-    worker.on_message((P.CANCEL_CALL, b"u" * 24))
+    worker.handlers()[P.CANCEL_CALL](b"u" * 24)
     assert not worker._cancel_unread()
 
 

@@ -32,10 +32,10 @@ from typing import Any, Dict, Optional
 
 from . import _options, _pickling, exceptions
 from ._context import current_task
-from ._ids import new_task_id, object_id_for_put, object_id_for_return
+from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef
-from ._remote_function import check_call, pack_arguments
 from ._session import current
+from ._task_spec import actor_spec, check_call, pack_arguments, return_ids, task_spec
 
 _SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
@@ -160,8 +160,8 @@ class ActorClass:
         runtime.ensure_function(self._class_id, self._code, self._name)
         actor_id = object_id_for_put()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
-        spec = (actor_id, self._class_id, self._name, args_blob, arg_ids, contained,
-                actor_options)
+        spec = actor_spec(actor_id, self._class_id, self._name, args_blob, arg_ids, contained,
+                          actor_options)
         ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
         del temporaries
         return ActorHandle(ref, actor_options, self._method_functions)
@@ -222,14 +222,14 @@ class ActorHandle:
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
         retries = self._actor_options.get("max_task_retries", 0)
-        spec = (task_id, method_name, f"{self._class_name}.{method_name}", args_blob, arg_ids,
-                contained, num_returns, {}, retries, False, None)
-        return_ids = [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
-        refs = runtime.call_actor(self._actor_id, spec, return_ids,
+        spec = task_spec(task_id, method_name, f"{self._class_name}.{method_name}", args_blob,
+                         arg_ids, contained, num_returns, {}, retries, False, None)
+        results = return_ids(task_id, num_returns)
+        refs = runtime.call_actor(self._actor_id, spec, results,
                                   direct_ok=not arg_ids and not contained)
         del temporaries
         if limit is not None and limit > 0:
-            self._pending.update(return_ids)
+            self._pending.update(results)
         if num_returns == 0:
             return None
         return refs[0] if num_returns == 1 else refs
@@ -307,6 +307,8 @@ def exit_actor() -> None:
     if current_task.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor")
     current_task.exit_requested = True  # the actor ends even if user code catches this
+    if current_task.in_asyncio_actor:
+        raise exceptions.AsyncioActorExit("exit_actor() was called")  # as Ray does
     raise _ActorExit()
 
 

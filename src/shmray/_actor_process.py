@@ -27,6 +27,7 @@ current call, and the scheduler does not restart it.
 from __future__ import annotations
 
 import collections
+import functools
 import concurrent.futures
 import inspect
 import os
@@ -36,7 +37,15 @@ from . import _context, _direct, _output, _pickling, _protocol as P, _runtime, e
 from ._context import current_task
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
-from ._worker import Worker, _cancelled_results, error_results, sys_flush, task_error
+from ._task_results import (
+    arguments,
+    cancelled_results,
+    error_results,
+    flush_output,
+    store_returns,
+    task_error,
+)
+from ._worker import Worker
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
 _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
@@ -67,6 +76,7 @@ class ActorProcess(Worker):
         self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
         self.wake = None               # async actors: schedules the queued calls on the loop
         current_task.actor_id = self.actor_id
+        current_task.in_asyncio_actor = self.is_async
         _output.set_name(self.class_name)
         runtime.link.blocked_hook = None  # an actor holds no CPU it could lend
         # An async actor's event loop reads only its own sockets: it calls others through the
@@ -83,7 +93,7 @@ class ActorProcess(Worker):
         if task_id in self.cancelled_early:
             del self.cancelled_early[task_id]
             self.origins[task_id] = origin
-            self.report(task_id, _cancelled_results(task_id, message[6]), False)
+            self.report(task_id, cancelled_results(task_id, message[6]), False)
             return
         super()._take_direct(message, origin)
 
@@ -95,15 +105,13 @@ class ActorProcess(Worker):
             self.last_poll = now
             self.runtime.link.poll()
 
-    def on_message(self, message: tuple) -> None:
-        if message[0] == P.CALL:
-            self.queue.append(message)
-            if self.wake is not None:  # async: a call read by a get inside a coroutine
-                self.wake()
-        elif message[0] == P.CANCEL_CALL:
-            self._cancel(message[1])
-        elif message[0] == P.EXIT:
-            self.exiting = True
+    def handlers(self) -> dict:
+        return {P.CALL: self._on_call, P.CANCEL_CALL: self._cancel, P.EXIT: self._on_exit}
+
+    def _on_call(self, *fields) -> None:
+        self.queue.append((P.CALL, *fields))
+        if self.wake is not None:  # async: a call read by a get inside a coroutine
+            self.wake()
 
     def _cancel(self, task_id: bytes) -> None:
         """Drop a call not started yet; cancel a running async one; a running sync call
@@ -111,7 +119,7 @@ class ActorProcess(Worker):
         for message in self.queue:
             if message[1] == task_id:
                 self.queue.remove(message)
-                self.report(task_id, _cancelled_results(task_id, message[6]), False)
+                self.report(task_id, cancelled_results(task_id, message[6]), False)
                 return
         running = self.running_calls.get(task_id)
         if running is not None:
@@ -128,8 +136,8 @@ class ActorProcess(Worker):
         """Run __init__; report how it went.  False if it raised."""
         spec = self.spec
         try:
-            args, kwargs = self._arguments(spec[P.ACTOR_ARGS], spec[P.ACTOR_ARG_IDS],
-                                           self.init_values)
+            args, kwargs = arguments(self.runtime, spec[P.ACTOR_ARGS], spec[P.ACTOR_ARG_IDS],
+                                     self.init_values)
             self.instance = self.cls(*args, **kwargs)
         except BaseException as exc:
             cause = task_error(f"{self.class_name}.__init__", exc)
@@ -142,7 +150,7 @@ class ActorProcess(Worker):
             self.runtime.flush()
             return False
         finally:
-            sys_flush()
+            flush_output()
         self.runtime.send((P.ACTOR_STARTED, None))
         self.runtime.flush()
         return True
@@ -159,7 +167,7 @@ class ActorProcess(Worker):
                 self.exit_requested = True
                 outcome = None
             else:
-                args, kwargs = self._arguments(args_blob, arg_ids, values)
+                args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
                 outcome = getattr(self.instance, method_name)(*args, **kwargs)
                 del args, kwargs
             return self._exited_or(task_id, num_returns) or \
@@ -168,7 +176,7 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 (self._error_results(task_id, exc, num_returns, name), False)
         finally:
-            sys_flush()
+            flush_output()
 
     def _exited_or(self, task_id, num_returns):
         """If exit_actor() was called during this call: the caller sees the actor's death
@@ -188,7 +196,7 @@ class ActorProcess(Worker):
         try:
             if method_name in ("__ray_ready__", "__ray_terminate__"):
                 return self.call(message)
-            args, kwargs = self._arguments(args_blob, arg_ids, values)
+            args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
             outcome = getattr(self.instance, method_name)(*args, **kwargs)
             del args, kwargs
             if inspect.isawaitable(outcome):
@@ -196,15 +204,15 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 (self._results(task_id, outcome, num_returns, name), False)
         except asyncio.CancelledError:
-            return _cancelled_results(task_id, num_returns), False
+            return cancelled_results(task_id, num_returns), False
         except BaseException as exc:
             return self._exited_or(task_id, num_returns) or \
                 (self._error_results(task_id, exc, num_returns, name), False)
         finally:
-            sys_flush()
+            flush_output()
 
     def _results(self, task_id, outcome, num_returns, name):
-        return self._store_returns(task_id, outcome, num_returns, name)
+        return store_returns(self.runtime, task_id, outcome, num_returns, name)
 
     def _error_results(self, task_id, exc, num_returns, name):
         return error_results(task_id, task_error(name, exc), num_returns)
@@ -370,20 +378,25 @@ class ActorProcess(Worker):
                 await asyncio.gather(*running, return_exceptions=True)
 
 
+def _keep(queue, opcode: int, *fields) -> None:
+    queue.append((opcode, *fields))
+
+
 def actor_main(conn, store, session_dir: str, options: dict) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
     try:
-        start = collections.deque()
-        runtime.link.on_message = start.append
+        start = collections.deque()  # START_ACTOR, and what arrives with it (calls, cancels)
+        for opcode in (P.START_ACTOR, P.CALL, P.CANCEL_CALL, P.EXIT):
+            runtime.link.handlers[opcode] = functools.partial(_keep, start, opcode)
         with runtime.link.lock:
             runtime.link.wait_until(lambda: start, None)
         message = start.popleft()
-        actor = ActorProcess(runtime, message)
-        for early in start:  # what arrived with START_ACTOR, in order (calls, cancels)
-            actor.on_message(early)
+        actor = ActorProcess(runtime, message)  # its handlers replace those
+        for early in start:
+            runtime.link.handle(early)
         actor.run()
         actor.finish_replies()
         runtime.flush()  # direct calls' results the scheduler has not heard of yet

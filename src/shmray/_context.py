@@ -32,6 +32,7 @@ class TaskContext:
         self.task_id: Optional[bytes] = None
         self.name: Optional[str] = None
         self.actor_id: Optional[bytes] = None
+        self.in_asyncio_actor = False
         self.exit_requested = False  # exit_actor() was called, whether or not it was caught
 
 

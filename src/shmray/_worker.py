@@ -4,16 +4,12 @@ Runs in: worker processes (forked by the scheduler); ``Worker`` is also the base
 
 For each EXECUTE: load the function (cached by id; its code arrives with the first task the
 scheduler sends that uses it, or is asked of the scheduler when a leased task needs it),
-rebuild the arguments, resolving each top-level ``ArgRef`` to its value (inline bytes from the
-message, or a zero-copy view of the arena), run, and write each return value: a small one
-goes back inline, a large one straight into its arena block.  Results go to the scheduler
-(TASK_DONE; a few short queued tasks' in one message, parked in shared memory meanwhile), and
-for work sent straight here back to its sender (RESULT), the scheduler hearing first
-(DIRECT_DONE) except for a leased task's results the driver can use at once: the driver
-owns the task, and reports those itself if the scheduler must know of it (``report``).  An
-exception becomes a ``RayTaskError`` carrying the cause and the formatted traceback, stored
-as the value of every return (inline, so dependents can be failed with it without reading
-the arena).
+rebuild the arguments, run, and store the results (``_task_results``).  Results go to the
+scheduler (TASK_DONE; a few short queued tasks' in one message, parked in shared memory
+meanwhile), and for work sent straight here back to its sender (RESULT), the scheduler
+hearing first (DIRECT_DONE) except for a leased task's results the driver can use at once:
+the driver owns the task, and reports those itself if the scheduler must know of it
+(``report``).
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.  Tasks
@@ -33,7 +29,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from typing import Dict, Optional
 
 import setproctitle
@@ -41,14 +36,16 @@ import setproctitle
 from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
 from ._context import at_cancel_point, cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
-from ._ids import first_return_id, object_id_for_return
-from ._serialization import (
-    META_ERROR,
-    META_VALUE,
-    SCALARS,
-    deserialize,
-    scalars_to_bytes,
-    serialize,
+from ._task_results import (
+    apply_env,
+    arguments,
+    cancelled_results,
+    error_results,
+    flush_output,
+    release_held,
+    should_retry,
+    store_returns,
+    task_error,
 )
 
 
@@ -91,7 +88,7 @@ class Worker:
         self.parked = False   # reports parked in the slot, not sent yet
         self.loading = 0.0    # of the task running: time spent loading its function
         runtime.link.after_flush = self._unpark
-        runtime.link.on_message = self.on_message
+        runtime.link.handlers.update(self.handlers())
         runtime.link.blocked_hook = self._blocked
         signal.signal(signal.SIGINT, self._on_sigint)
         # Direct channels: peers connect to the listener; one connection per peer process.
@@ -147,7 +144,7 @@ class Worker:
 
     def _take_direct(self, message: tuple, origin) -> None:
         self.origins[message[1]] = origin
-        self.on_message(message)
+        self.runtime.link.handle(message)  # of a kind ``direct_shapes`` allows
 
     def report(self, task_id: bytes, results, retryable: bool, took: float = 0.0) -> None:
         """Results of a task or call: to the scheduler, and straight back to a direct caller.
@@ -175,7 +172,7 @@ class Worker:
             elif conn is None or undelivered or not self.caller_reports:
                 runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
             self._reported()
-            _release_held(runtime, results)  # after the message that now holds them
+            release_held(runtime, results)  # after the message that now holds them
             if conn is None:
                 if (done is not None and self.hold_reports and self.queue
                         and len(runtime.link.conn.pending) < _REPLY_BATCH
@@ -261,18 +258,25 @@ class Worker:
             self.cancelled = True
             raise KeyboardInterrupt("task cancelled")
 
-    def on_message(self, message: tuple) -> None:
-        if message[0] == P.EXECUTE:
-            self.queue.append(message)
-            if self.waiting:
-                self._hand_back()
-        elif message[0] == P.CANCEL_CALL:
-            self.skip[message[1]] = None
-            if len(self.skip) > _SKIPS_KEPT:
-                del self.skip[next(iter(self.skip))]
-            self.cancels_read += 1
-        elif message[0] == P.EXIT:
-            self.exiting = True
+    def handlers(self) -> dict:
+        """The messages this process acts on itself, beside those its runtime handles:
+        opcode -> handler of the message's fields (they join the link's one table)."""
+        return {P.EXECUTE: self._on_execute, P.CANCEL_CALL: self._on_cancel,
+                P.EXIT: self._on_exit}
+
+    def _on_execute(self, *fields) -> None:
+        self.queue.append((P.EXECUTE, *fields))
+        if self.waiting:
+            self._hand_back()
+
+    def _on_cancel(self, task_id: bytes) -> None:
+        self.skip[task_id] = None
+        if len(self.skip) > _SKIPS_KEPT:
+            del self.skip[next(iter(self.skip))]
+        self.cancels_read += 1
+
+    def _on_exit(self) -> None:
+        self.exiting = True
 
     def _blocked(self, blocked: bool) -> None:
         if current_task.task_id is not None:
@@ -371,7 +375,7 @@ class Worker:
             started = time.perf_counter()
             self.loading = 0.0
             if task_id in self.skip:
-                results, retryable = _cancelled_results(task_id, message[7]), False
+                results, retryable = cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
                 _lend.after_task()
@@ -384,7 +388,7 @@ class Worker:
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                 retry_exceptions, extra=None):
-        restore = _apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
+        restore = apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
         try:
             return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
                                  num_returns, values, retry_exceptions)
@@ -410,7 +414,7 @@ class Worker:
                     pickled = self._fetch_function(fn_id)
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
-            args, kwargs = self._arguments(args_blob, arg_ids, values)
+            args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
             self.in_user_code = True
             try:
                 if self.cancel_pending == task_id:
@@ -421,9 +425,10 @@ class Worker:
                 self.in_user_code = False
             del args, kwargs
             handed_over = _lend.handed_over(outcome)
-            results = self._store_returns(task_id, outcome, num_returns, name, handed_over)
+            results = store_returns(self.runtime, task_id, outcome, num_returns, name,
+                                    handed_over)
         except BaseException as exc:  # the task's failure is its result
-            retryable = _should_retry(exc, retry_exceptions) and not self.cancelled
+            retryable = should_retry(exc, retry_exceptions) and not self.cancelled
             if self.cancelled and isinstance(exc, KeyboardInterrupt):
                 error = exceptions.TaskCancelledError(task_id.hex())
             else:
@@ -437,7 +442,7 @@ class Worker:
             current_task.task_id = None
             self.runtime.running_leased = None
             self.runtime.link.pending_interrupt = False  # it ended before it took the cancel
-            sys_flush()
+            flush_output()
         return results, retryable
 
     def _fetch_function(self, fn_id: bytes) -> bytes:
@@ -449,42 +454,6 @@ class Worker:
         finally:
             runtime.link.blocked_hook = hook
 
-    def _arguments(self, args_blob, arg_ids, values):
-        args, kwargs = deserialize(memoryview(args_blob))
-        if not arg_ids:
-            return args, kwargs
-        resolved = [self.runtime.value_at(object_id, values.get(object_id, (None, b"")))
-                    for object_id in arg_ids]
-        args = [resolved[a.index] if type(a) is P.ArgRef else a for a in args]
-        kwargs = {k: resolved[v.index] if type(v) is P.ArgRef else v for k, v in kwargs.items()}
-        return args, kwargs
-
-    def _store_returns(self, task_id: bytes, outcome, num_returns: int, name: str,
-                       handed_over: bool = False):
-        """Each return value stored; if one fails, those stored before it are deleted.
-        An array ``handed_over`` by the task (see _lend) may become its object uncopied."""
-        if num_returns == 1 and type(outcome) in SCALARS:  # the most common result
-            return [(first_return_id(task_id), scalars_to_bytes(outcome), META_VALUE, ())]
-        if num_returns == 1 and handed_over and _lend.adopt(first_return_id(task_id), outcome,
-                                                             META_VALUE):
-            return [(first_return_id(task_id), _runtime.IN_ARENA, META_VALUE, ())]
-        results = []
-        try:
-            for i, value in enumerate(_split_returns(outcome, num_returns, name)):
-                results.append(self._store_return(object_id_for_return(task_id, i), value))
-        except BaseException:
-            for object_id, data, _, _ in results:
-                if data is None:
-                    self.runtime.store.delete(object_id)
-            raise
-        return results
-
-    def _store_return(self, object_id: bytes, value):
-        serialized = serialize(value)
-        _hold(self.runtime, serialized.contained_refs)
-        data = self.runtime.store_object(object_id, serialized)
-        return (object_id, data, serialized.metadata, serialized.contained_refs)
-
 
 _REDELIVER_SECONDS = 0.001
 
@@ -494,109 +463,6 @@ def _signal_self() -> None:
         os.kill(os.getpid(), signal.SIGINT)
     except OSError:
         pass
-
-
-def error_results(task_id: bytes, error: BaseException, num_returns: int):
-    """TASK_DONE results that make every return of the task raise ``error``.
-
-    Refs pickled inside the exception are reported as contained, so the objects they name
-    live as long as the error does.
-    """
-    serialized = serialize(error, META_ERROR)
-    _hold(_context.runtime, serialized.contained_refs)
-    data = serialized.to_bytes()
-    return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
-            for i in range(max(num_returns, 1))]
-
-
-def _hold(runtime, ids) -> None:
-    """Keep the refs a result holds counted here until the message reporting the result
-    is queued (``report``): the values holding them die as the task returns, and a release
-    sent before that message would free objects the result still needs."""
-    if runtime is not None:
-        for object_id in ids:
-            runtime.add_local_ref(object_id, announce=False)
-
-
-def _release_held(runtime, results) -> None:
-    for _, _, _, contained in results:
-        for object_id in contained:
-            runtime.release_later(object_id)
-
-
-def _apply_env(env_vars: dict):
-    """Set runtime_env's env_vars for one task; returns what puts the old values back."""
-    previous = {name: os.environ.get(name) for name in env_vars}
-    os.environ.update(env_vars)
-
-    def restore():
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-    return restore
-
-
-def _cancelled_results(task_id: bytes, num_returns: int):
-    return error_results(task_id, exceptions.TaskCancelledError(task_id.hex()), num_returns)
-
-
-def _split_returns(outcome, num_returns: int, name: str):
-    if num_returns == 1:
-        return [outcome]
-    if num_returns == 0:
-        return [None]  # the hidden return the scheduler tracks; nobody holds a ref to it
-    try:
-        values = list(outcome)
-    except TypeError:
-        values = None
-    if values is None or len(values) != num_returns:
-        raise ValueError(
-            f"{name}() was declared with num_returns={num_returns} but returned "
-            f"{type(outcome).__name__} "
-            f"{'of length %d' % len(values) if values is not None else 'that is not a sequence'}"
-        )
-    return values
-
-
-def _should_retry(exc: BaseException, retry_exceptions) -> bool:
-    if not retry_exceptions:
-        return False
-    if retry_exceptions is True:
-        return isinstance(exc, Exception)
-    return isinstance(exc, tuple(retry_exceptions))
-
-
-def task_error(name: str, exc: BaseException) -> exceptions.RayError:
-    """The error to store for a task that raised ``exc``."""
-    if isinstance(exc, exceptions.RayTaskError):
-        # A failure that reached us from a nested get: keep the original function and cause
-        # (so ``except TheirError`` still works), and add where it passed through here.
-        here = "".join(traceback.format_tb(exc.__traceback__))
-        trail = f"{exc.traceback_str.rstrip()}\n\nwhich reached {name}() through get():\n{here}"
-        exc.__traceback__ = None
-        return exceptions.RayTaskError(exc.function_name, trail, exc.cause, exc.proctitle,
-                                       exc.pid)
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    cause = exc
-    try:
-        _pickling.loads(_pickling.trial_dumps(exc))
-    except Exception:
-        cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
-        if cause is None:
-            cause = exceptions.UnserializableException(text, type(exc).__name__)
-    exc.__traceback__ = None
-    return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
-
-
-def sys_flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, listener) -> None:

@@ -3,35 +3,36 @@
 Runs in: every process.
 
 A program that catches ``ray.exceptions.X`` catches ``shmray.exceptions.X`` for the same
-reason, so the tree is Ray's::
+reason, so the tree is Ray's.  Each class says when shmray raises it; those marked "never"
+exist so that code written for Ray, which names them in ``except`` clauses, runs::
 
     Exception
      └── RayError                                  never raised itself
           ├── RayTaskError                         a task raised; also an instance of the cause
-          ├── RayActorError
+          ├── RayActorError                        never raised itself
           │    ├── ActorDiedError
-          │    └── ActorUnavailableError
+          │    └── ActorUnavailableError           never
           ├── TaskCancelledError
           ├── TaskUnschedulableError
           ├── ActorUnschedulableError
           ├── WorkerCrashedError
-          ├── LocalRayletDiedError
+          ├── LocalRayletDiedError                 never
           ├── RaySystemError
           ├── ObjectStoreFullError
           ├── OutOfDiskError
-          ├── OutOfMemoryError
+          ├── OutOfMemoryError                     never
           ├── ObjectLostError
           │    ├── ObjectFetchTimedOutError
-          │    ├── OwnerDiedError
-          │    ├── ObjectFreedError
-          │    ├── ReferenceCountingAssertionError   (also AssertionError)
-          │    └── ObjectReconstructionFailedError
-          ├── GetTimeoutError                      (also TimeoutError)
+          │    ├── OwnerDiedError                  never
+          │    ├── ObjectFreedError                never
+          │    ├── ReferenceCountingAssertionError never (also an AssertionError)
+          │    └── ObjectReconstructionFailedError never
+          ├── GetTimeoutError                      (also a TimeoutError)
           ├── PendingCallsLimitExceeded
-          ├── PlasmaObjectNotAvailable
+          ├── PlasmaObjectNotAvailable             never
           ├── AsyncioActorExit
-          ├── RuntimeEnvSetupError
-          ├── CrossLanguageError
+          ├── RuntimeEnvSetupError                 never
+          ├── CrossLanguageError                   never
           └── UnserializableException
 
 Remote failures keep their remote traceback as text (CPython's
@@ -216,7 +217,8 @@ class _PortableCause:
 
 
 class RayActorError(RayError):
-    """An actor can no longer run calls: it died, or its constructor raised."""
+    """An actor can no longer run calls.  Catch this one: it is never raised itself, only
+    its subclasses are (``ActorDiedError``), as in Ray."""
 
     def __init__(self, message: str = "The actor died unexpectedly before finishing this task."):
         self.error_msg = message
@@ -228,7 +230,9 @@ class ActorDiedError(RayActorError):
 
 
 class ActorUnavailableError(RayActorError):
-    """The actor is temporarily unreachable (for example while it restarts)."""
+    """Kept for Ray compatibility, never raised: Ray raises it for a call to an actor it
+    can't reach for the moment (a network partition, a restart under way).  On one machine
+    an actor is never out of reach: calls made while it restarts wait for it."""
 
 
 class TaskCancelledError(RayError):
@@ -255,11 +259,15 @@ class WorkerCrashedError(RayError):
 
 
 class LocalRayletDiedError(RayError):
-    """The scheduler process this driver relies on died."""
+    """Kept for Ray compatibility, never raised: Ray raises it for a task whose node's
+    raylet died.  shmray's counterpart, the death of its scheduler process, raises
+    ``RaySystemError`` at the call that finds it gone."""
 
 
 class RaySystemError(RayError):
-    """shmray itself failed (for example its scheduler is gone); the message says how."""
+    """shmray itself can't go on: its scheduler process is gone, the session was shut down
+    while a call waited, or a ref outlived its session (or belongs to the parent of a forked
+    child); the message says which, and what to do."""
 
 
 class ObjectStoreFullError(RayError):
@@ -272,7 +280,9 @@ class OutOfDiskError(RayError):
 
 
 class OutOfMemoryError(RayError):
-    """A task or actor was killed because the machine ran out of memory."""
+    """Kept for Ray compatibility, never raised: Ray's memory monitor raises it for a task it
+    killed to keep the node alive.  shmray has no memory monitor; a worker the kernel's
+    OOM killer ends is a ``WorkerCrashedError`` (signal 9) once its retries run out."""
 
 
 class ObjectLostError(RayError):
@@ -280,23 +290,31 @@ class ObjectLostError(RayError):
 
 
 class ObjectFetchTimedOutError(ObjectLostError):
-    """An object could not be fetched in time."""
+    """A get waited over two minutes for another process to restore a spilled object from
+    disk (Ray raises it when fetching an object from another node takes too long)."""
 
 
 class OwnerDiedError(ObjectLostError):
-    """The process that owned an object died, taking the object with it."""
+    """Kept for Ray compatibility, never raised: Ray raises it for an object whose owner (the
+    process that made it) died.  In shmray the scheduler keeps every object another process
+    can see, so a maker's death loses nothing that is still referenced."""
 
 
 class ObjectFreedError(ObjectLostError):
-    """An object was freed explicitly and can no longer be read."""
+    """Kept for Ray compatibility, never raised: Ray raises it for an object freed with its
+    internal ``free()`` API, which shmray does not have."""
 
 
 class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
-    """An object was freed while still referenced: a bug in shmray, please report it."""
+    """Kept for Ray compatibility, never raised: Ray raises it for an object freed while
+    still referenced, which is a bug.  shmray reports a ref to an object that is gone as
+    ``ObjectLostError``."""
 
 
 class ObjectReconstructionFailedError(ObjectLostError):
-    """A lost object could not be recomputed."""
+    """Kept for Ray compatibility, never raised: Ray raises it when re-running the tasks
+    that made a lost object fails.  shmray's objects live in shared memory or its spill
+    files, not on nodes that can vanish, and it does not re-run tasks to rebuild one."""
 
 
 class GetTimeoutError(RayError, TimeoutError):
@@ -308,19 +326,24 @@ class PendingCallsLimitExceeded(RayError):
 
 
 class PlasmaObjectNotAvailable(RayError):
-    """An object is not (yet) in the object store."""
+    """Kept for Ray compatibility, never raised (inside Ray, it is raised and caught by its
+    own object store client)."""
 
 
 class AsyncioActorExit(RayError):
-    """Raised inside an async actor by ``exit_actor`` to end it."""
+    """Raised inside an asyncio actor by ``exit_actor()`` (a sync or threaded actor's raises
+    ``SystemExit``).  The actor ends after the call even if the code catches it."""
 
 
 class RuntimeEnvSetupError(RayError):
-    """A ``runtime_env`` could not be applied."""
+    """Kept for Ray compatibility, never raised: Ray raises it when it can't set up a
+    runtime_env (a pip install that fails, say).  shmray applies only ``env_vars``, which
+    can't fail; any other key raises ``ValueError`` at the call that passes it."""
 
 
 class CrossLanguageError(RayError):
-    """Kept for Ray compatibility; shmray runs Python only."""
+    """Kept for Ray compatibility, never raised: Ray raises it for errors in calls across
+    languages (Java, C++); shmray runs Python only."""
 
 
 class UnserializableException(RayError):

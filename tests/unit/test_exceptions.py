@@ -43,3 +43,30 @@ def test_dual_error_pickles():
 def test_without_cause_stays_plain():
     err = RayTaskError("g", "tb", None).as_instanceof_cause()
     assert type(err) is RayTaskError
+
+
+def test_every_error_class_is_raised_somewhere_or_says_it_never_is():
+    """A class Ray's users catch but shmray never raises must say so (and when Ray raises
+    it); every other class must be made somewhere in shmray's code."""
+    import ast
+    import pathlib
+
+    from shmray import exceptions
+
+    package = pathlib.Path(exceptions.__file__).parent
+    made = set()
+    for path in package.rglob("*.py"):
+        if path.name == "exceptions.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                made.add(func.attr if isinstance(func, ast.Attribute) else
+                         getattr(func, "id", None))
+    wrong = []
+    for name in exceptions.__all__:
+        cls = getattr(exceptions, name)
+        says_never = "never raised" in " ".join((cls.__doc__ or "").split())
+        if says_never == (name in made):
+            wrong.append(name)
+    assert wrong == [], "raised but documented as never, or never raised and not documented"

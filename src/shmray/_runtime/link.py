@@ -13,9 +13,9 @@ Runs in: the driver, every worker and every actor.
   wait, one reads and the others sleep on a condition (leader/followers), and a wake-up
   pipe makes the reader look again when another thread opens a channel.  With a peer on a
   direct channel, a wait spins briefly first (``_direct.Spinner``).
-- Every message from the scheduler is handled through one table (``handlers``: opcode ->
-  handler, filled by the parts of the runtime; anything else goes to ``on_message``, the
-  worker's or actor's).
+- Every message this process gets from the scheduler, and the work a direct channel brings
+  a worker or actor, is handled through one table (``handlers``: opcode -> handler of the
+  message's fields), filled by the parts of the runtime and by the worker or actor.
 
 Everything here runs with ``lock`` held, but for the moment a reader waits in poll().
 """
@@ -75,9 +75,8 @@ class Link:
         self._spinner = _direct.Spinner()
         # Written to when a descriptor is added while another thread waits without it.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Hooks.  The worker's or actor's: messages of its own, its CPU lent while it
-        # waits, held-back replies to write before waiting, parked reports once flushed.
-        self.on_message: Callable[[tuple], None] = _nothing
+        # Hooks.  The worker's or actor's: its CPU lent while it waits, held-back replies to
+        # write before waiting, parked reports once flushed.
         self.blocked_hook: Optional[Callable[[bool], None]] = None
         self.before_wait: Callable[[], None] = _nothing
         self.after_flush: Callable[[], None] = _nothing
@@ -382,10 +381,11 @@ class Link:
     def handle(self, message: tuple) -> None:
         """A message from the scheduler (caller holds the lock): through the one table."""
         handler = self.handlers.get(message[0])
-        if handler is not None:
-            handler(*message[1:])
-        else:
-            self.on_message(message)
+        if handler is None:  # a message for a part this process does not have: a bug
+            raise exceptions.RaySystemError(
+                f"shmray: process {os.getpid()} got a message it has no use for: "
+                f"opcode {message[0]}")
+        handler(*message[1:])
 
     # -- the end ---------------------------------------------------------------------------
 

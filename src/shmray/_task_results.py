@@ -1,0 +1,176 @@
+"""What a task or actor call takes and gives: its arguments rebuilt, its outcome turned
+into results (its return values stored, or its error).
+
+Runs in: worker and actor processes.
+
+A result is ``(object_id, data, metadata, contained)``, as TASK_DONE carries it: ``data`` is
+the serialized value for a small one, or ``IN_ARENA`` for one written straight into its
+arena block (``Objects.store_object``); ``contained`` are the ids of refs pickled inside.
+A failure is stored as the value of every return: a ``RayTaskError`` carrying the cause and
+the formatted traceback, inline, so dependents can be failed with it without reading the
+arena.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import setproctitle
+
+from . import _context, _lend, _pickling, _protocol as P, exceptions
+from ._ids import first_return_id, object_id_for_return
+from ._runtime import IN_ARENA
+from ._serialization import (
+    META_ERROR,
+    META_VALUE,
+    SCALARS,
+    deserialize,
+    scalars_to_bytes,
+    serialize,
+)
+
+
+def arguments(runtime, args_blob, arg_ids, values):
+    """The call's (args, kwargs), each top-level ``ArgRef`` resolved to its value: inline
+    bytes sent with the call, or a zero-copy view of the arena."""
+    args, kwargs = deserialize(memoryview(args_blob))
+    if not arg_ids:
+        return args, kwargs
+    resolved = [runtime.value_at(object_id, values.get(object_id, (None, b"")))
+                for object_id in arg_ids]
+    args = [resolved[a.index] if type(a) is P.ArgRef else a for a in args]
+    kwargs = {k: resolved[v.index] if type(v) is P.ArgRef else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def store_returns(runtime, task_id: bytes, outcome, num_returns: int, name: str,
+                  handed_over: bool = False):
+    """Each return value stored; if one fails, those stored before it are deleted.
+    An array ``handed_over`` by the task (see _lend) may become its object uncopied."""
+    if num_returns == 1 and type(outcome) in SCALARS:  # the most common result
+        return [(first_return_id(task_id), scalars_to_bytes(outcome), META_VALUE, ())]
+    if num_returns == 1 and handed_over and _lend.adopt(first_return_id(task_id), outcome,
+                                                         META_VALUE):
+        return [(first_return_id(task_id), IN_ARENA, META_VALUE, ())]
+    results = []
+    try:
+        for i, value in enumerate(split_returns(outcome, num_returns, name)):
+            results.append(_store_return(runtime, object_id_for_return(task_id, i), value))
+    except BaseException:
+        for object_id, data, _, _ in results:
+            if data is None:
+                runtime.store.delete(object_id)
+        raise
+    return results
+
+
+def _store_return(runtime, object_id: bytes, value):
+    serialized = serialize(value)
+    hold(runtime, serialized.contained_refs)
+    data = runtime.store_object(object_id, serialized)
+    return (object_id, data, serialized.metadata, serialized.contained_refs)
+
+
+def error_results(task_id: bytes, error: BaseException, num_returns: int):
+    """TASK_DONE results that make every return of the task raise ``error``.
+
+    Refs pickled inside the exception are reported as contained, so the objects they name
+    live as long as the error does.
+    """
+    serialized = serialize(error, META_ERROR)
+    hold(_context.runtime, serialized.contained_refs)
+    data = serialized.to_bytes()
+    return [(object_id_for_return(task_id, i), data, META_ERROR, serialized.contained_refs)
+            for i in range(max(num_returns, 1))]
+
+
+def hold(runtime, ids) -> None:
+    """Keep the refs a result holds counted here until the message reporting the result
+    is queued (``Worker.report``): the values holding them die as the task returns, and a release
+    sent before that message would free objects the result still needs."""
+    if runtime is not None:
+        for object_id in ids:
+            runtime.add_local_ref(object_id, announce=False)
+
+
+def release_held(runtime, results) -> None:
+    for _, _, _, contained in results:
+        for object_id in contained:
+            runtime.release_later(object_id)
+
+
+def apply_env(env_vars: dict):
+    """Set runtime_env's env_vars for one task; returns what puts the old values back."""
+    previous = {name: os.environ.get(name) for name in env_vars}
+    os.environ.update(env_vars)
+
+    def restore():
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
+
+
+def cancelled_results(task_id: bytes, num_returns: int):
+    return error_results(task_id, exceptions.TaskCancelledError(task_id.hex()), num_returns)
+
+
+def split_returns(outcome, num_returns: int, name: str):
+    if num_returns == 1:
+        return [outcome]
+    if num_returns == 0:
+        return [None]  # the hidden return the scheduler tracks; nobody holds a ref to it
+    try:
+        values = list(outcome)
+    except TypeError:
+        values = None
+    if values is None or len(values) != num_returns:
+        raise ValueError(
+            f"{name}() was declared with num_returns={num_returns} but returned "
+            f"{type(outcome).__name__} "
+            f"{'of length %d' % len(values) if values is not None else 'that is not a sequence'}"
+        )
+    return values
+
+
+def should_retry(exc: BaseException, retry_exceptions) -> bool:
+    if not retry_exceptions:
+        return False
+    if retry_exceptions is True:
+        return isinstance(exc, Exception)
+    return isinstance(exc, tuple(retry_exceptions))
+
+
+def task_error(name: str, exc: BaseException) -> exceptions.RayError:
+    """The error to store for a task that raised ``exc``."""
+    if isinstance(exc, exceptions.RayTaskError):
+        # A failure that reached us from a nested get: keep the original function and cause
+        # (so ``except TheirError`` still works), and add where it passed through here.
+        here = "".join(traceback.format_tb(exc.__traceback__))
+        trail = f"{exc.traceback_str.rstrip()}\n\nwhich reached {name}() through get():\n{here}"
+        exc.__traceback__ = None
+        return exceptions.RayTaskError(exc.function_name, trail, exc.cause, exc.proctitle,
+                                       exc.pid)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    cause = exc
+    try:
+        _pickling.loads(_pickling.trial_dumps(exc))
+    except Exception:
+        cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
+        if cause is None:
+            cause = exceptions.UnserializableException(text, type(exc).__name__)
+    exc.__traceback__ = None
+    return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
+
+
+def flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass

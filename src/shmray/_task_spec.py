@@ -1,0 +1,141 @@
+"""A call's message: its arguments checked and packed, its TaskSpec or ActorSpec built.
+
+Runs in: the driver, workers and actors (whoever calls ``.remote()``).
+
+Every task, actor creation and actor call is built here, the one place that knows the
+spec tuples' layout besides ``_protocol``, which documents it.  Arguments are serialized
+with each top-level ObjectRef replaced by ``ArgRef(i)``, so the scheduler knows a call's
+dependencies without unpickling anything.  Refs nested inside containers stay refs (Ray's
+rule) and are held for the call while it is pending.  Large top-level values are put into
+the object store first, as Ray does, so the message stays small and the worker maps them
+without a copy.  A call whose arguments can't bind to the function's parameters, or can't
+be pickled, raises ``TypeError`` at the call, naming the argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import List
+
+from . import _pickling, _protocol as P
+from ._ids import first_return_id, object_id_for_return
+from ._object_ref import ObjectRef
+from ._serialization import SCALARS, scalars_to_bytes, serialize
+
+
+def task_spec(task_id: bytes, fn_id, name: str, args_blob: bytes, arg_ids, contained,
+              num_returns: int, resources: dict, max_retries: int, retry_exceptions,
+              extra) -> tuple:
+    """A TaskSpec (``_protocol``): a task, or an actor call (``fn_id`` is then the method's
+    name, ``resources`` empty)."""
+    return (task_id, fn_id, name, args_blob, arg_ids, contained, num_returns, resources,
+            max_retries, retry_exceptions, extra)
+
+
+def actor_spec(actor_id: bytes, class_id: bytes, class_name: str, args_blob: bytes, arg_ids,
+               contained, options: dict) -> tuple:
+    """An ActorSpec (``_protocol``)."""
+    return (actor_id, class_id, class_name, args_blob, arg_ids, contained, options)
+
+
+def return_ids(task_id: bytes, num_returns: int) -> List[bytes]:
+    """The ids of a call's results (one, hidden, for ``num_returns=0``)."""
+    if num_returns == 1:
+        return [first_return_id(task_id)]
+    return [object_id_for_return(task_id, i) for i in range(max(num_returns, 1))]
+
+
+_signatures: dict = {}
+_bindable: set = set()  # (function key, number of args, keywords) seen to bind
+
+
+def check_call(function, name: str, args, kwargs, skip_self: bool = False) -> None:
+    """TypeError at the call site if the arguments can't bind to ``function``'s parameters."""
+    key = (function, skip_self)
+    signature = _signatures.get(key)
+    if signature is None:
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # a builtin or C function: nothing to check
+            signature = False
+        if signature and skip_self:
+            parameters = list(signature.parameters.values())[1:]
+            signature = signature.replace(parameters=parameters)
+        _signatures[key] = signature
+    if signature:
+        # Whether arguments bind depends on how many and which keywords, not on their
+        # values: a shape that bound once binds again (bind() costs ~1 us a call).
+        shape = (key, len(args), tuple(kwargs))
+        if shape in _bindable:
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}.remote(): {exc}") from None
+        if len(_bindable) < 10_000:
+            _bindable.add(shape)
+
+
+def pack_arguments(runtime, args, kwargs):
+    """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message."""
+    if not args and not kwargs:
+        return _NO_ARGUMENTS, [], [], []
+    if not kwargs:  # most small tasks' arguments are a few numbers
+        for a in args:
+            if type(a) not in SCALARS:
+                break
+        else:
+            return scalars_to_bytes((list(args), {})), [], [], []
+    arg_ids: List[bytes] = []
+
+    def placeholder(value):
+        if isinstance(value, ObjectRef):
+            arg_ids.append(value.binary())
+            return P.ArgRef(len(arg_ids) - 1)
+        return value
+
+    packed_args = [placeholder(a) for a in args]
+    packed_kwargs = {k: placeholder(v) for k, v in kwargs.items()}
+    serialized = _serialize_arguments(packed_args, packed_kwargs)
+    temporaries = []
+    if serialized.total_size >= runtime.inline_threshold:
+        # Put each large value into the store and pass it by reference.
+        def promote(value):
+            if isinstance(value, P.ArgRef):
+                return value
+            if serialize(value).total_size < runtime.inline_threshold:
+                return value
+            ref = runtime.put(value)
+            temporaries.append(ref)
+            arg_ids.append(ref.binary())
+            return P.ArgRef(len(arg_ids) - 1)
+
+        packed_args = [promote(a) for a in packed_args]
+        packed_kwargs = {k: promote(v) for k, v in packed_kwargs.items()}
+        serialized = _serialize_arguments(packed_args, packed_kwargs)
+    return serialized.to_bytes(), arg_ids, list(serialized.contained_refs), temporaries
+
+
+_NO_ARGUMENTS = serialize(([], {})).to_bytes()
+
+
+def _serialize_arguments(args, kwargs):
+    try:
+        return serialize((args, kwargs))
+    except TypeError as exc:
+        for position, value in enumerate(args):
+            _explain(f"argument {position}", value)
+        for key, value in kwargs.items():
+            _explain(f"keyword argument {key!r}", value)
+        raise exc
+
+
+def _explain(label: str, value) -> None:
+    try:
+        _pickling.trial_dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"{label} ({type(value).__qualname__}) can't be sent to a task: it can't be "
+            f"pickled ({exc}). Pass what is needed to rebuild it instead, or create it inside "
+            "the task."
+        ) from exc
