@@ -146,12 +146,12 @@ class ActorProcess(Worker):
                 f"none of its methods can run:\n{cause}"
             )
             died.cause = cause
-            self.runtime.send((P.ACTOR_STARTED, serialize(died, META_ERROR).to_bytes()))
+            self.runtime.send(P.actor_started(serialize(died, META_ERROR).to_bytes()))
             self.runtime.flush()
             return False
         finally:
             flush_output()
-        self.runtime.send((P.ACTOR_STARTED, None))
+        self.runtime.send(P.actor_started(None))
         self.runtime.flush()
         return True
 
@@ -219,7 +219,7 @@ class ActorProcess(Worker):
 
     def _reported(self) -> None:
         if self.exit_requested:
-            self.runtime.send((P.ACTOR_EXITING,))
+            self.runtime.send(P.actor_exiting())
 
     # -- the loops -------------------------------------------------------------------------
 

@@ -116,7 +116,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
             "force=True is not supported for actor calls (as in Ray): use kill() on the actor"
         )
     runtime.publish([object_ref.binary()])  # a task only we knew of: the scheduler's now
-    runtime.send((P.CANCEL, task_id, bool(force), bool(recursive)))
+    runtime.send(P.cancel(task_id, bool(force), bool(recursive)))
     runtime.flush()
 
 

@@ -4,10 +4,10 @@ Runs in: every process.
 
 The lowest of shmray's modules: it imports none of the others, so any module can ask
 "which runtime is this process's?" or "which task runs here?" without importing the modules
-that make runtimes and run tasks.  It also keeps the marks of the places where a cancelled
-task may be interrupted at once (``cancel_point``).  ``runtime`` is set when the process joins a session (the
+that make runtimes and run tasks.  ``runtime`` is set when the process joins a session (the
 driver at ``init``, a worker or actor when it starts) and cleared when it leaves it; every
-ObjectRef made in the process counts itself on it.
+ObjectRef made in the process counts itself on it.  This module also keeps the marks of
+the places where a cancelled task may be interrupted at once (``cancel_point``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
 Runs in: every process.
 
 A message is a plain tuple ``(OPCODE, field, ...)`` (see ``_connection`` for why not a class);
-this module is the one place that says what each one carries.  Each receiving loop dispatches
-in one place: ``handlers[message[0]](connection, *message[1:])``.
+this module is the one place that says what each one carries, and the one place that builds
+each: a constructor named after its kind (``release(ids)`` builds RELEASE), which
+``tests/unit/test_layout.py`` checks nothing else bypasses.  Each process dispatches every
+message it gets through one table: the scheduler's ``handlers[message[0]](connection,
+*message[1:])`` (``_scheduler.loop``), a client's ``handlers[message[0]](*message[1:])``
+(``_runtime.link``).
 
 Objects travel as *locations*: ``(data, metadata)`` where ``data`` is the serialized value
 (bytes) for a small object, or ``None`` for one sealed in the arena, which the reader maps
@@ -137,6 +141,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from typing import Optional
 
 REGISTER_FUNCTION = 1
 SUBMIT = 2
@@ -202,9 +207,124 @@ ACTOR_CONTAINED = 5
 ACTOR_OPTIONS = 6
 
 
-# Messages built in more than one process, built here only.
 
-def execute_message(spec: tuple, pickled, values: dict) -> tuple:
+# -- every message, built here only: one constructor per kind, named after it ----------------
+# (Readers unpack the fields in the order the table above gives them.)
+
+# Client -> scheduler
+
+def register_function(fn_id: bytes, pickled: bytes, name: str) -> tuple:
+    return (REGISTER_FUNCTION, fn_id, pickled, name)
+
+
+def submit(spec: tuple, parent_id: Optional[bytes] = None) -> tuple:
+    return (SUBMIT, spec) if parent_id is None else (SUBMIT, spec, parent_id)
+
+
+def put(object_id: bytes, data, metadata: bytes, contained) -> tuple:
+    return (PUT, object_id, data, metadata, contained)
+
+
+def hold(ids: list) -> tuple:
+    return (HOLD, ids)
+
+
+def release(ids: list) -> tuple:
+    return (RELEASE, ids)
+
+
+def escaped(ids: list) -> tuple:
+    return (ESCAPED, ids)
+
+
+def subscribe(ids: list) -> tuple:
+    return (SUBSCRIBE, ids)
+
+
+def blocked(task_id: Optional[bytes] = None) -> tuple:
+    return (BLOCKED,) if task_id is None else (BLOCKED, task_id)
+
+
+def unblocked() -> tuple:
+    return (UNBLOCKED,)
+
+
+def handed_back(task_ids: list) -> tuple:
+    """To the scheduler, or on a direct channel to the driver leasing the worker."""
+    return (HANDED_BACK, task_ids)
+
+
+def task_done(task_id: bytes, results: list, retryable: bool, took: float) -> tuple:
+    return (TASK_DONE, task_id, results, retryable, took)
+
+
+def query(request_id: int, what) -> tuple:
+    return (QUERY, request_id, what)
+
+
+def create_actor(request_id: Optional[int], spec: tuple) -> tuple:
+    return (CREATE_ACTOR, request_id, spec)
+
+
+def actor_call(actor_id: bytes, spec: tuple) -> tuple:
+    return (ACTOR_CALL, actor_id, spec)
+
+
+def kill_actor(request_id: int, actor_id: bytes, no_restart: bool) -> tuple:
+    return (KILL_ACTOR, request_id, actor_id, no_restart)
+
+
+def cancel(task_id: bytes, force: bool, recursive: bool) -> tuple:
+    return (CANCEL, task_id, force, recursive)
+
+
+def lease_request(count: int) -> tuple:
+    return (LEASE_REQUEST, count)
+
+
+def lease_return(worker_pid: int, unanswered: Optional[list]) -> tuple:
+    return (LEASE_RETURN, worker_pid, unanswered)
+
+
+def leased_done(task_id: bytes, delivered: list) -> tuple:
+    return (LEASED_DONE, task_id, delivered)
+
+
+def lease_verdict(worker_pid: int) -> tuple:
+    return (LEASE_VERDICT, worker_pid)
+
+
+def lease_handed_back(worker_pid: int, task_ids: list) -> tuple:
+    return (LEASE_HANDED_BACK, worker_pid, task_ids)
+
+
+def direct_submit(worker_pid: int, spec: tuple) -> tuple:
+    return (DIRECT_SUBMIT, worker_pid, spec)
+
+
+def direct_call(actor_id: bytes, actor_pid: int, spec: tuple) -> tuple:
+    return (DIRECT_CALL, actor_id, actor_pid, spec)
+
+
+def actor_started(error: Optional[bytes]) -> tuple:
+    return (ACTOR_STARTED, error)
+
+
+def actor_exiting() -> tuple:
+    return (ACTOR_EXITING,)
+
+
+def direct_done(task_id: bytes, results: list, caller_pid: int, retryable: bool) -> tuple:
+    return (DIRECT_DONE, task_id, results, caller_pid, retryable)
+
+
+# Scheduler -> client
+
+def ready(object_id: bytes, data, metadata: bytes) -> tuple:
+    return (READY, object_id, data, metadata)
+
+
+def execute(spec: tuple, pickled: Optional[bytes], values: dict) -> tuple:
     """EXECUTE of a TaskSpec: from the scheduler (with the function's code if the worker
     lacks it, and the values of small ref arguments), or from a driver to a worker it
     leases (neither: its tasks have no ref arguments, and the worker asks for code)."""
@@ -213,11 +333,45 @@ def execute_message(spec: tuple, pickled, values: dict) -> tuple:
             spec[SPEC_RETRY_EXCEPTIONS], spec[SPEC_EXTRA])
 
 
-def call_message(spec: tuple, values: dict) -> tuple:
+def exit_() -> tuple:
+    return (EXIT,)
+
+
+def reply(request_id: int, value) -> tuple:
+    return (REPLY, request_id, value)
+
+
+def start_actor(spec: tuple, pickled_class: bytes, values: dict) -> tuple:
+    return (START_ACTOR, spec, pickled_class, values)
+
+
+def call(spec: tuple, values: dict) -> tuple:
     """CALL of an actor method's TaskSpec: from the scheduler, or straight from the caller."""
     return (CALL, spec[SPEC_TASK_ID], spec[SPEC_FN_ID], spec[SPEC_NAME], spec[SPEC_ARGS],
             spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values)
 
+
+def cancel_call(task_id: bytes) -> tuple:
+    return (CANCEL_CALL, task_id)
+
+
+def lease_granted(worker_pid: int) -> tuple:
+    return (LEASE_GRANTED, worker_pid)
+
+
+def lease_recall(worker_pid: int) -> tuple:
+    return (LEASE_RECALL, worker_pid)
+
+
+def lease_lost(worker_pid: int) -> tuple:
+    return (LEASE_LOST, worker_pid)
+
+
+# On a direct channel, back to the caller
+
+def result(task_id: bytes, delivered: list, undelivered: list, took: float,
+           must_register: bool) -> tuple:
+    return (RESULT, task_id, delivered, undelivered, took, must_register)
 
 # A worker's slot: shared memory the scheduler maps before forking it.
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)

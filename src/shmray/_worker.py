@@ -167,10 +167,10 @@ class Worker:
         with runtime.link.lock:
             done = None
             if origin is None:
-                done = (P.TASK_DONE, task_id, results, retryable, took)
+                done = P.task_done(task_id, results, retryable, took)
                 runtime.send(done)
             elif conn is None or undelivered or not self.caller_reports:
-                runtime.send((P.DIRECT_DONE, task_id, results, origin[1], retryable))
+                runtime.send(P.direct_done(task_id, results, origin[1], retryable))
             self._reported()
             release_held(runtime, results)  # after the message that now holds them
             if conn is None:
@@ -193,8 +193,8 @@ class Worker:
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            conn.send((P.RESULT, task_id, delivered, undelivered, took,
-                       runtime.leased_must_register))
+            conn.send(P.result(task_id, delivered, undelivered, took,
+                               runtime.leased_must_register))
             runtime.leased_must_register = False
             self.held_replies.add(conn)
             if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
@@ -284,12 +284,12 @@ class Worker:
             if blocked:
                 self._hand_back()
             if not blocked:
-                self.runtime.link.conn.send((P.UNBLOCKED,))
+                self.runtime.link.conn.send(P.unblocked())
             elif self.runtime.running_leased is not None:
                 self.runtime.leased_must_register = True
-                self.runtime.link.conn.send((P.BLOCKED, self.runtime.running_leased))
+                self.runtime.link.conn.send(P.blocked(self.runtime.running_leased))
             else:
-                self.runtime.link.conn.send((P.BLOCKED,))
+                self.runtime.link.conn.send(P.blocked())
             if not blocked:  # the task computes again now: its CPU must not be lent out
                 try:
                     self.runtime.link.conn.flush()
@@ -337,12 +337,12 @@ class Worker:
         if ahead:
             for task_id in ahead:
                 self.skip.pop(task_id, None)
-            self.runtime.link.conn.send((P.HANDED_BACK, ahead))
+            self.runtime.link.conn.send(P.handed_back(ahead))
         for conn, task_ids in leased.items():
             for task_id in task_ids:
                 del self.origins[task_id]
             if self.callers.get(conn.fd, (None,))[0] is conn:
-                conn.send((P.HANDED_BACK, task_ids))
+                conn.send(P.handed_back(task_ids))
                 self.held_replies.add(conn)
         self.write_replies()
 

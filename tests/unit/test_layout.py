@@ -58,3 +58,27 @@ def test_imports_form_no_cycle():
 
     for module in sorted(graph):
         visit(module)
+
+
+def test_messages_are_built_only_by_their_constructors():
+    """A tuple that starts with an opcode (``(P.RELEASE, ids)``) built anywhere but in
+    ``_protocol``'s constructors would let two places disagree about a message's fields."""
+    import re
+
+    opcodes = set(re.findall(r"^([A-Z_]+) = \d+$", (PACKAGE / "_protocol.py").read_text(), re.M))
+    built = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_protocol.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Tuple) or not node.elts:
+                continue
+            first, rest = node.elts[0], node.elts[1:]
+            if not (isinstance(first, ast.Attribute) and first.attr in opcodes):
+                continue
+            if all(isinstance(e, ast.Attribute) and e.attr in opcodes for e in rest) and rest:
+                continue  # a set of opcodes, not a message
+            if len(rest) == 1 and isinstance(rest[0], ast.Starred):
+                continue  # a message received, its fields put back together
+            built.append(f"{path.name}:{node.lineno}")
+    assert built == []

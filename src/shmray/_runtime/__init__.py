@@ -112,7 +112,7 @@ class Runtime:
             return
         with link.lock:
             unsent = bool(link.conn.pending or link.conn.out)
-            link.conn.send((P.ESCAPED, [object_id]))  # before any later RELEASE of it
+            link.conn.send(P.escaped([object_id]))  # before any later RELEASE of it
             if unsent:
                 link.flush()
 
@@ -131,8 +131,8 @@ class Runtime:
                 return self.leases.submit(spec, return_ids)
         if self.running_leased is not None:
             self.leased_must_register = True
-            return self.objects.send_owning((P.SUBMIT, spec, self.running_leased), return_ids)
-        return self.objects.send_owning((P.SUBMIT, spec), return_ids)
+            return self.objects.send_owning(P.submit(spec, self.running_leased), return_ids)
+        return self.objects.send_owning(P.submit(spec), return_ids)
 
     def check_feasible(self, demand: dict, what: str, actor: bool = False) -> None:
         """Raise if ``demand`` can never be met here (``_resources``).  A demand found
@@ -146,7 +146,7 @@ class Runtime:
         if fn_id not in self._registered_functions:
             with self.link.lock:
                 if fn_id not in self._registered_functions:
-                    self.link.conn.send((P.REGISTER_FUNCTION, fn_id, pickled_fn(), name))
+                    self.link.conn.send(P.register_function(fn_id, pickled_fn(), name))
                     self._registered_functions.add(fn_id)
                     if self.leases.enabled:  # a leased worker may ask for it at once
                         self.link.flush()
@@ -156,11 +156,11 @@ class Runtime:
         self.leases.publish(spec[P.ACTOR_ARG_IDS])
         with self.link.lock:
             if not wait:
-                self.link.conn.send((P.CREATE_ACTOR, None, spec))
+                self.link.conn.send(P.create_actor(None, spec))
                 ref = self.objects.add_owned_ref(spec[P.ACTOR_ID])
                 options = spec[P.ACTOR_OPTIONS]
             else:
-                reply = self.link.request(P.CREATE_ACTOR, spec)
+                reply = self.link.request(P.create_actor, spec)
                 if isinstance(reply, BaseException):
                     raise reply
                 actor_id, options = reply
@@ -179,7 +179,7 @@ class Runtime:
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         """Kill an actor; return once it is dead and the scheduler has dealt with its death
         (its calls failed, or it is restarting), so no call made after this reaches it."""
-        self.link.request(P.KILL_ACTOR, actor_id, no_restart)
+        self.link.request(P.kill_actor, actor_id, no_restart)
         self.channels.killed(actor_id)
 
     def publish(self, ids) -> None:
@@ -192,7 +192,7 @@ class Runtime:
 
     def query(self, what):
         """Ask the scheduler (resources, workers, actors); waits for the answer."""
-        return self.link.request(P.QUERY, what)
+        return self.link.request(P.query, what)
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -61,9 +61,9 @@ class Channels:
         self.objects.actor_calls.add(spec[P.SPEC_TASK_ID])
         channel = self._channel(actor_id) if direct_ok else None
         if channel is not None:
-            channel.conn.send(P.call_message(spec, {}))
+            channel.conn.send(P.call(spec, {}))
             if self.link.write_soon(channel):
-                self.link.send((P.DIRECT_CALL, actor_id, channel.peer_pid, spec))
+                self.link.send(P.direct_call(actor_id, channel.peer_pid, spec))
                 for object_id in return_ids:
                     self.objects.direct_pending[object_id] = channel
                 refs = [self.objects.add_owned_ref(object_id) for object_id in return_ids]
@@ -73,7 +73,7 @@ class Channels:
         first = return_ids[0]
         self._routed.setdefault(actor_id, set()).add(first)
         self._routed_ids[first] = actor_id
-        return self.objects.send_owning((P.ACTOR_CALL, actor_id, spec), return_ids)
+        return self.objects.send_owning(P.actor_call(actor_id, spec), return_ids)
 
     def _channel(self, actor_id: bytes) -> Optional[Channel]:
         if self._routed.get(actor_id) or not self.enabled:

@@ -161,7 +161,7 @@ class Leases:
         spec = record.spec
         depth = self._run_times.depth(spec[P.SPEC_FN_ID])
         lease.depth_limit = min(lease.depth_limit, depth) if lease.sent else depth
-        lease.conn.send(P.execute_message(spec, None, {}))
+        lease.conn.send(P.execute(spec, None, {}))
         lease.sent[spec[P.SPEC_TASK_ID]] = record
         for object_id in record.return_ids:
             self.objects.direct_pending[object_id] = lease
@@ -209,7 +209,7 @@ class Leases:
         if record.registered and not undelivered:
             # We are the scheduler's only source for these (``Worker.report``), whether or
             # not we still hold them.
-            self.link.conn.send((P.LEASED_DONE, task_id, delivered))
+            self.link.conn.send(P.leased_done(task_id, delivered))
         return record
 
     def _handed_back(self, lease: Channel, task_ids) -> None:
@@ -235,7 +235,7 @@ class Leases:
                 to_backlog.append(record)
         self.backlog.extendleft(reversed(to_backlog))  # first, in the order they were sent
         if to_scheduler:
-            self.link.conn.send((P.LEASE_HANDED_BACK, lease.peer_pid, to_scheduler))
+            self.link.conn.send(P.lease_handed_back(lease.peer_pid, to_scheduler))
             self.link.flush_later()
         other = self._roomiest()
         if other is not None:
@@ -251,10 +251,10 @@ class Leases:
         spec = record.spec
         if lease is None:
             self.backlog.remove(record)
-            conn.send((P.SUBMIT, spec))
+            conn.send(P.submit(spec))
             objects.owned_pending.update(i for i in record.return_ids if i in objects.counts)
         else:
-            conn.send((P.DIRECT_SUBMIT, lease.peer_pid, spec))
+            conn.send(P.direct_submit(lease.peer_pid, spec))
         record.registered = True
         gone = []
         for object_id in record.return_ids:
@@ -262,7 +262,7 @@ class Leases:
             if object_id not in objects.counts:
                 gone.append(object_id)  # dropped before the scheduler knew: drop it there
         if gone:
-            conn.send((P.RELEASE, gone))
+            conn.send(P.release(gone))
         self.link.flush_later()
 
     def publish(self, ids) -> None:
@@ -276,7 +276,7 @@ class Leases:
                 if object_id in objects.owner_only:
                     objects.owner_only.discard(object_id)
                     data, metadata = objects.locations[object_id]
-                    self.link.conn.send((P.PUT, object_id, data, metadata, ()))
+                    self.link.conn.send(P.put(object_id, data, metadata, ()))
                     continue
                 record = objects.unregistered.get(object_id)
                 if record is not None:
@@ -297,7 +297,7 @@ class Leases:
         if want != self._wanted:
             first = self._wanted == 0
             self._wanted = want
-            self.link.conn.send((P.LEASE_REQUEST, want))
+            self.link.conn.send(P.lease_request(want))
             if first and want:
                 self.link.flush()  # the backlog waits on the answer...
             self.link.flush_later()  # ...which the flusher reads if the program is busy
@@ -307,7 +307,7 @@ class Leases:
     def _granted(self, worker_pid: int) -> None:
         self._wanted = max(self._wanted - 1, 0)
         if not self.enabled:  # granted before our request for no more arrived
-            self.link.conn.send((P.LEASE_RETURN, worker_pid, []))
+            self.link.conn.send(P.lease_return(worker_pid, []))
             return
         connected = _direct.connect(_direct.worker_address(self.socket_dir, worker_pid))
         if connected is None:
@@ -329,7 +329,7 @@ class Leases:
         """The worker lent to us can't be reached (it died meanwhile, or one of us is out of
         descriptors): the scheduler replaces it.  Should that keep happening, our tasks go
         through the scheduler from now on, rather than asking for workers in a loop."""
-        self.link.conn.send((P.LEASE_RETURN, worker_pid, None))
+        self.link.conn.send(P.lease_return(worker_pid, None))
         self._unreachable += 1
         if self._unreachable < _UNREACHABLE_MAX:
             self._want()
@@ -358,7 +358,7 @@ class Leases:
         for lease in list(self.held):
             if lease.peer_pid == worker_pid:
                 self.lost(lease)
-        self.link.conn.send((P.LEASE_VERDICT, worker_pid))
+        self.link.conn.send(P.lease_verdict(worker_pid))
         self.link.flush_later()
 
     def lost(self, lease: Channel) -> None:
@@ -372,7 +372,7 @@ class Leases:
             for record in lease.sent.values():
                 if not record.registered:
                     self.register(record, lease)
-            self.link.conn.send((P.LEASE_RETURN, lease.peer_pid, unanswered))
+            self.link.conn.send(P.lease_return(lease.peer_pid, unanswered))
             lease.sent.clear()
             self.link.flush_later()
             self._want()
@@ -411,7 +411,7 @@ class Leases:
     def _give_back(self, lease: Channel) -> None:
         self.held.remove(lease)
         self.link.drop(lease.conn)
-        self.link.conn.send((P.LEASE_RETURN, lease.peer_pid, []))
+        self.link.conn.send(P.lease_return(lease.peer_pid, []))
         self.link.flush_later()
         if self.backlog:
             self._want()

@@ -173,12 +173,13 @@ class Link:
 
     # -- requests ------------------------------------------------------------------------
 
-    def request(self, opcode: int, *fields):
-        """Send ``(opcode, request_id, *fields)`` and wait for the scheduler's REPLY."""
+    def request(self, build: Callable[..., tuple], *fields):
+        """Send ``build(request_id, *fields)`` (a constructor of ``_protocol``) and wait for
+        the scheduler's REPLY."""
         with self.lock:
             self._next_request += 1
             request_id = self._next_request
-            self.conn.send((opcode, request_id, *fields))
+            self.conn.send(build(request_id, *fields))
             self.wait_until(lambda: request_id in self._replies, None)
             return self._replies.pop(request_id)
 

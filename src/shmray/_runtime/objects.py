@@ -81,7 +81,7 @@ class Objects:
             count = self.counts.get(object_id, 0)
             self.counts[object_id] = count + 1
             if count == 0 and announce:
-                self.link.conn.send((P.HOLD, [object_id]))
+                self.link.conn.send(P.hold([object_id]))
 
     def add_owned_ref(self, object_id: bytes) -> ObjectRef:
         """A ref the scheduler already counts for us (a put or a task return we submitted)."""
@@ -115,7 +115,7 @@ class Objects:
             self.actor_calls.discard(object_id[:24])
             released.append(object_id)
         if released and not self.link.closed:
-            self.link.conn.send((P.RELEASE, released))
+            self.link.conn.send(P.release(released))
 
     def num_local_refs(self) -> int:
         with self.link.lock:
@@ -124,7 +124,7 @@ class Objects:
 
     def settle(self) -> None:
         """Return once the scheduler has processed our releases (and freed what they let go)."""
-        self.link.request(P.QUERY, "ping")
+        self.link.request(P.query, "ping")
 
     # -- put -------------------------------------------------------------------------------
 
@@ -139,8 +139,8 @@ class Objects:
         data = self.store_object(object_id, serialized)
         with self.link.lock:
             self.locations[object_id] = (data, serialized.metadata)
-            self.link.conn.send((P.PUT, object_id, data, serialized.metadata,
-                                 serialized.contained_refs))
+            self.link.conn.send(P.put(object_id, data, serialized.metadata,
+                                      serialized.contained_refs))
             ref = self.add_owned_ref(object_id)
         # No hurry: whatever uses the object reaches the scheduler after this message.
         self.link.flush_soon()
@@ -237,7 +237,7 @@ class Objects:
         owed = [i for i in owed if i in self.counts]
         if owed:
             self.subscribed.update(owed)
-            self.link.conn.send((P.SUBSCRIBE, owed))
+            self.link.conn.send(P.subscribe(owed))
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class Objects:
                        and i not in self.direct_pending and i not in self.unregistered]
         if unannounced:
             self.subscribed.update(unannounced)
-            self.link.conn.send((P.SUBSCRIBE, unannounced))
+            self.link.conn.send(P.subscribe(unannounced))
         return missing
 
     def still_pending(self, ids) -> set:

@@ -58,10 +58,10 @@ class Actors:
             existing = self.table[self.named[key]]
             if options["get_if_exists"]:
                 self._hold_actor(client, existing.actor_id)
-                self.clients.send(client, (P.REPLY, request_id,
-                                           (existing.actor_id, existing.options)))
+                self.clients.send(client, P.reply(request_id,
+                                                  (existing.actor_id, existing.options)))
             else:
-                self.clients.send(client, (P.REPLY, request_id, ValueError(
+                self.clients.send(client, P.reply(request_id, ValueError(
                     f"The name {name!r} (namespace={options['namespace']!r}) is already taken "
                     "by a live actor; pick another name, or pass get_if_exists=True")))
             return
@@ -77,7 +77,7 @@ class Actors:
             entry.container_holds += 1  # a detached actor outlives its handles
         actor.creation_holds, unknown = self.objects.hold_arguments(actor.creation_holds)
         if request_id is not None:
-            self.clients.send(client, (P.REPLY, request_id, (actor_id, actor.options)))
+            self.clients.send(client, P.reply(request_id, (actor_id, actor.options)))
         if unknown:
             self._dead(actor, *self.objects.lost(unknown[0]))
             return
@@ -140,7 +140,7 @@ class Actors:
         values = self.objects.inline_values(
             [i for i in spec[P.ACTOR_ARG_IDS] if i in self.objects])
         pickled = self.tasks.dispatcher.functions[spec[P.ACTOR_CLASS_ID]][0]
-        self.clients.send(client, (P.START_ACTOR, spec, pickled, values))
+        self.clients.send(client, P.start_actor(spec, pickled, values))
         self.forward(actor)
         if actor.out_of_scope:
             self._exit_when_done(actor)
@@ -157,7 +157,7 @@ class Actors:
 
     def on_actor_exiting(self, client: Client) -> None:
         if client.actor is not None:
-            self.clients.send(client, (P.EXIT,))  # wakes its reader (a threaded actor's)
+            self.clients.send(client, P.exit_())  # wakes its reader (a threaded actor's)
             client.actor.no_restart = True
             if client.actor.death is None:
                 client.actor.death = self._died_error(
@@ -206,7 +206,7 @@ class Actors:
                 task.worker = client
                 spec = task.spec
                 values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
-                self.clients.send(client, P.call_message(spec, values))
+                self.clients.send(client, P.call(spec, values))
             if not queue:
                 del actor.queues[caller]
 
@@ -304,7 +304,7 @@ class Actors:
                 return
             if no_restart:
                 self._dead(actor, *actor.death)
-        self.clients.send(client, (P.REPLY, request_id, None))
+        self.clients.send(client, P.reply(request_id, None))
 
     def out_of_scope(self, actor_id: bytes) -> None:
         """No handle to the actor is left anywhere (``Directory.on_actor_unheld``)."""
@@ -327,14 +327,14 @@ class Actors:
         caller registers its calls before it releases its last handle)."""
         if not actor.exit_sent and not actor.direct_open and actor.client is not None:
             actor.exit_sent = True
-            self.clients.send(actor.client, (P.EXIT,))
+            self.clients.send(actor.client, P.exit_())
 
     def process_died(self, client: Client, status: Optional[int]) -> None:
         """The actor's process is gone: restart it, or fail what it owed; then answer the
         kill()s that waited for this."""
         self._died(client.actor, status)
         for killer, request_id in client.killers:
-            self.clients.send(killer, (P.REPLY, request_id, None))
+            self.clients.send(killer, P.reply(request_id, None))
 
     def _died(self, actor: Actor, status: Optional[int]) -> None:
         self.resources.give(actor.held)

@@ -46,7 +46,7 @@ class Cancel:
         actor = task.actor
         if actor is not None:
             if task.task_id in actor.inflight and actor.client is not None:
-                self.clients.send(actor.client, (P.CANCEL_CALL, task.task_id))
+                self.clients.send(actor.client, P.cancel_call(task.task_id))
             else:
                 self.tasks.fail(task, *self.tasks.cancelled_error(task))
             return
@@ -87,7 +87,7 @@ class Cancel:
         """Skip that task if it has not started: the worker looks for this message before
         each task while its slot counts more than it has read, so it is written first (the
         loop's turn may be long: a recursive cancel of many tasks)."""
-        self.clients.send(worker, (P.CANCEL_CALL, task_id))
+        self.clients.send(worker, P.cancel_call(task_id))
         try:
             worker.conn.flush_nonblocking()  # what doesn't fit goes when the socket has room
         except ConnectionClosed:

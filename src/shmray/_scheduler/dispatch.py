@@ -54,7 +54,7 @@ class Dispatcher:
     def on_register_function(self, client: Client, fn_id, pickled, name) -> None:
         self.functions[fn_id] = (pickled, name)
         for waiter, request_id in self.function_waiters.pop(fn_id, ()):
-            self.clients.send(waiter, (P.REPLY, request_id, pickled))
+            self.clients.send(waiter, P.reply(request_id, pickled))
 
     def send_function(self, client: Client, request_id, fn_id: bytes) -> None:
         """A function's code, asked for by a leased worker.  Its driver registered it before
@@ -62,7 +62,7 @@ class Dispatcher:
         answered once it is in."""
         client.functions.add(fn_id)
         if fn_id in self.functions:
-            self.clients.send(client, (P.REPLY, request_id, self.functions[fn_id][0]))
+            self.clients.send(client, P.reply(request_id, self.functions[fn_id][0]))
         else:
             self.function_waiters.setdefault(fn_id, []).append((client, request_id))
 
@@ -166,7 +166,7 @@ class Dispatcher:
             pickled = self.functions[fn_id][0]
             worker.functions.add(fn_id)
         values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
-        self.clients.send(worker, P.execute_message(spec, pickled, values))
+        self.clients.send(worker, P.execute(spec, pickled, values))
 
     def note_run_time(self, task: Task, task_id: bytes, took: Optional[float]) -> None:
         fn_id = task.spec[P.SPEC_FN_ID]

@@ -98,7 +98,7 @@ class Leases:
         for worker in self.leased:
             if not worker.recalled:
                 worker.recalled = True
-                self.clients.send(worker.leased_to, (P.LEASE_RECALL, worker.pid))
+                self.clients.send(worker.leased_to, P.lease_recall(worker.pid))
 
     # -- granting and returning ----------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class Leases:
                 self.leased.add(worker)
                 self.resources.available["CPU"] -= 1.0
                 client.lease_wanted -= 1
-                self.clients.send(client, (P.LEASE_GRANTED, worker.pid))
+                self.clients.send(client, P.lease_granted(worker.pid))
             self.wanters.discard(client)
 
     def on_lease_return(self, client: Client, worker_pid, unanswered) -> None:
@@ -264,7 +264,7 @@ class Leases:
             if holder is not None and holder.alive:
                 # It reports, registers the rest and answers (LEASE_VERDICT).
                 self.deaths[worker.pid] = (status, started_id)
-                self.clients.send(holder, (P.LEASE_LOST, worker.pid))
+                self.clients.send(holder, P.lease_lost(worker.pid))
             for task in list(worker.direct.values()):
                 self._await_verdict(task, worker.pid, status)
         worker.direct.clear()
@@ -279,7 +279,7 @@ class Leases:
             p == pid for _, p, _ in self.awaiting_verdict.values())
         self.awaiting_verdict[task.task_id] = (task, pid, status)
         if not asked:
-            self.clients.send(task.owner, (P.LEASE_LOST, pid))
+            self.clients.send(task.owner, P.lease_lost(pid))
 
     def on_lease_verdict(self, client: Client, worker_pid) -> None:
         """The driver has reported every result the dead worker sent it, and registered

@@ -284,7 +284,7 @@ class Scheduler:
             value = (actor_id, actor.options) if actor is not None else None
         else:
             value = None
-        self.clients.send(client, (P.REPLY, request_id, value))
+        self.clients.send(client, P.reply(request_id, value))
 
     # -- deaths and the end ----------------------------------------------------------------
 

@@ -181,9 +181,9 @@ class Directory:
     def subscribe(self, client: Client, object_id: bytes) -> None:
         entry = self.entries.get(object_id)
         if entry is None:
-            self.clients.send(client, (P.READY, object_id, *self.lost(object_id)))
+            self.clients.send(client, P.ready(object_id, *self.lost(object_id)))
         elif entry.ready:
-            self.clients.send(client, (P.READY, object_id, entry.data, entry.metadata))
+            self.clients.send(client, P.ready(object_id, entry.data, entry.metadata))
         else:
             entry.subscribers.append(client)
 
@@ -215,7 +215,7 @@ class Directory:
             if inner_entry is not None:
                 inner_entry.container_holds += 1
         for subscriber in entry.subscribers:
-            self.clients.send(subscriber, (P.READY, object_id, data, metadata))
+            self.clients.send(subscriber, P.ready(object_id, data, metadata))
         entry.subscribers = []
         dependents, entry.dependents = entry.dependents, []
         for dependent, wake in dependents:

@@ -127,7 +127,7 @@ class Tasks:
         if task is not None and self._used_up(worker, task):
             worker.task = None
             self.pool.busy.discard(worker)
-            self.clients.send(worker, (P.EXIT,))  # after what was sent ahead; EOF refills
+            self.clients.send(worker, P.exit_())  # after what was sent ahead; EOF refills
         elif worker.queued:  # it has started the next one already
             self.dispatcher.make_running(worker.queued.popleft(), worker)
         else:
