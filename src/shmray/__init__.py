@@ -2,6 +2,8 @@
 
 Write ``import shmray as ray`` and a Ray Core program runs unchanged on this machine.  The
 public names are re-exported here from private modules; nothing else is public.
+
+Runs in: every process (the user's driver, and workers and actors, whose tasks may call it).
 """
 
 from . import actor, exceptions, util

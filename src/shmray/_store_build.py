@@ -4,6 +4,8 @@ The cdef is the block of ``_store.h`` between its ``cdef-begin``/``cdef-end`` ma
 every C declaration exists once, in the header.  The extension is compiled in API mode
 (``set_source``): cffi then releases the GIL around each call into the store, which lets a
 large copy in ``shm_copy`` run while other Python threads go on.
+
+Runs in: ``setup.py`` (at install), never in a session.
 """
 
 import os

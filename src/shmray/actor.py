@@ -1,4 +1,7 @@
-"""``shmray.actor``: as ``ray.actor`` — exit_actor() and the handle and class types."""
+"""``shmray.actor``: as ``ray.actor`` — exit_actor() and the handle and class types.
+
+Runs in: every process (exit_actor() in actors).
+"""
 
 from ._actor import ActorClass, ActorHandle, ActorMethod, exit_actor
 

@@ -1,4 +1,7 @@
-"""``shmray.util``: as ``ray.util`` — the helpers that make sense on one machine."""
+"""``shmray.util``: as ``ray.util`` — the helpers that make sense on one machine.
+
+Runs in: the driver, workers and actors.
+"""
 
 from ._actor import list_named_actors
 from ._actor_pool import ActorPool

@@ -82,3 +82,22 @@ def test_messages_are_built_only_by_their_constructors():
                 continue  # a message received, its fields put back together
             built.append(f"{path.name}:{node.lineno}")
     assert built == []
+
+
+def test_modules_and_classes_stay_readable_and_say_where_they_run():
+    """No module past ~600 lines nor class past ~400 (the C store excepted: one arena under
+    one lock reads best whole), and each module's docstring says which processes run it."""
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        tree = ast.parse(text)
+        name = path.relative_to(PACKAGE)
+        if len(text.splitlines()) > 600:
+            problems.append(f"{name}: {len(text.splitlines())} lines")
+        if "Runs in:" not in (ast.get_docstring(tree) or ""):
+            problems.append(f"{name}: its docstring does not say what runs it")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 400:
+                problems.append(f"{name}: class {node.name} is "
+                                f"{node.end_lineno - node.lineno + 1} lines")
+    assert problems == []
