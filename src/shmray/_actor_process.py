@@ -27,8 +27,8 @@ current call, and the scheduler does not restart it.
 from __future__ import annotations
 
 import collections
-import functools
 import concurrent.futures
+import functools
 import inspect
 import os
 import time
@@ -109,7 +109,10 @@ class ActorProcess(Worker):
         return {P.CALL: self._on_call, P.CANCEL_CALL: self._cancel, P.EXIT: self._on_exit}
 
     def _on_call(self, *fields) -> None:
-        self.queue.append((P.CALL, *fields))
+        self.take_work((P.CALL, *fields))
+
+    def take_work(self, message: tuple) -> None:
+        self.queue.append(message)
         if self.wake is not None:  # async: a call read by a get inside a coroutine
             self.wake()
 

@@ -144,7 +144,7 @@ class Worker:
 
     def _take_direct(self, message: tuple, origin) -> None:
         self.origins[message[1]] = origin
-        self.runtime.link.handle(message)  # of a kind ``direct_shapes`` allows
+        self.take_work(message)  # the one kind ``direct_shapes`` allows
 
     def report(self, task_id: bytes, results, retryable: bool, took: float = 0.0) -> None:
         """Results of a task or call: to the scheduler, and straight back to a direct caller.
@@ -265,7 +265,11 @@ class Worker:
                 P.EXIT: self._on_exit}
 
     def _on_execute(self, *fields) -> None:
-        self.queue.append((P.EXECUTE, *fields))
+        self.take_work((P.EXECUTE, *fields))
+
+    def take_work(self, message: tuple) -> None:
+        """Queue a task (an actor: a call), from the scheduler or a direct channel."""
+        self.queue.append(message)
         if self.waiting:
             self._hand_back()
 
@@ -303,10 +307,8 @@ class Worker:
             self.runtime.link.wait_until(lambda: not self._cancel_unread(), None)
 
     def _cancel_unread(self) -> bool:
-        """A cancel the slot counts is still on its way.  The scheduler writes the message
-        before it counts it, so we may have read more than the slot says yet: waiting then
-        would be for input that never comes (a leased task sat queued until some other
-        message came, 5 s in a stress loop)."""
+        """A cancel the slot counts is still on its way.  We may have read more than the slot
+        says yet (the scheduler writes, then counts): never wait for more than it says."""
         slot = self.cancel_slot  # every worker has one (actors, which don't, never ask)
         return slot is not None and P.cancels_sent(slot) > self.cancels_read
 

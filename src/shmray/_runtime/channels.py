@@ -8,9 +8,9 @@ its result comes back the same way; the scheduler hears of the call afterwards, 
 next frame (DIRECT_CALL), so it can fail or retry it should the actor die.  Order: a call
 must never overtake an earlier call of ours to the same actor, so while one of ours that
 went through the scheduler is unfinished (``routed``), later ones go that way too.  When a
-channel breaks, the scheduler tells us what became of the calls it owed (``Objects.
-channel_gone``), and the next call connects afresh, to the actor's next incarnation if it
-restarts.
+channel breaks, the scheduler tells us what became of the calls it owed
+(``Objects.channel_gone``), and the next call connects afresh, to the actor's next
+incarnation if it restarts.
 
 ``Channel`` is also what a driver holds to a worker it leases (``leases``).
 """
@@ -45,6 +45,8 @@ class Channel:
 
 
 class Channels:
+    """This process's direct channels to actors, one per actor it calls."""
+
     def __init__(self, link: Link, objects: Objects, socket_dir: str):
         self.link = link
         self.objects = objects

@@ -24,10 +24,14 @@ _PUMP_ROUND = 0.5  # how often the reader thread looks whether it is still wante
 
 
 class Futures:
+    """The futures waiting for objects, and the thread that reads for them."""
+
     def __init__(self, link: Link, objects: Objects):
         self.link = link
         self.objects = objects
-        self.pending: Dict[bytes, List[concurrent.futures.Future]] = {}
+        # id -> futures waiting for it; the objects' own dict, so that an arrival nobody
+        # awaits costs no call here.
+        self.pending: Dict[bytes, List[concurrent.futures.Future]] = objects.awaited
         self._pump_thread: Optional[threading.Thread] = None
         objects.on_arrived = self.arrived
 
@@ -52,10 +56,9 @@ class Futures:
         return await asyncio.wrap_future(self.future_of(ref))
 
     def arrived(self, object_id: bytes) -> None:
-        if self.pending:
-            futures = self.pending.pop(object_id, None)
-            if futures:
-                self._resolve(object_id, futures)
+        futures = self.pending.pop(object_id, None)
+        if futures:
+            self._resolve(object_id, futures)
 
     def _resolve(self, object_id: bytes, futures) -> None:
         location = self.objects.locations.get(object_id, (IN_ARENA, b""))

@@ -50,6 +50,14 @@ def leasable(spec: tuple) -> bool:
             and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA])
 
 
+def _any_in_arena(delivered) -> bool:
+    """Whether a result is in the arena: the scheduler frees those, so it must know them."""
+    for result in delivered:
+        if result[1] is IN_ARENA:
+            return True
+    return False
+
+
 class Leased:
     """A task of ours for a leased worker: in the backlog, or sent and not answered."""
 
@@ -62,6 +70,8 @@ class Leased:
 
 
 class Leases:
+    """The workers this driver leases, and its tasks waiting for one."""
+
     def __init__(self, link: Link, objects: Objects, socket_dir: str, max_leases: int,
                  enabled: bool):
         self.link = link
@@ -94,8 +104,9 @@ class Leases:
     def submit(self, spec: tuple, return_ids) -> List[ObjectRef]:
         """Own a plain task: into the backlog, from which the roomiest lease takes it at
         once if nothing waits before it; else ask for leases (caller holds the lock)."""
-        self._submitted_at = time.monotonic()
-        self.link.flush_if_due()
+        now = self._submitted_at = time.monotonic()
+        if now - self.link.last_flush > FLUSH_DELAY:
+            self.link.send_all()
         record = Leased(spec, return_ids)
         objects = self.objects
         unregistered, counts, tracker = objects.unregistered, objects.counts, objects.tracker
@@ -202,10 +213,9 @@ class Leases:
             return None
         lease.stalled = False
         self._run_times.note(record.spec[P.SPEC_FN_ID], took, must_register)
-        if not record.registered:
-            if (undelivered or must_register
-                    or any(result[1] is IN_ARENA for result in delivered)):  # the scheduler
-                self.register(record, lease)                                # frees those
+        if not record.registered and (undelivered or must_register
+                                      or _any_in_arena(delivered)):
+            self.register(record, lease)
         if record.registered and not undelivered:
             # We are the scheduler's only source for these (``Worker.report``), whether or
             # not we still hold them.
@@ -353,8 +363,7 @@ class Leases:
                 return
 
     def _lost(self, worker_pid: int) -> None:
-        """LEASE_LOST: a leased worker died.  Report all it sent us (``lost`` reads to the
-        end), then say we are done."""
+        """LEASE_LOST: report all the dead worker sent us (``lost``), then say we are done."""
         for lease in list(self.held):
             if lease.peer_pid == worker_pid:
                 self.lost(lease)
@@ -419,11 +428,9 @@ class Leases:
     # -- the flusher's part, and waits -----------------------------------------------------
 
     def _tend_interval(self) -> Optional[float]:
-        """How soon the flusher should look after the leases: every millisecond while a
-        backlog waits for them (their workers must not run dry while the program is busy
-        elsewhere), soon while one idles (it goes back after ``IDLE_SECONDS``) or one is
-        asked for, now and then while tasks run whose results nobody reads yet, never
-        without leases."""
+        """How soon the flusher should look after the leases: each millisecond while a backlog
+        waits (their workers must not run dry while the program is busy elsewhere), soon
+        while one idles or is asked for, now and then while tasks run, never without."""
         if self.backlog and self.held:
             return FLUSH_DELAY
         if self._wanted or any(not lease.sent for lease in self.held):

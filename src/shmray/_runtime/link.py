@@ -51,6 +51,8 @@ def _block(poller, timeout: Optional[float]):
 
 
 class Link:
+    """The connection to the scheduler, and every descriptor this process waits on."""
+
     def __init__(self, conn: Connection):
         self.conn = conn
         self.lock = threading.RLock()        # everything the runtime keeps, and the queue
@@ -60,7 +62,7 @@ class Link:
         self.handlers: Dict[int, Callable] = {P.REPLY: self._on_reply}
         self._replies: Dict[int, object] = {}
         self._next_request = 0
-        self._last_flush = 0.0
+        self.last_flush = 0.0
         self._flusher: Optional[threading.Thread] = None
         self._flush_wanted = threading.Event()
         # Descriptors read besides the scheduler's: fd -> callback (with the lock held);
@@ -107,13 +109,13 @@ class Link:
                 self.conn.flush()
             except ConnectionClosed as exc:
                 raise self.scheduler_gone() from exc
-            self._last_flush = time.monotonic()
+            self.last_flush = time.monotonic()
             self.after_flush()
 
     def flush_soon(self) -> None:
         """Send now, unless we sent very recently: then the message waits for the next frame
         (get() and wait() flush before they block; the flusher within a millisecond)."""
-        if time.monotonic() - self._last_flush > _BATCH_WINDOW:
+        if time.monotonic() - self.last_flush > _BATCH_WINDOW:
             self.flush()
             return
         self.flush_later()
@@ -128,11 +130,11 @@ class Link:
         if not self._flush_wanted.is_set():
             self._flush_wanted.set()
 
-    def flush_if_due(self) -> None:
+    def send_all(self) -> None:
         """What the flusher would send, sent now: the program is submitting, and the
-        flusher keeps off the lock meanwhile (``submitting``)."""
-        if time.monotonic() - self._last_flush > FLUSH_DELAY and (self.conn.pending
-                                                                   or self.unflushed):
+        flusher keeps off the lock meanwhile (``submitting``).  Callers look at
+        ``last_flush`` first: this runs once a millisecond, not once a task."""
+        if self.conn.pending or self.unflushed:
             self.flush()
             for conn in list(self.unflushed):
                 self.write_some(conn)

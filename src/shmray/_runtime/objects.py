@@ -49,6 +49,8 @@ def _nothing(*args):
 
 
 class Objects:
+    """The refs this process holds, and what it knows of their objects."""
+
     def __init__(self, link: Link, store, spiller, tracker):
         self.link = link
         self.store = store
@@ -66,8 +68,9 @@ class Objects:
         self.unregistered: Dict[bytes, object] = {}  # results of tasks only we know of
         self.owner_only: set = set()         # results only we have (published if one leaves)
         self._waiters: Dict[bytes, list] = {}  # id -> _Waiters counting it down
-        # Hooks: an object arrived (futures), READY of a call routed through the scheduler
-        # (channels), about to wait on ids (leases give idle workers back).
+        self.awaited: dict = {}  # id -> the futures waiting for it (``futures``)
+        # Hooks: an awaited object arrived (futures), READY of a call routed through the
+        # scheduler (channels), about to wait on ids (leases give idle workers back).
         self.on_arrived: Callable[[bytes], None] = _nothing
         self.on_ready: Callable[[bytes], None] = _nothing
         self.before_waiting_on: Callable[[Sequence[bytes]], None] = _nothing
@@ -201,7 +204,8 @@ class Objects:
         if self._waiters:
             for waiter in self._waiters.pop(object_id, ()):
                 waiter.remaining -= 1
-        self.on_arrived(object_id)
+        if self.awaited:
+            self.on_arrived(object_id)
 
     def take_direct(self, delivered, undelivered) -> None:
         """Results a channel brought (caller holds the lock): those delivered are ready;
