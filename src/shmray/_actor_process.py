@@ -320,8 +320,9 @@ class ActorProcess(Worker):
 
         def start_queued():
             # At most max_concurrency calls are tasks on the loop; the rest wait, in order,
-            # in self.queue (where a cancel can still drop them).
-            while self.queue and active[0] < self.max_concurrency:
+            # in self.queue (where a cancel can still drop them).  None starts once the actor
+            # is exiting: those that arrive meanwhile fail with its death, as in Ray.
+            while self.queue and active[0] < self.max_concurrency and not self.exit_requested:
                 message = self.queue.popleft()
                 active[0] += 1
                 task = loop.create_task(serve(message))
