@@ -604,33 +604,6 @@ def test_a_ref_kept_past_shutdown_still_pickles():
     assert pickle.loads(pickle.dumps([done, running]))
 
 
-def test_a_worker_waits_only_for_cancels_counted_and_not_yet_read():
-    """The scheduler writes a CANCEL_CALL, then counts it in the worker's slot.  A leased
-    worker that read the message before it was counted waited for input that never came:
-    its next task sat queued until some other message arrived (21 in 80,000 cancels)."""
-    import mmap
-    import signal
-    import types
-
-    from shmray import _protocol as P
-    from shmray._worker import Worker
-
-    slot = mmap.mmap(-1, P.SLOT_SIZE)
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        worker = Worker(types.SimpleNamespace(link=types.SimpleNamespace(handlers={})), slot)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    worker.handlers()[P.CANCEL_CALL](b"t" * 24)  # read before it is counted
-    assert not worker._cancel_unread()
-    P.count_cancel(slot)
-    assert not worker._cancel_unread()
-    P.count_cancel(slot)  # counted, not read yet: on its way
-    assert worker._cancel_unread()
-    worker.handlers()[P.CANCEL_CALL](b"u" * 24)
-    assert not worker._cancel_unread()
-
-
 def test_short_tasks_do_not_queue_behind_a_long_one(ray):
     """They were sent to the long task's worker (only their own function's run time was
     looked at) and waited for it, the other CPU idle."""

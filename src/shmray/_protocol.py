@@ -74,10 +74,18 @@ Client (driver, worker, actor) -> scheduler
                                                      SIGKILL the actor process; the REPLY
                                                      comes once its death is dealt with
     CANCEL             task_id, force, recursive     stop a task (or an actor call)
+    CONSUMED           task_id, count                the caller of a streaming task has taken
+                                                     this many of its items (backpressure);
+                                                     the scheduler passes it on to the
+                                                     process running the task
 Actor -> scheduler
     ACTOR_STARTED      error                         __init__ ran (error: None, or its RayTaskError
                                                      serialized)
     ACTOR_EXITING      -                             exit_actor() was called: don't restart
+Worker or actor -> scheduler
+    GENERATED          task_id, index, result        a streaming task yielded its index-th item:
+                                                     result as TASK_DONE's; the item goes to the
+                                                     task's owner, which holds it
 Actor or leased worker -> scheduler
     DIRECT_DONE        task_id, results, caller_pid, retryable
                                                      a direct call's results (as TASK_DONE's);
@@ -104,6 +112,8 @@ Scheduler -> client
     LEASE_GRANTED      worker_pid                    a worker lent to the sender
     LEASE_RECALL       worker_pid                    give that lease back once its tasks are
                                                      done: the CPU is needed
+    CONSUMED           task_id, count                (to the process running a streaming task)
+                                                     its caller has taken this many items
     LEASE_LOST         worker_pid                    that worker you lease died: read what it
                                                      sent, report it, return the lease with
                                                      what it left unanswered, then answer
@@ -133,8 +143,13 @@ options)``; ``options`` is a dict of the actor's options resolved by the caller 
 
 A TaskSpec is the tuple ``(task_id, fn_id, name, args, arg_ids, contained, num_returns,
 resources, max_retries, retry_exceptions, extra)``, ``extra`` being None or a dict of the
-rarer options (``env_vars`` from runtime_env, ``max_calls``): ``args`` is the serialized ``(args, kwargs)``
-with each top-level ObjectRef replaced by ``ArgRef(i)``, ``arg_ids[i]`` being its id.
+rarer options (``env_vars`` from runtime_env, ``max_calls``, ``backpressure``): ``args`` is
+the serialized ``(args, kwargs)`` with each top-level ObjectRef replaced by ``ArgRef(i)``,
+``arg_ids[i]`` being its id.  ``num_returns`` is a count, or ``STREAMING`` (the task is a
+generator whose items stream to its caller as it yields them: item ``k`` is the object
+``object_id_for_return(task_id, k + 1)``, and the task's one return, its completion, holds
+how many there were) or ``DYNAMIC`` (a generator run to its end, returning a
+``DynamicObjectRefGenerator`` of refs to the items).
 """
 
 from __future__ import annotations
@@ -149,6 +164,8 @@ PUT = 3
 HOLD = 4
 RELEASE = 5
 ESCAPED = 26
+GENERATED = 27
+CONSUMED = 28
 SUBSCRIBE = 6
 BLOCKED = 7
 UNBLOCKED = 8
@@ -181,6 +198,9 @@ RESULT = 37
 LEASE_GRANTED = 38
 LEASE_RECALL = 39
 LEASE_LOST = 40
+
+STREAMING = -1  # num_returns of a streaming generator task (see TaskSpec below)
+DYNAMIC = -2    # num_returns of a dynamic generator task
 
 LEASE_SHAPE = {"CPU": 1.0}  # what a lease holds, and the only tasks a lease runs ask for
 
@@ -276,6 +296,15 @@ def kill_actor(request_id: int, actor_id: bytes, no_restart: bool) -> tuple:
 
 def cancel(task_id: bytes, force: bool, recursive: bool) -> tuple:
     return (CANCEL, task_id, force, recursive)
+
+
+def consumed(task_id: bytes, count: int) -> tuple:
+    """Both ways: from a streaming task's caller, and on to the process running it."""
+    return (CONSUMED, task_id, count)
+
+
+def generated(task_id: bytes, index: int, result: tuple) -> tuple:
+    return (GENERATED, task_id, index, result)
 
 
 def lease_request(count: int) -> tuple:

@@ -20,7 +20,9 @@ import traceback
 import setproctitle
 
 from . import _context, _lend, _pickling, _protocol as P, exceptions
+from ._context import cancel_point
 from ._ids import first_return_id, object_id_for_return
+from ._object_ref_generator import DynamicObjectRefGenerator
 from ._runtime import IN_ARENA
 from ._serialization import (
     META_ERROR,
@@ -71,6 +73,64 @@ def _store_return(runtime, object_id: bytes, value):
     hold(runtime, serialized.contained_refs)
     data = runtime.store_object(object_id, serialized)
     return (object_id, data, serialized.metadata, serialized.contained_refs)
+
+
+# -- generator tasks ------------------------------------------------------------------------
+
+_END = object()
+
+
+def items_of(outcome, name: str):
+    """The iterator a generator task's items come from."""
+    try:
+        return iter(outcome)
+    except TypeError:
+        raise TypeError(
+            f"{name}() has num_returns='streaming' or 'dynamic' but returned "
+            f"{type(outcome).__name__}, not a generator: make it yield its values"
+        ) from None
+
+
+@cancel_point  # the generator's own code runs under it
+def _next_item(items):
+    return next(items, _END)
+
+
+def report_item(runtime, task_id: bytes, index: int, value) -> None:
+    """Store one item of a streaming task and send it on its way (GENERATED)."""
+    result = _store_return(runtime, object_id_for_return(task_id, index + 1), value)
+    runtime.send(P.generated(task_id, index, result))
+    release_held(runtime, (result,))  # after the message that now holds them
+    runtime.link.flush_soon()
+
+
+def stream_items(runtime, task_id: bytes, items, backpressure: int, consumed) -> int:
+    """Run a streaming task's generator: each item reported as it is yielded, the producer
+    waiting while ``backpressure`` items are not yet taken by the caller (``consumed(task_id)``
+    says how many are).  Returns how many there were."""
+    index = 0
+    while True:
+        value = _next_item(items)
+        if value is _END:
+            return index
+        report_item(runtime, task_id, index, value)
+        del value
+        index += 1
+        if backpressure > 0 and index - consumed(task_id) >= backpressure:
+            with runtime.link.lock:
+                runtime.link.wait_until(lambda: index - consumed(task_id) < backpressure,
+                                        None)
+
+
+def dynamic_items(runtime, items) -> DynamicObjectRefGenerator:
+    """Run a ``num_returns="dynamic"`` task's generator to its end: each item put as it
+    comes, the refs returned together."""
+    refs = []
+    while True:
+        value = _next_item(items)
+        if value is _END:
+            return DynamicObjectRefGenerator(refs)
+        refs.append(runtime.put(value))
 
 
 def error_results(task_id: bytes, error: BaseException, num_returns: int):

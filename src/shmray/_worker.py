@@ -18,39 +18,42 @@ among them), and a driver leasing the worker hears that its task waits even if n
 
 Between tasks it names the one it starts in its slot (shared with the scheduler, which
 reads it if the worker dies), and reads its socket only while the slot counts a cancel it
-has not read: a poll(2) per task would cost more than a short task does.
+has not read: a poll(2) per task would cost more than a short task does.  How a running
+task is cancelled: ``_task_cancel``.  A generator task's items are stored and sent as it
+yields them (``_task_results``).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import setproctitle
 
 from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
-from ._context import at_cancel_point, cancel_point, current_task
+from ._context import cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
+from ._task_cancel import TaskCancel
 from ._task_results import (
     apply_env,
     arguments,
     cancelled_results,
+    dynamic_items,
     error_results,
     flush_output,
+    items_of,
     release_held,
     should_retry,
     store_returns,
+    stream_items,
     task_error,
 )
 
 
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
-_SKIPS_KEPT = 1024  # cancels of tasks not started yet kept (most are used within a task)
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
 _PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
@@ -70,27 +73,18 @@ class Worker:
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
         self.runtime = runtime
-        self.cancel_slot = cancel_slot  # the scheduler names the task a SIGINT is for here
-        # Ids of tasks cancelled before they started (in order: a cancel of a task already
-        # done stays unused, and only the latest _SKIPS_KEPT are kept).
-        self.skip: Dict[bytes, None] = {}
-        self.cancels_read = 0           # CANCEL_CALLs read (the slot counts those sent)
+        self.cancel_slot = cancel_slot  # shared with the scheduler (``_protocol``)
+        self.cancel = TaskCancel(runtime, cancel_slot)
         self.functions: dict = {}
         self.queue: collections.deque = collections.deque()
         self.exiting = False
-        # SIGINT is how the scheduler cancels the running task; it is only acted on while
-        # user code runs, so a signal that arrives as a task ends can't hit anything else
-        # (the scheduler sends the next task only after this one's TASK_DONE).
-        self.in_user_code = False
-        self.cancelled = False
-        self.cancel_pending: Optional[bytes] = None  # a task SIGINT came for before it ran
+        self.consumed: Dict[bytes, int] = {}  # streaming tasks: items their caller took
         self.waiting = False  # the running task waits in get/wait
         self.parked = False   # reports parked in the slot, not sent yet
         self.loading = 0.0    # of the task running: time spent loading its function
         runtime.link.after_flush = self._unpark
         runtime.link.handlers.update(self.handlers())
         runtime.link.blocked_hook = self._blocked
-        signal.signal(signal.SIGINT, self._on_sigint)
         # Direct channels: peers connect to the listener; one connection per peer process.
         self.listener = None
         self.callers: dict = {}         # fd -> (connection, peer pid)
@@ -235,34 +229,11 @@ class Worker:
                 for conn in list(runtime.link.unflushed)[:1]:
                     wait_writable(conn.fd, 0.05)
 
-    def _on_sigint(self, signum, frame) -> None:
-        slot = self.cancel_slot
-        if slot is not None and slot[P.SLOT_TARGET] != current_task.task_id:
-            if current_task.task_id is None and slot[P.SLOT_TARGET] == slot[P.SLOT_STARTED]:
-                self.cancel_pending = bytes(slot[P.SLOT_TARGET])  # named as started, not begun yet
-            return  # else meant for a task this worker has finished already
-        if current_task.task_id is not None and not self.in_user_code:
-            # Loading the function or arguments: stop before it runs.
-            self.cancel_pending = current_task.task_id
-            return
-        if self.in_user_code:
-            if not at_cancel_point(frame):
-                # Inside shmray, called by the task (a put, a submit, a message half
-                # written): an exception there would cut a frame or lose bytes read.  It
-                # is raised where shmray is done (``Link.take_interrupt``), or when the
-                # signal comes again in a moment, should the task have left shmray.
-                self.cancelled = True
-                self.runtime.link.pending_interrupt = True
-                threading.Timer(_REDELIVER_SECONDS, _signal_self).start()
-                return
-            self.cancelled = True
-            raise KeyboardInterrupt("task cancelled")
-
     def handlers(self) -> dict:
         """The messages this process acts on itself, beside those its runtime handles:
         opcode -> handler of the message's fields (they join the link's one table)."""
-        return {P.EXECUTE: self._on_execute, P.CANCEL_CALL: self._on_cancel,
-                P.EXIT: self._on_exit}
+        return {P.EXECUTE: self._on_execute, P.CANCEL_CALL: self.cancel.on_cancel_call,
+                P.EXIT: self._on_exit, P.CONSUMED: self._on_consumed}
 
     def _on_execute(self, *fields) -> None:
         self.take_work((P.EXECUTE, *fields))
@@ -273,14 +244,13 @@ class Worker:
         if self.waiting:
             self._hand_back()
 
-    def _on_cancel(self, task_id: bytes) -> None:
-        self.skip[task_id] = None
-        if len(self.skip) > _SKIPS_KEPT:
-            del self.skip[next(iter(self.skip))]
-        self.cancels_read += 1
-
     def _on_exit(self) -> None:
         self.exiting = True
+
+    def _on_consumed(self, task_id: bytes, count: int) -> None:
+        if len(self.consumed) > 1024:  # of tasks long over: told too late
+            self.consumed.clear()
+        self.consumed[task_id] = count
 
     def _blocked(self, blocked: bool) -> None:
         if current_task.task_id is not None:
@@ -299,18 +269,6 @@ class Worker:
                     self.runtime.link.conn.flush()
                 except ConnectionClosed:
                     pass
-
-    def _read_cancels(self) -> None:
-        """Read the CANCEL_CALLs the slot counts (the scheduler writes the message before it
-        counts it: it is on its way)."""
-        if self._cancel_unread():
-            self.runtime.link.wait_until(lambda: not self._cancel_unread(), None)
-
-    def _cancel_unread(self) -> bool:
-        """A cancel the slot counts is still on its way.  We may have read more than the slot
-        says yet (the scheduler writes, then counts): never wait for more than it says."""
-        slot = self.cancel_slot  # every worker has one (actors, which don't, never ask)
-        return slot is not None and P.cancels_sent(slot) > self.cancels_read
 
     def _unpark(self) -> None:
         if self.parked:
@@ -338,7 +296,7 @@ class Worker:
         self.queue = collections.deque(m for m in self.queue if m[1] not in returned)
         if ahead:
             for task_id in ahead:
-                self.skip.pop(task_id, None)
+                self.cancel.skip.pop(task_id, None)
             self.runtime.link.conn.send(P.handed_back(ahead))
         for conn, task_ids in leased.items():
             for task_id in task_ids:
@@ -354,34 +312,26 @@ class Worker:
             with runtime.link.lock:
                 try:
                     runtime.link.wait_until(lambda: self.queue or self.exiting, None)
-                    self._read_cancels()  # for the task it is about to start?
+                    self.cancel.read_cancels()  # for the task it is about to start?
                 except exceptions.RaySystemError:
                     return  # the scheduler is gone: nothing left to do
                 if self.exiting and not self.queue:
                     return
                 message = self.queue.popleft()
             task_id = message[1]
-            self.cancelled = False
-            runtime.link.pending_interrupt = False
-            if self.cancel_slot is not None:
-                # The scheduler reads it if we die: this one may have crashed us, those
-                # sent after it never started.  It also reads it to cancel: it counts a
-                # cancel, then looks here; we write here, then look at the count (after a
-                # lock's fence), so one of us sees the other.
-                self.cancel_slot[P.SLOT_STARTED] = task_id
-                with runtime.link.lock:
-                    try:
-                        self._read_cancels()
-                    except exceptions.RaySystemError:
-                        return
+            try:
+                self.cancel.starting(task_id)
+            except exceptions.RaySystemError:
+                return
             started = time.perf_counter()
             self.loading = 0.0
-            if task_id in self.skip:
+            if task_id in self.cancel.skip:
                 results, retryable = cancelled_results(task_id, message[7]), False
             else:
                 results, retryable = self.execute(*message[1:])
                 _lend.after_task()
-            self.skip.pop(task_id, None)  # a cancel that came as it ran, too
+            self.cancel.skip.pop(task_id, None)  # a cancel that came as it ran, too
+            self.consumed.pop(task_id, None)
             try:
                 self.report(task_id, results, retryable,
                             time.perf_counter() - started - self.loading)
@@ -393,14 +343,14 @@ class Worker:
         restore = apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
         try:
             return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
-                                 num_returns, values, retry_exceptions)
+                                 num_returns, values, retry_exceptions, extra)
         finally:
             if restore is not None:
                 restore()
 
     @cancel_point  # the task's own code runs (nothing of shmray's is under it)
     def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
-                 retry_exceptions):
+                 retry_exceptions, extra):
         current_task.task_id = task_id
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
@@ -417,21 +367,21 @@ class Worker:
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
-            self.in_user_code = True
+            self.cancel.in_user_code = True
             try:
-                if self.cancel_pending == task_id:
-                    self.cancelled = True
-                    raise KeyboardInterrupt("task cancelled")
+                self.cancel.check_before_running(task_id)
                 outcome = fn(*args, **kwargs)
+                if num_returns < 0:  # a generator task: it runs as its items are stored
+                    outcome = self._generate(task_id, outcome, num_returns, name, extra)
             finally:
-                self.in_user_code = False
+                self.cancel.in_user_code = False
             del args, kwargs
             handed_over = _lend.handed_over(outcome)
-            results = store_returns(self.runtime, task_id, outcome, num_returns, name,
+            results = store_returns(self.runtime, task_id, outcome, max(num_returns, 1), name,
                                     handed_over)
         except BaseException as exc:  # the task's failure is its result
-            retryable = should_retry(exc, retry_exceptions) and not self.cancelled
-            if self.cancelled and isinstance(exc, KeyboardInterrupt):
+            retryable = should_retry(exc, retry_exceptions) and not self.cancel.cancelled
+            if self.cancel.cancelled and isinstance(exc, KeyboardInterrupt):
                 error = exceptions.TaskCancelledError(task_id.hex())
             else:
                 error = task_error(name, exc)
@@ -447,6 +397,15 @@ class Worker:
             flush_output()
         return results, retryable
 
+    def _generate(self, task_id: bytes, outcome, num_returns: int, name: str, extra):
+        """A streaming task's item count, or a dynamic one's refs (``_task_results``)."""
+        items = items_of(outcome, name)
+        if num_returns == P.DYNAMIC:
+            return dynamic_items(self.runtime, items)
+        backpressure = (extra or {}).get("backpressure", -1)
+        return stream_items(self.runtime, task_id, items, backpressure,
+                            lambda task: self.consumed.get(task, 0))
+
     def _fetch_function(self, fn_id: bytes) -> bytes:
         """A function's code, from the scheduler (which has every function registered)."""
         runtime = self.runtime
@@ -455,16 +414,6 @@ class Worker:
             return runtime.query(("function", fn_id))
         finally:
             runtime.link.blocked_hook = hook
-
-
-_REDELIVER_SECONDS = 0.001
-
-
-def _signal_self() -> None:
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-    except OSError:
-        pass
 
 
 def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, listener) -> None:

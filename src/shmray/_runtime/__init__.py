@@ -10,6 +10,7 @@ through a hook the higher one sets)::
     objects   refs, put, get/wait, where each object is
       ^
     futures   refs as concurrent futures and awaitables
+    streams   the items of streaming generator tasks, as they arrive
     channels  actor calls straight to the actor (``_direct``)
       ^
     leases    the driver's plain tasks, straight to workers it leases, owned here
@@ -40,6 +41,7 @@ from .futures import Futures
 from .leases import Leases, leasable
 from .link import Link
 from .objects import IN_ARENA, INLINE_THRESHOLD, Objects
+from .streams import Streams
 
 __all__ = ["IN_ARENA", "INLINE_THRESHOLD", "Runtime"]
 
@@ -60,6 +62,7 @@ class Runtime:
         self.link = link = Link(conn)
         self.objects = objects = Objects(link, store, self.spiller, tracker=self)
         self.futures = Futures(link, objects)
+        self.streams = Streams(link, objects)
         self.channels = Channels(link, objects, self.socket_dir)
         self.leases = Leases(link, objects, self.socket_dir,
                              max(int(options.get("num_cpus") or 1), 1), leasing)
@@ -126,6 +129,8 @@ class Runtime:
             self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
         if spec[P.SPEC_ARG_IDS]:
             self.leases.publish(spec[P.SPEC_ARG_IDS])
+        if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
+            self._open_stream(spec)
         if self.leases.enabled and leasable(spec):
             with self.link.lock:
                 return self.leases.submit(spec, return_ids)
@@ -173,8 +178,14 @@ class Runtime:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
         arguments) and order allows (``channels``), else through the scheduler."""
         self.leases.publish(spec[P.SPEC_ARG_IDS])
+        if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
+            self._open_stream(spec)
         with self.link.lock:
             return self.channels.call(actor_id, spec, return_ids, direct_ok)
+
+    def _open_stream(self, spec: tuple) -> None:
+        extra = spec[P.SPEC_EXTRA] or {}
+        self.streams.open(spec[P.SPEC_TASK_ID], extra.get("backpressure", -1))
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         """Kill an actor; return once it is dead and the scheduler has dealt with its death

@@ -50,6 +50,20 @@ class Futures:
         self.link.flush()
         return future
 
+    def when_arrived(self, ids) -> concurrent.futures.Future:
+        """A future done (with None) once one of ``ids`` has arrived: for ids whose READY
+        comes unasked (a generator's next item, and its completion)."""
+        future = _Arrival(ids)
+        with self.link.lock:
+            if any(i in self.objects.locations for i in ids):
+                future.set_result(None)
+                return future
+            for object_id in ids:
+                self.pending.setdefault(object_id, []).append(future)
+            self._start_pump()
+        self.link.flush()
+        return future
+
     async def await_ref(self, ref: ObjectRef):
         import asyncio  # only where something is awaited: it costs ~10 ms at import
 
@@ -61,6 +75,20 @@ class Futures:
             self._resolve(object_id, futures)
 
     def _resolve(self, object_id: bytes, futures) -> None:
+        arrivals = [f for f in futures if type(f) is _Arrival]
+        if arrivals:
+            futures = [f for f in futures if type(f) is not _Arrival]
+            for arrival in arrivals:
+                for other in arrival.ids:  # it waited on those too: no longer
+                    waiting = self.pending.get(other)
+                    if waiting is not None and arrival in waiting:
+                        waiting.remove(arrival)
+                        if not waiting:
+                            del self.pending[other]
+                if arrival.set_running_or_notify_cancel():
+                    arrival.set_result(None)
+            if not futures:
+                return
         location = self.objects.locations.get(object_id, (IN_ARENA, b""))
         try:
             value = self.objects.value_at(object_id, location)
@@ -102,3 +130,11 @@ class Futures:
             for future in futures:
                 future.cancel()
         self.pending.clear()
+
+
+class _Arrival(concurrent.futures.Future):
+    """A future of an arrival, not of a value (``when_arrived``)."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = list(ids)

@@ -45,9 +45,10 @@ _UNREACHABLE_MAX = 3          # leases in a row we can't connect to before we st
 
 def leasable(spec: tuple) -> bool:
     """A task a leased worker may run: nothing to wait for or hold, one CPU, no per-task
-    environment; the rest go through the scheduler."""
+    environment, not a generator; the rest go through the scheduler."""
     return (not spec[P.SPEC_ARG_IDS] and not spec[P.SPEC_CONTAINED]
-            and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA])
+            and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA]
+            and spec[P.SPEC_NUM_RETURNS] >= 0)
 
 
 def _any_in_arena(delivered) -> bool:

@@ -73,6 +73,11 @@ class Objects:
         # scheduler (channels), about to wait on ids (leases give idle workers back).
         self.on_arrived: Callable[[bytes], None] = _nothing
         self.on_ready: Callable[[bytes], None] = _nothing
+        # Streaming generators (``streams``): READY of an id nobody here holds (an item),
+        # and the streams whose generator was dropped, let go of at the next drain.
+        self.on_unheld_ready: Callable[[bytes, object, bytes], None] = _nothing
+        self.streams_dropped: collections.deque = collections.deque()
+        self.on_streams_dropped: Callable[[], None] = _nothing
         self.before_waiting_on: Callable[[Sequence[bytes]], None] = _nothing
         link.handlers[P.READY] = self.ready
         link.drain = self.drain
@@ -97,6 +102,8 @@ class Objects:
 
     def drain(self) -> None:
         """Apply the releases queued by ObjectRef.__del__ (caller holds the lock)."""
+        if self.streams_dropped:
+            self.on_streams_dropped()
         releases = self.releases
         if not releases:
             return
@@ -197,6 +204,8 @@ class Objects:
         if object_id in self.counts:
             self.subscribed.discard(object_id)
             self.arrived(object_id, (data, metadata))
+        else:
+            self.on_unheld_ready(object_id, data, metadata)
 
     def arrived(self, object_id: bytes, location) -> None:
         """An object we hold is ready: where it is, and who waits for it."""
@@ -329,6 +338,14 @@ class Objects:
                     if not waiters:
                         del self._waiters[object_id]
         return waiter
+
+    def wait_for_any(self, ids: Sequence[bytes], deadline: Optional[float]) -> bool:
+        """Read messages until one of ``ids`` has arrived (caller holds the lock, and has
+        asked to hear of them); False on timeout."""
+        missing = [i for i in ids if i not in self.locations]
+        if len(missing) < len(ids):
+            return True
+        return self._wait_for(missing, 1, deadline).remaining < len(missing)
 
     def value_at(self, object_id: bytes, location) -> object:
         data, metadata = location

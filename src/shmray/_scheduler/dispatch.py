@@ -167,6 +167,8 @@ class Dispatcher:
             worker.functions.add(fn_id)
         values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
         self.clients.send(worker, P.execute(spec, pickled, values))
+        if task.consumed:  # a retried streaming task: its caller has taken some already
+            self.clients.send(worker, P.consumed(task.task_id, task.consumed))
 
     def note_run_time(self, task: Task, task_id: bytes, took: Optional[float]) -> None:
         fn_id = task.spec[P.SPEC_FN_ID]

@@ -114,6 +114,8 @@ class Scheduler:
             P.ACTOR_STARTED: actors.on_actor_started,
             P.ACTOR_EXITING: actors.on_actor_exiting,
             P.CANCEL: self.cancel.on_cancel,
+            P.GENERATED: tasks.on_generated,
+            P.CONSUMED: tasks.on_consumed,
             P.DIRECT_CALL: actors.on_direct_call,
             P.DIRECT_DONE: self._on_direct_done,
             P.LEASE_REQUEST: leases.on_lease_request,

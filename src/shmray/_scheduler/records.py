@@ -15,7 +15,7 @@ from .clients import Client
 class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
-                 "children", "cancelled", "started_at", "direct")
+                 "children", "cancelled", "started_at", "direct", "streamed", "consumed")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -38,6 +38,8 @@ class Task:
         self.cancelled = False
         self.started_at = 0.0
         self.direct = False  # sent straight to its actor or leased worker by its caller
+        self.streamed = 0    # a streaming task: items its owner has been sent
+        self.consumed = 0    # ...and taken (backpressure; told again to a retried attempt)
 
 
 class Actor:

@@ -143,6 +143,30 @@ class Tasks:
             return
         self.finish(task, results)
 
+    def on_generated(self, worker: Client, task_id, index: int, result) -> None:
+        """A streaming task yielded an item: it is its owner's, announced at once.  An item
+        a retried attempt yields again is dropped (the owner has it)."""
+        task = self.table.get(task_id)
+        if (task is None or task.finished or index < task.streamed or not task.owner.alive):
+            self.objects.drop_unclaimed([result])
+            return
+        task.streamed = index + 1
+        object_id, data, metadata, contained = result
+        entry = self.objects.entry(object_id)
+        entry.holders.add(task.owner)
+        task.owner.holds.add(object_id)
+        entry.subscribers.append(task.owner)
+        self.objects.make_ready(object_id, entry, data, metadata, contained)
+
+    def on_consumed(self, client: Client, task_id, count: int) -> None:
+        """A streaming task's caller has taken ``count`` items: its producer may go on."""
+        task = self.table.get(task_id)
+        if task is None or task.finished or count <= task.consumed:
+            return
+        task.consumed = count
+        if task.worker is not None and task.worker.alive:
+            self.clients.send(task.worker, P.consumed(task_id, count))
+
     def _used_up(self, worker: Client, task: Task) -> bool:
         """max_calls: a worker retires after that many calls of the function (Ray's rule,
         e.g. to give back memory a library won't free)."""
