@@ -20,12 +20,15 @@ from ._api import (
     wait,
 )
 from ._object_ref import ObjectRef
+from ._object_ref_generator import DynamicObjectRefGenerator, ObjectRefGenerator
 from ._session import init, is_initialized, shutdown
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicObjectRefGenerator",
     "ObjectRef",
+    "ObjectRefGenerator",
     "actor",
     "available_resources",
     "cancel",

@@ -30,10 +30,11 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-from . import _options, _pickling, exceptions
+from . import _options, _pickling, _protocol as P, exceptions
 from ._context import current_task
 from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef
+from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import actor_spec, check_call, pack_arguments, return_ids, task_spec
 
@@ -45,10 +46,11 @@ def method(*args, **options):
     if args:
         raise TypeError("method() takes keyword options only: @shmray.method(num_returns=2)")
     unknown = sorted(set(options) - {"num_returns", "concurrency_group", "max_task_retries",
-                                     "retry_exceptions"})
+                                     "retry_exceptions", "_generator_backpressure_num_objects"})
     if unknown:
         raise ValueError(f"invalid option(s) {unknown} for an actor method; valid: num_returns")
-    _options.check({k: v for k, v in options.items() if k == "num_returns"},
+    _options.check({k: v for k, v in options.items()
+                    if k in ("num_returns", "_generator_backpressure_num_objects")},
                    _options.TASK_DEFAULTS, "actor methods")
 
     def decorate(function):
@@ -68,10 +70,13 @@ def _method_table(cls) -> Dict[str, dict]:
             continue
         function = member.__func__ if hasattr(member, "__func__") else member
         opts = getattr(function, "__shmray_method_options__", {})
+        generator = (inspect.isgeneratorfunction(function)
+                     or inspect.isasyncgenfunction(function))
         table[name] = {
-            "num_returns": opts.get("num_returns", 1),
+            "num_returns": opts.get("num_returns", "streaming" if generator else 1),
             "is_async": inspect.iscoroutinefunction(function)
             or inspect.isasyncgenfunction(function),
+            "backpressure": opts.get("_generator_backpressure_num_objects"),
         }
     for name in _SPECIAL_METHODS:
         table[name] = {"num_returns": 1, "is_async": False}
@@ -195,7 +200,8 @@ class ActorHandle:
             raise AttributeError(
                 f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}"
             )
-        return ActorMethod(self, name, methods[name]["num_returns"])
+        return ActorMethod(self, name, methods[name]["num_returns"],
+                           methods[name].get("backpressure"))
 
     def __reduce__(self):
         return ActorHandle, (self._ref, self._actor_options)
@@ -209,7 +215,7 @@ class ActorHandle:
     def __eq__(self, other) -> bool:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
 
-    def _call(self, method_name: str, args, kwargs, num_returns: int):
+    def _call(self, method_name: str, args, kwargs, num_returns, backpressure=None):
         runtime = current()
         limit = self._actor_options.get("max_pending_calls", -1)
         if limit is not None and limit > 0:
@@ -222,26 +228,32 @@ class ActorHandle:
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
         retries = self._actor_options.get("max_task_retries", 0)
+        num_returns = _options.num_returns_code(num_returns)
+        extra = {"backpressure": backpressure} if backpressure and backpressure > 0 else None
         spec = task_spec(task_id, method_name, f"{self._class_name}.{method_name}", args_blob,
-                         arg_ids, contained, num_returns, {}, retries, False, None)
+                         arg_ids, contained, num_returns, {}, retries, False, extra)
         results = return_ids(task_id, num_returns)
+        # A generator's items go through the scheduler (it holds them for us as they come).
         refs = runtime.call_actor(self._actor_id, spec, results,
-                                  direct_ok=not arg_ids and not contained)
+                                  direct_ok=not arg_ids and not contained and num_returns >= 0)
         del temporaries
         if limit is not None and limit > 0:
             self._pending.update(results)
-        if num_returns == 0:
-            return None
-        return refs[0] if num_returns == 1 else refs
+        if num_returns == 1 or num_returns == P.DYNAMIC:
+            return refs[0]
+        if num_returns == P.STREAMING:
+            return ObjectRefGenerator(refs[0], runtime, runtime.streams.table[task_id])
+        return refs if num_returns else None
 
 
 class ActorMethod:
     """``handle.method``: call it with ``.remote()``."""
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+    def __init__(self, handle: ActorHandle, name: str, num_returns, backpressure=None):
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._backpressure = backpressure
 
     def __call__(self, *args, **kwargs):
         raise TypeError(
@@ -254,16 +266,20 @@ class ActorMethod:
         if function is not None:
             check_call(function, f"{self._handle._class_name}.{self._name}", args, kwargs,
                        skip_self=True)
-        return self._handle._call(self._name, args, kwargs, self._num_returns)
+        return self._handle._call(self._name, args, kwargs, self._num_returns,
+                                  self._backpressure)
 
     def options(self, **options):
-        unknown = sorted(set(options) - {"num_returns", "name", "concurrency_group"})
+        unknown = sorted(set(options) - {"num_returns", "name", "concurrency_group",
+                                         "_generator_backpressure_num_objects"})
         if unknown:
             raise ValueError(f"invalid option(s) {unknown} for an actor method call")
         num_returns = options.get("num_returns", self._num_returns)
-        _options.check({"num_returns": num_returns}, _options.TASK_DEFAULTS, "actor methods")
-        method_ = ActorMethod(self._handle, self._name, num_returns)
-        return method_
+        backpressure = options.get("_generator_backpressure_num_objects", self._backpressure)
+        _options.check({"num_returns": num_returns,
+                        "_generator_backpressure_num_objects": backpressure},
+                       _options.TASK_DEFAULTS, "actor methods")
+        return ActorMethod(self._handle, self._name, num_returns, backpressure)
 
 
 def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:

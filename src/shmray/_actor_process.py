@@ -37,11 +37,13 @@ from . import _context, _direct, _output, _pickling, _protocol as P, _runtime, e
 from ._context import current_task
 from ._connection import ConnectionClosed
 from ._serialization import META_ERROR, serialize
+from ._object_ref_generator import DynamicObjectRefGenerator
 from ._task_results import (
     arguments,
     cancelled_results,
     error_results,
     flush_output,
+    report_item,
     store_returns,
     task_error,
 )
@@ -74,6 +76,7 @@ class ActorProcess(Worker):
         self.instance = None
         self.exit_requested = False
         self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
+        self.consumed_events: dict = {}  # task id -> asyncio.Event (async generators)
         self.wake = None               # async actors: schedules the queued calls on the loop
         current_task.actor_id = self.actor_id
         current_task.in_asyncio_actor = self.is_async
@@ -106,7 +109,8 @@ class ActorProcess(Worker):
             self.runtime.link.poll()
 
     def handlers(self) -> dict:
-        return {P.CALL: self._on_call, P.CANCEL_CALL: self._cancel, P.EXIT: self._on_exit}
+        return {P.CALL: self._on_call, P.CANCEL_CALL: self._cancel, P.EXIT: self._on_exit,
+                P.CONSUMED: self._on_consumed}
 
     def _on_call(self, *fields) -> None:
         self.take_work((P.CALL, *fields))
@@ -162,7 +166,7 @@ class ActorProcess(Worker):
 
     def call(self, message: tuple):
         """Run one CALL message; returns TASK_DONE's (results, retryable)."""
-        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
+        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
         try:
             if method_name == "__ray_ready__":
                 outcome = True
@@ -174,7 +178,7 @@ class ActorProcess(Worker):
                 outcome = getattr(self.instance, method_name)(*args, **kwargs)
                 del args, kwargs
             return self._exited_or(task_id, num_returns) or \
-                (self._results(task_id, outcome, num_returns, name), False)
+                (self._results(task_id, outcome, num_returns, name, extra), False)
         except BaseException as exc:
             return self._exited_or(task_id, num_returns) or \
                 (self._error_results(task_id, exc, num_returns, name), False)
@@ -195,7 +199,7 @@ class ActorProcess(Worker):
     async def call_async(self, message: tuple):
         import asyncio  # see _run_async
 
-        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values = message
+        _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
         try:
             if method_name in ("__ray_ready__", "__ray_terminate__"):
                 return self.call(message)
@@ -204,8 +208,11 @@ class ActorProcess(Worker):
             del args, kwargs
             if inspect.isawaitable(outcome):
                 outcome = await outcome
+            elif num_returns < 0 and inspect.isasyncgen(outcome):
+                outcome = await self._generate_async(task_id, outcome, num_returns, extra)
+                num_returns = 1
             return self._exited_or(task_id, num_returns) or \
-                (self._results(task_id, outcome, num_returns, name), False)
+                (self._results(task_id, outcome, num_returns, name, extra), False)
         except asyncio.CancelledError:
             return cancelled_results(task_id, num_returns), False
         except BaseException as exc:
@@ -214,8 +221,37 @@ class ActorProcess(Worker):
         finally:
             flush_output()
 
-    def _results(self, task_id, outcome, num_returns, name):
-        return store_returns(self.runtime, task_id, outcome, num_returns, name)
+    def _results(self, task_id, outcome, num_returns, name, extra):
+        if num_returns < 0:  # a generator method: it runs as its items are stored
+            outcome = self._generate(task_id, outcome, num_returns, name, extra)
+        return store_returns(self.runtime, task_id, outcome, max(num_returns, 1), name)
+
+    async def _generate_async(self, task_id, items, num_returns, extra):
+        """An async generator method's items, as ``_generate`` does a generator's; waits
+        for its caller on the loop, not in poll()."""
+        import asyncio  # see _run_async
+
+        if num_returns == P.DYNAMIC:
+            return DynamicObjectRefGenerator([self.runtime.put(value) async for value in items])
+        backpressure = (extra or {}).get("backpressure", -1)
+        index = 0
+        try:
+            async for value in items:
+                report_item(self.runtime, task_id, index, value)
+                index += 1
+                while backpressure > 0 and index - self.consumed.get(task_id, 0) >= backpressure:
+                    self.consumed_events[task_id] = event = asyncio.Event()
+                    await event.wait()
+        finally:
+            self.consumed_events.pop(task_id, None)
+            self.consumed.pop(task_id, None)
+        return index
+
+    def _on_consumed(self, task_id: bytes, count: int) -> None:
+        super()._on_consumed(task_id, count)
+        event = self.consumed_events.get(task_id)
+        if event is not None:  # an async generator waits on the loop (we are on it)
+            event.set()
 
     def _error_results(self, task_id, exc, num_returns, name):
         return error_results(task_id, task_error(name, exc), num_returns)

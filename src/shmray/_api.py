@@ -17,6 +17,7 @@ from typing import Any, Optional
 from . import _context, _object_ref, _protocol as P
 from ._actor import ActorClass
 from ._object_ref import ObjectRef
+from ._object_ref_generator import ObjectRefGenerator
 from ._remote_function import RemoteFunction
 from ._runtime import Runtime
 from ._session import current
@@ -37,12 +38,7 @@ def remote(*args, **options):
 def _make_remote(target, options: dict):
     if inspect.isclass(target):
         return ActorClass(target, options)
-    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
-        raise TypeError(
-            f"{target.__name__} is a generator function; shmray does not run generator tasks "
-            "(Ray's num_returns='streaming') yet: return a list, or use num_returns=N"
-        )
-    if inspect.iscoroutinefunction(target):
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
         raise TypeError(
             f"{target.__name__} is an async function; remote tasks can't be coroutines (as in "
             "Ray). Wrap it: a sync remote function that calls asyncio.run(), or make it a "
@@ -67,6 +63,11 @@ def get(object_refs, *, timeout: Optional[float] = None):
     if isinstance(object_refs, (list, tuple)):
         _check_refs(object_refs, "get", runtime)
         return runtime.get_values(list(object_refs), _check_timeout(timeout))
+    if isinstance(object_refs, ObjectRefGenerator):
+        raise TypeError(
+            "get() can't take an ObjectRefGenerator (as in Ray): iterate it for the refs of "
+            "its items and get() those, or get() its completed() to wait for the task's end"
+        )
     raise TypeError(
         f"get() takes an ObjectRef or a list of ObjectRefs, got {type(object_refs).__name__}"
     )
@@ -74,7 +75,8 @@ def get(object_refs, *, timeout: Optional[float] = None):
 
 def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
          fetch_local: bool = True):
-    """(ready, not_ready): the first ``num_returns`` refs whose objects are ready, in input order."""
+    """(ready, not_ready): the first ``num_returns`` refs whose objects are ready, in input
+    order.  An ObjectRefGenerator among them is ready when its ``next()`` would not wait."""
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError(
             f"wait() takes a list of ObjectRefs, got {type(object_refs).__name__}"
@@ -82,8 +84,11 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
     if not object_refs:
         return [], []  # before any num_returns check, as Ray does
     runtime = current()
-    _check_refs(object_refs, "wait", runtime)
-    if len(set(object_refs)) != len(object_refs):
+    streams = {i: item._stream for i, item in enumerate(object_refs)
+               if isinstance(item, ObjectRefGenerator)}
+    as_refs = [item.completed() if i in streams else item for i, item in enumerate(object_refs)]
+    _check_refs(as_refs, "wait", runtime)
+    if len(set(as_refs)) != len(as_refs):
         raise ValueError("wait() got the same ObjectRef more than once")
     if not isinstance(num_returns, int) or (num_returns < 1 and object_refs):
         raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
@@ -91,8 +96,9 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
         raise ValueError(
             f"num_returns ({num_returns}) is more than the number of refs ({len(object_refs)})"
         )
-    if not object_refs:
-        return [], []
+    if streams:
+        return runtime.streams.wait(list(object_refs), streams, num_returns,
+                                    _check_timeout(timeout))
     return runtime.wait(list(object_refs), num_returns, _check_timeout(timeout))
 
 
@@ -104,6 +110,8 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     Actor calls: queued ones are dropped and running async ones cancelled; ``force`` is not
     allowed for them (as in Ray).  A task that already finished is left alone.
     """
+    if isinstance(object_ref, ObjectRefGenerator):
+        object_ref = object_ref.completed()  # the generator's task
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(
             f"cancel() takes the ObjectRef of a task, got {type(object_ref).__name__}; to stop "

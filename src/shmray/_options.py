@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from . import _protocol as P
+
 TASK_DEFAULTS: Dict[str, Any] = {
     "num_returns": 1,
     "max_retries": 3,          # Ray's default for tasks
@@ -30,6 +32,7 @@ TASK_DEFAULTS: Dict[str, Any] = {
     "placement_group_capture_child_tasks": None,
     "label_selector": None,
     "_metadata": None,
+    "_generator_backpressure_num_objects": None,
 }
 
 ACTOR_DEFAULTS: Dict[str, Any] = {
@@ -83,8 +86,15 @@ def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str) -> Dict[
                 raise ValueError(f"resource {name!r} must be a number >= 0, got {amount!r}")
     if "num_returns" in options:
         n = options["num_returns"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"num_returns must be an int >= 0, got {n!r}")
+        if n not in ("streaming", "dynamic") and (
+                not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(
+                f"num_returns must be an int >= 0, 'streaming' or 'dynamic', got {n!r}")
+    backpressure = options.get("_generator_backpressure_num_objects")
+    if backpressure is not None and (not isinstance(backpressure, int)
+                                     or isinstance(backpressure, bool)):
+        raise ValueError("_generator_backpressure_num_objects must be an int (-1: none), "
+                         f"got {backpressure!r}")
     if "max_retries" in options:
         n = options["max_retries"]
         if not isinstance(n, int) or isinstance(n, bool) or n < -1:
@@ -133,7 +143,19 @@ def task_extra(options: Dict[str, Any]):
         extra["env_vars"] = variables
     if options.get("max_calls"):
         extra["max_calls"] = options["max_calls"]
+    backpressure = options.get("_generator_backpressure_num_objects")
+    if backpressure is not None and backpressure > 0:
+        extra["backpressure"] = backpressure
     return extra or None
+
+
+def num_returns_code(num_returns) -> int:
+    """num_returns as a spec carries it: a count, or STREAMING or DYNAMIC (``_protocol``)."""
+    if num_returns == "streaming":
+        return P.STREAMING
+    if num_returns == "dynamic":
+        return P.DYNAMIC
+    return num_returns
 
 
 def task_resources(options: Dict[str, Any]) -> Dict[str, float]:

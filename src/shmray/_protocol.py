@@ -104,8 +104,9 @@ Scheduler -> client
     EXIT               -                             finish what was sent before, then exit
     START_ACTOR        spec (ActorSpec), pickled class, values
                                                      become this actor: run __init__
-    CALL               task_id, method, name, args, arg_ids, num_returns, values
-                                                     run a method of the actor
+    CALL               task_id, method, name, args, arg_ids, num_returns, values, extra
+                                                     run a method of the actor (extra: as a
+                                                     TaskSpec's)
     CANCEL_CALL        task_id                       cancel a call sent before (queued calls
                                                      are dropped, async ones cancelled)
     REPLY              request_id, value             the answer to a QUERY
@@ -377,7 +378,7 @@ def start_actor(spec: tuple, pickled_class: bytes, values: dict) -> tuple:
 def call(spec: tuple, values: dict) -> tuple:
     """CALL of an actor method's TaskSpec: from the scheduler, or straight from the caller."""
     return (CALL, spec[SPEC_TASK_ID], spec[SPEC_FN_ID], spec[SPEC_NAME], spec[SPEC_ARGS],
-            spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values)
+            spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values, spec[SPEC_EXTRA])
 
 
 def cancel_call(task_id: bytes) -> tuple:
@@ -461,7 +462,7 @@ def parked_reports(slot) -> list:
 # Any process of the session's user can connect there, so each message is checked before it
 # is acted on (``well_formed``); the scheduler's own sockets are private to the session.
 _LISTS = (list, tuple)
-CALL_FIELDS = (bytes, str, str, bytes, _LISTS, int, dict)
+CALL_FIELDS = (bytes, str, str, bytes, _LISTS, int, dict, (type(None), dict))
 EXECUTE_FIELDS = (bytes, bytes, type(None), str, bytes, _LISTS, int, dict,
                   (bool, list, tuple), (type(None), dict))
 

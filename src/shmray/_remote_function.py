@@ -10,11 +10,13 @@ the arguments are checked and packed by ``_task_spec``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Dict
 
-from . import _context, _options, _pickling
+from . import _context, _options, _pickling, _protocol as P
 from ._ids import new_task_id
+from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import check_call, pack_arguments, return_ids, task_spec
 
@@ -27,6 +29,8 @@ class RemoteFunction:
         self._name = getattr(function, "__name__", "function")
         self._options = {**_options.TASK_DEFAULTS,
                          **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        if inspect.isgeneratorfunction(function) and "num_returns" not in options:
+            self._options["num_returns"] = "streaming"  # Ray's default for a generator
         self._fn_id = os.urandom(16)
         self._pickled = None
         self._fields = self._spec_fields(self._options)
@@ -63,7 +67,8 @@ class RemoteFunction:
     def _spec_fields(self, options: Dict[str, Any]) -> tuple:
         """What a task's spec takes from its options, worked out once, not per call."""
         retry = options["retry_exceptions"]
-        return (options.get("name") or self._name, options["num_returns"],
+        return (options.get("name") or self._name,
+                _options.num_returns_code(options["num_returns"]),
                 _options.task_resources(options), options["max_retries"],
                 list(retry) if isinstance(retry, (list, tuple)) else retry,
                 _options.task_extra(options))
@@ -86,9 +91,11 @@ class RemoteFunction:
                          num_returns, resources, max_retries, retry, extra)
         refs = runtime.submit(spec, return_ids(task_id, num_returns))
         del temporaries  # the task holds them now; our refs can go
-        if num_returns == 0:
-            return None
-        return refs[0] if num_returns == 1 else refs
+        if num_returns == 1 or num_returns == P.DYNAMIC:
+            return refs[0]
+        if num_returns == P.STREAMING:
+            return ObjectRefGenerator(refs[0], runtime, runtime.streams.table[task_id])
+        return refs if num_returns else None
 
 
 def _rebuild(function, options, fn_id) -> "RemoteFunction":

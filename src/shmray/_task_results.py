@@ -97,11 +97,12 @@ def _next_item(items):
 
 
 def report_item(runtime, task_id: bytes, index: int, value) -> None:
-    """Store one item of a streaming task and send it on its way (GENERATED)."""
+    """Store one item of a streaming task and send it on its way (GENERATED) at once: the
+    caller waits for it, and it survives the task's crash a moment later."""
     result = _store_return(runtime, object_id_for_return(task_id, index + 1), value)
     runtime.send(P.generated(task_id, index, result))
     release_held(runtime, (result,))  # after the message that now holds them
-    runtime.link.flush_soon()
+    runtime.flush()
 
 
 def stream_items(runtime, task_id: bytes, items, backpressure: int, consumed) -> int:

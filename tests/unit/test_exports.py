@@ -8,7 +8,8 @@ def test_public_names():
     public = {name for name in dir(shmray) if not name.startswith("_")}
     assert public == set(shmray.__all__)
     assert set(shmray.__all__) == {
-        "ObjectRef", "actor", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
+        "DynamicObjectRefGenerator", "ObjectRef", "ObjectRefGenerator", "actor",
+        "available_resources", "cancel", "cluster_resources", "exceptions", "get",
         "get_actor", "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes",
         "put", "remote", "shutdown", "util", "wait",
     }
