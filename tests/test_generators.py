@@ -252,3 +252,30 @@ def test_a_worker_dying_mid_stream(ray, tmp_path):
         yield "c"
 
     assert ray.get(list(dies_once.remote()), timeout=DEADLOCK) == ["a", "b", "c"]
+
+
+def test_backpressure_in_sync_and_async_actors(ray, tmp_path):
+    @ray.remote
+    class Sync:
+        def items(self, path):
+            for i in range(6):
+                with open(path, "w") as f:
+                    f.write(str(i + 1))
+                yield i
+
+    @ray.remote
+    class Async:
+        async def items(self, path):
+            for i in range(6):
+                with open(path, "w") as f:
+                    f.write(str(i + 1))
+                yield i
+
+    for cls in (Sync, Async):
+        progress = tmp_path / cls.__name__
+        actor = cls.remote()
+        gen = actor.items.options(_generator_backpressure_num_objects=1).remote(str(progress))
+        wait_for(lambda: progress.exists() and progress.read_text() == "1", timeout=DEADLOCK)
+        time.sleep(0.3)
+        assert progress.read_text() == "1", cls  # paused until the caller takes one
+        assert ray.get(list(gen), timeout=DEADLOCK) == list(range(6))
