@@ -86,3 +86,25 @@ def test_log_to_driver_false_writes_session_files():
     assert "LOGGED to the log file" in out
     assert "(quiet pid=" not in out
     assert "GONE True" in out
+
+
+def test_an_error_in_ray_shutdown_is_printed_with_its_traceback():
+    out, err = run_driver("""
+        ray.init(num_cpus=1, object_store_memory=100 << 20)
+
+        @ray.remote
+        class Clumsy:
+            def __ray_shutdown__(self):
+                raise ValueError("dropped the keys")
+
+            def ping(self):
+                return 1
+
+        a = Clumsy.remote()
+        ray.get(a.ping.remote())
+        ray.get(a.__ray_terminate__.remote())
+        time.sleep(0.5)
+        ray.shutdown()
+    """)
+    assert "Clumsy.__ray_shutdown__() raised" in err
+    assert "ValueError: dropped the keys" in err

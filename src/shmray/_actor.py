@@ -158,6 +158,8 @@ class ActorClass:
             "get_if_exists": options["get_if_exists"],
             "methods": self._methods,
             "class_name": self._name,
+            # __ray_shutdown__ runs when the session ends, too (``Scheduler.stop``)
+            "shutdown_hook": hasattr(self._cls, "__ray_shutdown__"),
             "env_vars": _options.env_vars(options),  # for the actor's whole life
         }
         if options["name"] is not None and not isinstance(options["name"], str):
@@ -205,6 +207,15 @@ class ActorHandle:
 
     def __reduce__(self):
         return ActorHandle, (self._ref, self._actor_options)
+
+    def __del__(self):
+        # The handle's ref goes now, and the flusher sends its release at once: an actor
+        # whose last handle is dropped ends promptly, even while this process idles.
+        ref = self.__dict__.pop("_ref", None)
+        runtime = getattr(ref, "_tracker", None)
+        del ref
+        if runtime is not None:
+            runtime.link.poke()
 
     def __repr__(self) -> str:
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
@@ -319,9 +330,14 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 
 def exit_actor() -> None:
-    """End the actor this is called in, after the current call (Ray's ``exit_actor``)."""
+    """End the actor this is called in, after the current call (Ray's ``exit_actor``): the
+    caller sees the actor's death, calls not started fail, and ``__ray_shutdown__`` and the
+    actor's atexit handlers run."""
     if current_task.actor_id is None:
-        raise TypeError("exit_actor() can only be called inside an actor")
+        where = "a task" if current_task.task_id is not None else "the driver"
+        raise TypeError(  # the phrase Ray's users match on
+            f"exit_actor API is called on a non-actor worker ({where}); call it inside an "
+            "actor method to end that actor gracefully")
     current_task.exit_requested = True  # the actor ends even if user code catches this
     if current_task.in_asyncio_actor:
         raise exceptions.AsyncioActorExit("exit_actor() was called")  # as Ray does

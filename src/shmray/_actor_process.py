@@ -26,18 +26,22 @@ current call, and the scheduler does not restart it.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import functools
 import inspect
 import os
+import sys
+import threading
 import time
+import traceback
 
 from . import _context, _direct, _output, _pickling, _protocol as P, _runtime, exceptions
 from ._context import current_task
 from ._connection import ConnectionClosed
-from ._serialization import META_ERROR, serialize
 from ._object_ref_generator import DynamicObjectRefGenerator
+from ._serialization import META_ERROR, serialize
 from ._task_results import (
     arguments,
     cancelled_results,
@@ -256,6 +260,20 @@ class ActorProcess(Worker):
     def _error_results(self, task_id, exc, num_returns, name):
         return error_results(task_id, task_error(name, exc), num_returns)
 
+    def shut_down(self) -> None:
+        """A graceful end: the instance's ``__ray_shutdown__``, if it has one (an exception
+        in it is printed, not raised: nobody waits for it)."""
+        hook = getattr(self.instance, "__ray_shutdown__", None)
+        if hook is None:
+            return
+        try:
+            hook()
+        except BaseException:
+            print(f"shmray: {self.class_name}.__ray_shutdown__() raised:", file=sys.stderr)
+            traceback.print_exc()
+        finally:
+            flush_output()
+
     def _reported(self) -> None:
         if self.exit_requested:
             self.runtime.send(P.actor_exiting())
@@ -427,6 +445,8 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
+    atexit._clear()  # the handlers it inherited are its parent's, never to run here
+    actor = None
     try:
         start = collections.deque()  # START_ACTOR, and what arrives with it (calls, cancels)
         for opcode in (P.START_ACTOR, P.CALL, P.CANCEL_CALL, P.EXIT):
@@ -442,3 +462,11 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
         runtime.flush()  # direct calls' results the scheduler has not heard of yet
     except (ConnectionClosed, exceptions.RaySystemError):
         pass
+    # Not killed: a graceful end (exit_actor, __ray_terminate__, its handles gone, the
+    # session ending).  Its cleanup runs, within the grace period.
+    deadline = threading.Timer(options.get("graceful_shutdown_s", 30.0), os._exit, (1,))
+    deadline.daemon = True
+    deadline.start()
+    if actor is not None:
+        actor.shut_down()
+    atexit._run_exitfuncs()  # the actor's own: those it inherited were cleared at start

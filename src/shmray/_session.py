@@ -103,6 +103,11 @@ def _check_init_options(kwargs: dict) -> dict:
         else (os.cpu_count() or 1)
     options.setdefault("log_to_driver", True)
     options["namespace"] = kwargs.get("namespace") or "default"
+    system = kwargs.get("_system_config") or {}
+    # How long an actor ending gracefully may take over __ray_shutdown__ and its atexit
+    # handlers before it is killed (Ray's setting, in ms; its default, 30 s).
+    options["graceful_shutdown_s"] = system.get("actor_graceful_shutdown_timeout_ms",
+                                                30_000) / 1000
     return options
 
 

@@ -66,6 +66,8 @@ class Runtime:
         self.channels = Channels(link, objects, self.socket_dir)
         self.leases = Leases(link, objects, self.socket_dir,
                              max(int(options.get("num_cpus") or 1), 1), leasing)
+        if leasing:  # a driver: its flusher also sends what it drops while idle (``poke``)
+            link.start_flusher()
         self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity
         self._registered_functions: set = set()
         # A leased worker: the task it runs, named in what it submits (the scheduler may

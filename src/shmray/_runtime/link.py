@@ -64,7 +64,10 @@ class Link:
         self._next_request = 0
         self.last_flush = 0.0
         self._flusher: Optional[threading.Thread] = None
-        self._flush_wanted = threading.Event()
+        self._flush_wanted = False
+        # The flusher waits on a pipe, not an Event: a write(2) to it wakes the flusher from
+        # anywhere, even from a __del__ that runs inside a lock (``poke``).
+        self._poke_r, self._poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Descriptors read besides the scheduler's: fd -> callback (with the lock held);
         # channels, and an actor's listening socket and callers.
         self.readers: Dict[int, Callable[[], None]] = {}
@@ -124,11 +127,24 @@ class Link:
         """Send within ``FLUSH_DELAY`` (or with the next message that can't wait): for
         reports nobody is waiting on, such as the registration of a direct actor call."""
         if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flusher_loop, name="shmray-flusher",
-                                             daemon=True)
-            self._flusher.start()
-        if not self._flush_wanted.is_set():
-            self._flush_wanted.set()
+            self.start_flusher()
+        if not self._flush_wanted:
+            self._flush_wanted = True
+            self.poke()
+
+    def start_flusher(self) -> None:
+        self._flusher = threading.Thread(target=self._flusher_loop, name="shmray-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def poke(self) -> None:
+        """Have the flusher flush (what is queued, releases too) within a millisecond.  Safe
+        anywhere, even in a __del__ inside a lock: one non-blocking write(2)."""
+        if not self.closed:
+            try:
+                os.write(self._poke_w, b"x")
+            except OSError:
+                pass  # full: it has plenty of wake-ups waiting already
 
     def send_all(self) -> None:
         """What the flusher would send, sent now: the program is submitting, and the
@@ -140,17 +156,24 @@ class Link:
                 self.write_some(conn)
 
     def _flusher_loop(self) -> None:
-        wanted = self._flush_wanted
+        poked = select.poll()
+        poked.register(self._poke_r, select.POLLIN)
         while not self.closed:
-            if not wanted.wait(self.tend_interval()):
+            interval = self.tend_interval()
+            if not poked.poll(None if interval is None else interval * 1000):
                 self.tend()
                 continue
+            try:
+                os.read(self._poke_r, 4096)
+            except OSError:
+                pass
             time.sleep(FLUSH_DELAY)
             if self.submitting():
-                continue  # the program writes as it goes: come back
+                self.poke()  # the program writes as it goes: come back
+                continue
             self.tend()
             with self.lock:
-                wanted.clear()
+                self._flush_wanted = False
                 if self.closed:
                     return
                 try:
@@ -161,7 +184,7 @@ class Link:
                 for conn in list(self.unflushed):
                     self.write_some(conn)
                 if self.unflushed:
-                    wanted.set()  # a channel still full: try again in a millisecond
+                    self.flush_later()  # a channel still full: try again in a millisecond
 
     def scheduler_gone(self) -> exceptions.RaySystemError:
         if self.closed:
@@ -394,8 +417,8 @@ class Link:
 
     def stop(self) -> None:
         """Nothing more is sent; the flusher ends."""
+        self.poke()  # lets the flusher see `closed` and end
         self.closed = True
-        self._flush_wanted.set()  # lets the flusher see `closed` and end
 
     def close(self) -> None:
         self.stop()
@@ -403,7 +426,10 @@ class Link:
             self.readers.clear()
             self.unflushed.clear()
         self.conn.close(hang_up=True)
-        for fd in (self._wake_r, self._wake_w):
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=1.0)  # before its pipe goes: the number may be reused
+        for fd in (self._wake_r, self._wake_w, self._poke_r, self._poke_w):
             try:
                 os.close(fd)
             except OSError:
@@ -411,4 +437,5 @@ class Link:
 
     def descriptors(self) -> set:
         """Every descriptor of the session this process holds (for a forked child)."""
-        return {self.conn.fd, self._wake_r, self._wake_w, *self.readers}
+        return {self.conn.fd, self._wake_r, self._wake_w, self._poke_r, self._poke_w,
+                *self.readers}

@@ -62,6 +62,8 @@ from .resources import Resources
 from .tasks import Tasks
 from .workers import WorkerPool
 
+_STOP_GRACE = 5.0  # at most this long for actors' __ray_shutdown__ when the session ends
+
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
 
@@ -323,10 +325,21 @@ class Scheduler:
         # must not cut this cleanup short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         children = [c for c in self.clients.all() if c.kind != "driver"]
+        # Actors with a __ray_shutdown__ end gracefully (it runs, then their atexit
+        # handlers), within a grace period; everything else is killed at once.
+        graceful = [c for c in children if c.alive and c.actor is not None
+                    and c.actor.options.get("shutdown_hook")]
+        for child in graceful:
+            self.clients.send(child, P.exit_())
+        self._flush_dirty(everyone=True)
         for child in children:
-            kill_quietly(child.pid)
+            if child not in graceful:
+                kill_quietly(child.pid)
+        deadline = time.monotonic() + min(self.options.get("graceful_shutdown_s", 30.0),
+                                          _STOP_GRACE)
         for child in children:
-            reap(child.pid, timeout=5.0)
+            reap(child.pid, timeout=max(deadline - time.monotonic(), 0.0)
+                 if child in graceful else 5.0)
             child.conn.close()
         self.clients.selector.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
