@@ -799,3 +799,62 @@ def test_exit_actor_makes_the_calling_call_raise_and_always_ends(ray):
             ray.get(getattr(e, method).remote(), timeout=DEADLOCK)
         with pytest.raises(exceptions.RayActorError):
             ray.get(e.ping.remote(), timeout=DEADLOCK)
+
+
+class _PlainBase:
+    KIND = "base"
+
+    @staticmethod
+    def helper(x):
+        return x * 2
+
+
+def test_an_actor_class_behaves_like_the_users_class(ray):
+    @ray.remote
+    class Counter(_PlainBase):
+        LIMIT = 10
+
+        @staticmethod
+        def double(x):
+            return 2 * x
+
+        @classmethod
+        def named(cls):
+            return cls.__name__
+
+        def __init__(self):
+            self.value = 0
+            self.count = "an attribute named like a method"
+
+        def count(self):
+            self.value += 1
+            return self.value
+
+    assert Counter.LIMIT == 10 and Counter.KIND == "base"  # its MRO too
+    assert Counter.double(4) == 8 and Counter.helper(3) == 6
+    assert Counter.named() == "Counter"
+    assert {"count", "double", "named", "remote", "options"} <= set(dir(Counter))
+    counter = Counter.remote()
+    assert ray.get(counter.count.remote(), timeout=DEADLOCK) == 1  # not the attribute
+    with pytest.raises(AttributeError):
+        Counter.missing
+
+
+def test_subclassing_an_actor_class_raises_rays_exception(ray):
+    from shmray.actor import ActorClassInheritanceException
+
+    @ray.remote
+    class Base:
+        pass
+
+    with pytest.raises(ActorClassInheritanceException, match="subclass"):
+        class Derived(Base):
+            pass
+    assert issubclass(ActorClassInheritanceException, TypeError)
+
+
+def test_remote_with_empty_parentheses_is_refused_as_ray_does():
+    with pytest.raises(TypeError, match="no arguments and no parentheses"):
+        @shmray.remote()
+        def f():
+            return 1

@@ -83,6 +83,10 @@ def _method_table(cls) -> Dict[str, dict]:
     return table
 
 
+class ActorClassInheritanceException(TypeError):
+    """A class tried to derive from an actor class (Ray's exception, in ``ray.actor``)."""
+
+
 class ActorClass:
     """A class turned into an actor factory by ``@shmray.remote``."""
 
@@ -108,6 +112,23 @@ class ActorClass:
         raise TypeError(
             f"actors cannot be instantiated directly: instead of {self._name}(), "
             f"call {self._name}.remote()"
+        )
+
+    def __getattr__(self, name: str):
+        # The user's class, through its MRO: class attributes, static and class methods (as
+        # in Ray, whose actor class derives from the user's).
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        return getattr(cls, name)
+
+    def __dir__(self):
+        return sorted(set(object.__dir__(self)) | set(dir(self._cls)))
+
+    def __mro_entries__(self, bases):
+        raise ActorClassInheritanceException(
+            f"class {self._name} is an actor class, and actor classes can't be subclassed (as "
+            "in Ray): subclass the plain class, and make the subclass an actor with @remote"
         )
 
     def __reduce__(self):

@@ -78,6 +78,7 @@ class ActorProcess(Worker):
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]
         self.instance = None
+        self.methods: dict = {}  # name -> the instance's bound method (``_method``)
         self.exit_requested = False
         self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
         self.consumed_events: dict = {}  # task id -> asyncio.Event (async generators)
@@ -179,7 +180,7 @@ class ActorProcess(Worker):
                 outcome = None
             else:
                 args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
-                outcome = getattr(self.instance, method_name)(*args, **kwargs)
+                outcome = self._method(method_name)(*args, **kwargs)
                 del args, kwargs
             return self._exited_or(task_id, num_returns) or \
                 (self._results(task_id, outcome, num_returns, name, extra), False)
@@ -188,6 +189,19 @@ class ActorProcess(Worker):
                 (self._error_results(task_id, exc, num_returns, name), False)
         finally:
             flush_output()
+
+    def _method(self, name: str):
+        """The instance's method ``name``, looked up on its class first: an instance
+        attribute of the same name must not hide it."""
+        method = self.methods.get(name)
+        if method is None:
+            cls = type(self.instance)
+            found = inspect.getattr_static(cls, name, None)
+            if found is None or not hasattr(found, "__get__"):
+                method = getattr(self.instance, name)  # made by __getattr__, or the like
+            else:
+                method = self.methods[name] = found.__get__(self.instance, cls)
+        return method
 
     def _exited_or(self, task_id, num_returns):
         """If exit_actor() was called during this call: the caller sees the actor's death
@@ -208,7 +222,7 @@ class ActorProcess(Worker):
             if method_name in ("__ray_ready__", "__ray_terminate__"):
                 return self.call(message)
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
-            outcome = getattr(self.instance, method_name)(*args, **kwargs)
+            outcome = self._method(method_name)(*args, **kwargs)
             del args, kwargs
             if inspect.isawaitable(outcome):
                 outcome = await outcome

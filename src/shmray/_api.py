@@ -27,10 +27,11 @@ def remote(*args, **options):
     """``@remote`` / ``@remote(**options)`` on a function (a task) or a class (an actor)."""
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
-    if args:
+    if args or not options:
         raise TypeError(
-            "remote() takes a function or class, or only keyword options: "
-            "@shmray.remote or @shmray.remote(num_cpus=2)"
+            "The @remote decorator must be applied either with no arguments and no "
+            "parentheses, @shmray.remote, or with some options, "
+            "@shmray.remote(num_cpus=2) (as in Ray)"
         )
     return lambda target: _make_remote(target, options)
 

@@ -3,6 +3,13 @@
 Runs in: every process (exit_actor() in actors).
 """
 
-from ._actor import ActorClass, ActorHandle, ActorMethod, exit_actor
+from ._actor import (
+    ActorClass,
+    ActorClassInheritanceException,
+    ActorHandle,
+    ActorMethod,
+    exit_actor,
+)
 
-__all__ = ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor"]
+__all__ = ["ActorClass", "ActorClassInheritanceException", "ActorHandle", "ActorMethod",
+           "exit_actor"]

@@ -13,7 +13,8 @@ def test_public_names():
         "get_actor", "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes",
         "put", "remote", "shutdown", "util", "wait",
     }
-    assert shmray.actor.__all__ == ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor"]
+    assert shmray.actor.__all__ == ["ActorClass", "ActorClassInheritanceException", "ActorHandle",
+                                    "ActorMethod", "exit_actor"]
     assert shmray.util.__all__ == ["ActorPool", "get_node_ip_address", "list_named_actors"]
 
 
