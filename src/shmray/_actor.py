@@ -77,9 +77,10 @@ def _method_table(cls) -> Dict[str, dict]:
             "is_async": inspect.iscoroutinefunction(function)
             or inspect.isasyncgenfunction(function),
             "backpressure": opts.get("_generator_backpressure_num_objects"),
+            "group": opts.get("concurrency_group"),
         }
     for name in _SPECIAL_METHODS:
-        table[name] = {"num_returns": 1, "is_async": False}
+        table[name] = {"num_returns": 1, "is_async": False, "group": None}
     return table
 
 
@@ -103,6 +104,13 @@ class ActorClass:
             name: member for name, member in vars(cls).items()
             if inspect.isfunction(member) and name in self._methods}
         self._is_async = any(m["is_async"] for m in self._methods.values())
+        groups = self._options["concurrency_groups"] or {}
+        for name, method in self._methods.items():  # a typo here would surface at a call
+            if method["group"] is not None and method["group"] not in groups:
+                raise ValueError(
+                    f"method {cls.__name__}.{name} is in concurrency group "
+                    f"{method['group']!r}, which the class does not declare (its groups: "
+                    f"{sorted(groups) or 'none'})")
         self.__doc__ = cls.__doc__
         self.__name__ = self._name
         self.__qualname__ = cls.__qualname__
@@ -182,6 +190,7 @@ class ActorClass:
             # __ray_shutdown__ runs when the session ends, too (``Scheduler.stop``)
             "shutdown_hook": hasattr(self._cls, "__ray_shutdown__"),
             "env_vars": _options.env_vars(options),  # for the actor's whole life
+            "concurrency_groups": dict(options["concurrency_groups"] or {}),
         }
         if options["name"] is not None and not isinstance(options["name"], str):
             raise TypeError(f"an actor's name must be a str, got {options['name']!r}")
@@ -223,8 +232,7 @@ class ActorHandle:
             raise AttributeError(
                 f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}"
             )
-        return ActorMethod(self, name, methods[name]["num_returns"],
-                           methods[name].get("backpressure"))
+        return ActorMethod(self, name, methods[name])
 
     def __reduce__(self):
         return ActorHandle, (self._ref, self._actor_options)
@@ -247,7 +255,8 @@ class ActorHandle:
     def __eq__(self, other) -> bool:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
 
-    def _call(self, method_name: str, args, kwargs, num_returns, backpressure=None):
+    def _call(self, method_name: str, args, kwargs, how: dict):
+        """Call a method; ``how``: its num_returns, backpressure and concurrency group."""
         runtime = current()
         limit = self._actor_options.get("max_pending_calls", -1)
         if limit is not None and limit > 0:
@@ -260,10 +269,14 @@ class ActorHandle:
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
         retries = self._actor_options.get("max_task_retries", 0)
-        num_returns = _options.num_returns_code(num_returns)
-        extra = {"backpressure": backpressure} if backpressure and backpressure > 0 else None
+        num_returns = _options.num_returns_code(how["num_returns"])
+        extra = {}
+        if how.get("backpressure") and how["backpressure"] > 0:
+            extra["backpressure"] = how["backpressure"]
+        if how.get("group") is not None:
+            extra["group"] = how["group"]
         spec = task_spec(task_id, method_name, f"{self._class_name}.{method_name}", args_blob,
-                         arg_ids, contained, num_returns, {}, retries, False, extra)
+                         arg_ids, contained, num_returns, {}, retries, False, extra or None)
         results = return_ids(task_id, num_returns)
         # A generator's items go through the scheduler (it holds them for us as they come).
         refs = runtime.call_actor(self._actor_id, spec, results,
@@ -281,11 +294,10 @@ class ActorHandle:
 class ActorMethod:
     """``handle.method``: call it with ``.remote()``."""
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns, backpressure=None):
+    def __init__(self, handle: ActorHandle, name: str, how: dict):
         self._handle = handle
         self._name = name
-        self._num_returns = num_returns
-        self._backpressure = backpressure
+        self._how = how  # num_returns, backpressure, concurrency group
 
     def __call__(self, *args, **kwargs):
         raise TypeError(
@@ -298,20 +310,32 @@ class ActorMethod:
         if function is not None:
             check_call(function, f"{self._handle._class_name}.{self._name}", args, kwargs,
                        skip_self=True)
-        return self._handle._call(self._name, args, kwargs, self._num_returns,
-                                  self._backpressure)
+        return self._handle._call(self._name, args, kwargs, self._how)
 
     def options(self, **options):
         unknown = sorted(set(options) - {"num_returns", "name", "concurrency_group",
                                          "_generator_backpressure_num_objects"})
         if unknown:
             raise ValueError(f"invalid option(s) {unknown} for an actor method call")
-        num_returns = options.get("num_returns", self._num_returns)
-        backpressure = options.get("_generator_backpressure_num_objects", self._backpressure)
-        _options.check({"num_returns": num_returns,
-                        "_generator_backpressure_num_objects": backpressure},
+        how = {"num_returns": options.get("num_returns", self._how["num_returns"]),
+               "backpressure": options.get("_generator_backpressure_num_objects",
+                                           self._how.get("backpressure")),
+               "group": options.get("concurrency_group", self._how.get("group"))}
+        _options.check({"num_returns": how["num_returns"],
+                        "_generator_backpressure_num_objects": how["backpressure"]},
                        _options.TASK_DEFAULTS, "actor methods")
-        return ActorMethod(self._handle, self._name, num_returns, backpressure)
+        _check_group(how["group"], self._handle._actor_options)
+        return ActorMethod(self._handle, self._name, how)
+
+
+def _check_group(group, actor_options: dict) -> None:
+    groups = actor_options.get("concurrency_groups") or {}
+    if group is not None and group not in groups:
+        raise ValueError(
+            f"actor {actor_options['class_name']} has no concurrency group {group!r}; its "
+            f"groups: {sorted(groups) or 'none'} (declare them with "
+            "@remote(concurrency_groups={...}))"
+        )
 
 
 def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:

@@ -10,18 +10,20 @@ the way their call came, a direct call's after the scheduler has heard of it.  H
 - sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
   which also reads its sockets between calls (at most every 0.5 ms while calls are queued);
   replies wait for the next one while calls are queued, a millisecond at most;
-- threaded actor (sync methods, ``max_concurrency > 1``): calls run on a pool of that many
-  threads while the main thread reads; a thread blocked in ``get`` lets the main thread read
-  for it (the runtime's leader/followers reading);
-- async actor (any ``async def`` method): one asyncio loop; the connection is one of its
-  readers; each call is a task, at most ``max_concurrency`` (Ray's default 1000) at once;
-  ``await ref`` inside a method is resolved by READY messages that this same loop reads, so
-  it never blocks the loop.
+- threaded actor (sync methods, ``max_concurrency > 1`` or concurrency groups): calls run on
+  a pool of that many threads, one pool per concurrency group, while the main thread reads;
+  a thread blocked in ``get`` lets the main thread read for it (the runtime's
+  leader/followers reading);
+- async actor (any ``async def`` method): asyncio loops (``_actor_async``); the connection is
+  one of the main loop's readers; each call is a task, at most ``max_concurrency`` (Ray's
+  default 1000) at once, on its concurrency group's loop; ``await ref`` inside a method is
+  resolved by READY messages that the main loop reads, so it never blocks a loop.
 
 ``__init__`` runs first (inside the loop for an async actor, so objects like ``asyncio.Event``
 bind to it).  If it raises, the actor reports an ``ActorDiedError`` carrying the error and
 exits; the scheduler fails every call with it.  ``exit_actor()`` ends the actor after the
-current call, and the scheduler does not restart it.
+current call, and the scheduler does not restart it.  A graceful end runs
+``__ray_shutdown__`` and then the actor's atexit handlers (``actor_main``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ import threading
 import time
 import traceback
 
-from . import _context, _direct, _output, _pickling, _protocol as P, _runtime, exceptions
+from . import (
+    _actor_async,
+    _context,
+    _direct,
+    _output,
+    _pickling,
+    _protocol as P,
+    _runtime,
+    exceptions,
+)
 from ._context import current_task
 from ._connection import ConnectionClosed
 from ._object_ref_generator import DynamicObjectRefGenerator
@@ -77,6 +88,8 @@ class ActorProcess(Worker):
         self.cls = _pickling.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]
+        self.concurrency_groups = options.get("concurrency_groups") or {}
+        self.groups: dict = {}  # an async actor's (``_actor_async``)
         self.instance = None
         self.methods: dict = {}  # name -> the instance's bound method (``_method``)
         self.exit_requested = False
@@ -92,7 +105,8 @@ class ActorProcess(Worker):
         runtime.channels.enabled = not self.is_async
         self.cancelled_early: dict = {}  # cancels that overtook their direct call (ordered)
         # A sync actor with more calls queued holds replies back a little (see Worker).
-        self.batch_replies = not self.is_async and self.max_concurrency == 1
+        self.batch_replies = (not self.is_async and self.max_concurrency == 1
+                              and not self.concurrency_groups)
         self.last_poll = 0.0
         self.listen(_direct.listen(_direct.address(runtime.socket_dir, self.actor_id)))
 
@@ -128,14 +142,15 @@ class ActorProcess(Worker):
     def _cancel(self, task_id: bytes) -> None:
         """Drop a call not started yet; cancel a running async one; a running sync call
         finishes (Ray cannot interrupt those either)."""
-        for message in self.queue:
-            if message[1] == task_id:
-                self.queue.remove(message)
-                self.report(task_id, cancelled_results(task_id, message[6]), False)
-                return
+        for queue in (self.queue, *(group.waiting for group in self.groups.values())):
+            for message in queue:
+                if message[1] == task_id:
+                    queue.remove(message)
+                    self.report(task_id, cancelled_results(task_id, message[6]), False)
+                    return
         running = self.running_calls.get(task_id)
-        if running is not None:
-            running.cancel()
+        if running is not None:  # a task of the main loop (a group's call is wrapped there)
+            running.get_loop().call_soon_threadsafe(running.cancel)
         elif self.listener is not None:
             # A direct call still on its way, perhaps; the oldest such call is long done.
             if len(self.cancelled_early) >= _CANCELLED_EARLY_KEPT:
@@ -258,7 +273,8 @@ class ActorProcess(Worker):
                 report_item(self.runtime, task_id, index, value)
                 index += 1
                 while backpressure > 0 and index - self.consumed.get(task_id, 0) >= backpressure:
-                    self.consumed_events[task_id] = event = asyncio.Event()
+                    event = asyncio.Event()
+                    self.consumed_events[task_id] = (asyncio.get_running_loop(), event)
                     await event.wait()
         finally:
             self.consumed_events.pop(task_id, None)
@@ -267,9 +283,10 @@ class ActorProcess(Worker):
 
     def _on_consumed(self, task_id: bytes, count: int) -> None:
         super()._on_consumed(task_id, count)
-        event = self.consumed_events.get(task_id)
-        if event is not None:  # an async generator waits on the loop (we are on it)
-            event.set()
+        waiting = self.consumed_events.get(task_id)
+        if waiting is not None:  # an async generator waits, on its group's loop
+            loop, event = waiting
+            loop.call_soon_threadsafe(event.set)
 
     def _error_results(self, task_id, exc, num_returns, name):
         return error_results(task_id, task_error(name, exc), num_returns)
@@ -296,8 +313,8 @@ class ActorProcess(Worker):
 
     def run(self) -> None:
         if self.is_async:
-            self._run_async()
-        elif self.max_concurrency > 1:
+            _actor_async.run(self)
+        elif self.max_concurrency > 1 or self.concurrency_groups:
             self._run_threaded()
         else:
             self._run_sync()
@@ -327,16 +344,24 @@ class ActorProcess(Worker):
             self.report(message[1], results, retryable)
 
     def _run_threaded(self) -> None:
+        """Calls on threads: ``max_concurrency`` for the default group, and each concurrency
+        group's own, so a group whose calls block never holds up another."""
         if not self.construct():
             return
-        with concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.max_concurrency,
-                thread_name_prefix=f"shmray-{self.class_name}") as pool:
+        pools = {name: concurrent.futures.ThreadPoolExecutor(
+                     max_workers=limit, thread_name_prefix=f"shmray-{self.class_name}-{name}")
+                 for name, limit in [(None, self.max_concurrency),
+                                     *self.concurrency_groups.items()]}
+        try:
             while True:
                 message = self._next_call()
                 if message is None:
                     return
-                pool.submit(self._call_and_report, message)
+                pools.get(_actor_async.group_of(message), pools[None]).submit(
+                    self._call_and_report, message)
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=True)
 
     def _call_and_report(self, message) -> None:
         results, retryable = self.call(message)
@@ -346,109 +371,6 @@ class ActorProcess(Worker):
             pass
         if self.exit_requested:
             self.runtime.link.wake_waiters()
-
-    def _run_async(self) -> None:
-        # asyncio is imported only where an async actor runs: ~10 ms that every driver would
-        # otherwise pay to import shmray, which imports this module.
-        import asyncio
-
-        loop = asyncio.SelectorEventLoop(_direct.SpinningSelector())
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._serve_async(loop))
-        finally:
-            loop.close()
-
-    async def _serve_async(self, loop) -> None:
-        import asyncio  # see _run_async
-
-        if not self.construct():
-            return
-        runtime = self.runtime
-        runtime.link.external_reader = True
-        finished = asyncio.Event()
-        running = set()
-        active = [0]  # calls started and not finished
-
-        async def serve(message):
-            try:
-                results, retryable = await self.call_async(message)
-            finally:
-                active[0] -= 1
-                # The next call starts on the next turn of the loop, after what this one's
-                # end already woke: a call waiting on an event set by a finishing call
-                # resumes before a new call can see the state it left (seed 003's batches).
-                loop.call_soon(start_queued)
-            try:
-                self.report(message[1], results, retryable)
-            except exceptions.RaySystemError:
-                finished.set()
-            if self.exit_requested:
-                finished.set()
-
-        def start_queued():
-            # At most max_concurrency calls are tasks on the loop; the rest wait, in order,
-            # in self.queue (where a cancel can still drop them).  None starts once the actor
-            # is exiting: those that arrive meanwhile fail with its death, as in Ray.
-            while self.queue and active[0] < self.max_concurrency and not self.exit_requested:
-                message = self.queue.popleft()
-                active[0] += 1
-                task = loop.create_task(serve(message))
-                running.add(task)
-                self.running_calls[message[1]] = task
-                task.add_done_callback(running.discard)
-                task.add_done_callback(
-                    lambda _t, task_id=message[1]: self.running_calls.pop(task_id, None))
-
-        def on_readable():
-            if not runtime.link.serve_arrived():
-                finished.set()
-                return
-            start_queued()
-            if self.exiting:
-                finished.set()
-
-        def watch(fd, callback):
-            def on_ready():
-                with runtime.link.lock:
-                    callback()
-                runtime.link.wake_waiters()
-                start_queued()
-            loop.add_reader(fd, on_ready)
-
-        def on_unflushed(conn):
-            def on_writable():
-                with runtime.link.lock:
-                    runtime.link.write_some(conn)
-                    if conn not in runtime.link.unflushed:
-                        loop.remove_writer(conn.fd)
-            def watch_writable():
-                if conn in runtime.link.unflushed:  # not written meanwhile, nor closed
-                    loop.add_writer(conn.fd, on_writable)
-
-            # Through the loop: the flusher thread writes held replies too (``before_wait``).
-            loop.call_soon_threadsafe(watch_writable)
-
-        def unwatch(fd):
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
-
-        self.wake = lambda: loop.call_soon(start_queued)
-        self.watch, self.unwatch, self.on_unflushed = watch, unwatch, on_unflushed
-        for fd, callback in list(runtime.link.readers.items()):  # the listener, registered early
-            runtime.link.readers.pop(fd)
-            watch(fd, callback)
-        runtime.link.conn.sock.setblocking(False)
-        loop.add_reader(runtime.link.conn.fd, on_readable)
-        start_queued()
-        on_readable()
-        await finished.wait()
-        loop.remove_reader(runtime.link.conn.fd)
-        if self.exiting:  # EXIT comes after the calls sent before it: finish them all
-            while self.queue or running:
-                start_queued()
-                await asyncio.gather(*running, return_exceptions=True)
-
 
 def _keep(queue, opcode: int, *fields) -> None:
     queue.append((opcode, *fields))

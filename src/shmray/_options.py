@@ -125,6 +125,12 @@ def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str) -> Dict[
     max_calls = options.get("max_calls")
     if max_calls is not None and (not isinstance(max_calls, int) or max_calls < 0):
         raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
+    groups = options.get("concurrency_groups")
+    if groups is not None and (not isinstance(groups, dict) or any(
+            not isinstance(name, str) or not isinstance(limit, int) or isinstance(limit, bool)
+            or limit < 1 for name, limit in groups.items())):
+        raise ValueError("concurrency_groups must be a dict of group name -> max concurrency "
+                         f"(an int >= 1), got {groups!r}")
     if options.get("lifetime") not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be None or 'detached', got {options['lifetime']!r}")
     return options
