@@ -64,7 +64,8 @@ class TaskCancel:
         """The worker is about to start ``task_id``: it names it in the slot, and reads the
         cancels counted so far, so that a cancel and the start can't miss each other."""
         self.cancelled = False
-        self.runtime.link.pending_interrupt = False
+        link = self.runtime.link
+        link.pending_interrupt = False
         if self.slot is None:
             return
         # The scheduler reads the slot if we die: this one may have crashed us, those sent
@@ -72,14 +73,14 @@ class TaskCancel:
         # looks here; we write here, then look at the count (after a lock's fence), so one
         # of us sees the other.
         self.slot[P.SLOT_STARTED] = task_id
-        with self.runtime.link.lock:
-            self.read_cancels()
+        with link.lock:
+            if self.unread():
+                link.wait_until(lambda: not self.unread(), None)
 
-    def check_before_running(self, task_id: bytes) -> None:
-        """Raise if a cancel came for the task while it loaded."""
-        if self.pending == task_id:
-            self.cancelled = True
-            raise KeyboardInterrupt("task cancelled")
+    def stop_before_running(self) -> None:
+        """A cancel came for the task while it loaded (``pending``): it never runs."""
+        self.cancelled = True
+        raise KeyboardInterrupt("task cancelled")
 
     def _on_sigint(self, signum, frame) -> None:
         slot = self.slot

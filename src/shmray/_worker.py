@@ -331,7 +331,8 @@ class Worker:
                 results, retryable = self.execute(*message[1:])
                 _lend.after_task()
             self.cancel.skip.pop(task_id, None)  # a cancel that came as it ran, too
-            self.consumed.pop(task_id, None)
+            if self.consumed:
+                self.consumed.pop(task_id, None)
             try:
                 self.report(task_id, results, retryable,
                             time.perf_counter() - started - self.loading)
@@ -367,17 +368,20 @@ class Worker:
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
-            self.cancel.in_user_code = True
+            cancel = self.cancel
+            cancel.in_user_code = True
             try:
-                self.cancel.check_before_running(task_id)
+                if cancel.pending == task_id:  # it came while the task loaded
+                    cancel.stop_before_running()
                 outcome = fn(*args, **kwargs)
                 if num_returns < 0:  # a generator task: it runs as its items are stored
                     outcome = self._generate(task_id, outcome, num_returns, name, extra)
+                    num_returns = 1
             finally:
-                self.cancel.in_user_code = False
+                cancel.in_user_code = False
             del args, kwargs
             handed_over = _lend.handed_over(outcome)
-            results = store_returns(self.runtime, task_id, outcome, max(num_returns, 1), name,
+            results = store_returns(self.runtime, task_id, outcome, num_returns, name,
                                     handed_over)
         except BaseException as exc:  # the task's failure is its result
             retryable = should_retry(exc, retry_exceptions) and not self.cancel.cancelled
