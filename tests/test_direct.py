@@ -146,7 +146,8 @@ def test_direct_calls_after_a_restart_reach_the_new_process(ray, Log):
     ray.get(log.add.remote(0))
     with pytest.raises(ray.exceptions.ActorDiedError):
         ray.get(log.die.remote(), timeout=30)
-    wait_for(lambda: ray.get(log.pid.remote(), timeout=30) != first_pid, timeout=30)
+    pid = log.pid.options(max_task_retries=1)  # waits while it restarts (as in Ray)
+    wait_for(lambda: ray.get(pid.remote(), timeout=30) != first_pid, timeout=30)
     assert ray.get([log.add.remote(i) for i in range(10)]) == list(range(10))
     assert ray.get(log.entries_.remote()) == list(range(10))  # fresh state
 

@@ -118,6 +118,103 @@ def test_retry_exceptions_list_only_retries_listed(ray, tmp_path):
     assert count.read_text() == "x"
 
 
+def test_retry_exceptions_of_a_class_defined_in_main_after_init():
+    """The scheduler could not unpickle the task (the class exists only in the driver and
+    the worker): it dropped the driver's message and closed its connection."""
+    script = textwrap.dedent("""
+        import os, sys, tempfile
+        import shmray as ray
+        ray.init(num_cpus=1, object_store_memory=100 << 20)
+
+        class Late(Exception):
+            pass
+
+        @ray.remote(max_retries=2, retry_exceptions=[Late])
+        def flaky(path):
+            tries = int(open(path).read()) if os.path.exists(path) else 0
+            open(path, "w").write(str(tries + 1))
+            if tries < 2:
+                raise Late("again")
+            return tries
+
+        @ray.remote
+        class Flaky:
+            def __init__(self):
+                self.tries = 0
+
+            @ray.method(max_task_retries=2, retry_exceptions=[Late])
+            def call(self):
+                self.tries += 1
+                if self.tries < 3:
+                    raise Late("again")
+                return self.tries
+
+        print(ray.get(flaky.remote(tempfile.mktemp()), timeout=60),
+              ray.get(Flaky.remote().call.remote(), timeout=60))
+        ray.shutdown()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "3"]
+
+
+def test_actor_method_retries_follow_rays_order(ray):
+    @ray.remote(max_task_retries=0)
+    class Flaky:
+        def __init__(self):
+            self.tries = {}
+
+        def _fail_first(self, name, times):
+            self.tries[name] = self.tries.get(name, 0) + 1
+            if self.tries[name] <= times:
+                raise KeyError(name)
+            return self.tries[name]
+
+        @shmray.method(max_task_retries=2, retry_exceptions=[KeyError])
+        def decorated(self):
+            return self._fail_first("decorated", 2)
+
+        def plain(self, name, times):
+            return self._fail_first(name, times)
+
+    actor = Flaky.remote()
+    assert ray.get(actor.decorated.remote(), timeout=DEADLOCK) == 3
+    with pytest.raises(KeyError):  # the actor's max_task_retries=0 applies
+        ray.get(actor.plain.remote("plain", 1), timeout=DEADLOCK)
+    retried = actor.plain.options(max_task_retries=1, retry_exceptions=True)
+    assert ray.get(retried.remote("options", 1), timeout=DEADLOCK) == 2
+    with pytest.raises(KeyError):  # retries run out
+        ray.get(retried.remote("twice", 2), timeout=DEADLOCK)
+    with pytest.raises(ValueError, match="max_task_retries"):
+        actor.plain.options(max_task_retries="3")
+
+
+def test_a_call_to_a_restarting_actor_without_retries_is_unavailable_at_once(ray, tmp_path):
+    started, go_on = tmp_path / "started", tmp_path / "go on"
+
+    @ray.remote(max_restarts=1)
+    class Slow:
+        def __init__(self):
+            if started.exists():  # the restart waits until the test says
+                deadline = time.monotonic() + DEADLOCK
+                while not go_on.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            started.write_text("x")
+
+        def ping(self):
+            return "pong"
+
+    actor = Slow.remote()
+    assert ray.get(actor.ping.remote(), timeout=DEADLOCK) == "pong"
+    ray.kill(actor, no_restart=False)  # returns once the restart has begun
+    with pytest.raises(exceptions.ActorUnavailableError, match="restarting"):
+        ray.get(actor.ping.remote(), timeout=DEADLOCK)  # while the restart waits
+    waiting = actor.ping.options(max_task_retries=1).remote()  # waits for the restart
+    go_on.write_text("x")
+    assert ray.get(waiting, timeout=DEADLOCK) == "pong"
+
+
 # -- cancel ------------------------------------------------------------------------------
 
 
@@ -345,8 +442,9 @@ def test_chaos_dag_survives_worker_kills_and_forks():
 @pytest.mark.crash
 def test_chaos_actor_calls_survive_kills_and_forks():
     """Calls in flight while their actor is killed (and restarted) and the driver forks:
-    each returns its own value or raises ActorDiedError, none hangs, and once kill()
-    returns the next call reaches the new process."""
+    each returns its own value or raises RayActorError (ActorDiedError, or, for a call that
+    reached the scheduler while the actor restarted, ActorUnavailableError), none hangs,
+    and once kill() returns a call with retries reaches the new process."""
     shmray.init(num_cpus=2, object_store_memory=150 << 20)
     try:
         @shmray.remote(max_restarts=-1)
@@ -370,9 +468,10 @@ def test_chaos_actor_calls_survive_kills_and_forks():
                 try:
                     assert shmray.get(ref, timeout=DEADLOCK)[0] == i
                     answered += 1
-                except exceptions.ActorDiedError:
+                except exceptions.RayActorError:
                     died += 1
-            assert shmray.get(echo.echo.remote(0), timeout=DEADLOCK)[1] != pid
+            waits = echo.echo.options(max_task_retries=1)  # for the restart
+            assert shmray.get(waits.remote(0), timeout=DEADLOCK)[1] != pid
         assert answered and died
         assert all(os.waitpid(child, 0)[1] == 0 for child in children)
     finally:

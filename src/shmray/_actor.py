@@ -45,13 +45,11 @@ def method(*args, **options):
     """``@shmray.method(num_returns=2)``: options for one actor method (Ray's ``ray.method``)."""
     if args:
         raise TypeError("method() takes keyword options only: @shmray.method(num_returns=2)")
-    unknown = sorted(set(options) - {"num_returns", "concurrency_group", "max_task_retries",
-                                     "retry_exceptions", "_generator_backpressure_num_objects"})
+    unknown = sorted(set(options) - set(_METHOD_OPTIONS))
     if unknown:
-        raise ValueError(f"invalid option(s) {unknown} for an actor method; valid: num_returns")
-    _options.check({k: v for k, v in options.items()
-                    if k in ("num_returns", "_generator_backpressure_num_objects")},
-                   _options.TASK_DEFAULTS, "actor methods")
+        raise ValueError(f"invalid option(s) {unknown} for an actor method; valid: "
+                         f"{', '.join(sorted(_METHOD_OPTIONS))}")
+    _check_method_options(options)
 
     def decorate(function):
         function.__shmray_method_options__ = options
@@ -78,6 +76,9 @@ def _method_table(cls) -> Dict[str, dict]:
             or inspect.isasyncgenfunction(function),
             "backpressure": opts.get("_generator_backpressure_num_objects"),
             "group": opts.get("concurrency_group"),
+            "max_task_retries": opts.get("max_task_retries"),
+            "retry_exceptions": _options.retry_exceptions_field(
+                opts.get("retry_exceptions", False)),
         }
     for name in _SPECIAL_METHODS:
         table[name] = {"num_returns": 1, "is_async": False, "group": None}
@@ -268,13 +269,17 @@ class ActorHandle:
                 )
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
-        retries = self._actor_options.get("max_task_retries", 0)
+        retries = how.get("max_task_retries")
+        if retries is None:  # the method's, else the actor's (Ray's order)
+            retries = self._actor_options.get("max_task_retries", 0)
         num_returns = _options.num_returns_code(how["num_returns"])
         extra = {}
         if how.get("backpressure") and how["backpressure"] > 0:
             extra["backpressure"] = how["backpressure"]
         if how.get("group") is not None:
             extra["group"] = how["group"]
+        if how.get("retry_exceptions"):
+            extra["retry_exceptions"] = how["retry_exceptions"]
         spec = task_spec(task_id, method_name, f"{self._class_name}.{method_name}", args_blob,
                          arg_ids, contained, num_returns, {}, retries, False, extra or None)
         results = return_ids(task_id, num_returns)
@@ -313,19 +318,38 @@ class ActorMethod:
         return self._handle._call(self._name, args, kwargs, self._how)
 
     def options(self, **options):
-        unknown = sorted(set(options) - {"num_returns", "name", "concurrency_group",
-                                         "_generator_backpressure_num_objects"})
+        unknown = sorted(set(options) - set(_METHOD_OPTIONS) - {"name"})
         if unknown:
-            raise ValueError(f"invalid option(s) {unknown} for an actor method call")
-        how = {"num_returns": options.get("num_returns", self._how["num_returns"]),
-               "backpressure": options.get("_generator_backpressure_num_objects",
-                                           self._how.get("backpressure")),
-               "group": options.get("concurrency_group", self._how.get("group"))}
-        _options.check({"num_returns": how["num_returns"],
-                        "_generator_backpressure_num_objects": how["backpressure"]},
-                       _options.TASK_DEFAULTS, "actor methods")
-        _check_group(how["group"], self._handle._actor_options)
+            raise ValueError(f"invalid option(s) {unknown} for an actor method call; valid: "
+                             f"{', '.join(sorted(_METHOD_OPTIONS))}")
+        _check_method_options(options)
+        how = dict(self._how)
+        for option, key in _METHOD_OPTIONS.items():
+            if option in options:
+                how[key] = options[option]
+        if "retry_exceptions" in options:
+            how["retry_exceptions"] = _options.retry_exceptions_field(options["retry_exceptions"])
+        _check_group(how.get("group"), self._handle._actor_options)
         return ActorMethod(self._handle, self._name, how)
+
+
+# An actor method's options (``@method``, ``.options``) -> where a call's ``how`` keeps them.
+_METHOD_OPTIONS = {"num_returns": "num_returns", "concurrency_group": "group",
+                   "max_task_retries": "max_task_retries",
+                   "retry_exceptions": "retry_exceptions",
+                   "_generator_backpressure_num_objects": "backpressure"}
+
+
+def _check_method_options(options: dict) -> None:
+    _options.check({key: value for key, value in options.items()
+                    if key in ("num_returns", "retry_exceptions",
+                               "_generator_backpressure_num_objects")},
+                   _options.TASK_DEFAULTS, "actor methods")
+    retries = options.get("max_task_retries")
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)
+                                or retries < -1):
+        raise ValueError(f"max_task_retries must be an int >= -1 (-1: retry forever), got "
+                         f"{retries!r}")
 
 
 def _check_group(group, actor_options: dict) -> None:

@@ -59,6 +59,7 @@ from ._task_results import (
     error_results,
     flush_output,
     report_item,
+    should_retry,
     store_returns,
     task_error,
 )
@@ -201,7 +202,7 @@ class ActorProcess(Worker):
                 (self._results(task_id, outcome, num_returns, name, extra), False)
         except BaseException as exc:
             return self._exited_or(task_id, num_returns) or \
-                (self._error_results(task_id, exc, num_returns, name), False)
+                self._error_results(task_id, exc, num_returns, name, extra)
         finally:
             flush_output()
 
@@ -250,7 +251,7 @@ class ActorProcess(Worker):
             return cancelled_results(task_id, num_returns), False
         except BaseException as exc:
             return self._exited_or(task_id, num_returns) or \
-                (self._error_results(task_id, exc, num_returns, name), False)
+                self._error_results(task_id, exc, num_returns, name, extra)
         finally:
             flush_output()
 
@@ -288,8 +289,11 @@ class ActorProcess(Worker):
             loop, event = waiting
             loop.call_soon_threadsafe(event.set)
 
-    def _error_results(self, task_id, exc, num_returns, name):
-        return error_results(task_id, task_error(name, exc), num_returns)
+    def _error_results(self, task_id, exc, num_returns, name, extra):
+        """(results, retryable): the call's error, and whether its retry_exceptions cover it
+        (the scheduler then runs it again, while it has max_task_retries)."""
+        retryable = bool(extra) and should_retry(exc, extra.get("retry_exceptions"))
+        return error_results(task_id, task_error(name, exc), num_returns), retryable
 
     def shut_down(self) -> None:
         """A graceful end: the instance's ``__ray_shutdown__``, if it has one (an exception

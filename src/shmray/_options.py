@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _protocol as P
+from . import _pickling, _protocol as P
 
 TASK_DEFAULTS: Dict[str, Any] = {
     "num_returns": 1,
@@ -153,6 +153,15 @@ def task_extra(options: Dict[str, Any]):
     if backpressure is not None and backpressure > 0:
         extra["backpressure"] = backpressure
     return extra or None
+
+
+def retry_exceptions_field(retry):
+    """retry_exceptions as a spec carries it: True, False, or the classes it lists pickled
+    by cloudpickle, so that only the process that runs the call unpickles them (a class
+    defined in ``__main__`` after ``init`` exists only there and in the caller)."""
+    if isinstance(retry, (list, tuple)):
+        return _pickling.dumps(tuple(retry))
+    return bool(retry)
 
 
 def num_returns_code(num_returns) -> int:

@@ -464,7 +464,7 @@ def parked_reports(slot) -> list:
 _LISTS = (list, tuple)
 CALL_FIELDS = (bytes, str, str, bytes, _LISTS, int, dict, (type(None), dict))
 EXECUTE_FIELDS = (bytes, bytes, type(None), str, bytes, _LISTS, int, dict,
-                  (bool, list, tuple), (type(None), dict))
+                  (bool, bytes), (type(None), dict))
 
 
 def well_formed(message, shapes: dict) -> bool:

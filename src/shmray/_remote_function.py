@@ -66,11 +66,10 @@ class RemoteFunction:
 
     def _spec_fields(self, options: Dict[str, Any]) -> tuple:
         """What a task's spec takes from its options, worked out once, not per call."""
-        retry = options["retry_exceptions"]
         return (options.get("name") or self._name,
                 _options.num_returns_code(options["num_returns"]),
                 _options.task_resources(options), options["max_retries"],
-                list(retry) if isinstance(retry, (list, tuple)) else retry,
+                _options.retry_exceptions_field(options["retry_exceptions"]),
                 _options.task_extra(options))
 
     def _code(self) -> bytes:

@@ -200,11 +200,19 @@ def split_returns(outcome, num_returns: int, name: str):
 
 
 def should_retry(exc: BaseException, retry_exceptions) -> bool:
+    """Whether ``retry_exceptions`` (True, False, or a pickle of the classes it lists:
+    ``pickle_retry_exceptions``) covers ``exc``."""
     if not retry_exceptions:
         return False
     if retry_exceptions is True:
         return isinstance(exc, Exception)
-    return isinstance(exc, tuple(retry_exceptions))
+    classes = _retry_classes.get(retry_exceptions)
+    if classes is None:
+        classes = _retry_classes[retry_exceptions] = tuple(_pickling.loads(retry_exceptions))
+    return isinstance(exc, classes)
+
+
+_retry_classes: dict = {}  # the pickle of a retry_exceptions list -> its classes
 
 
 def task_error(name: str, exc: BaseException) -> exceptions.RayError:

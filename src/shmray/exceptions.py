@@ -11,7 +11,7 @@ exist so that code written for Ray, which names them in ``except`` clauses, runs
           ├── RayTaskError                         a task raised; also an instance of the cause
           ├── RayActorError                        never raised itself
           │    ├── ActorDiedError
-          │    └── ActorUnavailableError           never
+          │    └── ActorUnavailableError
           ├── TaskCancelledError
           ├── TaskUnschedulableError
           ├── ActorUnschedulableError
@@ -230,9 +230,8 @@ class ActorDiedError(RayActorError):
 
 
 class ActorUnavailableError(RayActorError):
-    """Kept for Ray compatibility, never raised: Ray raises it for a call to an actor it
-    can't reach for the moment (a network partition, a restart under way).  On one machine
-    an actor is never out of reach: calls made while it restarts wait for it."""
+    """A call made while its actor restarts, with no retries left (``max_task_retries``), as
+    in Ray: the actor may be back later.  A call with retries waits for it instead."""
 
 
 class TaskCancelledError(RayError):

@@ -42,6 +42,9 @@ class Actors:
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
         self.unplaced: list = []               # actors waiting for arguments or resources
         self.direct_call_count = 0
+        # Read what a process has sent so far (``loop`` wires it): a caller that heard from
+        # a restarted actor directly may reach us before that actor's ACTOR_STARTED does.
+        self.catch_up: Callable[[Client], None] = lambda client: None
 
     def placements_waiting(self) -> Iterable[dict]:
         """What the actors waiting only for resources ask (``Leases``)."""
@@ -149,6 +152,7 @@ class Actors:
         actor = client.actor
         if actor is None:
             return
+        actor.restarting = False  # as in Ray: back once its constructor has run
         if actor.restarts_left == 0:  # no restart can need the constructor's arguments again
             self._release_creation_holds(actor)
         if error is not None:
@@ -160,7 +164,7 @@ class Actors:
             self.clients.send(client, P.exit_())  # wakes its reader (a threaded actor's)
             client.actor.no_restart = True
             if client.actor.death is None:
-                client.actor.death = self._died_error(
+                client.actor.death = died_error(
                     client.actor, "it exited intentionally (exit_actor() or __ray_terminate__)")
 
     # -- calls -----------------------------------------------------------------------------
@@ -176,6 +180,9 @@ class Actors:
             return
         if actor.state == "dead":
             self.tasks.fail(task, *actor.death)
+            return
+        if actor.restarting and not retry_allowed(task) and self._still_restarting(actor, client):
+            self.tasks.fail(task, *unavailable(actor))
             return
         self.tasks.count_dependencies(task)
         if task.finished:
@@ -209,12 +216,35 @@ class Actors:
                 self.clients.send(client, P.call(spec, values))
             if not queue:
                 del actor.queues[caller]
+        if actor.out_of_scope:
+            self._exit_when_done(actor)
 
-    def on_call_done(self, client: Client, task_id, results) -> None:
+    def on_call_done(self, client: Client, task_id, results, retryable) -> None:
         """TASK_DONE from an actor process: a call forwarded through here."""
         task = client.actor.inflight.pop(task_id, None)
-        if task is not None and not task.finished:
-            self.tasks.finish(task, results)
+        if task is None or task.finished:
+            return
+        if retryable and retry_allowed(task):
+            self._retry_call(client.actor, task)
+            return
+        self.tasks.finish(task, results)
+        if client.actor.out_of_scope:
+            self._exit_when_done(client.actor)
+
+    def _still_restarting(self, actor: Actor, caller: Client) -> bool:
+        """Whether the actor has not run its constructor again, once we have read what its
+        new process sent (ACTOR_STARTED may be waiting there)."""
+        if actor.restarting and actor.client is not None and actor.client is not caller:
+            self.catch_up(actor.client)
+        return actor.restarting
+
+    def _retry_call(self, actor: Actor, task) -> None:
+        """A call that raised an exception its retry_exceptions covers: again, first in
+        its caller's line, through here."""
+        task.worker = None
+        task.direct = False
+        actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
+        self.forward(actor)
 
     def on_direct_call(self, client: Client, actor_id, actor_pid, spec: tuple) -> None:
         """A call its caller sent straight to the actor process ``actor_pid``."""
@@ -224,8 +254,12 @@ class Actors:
         actor = task.actor = self.table.get(actor_id)
         early = self.objects.take_early(task.task_id)
         if early is not None:
-            self.tasks.finish_direct(task, early[0], early[2])
-            self.objects.unprotect(early[0])
+            results, _, retryable = early
+            if retryable and actor is not None and retry_allowed(task):
+                self._retry_call(actor, task)
+            else:
+                self.tasks.finish_direct(task, results, retryable)
+            self.objects.unprotect(results)
             return
         if task.finished:
             return
@@ -239,13 +273,11 @@ class Actors:
             actor.direct_open[client] = actor.direct_open.get(client, 0) + 1
         elif actor.state == "dead":
             self.tasks.fail(task, *actor.death)
-        elif task.retries_left != 0:  # the process it went to died: retry on the next one
-            if task.retries_left > 0:
-                task.retries_left -= 1
+        elif retry_allowed(task):  # the process it went to died: retry on the next one
             actor.queues.setdefault(client, collections.deque()).append(task)
             self.forward(actor)
-        else:
-            self.tasks.fail(task, *self._died_error(
+        else:  # it went to the process that died: that is how the call ended
+            self.tasks.fail(task, *died_error(
                 actor, "its process died while this call was on its way to it or running "
                 "(max_task_retries would retry the call)"))
 
@@ -263,7 +295,11 @@ class Actors:
             actor.direct_open[task.owner] = open_calls
         else:
             actor.direct_open.pop(task.owner, None)
-        if not task.finished:
+        if task.finished:
+            pass
+        elif retryable and retry_allowed(task):
+            self._retry_call(actor, task)  # its caller was told to wait for us (``report``)
+        else:
             self.tasks.finish_direct(task, results, retryable)
         if open_calls <= 0:
             if task.owner in actor.queues:
@@ -281,7 +317,7 @@ class Actors:
             for task_id, task in list(actor.inflight.items()):
                 if task.owner is caller and task.direct:
                     del actor.inflight[task_id]
-                    self.tasks.fail(task, *self._died_error(
+                    self.tasks.fail(task, *died_error(
                         actor, "the caller of this call died before it was done"))
             self.forward(actor)  # its calls queued here were held behind those
             if actor.out_of_scope:
@@ -297,7 +333,7 @@ class Actors:
         if actor is not None and actor.state != "dead":
             if no_restart:
                 actor.no_restart = True
-                actor.death = self._died_error(actor, "it was killed by kill()")
+                actor.death = died_error(actor, "it was killed by kill()")
             if actor.client is not None:
                 actor.client.killers.append((client, request_id))
                 kill_quietly(actor.client.pid)
@@ -313,7 +349,7 @@ class Actors:
             return
         actor.out_of_scope = True
         actor.no_restart = True
-        actor.death = self._died_error(actor, "every handle to it went out of scope")
+        actor.death = died_error(actor, "every handle to it went out of scope")
         if actor.client is not None:
             self._exit_when_done(actor)
         elif not actor.queues:
@@ -322,10 +358,11 @@ class Actors:
         # after forwarding them, as Ray ends such an actor once they are done
 
     def _exit_when_done(self, actor: Actor) -> None:
-        """EXIT goes after the calls sent through here; calls sent straight to the actor
-        travel another way, so it waits until they are done (all are registered by now: a
-        caller registers its calls before it releases its last handle)."""
-        if not actor.exit_sent and not actor.direct_open and actor.client is not None:
+        """EXIT goes once every call made before is done: calls sent straight to the actor
+        travel another way (all are registered by now: a caller registers its calls before
+        it releases its last handle), and a call may come back to be retried."""
+        if (not actor.exit_sent and not actor.direct_open and not actor.inflight
+                and not actor.queues and actor.client is not None):
             actor.exit_sent = True
             self.clients.send(actor.client, P.exit_())
 
@@ -348,18 +385,17 @@ class Actors:
             if actor.restarts_left > 0:
                 actor.restarts_left -= 1
             actor.state = "pending"
+            actor.restarting = True
             for task in reversed(inflight):
-                if task.retries_left != 0:
-                    if task.retries_left > 0:
-                        task.retries_left -= 1
+                if retry_allowed(task):
                     actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
                 else:
-                    self.tasks.fail(task, *self._died_error(
+                    self.tasks.fail(task, *died_error(
                         actor, f"its process died of {how(status)} while running this call; "
                         "it is being restarted (max_task_retries would retry the call)"))
             self.unplaced.append(actor)
             return
-        death = actor.death or self._died_error(
+        death = actor.death or died_error(
             actor, f"its process died of {how(status)} (killed, crashed or out of memory)")
         for task in inflight:
             self.tasks.fail(task, *death)
@@ -384,8 +420,24 @@ class Actors:
         held, actor.creation_holds = actor.creation_holds, []
         self.objects.release_arguments(held)
 
-    @staticmethod
-    def _died_error(actor: Actor, why: str) -> tuple:
-        return serialized(exceptions.ActorDiedError(
-            f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
-            "Calls to it raise this error."))
+
+def retry_allowed(task) -> bool:
+    """Whether a call may run again (max_task_retries), using up one retry if so."""
+    if task.retries_left == 0:
+        return False
+    if task.retries_left > 0:
+        task.retries_left -= 1
+    return True
+
+
+def unavailable(actor: Actor) -> tuple:
+    return serialized(exceptions.ActorUnavailableError(
+        f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is restarting after its "
+        "process died, and this call has no retries left (max_task_retries): call again "
+        "once it is back, or give the call retries to have it wait"))
+
+
+def died_error(actor: Actor, why: str) -> tuple:
+    return serialized(exceptions.ActorDiedError(
+        f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
+        "Calls to it raise this error."))

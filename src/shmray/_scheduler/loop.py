@@ -92,6 +92,7 @@ class Scheduler:
         self.cancel = Cancel(self.clients, self.tasks, self.leases)
         self.objects.on_actor_unheld = self.actors.out_of_scope
         self.tasks.forward_actor = self.actors.forward
+        self.actors.catch_up = lambda client: self._read(client, everything=True)
         self.dispatcher.cpu_wanted = self.leases.recall_if_in_the_way
         self.leases.placements_waiting = self.actors.placements_waiting
         self.running = True
@@ -130,7 +131,7 @@ class Scheduler:
 
     def _on_task_done(self, client: Client, task_id, results, retryable, took=None) -> None:
         if client.actor is not None:
-            self.actors.on_call_done(client, task_id, results)
+            self.actors.on_call_done(client, task_id, results, retryable)
         else:
             self.tasks.on_task_done(client, task_id, results, retryable, took)
 

@@ -47,7 +47,7 @@ class Actor:
 
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
-                 "creation_holds", "out_of_scope", "direct_open", "exit_sent")
+                 "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -67,3 +67,4 @@ class Actor:
         self.waiting_on = 0                   # constructor arguments not ready yet
         self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
         self.out_of_scope = False
+        self.restarting = False  # its process died; the next has not run __init__ yet
