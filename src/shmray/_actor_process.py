@@ -49,7 +49,7 @@ from . import (
     _runtime,
     exceptions,
 )
-from ._context import current_task
+from ._context import Call, current_call, current_task
 from ._connection import ConnectionClosed
 from ._object_ref_generator import DynamicObjectRefGenerator
 from ._serialization import META_ERROR, serialize
@@ -81,7 +81,7 @@ class ActorProcess(Worker):
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)
-        _, self.spec, pickled_class, self.init_values = start_message
+        _, self.spec, pickled_class, self.init_values, restarted = start_message
         options = self.spec[P.ACTOR_OPTIONS]
         self.class_name = self.spec[P.ACTOR_CLASS_NAME]
         self.actor_id = self.spec[P.ACTOR_ID]
@@ -95,10 +95,17 @@ class ActorProcess(Worker):
         self.methods: dict = {}  # name -> the instance's bound method (``_method``)
         self.exit_requested = False
         self.running_calls: dict = {}  # task id -> asyncio.Task (async actors)
+        self.running: set = set()      # task ids of the calls running now
+        self.canceled: set = set()     # ...of those cancelled (is_canceled; a sync call runs on)
+        self.hold = options["hold"]    # what the actor holds: get_assigned_resources()
         self.consumed_events: dict = {}  # task id -> asyncio.Event (async generators)
         self.wake = None               # async actors: schedules the queued calls on the loop
         current_task.actor_id = self.actor_id
+        current_task.actor_options = options
+        current_task.restarted = restarted
+        current_task.actor_class = self.cls
         current_task.in_asyncio_actor = self.is_async
+        _context.is_canceled = self._is_canceled
         _output.set_name(self.class_name)
         runtime.link.blocked_hook = None  # an actor holds no CPU it could lend
         # An async actor's event loop reads only its own sockets: it calls others through the
@@ -140,6 +147,14 @@ class ActorProcess(Worker):
         if self.wake is not None:  # async: a call read by a get inside a coroutine
             self.wake()
 
+    def _is_canceled(self, task_id: bytes) -> bool:
+        """Whether the call was cancelled: a cancel may wait unread while a sync call runs
+        (the thread that reads runs it), so what has arrived is read first."""
+        if task_id not in self.canceled:
+            with self.runtime.link.lock:
+                self.runtime.link.poll()
+        return task_id in self.canceled
+
     def _cancel(self, task_id: bytes) -> None:
         """Drop a call not started yet; cancel a running async one; a running sync call
         finishes (Ray cannot interrupt those either)."""
@@ -149,6 +164,8 @@ class ActorProcess(Worker):
                     queue.remove(message)
                     self.report(task_id, cancelled_results(task_id, message[6]), False)
                     return
+        if task_id in self.running:
+            self.canceled.add(task_id)  # a sync call runs on, but can ask (is_canceled)
         running = self.running_calls.get(task_id)
         if running is not None:  # a task of the main loop (a group's call is wrapped there)
             running.get_loop().call_soon_threadsafe(running.cancel)
@@ -188,6 +205,8 @@ class ActorProcess(Worker):
     def call(self, message: tuple):
         """Run one CALL message; returns TASK_DONE's (results, retryable)."""
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
+        self.running.add(task_id)
+        call = current_call.set(Call(task_id, name, method_name, self.hold))
         try:
             if method_name == "__ray_ready__":
                 outcome = True
@@ -204,6 +223,9 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
+            current_call.reset(call)
+            self.running.discard(task_id)
+            self.canceled.discard(task_id)
             flush_output()
 
     def _method(self, name: str):
@@ -231,12 +253,14 @@ class ActorProcess(Worker):
         return error_results(task_id, died, num_returns), False
 
     async def call_async(self, message: tuple):
-        import asyncio  # see _run_async
+        import asyncio  # only here: see _actor_async.run
 
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
+        if method_name in ("__ray_ready__", "__ray_terminate__"):
+            return self.call(message)
+        self.running.add(task_id)
+        current_call.set(Call(task_id, name, method_name, self.hold))  # this asyncio task's
         try:
-            if method_name in ("__ray_ready__", "__ray_terminate__"):
-                return self.call(message)
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
             outcome = self._method(method_name)(*args, **kwargs)
             del args, kwargs
@@ -253,6 +277,8 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
+            self.running.discard(task_id)
+            self.canceled.discard(task_id)
             flush_output()
 
     def _results(self, task_id, outcome, num_returns, name, extra):
@@ -263,7 +289,7 @@ class ActorProcess(Worker):
     async def _generate_async(self, task_id, items, num_returns, extra):
         """An async generator method's items, as ``_generate`` does a generator's; waits
         for its caller on the loop, not in poll()."""
-        import asyncio  # see _run_async
+        import asyncio  # only here: see _actor_async.run
 
         if num_returns == P.DYNAMIC:
             return DynamicObjectRefGenerator([self.runtime.put(value) async for value in items])

@@ -15,7 +15,7 @@ import os
 from typing import Any, Optional
 
 from . import _context, _object_ref, _protocol as P
-from ._actor import ActorClass
+from ._actor import ActorClass, ActorHandle
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
 from ._remote_function import RemoteFunction
@@ -155,7 +155,8 @@ def _check_timeout(timeout):
 
 
 class RuntimeContext:
-    """What ``get_runtime_context()`` returns: ids of the job, task, worker and node."""
+    """What ``get_runtime_context()`` returns: where the code that asks runs (the job, the
+    task or actor call, the actor, the worker, the node), as Ray's does."""
 
     def __init__(self, runtime: Runtime):
         self._runtime = runtime
@@ -164,8 +165,26 @@ class RuntimeContext:
         return f"{self._runtime.options.get('job_id', 1):08x}"
 
     def get_task_id(self) -> Optional[str]:
-        task_id = _context.current_task.task_id
-        return task_id.hex() if task_id is not None else None
+        """The running task's or actor call's id (hex); None in the driver."""
+        call = _context.current_call.get()
+        return call.task_id.hex() if call is not None else None
+
+    def get_task_name(self) -> Optional[str]:
+        """Its name: ``options(name=...)``, else the function's (``Class.method`` for an
+        actor call); None in the driver."""
+        call = _context.current_call.get()
+        return call.name if call is not None else None
+
+    def get_task_function_name(self) -> Optional[str]:
+        """The full name of what runs: ``module.function`` or ``module.Class.method``."""
+        call = _context.current_call.get()
+        if call is None:
+            return None
+        if isinstance(call.function, str):  # an actor's method, by name
+            cls = _context.current_task.actor_class
+            return f"{cls.__module__}.{cls.__qualname__}.{call.function}"
+        function = call.function
+        return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', '?')}"
 
     def get_worker_id(self) -> str:
         return f"{os.getpid():056x}"
@@ -173,17 +192,63 @@ class RuntimeContext:
     def get_node_id(self) -> str:
         return "0" * 56
 
+    @property
+    def node_id(self) -> str:
+        return self.get_node_id()
+
     def get_actor_id(self) -> Optional[str]:
         actor_id = _context.current_task.actor_id
         return actor_id.hex() if actor_id is not None else None
+
+    def get_actor_name(self) -> Optional[str]:
+        options = _context.current_task.actor_options
+        return options.get("name") if options else None
+
+    @property
+    def current_actor(self) -> "ActorHandle":
+        """A handle to the actor this code runs in."""
+        actor_id = _context.current_task.actor_id
+        if actor_id is None:
+            raise RuntimeError("current_actor is only available inside an actor's methods")
+        return ActorHandle(ObjectRef(actor_id), _context.current_task.actor_options)
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether this actor's process replaces one that died (a restart)."""
+        return _context.current_task.restarted
+
+    def get_assigned_resources(self) -> dict:
+        """What the running task or actor holds (``{"CPU": 1.0}`` for a plain task)."""
+        call = _context.current_call.get()
+        if call is not None:
+            return dict(call.resources)
+        options = _context.current_task.actor_options
+        return dict(options["hold"]) if options else {}
+
+    def is_canceled(self) -> bool:
+        """Whether the running task or actor call was cancelled (a sync actor call runs on
+        after a cancel; it can look here and stop)."""
+        call = _context.current_call.get()
+        if call is None:
+            raise RuntimeError("is_canceled() is only meaningful inside a task or actor call")
+        return _context.is_canceled(call.task_id)
+
+    def get_placement_group_id(self) -> Optional[str]:
+        return None
 
     @property
     def namespace(self) -> str:
         return self._runtime.options.get("namespace", "default")
 
     def get(self) -> dict:
-        return {"job_id": self.get_job_id(), "task_id": self.get_task_id(),
-                "worker_id": self.get_worker_id(), "node_id": self.get_node_id()}
+        """The ids as a dict: the task's and the actor's only where there are some."""
+        context = {"job_id": self.get_job_id(), "node_id": self.get_node_id(),
+                   "namespace": self.namespace}
+        if self.get_task_id() is not None:
+            context["task_id"] = self.get_task_id()
+        if self.get_actor_id() is not None:
+            context["actor_id"] = self.get_actor_id()
+        return context
 
 
 def get_runtime_context() -> RuntimeContext:

@@ -12,8 +12,9 @@ the places where a cancelled task may be interrupted at once (``cancel_point``).
 
 from __future__ import annotations
 
+import contextvars
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 runtime = None  # this process's Runtime (``_runtime``), or None outside a session
 
@@ -25,18 +26,39 @@ def install(new_runtime) -> None:
 
 
 class TaskContext:
-    """The task or actor call this process runs now, as ``get_runtime_context()`` and
-    ``exit_actor()`` see it."""
+    """What this process is: the task a worker runs now (a cancel's signal is for it), the
+    actor it is, and whether ``exit_actor()`` was called."""
 
     def __init__(self):
         self.task_id: Optional[bytes] = None
-        self.name: Optional[str] = None
         self.actor_id: Optional[bytes] = None
+        self.actor_options: Optional[dict] = None
+        self.actor_class: Optional[type] = None
+        self.restarted = False         # this actor process replaces one that died
         self.in_asyncio_actor = False
         self.exit_requested = False  # exit_actor() was called, whether or not it was caught
 
 
 current_task = TaskContext()
+
+
+class Call:
+    """The task or actor call that runs in this thread, or this asyncio task, as
+    ``get_runtime_context()`` sees it (``current_call``): threaded and async actors run
+    several calls at once."""
+
+    __slots__ = ("task_id", "name", "function", "resources")
+
+    def __init__(self, task_id: bytes, name: str, function, resources: dict):
+        self.task_id = task_id
+        self.name = name
+        self.function = function    # what runs: the function, or the actor's method
+        self.resources = resources  # what the call holds, as get_assigned_resources() says
+
+
+current_call: contextvars.ContextVar = contextvars.ContextVar("shmray_call", default=None)
+# Whether a call was cancelled (``RuntimeContext.is_canceled``): the worker or actor sets it.
+is_canceled: Callable[[bytes], bool] = lambda task_id: False
 
 
 # Where a cancelled task may be interrupted at once: shmray's functions marked with

@@ -152,6 +152,9 @@ def task_extra(options: Dict[str, Any]):
     backpressure = options.get("_generator_backpressure_num_objects")
     if backpressure is not None and backpressure > 0:
         extra["backpressure"] = backpressure
+    resources = task_resources(options)
+    if resources != P.LEASE_SHAPE:  # what get_assigned_resources() says in the task
+        extra["resources"] = resources
     return extra or None
 
 

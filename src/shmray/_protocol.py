@@ -102,8 +102,9 @@ Scheduler -> client
                                                      run a task; values: {id: (data, meta)}
                                                      of its top-level ref arguments
     EXIT               -                             finish what was sent before, then exit
-    START_ACTOR        spec (ActorSpec), pickled class, values
+    START_ACTOR        spec (ActorSpec), pickled class, values, restarted
                                                      become this actor: run __init__
+                                                     (restarted: after its process died)
     CALL               task_id, method, name, args, arg_ids, num_returns, values, extra
                                                      run a method of the actor (extra: as a
                                                      TaskSpec's)
@@ -371,8 +372,8 @@ def reply(request_id: int, value) -> tuple:
     return (REPLY, request_id, value)
 
 
-def start_actor(spec: tuple, pickled_class: bytes, values: dict) -> tuple:
-    return (START_ACTOR, spec, pickled_class, values)
+def start_actor(spec: tuple, pickled_class: bytes, values: dict, restarted: bool) -> tuple:
+    return (START_ACTOR, spec, pickled_class, values, restarted)
 
 
 def call(spec: tuple, values: dict) -> tuple:

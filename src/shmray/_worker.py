@@ -34,7 +34,7 @@ from typing import Dict
 import setproctitle
 
 from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
-from ._context import cancel_point, current_task
+from ._context import Call, cancel_point, current_call, current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._task_cancel import TaskCancel
 from ._task_results import (
@@ -85,6 +85,8 @@ class Worker:
         runtime.link.after_flush = self._unpark
         runtime.link.handlers.update(self.handlers())
         runtime.link.blocked_hook = self._blocked
+        _context.is_canceled = lambda task_id: (self.cancel.cancelled
+                                                or self.cancel.pending == task_id)
         # Direct channels: peers connect to the listener; one connection per peer process.
         self.listener = None
         self.callers: dict = {}         # fd -> (connection, peer pid)
@@ -356,7 +358,6 @@ class Worker:
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
             self.runtime.leased_must_register = False
-        current_task.name = name
         _output.set_name(name)
         retryable = False
         try:
@@ -368,6 +369,8 @@ class Worker:
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
+            call = current_call.set(Call(task_id, name, fn, (extra and extra.get("resources"))
+                                         or P.LEASE_SHAPE))
             cancel = self.cancel
             cancel.in_user_code = True
             try:
@@ -379,6 +382,7 @@ class Worker:
                     num_returns = 1
             finally:
                 cancel.in_user_code = False
+                current_call.reset(call)
             del args, kwargs
             handed_over = _lend.handed_over(outcome)
             results = store_returns(self.runtime, task_id, outcome, num_returns, name,

@@ -143,7 +143,7 @@ class Actors:
         values = self.objects.inline_values(
             [i for i in spec[P.ACTOR_ARG_IDS] if i in self.objects])
         pickled = self.tasks.dispatcher.functions[spec[P.ACTOR_CLASS_ID]][0]
-        self.clients.send(client, P.start_actor(spec, pickled, values))
+        self.clients.send(client, P.start_actor(spec, pickled, values, actor.restarting))
         self.forward(actor)
         if actor.out_of_scope:
             self._exit_when_done(actor)
