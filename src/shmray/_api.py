@@ -166,18 +166,18 @@ class RuntimeContext:
 
     def get_task_id(self) -> Optional[str]:
         """The running task's or actor call's id (hex); None in the driver."""
-        call = _context.current_call.get()
+        call = _context.running_call()
         return call.task_id.hex() if call is not None else None
 
     def get_task_name(self) -> Optional[str]:
         """Its name: ``options(name=...)``, else the function's (``Class.method`` for an
         actor call); None in the driver."""
-        call = _context.current_call.get()
+        call = _context.running_call()
         return call.name if call is not None else None
 
     def get_task_function_name(self) -> Optional[str]:
         """The full name of what runs: ``module.function`` or ``module.Class.method``."""
-        call = _context.current_call.get()
+        call = _context.running_call()
         if call is None:
             return None
         if isinstance(call.function, str):  # an actor's method, by name
@@ -219,7 +219,7 @@ class RuntimeContext:
 
     def get_assigned_resources(self) -> dict:
         """What the running task or actor holds (``{"CPU": 1.0}`` for a plain task)."""
-        call = _context.current_call.get()
+        call = _context.running_call()
         if call is not None:
             return dict(call.resources)
         options = _context.current_task.actor_options
@@ -228,7 +228,7 @@ class RuntimeContext:
     def is_canceled(self) -> bool:
         """Whether the running task or actor call was cancelled (a sync actor call runs on
         after a cancel; it can look here and stop)."""
-        call = _context.current_call.get()
+        call = _context.running_call()
         if call is None:
             raise RuntimeError("is_canceled() is only meaningful inside a task or actor call")
         return _context.is_canceled(call.task_id)

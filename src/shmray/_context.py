@@ -26,11 +26,15 @@ def install(new_runtime) -> None:
 
 
 class TaskContext:
-    """What this process is: the task a worker runs now (a cancel's signal is for it), the
-    actor it is, and whether ``exit_actor()`` was called."""
+    """What this process is: the task a worker runs now (a cancel's signal is for it; its
+    name, function and resources, as a ``Call`` has them: a worker runs one task at a
+    time), the actor it is, and whether ``exit_actor()`` was called."""
 
     def __init__(self):
         self.task_id: Optional[bytes] = None
+        self.name: Optional[str] = None
+        self.function = None
+        self.resources: Optional[dict] = None
         self.actor_id: Optional[bytes] = None
         self.actor_options: Optional[dict] = None
         self.actor_class: Optional[type] = None
@@ -57,6 +61,16 @@ class Call:
 
 
 current_call: contextvars.ContextVar = contextvars.ContextVar("shmray_call", default=None)
+
+
+def running_call():
+    """The call that runs here (an actor's, in this thread or asyncio task), or the task
+    this worker runs, or None in the driver: something with ``task_id``, ``name``,
+    ``function`` and ``resources``."""
+    call = current_call.get()
+    if call is None and current_task.task_id is not None:
+        return current_task
+    return call
 # Whether a call was cancelled (``RuntimeContext.is_canceled``): the worker or actor sets it.
 is_canceled: Callable[[bytes], bool] = lambda task_id: False
 

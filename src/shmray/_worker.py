@@ -34,7 +34,7 @@ from typing import Dict
 import setproctitle
 
 from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
-from ._context import Call, cancel_point, current_call, current_task
+from ._context import cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._task_cancel import TaskCancel
 from ._task_results import (
@@ -369,8 +369,8 @@ class Worker:
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
-            call = current_call.set(Call(task_id, name, fn, (extra and extra.get("resources"))
-                                         or P.LEASE_SHAPE))
+            current_task.name, current_task.function = name, fn
+            current_task.resources = (extra and extra.get("resources")) or P.LEASE_SHAPE
             cancel = self.cancel
             cancel.in_user_code = True
             try:
@@ -382,7 +382,6 @@ class Worker:
                     num_returns = 1
             finally:
                 cancel.in_user_code = False
-                current_call.reset(call)
             del args, kwargs
             handed_over = _lend.handed_over(outcome)
             results = store_returns(self.runtime, task_id, outcome, num_returns, name,
