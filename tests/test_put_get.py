@@ -339,3 +339,57 @@ def test_wait_with_timeout_zero_sees_results_arrive(ray):
         assert time.monotonic() < deadline, "wait(timeout=0) never saw the result"
         time.sleep(0.01)
     assert ray.get(ref) == 1
+
+
+@pytest.mark.parametrize("nbytes", [4096, 60_000, 100_000, 4 * MiB])
+def test_large_arrays_arrive_64_byte_aligned_on_every_path(ray, nbytes):
+    """Inline values (under 100 KiB) came at the alignment of a bytes object's data."""
+    array = np.arange(nbytes, dtype=np.uint8)
+
+    @ray.remote
+    def give():
+        return np.arange(nbytes, dtype=np.uint8)
+
+    @ray.remote
+    def address_of(argument):
+        return argument.ctypes.data % 64
+
+    assert ray.get(ray.put(array), timeout=60).ctypes.data % 64 == 0
+    assert ray.get(ray.put({"inside": array}), timeout=60)["inside"].ctypes.data % 64 == 0
+    assert ray.get(give.remote(), timeout=60).ctypes.data % 64 == 0
+    assert ray.get(address_of.remote(array), timeout=60) == 0
+
+
+def test_get_of_a_list_raises_the_first_failure_without_waiting_for_the_rest(ray, tmp_path):
+    release = tmp_path / "release"
+
+    @ray.remote
+    def slow():
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "slow"
+
+    @ray.remote
+    def fails():
+        raise ValueError("failed first")
+
+    waiting = slow.remote()
+    failing = fails.remote()
+    try:
+        with pytest.raises(ValueError, match="failed first"):
+            ray.get([waiting, failing], timeout=30)  # not a GetTimeoutError
+    finally:
+        release.write_text("go")
+    assert ray.get(waiting, timeout=60) == "slow"
+
+
+def test_as_future_is_an_asyncio_future(ray):
+    import asyncio
+
+    async def main():
+        future = ray.put(42).as_future()
+        assert isinstance(future, asyncio.Future)
+        return await future
+
+    assert asyncio.run(main()) == 42

@@ -148,6 +148,41 @@ def _layout(stream: bytes, raw_buffers: Sequence[pickle.PickleBuffer], metadata:
     return SerializedObject(bytes(header), spans, position, metadata, contained)
 
 
+def deserialize_inline(data: bytes):
+    """``deserialize`` for a value that came as bytes (inline in a message): its buffers
+    are 64-byte aligned from the start of the value, which a bytes object's data may not
+    be.  One holding a buffer of ``REALIGN_MIN`` or more is moved to memory that is: a
+    large array arrives aligned wherever it was kept."""
+    view = memoryview(data)
+    if len(data) >= REALIGN_MIN and _has_large_buffer(view):
+        view = _aligned(view)
+    return deserialize(view)
+
+
+REALIGN_MIN = 4096  # smaller buffers fit a cache line or two: their alignment buys nothing
+
+
+def _has_large_buffer(data: memoryview) -> bool:
+    magic, count, _ = _head.unpack_from(data, 0)
+    if magic == ARRAY_MAGIC:
+        return True  # the array is all the value is, and the value is that large
+    return any(_span.unpack_from(data, _head.size + _span.size * i)[1] >= REALIGN_MIN
+               for i in range(count))
+
+
+def _aligned(data: memoryview) -> memoryview:
+    """``data``, or a read-only copy of it that starts on an ``ALIGN`` boundary."""
+    source = np.frombuffer(data, np.uint8)
+    if source.ctypes.data % ALIGN == 0:
+        return data
+    room = np.empty(len(source) + ALIGN, np.uint8)
+    skip = (-room.ctypes.data) % ALIGN
+    copy = room[skip : skip + len(source)]
+    copy[:] = source
+    copy.flags.writeable = False
+    return memoryview(copy)
+
+
 def deserialize(data: memoryview):
     """Rebuild a value from its bytes; out-of-band buffers become slices of ``data``.
 

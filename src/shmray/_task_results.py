@@ -28,7 +28,7 @@ from ._serialization import (
     META_ERROR,
     META_VALUE,
     SCALARS,
-    deserialize,
+    deserialize_inline,
     scalars_to_bytes,
     serialize,
 )
@@ -37,7 +37,7 @@ from ._serialization import (
 def arguments(runtime, args_blob, arg_ids, values):
     """The call's (args, kwargs), each top-level ``ArgRef`` resolved to its value: inline
     bytes sent with the call, or a zero-copy view of the arena."""
-    args, kwargs = deserialize(memoryview(args_blob))
+    args, kwargs = deserialize_inline(args_blob)
     if not arg_ids:
         return args, kwargs
     resolved = [runtime.value_at(object_id, values.get(object_id, (None, b"")))

@@ -32,7 +32,7 @@ from .. import _protocol as P, exceptions
 from .._ids import object_id_for_put
 from .._object_ref import ObjectRef
 from .._object_store import ObjectNotFoundError, ObjectNotSealedError, ObjectSpilledError
-from .._serialization import META_ERROR, deserialize, serialize
+from .._serialization import META_ERROR, deserialize, deserialize_inline, serialize
 from .._spill import store_full_error, too_large_error
 from .link import Link
 
@@ -213,6 +213,8 @@ class Objects:
         if self._waiters:
             for waiter in self._waiters.pop(object_id, ()):
                 waiter.remaining -= 1
+                if location[1] == META_ERROR and waiter.failed is None:
+                    waiter.failed = object_id
         if self.awaited:
             self.on_arrived(object_id)
 
@@ -294,14 +296,31 @@ class Objects:
         with self.link.lock:
             missing = self.not_ready(ids)
             if missing:
-                waiter = self._wait_for(missing, len(missing), deadline)
-                if waiter.remaining > 0:
-                    raise exceptions.GetTimeoutError(
-                        f"get() timed out after {timeout} s: {waiter.remaining} of {len(ids)} "
-                        "objects were not ready"
-                    )
+                # One failed already raises now, as in Ray: no waiting for the slow ones.
+                failed = self._failed_among(ids, missing)
+                if failed is None:
+                    waiter = self._wait_for(missing, len(missing), deadline, stop_on_error=True)
+                    failed = waiter.failed
+                    if failed is None and waiter.remaining > 0:
+                        raise exceptions.GetTimeoutError(
+                            f"get() timed out after {timeout} s: {waiter.remaining} of "
+                            f"{len(ids)} objects were not ready"
+                        )
+                if failed is not None:  # an error is inline: this raises it, no I/O
+                    self.value_at(failed, self.locations[failed])
             locations = [self.locations.get(i, (IN_ARENA, b"")) for i in ids]
         return [self.value_at(i, location) for i, location in zip(ids, locations)]
+
+    def _failed_among(self, ids: Sequence[bytes], missing: Sequence[bytes]) -> Optional[bytes]:
+        """The first of ``ids`` known ready and holding an error (an error is inline, so its
+        metadata is known without a look in the arena)."""
+        if len(missing) == len(ids):
+            return None
+        missing = set(missing)
+        for object_id in ids:
+            if object_id not in missing and self.locations[object_id][1] == META_ERROR:
+                return object_id
+        return None
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int, timeout: Optional[float]):
         ids = [ref.binary() for ref in refs]
@@ -319,17 +338,21 @@ class Objects:
                     not_ready.append(ref)
         return ready, not_ready
 
-    def _wait_for(self, missing: Sequence[bytes], needed: int,
-                  deadline: Optional[float]) -> "_Waiter":
-        """Read messages until ``needed`` of ``missing`` have arrived, or the deadline
-        (caller holds the lock)."""
+    def _wait_for(self, missing: Sequence[bytes], needed: int, deadline: Optional[float],
+                  stop_on_error: bool = False) -> "_Waiter":
+        """Read messages until ``needed`` of ``missing`` have arrived, or one holding an
+        error has (``stop_on_error``), or the deadline (caller holds the lock)."""
         self.before_waiting_on(missing)
         waiter = _Waiter(len(missing))
         for object_id in missing:
             self._waiters.setdefault(object_id, []).append(waiter)
         enough = len(missing) - needed  # stop when this many are still missing
+        if stop_on_error:
+            done = lambda: waiter.remaining <= enough or waiter.failed is not None  # noqa: E731
+        else:
+            done = lambda: waiter.remaining <= enough  # noqa: E731
         try:
-            self.link.wait_until(lambda: waiter.remaining <= enough, deadline)
+            self.link.wait_until(done, deadline)
         finally:
             for object_id in missing:
                 waiters = self._waiters.get(object_id)
@@ -350,7 +373,7 @@ class Objects:
     def value_at(self, object_id: bytes, location) -> object:
         data, metadata = location
         if data is not None:
-            return _unwrap(deserialize(memoryview(data)), metadata)
+            return _unwrap(deserialize_inline(data), metadata)
         view, metadata = self._pinned_view(object_id)
         return _unwrap(deserialize(view), metadata)
 
@@ -384,10 +407,11 @@ class Objects:
 
 
 class _Waiter:
-    __slots__ = ("remaining",)
+    __slots__ = ("remaining", "failed")
 
     def __init__(self, remaining: int):
         self.remaining = remaining
+        self.failed: Optional[bytes] = None  # an object that arrived holding an error
 
 
 def _unwrap(value, metadata: bytes):
