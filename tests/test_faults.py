@@ -186,7 +186,7 @@ def test_actor_method_retries_follow_rays_order(ray):
     assert ray.get(retried.remote("options", 1), timeout=DEADLOCK) == 2
     with pytest.raises(KeyError):  # retries run out
         ray.get(retried.remote("twice", 2), timeout=DEADLOCK)
-    with pytest.raises(ValueError, match="max_task_retries"):
+    with pytest.raises(TypeError, match="The type of keyword .max_task_retries."):
         actor.plain.options(max_task_retries="3")
 
 

@@ -36,7 +36,8 @@ from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
-from ._task_spec import actor_spec, check_call, pack_arguments, return_ids, task_spec
+from ._task_spec import (actor_spec, check_call, check_parameters, pack_arguments,
+                         parameters_of, return_ids, task_spec)
 
 _SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
@@ -45,10 +46,6 @@ def method(*args, **options):
     """``@shmray.method(num_returns=2)``: options for one actor method (Ray's ``ray.method``)."""
     if args:
         raise TypeError("method() takes keyword options only: @shmray.method(num_returns=2)")
-    unknown = sorted(set(options) - set(_METHOD_OPTIONS))
-    if unknown:
-        raise ValueError(f"invalid option(s) {unknown} for an actor method; valid: "
-                         f"{', '.join(sorted(_METHOD_OPTIONS))}")
     _check_method_options(options)
 
     def decorate(function):
@@ -68,6 +65,9 @@ def _method_table(cls) -> Dict[str, dict]:
             continue
         function = member.__func__ if hasattr(member, "__func__") else member
         opts = getattr(function, "__shmray_method_options__", {})
+        # A bound classmethod has no ``cls`` left to skip; a staticmethod has no ``self``.
+        plain = not isinstance(inspect.getattr_static(cls, name, None),
+                               (staticmethod, classmethod))
         generator = (inspect.isgeneratorfunction(function)
                      or inspect.isasyncgenfunction(function))
         table[name] = {
@@ -79,6 +79,8 @@ def _method_table(cls) -> Dict[str, dict]:
             "max_task_retries": opts.get("max_task_retries"),
             "retry_exceptions": _options.retry_exceptions_field(
                 opts.get("retry_exceptions", False)),
+            # so that every handle checks a call's arguments, wherever it was unpickled
+            "parameters": parameters_of(member, skip_self=plain),
         }
     for name in _SPECIAL_METHODS:
         table[name] = {"num_returns": 1, "is_async": False, "group": None}
@@ -100,10 +102,6 @@ class ActorClass:
         self._class_id = os.urandom(16)
         self._pickled = None
         self._methods = _method_table(cls)
-        # plain functions only (for argument checks); static/class methods are left alone
-        self._method_functions = {
-            name: member for name, member in vars(cls).items()
-            if inspect.isfunction(member) and name in self._methods}
         self._is_async = any(m["is_async"] for m in self._methods.values())
         groups = self._options["concurrency_groups"] or {}
         for name, method in self._methods.items():  # a typo here would surface at a call
@@ -148,7 +146,8 @@ class ActorClass:
         return self._create(args, kwargs, self._options)
 
     def options(self, **options):
-        merged = {**self._options, **_options.check(options, _options.ACTOR_DEFAULTS, "actors")}
+        merged = {**self._options,
+                  **_options.check(options, _options.ACTOR_DEFAULTS, "actors", in_options=True)}
         parent = self
 
         class _Bound:
@@ -184,7 +183,8 @@ class ActorClass:
             "hold": hold,
             "name": options["name"],
             "namespace": namespace,
-            "detached": options["lifetime"] == "detached",
+            "detached": (options["lifetime"]
+                         or runtime.options.get("default_actor_lifetime")) == "detached",
             "get_if_exists": options["get_if_exists"],
             "methods": self._methods,
             "class_name": self._name,
@@ -192,9 +192,11 @@ class ActorClass:
             "shutdown_hook": hasattr(self._cls, "__ray_shutdown__"),
             "env_vars": _options.env_vars(options),  # for the actor's whole life
             "concurrency_groups": dict(options["concurrency_groups"] or {}),
+            # Only a sync actor keeps each caller's order; a threaded or async one runs a
+            # call whose arguments are ready before earlier ones still waiting (as in Ray).
+            "ordered": (not self._is_async and max_concurrency == 1
+                        and not options["concurrency_groups"]),
         }
-        if options["name"] is not None and not isinstance(options["name"], str):
-            raise TypeError(f"an actor's name must be a str, got {options['name']!r}")
         runtime.ensure_function(self._class_id, self._code, self._name)
         actor_id = object_id_for_put()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
@@ -202,7 +204,7 @@ class ActorClass:
                           actor_options)
         ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
         del temporaries
-        return ActorHandle(ref, actor_options, self._method_functions)
+        return ActorHandle(ref, actor_options)
 
 
 def _rebuild_class(cls, options, class_id) -> ActorClass:
@@ -214,13 +216,11 @@ def _rebuild_class(cls, options, class_id) -> ActorClass:
 class ActorHandle:
     """A handle to an actor: call its methods with ``handle.method.remote(...)``."""
 
-    def __init__(self, ref: ObjectRef, actor_options: dict, method_functions=None):
+    def __init__(self, ref: ObjectRef, actor_options: dict):
         self._ref = ref
         self._actor_options = actor_options
         self._methods = actor_options["methods"]
         self._class_name = actor_options["class_name"]
-        # the class's functions, for argument checks; only the creator's handle has them
-        self._method_functions = method_functions or {}
         self._pending: set = set()  # our calls' results not yet seen ready (max_pending_calls)
 
     @property
@@ -285,7 +285,8 @@ class ActorHandle:
         results = return_ids(task_id, num_returns)
         # A generator's items go through the scheduler (it holds them for us as they come).
         refs = runtime.call_actor(self._actor_id, spec, results,
-                                  direct_ok=not arg_ids and not contained and num_returns >= 0)
+                                  direct_ok=not arg_ids and not contained and num_returns >= 0,
+                                  ordered=self._actor_options.get("ordered", True))
         del temporaries
         if limit is not None and limit > 0:
             self._pending.update(results)
@@ -311,17 +312,13 @@ class ActorMethod:
         )
 
     def remote(self, *args, **kwargs):
-        function = self._handle._method_functions.get(self._name)
-        if function is not None:
-            check_call(function, f"{self._handle._class_name}.{self._name}", args, kwargs,
-                       skip_self=True)
+        parameters = self._how.get("parameters")
+        if parameters is not None:
+            check_parameters(parameters, f"{self._handle._class_name}.{self._name}", args,
+                             kwargs)
         return self._handle._call(self._name, args, kwargs, self._how)
 
     def options(self, **options):
-        unknown = sorted(set(options) - set(_METHOD_OPTIONS) - {"name"})
-        if unknown:
-            raise ValueError(f"invalid option(s) {unknown} for an actor method call; valid: "
-                             f"{', '.join(sorted(_METHOD_OPTIONS))}")
         _check_method_options(options)
         how = dict(self._how)
         for option, key in _METHOD_OPTIONS.items():
@@ -341,15 +338,10 @@ _METHOD_OPTIONS = {"num_returns": "num_returns", "concurrency_group": "group",
 
 
 def _check_method_options(options: dict) -> None:
-    _options.check({key: value for key, value in options.items()
-                    if key in ("num_returns", "retry_exceptions",
-                               "_generator_backpressure_num_objects")},
-                   _options.TASK_DEFAULTS, "actor methods")
-    retries = options.get("max_task_retries")
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)
-                                or retries < -1):
-        raise ValueError(f"max_task_retries must be an int >= -1 (-1: retry forever), got "
-                         f"{retries!r}")
+    _options.check(options, _METHOD_DEFAULTS, "actor methods")
+
+
+_METHOD_DEFAULTS = {option: None for option in (*_METHOD_OPTIONS, "name")}
 
 
 def _check_group(group, actor_options: dict) -> None:
@@ -366,6 +358,7 @@ def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
     """The handle of the named actor; ValueError if there is none."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"an actor name is a non-empty str, got {name!r}")
+    _options.check_namespace(namespace)
     runtime = current()
     namespace = namespace or runtime.options.get("namespace", "default")
     found = runtime.query(("actor", name, namespace))

@@ -39,12 +39,6 @@ def remote(*args, **options):
 def _make_remote(target, options: dict):
     if inspect.isclass(target):
         return ActorClass(target, options)
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        raise TypeError(
-            f"{target.__name__} is an async function; remote tasks can't be coroutines (as in "
-            "Ray). Wrap it: a sync remote function that calls asyncio.run(), or make it a "
-            "method of an async actor"
-        )
     if not callable(target):
         raise TypeError(f"remote() needs a function or a class, got {type(target).__name__}")
     return RemoteFunction(target, options)

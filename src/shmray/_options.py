@@ -10,7 +10,7 @@ programs written for Ray keep running here.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import _pickling, _protocol as P
 
@@ -31,6 +31,7 @@ TASK_DEFAULTS: Dict[str, Any] = {
     "placement_group_bundle_index": -1,
     "placement_group_capture_child_tasks": None,
     "label_selector": None,
+    "enable_task_events": True,
     "_metadata": None,
     "_generator_backpressure_num_objects": None,
 }
@@ -56,84 +57,188 @@ ACTOR_DEFAULTS: Dict[str, Any] = {
     "placement_group_capture_child_tasks": None,
     "concurrency_groups": None,
     "label_selector": None,
+    "enable_task_events": True,
+    "object_store_memory": None,  # accepted, as Ray (which deprecates it): reserves nothing
     "_metadata": None,
 }
 
 
-def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str) -> Dict[str, Any]:
-    """``options`` validated against ``defaults``; raises ValueError naming the bad one."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"invalid option keyword(s) {', '.join(map(repr, unknown))} for {what}; valid "
-            f"ones are {', '.join(sorted(k for k in defaults if not k.startswith('_')))}"
-        )
-    for key in ("num_cpus", "num_gpus", "memory"):
-        value = options.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or value < 0):
-            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
-    resources = options.get("resources")
-    if resources is not None:
-        if not isinstance(resources, dict):
-            raise ValueError(f"resources must be a dict of name -> amount, got {resources!r}")
-        for name, amount in resources.items():
-            if name in ("CPU", "GPU"):
-                raise ValueError(
-                    f"use the num_cpus and num_gpus options instead of {name!r} in resources"
-                )
-            if not isinstance(amount, (int, float)) or amount < 0:
-                raise ValueError(f"resource {name!r} must be a number >= 0, got {amount!r}")
-    if "num_returns" in options:
-        n = options["num_returns"]
-        if n not in ("streaming", "dynamic") and (
-                not isinstance(n, int) or isinstance(n, bool) or n < 0):
+def check(options: Dict[str, Any], defaults: Dict[str, Any], what: str,
+          in_options: bool = False) -> Dict[str, Any]:
+    """``options`` checked against ``defaults`` and Ray's rules for each: a wrong type is
+    Ray's TypeError, a wrong value Ray's ValueError (their texts, which programs match on).
+    ``in_options``: they were given to ``.options()``, which refuses a few."""
+    for key, value in options.items():
+        if key not in defaults:
             raise ValueError(
-                f"num_returns must be an int >= 0, 'streaming' or 'dynamic', got {n!r}")
-    backpressure = options.get("_generator_backpressure_num_objects")
-    if backpressure is not None and (not isinstance(backpressure, int)
-                                     or isinstance(backpressure, bool)):
-        raise ValueError("_generator_backpressure_num_objects must be an int (-1: none), "
-                         f"got {backpressure!r}")
-    if "max_retries" in options:
-        n = options["max_retries"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < -1:
-            raise ValueError(f"max_retries must be an int >= -1 (-1: retry forever), got {n!r}")
-    if "retry_exceptions" in options:
-        r = options["retry_exceptions"]
-        ok = isinstance(r, bool) or (
-            isinstance(r, (list, tuple))
-            and all(isinstance(t, type) and issubclass(t, BaseException) for t in r))
-        if not ok:
-            raise ValueError(
-                f"retry_exceptions must be True, False or a list of exception classes, got {r!r}"
-            )
-    if "max_concurrency" in options and options["max_concurrency"] is not None:
-        n = options["max_concurrency"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"max_concurrency must be an int >= 1, got {n!r}")
-    runtime_env = options.get("runtime_env")
-    if runtime_env is not None:
-        if not isinstance(runtime_env, dict):
-            raise ValueError(f"runtime_env must be a dict, got {runtime_env!r}")
-        unsupported = sorted(set(runtime_env) - {"env_vars"})
-        if unsupported:
-            raise ValueError(
-                f"runtime_env keys {unsupported} are not supported on one machine; shmray "
-                "applies env_vars only (install packages into the environment you run from)"
-            )
-    max_calls = options.get("max_calls")
-    if max_calls is not None and (not isinstance(max_calls, int) or max_calls < 0):
-        raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
-    groups = options.get("concurrency_groups")
-    if groups is not None and (not isinstance(groups, dict) or any(
-            not isinstance(name, str) or not isinstance(limit, int) or isinstance(limit, bool)
-            or limit < 1 for name, limit in groups.items())):
-        raise ValueError("concurrency_groups must be a dict of group name -> max concurrency "
-                         f"(an int >= 1), got {groups!r}")
-    if options.get("lifetime") not in (None, "detached", "non_detached"):
-        raise ValueError(f"lifetime must be None or 'detached', got {options['lifetime']!r}")
+                f"Invalid option keyword {key} for {what}. Valid ones are "
+                f"{[k for k in defaults if not k.startswith('_')]}.")
+        rule = _RULES.get(key)
+        if rule is None:
+            continue
+        types, value_error = rule
+        if types is not None and not isinstance(value, types):
+            raise TypeError(f"The type of keyword '{key}' must be {_kinds(types)}, but "
+                            f"received type {type(value)}")
+        message = value_error(value) if value_error is not None else None
+        if message:
+            raise ValueError(message)
+    if in_options:
+        for key in ("max_calls", "concurrency_groups"):
+            if key in options:
+                raise ValueError(f"Setting '{key}' is not supported in '.options()'.")
+    if options.get("get_if_exists") and not options.get("name"):
+        raise ValueError("The actor name must be specified to use `get_if_exists`.")
+    if "num_returns" in options and options["num_returns"] is None:  # Ray's "the default"
+        options = {k: v for k, v in options.items() if k != "num_returns"}
     return options
+
+
+_NONE = type(None)
+
+
+def _kinds(types) -> str:
+    """A type constraint as Ray's TypeError prints it."""
+    return str(types[0]) if len(types) == 1 else str(types)
+
+
+def _counting(name: str, infinite: bool):
+    """A count: None, 0, a positive int, and -1 (no limit) where ``infinite``."""
+    low = -1 if infinite else 0
+    message = (f"The keyword '{name}' only accepts None, 0, -1 or a positive integer, where -1 "
+               "represents infinity." if infinite else
+               f"The keyword '{name}' only accepts None, 0 or a positive integer.")
+    return (int, _NONE), lambda value: None if value is None or value >= low else message
+
+
+def _quantity_error(name: str, value) -> Optional[str]:
+    if value < 0:
+        return f"The quantity of resource {name} cannot be negative"
+    if isinstance(value, float) and value != 0 and int(value * 10_000) == 0:
+        return (f"The precision of the fractional quantity of resource {name} cannot go "
+                "beyond 0.0001")
+    return None
+
+
+def _quantity(name: str):
+    """A resource amount: a number >= 0, to Ray's precision of 0.0001."""
+    return (float, int, _NONE), lambda value: None if value is None else _quantity_error(
+        name, value)
+
+
+def _resources_error(resources) -> Optional[str]:
+    if resources is None:
+        return None
+    if "CPU" in resources or "GPU" in resources:
+        return ("Use the 'num_cpus' and 'num_gpus' keyword instead of 'CPU' and 'GPU' in "
+                "'resources' keyword")
+    for name, amount in resources.items():
+        if not isinstance(amount, (int, float)):
+            return f"The quantity of resource {name} must be a number, got {amount!r}"
+        message = _quantity_error(name, amount)
+        if message:
+            return message
+    return None
+
+
+def _num_returns_error(value) -> Optional[str]:
+    if value is None or value in ("streaming", "dynamic") or (
+            isinstance(value, int) and value >= 0):
+        return None
+    return ("The keyword 'num_returns' only accepts None, a non-negative integer, "
+            "\"streaming\" (for generators), or \"dynamic\"")
+
+
+def _retry_exceptions_error(value) -> Optional[str]:
+    if isinstance(value, bool) or all(
+            isinstance(kind, type) and issubclass(kind, Exception) for kind in value):
+        return None
+    return "retry_exceptions must be either a boolean or a list of exceptions"
+
+
+def _runtime_env_error(runtime_env) -> Optional[str]:
+    unsupported = sorted(set(runtime_env or ()) - {"env_vars"})
+    if unsupported:
+        return (f"runtime_env keys {unsupported} are not supported on one machine; shmray "
+                "applies env_vars only (install packages into the environment you run from)")
+    return None
+
+
+def _max_concurrency_error(value) -> Optional[str]:
+    if value is not None and value < 1:
+        return f"max_concurrency must be >= 1, got {value}"
+    return None
+
+
+def _concurrency_groups_error(groups) -> Optional[str]:
+    if groups is None or isinstance(groups, dict) and all(
+            isinstance(name, str) and isinstance(limit, int) and not isinstance(limit, bool)
+            and limit >= 1 for name, limit in groups.items()):
+        return None
+    return ("concurrency_groups must be a dict of group name -> max concurrency (an int >= 1), "
+            f"got {groups!r}")
+
+
+def _lifetime_error(value) -> Optional[str]:
+    if value in (None, "detached", "non_detached"):
+        return None
+    return "actor `lifetime` argument must be one of 'detached', 'non_detached' and 'None'."
+
+
+# Each option's (accepted types, value check -> error message or None): Ray's, for the
+# options Ray has; None where any value goes (a placement group or strategy object).
+_RULES: Dict[str, tuple] = {
+    "accelerator_type": ((str, _NONE), None),
+    "memory": _quantity("memory"),
+    "name": ((str, _NONE), None),
+    "num_cpus": _quantity("num_cpus"),
+    "num_gpus": _quantity("num_gpus"),
+    "object_store_memory": _counting("object_store_memory", False),
+    "placement_group": None,
+    "placement_group_bundle_index": ((int,), None),
+    "placement_group_capture_child_tasks": ((bool, _NONE), None),
+    "resources": ((dict, _NONE), _resources_error),
+    "runtime_env": ((dict, _NONE), _runtime_env_error),
+    "scheduling_strategy": None,
+    "label_selector": ((dict, _NONE), None),
+    "enable_task_events": ((bool,), None),
+    "_metadata": ((dict, _NONE), None),
+    # tasks
+    "max_calls": _counting("max_calls", False),
+    "max_retries": _counting("max_retries", True),
+    "num_returns": ((int, str, _NONE), _num_returns_error),
+    "retry_exceptions": ((bool, list, tuple), _retry_exceptions_error),
+    "_generator_backpressure_num_objects": ((int, _NONE), None),
+    # actors
+    "concurrency_groups": ((list, dict, _NONE), _concurrency_groups_error),
+    "lifetime": ((str, _NONE), _lifetime_error),
+    "max_concurrency": ((int, _NONE), _max_concurrency_error),
+    "max_restarts": _counting("max_restarts", True),
+    "max_task_retries": _counting("max_task_retries", True),
+    "max_pending_calls": _counting("max_pending_calls", True),
+    "namespace": ((str, _NONE), None),
+    "get_if_exists": ((bool,), None),
+    "concurrency_group": ((str, _NONE), None),
+}
+
+
+def check_namespace(namespace) -> None:
+    """A namespace given to init() or get_actor(), checked as Ray checks it."""
+    if namespace is None:
+        return
+    if not isinstance(namespace, str):
+        raise TypeError("namespace must be None or a string.")
+    if namespace == "":
+        raise ValueError('"" is not a valid namespace. Pass None to not specify a namespace.')
+
+
+def check_runtime_env(runtime_env) -> None:
+    rule_types, rule_error = _RULES["runtime_env"]
+    if not isinstance(runtime_env, rule_types):
+        raise TypeError(f"runtime_env must be a dict, got {type(runtime_env)}")
+    message = rule_error(runtime_env)
+    if message:
+        raise ValueError(message)
 
 
 def env_vars(options: Dict[str, Any]) -> Dict[str, str]:

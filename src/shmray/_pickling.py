@@ -68,9 +68,38 @@ def _rebuild_code(rebuild: Callable, args: tuple, filename: str, lines: Optional
     return code if code.co_filename == filename else code.replace(co_filename=filename)
 
 
+# type -> reducer, for the types given a serializer of the user's (``register_serializer``)
+_custom_reducers: dict = {}
+
+
 class _Pickler(cloudpickle.CloudPickler):
-    dispatch_table = ChainMap({types.CodeType: _reduce_code},
+    dispatch_table = ChainMap(_custom_reducers, {types.CodeType: _reduce_code},
                               cloudpickle.CloudPickler.dispatch_table)
+
+
+def register_serializer(cls: type, *, serializer: Callable, deserializer: Callable) -> None:
+    """Pickle instances of exactly ``cls`` as ``serializer(instance)``, rebuilt by
+    ``deserializer`` (which travels with them, so any process can rebuild them), in what
+    this process sends from now on: as Ray's, per process (a process forked later inherits
+    it)."""
+    if not isinstance(cls, type):
+        raise TypeError(f"register_serializer() takes a class, got {cls!r}")
+    if not callable(serializer) or not callable(deserializer):
+        raise TypeError("register_serializer() needs callable serializer= and deserializer=")
+
+    def reduce(instance):
+        return _deserialize_custom, (deserializer, serializer(instance))
+
+    _custom_reducers[cls] = reduce
+
+
+def deregister_serializer(cls: type) -> None:
+    """Pickle ``cls`` as usual again; nothing happens if it had no serializer."""
+    _custom_reducers.pop(cls, None)
+
+
+def _deserialize_custom(deserializer: Callable, serialized):
+    return deserializer(serialized)
 
 
 def dumps(value, buffer_callback=None) -> bytes:

@@ -25,10 +25,15 @@ class RemoteFunction:
     """A function turned into a task factory by ``@shmray.remote``."""
 
     def __init__(self, function, options: Dict[str, Any]):
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            raise ValueError(  # Ray's text
+                "'async def' should not be used for remote tasks. You can wrap the async "
+                "function with `asyncio.run(f())`, or make it a method of an actor: an actor "
+                "with async methods runs them on its event loop.")
         self._function = function
         self._name = getattr(function, "__name__", "function")
-        self._options = {**_options.TASK_DEFAULTS,
-                         **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        options = _options.check(options, _options.TASK_DEFAULTS, "remote functions")
+        self._options = {**_options.TASK_DEFAULTS, **options}
         if inspect.isgeneratorfunction(function) and "num_returns" not in options:
             self._options["num_returns"] = "streaming"  # Ray's default for a generator
         self._fn_id = os.urandom(16)
@@ -53,8 +58,8 @@ class RemoteFunction:
         return self._submit(args, kwargs, self._fields)
 
     def options(self, **options):
-        merged = {**self._options,
-                  **_options.check(options, _options.TASK_DEFAULTS, "remote functions")}
+        merged = {**self._options, **_options.check(options, _options.TASK_DEFAULTS,
+                                                    "remote functions", in_options=True)}
         fields = self._spec_fields(merged)
         parent = self
 

@@ -26,13 +26,15 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _context, _direct, _process, _resources, _runtime
+from . import _context, _direct, _options, _process, _resources, _runtime
 from ._connection import connection_pair
+from ._logging_config import LoggingConfig
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
 from ._process import fork_child
 from ._scheduler import Scheduler
 from ._worker_pool import spawn_actor, spawn_worker
 from .exceptions import RaySystemError
+from .job_config import JobConfig
 
 _DEFAULT_STORE_FRACTION = 0.3
 
@@ -41,6 +43,7 @@ _INIT_KEYWORDS = frozenset({
     "ignore_reinit_error", "log_to_driver", "namespace", "logging_level", "runtime_env",
     "include_dashboard", "dashboard_host", "dashboard_port", "configure_logging",
     "logging_format", "local_mode", "_temp_dir", "job_config", "_system_config",
+    "logging_config", "labels",
 })
 
 _lock = threading.RLock()
@@ -91,18 +94,25 @@ def _check_init_options(kwargs: dict) -> dict:
     if resources is not None and (not isinstance(resources, dict) or any(
             not isinstance(v, (int, float)) or v < 0 for v in resources.values())):
         raise ValueError(f"resources must be a dict of name -> amount >= 0, got {resources!r}")
-    runtime_env = kwargs.get("runtime_env") or {}
-    unsupported = sorted(set(runtime_env) - {"env_vars"})
-    if unsupported:
-        raise ValueError(
-            f"runtime_env keys {unsupported} are not supported on one machine; shmray applies "
-            "env_vars only (install packages into the environment you run from)"
-        )
+    _options.check_runtime_env(kwargs.get("runtime_env"))
+    _options.check_namespace(kwargs.get("namespace"))
+    logging_config = kwargs.get("logging_config")
+    if logging_config is not None and not isinstance(logging_config, LoggingConfig):
+        raise TypeError("logging_config must be a shmray.LoggingConfig, got "
+                        f"{type(logging_config).__name__}")
+    job_config = kwargs.get("job_config") or JobConfig()
+    if not isinstance(job_config, JobConfig):
+        raise TypeError("job_config must be a shmray.job_config.JobConfig, got "
+                        f"{type(job_config).__name__}")
     options = dict(kwargs)
     options["num_cpus"] = kwargs.get("num_cpus") if kwargs.get("num_cpus") is not None \
         else (os.cpu_count() or 1)
     options.setdefault("log_to_driver", True)
-    options["namespace"] = kwargs.get("namespace") or "default"
+    # init's own namespace and runtime_env win over the job config's, as in Ray
+    options["namespace"] = kwargs.get("namespace") or job_config.ray_namespace or "default"
+    if kwargs.get("runtime_env") is None:
+        options["runtime_env"] = job_config.runtime_env
+    options["default_actor_lifetime"] = job_config.default_actor_lifetime
     system = kwargs.get("_system_config") or {}
     # How long an actor ending gracefully may take over __ray_shutdown__ and its atexit
     # handlers before it is killed (Ray's setting, in ms; its default, 30 s).
@@ -133,6 +143,8 @@ def init(**kwargs: Any):
         level = kwargs.get("logging_level")
         if level is not None:
             logging.getLogger("shmray").setLevel(level)
+        if kwargs.get("logging_config") is not None:
+            kwargs["logging_config"]._apply()
         for name, value in ((options.get("runtime_env") or {}).get("env_vars") or {}).items():
             os.environ[name] = str(value)  # inherited by the scheduler and every worker
         store = ObjectStore(_store_size(kwargs.get("object_store_memory")))
@@ -166,16 +178,23 @@ class RayContext(collections.abc.Mapping):
     def __init__(self, runtime: _runtime.Runtime):
         import platform
 
+        # Ray's keys.  The address is the session folder: no other driver attaches to a
+        # shmray session (a Ray cluster is Ray's job), and it names this one.
         self.address_info = {
             "node_ip_address": "127.0.0.1",
-            "node_id": "0" * 56,
+            "raylet_ip_address": "127.0.0.1",
+            "address": runtime.session_dir,
+            "gcs_address": runtime.session_dir,
             "session_dir": runtime.session_dir,
+            "webui_url": None,  # no dashboard on one machine
+            "node_id": "0" * 56,
             "object_store_memory": runtime.store.capacity,
             "num_cpus": runtime.options["num_cpus"],
         }
-        self.dashboard_url = None  # no dashboard on one machine
+        self.dashboard_url = None
         self.python_version = platform.python_version()
         self.ray_version = __import__("shmray").__version__
+        self.ray_commit = "shmray"
 
     def __getitem__(self, key):
         return self.address_info[key]

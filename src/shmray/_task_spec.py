@@ -15,7 +15,7 @@ be pickled, raises ``TypeError`` at the call, naming the argument.
 from __future__ import annotations
 
 import inspect
-from typing import List
+from typing import List, Optional
 
 from . import _pickling, _protocol as P
 from ._ids import first_return_id, object_id_for_return
@@ -63,17 +63,45 @@ def check_call(function, name: str, args, kwargs, skip_self: bool = False) -> No
             signature = signature.replace(parameters=parameters)
         _signatures[key] = signature
     if signature:
-        # Whether arguments bind depends on how many and which keywords, not on their
-        # values: a shape that bound once binds again (bind() costs ~1 us a call).
-        shape = (key, len(args), tuple(kwargs))
-        if shape in _bindable:
-            return
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{name}.remote(): {exc}") from None
-        if len(_bindable) < 10_000:
-            _bindable.add(shape)
+        _check_bind(signature, key, name, args, kwargs)
+
+
+def _check_bind(signature: inspect.Signature, key, name: str, args, kwargs) -> None:
+    # Whether arguments bind depends on how many and which keywords, not on their values:
+    # a shape that bound once binds again (bind() costs ~1 us a call).
+    shape = (key, len(args), tuple(kwargs))
+    if shape in _bindable:
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{name}.remote(): {exc}") from None
+    if len(_bindable) < 10_000:
+        _bindable.add(shape)
+
+
+def parameters_of(function, skip_self: bool = False) -> Optional[tuple]:
+    """``function``'s parameters as plain data that pickles anywhere: (name, kind, whether
+    it has a default) each; None if it has no signature to check against."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if skip_self:
+        parameters = parameters[1:]
+    return tuple((p.name, int(p.kind), p.default is not inspect.Parameter.empty)
+                 for p in parameters)
+
+
+def check_parameters(parameters: tuple, name: str, args, kwargs) -> None:
+    """``check_call`` against parameters from ``parameters_of``."""
+    signature = _signatures.get(parameters)
+    if signature is None:
+        signature = _signatures[parameters] = inspect.Signature([
+            inspect.Parameter(p_name, kind, default=None if has_default else
+                              inspect.Parameter.empty)
+            for p_name, kind, has_default in parameters])
+    _check_bind(signature, parameters, name, args, kwargs)
 
 
 def pack_arguments(runtime, args, kwargs):

@@ -8,14 +8,19 @@ def test_public_names():
     public = {name for name in dir(shmray) if not name.startswith("_")}
     assert public == set(shmray.__all__)
     assert set(shmray.__all__) == {
-        "DynamicObjectRefGenerator", "ObjectRef", "ObjectRefGenerator", "actor",
-        "available_resources", "cancel", "cluster_resources", "exceptions", "get",
-        "get_actor", "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes",
-        "put", "remote", "shutdown", "util", "wait",
+        "ActorClassID", "ActorID", "DynamicObjectRefGenerator", "FunctionID", "JobID",
+        "LOCAL_MODE", "Language", "LoggingConfig", "NodeID", "ObjectID", "ObjectRef",
+        "ObjectRefGenerator", "PlacementGroupID", "SCRIPT_MODE", "TaskID", "UniqueID",
+        "WORKER_MODE", "WorkerID", "actor", "available_resources", "cancel", "client",
+        "cloudpickle", "cluster_resources", "cpp_function", "exceptions", "get", "get_actor",
+        "get_runtime_context", "init", "is_initialized", "java_actor_class", "java_function",
+        "job_config", "kill", "method", "nodes", "put", "remote", "show_in_dashboard",
+        "shutdown", "timeline", "util", "wait",
     }
     assert shmray.actor.__all__ == ["ActorClass", "ActorClassInheritanceException", "ActorHandle",
                                     "ActorMethod", "exit_actor"]
-    assert shmray.util.__all__ == ["ActorPool", "get_node_ip_address", "list_named_actors"]
+    assert shmray.util.__all__ == ["ActorPool", "deregister_serializer", "get_node_ip_address",
+                                   "list_named_actors", "register_serializer"]
 
 
 def test_all_names_resolve():

@@ -175,15 +175,15 @@ class Runtime:
         self.link.flush()
         return ref, options
 
-    def call_actor(self, actor_id: bytes, spec: tuple, return_ids,
-                   direct_ok: bool) -> List[ObjectRef]:
+    def call_actor(self, actor_id: bytes, spec: tuple, return_ids, direct_ok: bool,
+                   ordered: bool = True) -> List[ObjectRef]:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
         arguments) and order allows (``channels``), else through the scheduler."""
         self.leases.publish(spec[P.SPEC_ARG_IDS])
         if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
             self._open_stream(spec)
         with self.link.lock:
-            return self.channels.call(actor_id, spec, return_ids, direct_ok)
+            return self.channels.call(actor_id, spec, return_ids, direct_ok, ordered)
 
     def _open_stream(self, spec: tuple) -> None:
         extra = spec[P.SPEC_EXTRA] or {}

@@ -57,11 +57,13 @@ class Channels:
         self._routed_ids: Dict[bytes, bytes] = {}  # went through the scheduler, unfinished
         objects.on_ready = self._routed_done
 
-    def call(self, actor_id: bytes, spec: tuple, return_ids, direct_ok: bool) -> List[ObjectRef]:
+    def call(self, actor_id: bytes, spec: tuple, return_ids, direct_ok: bool,
+             ordered: bool = True) -> List[ObjectRef]:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
-        arguments) and order allows, else through the scheduler (caller holds the lock)."""
+        arguments) and order allows (always, to an actor that is not ``ordered``), else
+        through the scheduler (caller holds the lock)."""
         self.objects.actor_calls.add(spec[P.SPEC_TASK_ID])
-        channel = self._channel(actor_id) if direct_ok else None
+        channel = self._channel(actor_id, ordered) if direct_ok else None
         if channel is not None:
             channel.conn.send(P.call(spec, {}))
             if self.link.write_soon(channel):
@@ -77,8 +79,8 @@ class Channels:
         self._routed_ids[first] = actor_id
         return self.objects.send_owning(P.actor_call(actor_id, spec), return_ids)
 
-    def _channel(self, actor_id: bytes) -> Optional[Channel]:
-        if self._routed.get(actor_id) or not self.enabled:
+    def _channel(self, actor_id: bytes, ordered: bool) -> Optional[Channel]:
+        if (ordered and self._routed.get(actor_id)) or not self.enabled:
             return None  # calls of ours still in the scheduler would be overtaken
         channel = self.by_actor.get(actor_id)
         if channel is not None:

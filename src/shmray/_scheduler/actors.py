@@ -187,19 +187,22 @@ class Actors:
         self.tasks.count_dependencies(task)
         if task.finished:
             return
-        queue = actor.queues.get(client)
-        if queue is None:
-            queue = actor.queues[client] = collections.deque()
-        queue.append(task)
+        actor.line_up(task)
         self.forward(actor)
 
+    def call_ready(self, task) -> None:
+        """A call's arguments are all ready."""
+        task.actor.unpark(task)
+        self.forward(task.actor)
+
     def forward(self, actor: Actor) -> None:
-        """Send each caller's calls on, in order, as far as their arguments are ready."""
+        """Send each caller's calls on, in order, as far as their arguments are ready (a
+        threaded or async actor's queues hold only calls that are: ``Actor.parked``)."""
         client = actor.client
         if client is None or actor.state != "alive":
             return
         for caller, queue in list(actor.queues.items()):
-            if actor.direct_open.get(caller):
+            if actor.ordered and actor.direct_open.get(caller):
                 continue  # the caller's direct calls, made earlier, run first
             while queue:
                 task = queue[0]
@@ -352,7 +355,7 @@ class Actors:
         actor.death = died_error(actor, "every handle to it went out of scope")
         if actor.client is not None:
             self._exit_when_done(actor)
-        elif not actor.queues:
+        elif not actor.queues and not actor.parked:
             self._dead(actor, *actor.death)
         # else: calls made before the last handle went are still owed; _start sends EXIT
         # after forwarding them, as Ray ends such an actor once they are done
@@ -362,7 +365,7 @@ class Actors:
         travel another way (all are registered by now: a caller registers its calls before
         it releases its last handle), and a call may come back to be retried."""
         if (not actor.exit_sent and not actor.direct_open and not actor.inflight
-                and not actor.queues and actor.client is not None):
+                and not actor.queues and not actor.parked and actor.client is not None):
             actor.exit_sent = True
             self.clients.send(actor.client, P.exit_())
 
@@ -404,11 +407,12 @@ class Actors:
     def _dead(self, actor: Actor, data: bytes, metadata: bytes) -> None:
         actor.state = "dead"
         actor.death = (data, metadata)
-        for queue in actor.queues.values():
+        for queue in (*actor.queues.values(), list(actor.parked)):
             for task in queue:
                 if not task.finished:
                     self.tasks.fail(task, data, metadata)
         actor.queues.clear()
+        actor.parked.clear()
         options = actor.options
         key = (options["namespace"], options["name"])
         if self.named.get(key) == actor.actor_id:

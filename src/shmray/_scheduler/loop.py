@@ -92,6 +92,7 @@ class Scheduler:
         self.cancel = Cancel(self.clients, self.tasks, self.leases)
         self.objects.on_actor_unheld = self.actors.out_of_scope
         self.tasks.forward_actor = self.actors.forward
+        self.tasks.actor_call_ready = self.actors.call_ready
         self.actors.catch_up = lambda client: self._read(client, everything=True)
         self.dispatcher.cpu_wanted = self.leases.recall_if_in_the_way
         self.leases.placements_waiting = self.actors.placements_waiting

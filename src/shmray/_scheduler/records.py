@@ -47,7 +47,8 @@ class Actor:
 
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
-                 "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting")
+                 "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting",
+                 "ordered", "parked")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -68,3 +69,24 @@ class Actor:
         self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
         self.out_of_scope = False
         self.restarting = False  # its process died; the next has not run __init__ yet
+        # A sync actor runs each caller's calls in order; a threaded or async one runs a
+        # call once its arguments are ready, so calls waiting for theirs wait here instead
+        # of in their caller's line (``Actors.call_ready``).
+        self.ordered = self.options.get("ordered", True)
+        self.parked: set = set()
+
+    def line_up(self, task: Task) -> None:
+        """A new call: into its caller's line, or parked while its arguments are not ready
+        and the actor need not keep order."""
+        if task.waiting_on and not self.ordered:
+            self.parked.add(task)
+            return
+        queue = self.queues.get(task.owner)
+        if queue is None:
+            queue = self.queues[task.owner] = collections.deque()
+        queue.append(task)
+
+    def unpark(self, task: Task) -> None:
+        if task in self.parked:
+            self.parked.discard(task)
+            self.queues.setdefault(task.owner, collections.deque()).append(task)

@@ -40,6 +40,7 @@ class Tasks:
         self.dispatcher = dispatcher
         self.table: Dict[bytes, Task] = {}
         self.forward_actor: Callable = lambda actor: None  # an actor call's progress
+        self.actor_call_ready: Callable = lambda task: None  # ...its arguments are ready
 
     def get(self, task_id: bytes) -> Optional[Task]:
         return self.table.get(task_id)
@@ -112,7 +113,7 @@ class Tasks:
 
     def task_ready(self, task: Task) -> None:
         if task.actor is not None:
-            self.forward_actor(task.actor)
+            self.actor_call_ready(task)
         else:
             self.dispatcher.enqueue(task)
 
@@ -248,6 +249,7 @@ class Tasks:
         self.table.pop(task.task_id, None)
         if task.actor is not None and task.worker is None:
             # it never reached the actor: the calls queued behind it may go now
+            task.actor.parked.discard(task)
             self.forward_actor(task.actor)
         reported = set()
         for object_id, data, metadata, contained in results:
