@@ -3,9 +3,9 @@
 Runs in: the driver, workers and actors.
 """
 
-from ._actor import list_named_actors
-from ._actor_pool import ActorPool
-from ._pickling import deregister_serializer, register_serializer
+from .._actor import list_named_actors
+from .._actor_pool import ActorPool
+from .._pickling import deregister_serializer, register_serializer
 
 
 def get_node_ip_address() -> str:

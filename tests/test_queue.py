@@ -1,0 +1,146 @@
+"""shmray.util.queue.Queue end to end: an async actor holds the items; tasks, actors and the
+driver share it.  The single-process semantics are checked against the standard library's
+queue.Queue, the reference it mirrors."""
+
+import asyncio
+import queue as stdlib_queue
+
+import pytest
+
+from shmray.util.queue import Empty, Full, Queue
+
+DEADLOCK = 60
+
+
+def _script(q):
+    """The same operations on any queue with the standard interface: what each gives."""
+    outcomes = []
+
+    def attempt(operation):
+        try:
+            outcomes.append(("ok", operation()))
+        except stdlib_queue.Empty:
+            outcomes.append(("empty", None))
+        except stdlib_queue.Full:
+            outcomes.append(("full", None))
+
+    attempt(lambda: q.get_nowait())
+    attempt(lambda: q.empty())
+    for item in ("a", "b", "c"):
+        attempt(lambda: q.put_nowait(item))
+    attempt(lambda: q.full())
+    attempt(lambda: q.qsize())
+    attempt(lambda: q.put("d", timeout=0.05))
+    attempt(lambda: q.get())
+    attempt(lambda: q.put("d", block=False))
+    attempt(lambda: [q.get(timeout=1) for _ in range(3)])
+    attempt(lambda: q.get(timeout=0.05))
+    attempt(lambda: q.get(block=False))
+    return outcomes
+
+
+def test_semantics_match_the_standard_librarys_queue(ray):
+    reference = _script(stdlib_queue.Queue(maxsize=3))
+    shared = Queue(maxsize=3)
+    try:
+        assert _script(shared) == reference
+    finally:
+        shared.shutdown()
+    assert ("full", None) in reference and ("empty", None) in reference  # both paths ran
+
+
+def test_empty_and_full_are_the_standard_librarys_too(ray):
+    q = Queue(maxsize=1)
+    q.put(1)
+    with pytest.raises(stdlib_queue.Full):
+        q.put_nowait(2)
+    assert q.get() == 1
+    with pytest.raises(Empty):
+        q.get_nowait()
+    q.shutdown()
+
+
+def test_tasks_and_actors_share_one_queue_in_order(ray):
+    q = Queue()
+
+    @ray.remote
+    def produce(q, n):
+        for i in range(n):
+            q.put(i)
+        return n
+
+    @ray.remote
+    class Consumer:
+        def take(self, q, n):
+            return [q.get(timeout=DEADLOCK) for _ in range(n)]
+
+    consumer = Consumer.remote()
+    taken = consumer.take.remote(q, 200)  # waits in get() before anything is put
+    assert ray.get(produce.remote(q, 200), timeout=DEADLOCK) == 200
+    assert ray.get(taken, timeout=DEADLOCK) == list(range(200))
+    assert q.empty()
+    q.shutdown()
+
+
+def test_a_blocked_put_goes_through_when_another_process_makes_room(ray):
+    q = Queue(maxsize=1)
+    q.put("first")
+
+    @ray.remote
+    def put_second(q):
+        q.put("second", timeout=DEADLOCK)  # blocks until the driver takes "first"
+        return "put"
+
+    done = put_second.remote(q)
+    assert ray.wait([done], timeout=0.2)[0] == []
+    assert q.get(timeout=DEADLOCK) == "first"
+    assert ray.get(done, timeout=DEADLOCK) == "put"
+    assert q.get(timeout=DEADLOCK) == "second"
+    q.shutdown()
+
+
+def test_batches_go_all_or_nothing(ray):
+    q = Queue(maxsize=3)
+    q.put_nowait_batch([1, 2])
+    with pytest.raises(Full, match="Cannot add 2 items to queue of size 2 and maxsize 3"):
+        q.put_nowait_batch([3, 4])
+    assert q.qsize() == 2
+    with pytest.raises(Empty, match="Cannot get 3 items from queue of size 2"):
+        q.get_nowait_batch(3)
+    assert q.get_nowait_batch(2) == [1, 2]
+    with pytest.raises(TypeError, match="must be an Iterable"):
+        q.put_nowait_batch(5)
+    with pytest.raises(TypeError, match="'num_items' must be an int"):
+        q.get_nowait_batch("2")
+    with pytest.raises(ValueError, match="'num_items' must be nonnegative"):
+        q.get_nowait_batch(-1)
+    with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+        q.get(timeout=-1)
+    q.shutdown()
+
+
+def test_async_put_and_get(ray):
+    q = Queue()
+
+    async def roundtrip():
+        await q.put_async("x")
+        got = await q.get_async(timeout=DEADLOCK)
+        with pytest.raises(Empty):
+            await q.get_async(block=False)
+        return got
+
+    assert asyncio.run(roundtrip()) == "x"
+    q.shutdown()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_shutdown_ends_the_queues_actor(ray, force):
+    q = Queue()
+    q.put(1)
+    actor = q.actor
+    q.shutdown(force=force)
+    with pytest.raises(RuntimeError, match="shut down"):
+        q.get()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.qsize.remote(), timeout=DEADLOCK)
+    q.shutdown()  # again: nothing left to do
