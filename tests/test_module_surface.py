@@ -167,3 +167,52 @@ def test_modes_and_languages_have_rays_values():
     assert (shmray.SCRIPT_MODE, shmray.WORKER_MODE, shmray.LOCAL_MODE) == (0, 1, 2)
     assert shmray.Language.PYTHON == 0
     shmray.show_in_dashboard("progress: 50%")  # no dashboard: logged, not an error
+
+
+# -- util.as_completed / util.map_unordered ------------------------------------------------------
+
+
+def test_as_completed_hands_out_results_as_they_finish(ray, tmp_path):
+    gate = tmp_path / "open"
+
+    @ray.remote
+    def wait_for_gate(value):
+        import time
+
+        deadline = time.monotonic() + DEADLOCK
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
+    @ray.remote
+    def quick(value):
+        return value
+
+    refs = [wait_for_gate.remote("slow"), quick.remote("fast")]
+    results = ray.util.as_completed(refs, chunk_size=1, timeout=DEADLOCK)
+    assert next(results) == "fast"  # the slow one still waits for the gate
+    gate.touch()
+    assert list(results) == ["slow"]
+    assert list(ray.util.as_completed([quick.remote(1)], yield_obj_refs=True))[0] is not None
+    with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
+        next(ray.util.as_completed(refs, chunk_size=0))
+
+
+def test_map_unordered_keeps_its_backpressure(ray):
+    submitted = []
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    class Counting:
+        def remote(self, item):
+            submitted.append(item)
+            return square.remote(item)
+
+    results = ray.util.map_unordered(Counting(), range(20), backpressure_size=4, chunk_size=2)
+    first = next(results)
+    assert len(submitted) <= 5  # four in flight, then one more once a chunk came back
+    assert sorted([first, *results]) == [x * x for x in range(20)]
+    assert sorted(ray.get(list(ray.util.map_unordered(square, [1, 2], yield_obj_refs=True)),
+                          timeout=DEADLOCK)) == [1, 4]

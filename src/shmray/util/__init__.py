@@ -6,6 +6,7 @@ Runs in: the driver, workers and actors.
 from .._actor import list_named_actors
 from .._actor_pool import ActorPool
 from .._pickling import deregister_serializer, register_serializer
+from .helpers import as_completed, map_unordered
 
 
 def get_node_ip_address() -> str:
@@ -13,5 +14,5 @@ def get_node_ip_address() -> str:
     return "127.0.0.1"
 
 
-__all__ = ["ActorPool", "deregister_serializer", "get_node_ip_address", "list_named_actors",
-           "register_serializer"]
+__all__ = ["ActorPool", "as_completed", "deregister_serializer", "get_node_ip_address",
+           "list_named_actors", "map_unordered", "register_serializer"]
