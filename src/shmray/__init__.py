@@ -6,7 +6,7 @@ public names are re-exported here from private modules; nothing else is public.
 Runs in: every process (the user's driver, and workers and actors, whose tasks may call it).
 """
 
-from . import actor, cloudpickle, exceptions, job_config, util
+from . import actor, cloudpickle, dag, exceptions, job_config, util
 from ._actor import get_actor, kill, method
 from ._api import (
     available_resources,
@@ -77,6 +77,7 @@ __all__ = [
     "cloudpickle",
     "cluster_resources",
     "cpp_function",
+    "dag",
     "exceptions",
     "get",
     "get_actor",

@@ -38,6 +38,7 @@ from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import (actor_spec, check_call, check_parameters, pack_arguments,
                          parameters_of, return_ids, task_spec)
+from .dag import ClassMethodNode, ClassNode
 
 _SPECIAL_METHODS = ("__ray_ready__", "__ray_terminate__")
 
@@ -145,6 +146,10 @@ class ActorClass:
     def remote(self, *args, **kwargs) -> "ActorHandle":
         return self._create(args, kwargs, self._options)
 
+    def bind(self, *args, **kwargs) -> ClassNode:
+        """This actor, recorded in a graph (``shmray.dag``), made by ``execute()``."""
+        return ClassNode(self, args, kwargs, {})
+
     def options(self, **options):
         merged = {**self._options,
                   **_options.check(options, _options.ACTOR_DEFAULTS, "actors", in_options=True)}
@@ -153,6 +158,9 @@ class ActorClass:
         class _Bound:
             def remote(self, *args, **kwargs):
                 return parent._create(args, kwargs, merged)
+
+            def bind(self, *args, **kwargs) -> ClassNode:
+                return ClassNode(parent, args, kwargs, options)
 
         return _Bound()
 
@@ -317,6 +325,10 @@ class ActorMethod:
             check_parameters(parameters, f"{self._handle._class_name}.{self._name}", args,
                              kwargs)
         return self._handle._call(self._name, args, kwargs, self._how)
+
+    def bind(self, *args, **kwargs) -> ClassMethodNode:
+        """This call, recorded in a graph (``shmray.dag``), made by ``execute()``."""
+        return ClassMethodNode(self._handle, self._name, args, kwargs, {}, method=self)
 
     def options(self, **options):
         _check_method_options(options)

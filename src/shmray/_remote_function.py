@@ -19,6 +19,7 @@ from ._ids import new_task_id
 from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import check_call, pack_arguments, return_ids, task_spec
+from .dag import FunctionNode
 
 
 class RemoteFunction:
@@ -57,6 +58,10 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         return self._submit(args, kwargs, self._fields)
 
+    def bind(self, *args, **kwargs) -> FunctionNode:
+        """This call, recorded in a graph (``shmray.dag``), made by ``execute()``."""
+        return FunctionNode(self, args, kwargs, {})
+
     def options(self, **options):
         merged = {**self._options, **_options.check(options, _options.TASK_DEFAULTS,
                                                     "remote functions", in_options=True)}
@@ -66,6 +71,9 @@ class RemoteFunction:
         class _Bound:
             def remote(self, *args, **kwargs):
                 return parent._submit(args, kwargs, fields)
+
+            def bind(self, *args, **kwargs) -> FunctionNode:
+                return FunctionNode(parent, args, kwargs, options)
 
         return _Bound()
 
