@@ -216,3 +216,27 @@ def test_map_unordered_keeps_its_backpressure(ray):
     assert sorted([first, *results]) == [x * x for x in range(20)]
     assert sorted(ray.get(list(ray.util.map_unordered(square, [1, 2], yield_obj_refs=True)),
                           timeout=DEADLOCK)) == [1, 4]
+
+
+def test_inspect_serializability_finds_the_part_at_fault():
+    import io
+
+    lock = threading.Lock()
+
+    class Holder:
+        def __init__(self):
+            self.fine = 1
+            self.lock = lock
+
+    holder = Holder()
+
+    def uses_holder():
+        return holder.fine
+
+    printed = io.StringIO()
+    ok, failures = shmray.util.inspect_serializability(uses_holder, print_file=printed)
+    assert not ok
+    assert [failure.name for failure in failures] == ["lock"]
+    assert "'uses_holder' can't be serialized" in printed.getvalue()
+    assert shmray.util.inspect_serializability([1, "two"], print_file=io.StringIO()) == (
+        True, set())

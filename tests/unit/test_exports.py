@@ -20,8 +20,8 @@ def test_public_names():
     assert shmray.actor.__all__ == ["ActorClass", "ActorClassInheritanceException", "ActorHandle",
                                     "ActorMethod", "exit_actor"]
     assert shmray.util.__all__ == ["ActorPool", "as_completed", "deregister_serializer",
-                                   "get_node_ip_address", "list_named_actors", "map_unordered",
-                                   "register_serializer"]
+                                   "get_node_ip_address", "inspect_serializability",
+                                   "list_named_actors", "map_unordered", "register_serializer"]
 
 
 def test_all_names_resolve():

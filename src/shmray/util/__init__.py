@@ -6,6 +6,7 @@ Runs in: the driver, workers and actors.
 from .._actor import list_named_actors
 from .._actor_pool import ActorPool
 from .._pickling import deregister_serializer, register_serializer
+from .check_serialize import inspect_serializability
 from .helpers import as_completed, map_unordered
 
 
@@ -15,4 +16,5 @@ def get_node_ip_address() -> str:
 
 
 __all__ = ["ActorPool", "as_completed", "deregister_serializer", "get_node_ip_address",
-           "list_named_actors", "map_unordered", "register_serializer"]
+           "inspect_serializability", "list_named_actors", "map_unordered",
+           "register_serializer"]
