@@ -40,6 +40,7 @@ import time
 import traceback
 
 from . import (
+    _accelerators,
     _actor_async,
     _context,
     _direct,
@@ -81,11 +82,14 @@ class ActorProcess(Worker):
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
         super().__init__(runtime)
-        _, self.spec, pickled_class, self.init_values, restarted = start_message
+        _, self.spec, pickled_class, self.init_values, restarted, gpu_ids = start_message
         options = self.spec[P.ACTOR_OPTIONS]
         self.class_name = self.spec[P.ACTOR_CLASS_NAME]
         self.actor_id = self.spec[P.ACTOR_ID]
         os.environ.update(options.get("env_vars") or {})  # runtime_env, for the actor's life
+        # Its GPUs, for its life, set once: its methods may change the variable (Ray's rule).
+        current_task.gpu_ids = gpu_ids
+        _accelerators.make_visible(gpu_ids)
         self.cls = _pickling.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]

@@ -14,7 +14,7 @@ import inspect
 import os
 from typing import Any, Optional
 
-from . import _context, _object_ref, _protocol as P
+from . import _accelerators, _context, _object_ref, _protocol as P
 from ._actor import ActorClass, ActorHandle
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
@@ -219,6 +219,11 @@ class RuntimeContext:
         options = _context.current_task.actor_options
         return dict(options["hold"]) if options else {}
 
+    def get_accelerator_ids(self) -> dict:
+        """The accelerator ids this task or actor may use, as strings, by resource name:
+        ``{"GPU": ["0"]}``; ``{"GPU": []}`` in the driver and where none was asked for."""
+        return {"GPU": list(_context.current_task.gpu_ids)}
+
     def is_canceled(self) -> bool:
         """Whether the running task or actor call was cancelled (a sync actor call runs on
         after a cancel; it can look here and stop)."""
@@ -247,6 +252,15 @@ class RuntimeContext:
 
 def get_runtime_context() -> RuntimeContext:
     return RuntimeContext(current())
+
+
+def get_gpu_ids() -> list:
+    """The GPU ids this task or actor may use (those in its ``CUDA_VISIBLE_DEVICES``): ints,
+    or the strings ``CUDA_VISIBLE_DEVICES`` listed when the session started.  Empty in the
+    driver, and in a task or actor that asked for no GPU."""
+    runtime = current()
+    return _accelerators.as_returned(_context.current_task.gpu_ids,
+                                     runtime.options.get("gpus_named", False))
 
 
 def cluster_resources() -> dict:

@@ -28,7 +28,8 @@ def install(new_runtime) -> None:
 class TaskContext:
     """What this process is: the task a worker runs now (a cancel's signal is for it; its
     name, function and resources, as a ``Call`` has them: a worker runs one task at a
-    time), the actor it is, and whether ``exit_actor()`` was called."""
+    time), the actor it is, whether ``exit_actor()`` was called, and the GPU ids it may
+    use now (its task's, or the actor's for its life)."""
 
     def __init__(self):
         self.task_id: Optional[bytes] = None
@@ -41,6 +42,7 @@ class TaskContext:
         self.restarted = False         # this actor process replaces one that died
         self.in_asyncio_actor = False
         self.exit_requested = False  # exit_actor() was called, whether or not it was caught
+        self.gpu_ids: tuple = ()
 
 
 current_task = TaskContext()

@@ -286,6 +286,10 @@ def task_resources(options: Dict[str, Any]) -> Dict[str, float]:
     demand = {"CPU": float(options["num_cpus"])}
     if options.get("num_gpus"):
         demand["GPU"] = float(options["num_gpus"])
+        if demand["GPU"] > 1 and not demand["GPU"].is_integer():  # GPUs are given by id
+            raise ValueError(f"Resource quantities >1 must be whole numbers. The requested "
+                             f"num_gpus={options['num_gpus']!r} is not: ask for less than "
+                             "one GPU (shared) or a whole number of them.")
     for name, amount in (options.get("resources") or {}).items():
         demand[name] = float(amount)
     if options.get("memory"):

@@ -102,9 +102,10 @@ Scheduler -> client
                                                      run a task; values: {id: (data, meta)}
                                                      of its top-level ref arguments
     EXIT               -                             finish what was sent before, then exit
-    START_ACTOR        spec (ActorSpec), pickled class, values, restarted
+    START_ACTOR        spec (ActorSpec), pickled class, values, restarted, gpu_ids
                                                      become this actor: run __init__
-                                                     (restarted: after its process died)
+                                                     (restarted: after its process died;
+                                                     gpu_ids: the GPUs it holds for life)
     CALL               task_id, method, name, args, arg_ids, num_returns, values, extra
                                                      run a method of the actor (extra: as a
                                                      TaskSpec's)
@@ -145,7 +146,8 @@ options)``; ``options`` is a dict of the actor's options resolved by the caller 
 
 A TaskSpec is the tuple ``(task_id, fn_id, name, args, arg_ids, contained, num_returns,
 resources, max_retries, retry_exceptions, extra)``, ``extra`` being None or a dict of the
-rarer options (``env_vars`` from runtime_env, ``max_calls``, ``backpressure``): ``args`` is
+rarer options (``env_vars`` from runtime_env, ``max_calls``, ``backpressure``, the
+``resources`` a task holds when not one CPU; EXECUTE adds ``gpu_ids``): ``args`` is
 the serialized ``(args, kwargs)`` with each top-level ObjectRef replaced by ``ArgRef(i)``,
 ``arg_ids[i]`` being its id.  ``num_returns`` is a count, or ``STREAMING`` (the task is a
 generator whose items stream to its caller as it yields them: item ``k`` is the object
@@ -355,13 +357,17 @@ def ready(object_id: bytes, data, metadata: bytes) -> tuple:
     return (READY, object_id, data, metadata)
 
 
-def execute(spec: tuple, pickled: Optional[bytes], values: dict) -> tuple:
+def execute(spec: tuple, pickled: Optional[bytes], values: dict, gpu_ids=()) -> tuple:
     """EXECUTE of a TaskSpec: from the scheduler (with the function's code if the worker
     lacks it, and the values of small ref arguments), or from a driver to a worker it
-    leases (neither: its tasks have no ref arguments, and the worker asks for code)."""
+    leases (neither: its tasks have no ref arguments, and the worker asks for code).  A
+    task given GPUs finds their ids in its extra, as ``gpu_ids``."""
+    extra = spec[SPEC_EXTRA]
+    if gpu_ids:
+        extra = {**extra, "gpu_ids": gpu_ids}
     return (EXECUTE, spec[SPEC_TASK_ID], spec[SPEC_FN_ID], pickled, spec[SPEC_NAME],
             spec[SPEC_ARGS], spec[SPEC_ARG_IDS], spec[SPEC_NUM_RETURNS], values,
-            spec[SPEC_RETRY_EXCEPTIONS], spec[SPEC_EXTRA])
+            spec[SPEC_RETRY_EXCEPTIONS], extra)
 
 
 def exit_() -> tuple:
@@ -372,8 +378,9 @@ def reply(request_id: int, value) -> tuple:
     return (REPLY, request_id, value)
 
 
-def start_actor(spec: tuple, pickled_class: bytes, values: dict, restarted: bool) -> tuple:
-    return (START_ACTOR, spec, pickled_class, values, restarted)
+def start_actor(spec: tuple, pickled_class: bytes, values: dict, restarted: bool,
+                gpu_ids: tuple) -> tuple:
+    return (START_ACTOR, spec, pickled_class, values, restarted, gpu_ids)
 
 
 def call(spec: tuple, values: dict) -> tuple:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _context, _direct, _options, _process, _resources, _runtime
+from . import _accelerators, _context, _direct, _options, _process, _resources, _runtime
 from ._connection import connection_pair
 from ._logging_config import LoggingConfig
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -145,6 +145,10 @@ def init(**kwargs: Any):
             logging.getLogger("shmray").setLevel(level)
         if kwargs.get("logging_config") is not None:
             kwargs["logging_config"]._apply()
+        # The driver's own environment says which GPUs there are, as Ray's node sees it.
+        options["gpu_ids"], options["gpus_named"] = _accelerators.session_gpus(
+            kwargs.get("num_gpus"))
+        options["num_gpus"] = len(options["gpu_ids"])
         for name, value in ((options.get("runtime_env") or {}).get("env_vars") or {}).items():
             os.environ[name] = str(value)  # inherited by the scheduler and every worker
         store = ObjectStore(_store_size(kwargs.get("object_store_memory")))

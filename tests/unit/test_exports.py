@@ -12,10 +12,10 @@ def test_public_names():
         "LOCAL_MODE", "Language", "LoggingConfig", "NodeID", "ObjectID", "ObjectRef",
         "ObjectRefGenerator", "PlacementGroupID", "SCRIPT_MODE", "TaskID", "UniqueID",
         "WORKER_MODE", "WorkerID", "actor", "available_resources", "cancel", "client",
-        "cloudpickle", "cluster_resources", "cpp_function", "dag", "exceptions", "get", "get_actor",
-        "get_runtime_context", "init", "is_initialized", "java_actor_class", "java_function",
-        "job_config", "kill", "method", "nodes", "put", "remote", "show_in_dashboard",
-        "shutdown", "timeline", "util", "wait",
+        "cloudpickle", "cluster_resources", "cpp_function", "dag", "exceptions", "get",
+        "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized",
+        "java_actor_class", "java_function", "job_config", "kill", "method", "nodes", "put",
+        "remote", "show_in_dashboard", "shutdown", "timeline", "util", "wait",
     }
     assert shmray.actor.__all__ == ["ActorClass", "ActorClassInheritanceException", "ActorHandle",
                                     "ActorMethod", "exit_actor"]

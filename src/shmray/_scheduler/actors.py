@@ -132,7 +132,7 @@ class Actors:
 
     def _start(self, actor: Actor) -> None:
         hold = actor.options["hold"]
-        self.resources.take(hold)
+        actor.gpu_ids = self.resources.take(hold)
         actor.held = dict(hold)
         conn, pid = self._spawn(actor.class_name)
         client = self.clients.add(conn, pid, "actor")
@@ -143,7 +143,8 @@ class Actors:
         values = self.objects.inline_values(
             [i for i in spec[P.ACTOR_ARG_IDS] if i in self.objects])
         pickled = self.tasks.dispatcher.functions[spec[P.ACTOR_CLASS_ID]][0]
-        self.clients.send(client, P.start_actor(spec, pickled, values, actor.restarting))
+        self.clients.send(client, P.start_actor(spec, pickled, values, actor.restarting,
+                                                actor.gpu_ids))
         self.forward(actor)
         if actor.out_of_scope:
             self._exit_when_done(actor)
@@ -377,8 +378,9 @@ class Actors:
             self.clients.send(killer, P.reply(request_id, None))
 
     def _died(self, actor: Actor, status: Optional[int]) -> None:
-        self.resources.give(actor.held)
+        self.resources.give(actor.held, actor.gpu_ids)
         actor.held = {}
+        actor.gpu_ids = ()
         actor.client = None
         actor.exit_sent = False
         inflight = list(actor.inflight.values())

@@ -129,7 +129,9 @@ class Dispatcher:
                 fn_id = task.spec[P.SPEC_FN_ID]
                 took = self.durations.get(fn_id, 1.0)
                 if took >= _PREFETCH_MAX_SECONDS or task.spec[P.SPEC_EXTRA]:
-                    return  # env_vars/max_calls: one at a time
+                    # env_vars/max_calls: one at a time.  A task holding GPUs (its extra
+                    # says what it holds) never goes ahead: it gets its ids as it starts.
+                    return
                 ahead = len(worker.queued)
                 if ahead and (ahead >= _PREFETCH_MAX_DEPTH
                               or not self.safe_to_queue_behind(worker.queued[-1])
@@ -152,7 +154,7 @@ class Dispatcher:
         self.send_execute(task, worker)
 
     def make_running(self, task: Task, worker: Client) -> None:
-        self.resources.take(task.resources)
+        task.gpu_ids = self.resources.take(task.resources)
         worker.task = task
         task.started_at = time.monotonic()
         self.pool.busy.add(worker)
@@ -166,7 +168,7 @@ class Dispatcher:
             pickled = self.functions[fn_id][0]
             worker.functions.add(fn_id)
         values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
-        self.clients.send(worker, P.execute(spec, pickled, values))
+        self.clients.send(worker, P.execute(spec, pickled, values, task.gpu_ids))
         if task.consumed:  # a retried streaming task: its caller has taken some already
             self.clients.send(worker, P.consumed(task.task_id, task.consumed))
 

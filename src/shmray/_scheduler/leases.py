@@ -80,8 +80,9 @@ class Leases:
         holds, or for more CPUs than are free and leased, waits either way."""
         leased = sum(not worker.blocked for worker in self.leased)  # the others' are lent
         available = self.resources.available
-        return all(amount <= available.get(name, 0.0) + (leased if name == "CPU" else 0.0)
-                   for name, amount in demand.items())
+        return (all(amount <= available.get(name, 0.0) + (leased if name == "CPU" else 0.0)
+                    for name, amount in demand.items())
+                and ("GPU" not in demand or self.resources.gpus.fits(demand["GPU"])))
 
     def _work_waits(self) -> bool:
         """Queued work that leases keep from running: it goes before new leases."""

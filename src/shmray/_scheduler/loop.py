@@ -23,7 +23,8 @@ The parts, each a module that imports only those below it:
 - ``leases``: workers lent to drivers, and what became of their tasks when one dies;
 - ``tasks``: admission, dependencies, what workers report, retries;
 - ``dispatch``: the ready queues, dispatch to workers, sending short tasks ahead;
-- ``objects`` (the directory), ``resources``, ``workers`` (the pool);
+- ``objects`` (the directory), ``resources`` (GPUs per id: ``gpu_ids``), ``workers``
+  (the pool);
 - ``clients``: the connected processes, and what is queued to each.
 
 Lower parts tell higher ones of events through hooks wired here (an actor call's progress,
@@ -77,7 +78,7 @@ class Scheduler:
         self.options = options
         self.clients = Clients()
         self.driver = self.clients.add(driver_conn, driver_pid, "driver")
-        self.resources = Resources(options["total"])
+        self.resources = Resources(options["total"], options.get("gpu_ids", ()))
         self.objects = Directory(store, self.clients, session_dir)
         self.pool = WorkerPool(self.clients, lambda slot: spawn_worker(self, slot),
                                float(options["num_cpus"]))

@@ -15,7 +15,8 @@ from .clients import Client
 class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
-                 "children", "cancelled", "started_at", "direct", "streamed", "consumed")
+                 "children", "cancelled", "started_at", "direct", "streamed", "consumed",
+                 "gpu_ids")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -40,6 +41,7 @@ class Task:
         self.direct = False  # sent straight to its actor or leased worker by its caller
         self.streamed = 0    # a streaming task: items its owner has been sent
         self.consumed = 0    # ...and taken (backpressure; told again to a retried attempt)
+        self.gpu_ids = ()    # the GPU ids it holds while it runs
 
 
 class Actor:
@@ -48,7 +50,7 @@ class Actor:
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
                  "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting",
-                 "ordered", "parked")
+                 "ordered", "parked", "gpu_ids")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -65,6 +67,7 @@ class Actor:
         self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
         self.no_restart = False
         self.held: Dict[str, float] = {}
+        self.gpu_ids = ()                     # the GPU ids its process holds, for its life
         self.waiting_on = 0                   # constructor arguments not ready yet
         self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
         self.out_of_scope = False

@@ -183,6 +183,9 @@ class Tasks:
             for name, amount in task.resources.items():
                 if name != "CPU" or not worker.blocked:  # a blocked task's CPU was lent already
                     self.resources.available[name] += amount
+            if task.gpu_ids:
+                self.resources.gpus.give(task.gpu_ids, task.resources["GPU"])
+                task.gpu_ids = ()
         worker.blocked = False
 
     def on_blocked(self, worker: Client, task_id=None) -> None:
