@@ -20,6 +20,7 @@ def no_gpus_in_the_environment(monkeypatch):
     """Each test says what the driver's environment holds."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
 
 
 @pytest.fixture
@@ -271,5 +272,27 @@ def test_noset_leaves_cuda_visible_devices_alone(monkeypatch):
             return what_it_sees()[:2]
 
         assert shmray.get(gpu.remote(), timeout=DEADLOCK) == ([0], None)
+    finally:
+        shmray.shutdown()
+
+
+def test_override_on_zero_off_shows_what_the_driver_had(monkeypatch):
+    """RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0: a task holding no GPU sees the driver's
+    CUDA_VISIBLE_DEVICES, also after a task that held one ran in its worker."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    shmray.init(num_cpus=1, object_store_memory=100 << 20)
+    try:
+        @shmray.remote(num_gpus=1)
+        def gpu():
+            return what_it_sees()[:2]
+
+        @shmray.remote
+        def plain():
+            return what_it_sees()[:2]
+
+        assert shmray.get(plain.remote(), timeout=DEADLOCK) == ([], "3,5")
+        assert shmray.get(gpu.remote(), timeout=DEADLOCK) == (["3"], "3")
+        assert shmray.get(plain.remote(), timeout=DEADLOCK) == ([], "3,5")
     finally:
         shmray.shutdown()

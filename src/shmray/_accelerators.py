@@ -11,10 +11,11 @@ scheduler hands ids out (``_scheduler.gpu_ids``); a task or actor finds its own 
 ``CUDA_VISIBLE_DEVICES``, and from ``get_gpu_ids()``.
 
 Ray's rules, kept here: a task or actor that asked for no GPU sees ``CUDA_VISIBLE_DEVICES``
-empty (no GPU at all), so it can't take one from those that did; a task sees its ids from its
-start to its end, an actor for its whole life (it may change the variable afterwards);
-``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set in the driver's environment leaves the
-variable alone everywhere.  ``get_gpu_ids()`` gives ints, or the strings
+empty (no GPU at all), so it can't take one from those that did, unless
+``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (then it sees what the driver had); a task sees its
+ids from its start to its end, an actor for its whole life (it may change the variable
+afterwards); ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` leaves the variable alone
+everywhere.  Both are read from the driver's environment, which every process inherits.  ``get_gpu_ids()`` gives ints, or the strings
 ``CUDA_VISIBLE_DEVICES`` listed when it was set at ``init`` (they may be UUIDs).  Each
 process sets the variable once as it starts, and then only around a task that holds GPUs:
 nothing is done per task for tasks that hold none.
@@ -29,7 +30,10 @@ from typing import List, Optional, Sequence, Tuple
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+OVERRIDE_ON_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 _NVIDIA_SMI_TIMEOUT = 10.0  # seconds; a wedged driver must not hang init
+
+_inherited: Optional[str] = None  # the variable as this process got it (``start``)
 
 
 def visible_devices(environ=os.environ) -> Optional[List[str]]:
@@ -80,10 +84,27 @@ def session_gpus(num_gpus, environ=os.environ) -> Tuple[List[str], bool]:
     return visible[:count], True
 
 
+def start(gpu_ids: Sequence[str] = ()) -> None:
+    """As a worker or actor starts: show it ``gpu_ids`` (its own for life, an actor's)."""
+    global _inherited
+    _inherited = os.environ.get(CUDA_VISIBLE_DEVICES)
+    make_visible(gpu_ids)
+
+
 def make_visible(gpu_ids: Sequence[str]) -> None:
     """Show this process ``gpu_ids`` alone (none: no GPU), unless the user said not to."""
-    if not os.environ.get(NOSET):
+    if os.environ.get(NOSET):
+        return
+    if gpu_ids or _true(os.environ.get(OVERRIDE_ON_ZERO, "1")):
         os.environ[CUDA_VISIBLE_DEVICES] = ",".join(gpu_ids)
+    elif _inherited is None:
+        os.environ.pop(CUDA_VISIBLE_DEVICES, None)
+    else:
+        os.environ[CUDA_VISIBLE_DEVICES] = _inherited
+
+
+def _true(value: str) -> bool:
+    return value.lower() in ("1", "true")  # as Ray reads its boolean variables
 
 
 def as_returned(gpu_ids: Sequence[str], named: bool) -> list:

@@ -89,7 +89,7 @@ class ActorProcess(Worker):
         os.environ.update(options.get("env_vars") or {})  # runtime_env, for the actor's life
         # Its GPUs, for its life, set once: its methods may change the variable (Ray's rule).
         current_task.gpu_ids = gpu_ids
-        _accelerators.make_visible(gpu_ids)
+        _accelerators.start(gpu_ids)
         self.cls = _pickling.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]

@@ -33,8 +33,17 @@ from typing import Dict
 
 import setproctitle
 
-from . import _context, _direct, _lend, _output, _pickling, _protocol as P, _runtime, exceptions
-from ._accelerators import make_visible
+from . import (
+    _accelerators,
+    _context,
+    _direct,
+    _lend,
+    _output,
+    _pickling,
+    _protocol as P,
+    _runtime,
+    exceptions,
+)
 from ._context import cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._task_cancel import TaskCancel
@@ -348,14 +357,14 @@ class Worker:
         gpu_ids = extra.get("gpu_ids") if extra else None
         if gpu_ids:  # after env_vars: the GPUs it was given win, as in Ray
             current_task.gpu_ids = gpu_ids
-            make_visible(gpu_ids)
+            _accelerators.make_visible(gpu_ids)
         try:
             return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
                                  num_returns, values, retry_exceptions, extra)
         finally:
             if gpu_ids:  # the next task may hold none: it must see none
                 current_task.gpu_ids = ()
-                make_visible(())
+                _accelerators.make_visible(())
             if restore is not None:
                 restore()
 
@@ -437,7 +446,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
     _lend.lend_to_numpy(store)
-    make_visible(())  # a task sees GPUs only while it holds some (``execute``)
+    _accelerators.start()  # a task sees GPUs only while it holds some (``execute``)
     try:
         worker = Worker(runtime, cancel_slot)
         worker.listen(listener)  # for the driver that leases it
