@@ -198,11 +198,15 @@ def test_more_gpus_than_the_session_has_can_never_run(two_gpus):
         Holder.options(num_gpus=3).remote()
 
 
-def test_more_than_one_gpu_must_be_whole():
-    with pytest.raises(ValueError, match="whole"):
-        shmray.remote(num_gpus=1.5)(lambda: 1)
-    with pytest.raises(ValueError, match="whole"):
-        Holder.options(num_gpus=2.5)
+def test_more_than_one_gpu_must_be_whole(two_gpus):
+    """Ray's rule (ids are given whole); its ValueError, raised by .remote() at the latest."""
+    with pytest.raises(ValueError, match="Resource quantities >1 must be whole numbers"):
+        two_gpus.remote(num_gpus=1.5)(lambda: 1).remote()
+    with pytest.raises(ValueError, match="Resource quantities >1 must be whole numbers"):
+        Holder.options(num_gpus=1.5).remote()
+
+
+def test_a_session_has_a_whole_number_of_gpus():
     with pytest.raises(ValueError, match="whole"):
         shmray.init(num_gpus=1.5)
     assert not shmray.is_initialized()
