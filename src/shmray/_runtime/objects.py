@@ -144,7 +144,11 @@ class Objects:
                 "calling put() on an ObjectRef is not allowed (as in Ray): pass the ref itself "
                 "where it is needed, or wrap it in a list, put([ref]), to store a reference to it"
             )
-        serialized = serialize(value)
+        try:
+            serialized = serialize(value)
+        except TypeError as exc:
+            raise TypeError(str(exc).replace("Could not serialize ",
+                                             "Could not serialize the put value ", 1)) from exc
         object_id = object_id_for_put()
         data = self.store_object(object_id, serialized)
         with self.link.lock:
