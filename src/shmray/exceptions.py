@@ -53,8 +53,8 @@ object itself cannot cross a process boundary.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from typing import Optional
 
 from . import _pickling, _serialization
@@ -169,13 +169,15 @@ class RayTaskError(RayError):
         try:
             return self.make_dual_exception_instance()
         except TypeError as exc:
-            warnings.warn(
+            _logger.warning(  # logged, as Ray does: a get must raise the task's error
                 f"User exception type {type(cause)} in RayTaskError can't be subclassed! "
                 "This exception is raised as RayTaskError only. You can use "
                 f"`ray_task_error.cause` to access the user exception. Failure in "
-                f"subclassing: {exc}", RuntimeWarning, stacklevel=2)
+                f"subclassing: {exc}")
             return self
 
+
+_logger = logging.getLogger(__name__)
 
 NODE_IP = "127.0.0.1"  # every process of a session runs on this machine
 
