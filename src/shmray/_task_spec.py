@@ -18,6 +18,7 @@ import inspect
 from typing import List, Optional
 
 from . import _pickling, _protocol as P
+from ._check_serialize import serializability_report
 from ._ids import first_return_id, object_id_for_return
 from ._object_ref import ObjectRef, _runtime_for
 from ._serialization import SCALARS, scalars_to_bytes, serialize, short_repr
@@ -167,10 +168,10 @@ def _explain(value, callee, method) -> None:
     except Exception as exc:
         raise TypeError(
             f"Could not serialize the argument {short_repr(value)} for a task or actor "
-            f"{_callee_name(callee, method)}:\n!!! FAIL serialization: {exc}\nshmray pickles "
-            "arguments with cloudpickle; objects holding locks, open files, sockets or "
-            "generators can't be pickled: pass what is needed to rebuild one instead, or "
-            "create it inside the task."
+            f"{_callee_name(callee, method)}:\n{serializability_report(value)}"
+            "shmray pickles arguments with cloudpickle; objects holding locks, open files, "
+            "sockets or generators can't be pickled: pass what is needed to rebuild one "
+            "instead, or create it inside the task."
         ) from exc
 
 
