@@ -373,6 +373,11 @@ def test_refs_and_handles_of_a_session_that_was_shut_down():
             shmray.kill(actor)
         with pytest.raises(exceptions.RaySystemError, match="whose owner is unknown"):
             f.remote(ref)
+        # Inside a value, as what makes the value unpicklable (its pickling raises it):
+        with pytest.raises(TypeError, match=r"(?s)argument \[ObjectRef.*whose owner is unknown"):
+            f.remote([ref])
+        with pytest.raises(TypeError, match=r"(?s)put value \{'ref'.*whose owner is unknown"):
+            shmray.put({"ref": ref})
     finally:
         shmray.shutdown()
 

@@ -63,8 +63,11 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        _pickling.note_ref(self._id)
         tracker = self._tracker
+        if tracker is not _context.runtime and tracker is not None \
+                and _context.runtime is not None:
+            _runtime_for(self)  # raises: sent into a session it doesn't belong to
+        _pickling.note_ref(self._id)
         if tracker is not None:
             tracker.exported(self._id)  # the scheduler must know the object it names
         return _rebuild_ref, (self._id,)
