@@ -142,17 +142,16 @@ class RayTaskError(RayError):
         """This error as an instance of a class deriving from both RayTaskError and the
         user's exception class (the innermost cause's, for a failure that passed through
         other tasks).  Raises TypeError if that class can't be subclassed."""
-        user_cls = type(_innermost_cause(self))
-        derived = _dual_class(user_cls)
-        user_args = _args_of(_innermost_cause(self))
+        user_error = _innermost_cause(self)
+        derived = _dual_class(type(user_error))
         try:
             # ExceptionGroup's __new__ needs its message and exceptions back.
-            err = derived.__new__(derived, *user_args)
+            err = derived.__new__(derived, *_args_of(user_error))
         except TypeError:
             err = derived.__new__(derived)
         err.__dict__.update(self.__dict__)
         try:
-            user_state = vars(_innermost_cause(self))
+            user_state = vars(user_error)
         except TypeError:  # a cause without __dict__: __getattr__ reaches its slots
             user_state = {}
         err.__dict__.update({k: v for k, v in user_state.items() if k not in err.__dict__})
