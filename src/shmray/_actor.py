@@ -30,10 +30,10 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-from . import _options, _pickling, _protocol as P, exceptions
+from . import _context, _options, _pickling, _protocol as P, exceptions
 from ._context import current_task
 from ._ids import new_task_id, object_id_for_put
-from ._object_ref import ObjectRef
+from ._object_ref import ObjectRef, stale_session_error
 from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import (actor_spec, check_call, check_parameters, pack_arguments,
@@ -207,7 +207,8 @@ class ActorClass:
         }
         runtime.ensure_function(self._class_id, self._code, self._name)
         actor_id = object_id_for_put()
-        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs,
+                                                                    self._cls, "__init__")
         spec = actor_spec(actor_id, self._class_id, self._name, args_blob, arg_ids, contained,
                           actor_options)
         ref, actor_options = runtime.create_actor(spec, wait=options["name"] is not None)
@@ -258,6 +259,15 @@ class ActorHandle:
     def __repr__(self) -> str:
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
 
+    def _check_session(self) -> None:
+        """Raise if this handle's session is not this process's: its actor is gone."""
+        tracker = self._ref._tracker
+        if tracker is None or tracker is not _context.runtime:
+            raise stale_session_error(
+                tracker, f"Actor handle {self!r}", "",
+                "its actor is gone (actor handles can't outlive shmray.shutdown(): create "
+                "the actor again in this session)")
+
     def __hash__(self) -> int:
         return hash(self._actor_id)
 
@@ -266,6 +276,8 @@ class ActorHandle:
 
     def _call(self, method_name: str, args, kwargs, how: dict):
         """Call a method; ``how``: its num_returns, backpressure and concurrency group."""
+        if self._ref._tracker is not _context.runtime:
+            self._check_session()
         runtime = current()
         limit = self._actor_options.get("max_pending_calls", -1)
         if limit is not None and limit > 0:
@@ -276,7 +288,8 @@ class ActorHandle:
                     f"handle, its max_pending_calls; get() some results before calling again"
                 )
         task_id = new_task_id()
-        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs,
+                                                                    self._class_name, method_name)
         retries = how.get("max_task_retries")
         if retries is None:  # the method's, else the actor's (Ray's order)
             retries = self._actor_options.get("max_task_retries", 0)
@@ -400,6 +413,7 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() takes an actor handle, got {type(actor).__name__}; "
                          "to stop a task use cancel()")
+    actor._check_session()
     current().kill_actor(actor._actor_id, bool(no_restart))
 
 

@@ -53,7 +53,7 @@ from . import (
 from ._context import Call, current_call, current_task
 from ._connection import ConnectionClosed
 from ._object_ref_generator import DynamicObjectRefGenerator
-from ._serialization import META_ERROR, serialize
+from ._serialization import META_ERROR, serialize, short_repr
 from ._task_results import (
     arguments,
     cancelled_results,
@@ -224,7 +224,7 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 (self._results(task_id, outcome, num_returns, name, extra), False)
         except BaseException as exc:
-            return self._exited_or(task_id, num_returns) or \
+            return self._exited_or(task_id, num_returns, exc) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
             current_call.reset(call)
@@ -245,15 +245,16 @@ class ActorProcess(Worker):
                 method = self.methods[name] = found.__get__(self.instance, cls)
         return method
 
-    def _exited_or(self, task_id, num_returns):
-        """If exit_actor() was called during this call: the caller sees the actor's death
-        (Ray: 'observes the actor's death rather than a return value')."""
-        if not current_task.exit_requested:
+    def _exited_or(self, task_id, num_returns, exc=None):
+        """If exit_actor() or sys.exit() was called during this call: the caller sees the
+        actor's death (Ray: 'observes the actor's death rather than a return value')."""
+        how = "exit_actor()" if current_task.exit_requested else "sys.exit()"
+        if not current_task.exit_requested and not isinstance(exc, SystemExit):
             return None
         current_task.exit_requested = False
         self.exit_requested = True
         died = exceptions.ActorDiedError(
-            f"The actor {self.class_name} exited: exit_actor() was called in this call")
+            f"The actor {self.class_name} exited: {how} was called in this call")
         return error_results(task_id, died, num_returns), False
 
     async def call_async(self, message: tuple):
@@ -278,7 +279,7 @@ class ActorProcess(Worker):
         except asyncio.CancelledError:
             return cancelled_results(task_id, num_returns), False
         except BaseException as exc:
-            return self._exited_or(task_id, num_returns) or \
+            return self._exited_or(task_id, num_returns, exc) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
             self.running.discard(task_id)
@@ -322,8 +323,15 @@ class ActorProcess(Worker):
     def _error_results(self, task_id, exc, num_returns, name, extra):
         """(results, retryable): the call's error, and whether its retry_exceptions cover it
         (the scheduler then runs it again, while it has max_task_retries)."""
+        if isinstance(exc, KeyboardInterrupt):  # as in a task: the call was cancelled
+            return cancelled_results(task_id, num_returns), False
         retryable = bool(extra) and should_retry(exc, extra.get("retry_exceptions"))
-        return error_results(task_id, task_error(name, exc), num_returns), retryable
+        error = task_error(name, exc, self.instance_repr(), self.actor_id.hex())
+        return error_results(task_id, error, num_returns), retryable
+
+    def instance_repr(self) -> str:
+        """The actor's repr, for the header of its methods' errors (Ray's ``repr=``)."""
+        return short_repr(self.instance)
 
     def shut_down(self) -> None:
         """A graceful end: the instance's ``__ray_shutdown__``, if it has one (an exception

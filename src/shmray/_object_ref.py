@@ -63,8 +63,11 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        _pickling.note_ref(self._id)
         tracker = self._tracker
+        if tracker is not _context.runtime and tracker is not None \
+                and _context.runtime is not None:
+            _runtime_for(self)  # raises: sent into a session it doesn't belong to
+        _pickling.note_ref(self._id)
         if tracker is not None:
             tracker.exported(self._id)  # the scheduler must know the object it names
         return _rebuild_ref, (self._id,)
@@ -98,19 +101,29 @@ class ObjectRef:
 def _runtime_for(ref: ObjectRef):
     tracker = ref._tracker
     if tracker is None or tracker is not _context.runtime:
-        parent = getattr(tracker, "forked_from", None)
-        if parent is not None:
-            raise RaySystemError(
-                f"{ref!r} belongs to the shmray session of process {parent}, from which this "
-                "process was forked; a forked child can't use its parent's session. Send "
-                "the work back to that process, or start a session of this process's own "
-                "with shmray.init() and make the objects there."
-            )
-        raise RaySystemError(
-            f"{ref!r} belongs to a shmray session that has been shut down; its object is "
-            "gone. Refs can't outlive shmray.shutdown()."
-        )
+        raise stale_session_error(
+            tracker, repr(ref),
+            "An application is trying to access a Ray object whose owner is unknown"
+            f"({ref.hex()}). Please make sure that all Ray objects you are trying to access "
+            "are part of the current Ray session: ",
+            "its object is gone (refs can't outlive shmray.shutdown())")
     return tracker
+
+
+def stale_session_error(tracker, what: str, ray_text: str, gone: str) -> RaySystemError:
+    """The error for ``what`` (a ref, an actor handle) used outside the session it belongs
+    to (``tracker``, its runtime): one shut down, or the parent's of a forked child."""
+    parent = getattr(tracker, "forked_from", None)
+    if parent is not None:
+        return RaySystemError(
+            f"{ray_text}{what} belongs to the shmray session of process {parent}, from which "
+            "this process was forked; a forked child can't use its parent's session. Send "
+            "the work back to that process, or start a session of this process's own "
+            "with shmray.init() and make the objects there."
+        )
+    return RaySystemError(
+        f"{ray_text}{what} belongs to a shmray session that has been shut down, and {gone}."
+    )
 
 
 def _rebuild_ref(object_id: bytes) -> ObjectRef:

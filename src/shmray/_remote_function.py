@@ -97,7 +97,7 @@ class RemoteFunction:
             runtime = current()  # starts shmray if nobody has
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
-        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs)
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs, self._function)
         name, num_returns, resources, max_retries, retry, extra = fields
         spec = task_spec(task_id, self._fn_id, name, args_blob, arg_ids, contained,
                          num_returns, resources, max_retries, retry, extra)

@@ -111,13 +111,22 @@ def serialize(value, metadata: bytes = META_VALUE) -> SerializedObject:
             stream = _pickling.dumps(value, buffer_callback=raw_buffers.append)
     except Exception as exc:
         raise TypeError(
-            f"cannot serialize a value of type {type(value).__qualname__}: {exc}. "
+            f"Could not serialize {short_repr(value)}:\n!!! FAIL serialization: {exc}\n"
             "shmray pickles values with cloudpickle; objects holding locks, open files, "
             "sockets or generators can't be pickled: pass what is needed to rebuild them."
         ) from exc
     finally:
         contained = _pickling.end_own_pickle(previous)
     return _layout(stream, raw_buffers, metadata, contained)
+
+
+def short_repr(value, limit: int = 500) -> str:
+    """``repr(value)`` for an error message: cut short, and never raising."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__} object>"
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 SCALARS = frozenset({type(None), bool, int, float})

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-
-import setproctitle
+from typing import Optional
 
 from . import _context, _lend, _pickling, _protocol as P, exceptions
 from ._context import cancel_point
@@ -215,26 +214,46 @@ def should_retry(exc: BaseException, retry_exceptions) -> bool:
 _retry_classes: dict = {}  # the pickle of a retry_exceptions list -> its classes
 
 
-def task_error(name: str, exc: BaseException) -> exceptions.RayError:
-    """The error to store for a task that raised ``exc``."""
-    if isinstance(exc, exceptions.RayTaskError):
-        # A failure that reached us from a nested get: keep the original function and cause
-        # (so ``except TheirError`` still works), and add where it passed through here.
-        here = "".join(traceback.format_tb(exc.__traceback__))
-        trail = f"{exc.traceback_str.rstrip()}\n\nwhich reached {name}() through get():\n{here}"
-        exc.__traceback__ = None
-        return exceptions.RayTaskError(exc.function_name, trail, exc.cause, exc.proctitle,
-                                       exc.pid)
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+def task_error(name: str, exc: BaseException, actor_repr: Optional[str] = None,
+               actor_id: Optional[str] = None) -> exceptions.RayError:
+    """The error to store for a task that raised ``exc``: a RayTaskError holding it and the
+    traceback of the user's frames (shmray's are left out, as Ray leaves out its own).  An
+    ``exc`` that can't be pickled even by its state becomes a RayError saying so, as in
+    Ray.  A RayTaskError raised by a get in the task is the cause like any other: the
+    caller still catches the innermost user exception's class."""
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    _drop_shmray_frames(report, set())
+    text = "".join(report.format())
     cause = exc
     try:
         _pickling.loads(_pickling.trial_dumps(exc))
-    except Exception:
+    except Exception as pickling_error:
         cause = exceptions.portable_exception(exc)  # rebuilt from args and __dict__
         if cause is None:
-            cause = exceptions.UnserializableException(text, type(exc).__name__)
+            cause = exceptions.RayError(
+                f"The original cause of the RayTaskError ({type(exc)}) isn't serializable: "
+                f"{pickling_error}. Overwriting the cause to a RayError.")
     exc.__traceback__ = None
-    return exceptions.RayTaskError(name, text, cause, setproctitle.getproctitle(), os.getpid())
+    return exceptions.RayTaskError(name, text, cause, None, os.getpid(), None, actor_repr,
+                                   actor_id)
+
+
+_SHMRAY_DIR = os.path.dirname(os.path.abspath(exceptions.__file__)) + os.sep
+
+
+def _drop_shmray_frames(report: traceback.TracebackException, seen: set) -> None:
+    """Leave out shmray's frames (the worker loop that called the task, a get inside it),
+    in ``report`` and the exceptions chained to it; all of them if no other frame is left
+    (the error came from shmray itself, and its frames are what explains it)."""
+    if id(report) in seen:
+        return
+    seen.add(id(report))
+    users = [frame for frame in report.stack if not frame.filename.startswith(_SHMRAY_DIR)]
+    if users:
+        report.stack = traceback.StackSummary.from_list(users)
+    for chained in (report.__cause__, report.__context__, *(getattr(report, "exceptions", None) or ())):
+        if chained is not None:
+            _drop_shmray_frames(chained, seen)
 
 
 def flush_output() -> None:

@@ -18,9 +18,10 @@ import inspect
 from typing import List, Optional
 
 from . import _pickling, _protocol as P
+from ._check_serialize import serializability_report
 from ._ids import first_return_id, object_id_for_return
-from ._object_ref import ObjectRef
-from ._serialization import SCALARS, scalars_to_bytes, serialize
+from ._object_ref import ObjectRef, _runtime_for
+from ._serialization import SCALARS, scalars_to_bytes, serialize, short_repr
 
 
 def task_spec(task_id: bytes, fn_id, name: str, args_blob: bytes, arg_ids, contained,
@@ -104,8 +105,10 @@ def check_parameters(parameters: tuple, name: str, args, kwargs) -> None:
     _check_bind(signature, parameters, name, args, kwargs)
 
 
-def pack_arguments(runtime, args, kwargs):
-    """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message."""
+def pack_arguments(runtime, args, kwargs, callee=None, method=None):
+    """(args blob, top-level ref ids, nested ref ids, temporary refs) for a task message.
+    ``callee`` (the function, the actor's class or its name) and ``method`` are named by
+    the error for an argument that can't be pickled."""
     if not args and not kwargs:
         return _NO_ARGUMENTS, [], [], []
     if not kwargs:  # most small tasks' arguments are a few numbers
@@ -118,13 +121,15 @@ def pack_arguments(runtime, args, kwargs):
 
     def placeholder(value):
         if isinstance(value, ObjectRef):
+            if value._tracker is not runtime:
+                _runtime_for(value)  # raises: a ref of a session shut down
             arg_ids.append(value.binary())
             return P.ArgRef(len(arg_ids) - 1)
         return value
 
     packed_args = [placeholder(a) for a in args]
     packed_kwargs = {k: placeholder(v) for k, v in kwargs.items()}
-    serialized = _serialize_arguments(packed_args, packed_kwargs)
+    serialized = _serialize_arguments(packed_args, packed_kwargs, callee, method)
     temporaries = []
     if serialized.total_size >= runtime.inline_threshold:
         # Put each large value into the store and pass it by reference.
@@ -140,30 +145,39 @@ def pack_arguments(runtime, args, kwargs):
 
         packed_args = [promote(a) for a in packed_args]
         packed_kwargs = {k: promote(v) for k, v in packed_kwargs.items()}
-        serialized = _serialize_arguments(packed_args, packed_kwargs)
+        serialized = _serialize_arguments(packed_args, packed_kwargs, callee, method)
     return serialized.to_bytes(), arg_ids, list(serialized.contained_refs), temporaries
 
 
 _NO_ARGUMENTS = serialize(([], {})).to_bytes()
 
 
-def _serialize_arguments(args, kwargs):
+def _serialize_arguments(args, kwargs, callee, method):
     try:
         return serialize((args, kwargs))
     except TypeError as exc:
-        for position, value in enumerate(args):
-            _explain(f"argument {position}", value)
-        for key, value in kwargs.items():
-            _explain(f"keyword argument {key!r}", value)
+        for value in (*args, *kwargs.values()):
+            _explain(value, callee, method)
         raise exc
 
 
-def _explain(label: str, value) -> None:
+def _explain(value, callee, method) -> None:
+    """Ray's TypeError for an argument that can't be pickled, if ``value`` is one."""
     try:
         _pickling.trial_dumps(value)
     except Exception as exc:
         raise TypeError(
-            f"{label} ({type(value).__qualname__}) can't be sent to a task: it can't be "
-            f"pickled ({exc}). Pass what is needed to rebuild it instead, or create it inside "
-            "the task."
+            f"Could not serialize the argument {short_repr(value)} for a task or actor "
+            f"{_callee_name(callee, method)}:\n{serializability_report(value)}"
+            "shmray pickles arguments with cloudpickle; objects holding locks, open files, "
+            "sockets or generators can't be pickled: pass what is needed to rebuild one "
+            "instead, or create it inside the task."
         ) from exc
+
+
+def _callee_name(callee, method) -> str:
+    """``module.qualname`` of a function or class (Ray's function descriptor), then the
+    method's name."""
+    name = callee if isinstance(callee, str) else \
+        f"{getattr(callee, '__module__', '?')}.{getattr(callee, '__qualname__', callee)}"
+    return f"{name}.{method}" if method else name

@@ -404,8 +404,13 @@ class Worker:
             results = store_returns(self.runtime, task_id, outcome, num_returns, name,
                                     handed_over)
         except BaseException as exc:  # the task's failure is its result
+            if isinstance(exc, SystemExit):
+                # As in Ray: sys.exit() in a task ends its worker, and the task is a
+                # system failure (retried while max_retries lasts, then WorkerCrashedError).
+                raise
             retryable = should_retry(exc, retry_exceptions) and not self.cancel.cancelled
-            if self.cancel.cancelled and isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, KeyboardInterrupt):  # ray.cancel's, or the task's own
+                retryable = False
                 error = exceptions.TaskCancelledError(task_id.hex())
             else:
                 error = task_error(name, exc)

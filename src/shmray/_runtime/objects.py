@@ -29,10 +29,17 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import _protocol as P, exceptions
+from .._check_serialize import serializability_report
 from .._ids import object_id_for_put
 from .._object_ref import ObjectRef
 from .._object_store import ObjectNotFoundError, ObjectNotSealedError, ObjectSpilledError
-from .._serialization import META_ERROR, deserialize, deserialize_inline, serialize
+from .._serialization import (
+    META_ERROR,
+    deserialize,
+    deserialize_inline,
+    serialize,
+    short_repr,
+)
 from .._spill import store_full_error, too_large_error
 from .link import Link
 
@@ -144,7 +151,14 @@ class Objects:
                 "calling put() on an ObjectRef is not allowed (as in Ray): pass the ref itself "
                 "where it is needed, or wrap it in a list, put([ref]), to store a reference to it"
             )
-        serialized = serialize(value)
+        try:
+            serialized = serialize(value)
+        except TypeError as exc:
+            raise TypeError(
+                f"Could not serialize the put value {short_repr(value)}:\n"
+                f"{serializability_report(value)}shmray pickles values with cloudpickle; "
+                "objects holding locks, open files, sockets or generators can't be pickled: "
+                "pass what is needed to rebuild them.") from exc.__cause__
         object_id = object_id_for_put()
         data = self.store_object(object_id, serialized)
         with self.link.lock:

@@ -98,14 +98,14 @@ class Tasks:
                 task.waiting_on += 1
                 entry.dependents.append((task, self.argument_ready))
             elif entry.failed:
-                self.fail(task, entry.data, entry.metadata)
+                self.fail_for_argument(task, entry)
                 return
 
     def argument_ready(self, task: Task, entry: ObjectEntry) -> None:
         if task.finished:
             return
         if entry.failed:
-            self.fail(task, entry.data, entry.metadata)
+            self.fail_for_argument(task, entry)
             return
         task.waiting_on -= 1
         if task.waiting_on == 0:
@@ -284,6 +284,12 @@ class Tasks:
     def fail(self, task: Task, data: bytes, metadata: bytes) -> None:
         self.finish(task, [(object_id, data, metadata, []) for object_id in task.return_ids])
 
+    def fail_for_argument(self, task: Task, argument: ObjectEntry) -> None:
+        """Fail a task that can't run because an argument is an error: with Ray's text for
+        it ("At least one of the input arguments for this task could not be computed"),
+        made where it is read; the argument's error travels inside, still pickled."""
+        self.fail(task, *serialized(exceptions.FailedArgument(task.name, argument.data)))
+
     def cancelled_error(self, task: Task) -> tuple:
         return serialized(exceptions.TaskCancelledError(task.task_id.hex()))
 
@@ -300,8 +306,8 @@ class Tasks:
             self.fail(task, *serialized(exceptions.WorkerCrashedError(
                 f"the worker (pid {pid}) running {task.name}() died of {how(status)}. It "
                 f"was retried {task.spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries). Likely "
-                "causes: the process ran out of memory, a C extension crashed, or it called "
-                "os._exit(); set max_retries to try more often.")))
+                "causes: the process ran out of memory, a C extension crashed, or the task "
+                "called sys.exit() or os._exit(); set max_retries to try more often.")))
 
     def worker_died(self, worker: Client, status: Optional[int]) -> None:
         """What became of the tasks the scheduler sent a worker that died."""
