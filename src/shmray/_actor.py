@@ -30,7 +30,7 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-from . import _context, _options, _pickling, _protocol as P, exceptions
+from . import _context, _options, _pickling, _placement_group, _protocol as P, exceptions
 from ._context import current_task
 from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef, stale_session_error
@@ -180,6 +180,11 @@ class ActorClass:
         hold = _options.task_resources({**options, "num_cpus": num_cpus or 0})
         place = dict(hold) if num_cpus is not None else {**hold, "CPU": 1.0}
         runtime.check_feasible(place, f"actor {self._name}", actor=True)
+        placement, capturable = _placement_group.resolve(options, place, f"actor {self._name}",
+                                                         actor=True)
+        if capturable and current_task.placement is not None and current_task.placement[2]:
+            placement = _placement_group.captured(current_task.placement, place,
+                                                  f"actor {self._name}", actor=True)
         namespace = options["namespace"] or runtime.options.get("namespace", "default")
         actor_options = {
             "is_async": self._is_async,
@@ -204,6 +209,7 @@ class ActorClass:
             # call whose arguments are ready before earlier ones still waiting (as in Ray).
             "ordered": (not self._is_async and max_concurrency == 1
                         and not options["concurrency_groups"]),
+            "placement": placement,  # (pg id, bundle index, capture) or None
         }
         runtime.ensure_function(self._class_id, self._code, self._name)
         actor_id = object_id_for_put()

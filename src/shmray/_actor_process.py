@@ -107,6 +107,7 @@ class ActorProcess(Worker):
         current_task.actor_id = self.actor_id
         current_task.actor_options = options
         current_task.restarted = restarted
+        current_task.placement = options.get("placement")
         current_task.actor_class = self.cls
         current_task.in_asyncio_actor = self.is_async
         _context.is_canceled = self._is_canceled

@@ -14,12 +14,13 @@ import inspect
 import os
 from typing import Any, Optional
 
-from . import _accelerators, _context, _object_ref, _protocol as P
+from . import _accelerators, _context, _object_ref, _placement_group, _protocol as P
 from ._actor import ActorClass, ActorHandle
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
 from ._remote_function import RemoteFunction
 from ._runtime import Runtime
+from ._scheduling_strategies import NODE_ID
 from ._session import current
 
 
@@ -184,7 +185,7 @@ class RuntimeContext:
         return f"{os.getpid():056x}"
 
     def get_node_id(self) -> str:
-        return "0" * 56
+        return NODE_ID
 
     @property
     def node_id(self) -> str:
@@ -233,7 +234,8 @@ class RuntimeContext:
         return _context.is_canceled(call.task_id)
 
     def get_placement_group_id(self) -> Optional[str]:
-        return None
+        """The placement group the running task or actor is in (hex), or None."""
+        return _placement_group.current_placement_group_id()
 
     @property
     def namespace(self) -> str:
@@ -280,7 +282,7 @@ def nodes() -> list:
     runtime = current()
     resources = runtime.query("resources")
     return [{
-        "NodeID": "0" * 56,
+        "NodeID": NODE_ID,
         "Alive": True,
         "NodeManagerAddress": "127.0.0.1",
         "NodeManagerHostname": os.uname().nodename,

@@ -36,6 +36,9 @@ class TaskContext:
         self.name: Optional[str] = None
         self.function = None
         self.resources: Optional[dict] = None
+        # The placement group the task or actor runs in: (pg id, bundle index, whether it
+        # captures the tasks it starts), or None (``_placement_group``)
+        self.placement: Optional[tuple] = None
         self.actor_id: Optional[bytes] = None
         self.actor_options: Optional[dict] = None
         self.actor_class: Optional[type] = None

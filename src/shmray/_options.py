@@ -4,8 +4,9 @@ Runs in: the driver (and any process that submits tasks).
 
 Checked where the user wrote them, at decoration or ``.options()`` time, so a typo is an
 exception on the line that has it, not a hang later.  Options that only mean something on a
-cluster (placement groups, scheduling strategies, accelerators) are accepted and ignored, so
-programs written for Ray keep running here.
+cluster (accelerator types, label selectors) are accepted and ignored, so programs written
+for Ray keep running here; placement groups and scheduling strategies are honoured
+(``_placement_group`` works out where each task or actor runs).
 """
 
 from __future__ import annotations

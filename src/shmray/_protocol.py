@@ -43,7 +43,11 @@ Client (driver, worker, actor) -> scheduler
                                                      "ping" (a barrier), "objects" (how many
                                                      the directory has), "direct_calls" (how
                                                      many went straight), "named_actors",
-                                                     ("actor", name, namespace), ("function",
+                                                     ("actor", name, namespace),
+                                                     "placement_groups" (their table),
+                                                     ("placement_group", pg_id),
+                                                     ("placement_group_named", name,
+                                                     namespace), ("function",
                                                      fn_id) (its code, for a leased worker)
     CREATE_ACTOR       request_id, spec (ActorSpec)  the sender holds the new actor's handle;
                                                      a REPLY follows when request_id is not None
@@ -74,6 +78,14 @@ Client (driver, worker, actor) -> scheduler
                                                      SIGKILL the actor process; the REPLY
                                                      comes once its death is dealt with
     CANCEL             task_id, force, recursive     stop a task (or an actor call)
+    CREATE_PLACEMENT_GROUP  pg_id, bundles, strategy, name, namespace, detached
+                                                     reserve the bundles' resources as soon
+                                                     as they are free (``_placement_group``)
+    PLACEMENT_GROUP_READY  pg_id, object_id, value   make object_id (the sender holds it)
+                                                     ready with value once the group is
+                                                     created, or failed once it is removed
+    REMOVE_PLACEMENT_GROUP request_id, pg_id         free its reservation, kill what runs in
+                                                     it; the REPLY follows
     CONSUMED           task_id, count                the caller of a streaming task has taken
                                                      this many of its items (backpressure);
                                                      the scheduler passes it on to the
@@ -142,12 +154,14 @@ Caller -> actor or leased worker, and back, on a direct channel (``_direct``)
 An ActorSpec is the tuple ``(actor_id, class_id, class_name, args, arg_ids, contained,
 options)``; ``options`` is a dict of the actor's options resolved by the caller (``is_async``,
 ``max_concurrency``, ``max_restarts``, ``max_task_retries``, ``place``/``hold`` resources,
-``name``, ``namespace``, ``detached``, ``get_if_exists``, ``methods``).
+``name``, ``namespace``, ``detached``, ``get_if_exists``, ``methods``, ``placement``: its
+placement group's ``(pg_id, bundle_index, capture_child_tasks)`` or None).
 
 A TaskSpec is the tuple ``(task_id, fn_id, name, args, arg_ids, contained, num_returns,
 resources, max_retries, retry_exceptions, extra)``, ``extra`` being None or a dict of the
 rarer options (``env_vars`` from runtime_env, ``max_calls``, ``backpressure``, the
-``resources`` a task holds when not one CPU; EXECUTE adds ``gpu_ids``): ``args`` is
+``resources`` a task holds when not one CPU, ``placement``: ``(pg_id, bundle_index,
+capture_child_tasks)``; EXECUTE adds ``gpu_ids``): ``args`` is
 the serialized ``(args, kwargs)`` with each top-level ObjectRef replaced by ``ArgRef(i)``,
 ``arg_ids[i]`` being its id.  ``num_returns`` is a count, or ``STREAMING`` (the task is a
 generator whose items stream to its caller as it yields them: item ``k`` is the object
@@ -190,6 +204,9 @@ LEASED_DONE = 22
 LEASE_VERDICT = 23
 HANDED_BACK = 24
 LEASE_HANDED_BACK = 25
+CREATE_PLACEMENT_GROUP = 41
+PLACEMENT_GROUP_READY = 42
+REMOVE_PLACEMENT_GROUP = 43
 
 READY = 30
 EXECUTE = 31
@@ -337,6 +354,19 @@ def direct_submit(worker_pid: int, spec: tuple) -> tuple:
 
 def direct_call(actor_id: bytes, actor_pid: int, spec: tuple) -> tuple:
     return (DIRECT_CALL, actor_id, actor_pid, spec)
+
+
+def create_placement_group(pg_id: bytes, bundles: list, strategy: str, name: str,
+                           namespace: str, detached: bool) -> tuple:
+    return (CREATE_PLACEMENT_GROUP, pg_id, bundles, strategy, name, namespace, detached)
+
+
+def placement_group_ready(pg_id: bytes, object_id: bytes, value: bytes) -> tuple:
+    return (PLACEMENT_GROUP_READY, pg_id, object_id, value)
+
+
+def remove_placement_group(request_id: int, pg_id: bytes) -> tuple:
+    return (REMOVE_PLACEMENT_GROUP, request_id, pg_id)
 
 
 def actor_started(error: Optional[bytes]) -> tuple:

@@ -14,7 +14,7 @@ import inspect
 import os
 from typing import Any, Dict
 
-from . import _context, _options, _pickling, _protocol as P
+from . import _context, _options, _pickling, _placement_group, _protocol as P
 from ._ids import new_task_id
 from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
@@ -79,11 +79,15 @@ class RemoteFunction:
 
     def _spec_fields(self, options: Dict[str, Any]) -> tuple:
         """What a task's spec takes from its options, worked out once, not per call."""
-        return (options.get("name") or self._name,
-                _options.num_returns_code(options["num_returns"]),
-                _options.task_resources(options), options["max_retries"],
-                _options.retry_exceptions_field(options["retry_exceptions"]),
-                _options.task_extra(options))
+        name = options.get("name") or self._name
+        resources = _options.task_resources(options)
+        placement, capturable = _placement_group.resolve(options, resources, f"task {name}()")
+        extra = _options.task_extra(options)
+        if placement is not None:
+            extra = {**(extra or {}), "placement": placement}
+        return (name, _options.num_returns_code(options["num_returns"]), resources,
+                options["max_retries"],
+                _options.retry_exceptions_field(options["retry_exceptions"]), extra, capturable)
 
     def _code(self) -> bytes:
         if self._pickled is None:
@@ -98,7 +102,9 @@ class RemoteFunction:
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs, self._function)
-        name, num_returns, resources, max_retries, retry, extra = fields
+        name, num_returns, resources, max_retries, retry, extra, capturable = fields
+        if capturable and _context.current_task.placement is not None:
+            extra = _captured(extra, resources, name)
         spec = task_spec(task_id, self._fn_id, name, args_blob, arg_ids, contained,
                          num_returns, resources, max_retries, retry, extra)
         refs = runtime.submit(spec, return_ids(task_id, num_returns))
@@ -108,6 +114,16 @@ class RemoteFunction:
         if num_returns == P.STREAMING:
             return ObjectRefGenerator(refs[0], runtime, runtime.streams.table[task_id])
         return refs if num_returns else None
+
+
+def _captured(extra, resources, name: str):
+    """A task started without a strategy in a task or actor that runs in a placement
+    group: into that group, if it captures its children."""
+    placement = _context.current_task.placement
+    if not placement[2]:
+        return extra
+    return {**(extra or {}),
+            "placement": _placement_group.captured(placement, resources, f"task {name}()")}
 
 
 def _rebuild(function, options, fn_id) -> "RemoteFunction":

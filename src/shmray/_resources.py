@@ -43,10 +43,10 @@ def shortfall(demand: Dict[str, float], total: Dict[str, float]) -> Dict[str, fl
 
 def unschedulable_message(what: str, demand: Dict[str, float], total: Dict[str, float],
                           missing: Dict[str, float]) -> str:
-    return (f"{what} asks for {_shown(demand)}, more than this machine has "
-            f"({_shown(missing)}), so it can never run. Ask for less (num_cpus=, num_gpus=, "
+    return (f"{what} asks for {shown(demand)}, more than this machine has "
+            f"({shown(missing)}), so it can never run. Ask for less (num_cpus=, num_gpus=, "
             f"resources=, memory=), or start shmray with more: shmray.init(num_cpus=..., "
-            f"num_gpus=..., resources={{...}}). This session has {_shown(total)}.")
+            f"num_gpus=..., resources={{...}}). This session has {shown(total)}.")
 
 
 def check_feasible(demand: Dict[str, float], total: Dict[str, float], what: str,
@@ -59,7 +59,7 @@ def check_feasible(demand: Dict[str, float], total: Dict[str, float], what: str,
         raise error(unschedulable_message(what, demand, total, missing))
 
 
-def _shown(resources: Dict[str, float]) -> str:
+def shown(resources: Dict[str, float]) -> str:
     return ", ".join(f"{name}={_amount(name, value)}" for name, value in resources.items()) \
         or "nothing"
 

@@ -387,7 +387,12 @@ class Worker:
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
             current_task.name, current_task.function = name, fn
-            current_task.resources = (extra and extra.get("resources")) or P.LEASE_SHAPE
+            if extra:
+                current_task.resources = extra.get("resources") or P.LEASE_SHAPE
+                current_task.placement = extra.get("placement")
+            else:
+                current_task.resources = P.LEASE_SHAPE
+                current_task.placement = None
             cancel = self.cancel
             cancel.in_user_code = True
             try:

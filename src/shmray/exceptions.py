@@ -18,7 +18,7 @@ exist so that code written for Ray, which names them in ``except`` clauses, runs
           ├── WorkerCrashedError
           ├── LocalRayletDiedError                 never
           ├── NodeDiedError                        never
-          ├── TaskPlacementGroupRemoved            never
+          ├── TaskPlacementGroupRemoved
           ├── ActorPlacementGroupRemoved           never
           ├── RaySystemError
           │    ├── RayChannelError                 never
@@ -474,13 +474,14 @@ class UnserializableException(RayError):
 
 
 class TaskPlacementGroupRemoved(RayError):
-    """Kept for Ray compatibility, never raised: Ray raises it for a task whose placement
-    group was removed; shmray accepts the placement group options and ignores them."""
+    """The placement group a task was to run in was removed (``remove_placement_group``,
+    or the end of the process that created it) before it ran, or while it ran (its worker
+    is killed); also what ``get()`` of a removed group's ``ready()`` raises."""
 
 
 class ActorPlacementGroupRemoved(RayError):
-    """Kept for Ray compatibility, never raised: Ray raises it for an actor whose placement
-    group was removed; shmray accepts the placement group options and ignores them."""
+    """Kept for Ray compatibility, never raised: an actor whose placement group is removed
+    dies, and its calls raise ActorDiedError saying so."""
 
 
 class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectLostError):

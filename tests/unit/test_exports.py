@@ -19,9 +19,13 @@ def test_public_names():
     }
     assert shmray.actor.__all__ == ["ActorClass", "ActorClassInheritanceException", "ActorHandle",
                                     "ActorMethod", "exit_actor"]
-    assert shmray.util.__all__ == ["ActorPool", "as_completed", "deregister_serializer",
-                                   "get_node_ip_address", "inspect_serializability",
-                                   "list_named_actors", "map_unordered", "register_serializer"]
+    assert shmray.util.__all__ == [
+        "ActorPool", "as_completed", "deregister_serializer", "get_current_placement_group",
+        "get_node_ip_address", "get_placement_group", "inspect_serializability",
+        "list_named_actors", "map_unordered", "placement_group", "placement_group_table",
+        "register_serializer", "remove_placement_group", "scheduling_strategies"]
+    assert shmray.util.scheduling_strategies.__all__ == [
+        "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy"]
 
 
 def test_all_names_resolve():

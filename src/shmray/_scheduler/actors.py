@@ -45,10 +45,7 @@ class Actors:
         # Read what a process has sent so far (``loop`` wires it): a caller that heard from
         # a restarted actor directly may reach us before that actor's ACTOR_STARTED does.
         self.catch_up: Callable[[Client], None] = lambda client: None
-
-    def placements_waiting(self) -> Iterable[dict]:
-        """What the actors waiting only for resources ask (``Leases``)."""
-        return (actor.options["place"] for actor in self.unplaced if not actor.waiting_on)
+        self.bundle_for: Callable[[Actor], Optional[Resources]] = lambda actor: None
 
     # -- creation and placement -----------------------------------------------------------
 
@@ -122,17 +119,18 @@ class Actors:
                     _resources.unschedulable_message(f"actor {actor.class_name}", place,
                                                      total, missing))))
                 continue
-            if actor.waiting_on or not self.resources.fits(place) or self._spawn is None:
-                if not actor.waiting_on and self._spawn is not None:
+            pool = self.bundle_for(actor) if actor.options.get("placement") else self.resources
+            if actor.waiting_on or pool is None or not pool.fits(place) or self._spawn is None:
+                if not actor.waiting_on and self._spawn is not None and pool is self.resources:
                     self.leases.recall_if_in_the_way(place)  # it may wait for a leased CPU
                 still.append(actor)
                 continue
-            self._start(actor)
+            self._start(actor, pool)
         self.unplaced = still
 
-    def _start(self, actor: Actor) -> None:
+    def _start(self, actor: Actor, pool: Resources) -> None:
         hold = actor.options["hold"]
-        actor.gpu_ids = self.resources.take(hold)
+        actor.pool, actor.gpu_ids = pool, pool.take(hold)
         actor.held = dict(hold)
         conn, pid = self._spawn(actor.class_name)
         client = self.clients.add(conn, pid, "actor")
@@ -336,15 +334,21 @@ class Actors:
         actor = self.table.get(actor_id)
         if actor is not None and actor.state != "dead":
             if no_restart:
-                actor.no_restart = True
-                actor.death = died_error(actor, "it was killed by kill()")
+                self.end(actor, died_error(actor, "it was killed by kill()"))
+            elif actor.client is not None:
+                kill_quietly(actor.client.pid)
             if actor.client is not None:
                 actor.client.killers.append((client, request_id))
-                kill_quietly(actor.client.pid)
                 return
-            if no_restart:
-                self._dead(actor, *actor.death)
         self.clients.send(client, P.reply(request_id, None))
+
+    def end(self, actor: Actor, death: tuple) -> None:
+        """End it for good: what it owes fails with ``death`` (once its process is dead)."""
+        actor.no_restart, actor.death = True, death
+        if actor.client is not None:
+            kill_quietly(actor.client.pid)
+        elif actor.state != "dead":
+            self._dead(actor, *death)
 
     def out_of_scope(self, actor_id: bytes) -> None:
         """No handle to the actor is left anywhere (``Directory.on_actor_unheld``)."""
@@ -378,7 +382,7 @@ class Actors:
             self.clients.send(killer, P.reply(request_id, None))
 
     def _died(self, actor: Actor, status: Optional[int]) -> None:
-        self.resources.give(actor.held, actor.gpu_ids)
+        (actor.pool or self.resources).give(actor.held, actor.gpu_ids)
         actor.held = {}
         actor.gpu_ids = ()
         actor.client = None
@@ -425,6 +429,13 @@ class Actors:
     def _release_creation_holds(self, actor: Actor) -> None:
         held, actor.creation_holds = actor.creation_holds, []
         self.objects.release_arguments(held)
+
+
+def placements_waiting(actors: Actors) -> Iterable[dict]:
+    """What the actors waiting only for free resources ask (``Leases``): not those in a
+    placement group, whose bundle holds theirs already."""
+    return (actor.options["place"] for actor in actors.unplaced
+            if not actor.waiting_on and actor.options.get("placement") is None)
 
 
 def retry_allowed(task) -> bool:

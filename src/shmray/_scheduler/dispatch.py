@@ -10,7 +10,9 @@ shape in advance and starts it without a round trip (``_prefetch``): functions t
 took over 2 ms get up to 16.  The code of every function is registered here, and goes to a
 worker with its first task that needs it (a leased worker asks: ``send_function``).  When
 queued work needs CPUs that leased workers hold, the leases' part hears of it
-(``cpu_wanted``, wired by ``loop``).
+(``cpu_wanted``, wired by ``loop``).  Tasks in a placement group queue apart (their
+shape names the group and bundle) and go to ``dispatch_placed``, which takes from the
+bundle's reservation.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class Dispatcher:
         self.durations: Dict[bytes, float] = {}  # fn id -> typical run time (EWMA), seconds
         self.slowest: Dict[bytes, float] = {}    # fn id -> longest run time lately, seconds
         self.cpu_wanted: Callable[[Dict[str, float]], None] = lambda demand: None
+        # Starts what it can of a queue of tasks in one placement group's bundle
+        # (``placement_groups``, wired by ``loop``).
+        self.dispatch_placed: Callable[[collections.deque], None] = lambda queue: None
 
     # -- functions -------------------------------------------------------------------------
 
@@ -82,6 +87,11 @@ class Dispatcher:
     def dispatch(self) -> None:
         """Start ready tasks while resources and workers allow, FIFO within each shape."""
         for shape, queue in list(self.ready_by_shape.items()):
+            if queue and queue[0].placement is not None:  # in a placement group's bundle
+                self.dispatch_placed(queue)
+                if not queue:
+                    del self.ready_by_shape[shape]
+                continue
             demand = queue[0].resources if queue else None
             while queue and self.resources.fits(demand):
                 task = queue.popleft()
@@ -154,7 +164,7 @@ class Dispatcher:
         self.send_execute(task, worker)
 
     def make_running(self, task: Task, worker: Client) -> None:
-        task.gpu_ids = self.resources.take(task.resources)
+        task.gpu_ids = (task.pool or self.resources).take(task.resources)
         worker.task = task
         task.started_at = time.monotonic()
         self.pool.busy.add(worker)

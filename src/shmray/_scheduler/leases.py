@@ -86,7 +86,8 @@ class Leases:
 
     def _work_waits(self) -> bool:
         """Queued work that leases keep from running: it goes before new leases."""
-        return (any(queue and self.in_the_way(queue[0].resources)
+        return (any(queue and queue[0].placement is None
+                    and self.in_the_way(queue[0].resources)
                     for queue in self.tasks.dispatcher.ready_by_shape.values())
                 or any(self.in_the_way(place) for place in self.placements_waiting()))
 

@@ -18,6 +18,7 @@ with whatever else is queued; a driver's plain tasks go to workers it leases ins
 
 The parts, each a module that imports only those below it:
 
+- ``placement_groups``: reservations of bundles, and what runs in them;
 - ``cancel``: cancel() of tasks and actor calls;
 - ``actors``: actor processes, each caller's calls in order, restarts and deaths;
 - ``leases``: workers lent to drivers, and what became of their tasks when one dies;
@@ -42,6 +43,7 @@ session: workers are killed, the session folder is removed, and the scheduler ex
 
 from __future__ import annotations
 
+import itertools
 import selectors
 import shutil
 import signal
@@ -53,12 +55,13 @@ from typing import Callable, Optional
 from .. import _direct, _protocol as P
 from .._connection import Connection, ConnectionClosed
 from .._object_store import ObjectStore
-from .actors import Actors
+from .actors import Actors, placements_waiting
 from .cancel import Cancel
 from .clients import Client, Clients, kill_quietly, reap
 from .dispatch import Dispatcher
 from .leases import Leases
 from .objects import Directory
+from .placement_groups import PlacementGroups
 from .resources import Resources
 from .tasks import Tasks
 from .workers import WorkerPool
@@ -91,12 +94,17 @@ class Scheduler:
                              None if spawn_actor is None
                              else lambda class_name: spawn_actor(self, class_name))
         self.cancel = Cancel(self.clients, self.tasks, self.leases)
+        self.placement_groups = groups = PlacementGroups(
+            self.clients, self.objects, self.resources, self.tasks, self.actors, self.leases)
+        self.dispatcher.dispatch_placed = groups.dispatch_placed
+        self.actors.bundle_for = groups.bundle_for  # where an actor in a group starts
         self.objects.on_actor_unheld = self.actors.out_of_scope
         self.tasks.forward_actor = self.actors.forward
         self.tasks.actor_call_ready = self.actors.call_ready
         self.actors.catch_up = lambda client: self._read(client, everything=True)
         self.dispatcher.cpu_wanted = self.leases.recall_if_in_the_way
-        self.leases.placements_waiting = self.actors.placements_waiting
+        self.leases.placements_waiting = lambda: itertools.chain(
+            placements_waiting(self.actors), groups.waiting())
         self.running = True
         self.internal_errors = 0
         objects, tasks, leases, actors = self.objects, self.tasks, self.leases, self.actors
@@ -129,6 +137,9 @@ class Scheduler:
             P.LEASED_DONE: leases.on_leased_done,
             P.LEASE_VERDICT: leases.on_lease_verdict,
             P.LEASE_HANDED_BACK: leases.on_lease_handed_back,
+            P.CREATE_PLACEMENT_GROUP: groups.on_create,
+            P.PLACEMENT_GROUP_READY: groups.on_ready,
+            P.REMOVE_PLACEMENT_GROUP: groups.on_remove,
         }
 
     def _on_task_done(self, client: Client, task_id, results, retryable, took=None) -> None:
@@ -144,7 +155,9 @@ class Scheduler:
             self.leases.on_direct_done(client, task_id, results, caller_pid, retryable)
 
     def dispatch(self) -> None:
-        """Start what is ready: actors whose arguments are, then tasks."""
+        """Start what is ready: placement groups, actors whose arguments are, then
+        tasks."""
+        self.placement_groups.place()
         self.actors.place()
         self.dispatcher.dispatch()
 
@@ -285,6 +298,9 @@ class Scheduler:
         elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
             self.dispatcher.send_function(client, request_id, what[1])
             return
+        elif what == "placement_groups" or (isinstance(what, tuple) and what[0] in (
+                "placement_group", "placement_group_named")):
+            value = self.placement_groups.query(what)
         elif isinstance(what, tuple) and what[0] == "actor":
             actor_id = self.actors.named.get((what[2], what[1]))
             actor = self.actors.table.get(actor_id) if actor_id is not None else None
@@ -304,6 +320,7 @@ class Scheduler:
             self.running = False
             return
         self.actors.caller_died(client)
+        self.placement_groups.creator_died(client)
         self.objects.drop_early_of(client.pid)
         status = reap(client.pid)
         self.store.reap(client.pid)

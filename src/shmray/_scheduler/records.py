@@ -16,7 +16,7 @@ class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
                  "children", "cancelled", "started_at", "direct", "streamed", "consumed",
-                 "gpu_ids")
+                 "gpu_ids", "placement", "pool")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -28,6 +28,14 @@ class Task:
                            for i in range(max(num_returns, 1))]
         self.resources: Dict[str, float] = spec[P.SPEC_RESOURCES]
         self.shape = tuple(sorted(self.resources.items()))
+        extra = spec[P.SPEC_EXTRA]
+        # (pg id, bundle index, capture) for a task in a placement group: it queues apart
+        # and takes from its bundle's reservation (``pool``, set as it starts), not the
+        # free pool, which ``pool`` None means.
+        self.placement = extra.get("placement") if extra else None
+        if self.placement is not None:
+            self.shape += (self.placement[:2],)
+        self.pool = None
         self.waiting_on = 0
         self.retries_left = spec[P.SPEC_MAX_RETRIES]
         self.worker: Optional[Client] = None
@@ -50,7 +58,7 @@ class Actor:
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
                  "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting",
-                 "ordered", "parked", "gpu_ids")
+                 "ordered", "parked", "gpu_ids", "pool")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -68,6 +76,7 @@ class Actor:
         self.no_restart = False
         self.held: Dict[str, float] = {}
         self.gpu_ids = ()                     # the GPU ids its process holds, for its life
+        self.pool = None  # the bundle's reservation it holds from; None: the free pool
         self.waiting_on = 0                   # constructor arguments not ready yet
         self.creation_holds = list(spec[P.ACTOR_ARG_IDS]) + list(spec[P.ACTOR_CONTAINED])
         self.out_of_scope = False

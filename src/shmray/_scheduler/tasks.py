@@ -180,11 +180,12 @@ class Tasks:
 
     def _give_back(self, task: Optional[Task], worker: Client) -> None:
         if task is not None:
+            available = (task.pool or self.resources).available
             for name, amount in task.resources.items():
                 if name != "CPU" or not worker.blocked:  # a blocked task's CPU was lent already
-                    self.resources.available[name] += amount
+                    available[name] += amount
             if task.gpu_ids:
-                self.resources.gpus.give(task.gpu_ids, task.resources["GPU"])
+                (task.pool or self.resources).gpus.give(task.gpu_ids, task.resources["GPU"])
                 task.gpu_ids = ()
         worker.blocked = False
 
@@ -205,7 +206,7 @@ class Tasks:
             return
         self.dispatcher.blocking_functions.add(task.spec[P.SPEC_FN_ID])
         worker.blocked = True
-        self.resources.available["CPU"] += task.resources.get("CPU", 0.0)
+        (task.pool or self.resources).available["CPU"] += task.resources.get("CPU", 0.0)
 
     def on_unblocked(self, worker: Client) -> None:
         task = worker.task
@@ -216,7 +217,7 @@ class Tasks:
         if task is None or not worker.blocked:
             return
         worker.blocked = False
-        self.resources.available["CPU"] -= task.resources.get("CPU", 0.0)  # ditto
+        (task.pool or self.resources).available["CPU"] -= task.resources.get("CPU", 0.0)  # ditto
 
     def on_handed_back(self, worker: Client, task_ids) -> None:
         """Tasks sent ahead to ``worker`` that it will not run: they go back to the front of

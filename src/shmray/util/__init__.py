@@ -6,8 +6,16 @@ Runs in: the driver, workers and actors.
 from .._actor import list_named_actors
 from .._actor_pool import ActorPool
 from .._pickling import deregister_serializer, register_serializer
+from . import scheduling_strategies
 from .check_serialize import inspect_serializability
 from .helpers import as_completed, map_unordered
+from .placement_group import (
+    get_current_placement_group,
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 
 
 def get_node_ip_address() -> str:
@@ -15,6 +23,8 @@ def get_node_ip_address() -> str:
     return "127.0.0.1"
 
 
-__all__ = ["ActorPool", "as_completed", "deregister_serializer", "get_node_ip_address",
+__all__ = ["ActorPool", "as_completed", "deregister_serializer",
+           "get_current_placement_group", "get_node_ip_address", "get_placement_group",
            "inspect_serializability", "list_named_actors", "map_unordered",
-           "register_serializer"]
+           "placement_group", "placement_group_table", "register_serializer",
+           "remove_placement_group", "scheduling_strategies"]
