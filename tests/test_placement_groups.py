@@ -353,3 +353,26 @@ def test_default_and_spread_run_and_others_raise(ray):
                        timeout=DEADLOCK) == (None, None)
     with pytest.raises(ValueError, match="Invalid scheduling_strategy"):
         current_group.options(scheduling_strategy="PACKED").remote()
+
+
+def test_each_bundle_holds_gpu_ids_of_its_own(monkeypatch):
+    """Tasks in different bundles get different GPUs; removal gives the ids back."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    shmray.init(num_cpus=2, num_gpus=2, object_store_memory=100 << 20)
+    try:
+        pg = placement_group([{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}])
+        assert pg.wait(DEADLOCK)
+
+        @shmray.remote(num_gpus=1)
+        def gpus():
+            return shmray.get_gpu_ids()
+
+        seen = [shmray.get(gpus.options(scheduling_strategy=in_group(pg, i)).remote(),
+                           timeout=DEADLOCK) for i in (0, 1, 0)]
+        assert seen[0] == seen[2] and sorted(seen[0] + seen[1]) == [0, 1]
+        assert "GPU" not in shmray.available_resources()
+        remove_placement_group(pg)
+        assert shmray.available_resources()["GPU"] == 2.0
+        assert len(shmray.get(gpus.remote(), timeout=DEADLOCK)) == 1
+    finally:
+        shmray.shutdown()
