@@ -306,19 +306,30 @@ def test_the_table_lists_every_group(ray):
 
 
 def test_a_group_goes_with_the_actor_that_created_it(ray):
-    @ray.remote
+    """Once that actor is dead for good: not while it restarts.  A task's group lives on
+    after the task (Ray's: it is the job's)."""
+    @ray.remote(num_cpus=0, max_restarts=1)
     class Creator:
         def make(self, detached):
-            pg = placement_group([{"CPU": 1}], lifetime="detached" if detached else None)
+            pg = placement_group([{"CPU": 0.5}], lifetime="detached" if detached else None)
             pg.wait(DEADLOCK)
             return pg
+
+    @ray.remote(num_cpus=0)
+    def make():
+        return placement_group([{"CPU": 0.5}])
 
     creator = Creator.remote()
     owned = ray.get(creator.make.remote(False), timeout=DEADLOCK)
     detached = ray.get(creator.make.remote(True), timeout=DEADLOCK)
+    ray.kill(creator, no_restart=False)
+    ray.get(creator.make.options(max_task_retries=-1).remote(True), timeout=DEADLOCK)
+    assert placement_group_table(owned)["state"] == "CREATED"
     ray.kill(creator)
     wait_for(lambda: placement_group_table(owned)["state"] == "REMOVED")
     assert placement_group_table(detached)["state"] == "CREATED"
+    by_task = ray.get(make.remote(), timeout=DEADLOCK)
+    assert by_task.wait(DEADLOCK)
 
 
 # -- scheduling strategies -----------------------------------------------------------------

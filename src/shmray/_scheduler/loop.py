@@ -320,7 +320,6 @@ class Scheduler:
             self.running = False
             return
         self.actors.caller_died(client)
-        self.placement_groups.creator_died(client)
         self.objects.drop_early_of(client.pid)
         status = reap(client.pid)
         self.store.reap(client.pid)
@@ -331,6 +330,8 @@ class Scheduler:
         if client.actor is not None:
             self.objects.release_holds_of(client)
             self.actors.process_died(client, status)
+            if client.actor.state == "dead":
+                self.placement_groups.creator_died(client.actor.actor_id)
             return
         self.pool.gone(client)
         self.leases.worker_died(client, status)

@@ -11,8 +11,9 @@ never from the free pool (``dispatch_placed``, wired into ``dispatch``; ``bundle
 wired into ``actors``), and give back to it.  ``ready()`` objects (``on_ready``) are
 made ready with the group's handle once it is created.
 
-Removing a group (``on_remove``, or the death of the process that created a group that
-is not detached: ``creator_died``) gives its reservation back at once, kills its actors
+Removing a group (``on_remove``; or, for a group that is not detached, the end for good of
+the actor that created it, ``creator_died``: as in Ray, one created by the driver or a task
+lives as long as the session) gives its reservation back at once, kills its actors
 (their calls raise ActorDiedError) and the workers of its running tasks, and fails what
 was to run in it with TaskPlacementGroupRemoved.  The record stays, REMOVED, for
 ``placement_group_table``.  What a killed task or actor held goes back to its dead
@@ -46,7 +47,7 @@ class Group:
                  "created_at", "attempts")
 
     def __init__(self, pg_id: bytes, bundles: List[dict], strategy: str, name: str,
-                 namespace: str, detached: bool, creator: Client):
+                 namespace: str, detached: bool, creator: Optional[bytes]):
         self.pg_id = pg_id
         self.bundles = bundles
         self.total: Dict[str, float] = {}
@@ -57,7 +58,7 @@ class Group:
         self.name = name
         self.namespace = namespace
         self.detached = detached
-        self.creator = creator
+        self.creator = creator  # the id of the actor that created it, or None
         self.state = PENDING
         self.pools: List[Resources] = []  # one per bundle, once created
         self.gpu_ids: List[tuple] = []    # ...and the GPU ids each bundle holds
@@ -84,7 +85,8 @@ class PlacementGroups:
 
     def on_create(self, client: Client, pg_id, bundles, strategy, name, namespace,
                   detached) -> None:
-        group = Group(pg_id, bundles, strategy, name, namespace, detached, client)
+        creator = client.actor.actor_id if client.actor is not None else None
+        group = Group(pg_id, bundles, strategy, name, namespace, detached, creator)
         earlier = self.table.get(pg_id)
         if earlier is not None:  # ready() was asked before this arrived
             group.waiters = earlier.waiters
@@ -208,10 +210,11 @@ class PlacementGroups:
             self._remove(group)
         self.clients.send(client, P.reply(request_id, None))
 
-    def creator_died(self, client: Client) -> None:
-        """Groups that are not detached go with the process that created them."""
+    def creator_died(self, actor_id: bytes) -> None:
+        """Groups that are not detached go with the actor that created them, once it is
+        dead for good (not while it restarts)."""
         for group in list(self.table.values()):
-            if (isinstance(group, Group) and group.creator is client and not group.detached
+            if (isinstance(group, Group) and group.creator == actor_id and not group.detached
                     and group.state != REMOVED):
                 self._remove(group)
 
