@@ -10,6 +10,10 @@ import pytest
 
 import shmray
 from shmray import exceptions
+from shmray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 DEADLOCK = 60  # seconds: only a deadlock takes this long
 
@@ -34,6 +38,8 @@ class Plain:
     ("resources", [("x", 1)], "(<class 'dict'>, <class 'NoneType'>)"),
     ("runtime_env", "env", "(<class 'dict'>, <class 'NoneType'>)"),
     ("retry_exceptions", ValueError, "(<class 'bool'>, <class 'list'>, <class 'tuple'>)"),
+    ("scheduling_strategy", 3, str((type(None), str, PlacementGroupSchedulingStrategy,
+                                    NodeAffinitySchedulingStrategy))),
 ])
 def test_a_task_option_of_the_wrong_type_is_rays_type_error(key, value, expected):
     message = (f"The type of keyword '{key}' must be {expected}, but received type "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from . import _pickling, _protocol as P
+from ._scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 TASK_DEFAULTS: Dict[str, Any] = {
     "num_returns": 1,
@@ -200,7 +201,8 @@ _RULES: Dict[str, tuple] = {
     "placement_group_capture_child_tasks": ((bool, _NONE), None),
     "resources": ((dict, _NONE), _resources_error),
     "runtime_env": ((dict, _NONE), _runtime_env_error),
-    "scheduling_strategy": None,
+    "scheduling_strategy": ((_NONE, str, PlacementGroupSchedulingStrategy,
+                             NodeAffinitySchedulingStrategy), None),
     "label_selector": ((dict, _NONE), None),
     "enable_task_events": ((bool,), None),
     "_metadata": ((dict, _NONE), None),
