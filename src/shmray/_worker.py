@@ -42,6 +42,7 @@ from . import (
     _pickling,
     _protocol as P,
     _runtime,
+    _threads,
     exceptions,
 )
 from ._context import cancel_point, current_task
@@ -353,8 +354,14 @@ class Worker:
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                 retry_exceptions, extra=None):
-        restore = apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
-        gpu_ids = extra.get("gpu_ids") if extra else None
+        if extra is None:  # the usual task: one CPU, no runtime_env, no GPU
+            _threads.fit(P.LEASE_SHAPE)
+            return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
+                                 num_returns, values, retry_exceptions, extra)
+        gpu_ids = extra.get("gpu_ids")
+        env_vars = extra.get("env_vars")
+        restore = apply_env(env_vars) if env_vars else None
+        _threads.fit(extra.get("resources") or P.LEASE_SHAPE, env_vars)
         if gpu_ids:  # after env_vars: the GPUs it was given win, as in Ray
             current_task.gpu_ids = gpu_ids
             _accelerators.make_visible(gpu_ids)
@@ -450,6 +457,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
+    _threads.start()
     _lend.lend_to_numpy(store)
     _accelerators.start()  # a task sees GPUs only while it holds some (``execute``)
     try:

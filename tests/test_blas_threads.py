@@ -1,0 +1,171 @@
+"""BLAS and OpenMP thread pools follow ``num_cpus``: each task and actor runs with its pools
+limited to the CPUs it holds (at least one), set at run time in the process that runs it,
+unless the user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS, which win.
+And a driver that ran multithreaded BLAS before ``init`` forks safely."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import threadpoolctl
+
+import shmray
+from shmray._threads import VARIABLES
+
+pytestmark = pytest.mark.skipif(
+    not any(info["user_api"] == "blas" for info in threadpoolctl.threadpool_info()),
+    reason="threadpoolctl finds no BLAS in this numpy (before 3.5 it missed numpy 2's)")
+
+
+def blas_threads():
+    """What this process's BLAS pools run with, and the OMP_NUM_THREADS it sees."""
+    counts = {info["num_threads"] for info in threadpoolctl.threadpool_info()
+              if info["user_api"] == "blas"}
+    return counts, os.environ.get("OMP_NUM_THREADS"), os.getpid()
+
+
+@pytest.fixture
+def no_user_settings(monkeypatch):
+    """The suite's own environment must not decide: no thread variable is set (restored
+    afterwards)."""
+    for name in VARIABLES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def ray(no_user_settings):
+    with shmray.init(num_cpus=2, object_store_memory=100 << 20):
+        yield shmray
+
+
+def test_each_task_runs_with_as_many_blas_threads_as_cpus_it_holds(ray):
+    """Tasks of different sizes, one after another, on workers that are reused: each sees
+    its own size (a fraction or zero: one thread), and OMP_NUM_THREADS says it, as in Ray."""
+    probe = ray.remote(blas_threads)
+    seen = {}
+    for num_cpus in (1, 2, 1, 0.5, 2, 0, 1.5, 2, 1):
+        counts, omp, pid = ray.get(probe.options(num_cpus=num_cpus).remote(), timeout=60)
+        expected = max(1, int(num_cpus))
+        assert (num_cpus, counts, omp) == (num_cpus, {expected}, str(expected))
+        seen.setdefault(pid, set()).add(expected)
+    assert any(len(sizes) > 1 for sizes in seen.values()), "no worker ran two sizes"
+
+
+def test_tasks_in_a_burst_on_leased_workers_run_one_thread_each(ray):
+    probe = ray.remote(blas_threads)
+    assert {tuple(c) for c, _, _ in ray.get([probe.remote() for _ in range(50)],
+                                            timeout=60)} == {(1,)}
+
+
+def test_an_actor_runs_with_as_many_blas_threads_as_cpus_it_holds(ray):
+    @ray.remote
+    class Probe:
+        def threads(self):
+            return blas_threads()[:2]
+
+    assert ray.get(Probe.remote().threads.remote(), timeout=60) == ({1}, "1")
+    assert ray.get(Probe.options(num_cpus=2).remote().threads.remote(),
+                   timeout=60) == ({2}, "2")
+    assert ray.get(Probe.options(num_cpus=0.5).remote().threads.remote(),
+                   timeout=60) == ({1}, "1")
+
+
+def test_a_library_a_task_loads_reads_the_size_in_force(ray, tmp_path):
+    """A library loaded after the pools were sized (here, a second copy of numpy's
+    OpenBLAS) starts with the task's size: OMP_NUM_THREADS holds it when the library
+    reads it, as it loads."""
+    library = next(info["filepath"] for info in threadpoolctl.threadpool_info()
+                   if info["internal_api"] == "openblas")
+    copy = tmp_path / os.path.basename(library)  # threadpoolctl knows it by its name
+    copy.write_bytes(open(library, "rb").read())
+
+    @ray.remote(num_cpus=1)
+    def load_late():
+        import ctypes
+
+        handle = ctypes.CDLL(str(copy))  # noqa: F841 (kept loaded while we look)
+        return {info["num_threads"] for info in threadpoolctl.threadpool_info()
+                if info["filepath"] == str(copy)}
+
+    assert ray.get(load_late.remote(), timeout=60) == {1}
+
+
+@pytest.mark.parametrize("name", ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"])
+def test_the_users_variable_in_a_tasks_runtime_env_wins(ray, name):
+    """numpy loaded long before the task: its value is applied at run time.  The next task
+    without it gets its CPUs' worth again."""
+    probe = ray.remote(blas_threads)
+    env = {"runtime_env": {"env_vars": {name: "1"}}}
+    for _ in range(2):
+        counts, _, _ = ray.get(probe.options(num_cpus=2, **env).remote(), timeout=60)
+        assert counts == {1}
+        counts, omp, _ = ray.get(probe.options(num_cpus=2).remote(), timeout=60)
+        assert (counts, omp) == ({2}, "2")
+
+
+def test_the_users_variable_in_an_actors_runtime_env_wins(ray):
+    @ray.remote(num_cpus=2, runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1"}})
+    class Probe:
+        def threads(self):
+            return blas_threads()[0]
+
+    assert ray.get(Probe.remote().threads.remote(), timeout=60) == {1}
+
+
+def test_the_users_variable_in_the_driver_or_the_session_wins(no_user_settings, monkeypatch):
+    """Set in the driver's environment before init, or in init's runtime_env: every task
+    and actor keeps the user's value, whatever its num_cpus."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with shmray.init(num_cpus=2, object_store_memory=100 << 20,
+                     runtime_env={"env_vars": {"MKL_NUM_THREADS": "2"}}):
+        probe = shmray.remote(blas_threads)
+        for num_cpus in (2, 1, 2):
+            assert shmray.get(probe.options(num_cpus=num_cpus).remote(),
+                              timeout=60)[:2] == ({1}, "1")
+
+        @shmray.remote(num_cpus=2)
+        class Probe:
+            def threads(self):
+                return blas_threads()[:2], os.environ["MKL_NUM_THREADS"]
+
+        assert shmray.get(Probe.remote().threads.remote(), timeout=60) == (({1}, "1"), "2")
+
+
+def test_a_driver_that_ran_multithreaded_blas_forks_safely(no_user_settings):
+    """The driver's BLAS ran with two threads just before init forked the scheduler (and
+    through it the workers): tasks of one and two threads all finish, with the right
+    products.  In a process of its own, so that a hang fails the test instead of the suite."""
+    script = textwrap.dedent("""
+        import numpy as np, threadpoolctl, shmray
+
+        blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        assert all(i["num_threads"] >= 2 for i in blas), blas
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((1500, 1500)), rng.standard_normal((1500, 1500))
+        expected = a @ b  # the driver's pool runs, then init forks
+        shmray.init(num_cpus=2, object_store_memory=200 << 20)
+        try:
+            matmul = shmray.remote(lambda x, y: x @ y)
+            refs = [matmul.options(num_cpus=n).remote(a, b) for n in (1, 2, 1, 2, 1, 2)]
+            for product in shmray.get(refs, timeout=120):
+                assert np.allclose(product, expected)
+            expected = a @ b  # and the driver's pool still works after the forks
+            assert np.allclose(shmray.get(matmul.remote(a, b), timeout=120), expected)
+        finally:
+            shmray.shutdown()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=240)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_fitting_pools_leaves_the_driver_alone(ray):
+    """Only workers and actors resize their pools: the driver's BLAS keeps its threads."""
+    before = blas_threads()[:2]
+    ray.get([ray.remote(blas_threads).options(num_cpus=n).remote() for n in (1, 2)],
+            timeout=60)
+    assert blas_threads()[:2] == before
