@@ -1,6 +1,7 @@
 """BLAS and OpenMP thread pools sized to the CPUs a task or actor holds.
 
-Runs in: worker and actor processes.
+Runs in: worker and actor processes; the scheduler looks for the libraries before it forks
+them (``find_libraries``).
 
 A BLAS library (OpenBLAS, MKL, BLIS) or an OpenMP runtime starts one thread per core by
 default.  Two workers each running a matmul with every core's threads would put twice as
@@ -88,7 +89,7 @@ def _resize(resources: dict, env_vars: Optional[dict]) -> None:
     _sized_for = (size, settings)
     if "OMP_NUM_THREADS" not in settings:  # for the libraries loaded from now on
         os.environ["OMP_NUM_THREADS"] = str(size)
-    for library in _libraries():
+    for library in find_libraries():
         threads = size
         for name in _READS.get(library.internal_api, _OTHERS):
             if name in settings:
@@ -98,9 +99,12 @@ def _resize(resources: dict, env_vars: Optional[dict]) -> None:
             library.set_num_threads(threads)
 
 
-def _libraries() -> list:
+def find_libraries() -> list:
     """The BLAS and OpenMP libraries loaded here, looked for again only if something was
-    imported since the last time (a library loads with the module that needs it)."""
+    imported since the last time (a library loads with the module that needs it).  The
+    scheduler calls it before it forks a worker or an actor, which inherit what it found:
+    the search costs a few milliseconds in a freshly forked process, once per session
+    in the scheduler."""
     global _controller, _modules_seen
     if len(sys.modules) != _modules_seen:
         _modules_seen = len(sys.modules)
