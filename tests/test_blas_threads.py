@@ -134,11 +134,13 @@ def test_the_users_variable_in_the_driver_or_the_session_wins(no_user_settings, 
         assert shmray.get(Probe.remote().threads.remote(), timeout=60) == (({1}, "1"), "2")
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="multithreaded BLAS needs 2 cores")
 def test_a_driver_that_ran_multithreaded_blas_forks_safely(no_user_settings):
     """The driver's BLAS ran with two threads just before init forked the scheduler (and
     through it the workers): tasks of one and two threads all finish, with the right
     products.  In a process of its own, so that a hang fails the test instead of the suite."""
     script = textwrap.dedent("""
+        import os
         import numpy as np, threadpoolctl, shmray
 
         blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
@@ -146,6 +148,7 @@ def test_a_driver_that_ran_multithreaded_blas_forks_safely(no_user_settings):
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((1500, 1500)), rng.standard_normal((1500, 1500))
         expected = a @ b  # the driver's pool runs, then init forks
+        assert len(os.listdir("/proc/self/task")) >= 2, "BLAS threads alive at the fork"
         shmray.init(num_cpus=2, object_store_memory=200 << 20)
         try:
             matmul = shmray.remote(lambda x, y: x @ y)
