@@ -1,7 +1,8 @@
 """BLAS and OpenMP thread pools sized to the CPUs a task or actor holds.
 
-Runs in: worker and actor processes; the scheduler looks for the libraries before it forks
-them (``find_libraries``).
+Runs in: worker and actor processes; the driver (at ``init``) and the scheduler (before a
+fork) look for the libraries, so that the processes they fork inherit what was found
+(``find_libraries``).
 
 A BLAS library (OpenBLAS, MKL, BLIS) or an OpenMP runtime starts one thread per core by
 default.  Two workers each running a matmul with every core's threads would put twice as
@@ -102,9 +103,10 @@ def _resize(resources: dict, env_vars: Optional[dict]) -> None:
 def find_libraries() -> list:
     """The BLAS and OpenMP libraries loaded here, looked for again only if something was
     imported since the last time (a library loads with the module that needs it).  The
-    scheduler calls it before it forks a worker or an actor, which inherit what it found:
-    the search costs a few milliseconds in a freshly forked process, once per session
-    in the scheduler."""
+    driver calls it at ``init`` and the scheduler before it forks a worker or an actor
+    (a no-op unless something was imported since), so that a worker sizes its pools at its
+    first task without searching: a search costs a millisecond or two in the driver, more
+    in a freshly forked process (its page tables are new)."""
     global _controller, _modules_seen
     if len(sys.modules) != _modules_seen:
         _modules_seen = len(sys.modules)

@@ -40,6 +40,7 @@ def libraries(monkeypatch):
     found = {api: FakeLibrary(api) for api in ("openblas", "mkl", "openmp")}
     monkeypatch.setattr(FakeController, "libraries", list(found.values()))
     monkeypatch.setattr(_threads, "_modules_seen", -1)
+    monkeypatch.setattr(_threads, "_controller", None)
     _threads.start()
     yield found
     _threads.start()
