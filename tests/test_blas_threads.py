@@ -73,24 +73,27 @@ def test_an_actor_runs_with_as_many_blas_threads_as_cpus_it_holds(ray):
                    timeout=60) == ({1}, "1")
 
 
-def test_a_library_a_task_loads_reads_the_size_in_force(ray, tmp_path):
-    """A library loaded after the pools were sized (here, a second copy of numpy's
-    OpenBLAS) starts with the task's size: OMP_NUM_THREADS holds it when the library
-    reads it, as it loads."""
+def test_a_library_a_task_imports_follows_num_cpus_too(ray, tmp_path):
+    """A library loaded by a module a task imports (here, a second copy of numpy's OpenBLAS)
+    starts with the size in force (OMP_NUM_THREADS holds it when the library reads it), and
+    is resized with the others when a later task on that worker needs another size."""
     library = next(info["filepath"] for info in threadpoolctl.threadpool_info()
                    if info["internal_api"] == "openblas")
     copy = tmp_path / os.path.basename(library)  # threadpoolctl knows it by its name
     copy.write_bytes(open(library, "rb").read())
+    (tmp_path / "late_blas.py").write_text(f"import ctypes\nhandle = ctypes.CDLL({str(copy)!r})\n")
 
-    @ray.remote(num_cpus=1)
-    def load_late():
-        import ctypes
+    @ray.remote
+    def late_threads():
+        sys.path.insert(0, str(tmp_path))
+        import late_blas  # noqa: F401 (loads the copy, once per worker)
 
-        handle = ctypes.CDLL(str(copy))  # noqa: F841 (kept loaded while we look)
         return {info["num_threads"] for info in threadpoolctl.threadpool_info()
                 if info["filepath"] == str(copy)}
 
-    assert ray.get(load_late.remote(), timeout=60) == {1}
+    sizes = (1, 2, 1, 2, 1)
+    assert [ray.get(late_threads.options(num_cpus=n).remote(), timeout=60)
+            for n in sizes] == [{n} for n in sizes]
 
 
 @pytest.mark.parametrize("name", ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"])
