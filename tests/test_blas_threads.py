@@ -54,6 +54,17 @@ def test_each_task_runs_with_as_many_blas_threads_as_cpus_it_holds(ray):
     assert any(len(sizes) > 1 for sizes in seen.values()), "no worker ran two sizes"
 
 
+def test_workers_start_sized_for_the_usual_task_without_a_blas_thread(ray):
+    """The scheduler sized the pools before forking: a one-CPU task finds them so, and its
+    worker runs no BLAS thread until it needs one (resizing OpenBLAS in the worker would
+    start its thread server, whose new thread spins for tens of milliseconds)."""
+    @ray.remote
+    def threads_here():
+        return len(os.listdir("/proc/self/task")), blas_threads()[0]
+
+    assert ray.get(threads_here.remote(), timeout=60) == (1, {1})
+
+
 def test_tasks_in_a_burst_on_leased_workers_run_one_thread_each(ray):
     probe = ray.remote(blas_threads)
     assert {tuple(c) for c, _, _ in ray.get([probe.remote() for _ in range(50)],

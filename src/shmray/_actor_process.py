@@ -426,7 +426,6 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
-    _threads.start()
     atexit._clear()  # the handlers it inherited are its parent's, never to run here
     actor = None
     try:

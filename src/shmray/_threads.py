@@ -1,8 +1,8 @@
 """BLAS and OpenMP thread pools sized to the CPUs a task or actor holds.
 
-Runs in: worker and actor processes; the driver (at ``init``) and the scheduler (before a
-fork) look for the libraries, so that the processes they fork inherit what was found
-(``find_libraries``).
+Runs in: worker and actor processes, and the scheduler, which sizes the pools for the usual
+task before it forks them (``before_fork``); the driver looks for the libraries at ``init``
+(``find_libraries``).  Each process forked inherits what its parent found and set.
 
 A BLAS library (OpenBLAS, MKL, BLIS) or an OpenMP runtime starts one thread per core by
 default.  Two workers each running a matmul with every core's threads would put twice as
@@ -15,19 +15,28 @@ loaded before it runs anything (the driver imported numpy before ``init``; the w
 inherits it), and a worker runs tasks of different sizes one after another.  So the pools are
 resized at run time, through threadpoolctl: the maintained library for this (by
 scikit-learn's developers, used by scikit-learn and joblib), which finds every BLAS and
-OpenMP library loaded in the process and calls its own ``set_num_threads``.  Resizing costs
-microseconds, finding the libraries a fraction of a millisecond, so neither happens per task:
-``fit`` does nothing unless a task asks for a different size than the last one (two
-identity checks for the usual task), and the libraries are looked for again only then, and
-only if modules were imported since the last search.  A library a task loads later reads
-``OMP_NUM_THREADS``, which holds the size in force, as Ray sets it in its workers.
+OpenMP library loaded in the process and calls its own ``set_num_threads``.  Finding the
+libraries costs a millisecond or two, resizing a fraction of one, and neither happens per
+task:
+
+- the driver finds the libraries at ``init``, and the scheduler sizes them for the usual
+  task (one CPU) before its first fork, so every worker and actor starts sized for it.
+  Resizing OpenBLAS starts its thread server, whose new thread spins for tens of
+  milliseconds; in the scheduler the fork that follows stops it at once (OpenBLAS's fork
+  handler), and the children inherit the size without a thread;
+- ``fit`` does nothing unless a task asks for another size than the last one (two identity
+  checks for the usual task), and the libraries are looked for again only then, and only
+  if modules were imported since the last search;
+- a library a task loads later reads ``OMP_NUM_THREADS``, which holds the size in force, as
+  Ray sets it in its workers.
 
 The user's settings always win.  A pool whose variable (``OPENBLAS_NUM_THREADS``,
 ``MKL_NUM_THREADS``, ``OMP_NUM_THREADS``...: ``_READS``) the user set, in the driver's
-environment before ``init`` or in ``runtime_env``'s ``env_vars`` (of the session, read when
-this process starts; of an actor or a task, passed to ``fit``), gets that value instead of
-the CPU count.  The session's and the driver's values are what the library loaded with;
-an actor's or a task's is applied at run time, since the library loaded long before.
+environment before ``init`` or in ``runtime_env``'s ``env_vars`` (of the session, read by
+the scheduler before its first fork; of an actor or a task, passed to ``fit``), gets that
+value instead of the CPU count.  It is applied at run time too: the library may have read
+the environment before the user set the variable (numpy imported first), and always has
+before an actor's or a task's ``env_vars`` are set.
 
 Forking after the driver ran multithreaded BLAS is safe with OpenBLAS built on pthreads
 (numpy's wheels), whose fork handler stops its threads before the fork, so the child starts
@@ -44,6 +53,8 @@ from typing import Dict, Optional
 
 import threadpoolctl
 
+from . import _protocol as P
+
 # The variables each kind of pool reads when its library loads, first one set wins
 # (threadpoolctl's ``internal_api`` names).  A kind not listed reads OMP_NUM_THREADS.
 _READS = {
@@ -55,19 +66,22 @@ _READS = {
 _OTHERS = ("OMP_NUM_THREADS",)
 VARIABLES = frozenset(name for names in _READS.values() for name in names)
 
-_user: Dict[str, str] = {}       # the user's settings this process started with (``start``)
+_user: Optional[Dict[str, str]] = None  # the user's settings when the scheduler started
 _last = (None, None)             # (resources, env_vars) of the last ``fit``
 _sized_for = None                # (size, settings) the pools were last sized for
 _controller = None               # threadpoolctl's view of the libraries loaded here
 _modules_seen = -1               # len(sys.modules) when the libraries were last looked for
 
 
-def start() -> None:
-    """Note the user's settings in this process's environment: the driver's, and the
-    session's ``runtime_env`` (call before anything changes the environment)."""
-    global _user, _last, _sized_for
-    _user = {name: os.environ[name] for name in VARIABLES if name in os.environ}
-    _last, _sized_for = (None, None), None
+def before_fork() -> None:
+    """In the scheduler, before it forks a worker or an actor: the first time, note the
+    user's settings (the driver's environment at ``init``, the session's ``runtime_env``)
+    and size the pools for the usual task, which the children inherit."""
+    global _user
+    if _user is None:
+        _user = {name: os.environ[name] for name in VARIABLES if name in os.environ}
+    fit(P.LEASE_SHAPE)
+    find_libraries()  # a no-op unless something was imported since
 
 
 def fit(resources: dict, env_vars: Optional[dict] = None) -> None:
@@ -82,9 +96,9 @@ def _resize(resources: dict, env_vars: Optional[dict]) -> None:
     global _last, _sized_for
     _last = (resources, env_vars)
     size = max(1, int(resources.get("CPU", 0)))
-    settings = _user
+    settings = _user or {}
     if env_vars and not VARIABLES.isdisjoint(env_vars):
-        settings = {**_user, **{k: v for k, v in env_vars.items() if k in VARIABLES}}
+        settings = {**settings, **{k: v for k, v in env_vars.items() if k in VARIABLES}}
     if _sized_for == (size, settings):
         return
     _sized_for = (size, settings)
@@ -103,10 +117,8 @@ def _resize(resources: dict, env_vars: Optional[dict]) -> None:
 def find_libraries() -> list:
     """The BLAS and OpenMP libraries loaded here, looked for again only if something was
     imported since the last time (a library loads with the module that needs it).  The
-    driver calls it at ``init`` and the scheduler before it forks a worker or an actor
-    (a no-op unless something was imported since), so that a worker sizes its pools at its
-    first task without searching: a search costs a millisecond or two in the driver, more
-    in a freshly forked process (its page tables are new)."""
+    driver calls it at ``init``: a search costs a millisecond or two there, twice that in
+    a freshly forked scheduler (its page tables are new)."""
     global _controller, _modules_seen
     if len(sys.modules) != _modules_seen:
         _modules_seen = len(sys.modules)

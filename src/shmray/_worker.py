@@ -457,7 +457,6 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
-    _threads.start()
     _lend.lend_to_numpy(store)
     _accelerators.start()  # a task sees GPUs only while it holds some (``execute``)
     try:

@@ -47,7 +47,7 @@ def spawn_actor(scheduler, class_name: str):
 
 
 def _spawn(scheduler, name: str, child_main, *extra):
-    _threads.find_libraries()  # once: the child inherits them, instead of searching again
+    _threads.before_fork()  # the child inherits its BLAS pools sized for the usual task
     scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():

@@ -31,7 +31,8 @@ class FakeController:
 @pytest.fixture
 def libraries(monkeypatch):
     """An OpenBLAS, an MKL and an OpenMP runtime, loaded in a process with no user
-    setting; module state and the environment are put back afterwards."""
+    setting, as the scheduler sees them before its first fork; module state and the
+    environment are put back afterwards."""
     for name in _threads.VARIABLES:
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -39,11 +40,10 @@ def libraries(monkeypatch):
     monkeypatch.setattr(FakeController, "searches", 0)
     found = {api: FakeLibrary(api) for api in ("openblas", "mkl", "openmp")}
     monkeypatch.setattr(FakeController, "libraries", list(found.values()))
-    monkeypatch.setattr(_threads, "_modules_seen", -1)
-    monkeypatch.setattr(_threads, "_controller", None)
-    _threads.start()
-    yield found
-    _threads.start()
+    for name, value in (("_modules_seen", -1), ("_controller", None), ("_user", None),
+                        ("_last", (None, None)), ("_sized_for", None)):
+        monkeypatch.setattr(_threads, name, value)
+    return found
 
 
 def sizes(libraries):
@@ -89,9 +89,20 @@ def test_each_pool_keeps_the_variable_the_user_set_for_it(libraries):
     assert sizes(libraries) == {"openblas": 2, "mkl": 2, "openmp": 2}
 
 
-def test_the_users_environment_at_start_wins_and_is_not_overwritten(libraries, monkeypatch):
+def test_the_scheduler_sizes_pools_for_the_usual_task_before_its_first_fork(libraries):
+    _threads.before_fork()
+    assert sizes(libraries) == {"openblas": 1, "mkl": 1, "openmp": 1}
+    assert _threads.os.environ["OMP_NUM_THREADS"] == "1"
+    calls = sum(len(library.sizes) for library in libraries.values())
+    _threads.before_fork()  # the next forks: nothing to do
+    _threads.fit(_threads.P.LEASE_SHAPE)  # a worker's usual task: nothing either
+    assert sum(len(library.sizes) for library in libraries.values()) == calls
+    assert FakeController.searches == 1
+
+
+def test_the_users_environment_at_the_first_fork_wins_and_is_kept(libraries, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    _threads.start()
+    _threads.before_fork()
     _threads.fit({"CPU": 2.0})
     assert sizes(libraries) == {"openblas": 1, "mkl": 1, "openmp": 1}
     assert _threads.os.environ["OMP_NUM_THREADS"] == "1"
