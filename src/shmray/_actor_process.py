@@ -48,6 +48,7 @@ from . import (
     _pickling,
     _protocol as P,
     _runtime,
+    _threads,
     exceptions,
 )
 from ._context import Call, current_call, current_task
@@ -90,6 +91,8 @@ class ActorProcess(Worker):
         # Its GPUs, for its life, set once: its methods may change the variable (Ray's rule).
         current_task.gpu_ids = gpu_ids
         _accelerators.start(gpu_ids)
+        # Before the class loads: a library it imports reads OMP_NUM_THREADS as it loads.
+        _threads.fit(options["hold"], options.get("env_vars"))
         self.cls = _pickling.loads(pickled_class)
         self.is_async = options["is_async"]
         self.max_concurrency = options["max_concurrency"]

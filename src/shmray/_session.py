@@ -26,7 +26,16 @@ from typing import Any, Optional
 
 import psutil
 
-from . import _accelerators, _context, _direct, _options, _process, _resources, _runtime
+from . import (
+    _accelerators,
+    _context,
+    _direct,
+    _options,
+    _process,
+    _resources,
+    _runtime,
+    _threads,
+)
 from ._connection import connection_pair
 from ._logging_config import LoggingConfig
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
@@ -165,6 +174,9 @@ def init(**kwargs: Any):
             Scheduler(scheduler_end, driver_pid, store, session_dir, options, spawn_worker,
                       spawn_actor).run()
 
+        # Every process forked from here inherits what this finds: in the driver it costs
+        # a millisecond or two, once, where a freshly forked scheduler takes twice that.
+        _threads.find_libraries()
         _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
                                     death_signal=signal.SIGTERM)
         scheduler_end.close()

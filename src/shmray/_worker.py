@@ -42,6 +42,7 @@ from . import (
     _pickling,
     _protocol as P,
     _runtime,
+    _threads,
     exceptions,
 )
 from ._context import cancel_point, current_task
@@ -353,8 +354,14 @@ class Worker:
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                 retry_exceptions, extra=None):
-        restore = apply_env(extra["env_vars"]) if extra and extra.get("env_vars") else None
-        gpu_ids = extra.get("gpu_ids") if extra else None
+        if extra is None:  # the usual task: one CPU, no runtime_env, no GPU
+            _threads.fit(P.LEASE_SHAPE)
+            return self._execute(task_id, fn_id, pickled, name, args_blob, arg_ids,
+                                 num_returns, values, retry_exceptions, extra)
+        gpu_ids = extra.get("gpu_ids")
+        env_vars = extra.get("env_vars")
+        restore = apply_env(env_vars) if env_vars else None
+        _threads.fit(extra.get("resources") or P.LEASE_SHAPE, env_vars)
         if gpu_ids:  # after env_vars: the GPUs it was given win, as in Ray
             current_task.gpu_ids = gpu_ids
             _accelerators.make_visible(gpu_ids)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import _direct
+from . import _direct, _threads
 from ._actor_process import actor_main
 from ._connection import connection_pair
 from ._process import fork_child
@@ -47,6 +47,7 @@ def spawn_actor(scheduler, class_name: str):
 
 
 def _spawn(scheduler, name: str, child_main, *extra):
+    _threads.before_fork()  # the child inherits its BLAS pools sized for the usual task
     scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():
