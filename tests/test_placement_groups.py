@@ -39,6 +39,35 @@ def current_group():
 
 # -- reserving -----------------------------------------------------------------------------
 
+def test_resources_list_groups_under_rays_names(ray, tmp_path):
+    pg = placement_group([{"CPU": 1}, {"CPU": 0.5}])
+    assert pg.wait(DEADLOCK)
+    group = pg.id.hex()
+    total = ray.cluster_resources()
+    assert total[f"CPU_group_{group}"] == 1.5
+    assert total[f"CPU_group_0_{group}"] == 1.0 and total[f"CPU_group_1_{group}"] == 0.5
+    assert total[f"bundle_group_{group}"] == 2000.0
+    assert total["CPU"] == 2.0
+
+    @ray.remote(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0))
+    def hold(path):
+        import os
+        import time
+
+        deadline = time.monotonic() + DEADLOCK
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    gate = str(tmp_path / "open")
+    running = hold.remote(gate)
+    wait_for(lambda: f"CPU_group_0_{group}" not in ray.available_resources())
+    assert ray.available_resources()[f"CPU_group_{group}"] == 0.5
+    open(gate, "w").close()
+    ray.get(running, timeout=DEADLOCK)
+    remove_placement_group(pg)
+    assert not any(group in name for name in ray.available_resources())
+
+
 def test_a_group_reserves_its_bundles(ray):
     assert ray.available_resources()["CPU"] == 2.0
     pg = placement_group([{"CPU": 1}], strategy="STRICT_PACK")

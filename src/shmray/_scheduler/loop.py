@@ -282,9 +282,9 @@ class Scheduler:
 
     def on_query(self, client: Client, request_id, what) -> None:
         if what == "resources":
-            value = dict(self.resources.total)
+            value = {**self.resources.total, **self.placement_groups.resource_names(False)}
         elif what == "available":
-            value = self.resources.free_now()
+            value = {**self.resources.free_now(), **self.placement_groups.resource_names(True)}
         elif what == "ping":  # a round trip: everything sent before it has been handled
             value = None
         elif what == "workers":

@@ -242,6 +242,25 @@ class PlacementGroups:
 
     # -- queries -----------------------------------------------------------------------------
 
+    def resource_names(self, available: bool) -> Dict[str, float]:
+        """Ray's names for what created groups hold, as cluster_resources() and
+        available_resources() list them: ``CPU_group_<id>`` (the group), ``CPU_group_<i>_
+        <id>`` (bundle i), ... and ``bundle_group_...`` (1000 per bundle)."""
+        names: Dict[str, float] = {}
+        for group in self.table.values():
+            if not isinstance(group, Group) or group.state != CREATED:
+                continue
+            hex_id = group.pg_id.hex()
+            for index, pool in enumerate(group.pools):
+                amounts = {**(pool.available if available else pool.total), "bundle": 1000.0}
+                for name, amount in amounts.items():
+                    if amount <= 0:  # as free_now: only what there is of it
+                        continue
+                    names[f"{name}_group_{index}_{hex_id}"] = amount
+                    whole = f"{name}_group_{hex_id}"
+                    names[whole] = names.get(whole, 0.0) + amount
+        return names
+
     def query(self, what):
         """The answers to QUERY "placement_groups", ("placement_group", id) (its bundles)
         and ("placement_group_named", name, namespace) (its id and bundles)."""
