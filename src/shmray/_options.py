@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from . import _pickling, _protocol as P
-from ._scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ._scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 TASK_DEFAULTS: Dict[str, Any] = {
     "num_returns": 1,
@@ -188,7 +191,8 @@ def _lifetime_error(value) -> Optional[str]:
 
 
 # Each option's (accepted types, value check -> error message or None): Ray's, for the
-# options Ray has; None where any value goes (a placement group or strategy object).
+# options Ray has.  None: checked elsewhere (a placement group, whose class lives above this
+# module: ``_placement_group.resolve`` checks it where the options are worked out).
 _RULES: Dict[str, tuple] = {
     "accelerator_type": ((str, _NONE), None),
     "memory": _quantity("memory"),
