@@ -100,6 +100,28 @@ def ray():
         shmray.shutdown()
 
 
+def in_both_modes(num_cpus: int = 2):
+    """A fixture that starts shmray on ``num_cpus`` CPUs with a 150 MiB store twice: with
+    its processes, and in local mode (every call in this process).  A test marked
+    ``@pytest.mark.processes_only("why")`` is skipped in local mode, saying why."""
+
+    @pytest.fixture(params=["processes", "local_mode"])
+    def fixture(request):
+        local = request.param == "local_mode"
+        marker = request.node.get_closest_marker("processes_only")
+        if local and marker is not None:
+            pytest.skip(f"not in local mode: {marker.args[0]}")
+        shmray.init(num_cpus=num_cpus, object_store_memory=150 * MiB, local_mode=local)
+        try:
+            yield shmray
+            if not local and shmray._context.runtime is not None:
+                shmray._context.runtime.store.check()
+        finally:
+            shmray.shutdown()
+
+    return fixture
+
+
 def pytest_configure(config):
     """Run the suite in a temp folder of its own (every process it starts inherits TMPDIR),
     so session folders of other shmray programs running meanwhile can't be mistaken for

@@ -14,7 +14,10 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import alive, wait_for
+from conftest import alive, in_both_modes, wait_for
+
+# Each test runs with shmray's processes and in local mode (``in_both_modes``).
+ray = in_both_modes(2)
 
 DEADLOCK = 60  # seconds: only a deadlock takes this long
 
@@ -89,6 +92,8 @@ def test_seed_message_actor(ray):
         assert mine == [f"Message {i} from actor {j}." for i in range(5)]
 
 
+@pytest.mark.processes_only(
+    "an async actor's calls run one at a time in local mode: these wait for each other")
 def test_seed_async_actor_runs_coroutines_concurrently(ray):
     @ray.remote
     class AsyncActor:
@@ -116,6 +121,7 @@ def test_seed_async_actor_runs_coroutines_concurrently(ray):
     assert asyncio.run(get_async()) == ["done"] * 4
 
 
+@pytest.mark.processes_only("an async actor's calls run one at a time in local mode")
 def test_seed_async_actor_max_concurrency_batches(ray):
     @ray.remote
     class AsyncActor:  # seed 003, as published, plus a log of what it printed
@@ -146,6 +152,8 @@ def test_seed_async_actor_max_concurrency_batches(ray):
     assert ray.get(actor.printed.remote(), timeout=DEADLOCK) == batch * 4
 
 
+@pytest.mark.processes_only(
+    "a threaded actor's calls run one at a time in local mode: these wait for each other")
 def test_seed_threaded_actor(ray):
     @ray.remote
     class ThreadedActor:
@@ -203,6 +211,7 @@ def test_an_async_actor_awaits_tasks_it_submitted_while_other_actors_exist(other
         assert [shmray.get(gatherer.run.remote(), timeout=15) for _ in range(5)] == [5] * 5
 
 
+@pytest.mark.processes_only("an async actor's calls run one at a time in local mode")
 def test_default_async_concurrency_is_1000(ray):
     @ray.remote
     class Gate:
@@ -392,6 +401,7 @@ def test_ready_terminate_and_exit_actor(ray):
         ray.get(e2.ping.remote(), timeout=DEADLOCK)
 
 
+@pytest.mark.processes_only("looks for the actor's process (test_local_mode checks the end)")
 def test_actor_ends_when_no_handle_is_left(ray):
     @ray.remote
     class Short:
@@ -425,6 +435,8 @@ def test_constructor_error_fails_every_call(ray):
         assert isinstance(info.value, exceptions.RayActorError)
 
 
+@pytest.mark.processes_only(
+    "a call has ended when .remote() returns: no call is pending at kill()")
 def test_killed_actor_fails_pending_and_later_calls(ray):
     @ray.remote
     class Sleeper:
@@ -444,6 +456,7 @@ def test_killed_actor_fails_pending_and_later_calls(ray):
 
 
 @pytest.mark.parametrize("kind", ["sync", "async", "threaded"])
+@pytest.mark.processes_only("looks for the actor's process; local mode has none")
 def test_no_call_made_after_kill_returns_reaches_the_actor(ray, kind):
     """A call made right after kill() returned a value in 8-9 of 20 tries (sync actors):
     the direct channel delivered it before the kill landed."""
@@ -467,6 +480,7 @@ def test_no_call_made_after_kill_returns_reaches_the_actor(ray, kind):
             ray.get(target.pid.remote(), timeout=DEADLOCK)
 
 
+@pytest.mark.processes_only("looks for the actor's process (test_local_mode checks restarts)")
 def test_kill_with_restart_returns_once_the_old_process_is_gone(ray):
     @ray.remote(max_restarts=1)
     class Phoenix:
@@ -506,6 +520,8 @@ def test_results_an_actor_sent_before_it_was_killed_stay_valid(ray):
             pass
 
 
+@pytest.mark.processes_only(
+    "os._exit() in an actor ends the driver in local mode: no process to crash")
 def test_crashed_actor_raises_actor_died(ray):
     @ray.remote
     class Crasher:
@@ -522,6 +538,9 @@ def test_crashed_actor_raises_actor_died(ray):
         ray.get(c.pid.remote(), timeout=DEADLOCK)
 
 
+@pytest.mark.processes_only(
+    "SIGKILLs the actor's process; in local mode that is the driver (test_local_mode checks "
+    "restarts)")
 def test_max_restarts_restarts_with_fresh_state(ray):
     @ray.remote(max_restarts=1)
     class Phoenix:
@@ -552,6 +571,7 @@ def test_max_restarts_restarts_with_fresh_state(ray):
         ray.get(p.call.remote(), timeout=DEADLOCK)
 
 
+@pytest.mark.processes_only("a call has ended when .remote() returns: none is ever pending")
 def test_max_pending_calls(ray):
     @ray.remote(max_pending_calls=2)
     class Slow:
@@ -569,6 +589,7 @@ def test_max_pending_calls(ray):
 # -- process names -------------------------------------------------------------------
 
 
+@pytest.mark.processes_only("looks for the actor's process; local mode has none")
 def test_actor_process_is_named(ray):
     @ray.remote
     class Visible:
@@ -661,6 +682,7 @@ def test_actor_calls_behind_a_dropped_call_still_run(ray, how):
 
 
 @pytest.mark.parametrize("arg", [5, "big"])
+@pytest.mark.processes_only("SIGKILLs the actor's process; in local mode that is the driver")
 def test_restarted_actor_gets_its_constructor_arguments_again(ray, arg):
     value = np.ones(1_000_000) if arg == "big" else arg
 
@@ -715,6 +737,7 @@ def test_an_actor_serves_calls_made_before_its_last_handle_went(ray):
     assert ray.get(ref, timeout=DEADLOCK) == 7
 
 
+@pytest.mark.processes_only("looks for the actor's process to end; local mode has none")
 def test_exit_actor_ends_a_threaded_actor(ray):
     @ray.remote(max_concurrency=2)
     class T:

@@ -13,7 +13,10 @@ import pytest
 import shmray
 from shmray import exceptions
 
-from conftest import MiB, runtime, settle, wait_for
+from conftest import MiB, in_both_modes, runtime, settle, wait_for
+
+# Each test runs with shmray's processes and in local mode (``in_both_modes``).
+ray = in_both_modes(2)
 
 DEADLOCK = 60
 
@@ -34,6 +37,7 @@ def test_items_stream_in_order_and_the_end_stops_the_iteration(ray):
     assert gen.is_finished()
 
 
+@pytest.mark.processes_only("a generator runs to its end at .remote() in local mode")
 def test_an_item_arrives_while_the_task_still_runs(ray, tmp_path):
     """The task waits for the caller to have seen its first item before it yields the
     second: without streaming it would wait forever."""
@@ -145,6 +149,8 @@ def test_async_for_and_wait(ray):
     assert ray.get(next(gen), timeout=DEADLOCK) == 0
 
 
+@pytest.mark.processes_only(
+    "a generator runs to its end at .remote() in local mode: nothing is left to cancel")
 def test_cancel_stops_a_generator(ray, tmp_path):
     @ray.remote
     def forever():
@@ -164,6 +170,8 @@ def test_cancel_stops_a_generator(ray, tmp_path):
         ray.get(last, timeout=DEADLOCK)
 
 
+@pytest.mark.processes_only(
+    "a generator runs to its end at .remote() in local mode: nothing to pause")
 def test_backpressure_pauses_the_producer(ray, tmp_path):
     progress = tmp_path / "yielded"
 
@@ -199,6 +207,7 @@ def test_large_items_through_a_small_store_when_each_is_dropped_after_use():
         shmray.shutdown()
 
 
+@pytest.mark.processes_only("counts the arena's objects; local mode has no arena")
 def test_dropping_a_generator_frees_what_it_did_not_hand_out(ray):
     store = runtime().store
     settle()
@@ -227,6 +236,7 @@ def test_a_generator_cannot_be_sent_or_got(ray):
         ray.get(gen)
 
 
+@pytest.mark.processes_only("a worker's process dies; in local mode that would be the driver")
 def test_a_worker_dying_mid_stream(ray, tmp_path):
     marker = tmp_path / "died once"
 
@@ -254,6 +264,8 @@ def test_a_worker_dying_mid_stream(ray, tmp_path):
     assert ray.get(list(dies_once.remote()), timeout=DEADLOCK) == ["a", "b", "c"]
 
 
+@pytest.mark.processes_only(
+    "a generator runs to its end at .remote() in local mode: nothing to pause")
 def test_backpressure_in_sync_and_async_actors(ray, tmp_path):
     @ray.remote
     class Sync:

@@ -6,6 +6,10 @@ import time
 import pytest
 
 import shmray
+from conftest import in_both_modes
+
+# Each test runs with shmray's processes and in local mode (``in_both_modes``).
+ray = in_both_modes(2)
 
 DEADLOCK = 60
 
@@ -75,6 +79,7 @@ def test_in_an_actor(ray):
     assert ray.get(restarted, timeout=DEADLOCK) is True
 
 
+@pytest.mark.processes_only("a call has ended when .remote() returns: there is nothing to cancel")
 def test_a_running_sync_call_can_see_it_was_cancelled(ray):
     actor = ray.remote(Where).remote()
     ray.get(actor.ids.remote(), timeout=DEADLOCK)

@@ -13,33 +13,21 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import one_cpu_without_leases, runtime, settle, wait_for
+from conftest import in_both_modes, one_cpu_without_leases, runtime, settle, wait_for
 
 DEADLOCK = 60
 
 
-@pytest.fixture
-def ray2():
-    """shmray on 2 CPUs with a 150 MiB store."""
-    shmray.init(num_cpus=2, object_store_memory=150 << 20)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
-
-
-@pytest.fixture
-def ray4():
-    shmray.init(num_cpus=4, object_store_memory=150 << 20)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
+# Each test runs with shmray's processes and in local mode (``in_both_modes``).
+ray = in_both_modes(2)
+ray2 = in_both_modes(2)
+ray4 = in_both_modes(4)
 
 
 # -- the seeds ---------------------------------------------------------------------------
 
 
+@pytest.mark.processes_only("tasks run one at a time in the driver: nothing runs in parallel")
 def test_seed_four_parallel_sleeps(ray4):
     @ray4.remote
     def f(x):
@@ -70,6 +58,7 @@ def test_seed_matrix_dag(ray2):
     assert z.shape == (1000, 1000) and not z.flags.writeable
 
 
+@pytest.mark.processes_only("tasks run one at a time in the driver: nothing runs in parallel")
 def test_seed_linear_vs_tree_aggregation(ray4):
     @ray4.remote
     def add(x, y):
@@ -235,6 +224,8 @@ def test_task_submits_and_waits(ray2):
 # -- get, wait, futures ------------------------------------------------------------------
 
 
+@pytest.mark.processes_only(
+    "a task has run to its end when .remote() returns: get() has nothing to time out")
 def test_get_timeout(ray2):
     @ray2.remote
     def slow():
@@ -245,6 +236,7 @@ def test_get_timeout(ray2):
     assert issubclass(exceptions.GetTimeoutError, TimeoutError)
 
 
+@pytest.mark.processes_only("a task has run to its end when .remote() returns: every ref is ready")
 def test_wait_returns_ready_in_input_order(ray2):
     @ray2.remote
     def sleep_then(t):
@@ -340,6 +332,9 @@ def test_unpicklable_argument_raises_at_submit(ray2):
 # -- lifetime ----------------------------------------------------------------------------
 
 
+@pytest.mark.processes_only(
+    "counts the arena's bytes; local mode has no arena (test_local_mode checks its objects "
+    "go)")
 def test_objects_are_freed_when_no_ref_remains(ray2):
     store = shmray._context.runtime.store
 
@@ -381,6 +376,7 @@ def test_referenced_objects_survive_their_creator_task(ray2):
 # -- introspection -----------------------------------------------------------------------
 
 
+@pytest.mark.processes_only("a task's worker is the driver in local mode")
 def test_runtime_context_and_nodes(ray2):
     @ray2.remote
     def context():
@@ -439,6 +435,7 @@ def test_a_task_waiting_on_children_sent_ahead_behind_it_on_its_own_worker():
         shmray.shutdown()
 
 
+@pytest.mark.processes_only("looks into the arena; local mode has none")
 def test_failed_multi_return_leaves_nothing_in_the_store(ray):
     @ray.remote(num_returns=2)
     def two():
@@ -488,6 +485,7 @@ def test_arguments_are_checked_where_remote_is_called(ray):
     assert ray.get(a.add.remote(1, z=2), timeout=DEADLOCK) == 4
 
 
+@pytest.mark.processes_only("max_calls starts a fresh worker process; local mode has none")
 def test_runtime_env_and_max_calls_on_tasks_and_actors(ray):
     @ray.remote(runtime_env={"env_vars": {"SHMRAY_TEST_VAR": "task"}})
     def read_env():

@@ -34,7 +34,6 @@ from . import _context, _options, _pickling, _placement_group, _protocol as P, e
 from ._context import current_task
 from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef, stale_session_error
-from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import (actor_spec, check_call, check_parameters, pack_arguments,
                          parameters_of, return_ids, task_spec)
@@ -260,7 +259,7 @@ class ActorHandle:
         runtime = getattr(ref, "_tracker", None)
         del ref
         if runtime is not None:
-            runtime.link.poke()
+            runtime.poke()
 
     def __repr__(self) -> str:
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
@@ -320,7 +319,7 @@ class ActorHandle:
         if num_returns == 1 or num_returns == P.DYNAMIC:
             return refs[0]
         if num_returns == P.STREAMING:
-            return ObjectRefGenerator(refs[0], runtime, runtime.streams.table[task_id])
+            return runtime.generator(refs[0], task_id)
         return refs if num_returns else None
 
 

@@ -14,7 +14,7 @@ import inspect
 import os
 from typing import Any, Optional
 
-from . import _accelerators, _context, _object_ref, _placement_group, _protocol as P
+from . import _accelerators, _context, _object_ref, _placement_group
 from ._actor import ActorClass, ActorHandle
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
@@ -93,7 +93,7 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
             f"num_returns ({num_returns}) is more than the number of refs ({len(object_refs)})"
         )
     if streams:
-        return runtime.streams.wait(list(object_refs), streams, num_returns,
+        return runtime.wait_streams(list(object_refs), streams, num_returns,
                                     _check_timeout(timeout))
     return runtime.wait(list(object_refs), num_returns, _check_timeout(timeout))
 
@@ -113,15 +113,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
             f"cancel() takes the ObjectRef of a task, got {type(object_ref).__name__}; to stop "
             "an actor use kill()"
         )
-    runtime = current()
-    task_id = object_ref.task_id()
-    if force and task_id in runtime.objects.actor_calls:
-        raise ValueError(
-            "force=True is not supported for actor calls (as in Ray): use kill() on the actor"
-        )
-    runtime.publish([object_ref.binary()])  # a task only we knew of: the scheduler's now
-    runtime.send(P.cancel(task_id, bool(force), bool(recursive)))
-    runtime.flush()
+    current().cancel(object_ref, bool(force), bool(recursive))
 
 
 def _check_refs(refs, what: str, runtime) -> None:

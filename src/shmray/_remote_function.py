@@ -16,7 +16,6 @@ from typing import Any, Dict
 
 from . import _context, _options, _pickling, _placement_group, _protocol as P
 from ._ids import new_task_id
-from ._object_ref_generator import ObjectRefGenerator
 from ._session import current
 from ._task_spec import check_call, pack_arguments, return_ids, task_spec
 from .dag import FunctionNode
@@ -112,7 +111,7 @@ class RemoteFunction:
         if num_returns == 1 or num_returns == P.DYNAMIC:
             return refs[0]
         if num_returns == P.STREAMING:
-            return ObjectRefGenerator(refs[0], runtime, runtime.streams.table[task_id])
+            return runtime.generator(refs[0], task_id)
         return refs if num_returns else None
 
 

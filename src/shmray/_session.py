@@ -30,6 +30,7 @@ from . import (
     _accelerators,
     _context,
     _direct,
+    _local_mode,
     _options,
     _process,
     _resources,
@@ -160,12 +161,14 @@ def init(**kwargs: Any):
         options["num_gpus"] = len(options["gpu_ids"])
         for name, value in ((options.get("runtime_env") or {}).get("env_vars") or {}).items():
             os.environ[name] = str(value)  # inherited by the scheduler and every worker
+        _job_counter += 1
+        options["job_id"] = _job_counter
+        if options.get("local_mode"):
+            return _start_local(options, kwargs)
         store = ObjectStore(_store_size(kwargs.get("object_store_memory")))
         options["total"] = _resources.session_totals(options, store.capacity)
         session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
         options["socket_dir"] = _direct.socket_folder(session_dir)
-        _job_counter += 1
-        options["job_id"] = _job_counter
         driver_end, scheduler_end = connection_pair("driver", "scheduler")
         driver_pid = os.getpid()
 
@@ -187,6 +190,20 @@ def init(**kwargs: Any):
         return RayContext(runtime)
 
 
+def _start_local(options: dict, kwargs: dict):
+    """A local-mode session (``_local_mode``): no arena, no scheduler, no worker; every
+    call runs in this process.  Caller holds ``_lock``."""
+    global _scheduler_pid, _forked_from
+    options["total"] = _resources.session_totals(
+        options, _store_size(kwargs.get("object_store_memory")))
+    session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
+    runtime = _local_mode.LocalRuntime(options, session_dir)
+    _context.install(runtime)
+    _scheduler_pid = os.getpid()  # the session is this process's own: shutdown() waits for none
+    _forked_from = None
+    return RayContext(runtime)
+
+
 class RayContext(collections.abc.Mapping):
     """What ``init()`` returns, as Ray's: a read-only mapping of the session's facts, with
     attributes, and a context manager: ``with shmray.init(): ...`` shuts down at the end."""
@@ -204,7 +221,7 @@ class RayContext(collections.abc.Mapping):
             "session_dir": runtime.session_dir,
             "webui_url": None,  # no dashboard on one machine
             "node_id": "0" * 56,
-            "object_store_memory": runtime.store.capacity,
+            "object_store_memory": int(runtime.total["object_store_memory"]),
             "num_cpus": runtime.options["num_cpus"],
         }
         self.dashboard_url = None
@@ -251,7 +268,8 @@ def shutdown() -> None:
             _wait_for_exit(pid, timeout=10.0)
         # The scheduler removes it; this covers a scheduler that was killed first.
         shutil.rmtree(runtime.session_dir, ignore_errors=True)
-        _direct.remove_socket_folder(runtime.socket_dir)
+        if runtime.socket_dir is not None:  # None in local mode
+            _direct.remove_socket_folder(runtime.socket_dir)
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .. import _protocol as P, _resources
 from .._connection import Connection
 from .._object_ref import ObjectRef
+from .._object_ref_generator import ObjectRefGenerator
 from .._object_store import ObjectStore
 from .._pickling import in_own_pickle
 from .._spill import Spiller
@@ -86,11 +87,13 @@ class Runtime:
         self.still_pending = objects.still_pending
         self.num_local_refs = objects.num_local_refs
         self.settle = objects.settle
+        self.wait_streams = self.streams.wait
         self.future_of = self.futures.future_of
         self.await_ref = self.futures.await_ref
         self.send = link.send
         self.flush = link.flush
         self.flush_later = link.flush_later
+        self.poke = link.poke
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.session_dir, "spill")
@@ -184,6 +187,21 @@ class Runtime:
             self._open_stream(spec)
         with self.link.lock:
             return self.channels.call(actor_id, spec, return_ids, direct_ok, ordered)
+
+    def generator(self, completion: ObjectRef, task_id: bytes) -> ObjectRefGenerator:
+        """What a streaming call's ``.remote()`` returns: its items' refs as they come."""
+        return ObjectRefGenerator(completion, self, self.streams.table[task_id])
+
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        """Ask the scheduler to stop the task that makes ``ref`` (``_api.cancel``)."""
+        task_id = ref.task_id()
+        if force and task_id in self.objects.actor_calls:
+            raise ValueError(
+                "force=True is not supported for actor calls (as in Ray): use kill() on the actor"
+            )
+        self.leases.publish([ref.binary()])  # a task only we knew of: the scheduler's now
+        self.send(P.cancel(task_id, force, recursive))
+        self.flush()
 
     def _open_stream(self, spec: tuple) -> None:
         extra = spec[P.SPEC_EXTRA] or {}
