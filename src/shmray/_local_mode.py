@@ -25,8 +25,10 @@ There is no scheduler process, no worker, no arena and no socket.  What was deci
 - Errors are the real ones: ``_task_results.task_error`` wraps an exception into the
   ``RayTaskError`` that is also the user's class (its pid is the driver's); a failed
   argument fails the call with its error without running it; ``retry_exceptions`` retries
-  as many times as ``max_retries`` allows.  ``KeyboardInterrupt`` and pdb's quit
-  (``bdb.BdbQuit``) are not the task's failure: they stop the program, as in a plain script.
+  as many times as ``max_retries`` allows.  What a worker would report is any exception
+  and ``SystemExit``; ``KeyboardInterrupt``, pdb's quit (``bdb.BdbQuit``) and other
+  ``BaseException``s (a test harness's timeout) are not the task's failure: they stop the
+  program at the ``.remote()``, as in a plain script.
 - Refs are counted as in a real session and an object is dropped with its last ref (and
   the refs its value holds with it); an actor ends when its last handle goes.
 - Resources are checked for feasibility only (a task asking more than the machine has
@@ -40,6 +42,8 @@ There is no scheduler process, no worker, no arena and no socket.  What was deci
 
 Not there by nature: process isolation (a crash, ``os._exit`` or a segfault in a task ends
 the program), parallelism, ``max_calls``, worker and actor pids other than the driver's.
+Calls made from several threads of the driver run at once, each in its thread; what
+``get_runtime_context()`` says of the actor is right for one of them at a time.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ defaults, as Ray does (``current``).  The object store's default size is 30% of 
 a size larger than what is available, or below Ray's minimum of 75 MiB, is refused with the
 size to pass instead.  ``shutdown`` closes the driver's connection: the scheduler sees EOF,
 kills the workers, removes the session folder and exits, and the driver reaps it.
+``init(local_mode=True)`` starts none of that: its runtime runs every call in the driver
+(``_local_mode``).
 """
 
 from __future__ import annotations
