@@ -126,7 +126,7 @@ def test_arguments_and_results_are_copies_as_between_processes(local):
         def __reduce__(self):
             raise TypeError("no pickling here")
 
-    with pytest.raises(TypeError, match="argument 0"):
+    with pytest.raises(TypeError, match="serialize the argument"):
         mutate.remote(Unpicklable())
 
 
@@ -246,3 +246,26 @@ def test_actor_ends_and_restarts_in_the_driver(local, tmp_path):
     del keeper
     shmray.put(None)  # the runtime's next call lets the last handle go
     assert ended.read_text() == "yes"
+
+
+def test_placement_groups_are_refused_saying_why(local):
+    with pytest.raises(NotImplementedError, match="local mode"):
+        shmray.util.placement_group([{"CPU": 1}])
+    assert shmray.util.placement_group_table() == {}
+
+
+def test_a_call_holding_gpus_sees_the_sessions_first_ids():
+    shmray.init(local_mode=True, num_cpus=1, num_gpus=2)
+    try:
+        @shmray.remote(num_gpus=1)
+        def ids():
+            return shmray.get_gpu_ids()
+
+        @shmray.remote(num_gpus=0)
+        def none():
+            return shmray.get_gpu_ids()
+
+        assert shmray.get(ids.remote()) == [0] and shmray.get(none.remote()) == []
+        assert shmray.get_gpu_ids() == []
+    finally:
+        shmray.shutdown()

@@ -40,7 +40,8 @@ There is no scheduler process, no worker, no arena and no socket.  What was deci
   never returns, as it would not in a plain program).
 - Actors: ``_local_actors``.
 
-Not there by nature: process isolation (a crash, ``os._exit`` or a segfault in a task ends
+Not there: placement groups (``placement_group()`` raises NotImplementedError, saying
+why).  Not there by nature: process isolation (a crash, ``os._exit`` or a segfault in a task ends
 the program), parallelism, ``max_calls``, worker and actor pids other than the driver's.
 Calls made from several threads of the driver run at once, each in its thread; what
 ``get_runtime_context()`` says of the actor is right for one of them at a time.
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import threading
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
@@ -338,7 +340,7 @@ class LocalRuntime:
         token = current_call.set(call)
         task = current_task
         saved = (task.task_id, task.actor_id, task.actor_options, task.actor_class,
-                 task.restarted, task.in_asyncio_actor, task.exit_requested)
+                 task.restarted, task.in_asyncio_actor, task.exit_requested, task.gpu_ids)
         task.task_id = call.task_id if actor is None else None
         task.actor_id = actor.actor_id if actor is not None else None
         task.actor_options = actor.options if actor is not None else None
@@ -346,6 +348,10 @@ class LocalRuntime:
         task.restarted = actor.restarted if actor is not None else False
         task.in_asyncio_actor = actor.is_async if actor is not None else False
         task.exit_requested = False
+        # get_gpu_ids(): the session's first GPUs, as many as the call holds (one call runs
+        # at a time); CUDA_VISIBLE_DEVICES is the driver's own.
+        gpus = call.resources.get("GPU", 0)
+        task.gpu_ids = tuple(self.options.get("gpu_ids", ())[:math.ceil(gpus)]) if gpus else ()
         self.held.append(call.resources)
         try:
             yield
@@ -354,7 +360,7 @@ class LocalRuntime:
             if actor is not None and task.exit_requested:
                 actor.exit_requested = True
             (task.task_id, task.actor_id, task.actor_options, task.actor_class,
-             task.restarted, task.in_asyncio_actor, task.exit_requested) = saved
+             task.restarted, task.in_asyncio_actor, task.exit_requested, task.gpu_ids) = saved
             current_call.reset(token)
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
@@ -370,8 +376,8 @@ class LocalRuntime:
         self.drain()
         return self.actors.create(spec)
 
-    def call_actor(self, actor_id: bytes, spec: tuple, return_ids,
-                   direct_ok: bool) -> List[ObjectRef]:
+    def call_actor(self, actor_id: bytes, spec: tuple, return_ids, direct_ok: bool,
+                   ordered: bool = True) -> List[ObjectRef]:
         self.drain()
         self.actor_calls.add(spec[P.SPEC_TASK_ID])
         self.actors.call(actor_id, spec, return_ids)
@@ -385,6 +391,17 @@ class LocalRuntime:
 
     def publish(self, ids) -> None:
         """Nobody else needs to hear of an object."""
+
+    def send(self, message: tuple) -> None:
+        """What the API sends a scheduler itself: only placement groups do, and local mode
+        has none to reserve (its calls run one at a time and take nothing)."""
+        raise NotImplementedError(
+            "placement groups are not available in local mode: nothing runs in parallel "
+            "there, so there is nothing to reserve. Start shmray without local_mode=True to "
+            "use them, or leave the placement group out while you debug")
+
+    def flush(self) -> None:
+        """Nothing is ever waiting to be sent."""
 
     def poke(self) -> None:
         """From ActorHandle.__del__, anywhere: the next call of the runtime drains."""
@@ -409,6 +426,8 @@ class LocalRuntime:
             return []
         if what == "direct_calls":
             return 0
+        if what == "placement_groups":
+            return {}
         return self.actors.query(what)
 
     def forget_after_fork(self, parent_pid: int) -> None:
