@@ -269,3 +269,33 @@ def test_a_call_holding_gpus_sees_the_sessions_first_ids():
         assert shmray.get_gpu_ids() == []
     finally:
         shmray.shutdown()
+
+
+def test_an_async_call_stuck_waiting_for_a_later_call_says_so(local, monkeypatch, capfd):
+    import threading
+
+    from shmray import _local_actors
+
+    monkeypatch.setattr(_local_actors, "STUCK_AFTER", 0.2)
+
+    @shmray.remote
+    class Gate:
+        def __init__(self):
+            self.opened = asyncio.Event()
+
+        async def wait_open(self):
+            loop = asyncio.get_running_loop()
+            # only a thread opens it here; in a real program a later call would (never)
+            threading.Timer(1.0, loop.call_soon_threadsafe, (self.opened.set,)).start()
+            await self.opened.wait()
+            return "open"
+
+        async def nap(self):
+            await asyncio.sleep(0.5)  # a timer is pending: nothing to say
+            return "rested"
+
+    gate = Gate.remote()
+    assert shmray.get(gate.nap.remote()) == "rested"
+    assert "nothing left on its event loop" not in capfd.readouterr().err
+    assert shmray.get(gate.wait_open.remote()) == "open"
+    assert "a call of actor Gate has waited 0.2 s" in capfd.readouterr().err

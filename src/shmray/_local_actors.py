@@ -12,7 +12,8 @@ Runs in: the driver of a local-mode session (``_local_mode``).
   driver's own asyncio code, another async actor's call) sets that loop aside meanwhile;
   a call to the actor from one of its own calls runs on a loop of its own.  Calls that
   wait for each other (one awaits an event a later call sets) can't both run: the first
-  never ends, as in Ray's local mode.
+  never ends, as in Ray's local mode; a call that waits with nothing left on its loop to
+  wake it says so on stderr after ``STUCK_AFTER`` seconds.
 - The end: ``exit_actor()``, ``__ray_terminate__``, the last handle gone or the session's
   end run ``__ray_shutdown__`` (the actor's atexit handlers are the driver's: they run when
   it exits); ``kill`` runs nothing, and with ``max_restarts`` left runs ``__init__`` again
@@ -215,9 +216,11 @@ class LocalActors:
             loop, own = asyncio.new_event_loop(), True
         outer = asyncio._get_running_loop()
         asyncio._set_running_loop(None)
+        watch = _StuckWatch(loop, actor.class_name)
         try:
             return loop.run_until_complete(awaitable)
         finally:
+            watch.stop()
             asyncio._set_running_loop(outer)
             if own:
                 loop.close()
@@ -300,6 +303,41 @@ class LocalActors:
             actor = self.table.get(self.named.get((what[2], what[1])))
             return (actor.actor_id, actor.options) if actor is not None else None
         return None
+
+
+STUCK_AFTER = 10.0  # seconds a call may wait on an idle loop before we say it may never end
+
+
+class _StuckWatch:
+    """Says so, once, if a call waits with nothing left on its loop to wake it (no callback
+    ready, no timer, no file watched): it may wait for a call that can only start after it
+    ends, and then never ends.  A thread could still wake it: so a warning, not an error."""
+
+    def __init__(self, loop, class_name: str):
+        self.loop = loop
+        self.class_name = class_name
+        self.timer = loop.call_later(STUCK_AFTER, self.look)
+
+    def look(self) -> None:
+        loop = self.loop
+        ready, timers = getattr(loop, "_ready", None), getattr(loop, "_scheduled", None)
+        selector = getattr(loop, "_selector", None)
+        if ready is None or timers is None or selector is None:
+            return  # not the loop we know: say nothing rather than something wrong
+        # (a cancelled timer stays listed until the loop sweeps it; one reader is the
+        # loop's own wake-up pipe)
+        if ready or any(not t.cancelled() for t in timers) or len(selector.get_map()) > 1:
+            self.timer = loop.call_later(STUCK_AFTER, self.look)
+            return
+        print(f"shmray (local mode): a call of actor {self.class_name} has waited "
+              f"{STUCK_AFTER:g} s with nothing left on its event loop to wake it. It may be "
+              "waiting for another call of the actor (an event it sets, a queue it fills), "
+              "which can't start before this one ends: local mode runs an actor's calls one "
+              "at a time. Run without local_mode=True to let them run at once.",
+              file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self.timer.cancel()
 
 
 async def _construct(cls, args, kwargs):
