@@ -13,7 +13,7 @@ import pytest
 
 import shmray
 from shmray import exceptions
-from conftest import arena_fds, runtime, shmray_children
+from conftest import arena_fds, in_both_modes, runtime, shmray_children
 
 
 @pytest.fixture
@@ -299,3 +299,51 @@ def test_an_async_call_stuck_waiting_for_a_later_call_says_so(local, monkeypatch
     assert "nothing left on its event loop" not in capfd.readouterr().err
     assert shmray.get(gate.wait_open.remote()) == "open"
     assert "a call of actor Gate has waited 0.2 s" in capfd.readouterr().err
+
+
+# -- the same errors as with processes ---------------------------------------------------------
+
+both = in_both_modes(2)
+
+
+def test_sys_exit_is_a_crashed_worker_or_a_dead_actor_in_both_modes(both):
+    """In local mode sys.exit() ends no process, but it must not end the driver either (a
+    RayTaskError that is also a SystemExit would): it is reported as a session reports it."""
+
+    @both.remote(max_retries=0)
+    def leave():
+        sys.exit(3)
+
+    with pytest.raises(exceptions.WorkerCrashedError, match="sys.exit|exit"):
+        both.get(leave.remote(), timeout=60)
+
+    @both.remote
+    class Leaves:
+        def leave(self):
+            sys.exit(4)
+
+        def ping(self):
+            return "pong"
+
+    actor = Leaves.remote()
+    with pytest.raises(exceptions.ActorDiedError):
+        both.get(actor.leave.remote(), timeout=60)
+    with pytest.raises(exceptions.ActorDiedError):
+        both.get(actor.ping.remote(), timeout=60)
+
+
+def test_a_failed_argument_reads_the_same_in_both_modes(both):
+    @both.remote
+    def fails():
+        raise ValueError("upstream")
+
+    @both.remote
+    def uses(x):
+        return x
+
+    with pytest.raises(ValueError) as info:
+        both.get(uses.remote(fails.remote()), timeout=60)
+    text = str(info.value)
+    assert text.startswith("ray::uses()")
+    assert "At least one of the input arguments for this task could not be computed" in text
+    assert "upstream" in text

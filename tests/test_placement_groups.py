@@ -416,3 +416,41 @@ def test_each_bundle_holds_gpu_ids_of_its_own(monkeypatch):
         assert len(shmray.get(gpus.remote(), timeout=DEADLOCK)) == 1
     finally:
         shmray.shutdown()
+
+
+def test_a_group_from_an_ended_session_is_refused_not_waited_for():
+    shmray.init(num_cpus=2)
+    try:
+        stale = placement_group([{"CPU": 1}])
+        assert stale.wait(DEADLOCK)
+    finally:
+        shmray.shutdown()
+    shmray.init(num_cpus=2)
+    try:
+        with pytest.raises(ValueError, match="no placement group with id"):
+            @shmray.remote(scheduling_strategy=PlacementGroupSchedulingStrategy(stale))
+            def f():
+                return 1
+        with pytest.raises(ValueError, match="no placement group with id"):
+            stale.ready()
+    finally:
+        shmray.shutdown()
+
+
+def test_group_ids_are_shmrays_id_class(ray):
+    pg = placement_group([{"CPU": 1}])
+    assert type(pg.id) is shmray.PlacementGroupID
+    assert shmray.PlacementGroupID.from_hex(pg.id.hex()) == pg.id
+    remove_placement_group(pg)
+
+
+def test_local_mode_refuses_every_placement_group_call_saying_why():
+    shmray.init(num_cpus=2, local_mode=True)
+    try:
+        empty = PlacementGroup.empty()
+        for call in (lambda: placement_group([{"CPU": 1}]), lambda: empty.ready(),
+                     lambda: remove_placement_group(empty)):
+            with pytest.raises(NotImplementedError, match="not available in local mode"):
+                call()
+    finally:
+        shmray.shutdown()

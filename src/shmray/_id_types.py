@@ -76,7 +76,7 @@ def _id_class(name: str, size: int) -> type:
 UniqueID = _id_class("UniqueID", 28)
 JobID = _id_class("JobID", 4)
 TaskID = _id_class("TaskID", 24)
-ActorID = _id_class("ActorID", 16)
+ActorID = _id_class("ActorID", 28)  # Ray's are 16 bytes; shmray's, an object id's 28
 ActorClassID = _id_class("ActorClassID", 28)
 FunctionID = _id_class("FunctionID", 28)
 NodeID = _id_class("NodeID", 28)

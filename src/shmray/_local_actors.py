@@ -158,7 +158,8 @@ class LocalActors:
         with actor.turns:
             runtime.run(spec, return_ids,
                         lambda *args, **kwargs: self._invoke(actor, method, args, kwargs),
-                        lambda: self._context(actor, call), retry_exceptions)
+                        lambda: self._context(actor, call), retry_exceptions,
+                        exited=lambda exc: self._exited(actor, exc))
         if actor.exit_requested:  # the caller sees the actor's death, as in Ray
             runtime.store_error(return_ids, exceptions.ActorDiedError(
                 f"The actor {actor.class_name} exited: exit_actor() was called in this call"))
@@ -250,10 +251,17 @@ class LocalActors:
             self._end(actor, "every handle to it went out of scope")
         self.runtime.release_later(actor.death)
 
+    def _exited(self, actor: LocalActor, exc: SystemExit) -> BaseException:
+        """What a call that ran ``sys.exit()`` raises: its actor's process would have ended,
+        so the actor is dead (exit_actor() ends it gracefully in ``call``)."""
+        if actor.exit_requested:
+            return _died(actor, _EXITED)
+        why = f"its process exited: sys.exit({exc.code!r}) was called in a call to it"
+        self._end(actor, why, graceful=False)
+        return _died(actor, why)
+
     def _end(self, actor: LocalActor, why: str, graceful: bool = True) -> None:
-        self._dead(actor, self._error_object(exceptions.ActorDiedError(
-            f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
-            "Calls to it raise this error.")))
+        self._dead(actor, self._error_object(_died(actor, why)))
         if graceful:
             self._shut_down(actor)
         self._close_loop(actor)
@@ -349,3 +357,9 @@ async def _call(method, args, kwargs):
     if inspect.isawaitable(outcome):
         outcome = await outcome
     return outcome
+
+
+def _died(actor: LocalActor, why: str) -> exceptions.ActorDiedError:
+    return exceptions.ActorDiedError(
+        f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. Calls to it "
+        "raise this error.")

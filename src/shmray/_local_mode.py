@@ -172,7 +172,7 @@ class LocalRuntime:
                                        tuple(serialized.contained_refs))
             self.counts[object_id] = self.counts.get(object_id, 0) + 1
 
-    def store_error(self, object_ids: Sequence[bytes], error: BaseException) -> None:
+    def store_error(self, object_ids: Sequence[bytes], error) -> None:
         """Make each of ``object_ids`` raise ``error`` (what they held before goes)."""
         serialized = serialize(error, META_ERROR)
         for object_id in object_ids:
@@ -254,16 +254,18 @@ class LocalRuntime:
         return [ObjectRef.counted(object_id, self) for object_id in return_ids]
 
     def run(self, spec: tuple, return_ids: Sequence[bytes], invoke, context,
-            retry_exceptions) -> None:
+            retry_exceptions, exited=None) -> None:
         """Run a task or actor call to its end and store its results (or its error) under
         ``return_ids``, each counted once for the caller's ref.  ``invoke(*args, **kwargs)``
-        runs it; ``context()`` is entered around it."""
+        runs it; ``context()`` is entered around it.  ``sys.exit()`` in it ends no process
+        here, but is reported as a session reports the process ending: ``exited(exc)`` says
+        what an actor's call raises; a task's worker "crashed" (retried while it may)."""
         task_id, name = spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME]
         num_returns = spec[P.SPEC_NUM_RETURNS]
         failed = self.failed_argument(spec[P.SPEC_ARG_IDS])
-        if failed is not None:  # the argument's error is the call's, as in a session
-            for object_id in return_ids:
-                self.share(object_id, failed)
+        if failed is not None:  # the call's own error around its argument's, as a session's
+            data = self.objects[failed][0]
+            self.store_error(return_ids, exceptions.FailedArgument(name, bytes(data)))
             return
         retries = spec[P.SPEC_MAX_RETRIES]
         env_vars = (spec[P.SPEC_EXTRA] or {}).get("env_vars")
@@ -285,6 +287,13 @@ class LocalRuntime:
                         del outcome, values
                 except STOPS_THE_PROGRAM:
                     raise
+                except SystemExit as exc:
+                    if exited is None and retries != 0:
+                        retries -= 1
+                        continue
+                    self.store_error(return_ids, exited(exc) if exited is not None
+                                     else _worker_exited(name, spec, exc))
+                    return
                 except CALL_FAILURES as exc:
                     if retries != 0 and should_retry(exc, retry_exceptions):
                         retries -= 1
@@ -395,10 +404,13 @@ class LocalRuntime:
     def send(self, message: tuple) -> None:
         """What the API sends a scheduler itself: only placement groups do, and local mode
         has none to reserve (its calls run one at a time and take nothing)."""
-        raise NotImplementedError(
-            "placement groups are not available in local mode: nothing runs in parallel "
-            "there, so there is nothing to reserve. Start shmray without local_mode=True to "
-            "use them, or leave the placement group out while you debug")
+        raise NotImplementedError(_NO_PLACEMENT_GROUPS)
+
+    def request(self, make_message, *fields):
+        raise NotImplementedError(_NO_PLACEMENT_GROUPS)  # placement groups' too
+
+    def send_owning(self, message: tuple, return_ids):
+        raise NotImplementedError(_NO_PLACEMENT_GROUPS)  # placement groups' too
 
     def flush(self) -> None:
         """Nothing is ever waiting to be sent."""
@@ -497,3 +509,15 @@ class LocalRefGenerator(ObjectRefGenerator):
             self._taken += 1
             runtime.release_later(object_id_for_return(task_id, self._taken))
 
+
+_NO_PLACEMENT_GROUPS = (
+    "placement groups are not available in local mode: nothing runs in parallel there, so "
+    "there is nothing to reserve. Start shmray without local_mode=True to use them, or leave "
+    "the placement group out while you debug")
+
+
+def _worker_exited(name: str, spec: tuple, exc: SystemExit) -> exceptions.WorkerCrashedError:
+    return exceptions.WorkerCrashedError(
+        f"the worker running {name}() exited: sys.exit({exc.code!r}) (in local mode that "
+        "worker is the driver, which lives on). It was retried "
+        f"{spec[P.SPEC_MAX_RETRIES]} time(s) (max_retries).")

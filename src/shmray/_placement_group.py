@@ -27,6 +27,7 @@ import os
 from typing import Dict, List, Optional
 
 from . import _context, _protocol as P, _resources, exceptions
+from ._id_types import PlacementGroupID
 from ._ids import object_id_for_put
 from ._scheduling_strategies import (
     NODE_ID,
@@ -40,37 +41,9 @@ VALID_PLACEMENT_GROUP_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPR
 _ID_SIZE = 18  # Ray's placement group ids are 18 bytes
 _NIL = b"\xff" * _ID_SIZE
 
-_bundles_by_id: Dict[bytes, List[dict]] = {}  # bundles never change: asked once per group
-
-
-class PlacementGroupID:
-    """A placement group's id (Ray's ``PlacementGroupID``: ``hex()``, ``binary()``)."""
-
-    __slots__ = ("_id",)
-
-    def __init__(self, id: bytes):
-        self._id = id
-
-    def binary(self) -> bytes:
-        return self._id
-
-    def hex(self) -> str:
-        return self._id.hex()
-
-    def is_nil(self) -> bool:
-        return self._id == _NIL
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, PlacementGroupID) and other._id == self._id
-
-    def __hash__(self) -> int:
-        return hash(self._id)
-
-    def __reduce__(self):
-        return PlacementGroupID, (self._id,)
-
-    def __repr__(self) -> str:
-        return f"PlacementGroupID({self.hex()})"
+# pg id -> (the runtime of the session it is in, its bundles): bundles never change, so
+# they are asked for once per group; a group of a session that ended is not looked up here.
+_bundles_by_id: Dict[bytes, tuple] = {}
 
 
 class PlacementGroup:
@@ -92,10 +65,13 @@ class PlacementGroup:
         """An ObjectRef that resolves to this group once its bundles are reserved; its
         get() raises TaskPlacementGroupRemoved if the group is removed first."""
         runtime = current()
+        cached = _bundles_by_id.get(self.id.binary())
+        if cached is not None and cached[0] is not runtime:  # made here, in a session gone
+            raise _unknown(self.id.binary())
         object_id = object_id_for_put()
         message = P.placement_group_ready(self.id.binary(), object_id,
                                           serialize(self).to_bytes())
-        return runtime.objects.send_owning(message, [object_id])[0]
+        return runtime.send_owning(message, [object_id])[0]
 
     def wait(self, timeout_seconds: float = 30) -> bool:
         """Whether the group is reserved within ``timeout_seconds``."""
@@ -143,7 +119,7 @@ def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", nam
         raise TypeError(f"a placement group's name must be a str, got {name!r}")
     _check_reservable(bundles, strategy, runtime.total)
     pg_id = os.urandom(_ID_SIZE)
-    _bundles_by_id[pg_id] = bundles
+    _bundles_by_id[pg_id] = (runtime, bundles)
     runtime.send(P.create_placement_group(pg_id, bundles, strategy, name,
                                           runtime.options.get("namespace", "default"),
                                           lifetime == "detached"))
@@ -200,7 +176,8 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError("remove_placement_group() takes a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
-    current().link.request(P.remove_placement_group, placement_group.id.binary())
+    current().request(P.remove_placement_group, placement_group.id.binary())
+    _bundles_by_id.pop(placement_group.id.binary(), None)
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
@@ -213,7 +190,7 @@ def get_placement_group(placement_group_name: str) -> PlacementGroup:
     if found is None:
         raise ValueError(f"Failed to look up placement group with name: {placement_group_name}")
     pg_id, bundles = found
-    _bundles_by_id[pg_id] = bundles
+    _bundles_by_id[pg_id] = (current(), bundles)
     return PlacementGroup(PlacementGroupID(pg_id), [dict(b) for b in bundles])
 
 
@@ -239,13 +216,20 @@ def current_placement_group_id() -> Optional[str]:
 
 
 def _bundles_of(pg_id: bytes) -> List[dict]:
-    bundles = _bundles_by_id.get(pg_id)
+    runtime = current()
+    cached = _bundles_by_id.get(pg_id)
+    if cached is not None and cached[0] is runtime:
+        return cached[1]
+    bundles = runtime.query(("placement_group", pg_id))
     if bundles is None:
-        info = current().query(("placement_group", pg_id))
-        if info is None:
-            raise ValueError(f"no placement group with id {pg_id.hex()} exists in this session")
-        bundles = _bundles_by_id[pg_id] = info
+        raise _unknown(pg_id)
+    _bundles_by_id[pg_id] = (runtime, bundles)
     return bundles
+
+
+def _unknown(pg_id: bytes) -> ValueError:
+    return ValueError(f"no placement group with id {pg_id.hex()} exists in this session (one "
+                      "made before shmray.shutdown() ended with its session)")
 
 
 # -- where a task or actor runs ------------------------------------------------------------

@@ -165,6 +165,8 @@ class RayTaskError(RayError):
         cause = _innermost_cause(self)
         if cause is None or issubclass(RayTaskError, type(cause)):
             return self  # already satisfied
+        if isinstance(cause, (SystemExit, KeyboardInterrupt)):
+            return self  # raised in the caller, it would end the caller's program
         try:
             return self.make_dual_exception_instance()
         except TypeError as exc:

@@ -225,6 +225,14 @@ class Runtime:
         """Ask the scheduler (resources, workers, actors); waits for the answer."""
         return self.link.request(P.query, what)
 
+    def request(self, make_message: Callable, *fields):
+        """Send the scheduler ``make_message(request id, *fields)``; wait for its answer."""
+        return self.link.request(make_message, *fields)
+
+    def send_owning(self, message: tuple, return_ids) -> List[ObjectRef]:
+        """Send a message that makes ``return_ids``: our refs to them."""
+        return self.objects.send_owning(message, return_ids)
+
     # -- the end ---------------------------------------------------------------------------
 
     def forget_after_fork(self, parent_pid: int) -> None:
