@@ -23,7 +23,9 @@ task:
   task (one CPU) before its first fork, so every worker and actor starts sized for it.
   Resizing OpenBLAS starts its thread server, whose new thread spins for tens of
   milliseconds; in the scheduler the fork that follows stops it at once (OpenBLAS's fork
-  handler), and the children inherit the size without a thread;
+  handler, which shuts the server down in the parent too), and the children inherit the
+  size without a thread: the scheduler is single-threaded again from that first fork on,
+  as DESIGN.md has it;
 - ``fit`` does nothing unless a task asks for another size than the last one (two identity
   checks for the usual task), and the libraries are looked for again only then, and only
   if modules were imported since the last search;

@@ -3,8 +3,9 @@
 
 Runs in: every process.
 
-It is the cloudpickle package itself, not a copy: ``dumps`` here is cloudpickle's, with no
-shmray bookkeeping (a ref pickled with it is the user's to keep alive, as with any pickle).
+It is the cloudpickle package itself, not a copy.  An ObjectRef pickled with it is
+exported, as by any pickle the user makes: its object lives while the process that pickled
+it does, so the ref resolves wherever it is unpickled (``ObjectRef.__reduce__``).
 """
 
 from cloudpickle import (  # noqa: F401

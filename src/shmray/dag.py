@@ -59,29 +59,25 @@ class DAGNode:
                         "graph, and pass the refs it returns")
 
 
-class FunctionNode(DAGNode):
+class _RemoteNode(DAGNode):
+    """A node made by ``.remote()`` on what was bound (with its ``.options()``)."""
+
+    def __init__(self, body, args, kwargs, options):
+        super().__init__(args, kwargs, options)
+        self._body = body
+
+    def _submit(self, execution):
+        args, kwargs = self._arguments(execution)
+        return _with_options(self._body, self._bound_options).remote(*args, **kwargs)
+
+
+class FunctionNode(_RemoteNode):
     """``remote_function.bind(...)``: a task."""
 
-    def __init__(self, function, args, kwargs, options):
-        super().__init__(args, kwargs, options)
-        self._body = function
 
-    def _submit(self, execution):
-        args, kwargs = self._arguments(execution)
-        return _with_options(self._body, self._bound_options).remote(*args, **kwargs)
-
-
-class ClassNode(DAGNode):
+class ClassNode(_RemoteNode):
     """``ActorClass.bind(...)``: an actor, made once per execution; ``node.method.bind()``
     calls one of its methods."""
-
-    def __init__(self, actor_class, args, kwargs, options):
-        super().__init__(args, kwargs, options)
-        self._body = actor_class
-
-    def _submit(self, execution):
-        args, kwargs = self._arguments(execution)
-        return _with_options(self._body, self._bound_options).remote(*args, **kwargs)
 
     def __getattr__(self, name: str) -> "_UnboundMethod":
         if name.startswith("_"):
