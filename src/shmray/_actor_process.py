@@ -34,10 +34,8 @@ import concurrent.futures
 import functools
 import inspect
 import os
-import sys
 import threading
 import time
-import traceback
 
 from . import (
     _accelerators,
@@ -51,6 +49,7 @@ from . import (
     _threads,
     exceptions,
 )
+from ._actor_instance import bound_method, init_failed, run_shutdown_hook
 from ._context import Call, current_call, current_task
 from ._connection import ConnectionClosed
 from ._object_ref_generator import DynamicObjectRefGenerator
@@ -193,12 +192,7 @@ class ActorProcess(Worker):
                                      self.init_values)
             self.instance = self.cls(*args, **kwargs)
         except BaseException as exc:
-            cause = task_error(f"{self.class_name}.__init__", exc)
-            died = exceptions.ActorDiedError(
-                f"The actor {self.class_name} died because its __init__ raised an error, so "
-                f"none of its methods can run:\n{cause}"
-            )
-            died.cause = cause
+            died = init_failed(self.class_name, exc)
             self.runtime.send(P.actor_started(serialize(died, META_ERROR).to_bytes()))
             self.runtime.flush()
             return False
@@ -237,17 +231,7 @@ class ActorProcess(Worker):
             flush_output()
 
     def _method(self, name: str):
-        """The instance's method ``name``, looked up on its class first: an instance
-        attribute of the same name must not hide it."""
-        method = self.methods.get(name)
-        if method is None:
-            cls = type(self.instance)
-            found = inspect.getattr_static(cls, name, None)
-            if found is None or not hasattr(found, "__get__"):
-                method = getattr(self.instance, name)  # made by __getattr__, or the like
-            else:
-                method = self.methods[name] = found.__get__(self.instance, cls)
-        return method
+        return bound_method(self.instance, name, self.methods)
 
     def _exited_or(self, task_id, num_returns, exc=None):
         """If exit_actor() or sys.exit() was called during this call: the caller sees the
@@ -340,16 +324,7 @@ class ActorProcess(Worker):
     def shut_down(self) -> None:
         """A graceful end: the instance's ``__ray_shutdown__``, if it has one (an exception
         in it is printed, not raised: nobody waits for it)."""
-        hook = getattr(self.instance, "__ray_shutdown__", None)
-        if hook is None:
-            return
-        try:
-            hook()
-        except BaseException:
-            print(f"shmray: {self.class_name}.__ray_shutdown__() raised:", file=sys.stderr)
-            traceback.print_exc()
-        finally:
-            flush_output()
+        run_shutdown_hook(self.instance, self.class_name)
 
     def _reported(self) -> None:
         if self.exit_requested:

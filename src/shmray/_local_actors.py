@@ -31,13 +31,13 @@ import contextlib
 import inspect
 import sys
 import threading
-import traceback
 from typing import Dict, Optional
 
 from . import _protocol as P, exceptions
+from ._actor_instance import bound_method, init_failed, run_shutdown_hook
 from ._context import Call
 from ._ids import new_task_id, object_id_for_put
-from ._task_results import apply_env, arguments, flush_output, task_error
+from ._task_results import apply_env, arguments, flush_output
 
 # What a call raises that is its failure, as a worker would report it: any exception,
 # ``sys.exit()`` included, but not the user stopping the program (Ctrl-C, ``q`` in pdb),
@@ -122,12 +122,7 @@ class LocalActors:
         except STOPS_THE_PROGRAM:
             raise
         except CALL_FAILURES as exc:
-            cause = task_error(f"{actor.class_name}.__init__", exc)
-            died = exceptions.ActorDiedError(
-                f"The actor {actor.class_name} died because its __init__ raised an error, so "
-                f"none of its methods can run:\n{cause}")
-            died.cause = cause
-            self._dead(actor, self._error_object(died))
+            self._dead(actor, self._error_object(init_failed(actor.class_name, exc)))
         finally:
             flush_output()
 
@@ -195,16 +190,7 @@ class LocalActors:
 
     @staticmethod
     def _method(actor: LocalActor, name: str):
-        """The instance's method ``name``, looked up on its class first (an instance
-        attribute of the same name must not hide it), as an actor process does."""
-        method = actor.methods.get(name)
-        if method is None:
-            cls = type(actor.instance)
-            found = inspect.getattr_static(cls, name, None)
-            if found is None or not hasattr(found, "__get__"):
-                return getattr(actor.instance, name)
-            method = actor.methods[name] = found.__get__(actor.instance, cls)
-        return method
+        return bound_method(actor.instance, name, actor.methods)
 
     @staticmethod
     def _on_loop(actor: LocalActor, awaitable):
@@ -274,19 +260,7 @@ class LocalActors:
             del self.named[key]
 
     def _shut_down(self, actor: LocalActor) -> None:
-        """``__ray_shutdown__``, if it has one; what it raises is printed (nobody waits)."""
-        hook = getattr(actor.instance, "__ray_shutdown__", None)
-        if hook is None:
-            return
-        try:
-            hook()
-        except STOPS_THE_PROGRAM:
-            raise
-        except CALL_FAILURES:
-            print(f"shmray: {actor.class_name}.__ray_shutdown__() raised:", file=sys.stderr)
-            traceback.print_exc()
-        finally:
-            flush_output()
+        run_shutdown_hook(actor.instance, actor.class_name, passes=STOPS_THE_PROGRAM)
 
     @staticmethod
     def _close_loop(actor: LocalActor) -> None:
