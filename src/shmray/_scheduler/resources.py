@@ -34,9 +34,13 @@ class Resources:
         gpus = demand.get("GPU")
         return self.gpus.take(gpus) if gpus else ()
 
-    def give(self, demand: Dict[str, float], gpu_ids: Sequence[str] = ()) -> None:
+    def give(self, demand: Dict[str, float], gpu_ids: Sequence[str] = (),
+             cpu_lent: bool = False) -> None:
+        """Take back what ``demand`` held (and its GPU ids); ``cpu_lent``: its CPU came back
+        already, lent while its task waited in get()."""
         for name, amount in demand.items():
-            self.available[name] += amount
+            if name != "CPU" or not cpu_lent:
+                self.available[name] += amount
         if gpu_ids:
             self.gpus.give(gpu_ids, demand["GPU"])
 

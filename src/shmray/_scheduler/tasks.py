@@ -180,13 +180,9 @@ class Tasks:
 
     def _give_back(self, task: Optional[Task], worker: Client) -> None:
         if task is not None:
-            available = (task.pool or self.resources).available
-            for name, amount in task.resources.items():
-                if name != "CPU" or not worker.blocked:  # a blocked task's CPU was lent already
-                    available[name] += amount
-            if task.gpu_ids:
-                (task.pool or self.resources).gpus.give(task.gpu_ids, task.resources["GPU"])
-                task.gpu_ids = ()
+            (task.pool or self.resources).give(task.resources, task.gpu_ids,
+                                               cpu_lent=worker.blocked)
+            task.gpu_ids = ()
         worker.blocked = False
 
     def on_blocked(self, worker: Client, task_id=None) -> None:
