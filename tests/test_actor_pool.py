@@ -1,6 +1,7 @@
 """shmray.util.ActorPool end to end, as Ray's: map/map_unordered submit when called, results
 of earlier submissions nobody fetched are dropped (not waited for), num_returns=2 methods."""
 
+import os
 import threading
 
 import pytest
@@ -107,3 +108,19 @@ def test_get_next_timeout_and_ignore(ray, worker_class):
         assert pool.get_next(timeout=DEADLOCK) == 8
     finally:
         release.shutdown()
+
+
+def test_an_actor_that_died_leaves_the_pool(ray):
+    @ray.remote(max_restarts=0)
+    class Fragile:
+        def work(self, v):
+            if v < 0:
+                os._exit(1)
+            return v
+
+    pool = shmray.util.ActorPool([Fragile.remote() for _ in range(2)])
+    pool.submit(lambda a, v: a.work.remote(v), -1)
+    with pytest.raises(shmray.exceptions.ActorDiedError):
+        pool.get_next(timeout=DEADLOCK)
+    # Every later job goes to the survivor instead of failing on the dead one.
+    assert list(pool.map(lambda a, v: a.work.remote(v), range(6))) == list(range(6))
