@@ -3,9 +3,13 @@ driver share it.  The single-process semantics are checked against the standard 
 queue.Queue, the reference it mirrors."""
 
 import asyncio
+import os
 import queue as stdlib_queue
 
+import numpy as np
 import pytest
+
+from conftest import runtime
 
 from shmray.util.queue import Empty, Full, Queue
 
@@ -144,3 +148,80 @@ def test_shutdown_ends_the_queues_actor(ray, force):
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.qsize.remote(), timeout=DEADLOCK)
     q.shutdown()  # again: nothing left to do
+
+
+def test_a_large_array_crosses_as_the_putters_one_shared_copy(ray):
+    """The putter's process puts it into the store; the queue's actor passes on only its ref,
+    so what get() returns is a read-only view of the putter's object, not a copy the actor
+    made."""
+    q = Queue()
+
+    @ray.remote
+    def produce(q):
+        q.put(np.full(1 << 20, 3.0))  # 8 MiB
+        return os.getpid()
+
+    putter = ray.get(produce.remote(q), timeout=DEADLOCK)
+    got = q.get(timeout=DEADLOCK)
+    assert float(got.sum()) == 3.0 * (1 << 20) and not got.flags.writeable
+    store = runtime().store
+    address = got.__array_interface__["data"][0]
+    owners = [o.creator_pid for o in store.list()
+              if store.address(o.offset) <= address < store.address(o.offset) + o.data_size]
+    assert owners == [putter]
+    q.shutdown()
+
+
+def test_four_producers_and_four_consumers_lose_nothing(ray):
+    """Two producer tasks and two producer actors put into a small queue (so puts block too);
+    two consumer tasks and two consumer actors take until they get a stop mark.  Every item
+    arrives exactly once, and each consumer sees each producer's items in the order put."""
+    n = 200
+    q = Queue(maxsize=8)
+
+    def item(p, i):
+        if i % 50 == 0:  # now and then a large one, which travels through the store
+            return (p, i, np.full(20_000, p * 1000 + i))
+        return (p, i)
+
+    def produce(q, p):
+        for i in range(n):
+            q.put(item(p, i), timeout=DEADLOCK)
+        return p
+
+    def consume(q):
+        taken = []
+        while True:
+            got = q.get(timeout=DEADLOCK)
+            if got is None:
+                return taken
+            if len(got) == 3:
+                assert (got[2] == got[0] * 1000 + got[1]).all()
+            taken.append(got[:2])
+
+    class Worker:
+        def produce(self, q, p):
+            return produce(q, p)
+
+        def consume(self, q):
+            return consume(q)
+
+    producer_task = ray.remote(num_cpus=0)(produce)
+    consumer_task = ray.remote(num_cpus=0)(consume)
+    workers = [ray.remote(Worker).options(num_cpus=0).remote() for _ in range(4)]
+    consumers = [consumer_task.remote(q), consumer_task.remote(q),
+                 workers[0].consume.remote(q), workers[1].consume.remote(q)]
+    producers = [producer_task.remote(q, 0), producer_task.remote(q, 1),
+                 workers[2].produce.remote(q, 2), workers[3].produce.remote(q, 3)]
+    assert sorted(ray.get(producers, timeout=DEADLOCK)) == [0, 1, 2, 3]
+    for _ in consumers:
+        q.put(None, timeout=DEADLOCK)
+    taken = ray.get(consumers, timeout=DEADLOCK)
+    everything = [t for some in taken for t in some]
+    assert sorted(everything) == [(p, i) for p in range(4) for i in range(n)]
+    for some in taken:
+        for p in range(4):
+            mine = [i for q_, i in some if q_ == p]
+            assert mine == sorted(mine)
+    assert q.empty()
+    q.shutdown()

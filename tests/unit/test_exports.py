@@ -23,7 +23,7 @@ def test_public_names():
         "ActorPool", "as_completed", "deregister_serializer", "get_current_placement_group",
         "get_node_ip_address", "get_placement_group", "inspect_serializability",
         "list_named_actors", "map_unordered", "placement_group", "placement_group_table",
-        "register_serializer", "remove_placement_group", "scheduling_strategies"]
+        "progress", "register_serializer", "remove_placement_group", "scheduling_strategies"]
     assert shmray.util.scheduling_strategies.__all__ == [
         "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy"]
 

@@ -16,6 +16,7 @@ from .placement_group import (
     placement_group_table,
     remove_placement_group,
 )
+from .progress_bar import progress
 
 
 def get_node_ip_address() -> str:
@@ -26,5 +27,5 @@ def get_node_ip_address() -> str:
 __all__ = ["ActorPool", "as_completed", "deregister_serializer",
            "get_current_placement_group", "get_node_ip_address", "get_placement_group",
            "inspect_serializability", "list_named_actors", "map_unordered",
-           "placement_group", "placement_group_table", "register_serializer",
+           "placement_group", "placement_group_table", "progress", "register_serializer",
            "remove_placement_group", "scheduling_strategies"]

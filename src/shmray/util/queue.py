@@ -9,6 +9,11 @@ thread, and the queue serves others meanwhile.  A Queue pickles as its actor's h
 passing it to tasks and actors shares the one queue.  ``Empty`` and ``Full`` are the
 standard library's ``queue.Empty`` and ``queue.Full`` too, so code written for
 ``queue.Queue`` or ``multiprocessing.Queue`` catches them unchanged.
+
+An item too large to travel inline in a message (a numpy array of 100 KiB or more, say) is
+put into the object store by the process that puts it, and only its ref goes through the
+actor: the array is copied once, into shared memory, and ``get`` returns a zero-copy view of
+it, where passing the item itself would have the actor hold it and copy it out again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from collections.abc import Iterable
 from typing import Any, Dict, List, Optional
 
 from .._actor import kill
-from .._api import get, remote, wait
+from .._api import get, put, remote, wait
+from .._runtime.objects import INLINE_THRESHOLD
+from .._serialization import SCALARS, serialize
 
 
 class Empty(_stdlib_queue.Empty):
@@ -28,6 +35,28 @@ class Empty(_stdlib_queue.Empty):
 
 class Full(_stdlib_queue.Full):
     """put() found no room (or none within its timeout)."""
+
+
+class _Stored:
+    """A large item in the object store: the queue's actor holds this ref, not the item."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __reduce__(self):
+        return _Stored, (self.ref,)
+
+
+def _stored_if_large(item):
+    if type(item) in SCALARS or serialize(item).total_size < INLINE_THRESHOLD:
+        return item
+    return _Stored(put(item))
+
+
+def _fetched(item):
+    return get(item.ref) if type(item) is _Stored else item
 
 
 class _Items:
@@ -42,6 +71,9 @@ class _Items:
         return self.items.qsize()
 
     async def put(self, item, timeout: Optional[float]) -> bool:
+        if not self.items.full():  # the common case: no wait_for, whose timeout costs a task (9 us)
+            self.items.put_nowait(item)
+            return True
         try:
             await asyncio.wait_for(self.items.put(item), timeout)
         except asyncio.TimeoutError:
@@ -49,6 +81,8 @@ class _Items:
         return True
 
     async def get(self, timeout: Optional[float]) -> tuple:
+        if not self.items.empty():
+            return True, self.items.get_nowait()
         try:
             return True, await asyncio.wait_for(self.items.get(), timeout)
         except asyncio.TimeoutError:
@@ -115,19 +149,21 @@ class Queue:
     def put(self, item, block: bool = True, timeout: Optional[float] = None) -> None:
         """Add ``item``; if the queue is full, wait (up to ``timeout`` s) unless ``block``
         is False, then raise Full."""
+        timeout = _checked(timeout) if block else None
+        item = _stored_if_large(item)
         if not block:
             _put_done(get(self._items().put_nowait.remote(item)), self.maxsize, None)
         else:
-            _put_done(get(self._items().put.remote(item, _checked(timeout))), self.maxsize,
-                      timeout)
+            _put_done(get(self._items().put.remote(item, timeout)), self.maxsize, timeout)
 
     async def put_async(self, item, block: bool = True,
                         timeout: Optional[float] = None) -> None:
+        timeout = _checked(timeout) if block else None
+        item = _stored_if_large(item)
         if not block:
             _put_done(await self._items().put_nowait.remote(item), self.maxsize, None)
         else:
-            _put_done(await self._items().put.remote(item, _checked(timeout)), self.maxsize,
-                      timeout)
+            _put_done(await self._items().put.remote(item, timeout), self.maxsize, timeout)
 
     def get(self, block: bool = True, timeout: Optional[float] = None):
         """Take the oldest item; if there is none, wait (up to ``timeout`` s) unless
@@ -151,7 +187,7 @@ class Queue:
         """Add all of ``items`` at once, or none (Full) if they don't all fit."""
         if not isinstance(items, Iterable):
             raise TypeError("Argument 'items' must be an Iterable")
-        items = list(items)
+        items = [_stored_if_large(item) for item in items]
         size = get(self._items().put_nowait_batch.remote(items))
         if size >= 0:
             raise Full(f"Cannot add {len(items)} items to queue of size {size} and maxsize "
@@ -197,7 +233,7 @@ def _got(answer: tuple, timeout: Optional[float]):
     if not found:
         raise Empty("the queue is empty" if timeout is None else
                     f"nothing arrived in the queue within {timeout} s")
-    return item
+    return _fetched(item)
 
 
 def _checked(timeout: Optional[float]) -> Optional[float]:
