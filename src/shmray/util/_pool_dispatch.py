@@ -24,6 +24,7 @@ Runs in: the process that made the pool (a thread of its own, "shmray-pool").
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import sys
 import threading
@@ -36,7 +37,7 @@ from .._api import remote
 from ._pool_worker import PoolWorker, pack_function
 
 _DEPTH = 2
-_TASK, _DONE, _CLOSE, _TERMINATE = range(4)
+_TASK, _DONE, _CANCEL, _CLOSE, _TERMINATE = range(5)
 
 
 class Task:
@@ -84,6 +85,14 @@ class Dispatcher:
     def submit(self, task: Task) -> None:
         self.events.put((_TASK, task))
 
+    def cancel_pending(self) -> None:
+        """Fail every task not yet handed to a worker with ``CancelledError``; return once
+        done.  Tasks submitted before are handed out first, as far as workers take them."""
+        done = threading.Event()
+        self.events.put((_CANCEL, done))
+        while not done.wait(0.1) and self.thread.is_alive():
+            pass  # (the thread ended already if the pool was closed before)
+
     def close(self) -> None:
         """End once every task given so far is done."""
         self.events.put((_CLOSE,))
@@ -110,6 +119,10 @@ class Dispatcher:
                 self.pending.append(event[1])
             elif kind == _DONE:
                 self._finished(*event[1:])
+            elif kind == _CANCEL:
+                self._dispatch()
+                self._cancel_pending()
+                event[1].set()
             elif kind == _CLOSE:
                 self.closing = True
             else:
@@ -119,6 +132,12 @@ class Dispatcher:
             if self.closing and not self.pending and not any(w.inflight for w in self.workers):
                 self._kill_all()
                 return
+
+    def _cancel_pending(self) -> None:
+        cancelled = list(self.pending)
+        self.pending.clear()
+        for task in cancelled:
+            _report(task, False, concurrent.futures.CancelledError())
 
     def _dispatch(self) -> None:
         for depth in range(1, _DEPTH + 1):
