@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .. import exceptions
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, STAR, pack_function, share_large
+from ._pool_worker import CALL, STAR, pack_function, prepare
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):
@@ -50,12 +50,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         self._shutdown = False
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
-        refs: dict = {}
-        item = (tuple(share_large(list(args), refs)), kwargs)
-        return self._submit(pack_function(fn), CALL, [item], single=True, keep=refs)
+        [(mode, payload)], keep = prepare(CALL, [[(args, kwargs)]])
+        return self._submit(pack_function(fn), mode, payload, single=True, keep=keep)
 
-    def _submit(self, blob: bytes, mode: int, items: list, single: bool,
-                keep=None) -> concurrent.futures.Future:
+    def _submit(self, blob: bytes, mode: int, payload, single: bool,
+                keep) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def start() -> bool:
@@ -81,7 +80,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._dispatcher.submit(Task(blob, mode, items, on_done, start))
+            self._dispatcher.submit([Task(blob, mode, payload, on_done, start)])
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
@@ -92,10 +91,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
         blob = pack_function(fn)
-        refs: dict = {}
-        items = share_large(list(zip(*iterables)), refs)
-        futures = [self._submit(blob, STAR, items[i:i + chunksize], single=False, keep=refs)
-                   for i in range(0, len(items), chunksize)]
+        items = list(zip(*iterables))
+        payloads, keep = prepare(STAR, [items[i:i + chunksize]
+                                        for i in range(0, len(items), chunksize)])
+        futures = [self._submit(blob, mode, payload, single=False, keep=keep)
+                   for mode, payload in payloads]
         return _results(futures, end)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

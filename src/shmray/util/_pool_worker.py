@@ -25,19 +25,22 @@ and rebinds a given function once, so repeated calls of one function share one o
 from __future__ import annotations
 
 import functools
-import pickle
 import sys
 import types
-from typing import Any, Dict
+from itertools import starmap
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._api import get, put
-from .._pickling import dumps
+from .._pickling import dumps, loads
 
 # Arrays at least this big go into the store once per map, however many items name them.
 _SHARE_AT_BYTES = 100 * 1024
 _MAX_CACHED_FUNCTIONS = 256
 
 MAP, STAR, CALL = 0, 1, 2  # how a chunk's items are applied: f(x), f(*x), f(*args, **kwargs)
+RESOLVE = 4  # added to the mode when items hold arrays put in the store (``share_large``)
+PACKED = 8  # added when the items travel as one pickle (``prepare``)
+_SEQUENCES = {tuple, list}
 
 
 def pack_function(fn) -> bytes:
@@ -53,10 +56,53 @@ class _Stored:
         self.ref = ref
 
 
-def share_large(items: list, refs: Dict[int, Any]) -> list:
-    """``items`` with large numpy arrays (as items, or inside an item's tuple or list)
-    replaced by refs: ``refs`` (id -> ref) puts each array once per map, and the caller
-    keeps it until the map is done, so the arrays stay stored."""
+class _LargeBuffer(Exception):
+    """A pickle met a buffer worth passing through the store (raised to stop it)."""
+
+
+def _in_band_if_small(buffer) -> bool:
+    if memoryview(buffer).nbytes >= _SHARE_AT_BYTES:
+        raise _LargeBuffer
+    return True  # pickle writes it in the stream
+
+
+def _pickle_small(value) -> Optional[bytes]:
+    """``value`` as one pickle, or None if it holds a large buffer (an array), which is
+    better passed through the store as it is: zero-copy, once.  The check rides on the
+    pickling (protocol 5 hands every buffer to the callback), so a value without arrays
+    costs no extra pass."""
+    try:
+        return dumps(value, buffer_callback=_in_band_if_small)
+    except _LargeBuffer:
+        return None
+
+
+def prepare(mode: int, chunks: List[list]) -> Tuple[List[tuple], Dict[int, Any]]:
+    """(mode, payload) for each chunk, and the refs to keep until they are done.
+
+    Chunks travel as one pickle each, made here: an actor call's argument list of
+    thousands of small items costs shmray's serialization far more (about 0.1 ms per
+    thousand) than one bytes object does.  If the items hold large numpy arrays, they go
+    as they are instead, with each array put in the store once however many items name it
+    (``_share_large``), and resolved back in the worker."""
+    packed = []
+    for chunk in chunks:
+        try:
+            data = _pickle_small(chunk)
+        except Exception:  # shmray's own serialization says what can't be pickled, and why
+            data = None
+        if data is None:
+            break
+        packed.append((mode | PACKED, data))
+    else:
+        return packed, {}
+    refs: Dict[int, Any] = {}
+    return [(mode | RESOLVE, _share_large(chunk, refs)) for chunk in chunks], refs
+
+
+def _share_large(items: list, refs: Dict[int, Any]) -> list:
+    """``items`` with large numpy arrays (as items, or inside their tuples, lists and
+    dicts) replaced by refs: ``refs`` (id -> ref) puts each array once per map."""
     numpy = sys.modules.get("numpy")
     if numpy is None:
         return items
@@ -68,18 +114,37 @@ def share_large(items: list, refs: Dict[int, Any]) -> list:
             if stored is None:
                 stored = refs[id(value)] = (_Stored(put(value)), value)
             return stored[0]
-        if type(value) in (tuple, list) and any(type(v) is ndarray for v in value):
+        if type(value) in _SEQUENCES:
             return type(value)(shared(v) for v in value)
+        if type(value) is dict:
+            return {k: shared(v) for k, v in value.items()}
         return value
 
     return [shared(item) for item in items]
 
 
+def _packed_results(results: list):
+    """The results as one pickle, unless they hold large buffers (arrays), which go back
+    through the store as they are (zero-copy)."""
+    try:
+        data = _pickle_small(results)
+    except Exception:  # shmray's serialization of the result reports it
+        return results
+    return results if data is None else data
+
+
+def unpack_results(value) -> list:
+    """What ``PoolWorker.run`` returned, as the list of results."""
+    return loads(value) if type(value) is bytes else value
+
+
 def _resolved(value):
     if type(value) is _Stored:
         return get(value.ref)
-    if type(value) in (tuple, list) and any(type(v) is _Stored for v in value):
+    if type(value) in _SEQUENCES:
         return type(value)(_resolved(v) for v in value)
+    if type(value) is dict:
+        return {k: _resolved(v) for k, v in value.items()}
     return value
 
 
@@ -138,13 +203,23 @@ class PoolWorker:
         if fn is None:
             if len(self.functions) >= _MAX_CACHED_FUNCTIONS:
                 self.functions.clear()
-            fn = self.functions[blob] = self.namespaces.rebound(pickle.loads(blob))
+            fn = self.functions[blob] = self.namespaces.rebound(loads(blob))
         return fn
 
-    def run(self, blob: bytes, mode: int, items: list) -> list:
+    def run(self, blob: bytes, chunks: list) -> list:
+        """Each chunk's results (``chunks``: (mode, payload) pairs), packed for the trip."""
         fn = self._function(blob)
-        if mode == MAP:
-            return [fn(_resolved(item)) for item in items]
-        if mode == STAR:
-            return [fn(*_resolved(args)) for args in items]
-        return [fn(*_resolved(args), **kwargs) for args, kwargs in items]
+        return [_packed_results(_run_chunk(fn, mode, payload)) for mode, payload in chunks]
+
+
+def _run_chunk(fn, mode: int, items) -> list:
+    if mode & PACKED:
+        items = loads(items)
+    elif mode & RESOLVE:
+        items = [_resolved(item) for item in items]
+    mode &= 3
+    if mode == MAP:
+        return list(map(fn, items))
+    if mode == STAR:
+        return list(starmap(fn, items))
+    return [fn(*args, **kwargs) for args, kwargs in items]

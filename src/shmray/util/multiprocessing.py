@@ -28,7 +28,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, MAP, STAR, pack_function, share_large
+from ._pool_worker import CALL, MAP, STAR, pack_function, prepare
 
 TimeoutError = multiprocessing.TimeoutError
 
@@ -39,7 +39,7 @@ class AsyncResult:
     """The result of ``apply_async``/``map_async``/``starmap_async``, as multiprocessing's."""
 
     def __init__(self, chunks: int, callback: Optional[Callable],
-                 error_callback: Optional[Callable], single: bool, keep: Any = None):
+                 error_callback: Optional[Callable], single: bool):
         self._event = threading.Event()
         self._callback, self._error_callback = callback, error_callback
         self._single = single
@@ -47,7 +47,7 @@ class AsyncResult:
         self._left = chunks
         self._success: Optional[bool] = None
         self._value: Any = None
-        self._keep = keep  # the refs of the arguments put in the store, till the end
+        self._keep: Any = None  # the refs of the arguments put in the store, till the end
         self._lock = threading.Lock()
         if chunks == 0:
             self._finish(True, [])
@@ -109,7 +109,7 @@ MapResult = AsyncResult
 class IMapIterator:
     """The iterator ``imap`` (in order) and ``imap_unordered`` return; ``next(timeout)``."""
 
-    def __init__(self, ordered: bool, keep: Any = None):
+    def __init__(self, ordered: bool):
         self._ordered = ordered
         self._cond = threading.Condition(threading.Lock())
         self._done: Dict[int, tuple] = {}  # chunk index -> (ok, values)
@@ -118,7 +118,7 @@ class IMapIterator:
         self._buffer: collections.deque = collections.deque()
         self._chunks: Optional[int] = None
         self._finished = 0
-        self._keep = keep
+        self._keep: Any = None  # the refs of the arguments put in the store, till the end
 
     def _set_chunks(self, chunks: int) -> None:
         with self._cond:
@@ -196,10 +196,8 @@ class Pool:
                     callback: Optional[Callable] = None,
                     error_callback: Optional[Callable] = None) -> AsyncResult:
         self._check_running()
-        refs: dict = {}
-        items = [(tuple(share_large(list(args), refs)), dict(kwds or {}))]
-        result = AsyncResult(1, callback, error_callback, single=True, keep=refs)
-        self._submit(func, CALL, [items], result)
+        result = AsyncResult(1, callback, error_callback, single=True)
+        self._submit(func, CALL, [[(tuple(args), dict(kwds or {}))]], result)
         return result
 
     def map(self, func: Callable, iterable: Iterable, chunksize: Optional[int] = None) -> list:
@@ -235,29 +233,30 @@ class Pool:
             chunksize, extra = divmod(len(iterable), self._processes * 4)
             if extra:
                 chunksize += 1
-        refs: dict = {}
-        chunks = _chunked(share_large(list(iterable), refs), chunksize)
-        result = AsyncResult(len(chunks), callback, error_callback, single=False, keep=refs)
-        self._submit(func, mode, chunks, result)
+        chunks = _chunked(list(iterable), chunksize)
+        result = AsyncResult(len(chunks), callback, error_callback, single=False)
+        self._submit(func, mode, chunks, result, bundle=True)
         return result
 
     def _imap(self, func, iterable, chunksize, ordered: bool) -> IMapIterator:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        refs: dict = {}
-        chunks = _chunked(share_large(list(iterable), refs), chunksize)
-        result = IMapIterator(ordered, keep=refs)
+        chunks = _chunked(list(iterable), chunksize)
+        result = IMapIterator(ordered)
         result._set_chunks(len(chunks))
         self._submit(func, MAP, chunks, result)
         return result
 
-    def _submit(self, func, mode: int, chunks: list, result) -> None:
+    def _submit(self, func, mode: int, chunks: list, result, bundle: bool = False) -> None:
         blob = pack_function(func)
-        for index, chunk in enumerate(chunks):
+        payloads, result._keep = prepare(mode, chunks)
+        tasks = []
+        for index, (chunk_mode, payload) in enumerate(payloads):
             def on_done(ok, value, index=index):
                 result._chunk_done(index, ok, value)
-            self._dispatcher.submit(Task(blob, mode, chunk, on_done))
+            tasks.append(Task(blob, chunk_mode, payload, on_done, bundle=bundle))
+        self._dispatcher.submit(tasks)
 
     def _check_running(self) -> None:
         if self._state != _RUN:
