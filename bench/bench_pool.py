@@ -92,14 +92,14 @@ def test_map_tiny_shmray(benchmark, shmray_pool):
 
 @pytest.mark.benchmark(group="map-16MiB")
 def test_map_arrays_multiprocessing(benchmark, mp_pool, arrays):
-    result = benchmark.pedantic(mp_pool.map, (_double, arrays), rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(mp_pool.map, (_double, arrays), rounds=10, warmup_rounds=3)
     assert float(result[7][0]) == 14.0
     _record(benchmark, "map-16MiB", "reference")
 
 
 @pytest.mark.benchmark(group="map-16MiB")
 def test_map_arrays_shmray(benchmark, shmray_pool, arrays):
-    result = benchmark.pedantic(shmray_pool.map, (_double, arrays), rounds=5, warmup_rounds=1)
+    result = benchmark.pedantic(shmray_pool.map, (_double, arrays), rounds=10, warmup_rounds=3)
     assert float(result[7][0]) == 14.0
     del result
     _record(benchmark, "map-16MiB", "shmray")

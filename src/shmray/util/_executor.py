@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .. import exceptions
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, STAR, pack_function, prepare
+from ._pool_worker import CALL, STAR, prepare
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):
@@ -48,24 +48,11 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         self._dispatcher = Dispatcher(max_workers, initializer, initargs, max_tasks_per_child)
         self._lock = threading.Lock()
         self._shutdown = False
-        self._blobs: dict = {}  # function -> its pickle (``_pickled``)
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
         [(mode, payload)], keep = prepare(CALL, [[(args, kwargs)]])
-        return self._submit(self._pickled(fn), mode, payload, single=True, keep=keep)
-
-    def _pickled(self, fn: Callable) -> bytes:
-        """``fn`` pickled once for many submits of it (a worker would not see a later
-        change of what it was pickled with anyway: the first load of it stays)."""
-        try:
-            blob = self._blobs.get(fn)
-        except TypeError:  # an unhashable callable
-            return pack_function(fn)
-        if blob is None:
-            if len(self._blobs) >= 256:
-                self._blobs.clear()
-            blob = self._blobs[fn] = pack_function(fn)
-        return blob
+        blob = self._dispatcher.pickled(fn)
+        return self._submit(blob, mode, payload, single=True, keep=keep)
 
     def _submit(self, blob: bytes, mode: int, payload, single: bool,
                 keep) -> concurrent.futures.Future:
@@ -104,7 +91,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        blob = self._pickled(fn)
+        blob = self._dispatcher.pickled(fn)
         items = list(zip(*iterables))
         payloads, keep = prepare(STAR, [items[i:i + chunksize]
                                         for i in range(0, len(items), chunksize)])

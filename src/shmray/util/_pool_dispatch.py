@@ -91,6 +91,7 @@ class Dispatcher:
         self.pending: collections.deque = collections.deque()
         self.sent: Dict[object, tuple] = {}  # ref in flight -> (worker, tasks, time sent)
         self.quick: Dict[bytes, bool] = {}  # function -> whether its last call was quick
+        self.blobs: Dict[Callable, bytes] = {}  # function -> its pickle (``pickled``)
         self.actor_class = remote(PoolWorker).options(num_cpus=0)
         self.workers: List[_Worker] = [self._new_worker() for _ in range(processes)]
         self.closing = False
@@ -106,6 +107,19 @@ class Dispatcher:
             reports = self._dispatch()
             self.wake.notify()
         _report_all(reports)
+
+    def pickled(self, fn: Callable) -> bytes:
+        """``fn`` pickled once for the many calls of it a pool usually sees (a worker would
+        not see a later change of what it was pickled with anyway: its first load stays)."""
+        try:
+            blob = self.blobs.get(fn)
+        except TypeError:  # an unhashable callable
+            return pack_function(fn)
+        if blob is None:
+            if len(self.blobs) >= 256:
+                self.blobs.clear()
+            blob = self.blobs[fn] = pack_function(fn)
+        return blob
 
     def cancel_pending(self) -> None:
         """Fail every task not yet handed to a worker with ``CancelledError``."""

@@ -28,7 +28,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, MAP, STAR, pack_function, prepare
+from ._pool_worker import CALL, MAP, STAR, prepare
 
 TimeoutError = multiprocessing.TimeoutError
 
@@ -249,7 +249,7 @@ class Pool:
         return result
 
     def _submit(self, func, mode: int, chunks: list, result, bundle: bool = False) -> None:
-        blob = pack_function(func)
+        blob = self._dispatcher.pickled(func)
         payloads, result._keep = prepare(mode, chunks)
         tasks = []
         for index, (chunk_mode, payload) in enumerate(payloads):
