@@ -156,22 +156,24 @@ class Dispatcher:
 
     def _dispatch(self) -> list:
         reports: list = []
+        if not self.workers:
+            return reports
+        share = -(-len(self.pending) // len(self.workers))  # of a quick map's chunks
         for depth in range(1, _DEPTH + 1):
             for worker in self.workers:
                 while self.pending and len(worker.inflight) < depth and self._usable(worker):
-                    tasks = self._next_call(worker, reports)
+                    tasks = self._next_call(worker, share)
                     if tasks:
                         self._send(worker, tasks, reports)
         return reports
 
-    def _next_call(self, worker: _Worker, reports: list) -> List[Task]:
+    def _next_call(self, worker: _Worker, share: int) -> List[Task]:
         """The tasks of the worker's next call: one, or a fair share of a quick map's."""
         task = self.pending.popleft()
         if task.start is not None and not task.start():
             return []
         tasks = [task]
         if task.bundle and self.quick.get(task.blob):
-            share = -(-(len(self.pending) + 1) // len(self.workers))
             if self.max_tasks is not None:
                 share = min(share, self.max_tasks - worker.started)
             while (len(tasks) < share and self.pending and self.pending[0].bundle
