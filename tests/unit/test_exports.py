@@ -2,6 +2,7 @@
 
 import shmray
 import shmray.exceptions as exc
+import shmray.util.multiprocessing
 
 
 def test_public_names():
@@ -23,7 +24,10 @@ def test_public_names():
         "ActorPool", "as_completed", "deregister_serializer", "get_current_placement_group",
         "get_node_ip_address", "get_placement_group", "inspect_serializability",
         "list_named_actors", "map_unordered", "placement_group", "placement_group_table",
-        "progress", "register_serializer", "remove_placement_group", "scheduling_strategies"]
+        "ProcessPoolExecutor", "progress", "register_serializer", "remove_placement_group",
+        "scheduling_strategies"]
+    assert shmray.util.multiprocessing.__all__ == [
+        "AsyncResult", "IMapIterator", "Pool", "TimeoutError"]
     assert shmray.util.scheduling_strategies.__all__ == [
         "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy"]
 

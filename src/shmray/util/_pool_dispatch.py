@@ -1,0 +1,317 @@
+"""The engine under ``Pool`` and ``ProcessPoolExecutor``: hands tasks (chunks of calls) to a
+fixed set of worker actors, replaces workers that die or reach their task limit.
+
+Runs in: the process that made the pool (the caller's threads, and a thread of its own,
+"shmray-pool", that collects results).
+
+::
+
+    caller thread --submit(tasks)--> pending --run.remote()--> worker actors
+                     (sends at once to workers with room)           |
+    "shmray-pool" thread <--- wait(refs in flight) / get -----------+
+        on_done(ok, value) for the task; sends the next pending tasks
+
+- Each worker actor has at most ``_DEPTH`` calls in flight: its next call already waits in
+  its mailbox when one ends (no idle round trip), yet a slow task holds back little.
+- A call carries one task, except for the chunks of a ``map`` whose function is known to be
+  quick (a call of it took under ``_QUICK`` seconds): then one call carries a worker's fair
+  share of the pending chunks.  An actor call costs ~0.1 ms of CPU on each side here, more
+  than a chunk of tiny items takes to run; joblib batches by measured duration likewise.
+- Whoever changes the state (a caller submitting, the collector thread after a result)
+  sends what can be sent, under ``lock``; ``on_done`` callbacks run after it is released,
+  so a callback may submit again.
+- The collector thread reads results with ``shmray.wait`` itself: a result costs no extra
+  thread hand-off (a ref's ``future()`` would add a reader thread's).  It cannot hear of
+  refs sent while it waits, so when a worker still had room as it began waiting (a caller
+  may send there meanwhile) it waits at most ``_POLL`` seconds; when every worker is full
+  nothing new can be sent before a result, and it waits for one.
+- A worker that dies fails only the task it was running with ``WorkerCrashedError`` (actor
+  calls run in order: the first of its calls to fail with the actor's death); its later
+  tasks go back to the queue, and a new worker takes its place at once.  Nothing waits for
+  an answer that can no longer come.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+from .. import exceptions
+from .._actor import kill
+from .._api import get, remote, wait
+from ._pool_worker import PoolWorker, pack_function, unpack_results
+
+_DEPTH = 2
+_POLL = 0.005
+_QUICK = 0.005
+
+
+class Task:
+    """Calls of one function, run in order by one worker; ``on_done(ok, results_or_error)``.
+    ``start()`` (if given) is asked just before dispatch: False drops the task (cancelled).
+    ``bundle``: the task may share a call with others (its results are wanted all at once)."""
+
+    __slots__ = ("blob", "mode", "items", "on_done", "start", "bundle")
+
+    def __init__(self, blob: bytes, mode: int, items, on_done: Callable,
+                 start: Optional[Callable[[], bool]] = None, bundle: bool = False):
+        self.blob, self.mode, self.items = blob, mode, items
+        self.on_done, self.start, self.bundle = on_done, start, bundle
+
+
+class _Worker:
+    __slots__ = ("actor", "inflight", "started", "dead", "outcomes", "crash_reported")
+
+    def __init__(self, actor):
+        self.actor = actor
+        self.inflight: collections.deque = collections.deque()  # refs, oldest first
+        self.started = 0
+        self.dead = False
+        self.outcomes: dict = {}  # once dead: ref -> (ok, value), till settled in order
+        self.crash_reported = False
+
+
+class PoolTerminated(RuntimeError):
+    """The pool was terminated before this task ran."""
+
+
+class Dispatcher:
+    def __init__(self, processes: int, initializer, initargs: tuple,
+                 max_tasks_per_worker: Optional[int]):
+        self.init_blob = None if initializer is None else pack_function(initializer)
+        self.initargs = tuple(initargs)
+        self.max_tasks = max_tasks_per_worker
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.pending: collections.deque = collections.deque()
+        self.sent: Dict[object, tuple] = {}  # ref in flight -> (worker, tasks, time sent)
+        self.quick: Dict[bytes, bool] = {}  # function -> whether its last call was quick
+        self.blobs: Dict[Callable, bytes] = {}  # function -> its pickle (``pickled``)
+        self.actor_class = remote(PoolWorker).options(num_cpus=0)
+        self.workers: List[_Worker] = [self._new_worker() for _ in range(processes)]
+        self.closing = False
+        self.ended = False
+        self.thread = threading.Thread(target=self._collect, name="shmray-pool", daemon=True)
+        self.thread.start()
+
+    # -- called from any thread -------------------------------------------------------
+
+    def submit(self, tasks: List[Task]) -> None:
+        with self.lock:
+            self.pending.extend(tasks)
+            reports = self._dispatch()
+            self.wake.notify()
+        _report_all(reports)
+
+    def pickled(self, fn: Callable) -> bytes:
+        """``fn`` pickled once for the many calls of it a pool usually sees (a worker would
+        not see a later change of what it was pickled with anyway: its first load stays)."""
+        try:
+            blob = self.blobs.get(fn)
+        except TypeError:  # an unhashable callable
+            return pack_function(fn)
+        if blob is None:
+            if len(self.blobs) >= 256:
+                self.blobs.clear()
+            blob = self.blobs[fn] = pack_function(fn)
+        return blob
+
+    def cancel_pending(self) -> None:
+        """Fail every task not yet handed to a worker with ``CancelledError``."""
+        with self.lock:
+            reports = [(t, False, concurrent.futures.CancelledError()) for t in self.pending]
+            self.pending.clear()
+        _report_all(reports)
+
+    def close(self) -> None:
+        """End once every task given so far is done."""
+        with self.lock:
+            self.closing = True
+            self.wake.notify()
+
+    def terminate(self) -> None:
+        """End now: kill the workers; unfinished tasks fail with ``PoolTerminated``."""
+        with self.lock:
+            unfinished = [t for _, tasks, _ in self.sent.values() for t in tasks]
+            unfinished += self.pending
+            self.pending.clear()
+            self.sent.clear()
+            self._end()
+        gone = PoolTerminated("the pool was terminated before this task finished")
+        _report_all([(task, False, gone) for task in unfinished])
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- under the lock -------------------------------------------------------------------
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.actor_class.remote(self.init_blob, self.initargs))
+
+    def _dispatch(self) -> list:
+        reports: list = []
+        if not self.workers:
+            return reports
+        share = -(-len(self.pending) // len(self.workers))  # of a quick map's chunks
+        for depth in range(1, _DEPTH + 1):
+            for worker in self.workers:
+                while self.pending and len(worker.inflight) < depth and self._usable(worker):
+                    tasks = self._next_call(worker, share)
+                    if tasks:
+                        self._send(worker, tasks, reports)
+        return reports
+
+    def _next_call(self, worker: _Worker, share: int) -> List[Task]:
+        """The tasks of the worker's next call: one, or a fair share of a quick map's."""
+        task = self.pending.popleft()
+        if task.start is not None and not task.start():
+            return []
+        tasks = [task]
+        if task.bundle and self.quick.get(task.blob):
+            if self.max_tasks is not None:
+                share = min(share, self.max_tasks - worker.started)
+            while (len(tasks) < share and self.pending and self.pending[0].bundle
+                   and self.pending[0].blob == task.blob):
+                tasks.append(self.pending.popleft())
+        return tasks
+
+    def _send(self, worker: _Worker, tasks: List[Task], reports: list) -> None:
+        try:
+            ref = worker.actor.run.remote(tasks[0].blob, [(t.mode, t.items) for t in tasks])
+        except BaseException as exc:  # e.g. an item that can't be pickled
+            reports.extend((task, False, exc) for task in tasks)
+            return
+        worker.inflight.append(ref)
+        worker.started += len(tasks)
+        self.sent[ref] = (worker, tasks, time.monotonic())
+
+    def _usable(self, worker: _Worker) -> bool:
+        return not worker.dead and (self.max_tasks is None or worker.started < self.max_tasks)
+
+    def _finished(self, ref, ok: bool, value, reports: list) -> None:
+        entry = self.sent.get(ref)
+        if entry is None:
+            return  # terminated
+        worker, tasks, sent_at = entry
+        if not ok and isinstance(value, exceptions.RayActorError) and not worker.dead:
+            worker.dead = True
+            self._replace(worker)
+        if worker.dead:
+            worker.outcomes[ref] = (ok, value)
+            self._settle_dead(worker, reports)
+            return
+        del self.sent[ref]
+        worker.inflight.remove(ref)
+        if len(self.quick) > 1024:
+            self.quick.clear()
+        self.quick[tasks[0].blob] = time.monotonic() - sent_at < _QUICK
+        _deliver(tasks, ok, value, reports)
+        if not worker.inflight and not self._usable(worker):
+            self._replace(worker)
+
+    def _settle_dead(self, worker: _Worker, reports: list) -> None:
+        """Settle a dead worker's calls in the order it ran them, each once its own outcome
+        is in: a death may be heard of before the results of calls that ended before it.
+        Calls ending well count as usual; the first that met the death was running and
+        fails; those after it never ran and go back to the queue."""
+        again = []
+        while worker.inflight and worker.inflight[0] in worker.outcomes:
+            ref = worker.inflight.popleft()
+            ok, value = worker.outcomes.pop(ref)
+            tasks = self.sent.pop(ref)[1]
+            if ok or not isinstance(value, exceptions.RayActorError):
+                _deliver(tasks, ok, value, reports)
+            elif not worker.crash_reported:
+                worker.crash_reported = True
+                crash = exceptions.WorkerCrashedError(
+                    f"A pool worker died while running this task: {value}  It may have run "
+                    "out of memory, been killed, or crashed in native code; the pool "
+                    "started a new worker.")
+                crash.__cause__ = value
+                reports.extend((task, False, crash) for task in tasks)
+            else:
+                again.extend(tasks)
+        self.pending.extendleft(reversed(again))
+
+    def _replace(self, worker: _Worker) -> None:
+        index = self.workers.index(worker)
+        if not worker.dead:
+            kill(worker.actor)
+        if self.closing and not self.pending:
+            self.workers.pop(index)
+        else:
+            self.workers[index] = self._new_worker()
+
+    def _end(self) -> None:
+        self.ended = True
+        for worker in self.workers:
+            try:
+                kill(worker.actor)
+            except Exception:  # the session already ended: the actor went with it
+                pass
+        self.workers = []
+        self.wake.notify()
+
+    # -- the collector thread -------------------------------------------------------------
+
+    def _collect(self) -> None:
+        while True:
+            with self.lock:
+                while not self.sent and not self.ended:
+                    if self.closing and not self.pending:
+                        self._end()
+                        return
+                    self.wake.wait()
+                if self.ended:
+                    return
+                refs = list(self.sent)
+                room = any(len(w.inflight) < _DEPTH and self._usable(w) for w in self.workers)
+            if not self._collect_some(refs, room):
+                return
+
+    def _collect_some(self, refs: list, room: bool) -> bool:
+        """Wait for results of ``refs`` and hand them on (a function of its own, so no
+        result outlives it: the caller may have dropped them already, and large arrays
+        should go back to the store at once).  False once the session is gone."""
+        try:
+            ready, _ = wait(refs, num_returns=1, timeout=_POLL if room else None)
+            if ready:
+                ready, _ = wait(refs, num_returns=len(refs), timeout=0)
+        except exceptions.RaySystemError:  # the session ended under the pool
+            self.terminate()
+            return False
+        results = []
+        for ref in ready:
+            try:
+                results.append((ref, True, get(ref)))
+            except BaseException as exc:
+                results.append((ref, False, exc))
+        with self.lock:
+            reports: list = []
+            for ref, ok, value in results:
+                self._finished(ref, ok, value, reports)
+            reports += self._dispatch()
+        _report_all(reports)
+        return True
+
+
+def _deliver(tasks: List[Task], ok: bool, value, reports: list) -> None:
+    if ok:
+        reports.extend((task, True, unpack_results(v)) for task, v in zip(tasks, value))
+    else:  # a task of a bundle failed: the map they belong to fails
+        reports.extend((task, False, value) for task in tasks)
+
+
+def _report_all(reports: list) -> None:
+    for task, ok, value in reports:
+        try:
+            task.on_done(ok, value)
+        except BaseException:  # a user's callback raised: say so, keep the pool going
+            print("Exception in a shmray pool callback:", file=sys.stderr)
+            traceback.print_exc()

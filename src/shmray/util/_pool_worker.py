@@ -1,0 +1,225 @@
+"""The process behind a ``Pool`` or ``ProcessPoolExecutor`` worker: an actor that runs chunks
+of calls, with one module namespace per process for the functions it is sent.
+
+Runs in: pool worker actors (``PoolWorker``); the driver (``pack_function``, ``share_large``).
+
+Why functions are rebound here.  In ``multiprocessing`` a worker is a fork of the script, so
+an ``initializer`` that sets a module global and the mapped function that reads it see one
+``__main__``.  shmray ships functions defined in ``__main__`` (or a test module, a notebook)
+by value with cloudpickle, and each unpickled function gets its own copy of the globals it
+names: the initializer would set a global the mapped function never sees (Ray's Pool has
+that bug).  So each worker keeps one namespace dict per module it receives functions of by
+value, and rebinds every such function (``types.FunctionType`` over the same code, closure
+and defaults) to that dict.  A name the namespace already holds keeps its value (what the
+initializer or an earlier call set wins over the snapshot the function carried, as in a
+forked worker, where later changes in the parent are never seen); a name it lacks is taken
+from the function's pickled globals, with the functions among them rebound too, so helpers
+the function calls share the namespace.  Functions of importable modules are pickled by
+reference and already use their real module, so they are left alone.  Classes pickled by
+value keep cloudpickle's behaviour (their methods' globals are not rebound).
+
+Functions travel as bytes pickled once per map (``pack_function``) and each worker unpickles
+and rebinds a given function once, so repeated calls of one function share one object.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from itertools import starmap
+from typing import Any, Dict, List, Optional, Tuple
+
+from .._api import get, put
+from .._pickling import dumps, loads
+
+# Arrays at least this big go into the store once per map, however many items name them.
+_SHARE_AT_BYTES = 100 * 1024
+_MAX_CACHED_FUNCTIONS = 256
+
+MAP, STAR, CALL = 0, 1, 2  # how a chunk's items are applied: f(x), f(*x), f(*args, **kwargs)
+RESOLVE = 4  # added to the mode when items hold arrays put in the store (``share_large``)
+PACKED = 8  # added when the items travel as one pickle (``prepare``)
+_SEQUENCES = {tuple, list}
+
+
+def pack_function(fn) -> bytes:
+    return dumps(fn)
+
+
+class _Stored:
+    """An argument replaced by its ref in the store, resolved back in the worker."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+
+class _LargeBuffer(Exception):
+    """A pickle met a buffer worth passing through the store (raised to stop it)."""
+
+
+def _in_band_if_small(buffer) -> bool:
+    if memoryview(buffer).nbytes >= _SHARE_AT_BYTES:
+        raise _LargeBuffer
+    return True  # pickle writes it in the stream
+
+
+def _pickle_small(value) -> Optional[bytes]:
+    """``value`` as one pickle, or None if it holds a large buffer (an array), which is
+    better passed through the store as it is: zero-copy, once.  The check rides on the
+    pickling (protocol 5 hands every buffer to the callback), so a value without arrays
+    costs no extra pass."""
+    try:
+        return dumps(value, buffer_callback=_in_band_if_small)
+    except _LargeBuffer:
+        return None
+
+
+def prepare(mode: int, chunks: List[list]) -> Tuple[List[tuple], Dict[int, Any]]:
+    """(mode, payload) for each chunk, and the refs to keep until they are done.
+
+    Chunks travel as one pickle each, made here: an actor call's argument list of
+    thousands of small items costs shmray's serialization far more (about 0.1 ms per
+    thousand) than one bytes object does.  If the items hold large numpy arrays, they go
+    as they are instead, with each array put in the store once however many items name it
+    (``_share_large``), and resolved back in the worker."""
+    packed = []
+    for chunk in chunks:
+        try:
+            data = _pickle_small(chunk)
+        except Exception:  # shmray's own serialization says what can't be pickled, and why
+            data = None
+        if data is None:
+            break
+        packed.append((mode | PACKED, data))
+    else:
+        return packed, {}
+    refs: Dict[int, Any] = {}
+    return [(mode | RESOLVE, _share_large(chunk, refs)) for chunk in chunks], refs
+
+
+def _share_large(items: list, refs: Dict[int, Any]) -> list:
+    """``items`` with large numpy arrays (as items, or inside their tuples, lists and
+    dicts) replaced by refs: ``refs`` (id -> ref) puts each array once per map."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return items
+    ndarray = numpy.ndarray
+
+    def shared(value):
+        if type(value) is ndarray and value.nbytes >= _SHARE_AT_BYTES:
+            stored = refs.get(id(value))
+            if stored is None:
+                stored = refs[id(value)] = (_Stored(put(value)), value)
+            return stored[0]
+        if type(value) in _SEQUENCES:
+            return type(value)(shared(v) for v in value)
+        if type(value) is dict:
+            return {k: shared(v) for k, v in value.items()}
+        return value
+
+    return [shared(item) for item in items]
+
+
+def _packed_results(results: list):
+    """The results as one pickle, unless they hold large buffers (arrays), which go back
+    through the store as they are (zero-copy)."""
+    try:
+        data = _pickle_small(results)
+    except Exception:  # shmray's serialization of the result reports it
+        return results
+    return results if data is None else data
+
+
+def unpack_results(value) -> list:
+    """What ``PoolWorker.run`` returned, as the list of results."""
+    return loads(value) if type(value) is bytes else value
+
+
+def _resolved(value):
+    if type(value) is _Stored:
+        return get(value.ref)
+    if type(value) in _SEQUENCES:
+        return type(value)(_resolved(v) for v in value)
+    if type(value) is dict:
+        return {k: _resolved(v) for k, v in value.items()}
+    return value
+
+
+class Namespaces:
+    """One globals dict per module whose functions arrive by value, in this process."""
+
+    def __init__(self):
+        self.modules: Dict[str, dict] = {}
+
+    def rebound(self, fn):
+        if isinstance(fn, types.FunctionType):
+            return self._rebind_function(fn, {})
+        if isinstance(fn, functools.partial) and isinstance(fn.func, types.FunctionType):
+            return functools.partial(self._rebind_function(fn.func, {}), *fn.args,
+                                     **fn.keywords)
+        return fn
+
+    def _rebind_function(self, fn: types.FunctionType, done: dict):
+        module = sys.modules.get(fn.__module__)
+        if module is not None and fn.__globals__ is getattr(module, "__dict__", None):
+            return fn  # pickled by reference: already in its real module
+        if id(fn) in done:
+            return done[id(fn)]
+        namespace = self.modules.get(fn.__module__)
+        if namespace is None:
+            namespace = self.modules[fn.__module__] = {"__name__": fn.__module__,
+                                                       "__builtins__": __builtins__}
+        new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__,
+                                 fn.__closure__)
+        new.__kwdefaults__ = fn.__kwdefaults__
+        new.__qualname__ = fn.__qualname__
+        new.__module__ = fn.__module__
+        new.__doc__ = fn.__doc__
+        new.__dict__.update(fn.__dict__)
+        done[id(fn)] = new
+        for name, value in list(fn.__globals__.items()):
+            if name in namespace:
+                continue
+            if isinstance(value, types.FunctionType) and value.__globals__ is fn.__globals__:
+                value = self._rebind_function(value, done)
+            namespace[name] = value
+        return new
+
+
+class PoolWorker:
+    """One pool worker process: runs the initializer once, then chunks of calls in order."""
+
+    def __init__(self, initializer_blob, initargs: tuple):
+        self.namespaces = Namespaces()
+        self.functions: Dict[bytes, Any] = {}
+        if initializer_blob is not None:
+            self._function(initializer_blob)(*initargs)
+
+    def _function(self, blob: bytes):
+        fn = self.functions.get(blob)
+        if fn is None:
+            if len(self.functions) >= _MAX_CACHED_FUNCTIONS:
+                self.functions.clear()
+            fn = self.functions[blob] = self.namespaces.rebound(loads(blob))
+        return fn
+
+    def run(self, blob: bytes, chunks: list) -> list:
+        """Each chunk's results (``chunks``: (mode, payload) pairs), packed for the trip."""
+        fn = self._function(blob)
+        return [_packed_results(_run_chunk(fn, mode, payload)) for mode, payload in chunks]
+
+
+def _run_chunk(fn, mode: int, items) -> list:
+    if mode & PACKED:
+        items = loads(items)
+    elif mode & RESOLVE:
+        items = [_resolved(item) for item in items]
+    mode &= 3
+    if mode == MAP:
+        return list(map(fn, items))
+    if mode == STAR:
+        return list(starmap(fn, items))
+    return [fn(*args, **kwargs) for args, kwargs in items]
