@@ -100,6 +100,33 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
+def _outcome(result):
+    """``result()``; a task's exception raised as the original exception, with the remote
+    traceback as its cause."""
+    try:
+        return result()
+    except RayTaskError as error:
+        cause = error.cause
+        if cause is None or isinstance(cause, UnserializableException):
+            raise
+        cause.__cause__ = RemoteTraceback(str(error))
+        raise cause from cause.__cause__
+
+
+class _Job:
+    """What ``submit`` returns: joblib waits on it with ``get`` where it retrieves without
+    callbacks (in a task); joblib before 1.5 calls ``get`` itself, later ones
+    ``retrieve_result``."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def get(self, timeout=None):
+        return _outcome(lambda: _api.get(self.ref, timeout=timeout))
+
+
 class ShmrayBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib's backend API on shmray's tasks (see the module docstring)."""
 
@@ -151,32 +178,20 @@ class ShmrayBackend(AutoBatchingMixin, ParallelBackendBase):
         batch, refs = self._with_arrays_stored(func)
         ref = _run_batch_task.remote(batch, *refs)
         future = ref.future()
-        future.shmray_ref = ref
         with self._guard:
             self._pending[future] = ref
         future.add_done_callback(self._forget)
         if callback is not None:
             future.add_done_callback(lambda done: _callbacks.call_soon(callback, done))
-        return future
+        return _Job(ref)
 
     apply_async = submit  # what joblib before 1.5 calls
 
     def retrieve_result_callback(self, out):
-        return self._outcome(out.result)
+        return _outcome(out.result)
 
     def retrieve_result(self, out, timeout=None):
-        return self._outcome(lambda: _api.get(out.shmray_ref, timeout=timeout))
-
-    @staticmethod
-    def _outcome(result):
-        try:
-            return result()
-        except RayTaskError as error:
-            cause = error.cause
-            if cause is None or isinstance(cause, UnserializableException):
-                raise
-            cause.__cause__ = RemoteTraceback(str(error))
-            raise cause from cause.__cause__
+        return out.get(timeout)
 
     def abort_everything(self, ensure_ready=True):
         with self._guard:
