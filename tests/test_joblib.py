@@ -232,3 +232,15 @@ def test_grid_search_gives_the_reference_best_params(monkeypatch, tmp_path):
             assert search() == reference
     finally:
         shmray.shutdown()
+
+
+def test_local_mode_runs_every_call_in_the_driver():
+    shmray.init(num_cpus=2, local_mode=True)
+    try:
+        with joblib.parallel_backend("shmray"):
+            assert Parallel(n_jobs=2)(delayed(os.getpid)() for _ in range(3)) == [
+                os.getpid()] * 3
+            assert Parallel(n_jobs=2)(delayed(inner_sum)(n) for n in range(5)) == [
+                0, 0, 1, 5, 14]
+    finally:
+        shmray.shutdown()

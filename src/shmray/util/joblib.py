@@ -162,7 +162,12 @@ class ShmrayBackend(AutoBatchingMixin, ParallelBackendBase):
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:  # as joblib's process backends: one job runs here, in order
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
-        _session.current()  # the session, started here if none runs yet
+        runtime = _session.current()  # the session, started here if none runs yet
+        if getattr(runtime, "local_mode", False):
+            # Local mode runs every call in the driver, in order: joblib's sequential
+            # backend does just that (and a nested Parallel, run inside a dispatch, can't
+            # wait for callbacks queued behind the one dispatching it).
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         # In a task, results are waited for in ``get``, which lends the task's CPU, rather
         # than in joblib's polling loop (see the module docstring).  joblib retrieves
