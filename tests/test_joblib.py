@@ -244,3 +244,12 @@ def test_local_mode_runs_every_call_in_the_driver():
                 0, 0, 1, 5, 14]
     finally:
         shmray.shutdown()
+
+
+def test_shmray_imports_joblib_only_when_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, shmray, shmray.util; "
+            "assert 'joblib' not in sys.modules, 'imported joblib'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

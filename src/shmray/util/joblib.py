@@ -46,13 +46,18 @@ import threading
 import traceback
 
 import numpy as np
-from joblib._parallel_backends import (
-    AutoBatchingMixin,
-    FallbackToBackend,
-    ParallelBackendBase,
-    SequentialBackend,
-)
-from joblib.parallel import register_parallel_backend
+
+try:
+    from joblib._parallel_backends import (
+        AutoBatchingMixin,
+        FallbackToBackend,
+        ParallelBackendBase,
+        SequentialBackend,
+    )
+    from joblib.parallel import register_parallel_backend
+except ImportError as error:  # an optional extra
+    raise ImportError("shmray.util.joblib needs joblib: pip install 'shmray[joblib]' "
+                      f"(or joblib>=1.4) ({error})") from error
 
 from .. import _api, _context, _session
 from ..exceptions import RayTaskError, UnserializableException
