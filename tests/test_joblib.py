@@ -83,6 +83,18 @@ def test_numpy_workload_gives_the_reference_results(backend):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_reused_parallel_sees_arrays_changed_between_calls(backend):
+    """Where shmray differs on purpose: joblib's default backend, reused, passes the memmap
+    it made at the first call for an array changed in place since; shmray puts the array
+    afresh at each call."""
+    x = np.zeros(MiB // 4)
+    with Parallel(n_jobs=2) as parallel:
+        assert parallel(delayed(np.sum)(x) for _ in range(2)) == [0.0, 0.0]
+        x += 1
+        expected = 0.0 if backend == "loky" else x.size
+        assert parallel(delayed(np.sum)(x) for _ in range(2)) == [expected, expected]
+
+
 @pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
 def test_return_as_generator(backend, return_as):
     results = Parallel(n_jobs=2, return_as=return_as)(delayed(pow)(i, 2) for i in range(20))

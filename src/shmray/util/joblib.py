@@ -210,6 +210,11 @@ class ShmrayBackend(AutoBatchingMixin, ParallelBackendBase):
         for ref in refs:
             _api.cancel(ref)
 
+    def stop_call(self):
+        # Each call puts its arrays afresh: between calls of a reused Parallel (``with
+        # Parallel(...) as parallel``) the caller may have changed them in place.
+        self._stored = {}
+
     def terminate(self):
         self._stored = {}
         self.reset_batch_stats()
