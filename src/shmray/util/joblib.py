@@ -94,6 +94,8 @@ def _run_batch(batch, *arrays):
     return batch()
 
 
+# A worker that dies fails its batch at once (WorkerCrashedError), as a dead loky worker
+# fails the call: running the batch again could only repeat what killed it.
 _run_batch_task = _api.remote(max_retries=0)(_run_batch)
 
 
@@ -114,8 +116,7 @@ def _outcome(result):
         cause = error.cause
         if cause is None or isinstance(cause, UnserializableException):
             raise
-        cause.__cause__ = RemoteTraceback(str(error))
-        raise cause from cause.__cause__
+        raise cause from RemoteTraceback(str(error))
 
 
 class _Job:
