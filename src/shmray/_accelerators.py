@@ -15,8 +15,9 @@ empty (no GPU at all), so it can't take one from those that did, unless
 ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (then it sees what the driver had); a task sees its
 ids from its start to its end, an actor for its whole life (it may change the variable
 afterwards); ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` leaves the variable alone
-everywhere.  Both are read from the driver's environment, which every process inherits.  ``get_gpu_ids()`` gives ints, or the strings
-``CUDA_VISIBLE_DEVICES`` listed when it was set at ``init`` (they may be UUIDs).  Each
+everywhere.  Both are read from the driver's environment, which every process inherits.
+``get_gpu_ids()`` gives ints, or the strings ``CUDA_VISIBLE_DEVICES`` listed when it was
+set at ``init`` (they may be UUIDs).  Each
 process sets the variable once as it starts, and then only around a task that holds GPUs:
 nothing is done per task for tasks that hold none.
 """

@@ -100,7 +100,8 @@ class RemoteFunction:
             runtime = current()  # starts shmray if nobody has
         runtime.ensure_function(self._fn_id, self._code, self._name)
         task_id = new_task_id()
-        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs, self._function)
+        args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs,
+                                                                    self._function)
         name, num_returns, resources, max_retries, retry, extra, capturable = fields
         if capturable and _context.current_task.placement is not None:
             extra = _captured(extra, resources, name)

@@ -251,7 +251,8 @@ def _drop_shmray_frames(report: traceback.TracebackException, seen: set) -> None
     users = [frame for frame in report.stack if not frame.filename.startswith(_SHMRAY_DIR)]
     if users:
         report.stack = traceback.StackSummary.from_list(users)
-    for chained in (report.__cause__, report.__context__, *(getattr(report, "exceptions", None) or ())):
+    grouped = getattr(report, "exceptions", None) or ()  # an ExceptionGroup's
+    for chained in (report.__cause__, report.__context__, *grouped):
         if chained is not None:
             _drop_shmray_frames(chained, seen)
 

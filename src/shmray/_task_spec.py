@@ -63,7 +63,7 @@ def check_call(function, name: str, args, kwargs, skip_self: bool = False) -> No
             parameters = list(signature.parameters.values())[1:]
             signature = signature.replace(parameters=parameters)
         _signatures[key] = signature
-    if signature:
+    if signature and (key, len(args), tuple(kwargs)) not in _bindable:  # as _check_bind's
         _check_bind(signature, key, name, args, kwargs)
 
 
