@@ -8,8 +8,8 @@ them at once or none (Ray's gang scheduling), and are CREATED; while one waits, 
 CPUs in its way are recalled (``waiting`` tells ``leases`` too).  A created group's
 bundles are a ``Resources`` each (with the GPU ids it took): the tasks and actors placed in
 a bundle take from it, never from the free pool (``dispatch_placed``, wired into
-``dispatch``; ``bundle_for``, wired into ``actors``), and give back to it.  ``ready()`` objects (``on_ready``) are
-made ready with the group's handle once it is created.
+``dispatch``; ``bundle_for``, wired into ``actors``), and give back to it.  ``ready()``
+objects (``on_ready``) are made ready with the group's handle once it is created.
 
 Removing a group (``on_remove``; or, for a group that is not detached, the end for good of
 the actor that created it, ``creator_died``: as in Ray, one created by the driver or a task
