@@ -7,8 +7,9 @@ for its runtime, or finds it was forked from one: ``current``).
 workers.  The first ``remote``/``put``/``get``/``wait`` before ``init`` starts shmray with the
 defaults, as Ray does (``current``).  The object store's default size is 30% of the memory
 available now (Ray's default); a size larger than what is available, or below Ray's minimum
-of 75 MiB, is refused with the size to pass instead.  ``shutdown`` closes the driver's connection: the scheduler sees EOF,
-kills the workers, removes the session folder and exits, and the driver reaps it.
+of 75 MiB, is refused with the size to pass instead.  ``shutdown`` closes the driver's
+connection: the scheduler sees EOF, kills the workers, removes the session folder and
+exits, and the driver reaps it.
 ``init(local_mode=True)`` starts none of that: its runtime runs every call in the driver
 (``_local_mode``).
 """
