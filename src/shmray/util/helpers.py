@@ -21,10 +21,22 @@ def as_completed(refs: Sequence[ObjectRef], *, chunk_size: int = 10,
     """The results of ``refs`` (their refs, with ``yield_obj_refs``), a chunk at a time as
     each chunk is ready; ``kwargs`` go to ``wait`` (``timeout``, ``fetch_local``)."""
     _check_chunk(chunk_size)
+    for ready in ready_chunks(refs, chunk_size, **kwargs):
+        yield from _handed_out(ready, yield_obj_refs)
+
+
+def ready_chunks(refs: Sequence[ObjectRef], chunk_size: int,
+                 **kwargs) -> Iterator[List[ObjectRef]]:
+    """The refs in chunks of up to ``chunk_size``, each as soon as it is ready."""
     pending = list(refs)
     while pending:
-        ready, pending = wait(pending, num_returns=min(chunk_size, len(pending)), **kwargs)
-        yield from _handed_out(ready, yield_obj_refs)
+        ready, pending = _next_ready(pending, chunk_size, kwargs)
+        yield ready
+
+
+def _next_ready(pending: List[ObjectRef], chunk_size: int, wait_kwargs: dict):
+    """(the next chunk of ``pending`` that is ready, the rest): one ``wait``."""
+    return wait(pending, num_returns=min(chunk_size, len(pending)), **wait_kwargs)
 
 
 def map_unordered(fn, items: Iterable[Any], *, backpressure_size: Optional[int] = 100,
@@ -38,7 +50,7 @@ def map_unordered(fn, items: Iterable[Any], *, backpressure_size: Optional[int] 
     pending: List[ObjectRef] = []
     for item in items:
         if backpressure_size is not None and len(pending) >= backpressure_size:
-            ready, pending = wait(pending, num_returns=min(chunk_size, len(pending)), **kwargs)
+            ready, pending = _next_ready(pending, chunk_size, kwargs)
             yield from _handed_out(ready, yield_obj_refs)
         pending.append(fn.remote(item))
     yield from as_completed(pending, chunk_size=chunk_size, yield_obj_refs=yield_obj_refs,

@@ -22,8 +22,9 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, List, Optional
 
-from .._api import get, wait
+from .._api import get
 from .._object_ref import ObjectRef
+from .helpers import ready_chunks
 
 
 def progress(refs_or_iterable: Iterable[Any], desc: Optional[str] = None,
@@ -64,10 +65,8 @@ def _as_refs(candidate) -> Optional[List[ObjectRef]]:
 
 def _over_refs(refs: List[ObjectRef], bar, chunk_size: int,
                yield_obj_refs: bool) -> Iterator[Any]:
-    pending = refs
     try:
-        while pending:
-            ready, pending = wait(pending, num_returns=min(chunk_size, len(pending)))
+        for ready in ready_chunks(refs, chunk_size):
             if yield_obj_refs:
                 bar.update(len(ready))
                 yield from ready
