@@ -1,19 +1,24 @@
-"""shmray.util.queue.Queue end to end: an async actor holds the items; tasks, actors and the
-driver share it.  The single-process semantics are checked against the standard library's
-queue.Queue, the reference it mirrors."""
+"""shmray.util.queue.Queue end to end: the items are in a ring in shared memory (large ones
+in the store, overflow in the keeper actor); tasks, actors and the driver share it.  The
+single-process semantics are checked against the standard library's queue.Queue, the
+reference it mirrors, and JoinableQueue against multiprocessing's."""
 
 import asyncio
+import gc
+import multiprocessing
 import os
 import queue as stdlib_queue
+import signal
 
 import numpy as np
 import pytest
 
-from conftest import runtime
+from conftest import in_both_modes, runtime, settle, wait_for
 
-from shmray.util.queue import Empty, Full, Queue
+from shmray.util.queue import RING_BYTES, Empty, Full, JoinableQueue, Queue
 
 DEADLOCK = 60
+both = in_both_modes()
 
 
 def _script(q):
@@ -43,7 +48,7 @@ def _script(q):
     return outcomes
 
 
-def test_semantics_match_the_standard_librarys_queue(ray):
+def test_semantics_match_the_standard_librarys_queue(both):
     reference = _script(stdlib_queue.Queue(maxsize=3))
     shared = Queue(maxsize=3)
     try:
@@ -53,7 +58,7 @@ def test_semantics_match_the_standard_librarys_queue(ray):
     assert ("full", None) in reference and ("empty", None) in reference  # both paths ran
 
 
-def test_empty_and_full_are_the_standard_librarys_too(ray):
+def test_empty_and_full_are_the_standard_librarys_too(both):
     q = Queue(maxsize=1)
     q.put(1)
     with pytest.raises(stdlib_queue.Full):
@@ -103,7 +108,7 @@ def test_a_blocked_put_goes_through_when_another_process_makes_room(ray):
     q.shutdown()
 
 
-def test_batches_go_all_or_nothing(ray):
+def test_batches_go_all_or_nothing(both):
     q = Queue(maxsize=3)
     q.put_nowait_batch([1, 2])
     with pytest.raises(Full, match="Cannot add 2 items to queue of size 2 and maxsize 3"):
@@ -123,7 +128,7 @@ def test_batches_go_all_or_nothing(ray):
     q.shutdown()
 
 
-def test_async_put_and_get(ray):
+def test_async_put_and_get(both):
     q = Queue()
 
     async def roundtrip():
@@ -225,3 +230,163 @@ def test_four_producers_and_four_consumers_lose_nothing(ray):
             assert mine == sorted(mine)
     assert q.empty()
     q.shutdown()
+
+
+def test_an_unbounded_queue_takes_more_items_than_its_ring_holds(both):
+    """Items past the ring's room go to the keeper; they still come out in order, and once
+    they are taken the ring is used again."""
+    item = "x" * 1000
+    n = 3 * RING_BYTES // len(item)
+    q = Queue()
+    for i in range(n):
+        q.put_nowait((i, item))
+    q.put_nowait_batch([(n, item), (n + 1, item)])
+    assert q.qsize() == n + 2
+    assert [q.get_nowait()[0] for _ in range(n + 2)] == list(range(n + 2))
+    with pytest.raises(Empty):
+        q.get_nowait()
+    q.put("again")
+    assert q.get_nowait() == "again" and q.empty()
+    q.shutdown()
+
+
+@pytest.mark.processes_only("a task putting refs runs before the driver can drop its own")
+def test_refs_and_handles_in_items_keep_what_they_refer_to_alive(both):
+    """An item holding refs or an actor handle goes through the store, and the keeper holds
+    it while it waits in the queue: its objects and actor outlive everyone else's refs."""
+    ray = both
+
+    @ray.remote
+    def square(x):
+        return np.full(50_000, x * x)
+
+    @ray.remote
+    class Counter:
+        def value(self):
+            return 7
+
+    @ray.remote
+    def produce(q):
+        q.put([square.remote(3), ray.put(np.arange(20_000))])
+        q.put(Counter.remote())
+        return "done"
+
+    q = Queue()
+    assert ray.get(produce.remote(q), timeout=DEADLOCK) == "done"
+    gc.collect()
+    settle()
+    square_ref, put_ref = q.get(timeout=DEADLOCK)
+    assert ray.get(square_ref, timeout=DEADLOCK)[0] == 9
+    assert ray.get(put_ref, timeout=DEADLOCK).sum() == np.arange(20_000).sum()
+    assert ray.get(q.get(timeout=DEADLOCK).value.remote(), timeout=DEADLOCK) == 7
+    q.shutdown()
+
+
+def _joinable_script(q):
+    """The same operations on multiprocessing's JoinableQueue and shmray's."""
+    for item in range(3):
+        q.put(item)
+    taken = [q.get(timeout=DEADLOCK) for _ in range(3)]
+    for _ in taken:
+        q.task_done()
+    q.join()  # returns at once: everything put was done
+    try:
+        q.task_done()
+    except ValueError as exc:
+        return taken, str(exc)
+    return taken, None
+
+
+def test_joinable_queue_counts_as_multiprocessings(both):
+    reference = multiprocessing.get_context("fork").JoinableQueue()
+    expected = _joinable_script(reference)
+    reference.close()
+    reference.join_thread()
+    q = JoinableQueue()
+    assert _joinable_script(q) == expected == ([0, 1, 2], "task_done() called too many times")
+    q.shutdown()
+
+
+@pytest.mark.processes_only("join() waits for tasks that run after it")
+def test_join_waits_until_workers_mark_every_item_done(both):
+    ray = both
+    q = JoinableQueue()
+
+    @ray.remote(num_cpus=0)
+    def work(q, n):
+        for _ in range(n):
+            q.get(timeout=DEADLOCK)
+            q.task_done()
+        return n
+
+    for i in range(40):
+        q.put(i)
+    assert not q.join(timeout=0.05) and q.unfinished() == 40
+    workers = [work.remote(q, 20), work.remote(q, 20)]
+    assert q.join(timeout=DEADLOCK)
+    assert ray.get(workers, timeout=DEADLOCK) == [20, 20] and q.unfinished() == 0
+    q.shutdown()
+
+
+def test_shutdown_wakes_a_getter_blocked_in_another_process(ray):
+    q = Queue()
+
+    @ray.remote(num_cpus=0)
+    def wait_for_an_item(q):
+        try:
+            q.get(timeout=DEADLOCK)
+        except RuntimeError as exc:
+            return str(exc)
+        return "got one"
+
+    blocked = wait_for_an_item.remote(q)
+    assert ray.wait([blocked], timeout=0.3)[0] == []
+    q.shutdown()
+    assert "shut down" in ray.get(blocked, timeout=DEADLOCK)
+
+
+def test_a_getter_killed_while_waiting_leaves_the_queue_working(ray):
+    q = Queue(maxsize=2)
+
+    @ray.remote
+    class Taker:
+        def pid(self):
+            return os.getpid()
+
+        def take(self, q):
+            return q.get(timeout=DEADLOCK)
+
+    taker = Taker.remote()
+    pid = ray.get(taker.pid.remote(), timeout=DEADLOCK)
+    waiting = taker.take.remote(q)
+    assert ray.wait([waiting], timeout=0.3)[0] == []
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(waiting, timeout=DEADLOCK)
+    q.put_nowait_batch([1, 2])
+    assert q.full() and q.get_nowait_batch(2) == [1, 2]
+    q.shutdown()
+
+
+def test_the_ring_is_freed_with_the_last_queue(ray):
+    store = runtime().store
+    settle()
+    before = store.statistics().num_objects
+
+    @ray.remote
+    def use(q):
+        q.put("from a task")
+        return True
+
+    q = Queue()
+    assert ray.get(use.remote(q), timeout=DEADLOCK) and q.get() == "from a task"
+    assert store.statistics().num_objects > before
+    del q
+    gc.collect()
+
+    def ring_freed():
+        """the ring's arena object is freed"""
+        settle()
+        return store.statistics().num_objects == before
+
+    wait_for(ring_freed, timeout=DEADLOCK)

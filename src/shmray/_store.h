@@ -77,6 +77,10 @@
 #define SHM_ERR_CORRUPT 10       /* bad magic or version, or check() failed */
 #define SHM_ERR_SYSTEM 11        /* a system call failed; errno says why */
 #define SHM_ERR_SPILLED 12       /* the object lives in a spill file */
+#define SHM_ERR_EMPTY 13         /* ring: nothing to get (within the wait) */
+#define SHM_ERR_CLOSED 14        /* ring: shut down */
+#define SHM_ERR_BUFFER 15        /* ring: the caller's buffer is too small (size_out says
+                                    how large it must be; nothing was taken) */
 
 /* object states */
 #define SHM_STATE_EMPTY 0
@@ -290,6 +294,38 @@ int shm_check(shm_store *s, char *msg, size_t msg_size);
 /* memcpy that splits large copies across up to `threads` threads.  Called
  * with the GIL released (cffi API mode), so Python threads keep running. */
 void shm_copy(void *dst, const void *src, uint64_t n, int threads);
+
+/* --- queues: a ring of byte records in shared memory (_ring.c) ------------ */
+
+/* Bytes of a ring's own header; the rest of its memory holds records. */
+uint64_t shm_ring_header_size(void);
+/* Make a ring of `size` bytes at 64-byte aligned memory (zeroed or not) that
+ * holds at most max_items items (0: no limit but its bytes). */
+int shm_ring_format(void *ring, uint64_t size, uint64_t max_items);
+/* Add `count` records, framed by the caller in `records` (`size` bytes, a
+ * multiple of 8: each a u64 length, its bytes, padding to 8).  Waits up to
+ * wait_ns while the queue holds max_items; SHM_ERR_FULL if still no room.
+ * *overflow_out is 1 if the ring had no room for the bytes: the caller must
+ * then hand the records to the keeper, which calls shm_ring_arrived. */
+int shm_ring_put(void *ring, const void *records, uint64_t size, uint64_t count,
+                 uint64_t wait_ns, int *overflow_out);
+/* Take `count` items, all or none, waiting up to wait_ns (SHM_ERR_EMPTY).
+ * The ring's records are copied to out; the *overflow_out items after them
+ * are the caller's to fetch from the keeper.  SHM_ERR_BUFFER if out_size is
+ * too small for the records (*size_out says what is needed). */
+int shm_ring_get(void *ring, void *out, uint64_t out_size, uint64_t count,
+                 uint64_t wait_ns, uint64_t *size_out, uint64_t *overflow_out);
+/* The keeper has received `count` overflowed items: gets may claim them. */
+int shm_ring_arrived(void *ring, uint64_t count);
+/* `count` items taken earlier are processed (JoinableQueue.task_done);
+ * SHM_ERR_INVALID if that is more than were put. */
+int shm_ring_task_done(void *ring, uint64_t count);
+/* Wait up to wait_ns until every item put is processed (SHM_ERR_EMPTY if not). */
+int shm_ring_join(void *ring, uint64_t wait_ns);
+/* Shut the ring: every call from now on, and every waiter, gets SHM_ERR_CLOSED. */
+int shm_ring_close(void *ring);
+/* How many items the queue holds, and how many are not yet processed. */
+int shm_ring_counts(void *ring, uint64_t *items_out, uint64_t *unfinished_out);
 
 /* --- test hooks (used by the test suite only) ---------------------------- */
 

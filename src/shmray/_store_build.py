@@ -30,7 +30,8 @@ ffibuilder.cdef(_cdef_from_header(HEADER.read_text()))
 ffibuilder.set_source(
     "shmray._store_cffi",
     '#include "_store.h"',
-    sources=[os.path.relpath(HERE / "_store.c"), os.path.relpath(HERE / "_lend.c")],
+    sources=[os.path.relpath(HERE / "_store.c"), os.path.relpath(HERE / "_lend.c"),
+             os.path.relpath(HERE / "_ring.c")],
     include_dirs=[os.path.relpath(HERE)],
     libraries=["pthread"],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from ._pool_dispatch import Dispatcher, Task
 from ._pool_worker import CALL, MAP, STAR, prepare
+from .queue import JoinableQueue  # Ray's module exports it; ours can go to tasks and actors
 
 TimeoutError = multiprocessing.TimeoutError
 
@@ -303,4 +304,4 @@ def _chunked(items: list, chunksize: int) -> list:
     return [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
 
 
-__all__ = ["AsyncResult", "IMapIterator", "Pool", "TimeoutError"]
+__all__ = ["AsyncResult", "IMapIterator", "JoinableQueue", "Pool", "TimeoutError"]

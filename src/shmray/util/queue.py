@@ -1,32 +1,57 @@
 """``shmray.util.queue.Queue``: a first-in first-out queue that tasks and actors share, as
-Ray's ``ray.util.queue``.
+Ray's ``ray.util.queue``; and ``JoinableQueue``, the same with ``task_done``/``join``.
 
-Runs in: any process that makes or uses a queue; the queue itself lives in an actor.
+Runs in: any process that makes or uses a queue, and the queue's keeper actor.
 
-The items live in an async actor, which holds an ``asyncio.Queue``: a blocked ``put`` or
-``get`` is an awaiting call there, so any number of them wait at once without holding a
-thread, and the queue serves others meanwhile.  A Queue pickles as its actor's handle, so
-passing it to tasks and actors shares the one queue.  ``Empty`` and ``Full`` are the
-standard library's ``queue.Empty`` and ``queue.Full`` too, so code written for
-``queue.Queue`` or ``multiprocessing.Queue`` catches them unchanged.
+The items are in shared memory, in a ring of records (``_ring.c``) that lives in an arena
+object: a put or get is a lock, a copy and, if someone sleeps, a futex wake, all in the
+calling process, with no message to anyone.  (Ray's queue is an actor, and so was ours: a
+round trip to it per item cost ~80 us, 20 times a ``multiprocessing.Queue``.)  A blocked
+put or get sleeps in the kernel on a futex word of the ring, holding no thread of anyone
+else's.  A Queue pickles as the ring's ObjectRef and its keeper's handle, so passing it to
+tasks and actors shares the one queue, and the ring is freed with the last Queue.
 
-An item too large to travel inline in a message (a numpy array of 100 KiB or more, say) is
-put into the object store by the process that puts it, and only its ref goes through the
-actor: the array is copied once, into shared memory, and ``get`` returns a zero-copy view of
-it, where passing the item itself would have the actor hold it and copy it out again.
+What does not go in the ring, and the keeper actor that holds it:
+
+- An item whose pickle is larger than ``RING_ITEM_MAX`` (a numpy array of any size, say)
+  is put into the object store by the process that puts it, and only its id goes through
+  the ring: the array is copied once, into shared memory, and ``get`` returns a zero-copy
+  view of it.  An item holding ObjectRefs or actor handles goes the same way, so that what
+  it refers to stays alive while it waits in the queue.  The keeper holds the refs of
+  such items until a get has taken them.
+- A queue without ``maxsize`` takes every put, even when its ring is full of records: the
+  items that don't fit go to the keeper, and the ring counts them in order (see
+  ``_ring.c``), so the queue is as unbounded as Ray's, at actor speed while it overflows.
+
+``Empty`` and ``Full`` are the standard library's ``queue.Empty`` and ``queue.Full`` too, so
+code written for ``queue.Queue`` or ``multiprocessing.Queue`` catches them unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 import queue as _stdlib_queue
+import weakref
 from collections.abc import Iterable
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
+from .. import _session
 from .._actor import kill
 from .._api import get, put, remote, wait
-from .._runtime.objects import INLINE_THRESHOLD
-from .._serialization import SCALARS, serialize
+from .._object_ref import ObjectRef
+from .._ring import Ring, RingClosed, deadline_after
+from .._serialization import ALIGN, deserialize_inline, serialize
+
+RING_BYTES = 1 << 20
+RING_ITEM_MAX = 32 * 1024
+_IN_RING = b"I"    # a record's first byte: the item's pickle follows
+_IN_STORE = b"S"   # ... the id of the object holding the item follows
+_NO_WAIT = 0.0     # a deadline that has passed already
+_local_rings: "weakref.WeakValueDictionary[bytes, np.ndarray]" = weakref.WeakValueDictionary()
 
 
 class Empty(_stdlib_queue.Empty):
@@ -37,106 +62,94 @@ class Full(_stdlib_queue.Full):
     """put() found no room (or none within its timeout)."""
 
 
-class _Stored:
-    """A large item in the object store: the queue's actor holds this ref, not the item."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, ref):
-        self.ref = ref
-
-    def __reduce__(self):
-        return _Stored, (self.ref,)
-
-
-def _stored_if_large(item):
-    if type(item) in SCALARS or serialize(item).total_size < INLINE_THRESHOLD:
-        return item
-    return _Stored(put(item))
+def _new_ring_memory(runtime):
+    """Memory for a ring, and the token that finds it again in any process of the session:
+    an arena object's ref; in local mode, where every process is this one, a key."""
+    if getattr(runtime, "local_mode", False):
+        room = np.zeros(RING_BYTES + ALIGN, np.uint8)
+        skip = (-room.ctypes.data) % ALIGN
+        memory = room[skip : skip + RING_BYTES]
+        key = os.urandom(16)
+        _local_rings[key] = memory
+        return key, memory
+    token = put(np.zeros(RING_BYTES, np.uint8))
+    return token, get(token)
 
 
-def _fetched(item):
-    return get(item.ref) if type(item) is _Stored else item
+def _ring_memory(token):
+    if isinstance(token, ObjectRef):
+        return get(token)  # a read-only view of the arena, pinned while the ring uses it
+    memory = _local_rings.get(token)
+    if memory is None:
+        raise RuntimeError("this queue's ring is gone: its session ended")
+    return memory
 
 
-class _Items:
-    """The actor holding a queue's items.  What could not be done comes back as a value, not
-    an exception, so the caller raises a plain Empty or Full, with no remote traceback."""
+def _open_ring(token) -> Ring:
+    memory = _ring_memory(token)
+    return Ring(memory, memory.ctypes.data)
 
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self.items: asyncio.Queue = asyncio.Queue(maxsize)
+
+class _Keeper:
+    """The actor behind a queue: holds the refs of items in the store while they wait in
+    the queue, and the items that overflowed the ring.  Gets and puts that fit the ring
+    never come here."""
+
+    def __init__(self, token_in_list: list):
+        self.ring = _open_ring(token_in_list[0])
+        self.overflow: collections.deque = collections.deque()
+        self.held: Dict[bytes, ObjectRef] = {}
+        self.dropped_early: set = set()
 
     async def qsize(self) -> int:
-        return self.items.qsize()
+        return self.ring.counts()[0]
 
-    async def put(self, item, timeout: Optional[float]) -> bool:
-        if not self.items.full():  # the common case: no wait_for, whose timeout costs a task (9 us)
-            self.items.put_nowait(item)
-            return True
-        try:
-            await asyncio.wait_for(self.items.put(item), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+    async def push(self, payloads: list) -> None:
+        self.overflow.extend(payloads)
+        self.ring.arrived(len(payloads))
 
-    async def get(self, timeout: Optional[float]) -> tuple:
-        if not self.items.empty():
-            return True, self.items.get_nowait()
-        try:
-            return True, await asyncio.wait_for(self.items.get(), timeout)
-        except asyncio.TimeoutError:
-            return False, None
+    async def pop(self, count: int) -> list:
+        return [self.overflow.popleft() for _ in range(count)]
 
-    async def put_nowait(self, item) -> bool:
-        try:
-            self.items.put_nowait(item)
-        except asyncio.QueueFull:
-            return False
-        return True
+    async def hold(self, refs: list) -> None:
+        for ref in refs:
+            if ref.binary() in self.dropped_early:
+                self.dropped_early.discard(ref.binary())
+            else:
+                self.held[ref.binary()] = ref
 
-    async def get_nowait(self) -> tuple:
-        try:
-            return True, self.items.get_nowait()
-        except asyncio.QueueEmpty:
-            return False, None
-
-    async def put_nowait_batch(self, items: list) -> int:
-        """How many items were there, if the batch did not fit (-1 if it did)."""
-        if self.maxsize > 0 and len(items) + self.items.qsize() > self.maxsize:
-            return self.items.qsize()
-        for item in items:
-            self.items.put_nowait(item)
-        return -1
-
-    async def get_nowait_batch(self, num_items: int) -> tuple:
-        if num_items > self.items.qsize():
-            return False, self.items.qsize()
-        return True, [self.items.get_nowait() for _ in range(num_items)]
+    async def drop(self, ids: list) -> None:
+        # A get's drop may overtake the put's hold: they come from different processes.
+        for object_id in ids:
+            if self.held.pop(object_id, None) is None:
+                self.dropped_early.add(object_id)
 
 
 class Queue:
     """A FIFO queue shared by the processes it is passed to (Ray's ``ray.util.queue.Queue``).
 
-    ``maxsize`` <= 0 means no limit; ``actor_options`` are options for the actor that holds
-    the items (``num_cpus``, ``name``, ...)."""
+    ``maxsize`` <= 0 means no limit; ``actor_options`` are options for the keeper actor
+    (``num_cpus``, ``name``, ...)."""
 
     def __init__(self, maxsize: int = 0, actor_options: Optional[Dict[str, Any]] = None):
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError(f"maxsize must be an int, got {maxsize!r}")
         self.maxsize = maxsize
+        token, memory = _new_ring_memory(_session.current())
+        self._opened = Ring.format(memory, memory.ctypes.data, RING_BYTES, max(maxsize, 0))
+        self._token = token
         options = {"num_cpus": 0, **(actor_options or {})}
-        self.actor = remote(_Items).options(**options).remote(maxsize)
+        self.actor = remote(_Keeper).options(**options).remote([token])
 
     def __reduce__(self):
-        return _rebuild, (self.maxsize, self.actor)
+        return _rebuild, (type(self), self.maxsize, self.actor, self._token)
 
     def __len__(self) -> int:
         return self.size()
 
     def size(self) -> int:
         """How many items the queue holds now."""
-        return get(self._items().qsize.remote())
+        return self._counts()[0]
 
     qsize = size
 
@@ -149,33 +162,40 @@ class Queue:
     def put(self, item, block: bool = True, timeout: Optional[float] = None) -> None:
         """Add ``item``; if the queue is full, wait (up to ``timeout`` s) unless ``block``
         is False, then raise Full."""
-        timeout = _checked(timeout) if block else None
-        item = _stored_if_large(item)
-        if not block:
-            _put_done(get(self._items().put_nowait.remote(item)), self.maxsize, None)
-        else:
-            _put_done(get(self._items().put.remote(item, timeout)), self.maxsize, timeout)
+        deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
+        if not self._put([item], deadline):
+            within = "" if not block or timeout is None else f" within {timeout} s"
+            raise Full(f"no room in the queue (maxsize {self.maxsize}){within}")
 
     async def put_async(self, item, block: bool = True,
                         timeout: Optional[float] = None) -> None:
         timeout = _checked(timeout) if block else None
-        item = _stored_if_large(item)
+        if self._put([item], _NO_WAIT):
+            return
         if not block:
-            _put_done(await self._items().put_nowait.remote(item), self.maxsize, None)
-        else:
-            _put_done(await self._items().put.remote(item, timeout), self.maxsize, timeout)
+            raise Full(f"no room in the queue (maxsize {self.maxsize})")
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.put(item, timeout=timeout))
 
     def get(self, block: bool = True, timeout: Optional[float] = None):
         """Take the oldest item; if there is none, wait (up to ``timeout`` s) unless
         ``block`` is False, then raise Empty."""
-        if not block:
-            return _got(get(self._items().get_nowait.remote()), None)
-        return _got(get(self._items().get.remote(_checked(timeout))), timeout)
+        deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
+        taken = self._take(1, deadline)
+        if taken is None:
+            raise Empty("the queue is empty" if not block or timeout is None else
+                        f"nothing arrived in the queue within {timeout} s")
+        return taken[0]
 
     async def get_async(self, block: bool = True, timeout: Optional[float] = None):
+        timeout = _checked(timeout) if block else None
+        taken = self._take(1, _NO_WAIT)
+        if taken is not None:
+            return taken[0]
         if not block:
-            return _got(await self._items().get_nowait.remote(), None)
-        return _got(await self._items().get.remote(_checked(timeout)), timeout)
+            raise Empty("the queue is empty")
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.get(timeout=timeout))
 
     def put_nowait(self, item) -> None:
         self.put(item, block=False)
@@ -187,11 +207,10 @@ class Queue:
         """Add all of ``items`` at once, or none (Full) if they don't all fit."""
         if not isinstance(items, Iterable):
             raise TypeError("Argument 'items' must be an Iterable")
-        items = [_stored_if_large(item) for item in items]
-        size = get(self._items().put_nowait_batch.remote(items))
-        if size >= 0:
-            raise Full(f"Cannot add {len(items)} items to queue of size {size} and maxsize "
-                       f"{self.maxsize}.")
+        items = list(items)
+        if items and not self._put(items, _NO_WAIT):
+            raise Full(f"Cannot add {len(items)} items to queue of size {self.size()} and "
+                       f"maxsize {self.maxsize}.")
 
     def get_nowait_batch(self, num_items: int) -> List[Any]:
         """Take ``num_items`` items at once, or none (Empty) if there are fewer."""
@@ -199,41 +218,136 @@ class Queue:
             raise TypeError("Argument 'num_items' must be an int")
         if num_items < 0:
             raise ValueError("'num_items' must be nonnegative")
-        done, got = get(self._items().get_nowait_batch.remote(num_items))
-        if not done:
-            raise Empty(f"Cannot get {num_items} items from queue of size {got}.")
-        return got
+        if num_items == 0:
+            return []
+        taken = self._take(num_items, _NO_WAIT)
+        if taken is None:
+            raise Empty(f"Cannot get {num_items} items from queue of size {self.size()}.")
+        return taken
 
     def shutdown(self, force: bool = False, grace_period_s: int = 5) -> None:
-        """End the actor holding the items: at once with ``force``, else once the calls
-        made before are done, or after ``grace_period_s`` at most."""
+        """Shut the queue for every process that shares it (their calls raise from now on)
+        and end its keeper: at once with ``force``, else once the calls made to it before
+        are done, or after ``grace_period_s`` at most."""
         actor, self.actor = self.actor, None
         if actor is None:
             return
+        try:
+            self._ring.close()
+        except RingClosed:
+            pass
         if not force:
             ready, _ = wait([actor.__ray_terminate__.remote()], timeout=grace_period_s)
             if ready:
                 return
         kill(actor, no_restart=True)
 
-    def _items(self):
+    # -- the ring and the keeper ------------------------------------------------------------
+
+    @property
+    def _ring(self) -> Ring:
+        # Opened at first use, not when unpickled: unpickling runs inside the runtime's
+        # own calls (a task's arguments), where a get can't.
+        if self._opened is None:
+            self._opened = _open_ring(self._token)
+        return self._opened
+
+    def _keeper(self):
         if self.actor is None:
             raise RuntimeError("this queue was shut down (Queue.shutdown()); make a new one")
         return self.actor
 
+    def _counts(self):
+        keeper = self._keeper()
+        try:
+            return self._ring.counts()
+        except RingClosed:
+            raise _closed_error(keeper) from None
 
-def _put_done(done: bool, maxsize: int, timeout: Optional[float]) -> None:
-    if not done:
-        within = "" if timeout is None else f" within {timeout} s"
-        raise Full(f"no room in the queue (maxsize {maxsize}){within}")
+    def _put(self, items: list, deadline: Optional[float]) -> bool:
+        """Whether the items went in (all of them, in order) by ``deadline``."""
+        keeper = self._keeper()
+        payloads, refs = [], []
+        for item in items:
+            serialized = serialize(item)
+            if serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
+                ref = put(item)
+                refs.append(ref)
+                payloads.append(_IN_STORE + ref.binary())
+            else:
+                payloads.append(_IN_RING + serialized.to_bytes())
+        if refs:  # sent before the ids enter the ring, so the keeper's hold is never late
+            keeper.hold.remote(refs)
+        try:
+            overflowed = self._ring.put(payloads, deadline)
+        except RingClosed:
+            raise _closed_error(keeper) from None
+        if overflowed is None:
+            if refs:
+                keeper.drop.remote([ref.binary() for ref in refs])
+            return False
+        if overflowed:
+            get(keeper.push.remote(payloads))
+        return True
+
+    def _take(self, count: int, deadline: Optional[float]) -> Optional[list]:
+        """``count`` items, oldest first, or None if there were not that many by
+        ``deadline``."""
+        keeper = self._keeper()
+        try:
+            taken = self._ring.get(count, deadline)
+        except RingClosed:
+            raise _closed_error(keeper) from None
+        if taken is None:
+            return None
+        payloads, overflowed = taken
+        if overflowed:
+            payloads += get(keeper.pop.remote(overflowed))
+        values, stored = [], []
+        for payload in payloads:
+            if payload[:1] == _IN_RING:
+                values.append(deserialize_inline(memoryview(payload)[1:]))
+            else:
+                ref = ObjectRef(payload[1:])
+                values.append(get(ref))
+                stored.append(ref.binary())
+        if stored:
+            keeper.drop.remote(stored)
+        return values
 
 
-def _got(answer: tuple, timeout: Optional[float]):
-    found, item = answer
-    if not found:
-        raise Empty("the queue is empty" if timeout is None else
-                    f"nothing arrived in the queue within {timeout} s")
-    return _fetched(item)
+class JoinableQueue(Queue):
+    """A Queue that counts unfinished items, as ``multiprocessing.JoinableQueue``: each put
+    adds one, each ``task_done()`` takes one off, and ``join()`` waits until none is left.
+    Unlike multiprocessing's, it can be passed to tasks and actors at any time."""
+
+    def task_done(self) -> None:
+        """Say that an item taken from the queue has been processed."""
+        keeper = self._keeper()
+        try:
+            done = self._ring.task_done(1)
+        except RingClosed:
+            raise _closed_error(keeper) from None
+        if not done:
+            raise ValueError("task_done() called too many times")
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every item put has been processed (``task_done()`` called for it);
+        with ``timeout``, for at most that long: returns whether they were."""
+        keeper = self._keeper()
+        try:
+            return self._ring.join(deadline_after(_checked(timeout)))
+        except RingClosed:
+            raise _closed_error(keeper) from None
+
+    def unfinished(self) -> int:
+        """How many items were put and not yet marked done."""
+        return self._counts()[1]
+
+
+def _closed_error(keeper) -> RuntimeError:
+    return RuntimeError(f"the queue was shut down (Queue.shutdown(), keeper {keeper!r}); "
+                        "make a new one")
 
 
 def _checked(timeout: Optional[float]) -> Optional[float]:
@@ -242,10 +356,11 @@ def _checked(timeout: Optional[float]) -> Optional[float]:
     return timeout
 
 
-def _rebuild(maxsize: int, actor) -> Queue:
-    rebuilt = Queue.__new__(Queue)
-    rebuilt.maxsize, rebuilt.actor = maxsize, actor
+def _rebuild(cls, maxsize: int, actor, token) -> Queue:
+    rebuilt = cls.__new__(cls)
+    rebuilt.maxsize, rebuilt.actor, rebuilt._token = maxsize, actor, token
+    rebuilt._opened = None
     return rebuilt
 
 
-__all__ = ["Empty", "Full", "Queue"]
+__all__ = ["Empty", "Full", "JoinableQueue", "Queue"]
