@@ -331,6 +331,9 @@ int shm_ring_counts(void *ring, uint64_t *items_out, uint64_t *unfinished_out);
 
 /* Take the store lock and return without releasing it. */
 int shm_debug_lock(shm_store *s);
+/* Take a ring's lock and return without releasing it, after adding `skew` to
+ * its item count (as a process that died half-way through a put leaves it). */
+int shm_ring_debug_lock(void *ring, int64_t skew);
 /* Arm a crash point for this process's next allocation or free. */
 void shm_debug_crash_at(int point);
 /* cdef-end */
