@@ -293,17 +293,22 @@ def _joinable_script(q):
     try:
         q.task_done()
     except ValueError as exc:
-        return taken, str(exc)
-    return taken, None
+        error = str(exc)
+    q.close()
+    try:
+        q.put("after close")
+    except ValueError as exc:
+        closed = "is closed" in str(exc)
+    q.join_thread()
+    return taken, error, closed
 
 
 def test_joinable_queue_counts_as_multiprocessings(both):
     reference = multiprocessing.get_context("fork").JoinableQueue()
     expected = _joinable_script(reference)
-    reference.close()
-    reference.join_thread()
     q = JoinableQueue()
-    assert _joinable_script(q) == expected == ([0, 1, 2], "task_done() called too many times")
+    assert _joinable_script(q) == expected == ([0, 1, 2], "task_done() called too many times",
+                                               True)
     q.shutdown()
 
 

@@ -321,6 +321,8 @@ class JoinableQueue(Queue):
     adds one, each ``task_done()`` takes one off, and ``join()`` waits until none is left.
     Unlike multiprocessing's, it can be passed to tasks and actors at any time."""
 
+    _closed_here = False  # close() was called in this process
+
     def task_done(self) -> None:
         """Say that an item taken from the queue has been processed."""
         keeper = self._keeper()
@@ -343,6 +345,23 @@ class JoinableQueue(Queue):
     def unfinished(self) -> int:
         """How many items were put and not yet marked done."""
         return self._counts()[1]
+
+    # multiprocessing's queues have these for their feeder thread, which a put into shared
+    # memory does not need: what was put is in the queue when put() returns.
+    def close(self) -> None:
+        """No more puts from this process (multiprocessing's ``close``)."""
+        self._closed_here = True
+
+    def join_thread(self) -> None:
+        """Nothing to wait for: there is no feeder thread."""
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to cancel: there is no feeder thread."""
+
+    def _put(self, items: list, deadline: Optional[float]) -> bool:
+        if self._closed_here:
+            raise ValueError(f"Queue {self!r} is closed")
+        return super()._put(items, deadline)
 
 
 def _closed_error(keeper) -> RuntimeError:
