@@ -25,6 +25,7 @@ import multiprocessing
 import pytest
 
 import shmray
+from benchstats import record_rate
 
 MiB = 1 << 20
 N_PIPELINED = 2000
@@ -66,8 +67,7 @@ def _serve(requests, replies, cls):
 
 
 def _rate(benchmark, calls):
-    """Record calls per second at the median in the JSON's extra_info."""
-    benchmark.extra_info["calls_per_s"] = calls / benchmark.stats.stats.median
+    record_rate(benchmark, "calls_per_s", calls)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from joblib.externals.loky import get_reusable_executor  # noqa: E402
 
 import shmray  # noqa: E402
 from shmray.util.joblib import register_shmray  # noqa: E402
+from benchstats import median, record_speedup
 
 MiB = 1 << 20
 N_ARRAYS = 8
@@ -76,7 +77,7 @@ def test_parallel_loky(benchmark, loky, arrays):
     out = benchmark.pedantic(run, args=(loky, arrays), rounds=8, iterations=1,
                              warmup_rounds=1)
     np.testing.assert_array_equal(out[3], transform(arrays[3]))
-    medians["loky"] = benchmark.stats.stats.median
+    medians["loky"] = median(benchmark)
 
 
 def test_parallel_shmray(benchmark, session, arrays):
@@ -85,6 +86,4 @@ def test_parallel_shmray(benchmark, session, arrays):
                              warmup_rounds=1)
     np.testing.assert_array_equal(out[3], transform(arrays[3]))
     del out
-    if "loky" in medians:
-        benchmark.extra_info["speedup_over_loky"] = (
-            medians["loky"] / benchmark.stats.stats.median)
+    record_speedup(benchmark, "speedup_over_loky", medians.get("loky"))

@@ -24,6 +24,7 @@ import pytest
 import shmray
 from shmray.util import ProcessPoolExecutor
 from shmray.util.multiprocessing import Pool
+from benchstats import median, record_speedup
 
 MiB = 1 << 20
 ARRAY_N = 16 * MiB // 8
@@ -69,11 +70,9 @@ def arrays():
 
 
 def _record(benchmark, group: str, side: str) -> None:
-    median = benchmark.stats.stats.median
-    _medians[(group, side)] = median
-    reference = _medians.get((group, "reference"))
-    if side == "shmray" and reference is not None:
-        benchmark.extra_info["speedup"] = round(reference / median, 2)
+    _medians[(group, side)] = median(benchmark)
+    if side == "shmray":
+        record_speedup(benchmark, "speedup", _medians.get((group, "reference")))
 
 
 @pytest.mark.benchmark(group="map-tiny-10000")

@@ -21,6 +21,7 @@ import pytest
 
 import shmray
 from shmray.util.queue import Queue
+from benchstats import record_rate
 
 MiB = 1 << 20
 N_SMALL = 500
@@ -105,7 +106,7 @@ def _mp_round(side, n, large):
 
 
 def _rate(benchmark, items):
-    benchmark.extra_info["items_per_s"] = items / benchmark.stats.stats.median
+    record_rate(benchmark, "items_per_s", items)
 
 
 def test_small_items_shmray(benchmark, shmray_side):

@@ -41,6 +41,7 @@ import pytest
 import threadpoolctl
 
 import shmray
+from benchstats import median, record_rate, record_speedup
 
 MiB = 1 << 20
 RAY_INIT = dict(num_cpus=2, object_store_memory=512 * MiB)
@@ -89,8 +90,7 @@ blas_threads = shmray.remote(_blas_threads)
 
 
 def _rate(benchmark, calls):
-    """Record calls per second at the median in the JSON's extra_info."""
-    benchmark.extra_info["calls_per_s"] = calls / benchmark.stats.stats.median
+    record_rate(benchmark, "calls_per_s", calls)
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_matmul_serial_driver(benchmark):
         return [a @ b for a, b in inputs]
 
     benchmark.pedantic(serial, rounds=8, iterations=1, warmup_rounds=1)
-    _medians["serial"] = benchmark.stats.stats.median
+    _medians["serial"] = median(benchmark)
     _rate(benchmark, MATMUL_TASKS)
 
 
@@ -298,7 +298,7 @@ def test_matmul_mp_pool(benchmark, pool):
     results = benchmark.pedantic(pool.starmap, (_matmul, inputs), {"chunksize": 1},
                                  rounds=8, iterations=1, warmup_rounds=1)
     assert np.allclose(results[0], expected)
-    _medians["pool"] = benchmark.stats.stats.median
+    _medians["pool"] = median(benchmark)
     _rate(benchmark, MATMUL_TASKS)
 
 
@@ -315,8 +315,8 @@ def test_matmul_shmray_tasks(benchmark, ray):
     assert np.allclose(results[0], expected)
     del results
     _rate(benchmark, MATMUL_TASKS)
-    for reference, median in _medians.items():
-        benchmark.extra_info[f"speedup_over_{reference}"] = median / benchmark.stats.stats.median
+    for reference, seconds in _medians.items():
+        record_speedup(benchmark, f"speedup_over_{reference}", seconds)
 
 
 _inherited = []  # the inputs, set before the ceiling's Pool forks
