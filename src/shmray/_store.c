@@ -1248,11 +1248,10 @@ int shm_store_format(void *base, uint64_t size)
     h->pins_offset = pins_offset_for(slots);
     h->heap_offset = heap_offset;
     h->heap_size = capacity - heap_offset;
-    /* The memory should be zeroed already; a stale table would be phantom
-     * objects, and these pages get touched by inserts anyway.  The pin table
-     * is left to the caller's zeroed memory: most of its pages are touched
-     * only when a process that held pins is reaped (pins_reap scans it). */
-    memset((uint8_t *)base + HEADER_SIZE, 0, slots * sizeof(struct shm_entry));
+    /* The tables are left to the caller's zeroed memory (a fresh memfd is):
+     * writing zeros over them would fault in every page of them at start-up,
+     * 64 ms for the default arena here, where a session touches only the
+     * pages its objects hash to. */
 
     struct shm_block *first = (struct shm_block *)((uint8_t *)base + heap_offset);
     *first = (struct shm_block){.size = h->heap_size, .is_free = 1};

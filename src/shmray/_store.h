@@ -156,7 +156,8 @@ int shm_arena_unmap(void *base, uint64_t size);
 
 /* Smallest arena shm_store_format accepts. */
 uint64_t shm_min_capacity(void);
-/* Write a fresh, empty store over `size` bytes of zeroed memory at base. */
+/* Write a fresh, empty store over `size` bytes of zeroed memory at base (the
+ * memory must be zero: only the header and the heap's first block are written). */
 int shm_store_format(void *base, uint64_t size);
 /* A handle on a formatted arena mapped at base (checks magic and version).
  * Handles are per process; after fork() a child may keep using its parent's. */
