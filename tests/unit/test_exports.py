@@ -27,7 +27,7 @@ def test_public_names():
         "ProcessPoolExecutor", "progress", "register_serializer", "remove_placement_group",
         "scheduling_strategies"]
     assert shmray.util.multiprocessing.__all__ == [
-        "AsyncResult", "IMapIterator", "Pool", "TimeoutError"]
+        "AsyncResult", "IMapIterator", "JoinableQueue", "Pool", "TimeoutError"]
     assert shmray.util.scheduling_strategies.__all__ == [
         "NodeAffinitySchedulingStrategy", "PlacementGroupSchedulingStrategy"]
 
