@@ -220,6 +220,7 @@ def test_a_cancel_that_lands_while_a_task_is_inside_shmray_waits_until_it_is_out
 
         holder = Holder.remote()
         shmray.get(holder.ping.remote(), timeout=DEADLOCK)
+        wait_for(lambda: len(runtime().query("workers")) >= 2)  # the pool fills as it idles
         workers = set(runtime().query("workers"))
         for _ in range(3):
             p = parent.remote()

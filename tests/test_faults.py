@@ -359,7 +359,10 @@ def test_sigkilled_driver_leaves_nothing_within_seconds():
 
         h = Holder.remote()
         refs = [forever.remote() for _ in range(2)]
-        pids = shmray._context.runtime.query("workers") + [shmray.get(h.pid.remote())]
+        actor = shmray.get(h.pid.remote())
+        while len(shmray._context.runtime.query("workers")) < 2:  # the pool fills as it idles
+            time.sleep(0.01)
+        pids = shmray._context.runtime.query("workers") + [actor]
         print(shmray._session._scheduler_pid, *pids, flush=True)
         sys.stdin.read()
     """)

@@ -172,14 +172,19 @@ class Scheduler:
             self.stop()
 
     def _serve(self) -> None:
-        self.pool.refill()
-        timeout = 1.0
+        # One worker now, for the first task; the pool's others one per idle turn of the
+        # loop.  A fork costs milliseconds: forking them all first kept the first task
+        # waiting for the last of them.
+        self.pool.start_worker()
+        timeout = 0
         while self.running:
             events = self.clients.selector.select(timeout)
             if not events and self.clients.dirty:  # nothing more to read: send what waits
                 self._flush_dirty(everyone=True)
-                timeout = 1.0
+                timeout = 0 if self.pool.short() else 1.0
                 continue
+            if not events and self.pool.short():
+                self.pool.start_worker()
             self._handle_events(events)
             if self.objects.doubtful:
                 self._settle_doubtful()
@@ -191,7 +196,8 @@ class Scheduler:
                 self.internal_errors += 1
                 traceback.print_exc()
             self._flush_dirty(everyone=False)
-            timeout = 0 if self.clients.dirty or self.objects.doubtful else 1.0
+            more_to_do = self.clients.dirty or self.objects.doubtful or self.pool.short()
+            timeout = 0 if more_to_do else 1.0
 
     def _handle_events(self, events) -> None:
         for key, mask in events:

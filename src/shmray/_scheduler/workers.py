@@ -70,6 +70,10 @@ class WorkerPool:
             self.idle.remove(worker)
         self.busy.discard(worker)
 
+    def short(self) -> bool:
+        """Fewer workers than the pool keeps."""
+        return self.num_workers < self.min_workers
+
     def refill(self) -> None:
         while self.num_workers < self.min_workers:
             self.start_worker()
