@@ -12,6 +12,7 @@ Runs in: the driver (forks the scheduler) and the scheduler (forks workers and a
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -51,8 +52,13 @@ def fork_child(name: str, main: Callable[[], None], death_signal: int = signal.S
             stream.flush()  # else the child would print the parent's pending output again
         except Exception:
             pass
+    # The child's collector leaves what it inherits alone: a collection that walked those
+    # objects would write to their pages and copy them (Python's advice for fork without
+    # exec).  The parent goes on collecting its own.
+    gc.freeze()
     pid = os.fork()
     if pid:
+        gc.unfreeze()
         return pid
     global in_child
     in_child = True
