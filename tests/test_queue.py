@@ -142,6 +142,24 @@ def test_async_put_and_get(both):
     q.shutdown()
 
 
+def test_a_cancelled_async_get_or_put_takes_or_adds_nothing(both):
+    """asyncio.wait_for cancels a get_async that waits: the item put afterwards is still
+    there for the next get, and a cancelled put_async into a full queue adds nothing."""
+    q = Queue(maxsize=1)
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(q.get_async(), 0.1)
+        q.put("kept")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(q.put_async("dropped"), 0.1)
+        await asyncio.sleep(0.6)  # longer than a waiting thread's slice
+        return q.get_nowait(), q.qsize()
+
+    assert asyncio.run(scenario()) == ("kept", 0)
+    q.shutdown()
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_shutdown_ends_the_queues_actor(ray, force):
     q = Queue()
@@ -269,6 +287,7 @@ def test_refs_and_handles_in_items_keep_what_they_refer_to_alive(both):
     def produce(q):
         q.put([square.remote(3), ray.put(np.arange(20_000))])
         q.put(Counter.remote())
+        q.put(square.remote(4))  # a bare ref, as Ray users queue them
         return "done"
 
     q = Queue()
@@ -279,6 +298,8 @@ def test_refs_and_handles_in_items_keep_what_they_refer_to_alive(both):
     assert ray.get(square_ref, timeout=DEADLOCK)[0] == 9
     assert ray.get(put_ref, timeout=DEADLOCK).sum() == np.arange(20_000).sum()
     assert ray.get(q.get(timeout=DEADLOCK).value.remote(), timeout=DEADLOCK) == 7
+    bare = q.get(timeout=DEADLOCK)
+    assert isinstance(bare, ray.ObjectRef) and ray.get(bare, timeout=DEADLOCK)[0] == 16
     q.shutdown()
 
 

@@ -311,6 +311,32 @@ int shm_ring_get(void *memory, void *out, uint64_t out_size, uint64_t count,
     }
 }
 
+int shm_ring_wait(void *memory, int for_room, uint64_t wait_ns)
+{
+    struct ring *r = checked(memory);
+    if (r == NULL)
+        return SHM_ERR_INVALID;
+    struct timespec deadline = deadline_after(wait_ns);
+    for (;;) {
+        int rc = ring_lock(r);
+        if (rc != SHM_OK)
+            return rc;
+        if (r->closed) {
+            pthread_mutex_unlock(&r->lock);
+            return SHM_ERR_CLOSED;
+        }
+        int ready = for_room
+            ? r->max_items == 0 || r->items + overflow_unclaimed(r) < r->max_items
+            : r->items + r->overflow_arrived - r->overflow_claimed > 0;
+        if (ready) {
+            pthread_mutex_unlock(&r->lock);
+            return SHM_OK;
+        }
+        if (!sleep_on(r, for_room ? &r->get_seq : &r->put_seq, &deadline))
+            return for_room ? SHM_ERR_FULL : SHM_ERR_EMPTY;
+    }
+}
+
 int shm_ring_arrived(void *memory, uint64_t count)
 {
     struct ring *r = checked(memory);

@@ -113,6 +113,18 @@ class Ring:
             if _past(deadline):
                 return None
 
+    def wait(self, for_room: bool, deadline: Optional[float]) -> bool:
+        """Whether the queue had an item (``for_room``: room for one) by ``deadline``;
+        takes or puts nothing."""
+        missing = lib.SHM_ERR_FULL if for_room else lib.SHM_ERR_EMPTY
+        while True:
+            status = lib.shm_ring_wait(self._ring, for_room, _slice(deadline))
+            if status != missing:
+                _check(status)
+                return True
+            if _past(deadline):
+                return False
+
     def arrived(self, count: int) -> None:
         _check(lib.shm_ring_arrived(self._ring, count))
 

@@ -316,6 +316,11 @@ int shm_ring_put(void *ring, const void *records, uint64_t size, uint64_t count,
  * too small for the records (*size_out says what is needed). */
 int shm_ring_get(void *ring, void *out, uint64_t out_size, uint64_t count,
                  uint64_t wait_ns, uint64_t *size_out, uint64_t *overflow_out);
+/* Wait up to wait_ns, taking nothing, until the queue has an item (or, with
+ * for_room, room for one more): SHM_OK, else SHM_ERR_EMPTY (SHM_ERR_FULL).  A
+ * waiter that gives up loses nothing, which is what asyncio's cancellation
+ * needs; the caller then takes or puts without waiting. */
+int shm_ring_wait(void *ring, int for_room, uint64_t wait_ns);
 /* The keeper has received `count` overflowed items: gets may claim them. */
 int shm_ring_arrived(void *ring, uint64_t count);
 /* `count` items taken earlier are processed (JoinableQueue.task_done);

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import os
 import queue as _stdlib_queue
+import time
 import weakref
 from collections.abc import Iterable
 from typing import Any, Dict, List, Optional
@@ -50,7 +51,9 @@ RING_BYTES = 1 << 20
 RING_ITEM_MAX = 32 * 1024
 _IN_RING = b"I"    # a record's first byte: the item's pickle follows
 _IN_STORE = b"S"   # ... the id of the object holding the item follows
+_REF_IN_STORE = b"R"  # ... the id of an object holding [the item], an ObjectRef
 _NO_WAIT = 0.0     # a deadline that has passed already
+_ASYNC_SLICE = 0.5  # longest wait of a thread behind put_async/get_async
 _local_rings: "weakref.WeakValueDictionary[bytes, np.ndarray]" = weakref.WeakValueDictionary()
 
 
@@ -164,18 +167,14 @@ class Queue:
         is False, then raise Full."""
         deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
         if not self._put([item], deadline):
-            within = "" if not block or timeout is None else f" within {timeout} s"
-            raise Full(f"no room in the queue (maxsize {self.maxsize}){within}")
+            raise self._full(timeout if block else None)
 
     async def put_async(self, item, block: bool = True,
                         timeout: Optional[float] = None) -> None:
-        timeout = _checked(timeout) if block else None
-        if self._put([item], _NO_WAIT):
-            return
-        if not block:
-            raise Full(f"no room in the queue (maxsize {self.maxsize})")
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.put(item, timeout=timeout))
+        deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
+        while not self._put([item], _NO_WAIT):
+            if not block or not await self._wait_async(True, deadline):
+                raise self._full(timeout if block else None)
 
     def get(self, block: bool = True, timeout: Optional[float] = None):
         """Take the oldest item; if there is none, wait (up to ``timeout`` s) unless
@@ -183,19 +182,17 @@ class Queue:
         deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
         taken = self._take(1, deadline)
         if taken is None:
-            raise Empty("the queue is empty" if not block or timeout is None else
-                        f"nothing arrived in the queue within {timeout} s")
+            raise _empty(timeout if block else None)
         return taken[0]
 
     async def get_async(self, block: bool = True, timeout: Optional[float] = None):
-        timeout = _checked(timeout) if block else None
-        taken = self._take(1, _NO_WAIT)
-        if taken is not None:
-            return taken[0]
-        if not block:
-            raise Empty("the queue is empty")
-        return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.get(timeout=timeout))
+        deadline = deadline_after(_checked(timeout)) if block else _NO_WAIT
+        while True:
+            taken = self._take(1, _NO_WAIT)
+            if taken is not None:
+                return taken[0]
+            if not block or not await self._wait_async(False, deadline):
+                raise _empty(timeout if block else None)
 
     def put_nowait(self, item) -> None:
         self.put(item, block=False)
@@ -257,6 +254,26 @@ class Queue:
             raise RuntimeError("this queue was shut down (Queue.shutdown()); make a new one")
         return self.actor
 
+    def _full(self, timeout: Optional[float]) -> Full:
+        within = "" if timeout is None else f" within {timeout} s"
+        return Full(f"no room in the queue (maxsize {self.maxsize}){within}")
+
+    async def _wait_async(self, for_room: bool, deadline: Optional[float]) -> bool:
+        """Wait in a thread until the queue has an item (room for one), taking nothing: a
+        caller cancelled meanwhile loses no item, and puts none.  The thread waits a slice
+        at a time, so none is left waiting behind a cancelled caller."""
+        keeper = self._keeper()
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            return False
+        limit = now + _ASYNC_SLICE if deadline is None else min(deadline, now + _ASYNC_SLICE)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._ring.wait, for_room, limit)
+        except RingClosed:
+            raise _closed_error(keeper) from None
+        return True  # the caller tries again (and comes back here if it lost the race)
+
     def _counts(self):
         keeper = self._keeper()
         try:
@@ -270,7 +287,11 @@ class Queue:
         payloads, refs = [], []
         for item in items:
             serialized = serialize(item)
-            if serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
+            if isinstance(item, ObjectRef):  # put() takes no bare ref: it goes in a list
+                ref = put([item])
+                refs.append(ref)
+                payloads.append(_REF_IN_STORE + ref.binary())
+            elif serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
                 ref = put(item)
                 refs.append(ref)
                 payloads.append(_IN_STORE + ref.binary())
@@ -309,7 +330,8 @@ class Queue:
                 values.append(deserialize_inline(memoryview(payload)[1:]))
             else:
                 ref = ObjectRef(payload[1:])
-                values.append(get(ref))
+                value = get(ref)
+                values.append(value[0] if payload[:1] == _REF_IN_STORE else value)
                 stored.append(ref.binary())
         if stored:
             keeper.drop.remote(stored)
@@ -362,6 +384,11 @@ class JoinableQueue(Queue):
         if self._closed_here:
             raise ValueError(f"Queue {self!r} is closed")
         return super()._put(items, deadline)
+
+
+def _empty(timeout: Optional[float]) -> Empty:
+    return Empty("the queue is empty" if timeout is None else
+                 f"nothing arrived in the queue within {timeout} s")
 
 
 def _closed_error(keeper) -> RuntimeError:
