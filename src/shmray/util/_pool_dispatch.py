@@ -272,7 +272,9 @@ class Dispatcher:
                     return
                 refs = list(self.sent)
                 room = any(len(w.inflight) < _DEPTH and self._usable(w) for w in self.workers)
-            if not self._collect_some(refs, room):
+            collecting = self._collect_some(refs, room)
+            del refs  # else the last calls' results stay in the store while the pool idles
+            if not collecting:
                 return
 
     def _collect_some(self, refs: list, room: bool) -> bool:

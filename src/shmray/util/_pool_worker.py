@@ -106,21 +106,24 @@ def _share_large(items: list, refs: Dict[int, Any]) -> list:
     numpy = sys.modules.get("numpy")
     if numpy is None:
         return items
-    ndarray = numpy.ndarray
+    return [_shared(item, refs, numpy.ndarray) for item in items]
 
-    def shared(value):
-        if type(value) is ndarray and value.nbytes >= _SHARE_AT_BYTES:
-            stored = refs.get(id(value))
-            if stored is None:
-                stored = refs[id(value)] = (_Stored(put(value)), value)
-            return stored[0]
-        if type(value) in _SEQUENCES:
-            return type(value)(shared(v) for v in value)
-        if type(value) is dict:
-            return {k: shared(v) for k, v in value.items()}
-        return value
 
-    return [shared(item) for item in items]
+def _shared(value, refs: Dict[int, Any], ndarray):
+    # A module function, not a closure: a closure that calls itself is a reference cycle,
+    # which would keep ``refs``, and so every argument of the map in the store, until the
+    # cyclic garbage collector ran; new objects meanwhile land in arena pages never
+    # touched, at a page fault each.
+    if type(value) is ndarray and value.nbytes >= _SHARE_AT_BYTES:
+        stored = refs.get(id(value))
+        if stored is None:
+            stored = refs[id(value)] = (_Stored(put(value)), value)
+        return stored[0]
+    if type(value) in _SEQUENCES:
+        return type(value)(_shared(v, refs, ndarray) for v in value)
+    if type(value) is dict:
+        return {k: _shared(v, refs, ndarray) for k, v in value.items()}
+    return value
 
 
 def _packed_results(results: list):
