@@ -162,6 +162,20 @@ def session():
         shmray.shutdown()
 
 
+def test_results_leave_the_store_once_the_caller_drops_them(session):
+    """The thread that runs joblib's callbacks held the last future, and with it the last
+    result, pinned in the store while it idled (up to a second, or until the next call)."""
+    out = Parallel(n_jobs=2)(delayed(scaled)(np.ones(MiB // 2), 2) for _ in range(4))
+    assert [a[0] for a in out] == [2.0] * 4
+    del out
+    store = shmray._context.runtime.store
+    deadline = time.monotonic() + 0.6  # well within the callback thread's idle second
+    while store.list() and time.monotonic() < deadline:
+        shmray._context.runtime.settle()
+        time.sleep(0.02)
+    assert store.list() == []
+
+
 def test_n_jobs_minus_one_means_the_sessions_cpus(session):
     assert joblib.effective_n_jobs(-1) == 2
     assert joblib.effective_n_jobs(-2) == 1

@@ -297,6 +297,9 @@ class _CallbackThread:
             except Exception:  # joblib keeps a task's outcome itself: this is its bug
                 traceback.print_exc(file=sys.stderr)
             finally:
+                # The future holds its result: kept here while the thread idles, a large
+                # array would stay pinned in the store until the next call.
+                del fn, arg
                 with self._lock:
                     self._outstanding -= 1
 
