@@ -38,11 +38,16 @@ Client (driver, worker, actor) -> scheduler
                                                      results: [(object_id, data, metadata,
                                                      contained)]; retryable: it raised an
                                                      exception its retry_exceptions covers;
-                                                     took: its run time in seconds
+                                                     took: its run time in seconds; results
+                                                     None: sent ahead, it lacked an argument
+                                                     (not run, send it again)
     QUERY              request_id, what              what: "resources", "available", "workers",
                                                      "ping" (a barrier), "objects" (how many
                                                      the directory has), "direct_calls" (how
-                                                     many went straight), "named_actors",
+                                                     many went straight), "sent_ahead"
+                                                     (tasks sent before their arguments were
+                                                     ready, and those sent back unrun),
+                                                     "named_actors",
                                                      ("actor", name, namespace),
                                                      "placement_groups" (their table),
                                                      ("placement_group", pg_id),
@@ -112,7 +117,9 @@ Scheduler -> client
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
                                                      values, retry_exceptions, extra
                                                      run a task; values: {id: (data, meta)}
-                                                     of its top-level ref arguments
+                                                     of its top-level ref arguments; {id:
+                                                     None}: not ready, sent ahead, made by
+                                                     a task sent here before it
     EXIT               -                             finish what was sent before, then exit
     START_ACTOR        spec (ActorSpec), pickled class, values, restarted, gpu_ids
                                                      become this actor: run __init__
@@ -297,6 +304,12 @@ def handed_back(task_ids: list) -> tuple:
 
 def task_done(task_id: bytes, results: list, retryable: bool, took: float) -> tuple:
     return (TASK_DONE, task_id, results, retryable, took)
+
+
+def not_run(task_id: bytes) -> tuple:
+    """TASK_DONE of a task sent ahead that did not find here an argument it was to: the
+    scheduler runs it once that is ready."""
+    return (TASK_DONE, task_id, None, False, 0.0)
 
 
 def query(request_id: int, what) -> tuple:

@@ -74,6 +74,40 @@ def _store_return(runtime, object_id: bytes, value):
     return (object_id, data, serialized.metadata, serialized.contained_refs)
 
 
+class RecentResults:
+    """The latest results of the tasks the scheduler sent this worker.  A task sent ahead
+    behind the tasks making its arguments (``_scheduler.dispatch``) finds them here, its
+    EXECUTE naming them with None for a value.  Not errors (a dependent of a failed task
+    fails in the scheduler), nor results of a failure to be retried, nor values holding
+    refs (the scheduler must count those first): a task lacking one goes back unrun."""
+
+    __slots__ = ("values", "limit")
+
+    def __init__(self, limit: int = 64):  # well beyond the tasks sent ahead to a worker
+        self.values: dict = {}  # object id -> (data, metadata); data IN_ARENA: sealed there
+        self.limit = limit
+
+    def keep(self, results) -> None:
+        values = self.values
+        for object_id, data, metadata, contained in results:
+            if not contained and metadata != META_ERROR:
+                values[object_id] = (data, metadata)
+        while len(values) > self.limit:
+            del values[next(iter(values))]  # the oldest
+
+    def fill(self, arguments: dict) -> bool:
+        """Fill in the arguments a task sent ahead is to find here; False if one is not
+        (its task failed or will be retried, or it is long gone)."""
+        values = self.values
+        for object_id, location in arguments.items():
+            if location is None:
+                location = values.get(object_id)
+                if location is None:
+                    return False
+                arguments[object_id] = location
+        return True
+
+
 # -- generator tasks ------------------------------------------------------------------------
 
 _END = object()

@@ -111,12 +111,15 @@ def pack_arguments(runtime, args, kwargs, callee=None, method=None):
     the error for an argument that can't be pickled."""
     if not args and not kwargs:
         return _NO_ARGUMENTS, [], [], []
-    if not kwargs:  # most small tasks' arguments are a few numbers
+    if not kwargs:  # most small tasks' arguments are a few numbers, or refs and numbers
         for a in args:
             if type(a) not in SCALARS:
                 break
         else:
             return scalars_to_bytes((list(args), {})), [], [], []
+        packed = _refs_and_scalars(runtime, args)
+        if packed is not None:
+            return packed
     arg_ids: List[bytes] = []
 
     def placeholder(value):
@@ -150,6 +153,27 @@ def pack_arguments(runtime, args, kwargs, callee=None, method=None):
 
 
 _NO_ARGUMENTS = serialize(([], {})).to_bytes()
+
+
+def _refs_and_scalars(runtime, args):
+    """``pack_arguments`` of positional arguments that are all ObjectRefs or ``SCALARS``
+    (the usual task of a DAG): the C pickler takes them as they are once each ref is an
+    ``ArgRef``, with no cloudpickle and no size check (1 us against 8 us); None if any
+    argument is something else."""
+    arg_ids = []
+    packed = []
+    for a in args:
+        kind = type(a)
+        if kind is ObjectRef:
+            if a._tracker is not runtime:
+                _runtime_for(a)  # raises: a ref of a session shut down
+            arg_ids.append(a.binary())
+            packed.append(P.ArgRef(len(arg_ids) - 1))
+        elif kind in SCALARS:
+            packed.append(a)
+        else:
+            return None
+    return scalars_to_bytes((packed, {})), arg_ids, [], []
 
 
 def _serialize_arguments(args, kwargs, callee, method):

@@ -11,6 +11,10 @@ hearing first (DIRECT_DONE) except for a leased task's results the driver can us
 the driver owns the task, and reports those itself if the scheduler must know of it
 (``report``).
 
+A task the scheduler sent ahead, before its arguments were ready, finds those made here
+among the latest results (``RecentResults``); one it lacks sends the task back unrun
+(``not_run``): the scheduler runs it once that argument is ready.
+
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.  Tasks
 queued behind it go back where they came from (HANDED_BACK: the one it waits for may be
@@ -49,6 +53,7 @@ from ._context import cancel_point, current_task
 from ._connection import ConnectionClosed, wait_writable
 from ._task_cancel import TaskCancel
 from ._task_results import (
+    RecentResults,
     apply_env,
     arguments,
     cancelled_results,
@@ -93,6 +98,7 @@ class Worker:
         self.waiting = False  # the running task waits in get/wait
         self.parked = False   # reports parked in the slot, not sent yet
         self.loading = 0.0    # of the task running: time spent loading its function
+        self.recent = RecentResults()  # for tasks sent ahead behind the ones making them
         runtime.link.after_flush = self._unpark
         runtime.link.handlers.update(self.handlers())
         runtime.link.blocked_hook = self._blocked
@@ -338,17 +344,27 @@ class Worker:
                 return
             started = time.perf_counter()
             self.loading = 0.0
+            values = message[8]
             if task_id in self.cancel.skip:
                 results, retryable = cancelled_results(task_id, message[7]), False
+            elif values and None in values.values() and not self.recent.fill(values):
+                results = None  # sent ahead, it lacks an argument made here: not run
             else:
                 results, retryable = self.execute(*message[1:])
                 _lend.after_task()
+                if not retryable and task_id not in self.origins:
+                    self.recent.keep(results)
             self.cancel.skip.pop(task_id, None)  # a cancel that came as it ran, too
             if self.consumed:
                 self.consumed.pop(task_id, None)
             try:
-                self.report(task_id, results, retryable,
-                            time.perf_counter() - started - self.loading)
+                if results is None:  # after the reports before it: they may make it ready
+                    with runtime.link.lock:
+                        runtime.send(P.not_run(task_id))
+                        runtime.flush()
+                else:
+                    self.report(task_id, results, retryable,
+                                time.perf_counter() - started - self.loading)
             except exceptions.RaySystemError:
                 return
 

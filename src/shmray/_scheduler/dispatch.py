@@ -7,7 +7,9 @@ are all taken a turn costs one check per shape, not one per waiting task.  Dispa
 them FIFO while resources and workers allow.  When every CPU is taken, a busy worker
 running a function known to be short and never to block gets the next task of the same
 shape in advance and starts it without a round trip (``_prefetch``): functions that never
-took over 2 ms get up to 16.  The code of every function is registered here, and goes to a
+took over 2 ms get up to 16.  Under the same rules a task waiting for results of tasks
+one worker runs or has queued goes to that worker before they are ready (``send_ahead``):
+a chain of short tasks runs there back to back, no round trip between links.  The code of every function is registered here, and goes to a
 worker with its first task that needs it (a leased worker asks: ``send_function``).  When
 queued work needs CPUs that leased workers hold, the leases' part hears of it
 (``cpu_wanted``, wired by ``loop``).  Tasks in a placement group queue apart (their
@@ -53,6 +55,10 @@ class Dispatcher:
         # Starts what it can of a queue of tasks in one placement group's bundle
         # (``placement_groups``, wired by ``loop``).
         self.dispatch_placed: Callable[[collections.deque], None] = lambda queue: None
+        # A task went to a worker: tasks waiting for its results may follow it there
+        # (``tasks.extend_ahead``, wired by ``loop``).
+        self.task_sent: Callable[[Client], None] = lambda worker: None
+        self.sent_ahead = 0  # tasks sent before their arguments were ready (tests, curiosity)
 
     # -- functions -------------------------------------------------------------------------
 
@@ -142,16 +148,46 @@ class Dispatcher:
                     # env_vars/max_calls: one at a time.  A task holding GPUs (its extra
                     # says what it holds) never goes ahead: it gets its ids as it starts.
                     return
-                ahead = len(worker.queued)
-                if ahead and (ahead >= _PREFETCH_MAX_DEPTH
-                              or not self.safe_to_queue_behind(worker.queued[-1])
-                              or (ahead + 1) * took > _PREFETCH_BUDGET
-                              or self.slowest.get(fn_id, 1.0) > _PREFETCH_BUDGET):
+                if worker.queued and not self._room_behind(worker, fn_id, took):
                     takers.remove(worker)
                     continue
                 queue.popleft()
                 worker.queued.append(task)
                 self.send_execute(task, worker)
+                self.task_sent(worker)
+
+    def _room_behind(self, worker: Client, fn_id: bytes, took: float) -> bool:
+        """Whether a task of ``fn_id`` (typical run time ``took``) may queue behind what
+        ``worker`` has queued already."""
+        ahead = len(worker.queued)
+        return (ahead < _PREFETCH_MAX_DEPTH
+                and self.safe_to_queue_behind(worker.queued[-1])
+                and (ahead + 1) * took <= _PREFETCH_BUDGET
+                and self.slowest.get(fn_id, 1.0) <= _PREFETCH_BUDGET)
+
+    def send_ahead(self, task: Task, worker: Client) -> bool:
+        """Send a task whose arguments are not all ready to the worker that runs (or has
+        queued) the tasks that make the missing ones: it runs it right after them, with
+        the values it has just made, and this round trip is saved (``tasks.send_ahead``
+        decides which worker; ``Worker`` keeps its latest results).  Under the rules of
+        ``_prefetch``, which bound how long it can wait there and keep it off workers whose
+        task might block.  An argument not ready goes as None in the values: the worker
+        finds it among its latest results, or sends the task back unrun (``not_run``)."""
+        running = worker.task
+        if (running is None or worker.blocked or worker.leased_to is not None
+                or not worker.alive or running.shape != task.shape
+                or running.spec[P.SPEC_EXTRA] or not self.safe_to_queue_behind(running)):
+            return False
+        fn_id = task.spec[P.SPEC_FN_ID]
+        took = self.durations.get(fn_id, 1.0)
+        if took >= _PREFETCH_MAX_SECONDS or (worker.queued and
+                                             not self._room_behind(worker, fn_id, took)):
+            return False
+        worker.queued.append(task)
+        task.ahead = True
+        self.sent_ahead += 1
+        self.send_execute(task, worker)
+        return True
 
     def safe_to_queue_behind(self, task: Task) -> bool:
         fn_id = task.spec[P.SPEC_FN_ID]
@@ -162,6 +198,7 @@ class Dispatcher:
         clear_started(worker)
         self.make_running(task, worker)
         self.send_execute(task, worker)
+        self.task_sent(worker)
 
     def make_running(self, task: Task, worker: Client) -> None:
         task.gpu_ids = (task.pool or self.resources).take(task.resources)

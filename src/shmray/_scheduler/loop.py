@@ -103,6 +103,7 @@ class Scheduler:
         self.tasks.actor_call_ready = self.actors.call_ready
         self.actors.catch_up = lambda client: self._read(client, everything=True)
         self.dispatcher.cpu_wanted = self.leases.recall_if_in_the_way
+        self.dispatcher.task_sent = self.tasks.extend_ahead
         self.leases.placements_waiting = lambda: itertools.chain(
             placements_waiting(self.actors), groups.waiting())
         self.running = True
@@ -299,6 +300,8 @@ class Scheduler:
             value = len(self.objects)
         elif what == "direct_calls":  # how many actor calls took the direct route
             value = self.actors.direct_call_count
+        elif what == "sent_ahead":  # tasks sent before their arguments were ready, and of
+            value = (self.dispatcher.sent_ahead, self.tasks.not_run)  # those, sent back
         elif what == "named_actors":
             value = sorted(self.actors.named)
         elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it

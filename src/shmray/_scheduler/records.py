@@ -16,7 +16,7 @@ class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
                  "children", "cancelled", "started_at", "direct", "streamed", "consumed",
-                 "gpu_ids", "placement", "pool")
+                 "gpu_ids", "placement", "pool", "ahead")
 
     def __init__(self, spec: tuple, owner: Client):
         self.spec = spec
@@ -50,6 +50,7 @@ class Task:
         self.streamed = 0    # a streaming task: items its owner has been sent
         self.consumed = 0    # ...and taken (backpressure; told again to a retried attempt)
         self.gpu_ids = ()    # the GPU ids it holds while it runs
+        self.ahead = False   # sent to a worker before its arguments were ready (``tasks``)
 
 
 class Actor:

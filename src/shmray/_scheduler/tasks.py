@@ -9,6 +9,12 @@ queues (``dispatch``).  A worker's report finishes its task (or retries it, for 
 its retry_exceptions covers); a worker waiting in get() lends its CPU back; a task whose
 worker died is retried while retries are left, then fails with WorkerCrashedError.
 
+A short task waiting only for results of tasks one worker runs or has queued is sent there
+before they are ready (``send_ahead``): a chain of short tasks then costs no round trip
+through here per link.  It is still counted as waiting, so whatever brings it back unrun
+(its worker's death, a get() there, an argument the worker lacks) has it wait again
+(``take_back``), and a failed argument fails it here as it would any task.
+
 An actor call is a task too: its ready-ness and its end go to the actors' part
 (``forward_actor``, wired by ``loop``).
 """
@@ -28,6 +34,10 @@ from .resources import Resources
 from .workers import WorkerPool, started
 
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
+# A task waiting for more arguments than this is not sent ahead: looking costs a pass over
+# its arguments each time one is ready, and the many tasks making them are seldom all
+# queued on one worker.
+_AHEAD_MAX_WAITING = 4
 
 
 class Tasks:
@@ -41,6 +51,7 @@ class Tasks:
         self.table: Dict[bytes, Task] = {}
         self.forward_actor: Callable = lambda actor: None  # an actor call's progress
         self.actor_call_ready: Callable = lambda task: None  # ...its arguments are ready
+        self.not_run = 0  # tasks sent ahead that came back lacking an argument (tests)
 
     def get(self, task_id: bytes) -> Optional[Task]:
         return self.table.get(task_id)
@@ -72,8 +83,12 @@ class Tasks:
                                                  self.resources.total, missing))))
             return
         self.count_dependencies(task)
-        if task.waiting_on == 0 and not task.finished:
+        if task.finished:
+            return
+        if task.waiting_on == 0:
             self.task_ready(task)
+        else:
+            self.send_ahead(task)
 
     def admit(self, spec: tuple, client: Client, parent_id: Optional[bytes] = None) -> Task:
         """Record a submitted task or actor call: its results (held by and announced to the
@@ -108,8 +123,12 @@ class Tasks:
             self.fail_for_argument(task, entry)
             return
         task.waiting_on -= 1
+        if task.ahead:  # its worker has it already
+            return
         if task.waiting_on == 0:
             self.task_ready(task)
+        else:
+            self.send_ahead(task)
 
     def task_ready(self, task: Task) -> None:
         if task.actor is not None:
@@ -117,13 +136,64 @@ class Tasks:
         else:
             self.dispatcher.enqueue(task)
 
+    # -- sending tasks ahead -----------------------------------------------------------------
+
+    def send_ahead(self, task: Task) -> bool:
+        """Send a task that waits for its arguments to the worker that will make them, if
+        one worker runs or has queued every task whose result it waits for, and the
+        dispatcher's rules allow (``Dispatcher.send_ahead``).  Until it starts there, it is
+        still counted as waiting: should it come back unrun (the worker died or blocked, or
+        lacked an argument: ``not_run``), it waits again (``take_back``); should an
+        argument fail, it fails here, as any task would, and the worker's report of it is
+        dropped."""
+        spec = task.spec
+        if (task.waiting_on > _AHEAD_MAX_WAITING or task.actor is not None
+                or task.placement is not None or spec[P.SPEC_EXTRA]
+                or spec[P.SPEC_NUM_RETURNS] < 0):
+            return False
+        worker = None
+        for object_id in spec[P.SPEC_ARG_IDS]:
+            entry = self.objects.get(object_id)
+            if entry is None or entry.ready:
+                continue
+            producer = self.table.get(object_id[:-4])  # a return id is its task's id + 4
+            if (producer is None or producer.worker is None or producer.direct
+                    or producer.actor is not None or producer.spec[P.SPEC_NUM_RETURNS] < 0
+                    or (worker is not None and producer.worker is not worker)):
+                return False
+            worker = producer.worker
+        return worker is not None and self.dispatcher.send_ahead(task, worker)
+
+    def extend_ahead(self, worker: Client) -> None:
+        """The worker has room behind its last task: send there the tasks waiting for that
+        one's results (and, in turn, for theirs)."""
+        wake = self.argument_ready
+        while worker.task is not None:
+            last = worker.queued[-1] if worker.queued else worker.task
+            for object_id in last.return_ids:
+                entry = self.objects.get(object_id)
+                if entry is not None and entry.dependents:
+                    for dependent, callback in list(entry.dependents):
+                        if callback == wake and not dependent.ahead and not dependent.finished:
+                            self.send_ahead(dependent)
+            if (worker.queued[-1] if worker.queued else worker.task) is last:
+                return
+
+    def take_back(self, task: Task) -> None:
+        """A task sent to a worker that will not run it: back to the head of its queue, or,
+        if sent ahead, to waiting for the arguments it still lacks."""
+        task.worker = None
+        task.ahead = False
+        if task.waiting_on == 0:
+            self.dispatcher.requeue_front(task)
+
     # -- what workers report -----------------------------------------------------------------
 
     def on_task_done(self, worker: Client, task_id, results, retryable,
                      took: Optional[float] = None) -> None:
         task = worker.task
         self._give_back(task, worker)
-        if task is not None:
+        if task is not None and results is not None:
             self.dispatcher.note_run_time(task, task_id, took)
         if task is not None and self._used_up(worker, task):
             worker.task = None
@@ -131,13 +201,19 @@ class Tasks:
             self.clients.send(worker, P.exit_())  # after what was sent ahead; EOF refills
         elif worker.queued:  # it has started the next one already
             self.dispatcher.make_running(worker.queued.popleft(), worker)
+            self.extend_ahead(worker)  # room behind its last task again
         else:
             worker.task = None
             self.pool.busy.discard(worker)
             if worker.alive:
                 self.pool.idle.append(worker)
         if task is None or task.task_id != task_id or task.finished:
-            self.objects.drop_unclaimed(results)  # e.g. cancelled meanwhile: nobody wants these
+            if results:  # e.g. cancelled meanwhile: nobody wants these
+                self.objects.drop_unclaimed(results)
+            return
+        if results is None:  # sent ahead, it lacked an argument it was to find there
+            self.not_run += 1
+            self.take_back(task)
             return
         if retryable and task.retries_left != 0:
             self.retry(task)
@@ -226,8 +302,7 @@ class Tasks:
         worker.queued = kept
         for task in reversed(handed):
             if not task.finished:
-                task.worker = None
-                self.dispatcher.requeue_front(task)
+                self.take_back(task)
 
     # -- endings -----------------------------------------------------------------------------
 
@@ -235,8 +310,10 @@ class Tasks:
         if task.retries_left > 0:
             task.retries_left -= 1
         task.worker = None
+        task.ahead = False
         self.delete_partial_returns(task)
-        self.dispatcher.enqueue(task)
+        if task.waiting_on == 0:  # else it died with the task it waits for: retried too
+            self.dispatcher.enqueue(task)
 
     def delete_partial_returns(self, task: Task) -> None:
         """A crashed attempt may have sealed some of its returns already."""
@@ -316,8 +393,7 @@ class Tasks:
         while len(worker.queued) > max(len(ran) - 1, 0):  # sent ahead, never started:
             queued = worker.queued.pop()                 # run elsewhere, no retry used
             if not queued.finished:
-                queued.worker = None
-                self.dispatcher.requeue_front(queued)
+                self.take_back(queued)
         task = worker.task
         if task is not None:  # what it held (replaying reports may have moved it on)
             self._give_back(task, worker)
@@ -332,5 +408,5 @@ class Tasks:
                     self.task_lost(lost, worker.pid, status)
                 else:  # killed for another (cancelled) task: this one did nothing wrong
                     self.delete_partial_returns(lost)
-                    self.dispatcher.requeue_front(lost)
+                    self.take_back(lost)
         worker.queued.clear()
