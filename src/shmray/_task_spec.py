@@ -21,7 +21,14 @@ from . import _pickling, _protocol as P
 from ._check_serialize import serializability_report
 from ._ids import first_return_id, object_id_for_return
 from ._object_ref import ObjectRef, _runtime_for
-from ._serialization import SCALARS, scalars_to_bytes, serialize, short_repr
+from ._serialization import (
+    META_VALUE,
+    SCALARS,
+    deserialize_inline,
+    scalars_to_bytes,
+    serialize,
+    short_repr,
+)
 
 
 def task_spec(task_id: bytes, fn_id, name: str, args_blob: bytes, arg_ids, contained,
@@ -159,21 +166,50 @@ def _refs_and_scalars(runtime, args):
     """``pack_arguments`` of positional arguments that are all ObjectRefs or ``SCALARS``
     (the usual task of a DAG): the C pickler takes them as they are once each ref is an
     ``ArgRef``, with no cloudpickle and no size check (1 us against 8 us); None if any
-    argument is something else."""
+    argument is something else.
+
+    A ref to a number that only this process has (a result of a task it ran on a worker
+    it leases: ``Objects.owner_only``) goes as its value, which is what the task gets
+    anyway: a task taking only those is a plain task, run on a lease, and the scheduler
+    never has to learn of the object.  (Others go through the scheduler, which knows
+    their objects already.)"""
     arg_ids = []
     packed = []
+    objects = runtime.objects
+    owner_only = getattr(objects, "owner_only", None)  # local mode has none: runs no lease
     for a in args:
         kind = type(a)
         if kind is ObjectRef:
             if a._tracker is not runtime:
                 _runtime_for(a)  # raises: a ref of a session shut down
-            arg_ids.append(a.binary())
+            object_id = a.binary()
+            if owner_only and object_id in owner_only:
+                value = _number_at(objects.locations.get(object_id))
+                if value is not _NOT_A_NUMBER:
+                    packed.append(value)
+                    continue
+            arg_ids.append(object_id)
             packed.append(P.ArgRef(len(arg_ids) - 1))
         elif kind in SCALARS:
             packed.append(a)
         else:
             return None
     return scalars_to_bytes((packed, {})), arg_ids, [], []
+
+
+_NOT_A_NUMBER = object()
+
+
+def _number_at(location):
+    """The value at an object's ``location`` in this process if it is one of ``SCALARS``
+    (pickled, they are a few dozen bytes: nothing longer is looked into)."""
+    if location is None:
+        return _NOT_A_NUMBER
+    data, metadata = location
+    if metadata != META_VALUE or data is None or len(data) > 64:
+        return _NOT_A_NUMBER
+    value = deserialize_inline(data)
+    return value if type(value) in SCALARS else _NOT_A_NUMBER
 
 
 def _serialize_arguments(args, kwargs, callee, method):

@@ -34,10 +34,6 @@ from .resources import Resources
 from .workers import WorkerPool, started
 
 _NONE = serialize(None).to_bytes()  # the value of a return a task did not report
-# A task waiting for more arguments than this is not sent ahead: looking costs a pass over
-# its arguments each time one is ready, and the many tasks making them are seldom all
-# queued on one worker.
-_AHEAD_MAX_WAITING = 4
 
 
 class Tasks:
@@ -147,34 +143,38 @@ class Tasks:
         argument fail, it fails here, as any task would, and the worker's report of it is
         dropped."""
         spec = task.spec
-        if (task.waiting_on > _AHEAD_MAX_WAITING or task.actor is not None
-                or task.placement is not None or spec[P.SPEC_EXTRA]
-                or spec[P.SPEC_NUM_RETURNS] < 0):
+        # Only a task waiting for one argument: looking costs a pass over its arguments,
+        # and one waiting for more (a reduce) seldom waits for one worker alone; it may go
+        # once all but one are ready.
+        if (task.waiting_on != 1 or task.actor is not None or task.placement is not None
+                or spec[P.SPEC_EXTRA] or spec[P.SPEC_NUM_RETURNS] < 0):
             return False
-        worker = None
+        entries = self.objects.entries
         for object_id in spec[P.SPEC_ARG_IDS]:
-            entry = self.objects.get(object_id)
-            if entry is None or entry.ready:
-                continue
-            producer = self.table.get(object_id[:-4])  # a return id is its task's id + 4
-            if (producer is None or producer.worker is None or producer.direct
-                    or producer.actor is not None or producer.spec[P.SPEC_NUM_RETURNS] < 0
-                    or (worker is not None and producer.worker is not worker)):
-                return False
-            worker = producer.worker
-        return worker is not None and self.dispatcher.send_ahead(task, worker)
+            entry = entries.get(object_id)
+            if entry is not None and not entry.ready:
+                break
+        else:
+            return False
+        producer = self.table.get(object_id[:-4])  # a return id is its task's id + 4 bytes
+        if (producer is None or producer.worker is None or producer.direct
+                or producer.actor is not None or producer.spec[P.SPEC_NUM_RETURNS] < 0):
+            return False
+        return self.dispatcher.send_ahead(task, producer.worker)
 
     def extend_ahead(self, worker: Client) -> None:
         """The worker has room behind its last task: send there the tasks waiting for that
         one's results (and, in turn, for theirs)."""
         wake = self.argument_ready
+        entries = self.objects.entries
         while worker.task is not None:
             last = worker.queued[-1] if worker.queued else worker.task
             for object_id in last.return_ids:
-                entry = self.objects.get(object_id)
+                entry = entries.get(object_id)
                 if entry is not None and entry.dependents:
                     for dependent, callback in list(entry.dependents):
-                        if callback == wake and not dependent.ahead and not dependent.finished:
+                        if (callback == wake and dependent.waiting_on == 1
+                                and not dependent.ahead and not dependent.finished):
                             self.send_ahead(dependent)
             if (worker.queued[-1] if worker.queued else worker.task) is last:
                 return
