@@ -165,6 +165,12 @@ class Dispatcher:
                 and (ahead + 1) * took <= _PREFETCH_BUDGET
                 and self.slowest.get(fn_id, 1.0) <= _PREFETCH_BUDGET)
 
+    @staticmethod
+    def room_ahead(worker: Client) -> bool:
+        """Whether ``worker`` may take one more task sent ahead, at a glance (``send_ahead``
+        looks closer)."""
+        return len(worker.queued) < _PREFETCH_MAX_DEPTH
+
     def send_ahead(self, task: Task, worker: Client) -> bool:
         """Send a task whose arguments are not all ready to the worker that runs (or has
         queued) the tasks that make the missing ones: it runs it right after them, with
@@ -174,8 +180,9 @@ class Dispatcher:
         task might block.  An argument not ready goes as None in the values: the worker
         finds it among its latest results, or sends the task back unrun (``not_run``)."""
         running = worker.task
-        if (running is None or worker.blocked or worker.leased_to is not None
-                or not worker.alive or running.shape != task.shape
+        if (not self.room_ahead(worker) or running is None or worker.blocked
+                or worker.leased_to is not None or not worker.alive
+                or running.shape != task.shape
                 or running.spec[P.SPEC_EXTRA] or not self.safe_to_queue_behind(running)):
             return False
         fn_id = task.spec[P.SPEC_FN_ID]

@@ -167,7 +167,7 @@ class Tasks:
         one's results (and, in turn, for theirs)."""
         wake = self.argument_ready
         entries = self.objects.entries
-        while worker.task is not None:
+        while worker.task is not None and self.dispatcher.room_ahead(worker):
             last = worker.queued[-1] if worker.queued else worker.task
             for object_id in last.return_ids:
                 entry = entries.get(object_id)
