@@ -74,12 +74,16 @@ def _store_return(runtime, object_id: bytes, value):
     return (object_id, data, serialized.metadata, serialized.contained_refs)
 
 
+_KEPT_BYTES = 16 << 10  # of one value kept inline by RecentResults: 1 MiB for 64 at most
+
+
 class RecentResults:
     """The latest results of the tasks the scheduler sent this worker.  A task sent ahead
     behind the tasks making its arguments (``_scheduler.dispatch``) finds them here, its
     EXECUTE naming them with None for a value.  Not errors (a dependent of a failed task
     fails in the scheduler), nor results of a failure to be retried, nor values holding
-    refs (the scheduler must count those first): a task lacking one goes back unrun."""
+    refs (the scheduler must count those first), nor values of over ``_KEPT_BYTES`` (a
+    worker would hold megabytes): a task lacking one goes back unrun."""
 
     __slots__ = ("values", "limit")
 
@@ -90,7 +94,8 @@ class RecentResults:
     def keep(self, results) -> None:
         values = self.values
         for object_id, data, metadata, contained in results:
-            if not contained and metadata != META_ERROR:
+            if (not contained and metadata != META_ERROR
+                    and (data is IN_ARENA or len(data) <= _KEPT_BYTES)):
                 values[object_id] = (data, metadata)
         while len(values) > self.limit:
             del values[next(iter(values))]  # the oldest
