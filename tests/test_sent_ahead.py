@@ -206,3 +206,128 @@ def test_cancel_of_a_producer_fails_its_dependents_sent_ahead(ray, tmp_path):
             ray.get(ref, timeout=DEADLOCK)
     assert ray.get(step.remote(ray.put(1)), timeout=DEADLOCK) == 2  # the worker serves on
     assert not trace.exists()
+
+
+# -- a driver's chains, on the workers it leases ----------------------------------------------
+#
+# A task whose one ref argument is the result of the task the driver last sent a lease goes
+# right behind it there (``Leases.submit_behind``); the scheduler hears of neither.
+
+def leased_tasks():
+    return runtime().leases.tasks_sent
+
+
+def test_a_chain_from_a_fresh_session_runs_on_a_lease(ray):
+    """The first tasks wait in the backlog for a lease: the chain waits there with them."""
+    before, ahead = leased_tasks(), sent_ahead()
+    ref = step.remote(0)
+    for _ in range(300):
+        ref = step.remote(ref)
+    assert ray.get(ref, timeout=DEADLOCK) == 301
+    assert leased_tasks() - before == 301
+    assert sent_ahead() == ahead  # none went through the scheduler
+
+
+def test_a_result_passed_on_while_its_chain_waits_in_the_backlog(ray):
+    @ray.remote
+    def unbox(boxed):
+        return ray.get(boxed[0], timeout=DEADLOCK)
+
+    first = step.remote(0)
+    second = step.remote(first)
+    assert ray.get(unbox.remote([second]), timeout=DEADLOCK) == 2
+    assert ray.get([first, second], timeout=DEADLOCK) == [1, 2]
+
+
+def test_a_failed_producer_on_a_lease_fails_the_task_behind_it_unrun(ray, tmp_path):
+    @ray.remote
+    def boom(x, nap=0.0):
+        time.sleep(nap)
+        raise ValueError("the head failed")
+
+    trace = tmp_path / "trace"
+    ray.get(step.remote(0), timeout=DEADLOCK)  # a lease is held
+    before = leased_tasks()
+    head = boom.remote(0, NAP)
+    first = record.remote(head, str(trace))
+    last = record.remote(first, str(trace))
+    for ref in (first, last):
+        with pytest.raises(exceptions.RayTaskError,
+                           match="At least one of the input arguments for this task could "
+                                 "not be computed") as info:
+            ray.get(ref, timeout=DEADLOCK)
+        assert isinstance(info.value, ValueError)
+    assert not trace.exists()
+    assert leased_tasks() - before >= 2  # head and first at least went to the lease
+
+
+def test_a_leased_producer_retried_for_an_exception_feeds_the_task_behind_it(ray, tmp_path):
+    @ray.remote(retry_exceptions=True, max_retries=1)
+    def flaky(x, path, nap=0.0):
+        time.sleep(nap)
+        if not os.path.exists(path):
+            open(path, "w").close()
+            raise ValueError("first attempt")
+        return x + 100
+
+    ray.get(step.remote(0), timeout=DEADLOCK)
+    head = flaky.remote(0, str(tmp_path / "attempted"), NAP)
+    assert ray.get(chain_on(head, 5), timeout=DEADLOCK) == 105
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_leased_producer_that_crashes_its_worker(ray, tmp_path, retries):
+    @ray.remote(max_retries=retries)
+    def crashy(x, path, nap=0.0):
+        time.sleep(nap)
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(1)
+        return x + 100
+
+    ray.get(step.remote(0), timeout=DEADLOCK)
+    head = crashy.remote(0, str(tmp_path / "attempted"), NAP)
+    last = chain_on(head, 5)
+    if retries:
+        assert ray.get(last, timeout=DEADLOCK) == 105
+    else:
+        with pytest.raises(exceptions.WorkerCrashedError):
+            ray.get(last, timeout=DEADLOCK)
+
+
+def test_tasks_behind_a_leased_producer_that_blocks_in_get(ray):
+    @ray.remote
+    def waits(x, boxed, nap=0.0):
+        time.sleep(nap)
+        return x + shmray.get(boxed[0], timeout=DEADLOCK)
+
+    slow = step.remote(ray.put(0), 2 * NAP)  # through the scheduler, elsewhere
+    head = waits.remote(0, [slow], NAP)
+    assert ray.get(chain_on(head, 5), timeout=DEADLOCK) == 6
+
+
+def test_cancel_of_a_task_behind_a_leased_producer(ray):
+    ray.get(step.remote(0), timeout=DEADLOCK)
+    head = step.remote(0, NAP)
+    dependent = step.remote(head)
+    after = step.remote(dependent)
+    ray.cancel(dependent)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(dependent, timeout=DEADLOCK)
+    with pytest.raises(exceptions.TaskCancelledError):
+        ray.get(after, timeout=DEADLOCK)
+    assert ray.get(head, timeout=DEADLOCK) == 1
+
+
+def test_cancel_of_a_leased_producer_fails_the_task_behind_it(ray, tmp_path):
+    trace = tmp_path / "trace"
+    ray.get(step.remote(0), timeout=DEADLOCK)
+    head = step.remote(0, 10 * NAP)
+    dependent = record.remote(head, str(trace))
+    time.sleep(NAP)
+    ray.cancel(head)
+    for ref in (head, dependent):
+        with pytest.raises(exceptions.TaskCancelledError):
+            ray.get(ref, timeout=DEADLOCK)
+    assert ray.get(step.remote(1), timeout=DEADLOCK) == 2
+    assert not trace.exists()

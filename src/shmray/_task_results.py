@@ -78,24 +78,26 @@ _KEPT_BYTES = 16 << 10  # of one value kept inline by RecentResults: 1 MiB for 6
 
 
 class RecentResults:
-    """The latest results of the tasks the scheduler sent this worker.  A task sent ahead
+    """The latest results of the tasks this worker ran: those of the tasks the scheduler
+    sent (``keep``), and the last task's whoever sent it (``last``: a driver sends a task
+    right behind the one making its argument, ``_runtime.leases``).  A task sent ahead
     behind the tasks making its arguments (``_scheduler.dispatch``) finds them here, its
     EXECUTE naming them with None for a value.  Not errors (a dependent of a failed task
-    fails in the scheduler), nor results of a failure to be retried, nor values holding
-    refs (the scheduler must count those first), nor values of over ``_KEPT_BYTES`` (a
-    worker would hold megabytes): a task lacking one goes back unrun."""
+    fails as it would on the usual route), nor results of a failure to be retried, nor
+    values holding refs (the scheduler must count those first), nor values of over
+    ``_KEPT_BYTES`` (a worker would hold megabytes): a task lacking one goes back unrun."""
 
-    __slots__ = ("values", "limit")
+    __slots__ = ("values", "limit", "last")
 
     def __init__(self, limit: int = 64):  # well beyond the tasks sent ahead to a worker
         self.values: dict = {}  # object id -> (data, metadata); data IN_ARENA: sealed there
         self.limit = limit
+        self.last = ()  # the results of the task run last; () if it will be retried
 
     def keep(self, results) -> None:
         values = self.values
         for object_id, data, metadata, contained in results:
-            if (not contained and metadata != META_ERROR
-                    and (data is IN_ARENA or len(data) <= _KEPT_BYTES)):
+            if _keepable(data, metadata, contained):
                 values[object_id] = (data, metadata)
         while len(values) > self.limit:
             del values[next(iter(values))]  # the oldest
@@ -106,11 +108,22 @@ class RecentResults:
         values = self.values
         for object_id, location in arguments.items():
             if location is None:
-                location = values.get(object_id)
+                location = values.get(object_id) or self._in_last(object_id)
                 if location is None:
                     return False
                 arguments[object_id] = location
         return True
+
+    def _in_last(self, object_id: bytes):
+        for result_id, data, metadata, contained in self.last:
+            if result_id == object_id and _keepable(data, metadata, contained):
+                return (data, metadata)
+        return None
+
+
+def _keepable(data, metadata: bytes, contained) -> bool:
+    return (not contained and metadata != META_ERROR
+            and (data is IN_ARENA or len(data) <= _KEPT_BYTES))
 
 
 # -- generator tasks ------------------------------------------------------------------------

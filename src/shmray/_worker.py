@@ -348,20 +348,19 @@ class Worker:
             if task_id in self.cancel.skip:
                 results, retryable = cancelled_results(task_id, message[7]), False
             elif values and None in values.values() and not self.recent.fill(values):
-                results = None  # sent ahead, it lacks an argument made here: not run
+                results, retryable = None, True  # sent ahead, lacking an argument: not run
             else:
                 results, retryable = self.execute(*message[1:])
                 _lend.after_task()
                 if not retryable and task_id not in self.origins:
                     self.recent.keep(results)
+            self.recent.last = () if retryable else results
             self.cancel.skip.pop(task_id, None)  # a cancel that came as it ran, too
             if self.consumed:
                 self.consumed.pop(task_id, None)
             try:
-                if results is None:  # after the reports before it: they may make it ready
-                    with runtime.link.lock:
-                        runtime.send(P.not_run(task_id))
-                        runtime.flush()
+                if results is None:
+                    send_back_unrun(self, task_id)
                 else:
                     self.report(task_id, results, retryable,
                                 time.perf_counter() - started - self.loading)
@@ -471,6 +470,22 @@ class Worker:
             return runtime.query(("function", fn_id))
         finally:
             runtime.link.blocked_hook = hook
+
+
+def send_back_unrun(worker: Worker, task_id: bytes) -> None:
+    """A task sent ahead that lacks an argument it was to find here goes back to its
+    sender, after the results sent before it (they may be what it lacks): the scheduler,
+    or the driver leasing this worker.  Either runs it where it waits for that argument."""
+    runtime = worker.runtime
+    with runtime.link.lock:
+        origin = worker.origins.pop(task_id, None)
+        if origin is None:
+            runtime.send(P.not_run(task_id))
+            runtime.flush()
+        elif worker.callers.get(origin[0].fd, (None,))[0] is origin[0]:
+            origin[0].send(P.not_run(task_id))
+            worker.held_replies.add(origin[0])
+            worker.write_replies()
 
 
 def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, listener) -> None:

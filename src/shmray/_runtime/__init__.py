@@ -39,6 +39,7 @@ from .._pickling import in_own_pickle
 from .._spill import Spiller
 from .channels import Channels
 from .futures import Futures
+from .behind import behind_one
 from .leases import Leases, leasable
 from .link import Link
 from .objects import IN_ARENA, INLINE_THRESHOLD, Objects
@@ -133,6 +134,11 @@ class Runtime:
         if self._feasible.get(id(resources)) is not resources:
             self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
         if spec[P.SPEC_ARG_IDS]:
+            if self.leases.enabled and behind_one(spec):
+                with self.link.lock:
+                    refs = self.leases.submit_behind(spec, return_ids)
+                if refs is not None:
+                    return refs
             self.leases.publish(spec[P.SPEC_ARG_IDS])
         if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
             self._open_stream(spec)

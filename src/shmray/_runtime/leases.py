@@ -15,6 +15,8 @@ per task.  (The scheduler's side, and the protocol drawn whole: ``_scheduler.lea
 How much to send a lease at once is learnt (``_run_times``): as many tasks of a short
 function as run within a budget, one of any other.  A task that waits in get() makes its
 worker hand back the tasks queued behind it (HANDED_BACK): they may be what it waits for.
+A task whose one ref argument is the result of our last task on a lease goes right
+behind it there (``behind``): a chain runs on the lease as plain tasks do.
 
 The flusher thread (``link``) looks after the leases while the program is busy elsewhere:
 it keeps them fed from the backlog, and gives back those left idle for ``IDLE_SECONDS``.
@@ -33,6 +35,7 @@ from .._object_ref import ObjectRef
 from .._run_times import RunTimes
 from .channels import Channel
 from .link import FLUSH_DELAY, Link
+from .behind import Leased, SentBehind
 from .objects import IN_ARENA, Objects
 
 IDLE_SECONDS = 0.002          # a lease unused this long goes back to the scheduler
@@ -59,18 +62,7 @@ def _any_in_arena(delivered) -> bool:
     return False
 
 
-class Leased:
-    """A task of ours for a leased worker: in the backlog, or sent and not answered."""
-
-    __slots__ = ("spec", "return_ids", "registered")
-
-    def __init__(self, spec: tuple, return_ids):
-        self.spec = spec
-        self.return_ids = return_ids
-        self.registered = False  # the scheduler knows of it (``register``)
-
-
-class Leases:
+class Leases(SentBehind):
     """The workers this driver leases, and its tasks waiting for one."""
 
     def __init__(self, link: Link, objects: Objects, socket_dir: str, max_leases: int,
@@ -109,13 +101,7 @@ class Leases:
         if now - self.link.last_flush > FLUSH_DELAY:
             self.link.send_all()
         record = Leased(spec, return_ids)
-        objects = self.objects
-        unregistered, counts, tracker = objects.unregistered, objects.counts, objects.tracker
-        refs = []
-        for object_id in return_ids:
-            unregistered[object_id] = record
-            counts[object_id] = counts.get(object_id, 0) + 1
-            refs.append(ObjectRef.counted(object_id, tracker))
+        refs = self.own(record)
         backlog = self.backlog
         backlog.append(record)
         if len(backlog) == 1:
@@ -127,6 +113,17 @@ class Leases:
             self._backlog_submits += 1
             if self._backlog_submits % _BACKLOG_POLL_EVERY == 0:
                 self.link.poll()  # results in: their workers have room again
+        return refs
+
+    def own(self, record: Leased) -> List[ObjectRef]:
+        """Our refs to a task's results, which the scheduler does not know of yet."""
+        objects = self.objects
+        unregistered, counts, tracker = objects.unregistered, objects.counts, objects.tracker
+        refs = []
+        for object_id in record.return_ids:
+            unregistered[object_id] = record
+            counts[object_id] = counts.get(object_id, 0) + 1
+            refs.append(ObjectRef.counted(object_id, tracker))
         return refs
 
     def _roomiest(self) -> Optional[Channel]:
@@ -148,11 +145,14 @@ class Leases:
         sent = 0
         while backlog and not lease.stalled:
             record = backlog[0]
+            if record.holds is not None:
+                self._feed_behind(record)
+                continue
             if not self._has_room(lease, record.spec[P.SPEC_FN_ID]):
                 break
             backlog.popleft()
             sent += 1
-            if not self._send(lease, record):
+            if not self.send(lease, record):
                 return
         if sent:
             lease.last_used = time.monotonic()
@@ -169,11 +169,11 @@ class Leases:
         sent = len(lease.sent)
         return not sent or sent < min(lease.depth_limit, self._run_times.depth(fn_id))
 
-    def _send(self, lease: Channel, record: Leased) -> bool:
+    def send(self, lease: Channel, record: Leased, values=None) -> bool:
         spec = record.spec
         depth = self._run_times.depth(spec[P.SPEC_FN_ID])
         lease.depth_limit = min(lease.depth_limit, depth) if lease.sent else depth
-        lease.conn.send(P.execute(spec, None, {}))
+        lease.conn.send(P.execute(spec, None, values or {}))
         lease.sent[spec[P.SPEC_TASK_ID]] = record
         for object_id in record.return_ids:
             self.objects.direct_pending[object_id] = lease
@@ -198,6 +198,9 @@ class Leases:
             if message[0] == P.HANDED_BACK:
                 self._handed_back(lease, message[1])
                 continue
+            if message[0] == P.TASK_DONE:  # not run: ``submit_behind``
+                self._not_run(lease, message[1])
+                continue
             _, task_id, delivered, undelivered, took, must_register = message  # RESULT
             record = self._done(lease, task_id, delivered, undelivered, took, must_register)
             if record is not None and not record.registered:
@@ -213,6 +216,8 @@ class Leases:
         if record is None:
             return None
         lease.stalled = False
+        if record.holds is not None:
+            self._release_hold(record)
         self._run_times.note(record.spec[P.SPEC_FN_ID], took, must_register)
         if not record.registered and (undelivered or must_register
                                       or _any_in_arena(delivered)):
@@ -223,36 +228,6 @@ class Leases:
             self.link.conn.send(P.leased_done(task_id, delivered))
         return record
 
-    def _handed_back(self, lease: Channel, task_ids) -> None:
-        """The lease's running task waits in get(), maybe for a task queued behind it: those
-        come back, and go to other workers.  It gets no more until its task is done."""
-        lease.stalled = True
-        if lease.sent:
-            head = next(iter(lease.sent.values()))
-            self._run_times.note_blocking(head.spec[P.SPEC_FN_ID])
-        objects = self.objects
-        to_scheduler, to_backlog = [], []
-        for task_id in task_ids:
-            record = lease.sent.pop(task_id, None)
-            if record is None:
-                continue
-            for object_id in record.return_ids:
-                objects.direct_pending.pop(object_id, None)
-            if record.registered:  # the scheduler runs it
-                to_scheduler.append(task_id)
-                objects.owned_pending.update(i for i in record.return_ids
-                                             if i in objects.counts)
-            else:
-                to_backlog.append(record)
-        self.backlog.extendleft(reversed(to_backlog))  # first, in the order they were sent
-        if to_scheduler:
-            self.link.conn.send(P.lease_handed_back(lease.peer_pid, to_scheduler))
-            self.link.flush_later()
-        other = self._roomiest()
-        if other is not None:
-            self._feed(other)
-        self._want()
-
     # -- telling the scheduler -------------------------------------------------------------
 
     def register(self, record: Leased, lease: Optional[Channel]) -> None:
@@ -260,8 +235,11 @@ class Leases:
         in the backlog, which the scheduler then runs itself (caller holds the lock)."""
         objects, conn = self.objects, self.link.conn
         spec = record.spec
+        if spec[P.SPEC_ARG_IDS]:  # sent behind the task making it: the scheduler must know it
+            self.publish(spec[P.SPEC_ARG_IDS])
         if lease is None:
-            self.backlog.remove(record)
+            if record.holds is None or record in self.backlog:  # (one sent behind another
+                self.backlog.remove(record)                     # may never have been)
             conn.send(P.submit(spec))
             objects.owned_pending.update(i for i in record.return_ids if i in objects.counts)
         else:

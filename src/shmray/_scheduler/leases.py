@@ -181,7 +181,7 @@ class Leases:
             if task.cancelled:  # its cancel was on its way to the worker
                 self.tasks.fail(task, *self.tasks.cancelled_error(task))
             else:
-                self.tasks.dispatcher.requeue_front(task)
+                self.tasks.requeue(task, front=True)
 
     # -- tasks the driver registers ----------------------------------------------------------
 
@@ -317,4 +317,4 @@ class Leases:
                 self.tasks.task_lost(task, pid, status)
             else:
                 self.tasks.delete_partial_returns(task)  # a finished one's, sealed unreported
-                self.tasks.dispatcher.enqueue(task)
+                self.tasks.requeue(task)

@@ -184,8 +184,20 @@ class Tasks:
         if sent ahead, to waiting for the arguments it still lacks."""
         task.worker = None
         task.ahead = False
+        self.requeue(task, front=True)
+
+    def requeue(self, task: Task, front: bool = False) -> None:
+        """Back to the ready queue (its head, if ``front``), unless it waits for an
+        argument.  A task its driver sent to a lease right behind the one making its
+        argument (``_runtime.leases``) was admitted running, never counted as waiting: it
+        may wait, or fail for that argument, only now."""
         if task.waiting_on == 0:
-            self.dispatcher.requeue_front(task)
+            self.count_dependencies(task)
+            if task.waiting_on == 0 and not task.finished:
+                if front:
+                    self.dispatcher.requeue_front(task)
+                else:
+                    self.dispatcher.enqueue(task)
 
     # -- what workers report -----------------------------------------------------------------
 
@@ -312,8 +324,7 @@ class Tasks:
         task.worker = None
         task.ahead = False
         self.delete_partial_returns(task)
-        if task.waiting_on == 0:  # else it died with the task it waits for: retried too
-            self.dispatcher.enqueue(task)
+        self.requeue(task)  # (it may have died with the task it waits for: retried too)
 
     def delete_partial_returns(self, task: Task) -> None:
         """A crashed attempt may have sealed some of its returns already."""
