@@ -1,6 +1,7 @@
 """shmray.util.multiprocessing.Pool against multiprocessing.Pool (fork): one behaviour suite,
 run on both.  Where shmray must differ, the test says so and runs on shmray only."""
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ import shmray
 from shmray.exceptions import WorkerCrashedError
 from shmray.util.multiprocessing import Pool as ShmrayPool
 
-from conftest import runtime, settle, wait_for
+from conftest import dev_shm_files, runtime, settle, shmray_children, wait_for
 
 MiB = 1 << 20
 DEADLOCK = 60
@@ -342,3 +343,74 @@ def test_large_arrays_round_trip(make_pool):
     results = pool.map(doubled, arrays)
     assert [float(r[0]) for r in results] == [0.0, 2.0, 4.0, 6.0]
     assert all(r.shape == arrays[0].shape for r in results)
+
+
+# -- soak: many rounds of everything, nothing left behind ---------------------------------
+
+
+def fail_on_multiple_of_7(x):
+    if x and x % 7 == 0:
+        raise KeyError(x)
+    return _state, x * x
+
+
+def pool_workers():
+    return [p for p in shmray_children() if "PoolWorker" in " ".join(p.cmdline())]
+
+
+def _pool_soak(make_pool, rounds: int) -> None:
+    """``rounds`` of map, imap, imap_unordered, starmap and apply_async (with callbacks) on
+    pools with an initializer and maxtasksperchild (so workers keep being replaced), some
+    raising; every result exact, every error the right one, and once the pools are
+    closed, terminated or left by ``with``, no worker process and no /dev/shm file left."""
+    before_shm = dev_shm_files()
+    endings = ["close", "terminate", "with"]
+    for number, ending in enumerate(endings):
+        tag = f"pool {number}"
+        pool = make_pool(2, initializer=set_state, initargs=(tag,), maxtasksperchild=20)
+        with (pool if ending == "with" else contextlib.nullcontext()):
+            for r in range(rounds):
+                n = 20 + r % 13
+                assert pool.map(square, range(n)) == [x * x for x in range(n)]
+                assert list(pool.imap(square, range(n), chunksize=3)) == \
+                    [x * x for x in range(n)]
+                assert sorted(pool.imap_unordered(square, range(n))) == \
+                    [x * x for x in range(n)]
+                assert pool.starmap(add, [(x, r) for x in range(n)], chunksize=4) == \
+                    [x + r for x in range(n)]
+                got, errors = [], []
+                results = [pool.apply_async(fail_on_multiple_of_7, (x,), callback=got.append,
+                                            error_callback=errors.append)
+                           for x in range(r, r + 8)]
+                for x, result in zip(range(r, r + 8), results):
+                    if x and x % 7 == 0:
+                        with pytest.raises(KeyError):
+                            result.get(DEADLOCK)
+                    else:
+                        assert result.get(DEADLOCK) == (tag, x * x)  # the initializer's state
+                for result in results:
+                    result.wait(DEADLOCK)  # callbacks run before a result is ready
+                assert sorted(v for _, v in got) == \
+                    [x * x for x in range(r, r + 8) if not (x and x % 7 == 0)]
+                assert len(errors) == 8 - len(got)
+                assert all(isinstance(e, KeyError) for e in errors)
+                if r % 5 == 4:
+                    with pytest.raises(KeyError):
+                        pool.map(fail_on_multiple_of_7, range(n), chunksize=2)
+            if ending == "close":
+                pool.close()
+                pool.join()
+            elif ending == "terminate":
+                pool.terminate()
+                pool.join()
+        wait_for(lambda: pool_workers() == [], timeout=DEADLOCK)
+    assert dev_shm_files() - before_shm == set()
+
+
+def test_pool_soak_short(shmray_pool):
+    _pool_soak(shmray_pool, 3)
+
+
+@pytest.mark.slow
+def test_pool_soak(shmray_pool):
+    _pool_soak(shmray_pool, 25)

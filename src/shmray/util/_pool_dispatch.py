@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional
 from .. import exceptions
 from .._actor import kill
 from .._api import get, remote, wait
-from ._pool_worker import PoolWorker, pack_function, unpack_results
+from ._pool_worker import PoolWorker, pack_call, pack_function, unpack_results
 
 _DEPTH = 2
 _POLL = 0.005
@@ -54,14 +54,20 @@ _QUICK = 0.005
 class Task:
     """Calls of one function, run in order by one worker; ``on_done(ok, results_or_error)``.
     ``start()`` (if given) is asked just before dispatch: False drops the task (cancelled).
-    ``bundle``: the task may share a call with others (its results are wanted all at once)."""
+    ``job``: what the task is part of (a map's result; None: nothing to tell apart), for
+    ``bundle`` (the job's results are wanted all at once: its tasks may share a call, and
+    then fail together) and ``collect``.  ``refs``: where the large arrays of the job are
+    put in the store (``pack_call``), kept as long as the task."""
 
-    __slots__ = ("blob", "mode", "items", "on_done", "start", "bundle")
+    __slots__ = ("blob", "mode", "items", "on_done", "start", "job", "bundle", "refs")
 
-    def __init__(self, blob: bytes, mode: int, items, on_done: Callable,
-                 start: Optional[Callable[[], bool]] = None, bundle: bool = False):
+    def __init__(self, blob: bytes, mode: int, items: list, on_done: Callable,
+                 start: Optional[Callable[[], bool]] = None, job: object = None,
+                 bundle: bool = False, refs: Optional[dict] = None):
         self.blob, self.mode, self.items = blob, mode, items
-        self.on_done, self.start, self.bundle = on_done, start, bundle
+        self.on_done, self.start = on_done, start
+        self.job, self.bundle = job, bundle
+        self.refs = {} if refs is None else refs
 
 
 class _Worker:
@@ -91,6 +97,7 @@ class Dispatcher:
         self.pending: collections.deque = collections.deque()
         self.sent: Dict[object, tuple] = {}  # ref in flight -> (worker, tasks, time sent)
         self.quick: Dict[bytes, bool] = {}  # function -> whether its last call was quick
+        self.claimed: dict = {}  # job -> the thread that collects its results (``collect``)
         self.blobs: Dict[Callable, bytes] = {}  # function -> its pickle (``pickled``)
         self.actor_class = remote(PoolWorker).options(num_cpus=0)
         self.workers: List[_Worker] = [self._new_worker() for _ in range(processes)]
@@ -101,12 +108,43 @@ class Dispatcher:
 
     # -- called from any thread -------------------------------------------------------
 
-    def submit(self, tasks: List[Task]) -> None:
+    def submit(self, tasks: List[Task], claim: bool = False) -> None:
+        """Queue ``tasks`` and send what can be sent.  ``claim``: the caller will wait for
+        their job in ``collect`` (all the tasks are of one job)."""
         with self.lock:
+            if claim and tasks:
+                self.claimed[tasks[0].job] = threading.get_ident()
             self.pending.extend(tasks)
             reports = self._dispatch()
-            self.wake.notify()
         _report_all(reports)
+
+    def collect(self, job, done: threading.Event) -> None:
+        """Collect the results of ``job`` (submitted with ``claim``) in this thread until
+        ``done`` is set: a caller that blocks on a map anyway reads its results itself,
+        which spares it the hand-off from the collector thread (two wake-ups, ~0.1 ms).
+        Results of other jobs are still the collector thread's."""
+        try:
+            while not done.is_set():
+                with self.lock:
+                    if self.ended:
+                        return
+                    refs = [ref for ref, (_, tasks, _) in self.sent.items()
+                            if tasks[0].job is job]
+                    # A task of the job still queued may be sent by another thread
+                    # meanwhile, which this wait would not hear of: look again soon.
+                    queued = any(task.job is job for task in self.pending)
+                    if not refs:
+                        self.wake.wait(_POLL)
+                        continue
+                if not self._collect_some(refs, queued):
+                    return
+        finally:
+            with self.lock:
+                self.claimed.pop(job, None)
+                # Calls of a failed map still out are the collector's now; a closing pool
+                # ends once nothing is out.
+                if self.closing or any(tasks[0].job is job for _, tasks, _ in self.sent.values()):
+                    self.wake.notify_all()
 
     def pickled(self, fn: Callable) -> bytes:
         """``fn`` pickled once for the many calls of it a pool usually sees (a worker would
@@ -132,7 +170,7 @@ class Dispatcher:
         """End once every task given so far is done."""
         with self.lock:
             self.closing = True
-            self.wake.notify()
+            self.wake.notify_all()
 
     def terminate(self) -> None:
         """End now: kill the workers; unfinished tasks fail with ``PoolTerminated``."""
@@ -155,16 +193,35 @@ class Dispatcher:
         return _Worker(self.actor_class.remote(self.init_blob, self.initargs))
 
     def _dispatch(self) -> list:
+        """Send what can be sent; wake the threads that will want to collect it, unless
+        that is this one (a wake-up of a thread costs more than what it does here)."""
         reports: list = []
         if not self.workers:
             return reports
         share = -(-len(self.pending) // len(self.workers))  # of a quick map's chunks
+        calls = []
+        planned: Dict[_Worker, int] = {}
         for depth in range(1, _DEPTH + 1):
             for worker in self.workers:
-                while self.pending and len(worker.inflight) < depth and self._usable(worker):
+                while (self.pending and len(worker.inflight) + planned.get(worker, 0) < depth
+                       and self._usable(worker)):
                     tasks = self._next_call(worker, share)
                     if tasks:
-                        self._send(worker, tasks, reports)
+                        worker.started += len(tasks)
+                        planned[worker] = planned.get(worker, 0) + 1
+                        calls.append((worker, tasks))
+        # Every call pickled first, then all sent back to back: a worker woken by its call
+        # would take the CPU from this thread mid-way through the next one's pickling.
+        calls = [(worker, tasks, self._packed(tasks, reports)) for worker, tasks in calls]
+        me = threading.get_ident()
+        wake = False
+        for worker, tasks, payload in calls:
+            if payload is not None and self._send(worker, tasks, payload, reports):
+                wake = wake or self.claimed.get(tasks[0].job, -1) != me
+            else:
+                worker.started -= len(tasks)
+        if wake:
+            self.wake.notify_all()
         return reports
 
     def _next_call(self, worker: _Worker, share: int) -> List[Task]:
@@ -177,19 +234,27 @@ class Dispatcher:
             if self.max_tasks is not None:
                 share = min(share, self.max_tasks - worker.started)
             while (len(tasks) < share and self.pending and self.pending[0].bundle
-                   and self.pending[0].blob == task.blob):
+                   and self.pending[0].job is task.job):
                 tasks.append(self.pending.popleft())
         return tasks
 
-    def _send(self, worker: _Worker, tasks: List[Task], reports: list) -> None:
+    @staticmethod
+    def _packed(tasks: List[Task], reports: list):
         try:
-            ref = worker.actor.run.remote(tasks[0].blob, [(t.mode, t.items) for t in tasks])
+            return pack_call([(t.mode, t.items) for t in tasks], tasks[0].refs)
+        except BaseException as exc:  # e.g. the store is full
+            reports.extend((task, False, exc) for task in tasks)
+            return None
+
+    def _send(self, worker: _Worker, tasks: List[Task], payload, reports: list) -> bool:
+        try:
+            ref = worker.actor.run.remote(tasks[0].blob, payload)
         except BaseException as exc:  # e.g. an item that can't be pickled
             reports.extend((task, False, exc) for task in tasks)
-            return
+            return False
         worker.inflight.append(ref)
-        worker.started += len(tasks)
         self.sent[ref] = (worker, tasks, time.monotonic())
+        return True
 
     def _usable(self, worker: _Worker) -> bool:
         return not worker.dead and (self.max_tasks is None or worker.started < self.max_tasks)
@@ -256,22 +321,28 @@ class Dispatcher:
             except Exception:  # the session already ended: the actor went with it
                 pass
         self.workers = []
-        self.wake.notify()
+        self.wake.notify_all()
 
     # -- the collector thread -------------------------------------------------------------
 
     def _collect(self) -> None:
         while True:
             with self.lock:
-                while not self.sent and not self.ended:
-                    if self.closing and not self.pending:
+                while True:
+                    if self.ended:
+                        return
+                    refs = [ref for ref, (_, tasks, _) in self.sent.items()
+                            if tasks[0].job not in self.claimed]
+                    if refs:
+                        break
+                    if self.closing and not self.pending and not self.sent:
                         self._end()
                         return
                     self.wake.wait()
-                if self.ended:
-                    return
-                refs = list(self.sent)
-                room = any(len(w.inflight) < _DEPTH and self._usable(w) for w in self.workers)
+                # A caller may send meanwhile if a worker has room, or if a caller
+                # collecting its own results frees one: look again soon then.
+                room = len(refs) < len(self.sent) or any(
+                    len(w.inflight) < _DEPTH and self._usable(w) for w in self.workers)
             collecting = self._collect_some(refs, room)
             del refs  # else the last calls' results stay in the store while the pool idles
             if not collecting:
@@ -289,9 +360,9 @@ class Dispatcher:
             self.terminate()
             return False
         results = []
-        for ref in ready:
+        for ref in ready:  # unpickled here, outside the lock
             try:
-                results.append((ref, True, get(ref)))
+                results.append((ref, True, unpack_results(get(ref))))
             except BaseException as exc:
                 results.append((ref, False, exc))
         with self.lock:
@@ -305,8 +376,8 @@ class Dispatcher:
 
 def _deliver(tasks: List[Task], ok: bool, value, reports: list) -> None:
     if ok:
-        reports.extend((task, True, unpack_results(v)) for task, v in zip(tasks, value))
-    else:  # a task of a bundle failed: the map they belong to fails
+        reports.extend((task, True, v) for task, v in zip(tasks, value))
+    else:  # a chunk of a call failed: the map they belong to fails
         reports.extend((task, False, value) for task in tasks)
 
 
