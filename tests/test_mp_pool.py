@@ -305,6 +305,46 @@ def test_a_dead_worker_raises_instead_of_hanging(shmray_pool):
     assert it.next(timeout=DEADLOCK) == 3
 
 
+def test_quick_tasks_streamed_one_by_one_keep_their_own_outcomes(make_pool):
+    """Tasks of a quick function share calls (imap, apply_async), yet each still fails or
+    succeeds alone, with its own error and traceback."""
+    pool = make_pool(2)
+    for _ in range(3):  # known quick: from now on its tasks share calls
+        assert pool.map(fail_on_3, [0, 1, 2] * 50) == [0, 1, 2] * 50
+    it = pool.imap(fail_on_3, [1, 3, 5] * 20)
+    for _ in range(20):
+        assert next(it) == 1
+        with pytest.raises(ValueError, match="three is bad: 3") as info:
+            next(it)
+        assert 'raise ValueError(f"three is bad: {x}")' in \
+            str(info.value) + str(info.value.__cause__)
+        assert next(it) == 5
+    results = [pool.apply_async(fail_on_3, (x,)) for x in range(6) for _ in range(30)]
+    for index, result in enumerate(results):
+        if index // 30 == 3:
+            with pytest.raises(ValueError, match="three is bad"):
+                result.get(DEADLOCK)
+        else:
+            assert result.get(DEADLOCK) == index // 30
+    assert sorted(pool.imap_unordered(fail_on_3, [0, 1, 2] * 30)) == sorted([0, 1, 2] * 30)
+
+
+def test_a_dead_worker_fails_only_its_task_among_quick_ones(shmray_pool):
+    """A worker dying in a call that several quick tasks share: only the task that killed
+    it fails (the others run again, each alone, as Ray retries a crashed worker's task)."""
+    pool = shmray_pool(2)
+    for _ in range(3):  # known quick: its tasks share calls
+        assert pool.map(die_on_2, [0, 1] * 50) == [0, 1] * 50
+    items = [0, 1, 3, 4, 2, 5, 6, 7, 8, 9] * 2
+    it = pool.imap(die_on_2, items)
+    for x in items:
+        if x == 2:
+            with pytest.raises(WorkerCrashedError):
+                it.next(timeout=DEADLOCK)
+        else:
+            assert it.next(timeout=DEADLOCK) == x
+
+
 def test_an_array_many_items_name_is_stored_once(shmray_pool):
     """multiprocessing pickles the array into every task; shmray puts it in the store once
     and every worker reads the same pages (read-only, as Ray's zero-copy views)."""

@@ -6,7 +6,8 @@ as ``Pool``'s, driven by the same ``_pool_dispatch.Dispatcher``).
 
 Its futures are ``concurrent.futures.Future`` objects, so ``wait``, ``as_completed`` and
 ``asyncio.wrap_future`` take them.  A future is running from the moment its call is handed
-to a worker (at most two per worker at a time); until then ``cancel()`` works, and
+to a worker (at most two calls per worker at a time; a call of a quick function carries
+several, ``_pool_dispatch`` says how many); until then ``cancel()`` works, and
 ``shutdown(cancel_futures=True)`` cancels those.  A worker that dies fails the call it was
 running with ``BrokenProcessPool`` (the standard library's), as the standard executor does;
 unlike it, the executor is not broken for good: a new worker takes the dead one's place and

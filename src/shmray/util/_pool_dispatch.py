@@ -7,24 +7,39 @@ Runs in: the process that made the pool (the caller's threads, and a thread of i
 ::
 
     caller thread --submit(tasks)--> pending --run.remote()--> worker actors
-                     (sends at once to workers with room)           |
-    "shmray-pool" thread <--- wait(refs in flight) / get -----------+
+          |          (sends at once to workers with room)           |
+          |                                                         |
+          +-- collect(job): a caller blocked in map/apply  <--------+ its own job's calls
+    "shmray-pool" thread <--- wait(refs in flight) / get -----------+ every other call
         on_done(ok, value) for the task; sends the next pending tasks
 
 - Each worker actor has at most ``_DEPTH`` calls in flight: its next call already waits in
   its mailbox when one ends (no idle round trip), yet a slow task holds back little.
-- A call carries one task, except for the chunks of a ``map`` whose function is known to be
-  quick (a call of it took under ``_QUICK`` seconds): then one call carries a worker's fair
-  share of the pending chunks.  An actor call costs ~0.1 ms of CPU on each side here, more
-  than a chunk of tiny items takes to run; joblib batches by measured duration likewise.
-- Whoever changes the state (a caller submitting, the collector thread after a result)
-  sends what can be sent, under ``lock``; ``on_done`` callbacks run after it is released,
-  so a callback may submit again.
-- The collector thread reads results with ``shmray.wait`` itself: a result costs no extra
-  thread hand-off (a ref's ``future()`` would add a reader thread's).  It cannot hear of
-  refs sent while it waits, so when a worker still had room as it began waiting (a caller
-  may send there meanwhile) it waits at most ``_POLL`` seconds; when every worker is full
-  nothing new can be sent before a result, and it waits for one.
+- A call carries one task, unless the function is known to be quick (a call of it took
+  under ``_QUICK`` seconds).  Then a call carries a worker's fair share of the pending
+  chunks of a ``map``, or, of tasks streamed one by one (``imap``, ``apply_async``, an
+  executor's ``submit``), as many as ran in ``_BATCH`` seconds last time (at most a fair
+  share).  An actor call costs ~0.1 ms of CPU on each side here, more than a chunk of tiny
+  items takes to run (``imap`` of 10,000 tiny items: 0.8-1 s with a call each, 33 ms so,
+  multiprocessing's 150 ms); joblib batches by measured duration likewise.  Tasks sharing
+  a call keep their own outcomes (``ChunkFailed``); if the worker dies running such a call,
+  which task killed it is unknown, so they all run again, each in a call of its own.
+- A call's chunks travel as one pickle, and their results come back as one
+  (``_pool_worker.pack_call``): pickled as the calls are sent, every call of a dispatch
+  first, then all sent back to back (a worker woken by its call tends to take this
+  thread's CPU, here; the next worker's call would wait for it).
+- Whoever changes the state (a caller submitting, a thread after a result) sends what can
+  be sent, under ``lock``; ``on_done`` callbacks run after it is released, so a callback
+  may submit again.
+- Results are read with ``shmray.wait`` by the thread that wants them: a result costs no
+  extra thread hand-off (a ref's ``future()`` would add a reader thread's).  A caller that
+  blocks anyway (``map``, ``starmap``, ``apply``) claims its job as it submits and reads
+  that job's results itself (``collect``): handing them over from the collector thread
+  would cost two wake-ups (an Event, then the GIL), ~0.1 ms here, a tenth of a map of
+  10,000 tiny items.  The collector thread reads every other call.  A thread waiting
+  cannot hear of calls sent meanwhile, so it waits at most ``_POLL`` seconds while one it
+  should read may be sent (a worker had room, or another thread may free one); otherwise
+  it waits for a result.
 - A worker that dies fails only the task it was running with ``WorkerCrashedError`` (actor
   calls run in order: the first of its calls to fail with the actor's death); its later
   tasks go back to the queue, and a new worker takes its place at once.  Nothing waits for
@@ -44,11 +59,12 @@ from typing import Callable, Dict, List, Optional
 from .. import exceptions
 from .._actor import kill
 from .._api import get, remote, wait
-from ._pool_worker import PoolWorker, pack_call, pack_function, unpack_results
+from ._pool_worker import ChunkFailed, PoolWorker, pack_call, pack_function, unpack_results
 
 _DEPTH = 2
 _POLL = 0.005
 _QUICK = 0.005
+_BATCH = 0.002  # seconds of work a call of tasks streamed one by one carries, at most
 
 
 class Task:
@@ -59,7 +75,7 @@ class Task:
     then fail together) and ``collect``.  ``refs``: where the large arrays of the job are
     put in the store (``pack_call``), kept as long as the task."""
 
-    __slots__ = ("blob", "mode", "items", "on_done", "start", "job", "bundle", "refs")
+    __slots__ = ("blob", "mode", "items", "on_done", "start", "job", "bundle", "refs", "alone")
 
     def __init__(self, blob: bytes, mode: int, items: list, on_done: Callable,
                  start: Optional[Callable[[], bool]] = None, job: object = None,
@@ -68,6 +84,7 @@ class Task:
         self.on_done, self.start = on_done, start
         self.job, self.bundle = job, bundle
         self.refs = {} if refs is None else refs
+        self.alone = False  # never to share a call (it was in one a worker died running)
 
 
 class _Worker:
@@ -97,6 +114,7 @@ class Dispatcher:
         self.pending: collections.deque = collections.deque()
         self.sent: Dict[object, tuple] = {}  # ref in flight -> (worker, tasks, time sent)
         self.quick: Dict[bytes, bool] = {}  # function -> whether its last call was quick
+        self.cost: Dict[bytes, float] = {}  # function -> seconds a task took, last call
         self.claimed: dict = {}  # job -> the thread that collects its results (``collect``)
         self.blobs: Dict[Callable, bytes] = {}  # function -> its pickle (``pickled``)
         self.actor_class = remote(PoolWorker).options(num_cpus=0)
@@ -225,17 +243,33 @@ class Dispatcher:
         return reports
 
     def _next_call(self, worker: _Worker, share: int) -> List[Task]:
-        """The tasks of the worker's next call: one, or a fair share of a quick map's."""
+        """The tasks of the worker's next call: one, or if its function is quick, a fair
+        share of a map's chunks, or tasks of it streamed one by one (``imap``,
+        ``apply_async``, an executor's) worth up to ``_BATCH`` seconds."""
         task = self.pending.popleft()
         if task.start is not None and not task.start():
             return []
         tasks = [task]
-        if task.bundle and self.quick.get(task.blob):
-            if self.max_tasks is not None:
-                share = min(share, self.max_tasks - worker.started)
+        if task.alone or not self.quick.get(task.blob):
+            return tasks
+        if self.max_tasks is not None:
+            share = min(share, self.max_tasks - worker.started)
+        if task.bundle:
             while (len(tasks) < share and self.pending and self.pending[0].bundle
                    and self.pending[0].job is task.job):
                 tasks.append(self.pending.popleft())
+            return tasks
+        limit = min(share, int(_BATCH / max(self.cost.get(task.blob, _BATCH), 1e-7)))
+        claimer = self.claimed.get(task.job)
+        while len(tasks) < limit and self.pending:
+            other = self.pending[0]
+            if (other.bundle or other.alone or other.blob != task.blob
+                    or (other.job is not task.job
+                        and (claimer is not None or other.job in self.claimed))):
+                break  # a call's tasks are collected by one thread (``collect``)
+            self.pending.popleft()
+            if other.start is None or other.start():
+                tasks.append(other)
         return tasks
 
     @staticmethod
@@ -275,7 +309,10 @@ class Dispatcher:
         worker.inflight.remove(ref)
         if len(self.quick) > 1024:
             self.quick.clear()
-        self.quick[tasks[0].blob] = time.monotonic() - sent_at < _QUICK
+            self.cost.clear()
+        took = time.monotonic() - sent_at
+        self.quick[tasks[0].blob] = took < _QUICK
+        self.cost[tasks[0].blob] = took / len(tasks)
         _deliver(tasks, ok, value, reports)
         if not worker.inflight and not self._usable(worker):
             self._replace(worker)
@@ -284,7 +321,10 @@ class Dispatcher:
         """Settle a dead worker's calls in the order it ran them, each once its own outcome
         is in: a death may be heard of before the results of calls that ended before it.
         Calls ending well count as usual; the first that met the death was running and
-        fails; those after it never ran and go back to the queue."""
+        fails; those after it never ran and go back to the queue.  If that first call
+        carried several tasks streamed one by one, which of them killed the worker is
+        unknown: they all go back to the queue, each to run in a call of its own (the
+        culprit then fails alone, as it would have without the sharing)."""
         again = []
         while worker.inflight and worker.inflight[0] in worker.outcomes:
             ref = worker.inflight.popleft()
@@ -292,6 +332,11 @@ class Dispatcher:
             tasks = self.sent.pop(ref)[1]
             if ok or not isinstance(value, exceptions.RayActorError):
                 _deliver(tasks, ok, value, reports)
+            elif not worker.crash_reported and len(tasks) > 1 and not tasks[0].bundle:
+                worker.crash_reported = True
+                for task in tasks:
+                    task.alone = True
+                again.extend(tasks)
             elif not worker.crash_reported:
                 worker.crash_reported = True
                 crash = exceptions.WorkerCrashedError(
@@ -375,8 +420,15 @@ class Dispatcher:
 
 
 def _deliver(tasks: List[Task], ok: bool, value, reports: list) -> None:
+    if ok and len(value) != len(tasks):  # never expected: but no task may wait forever
+        ok, value = False, exceptions.RaySystemError(
+            f"a pool worker answered {len(value)} results for {len(tasks)} tasks")
     if ok:
-        reports.extend((task, True, v) for task, v in zip(tasks, value))
+        for task, v in zip(tasks, value):
+            if type(v) is ChunkFailed:
+                reports.append((task, False, v.error.as_instanceof_cause()))
+            else:
+                reports.append((task, True, v))
     else:  # a chunk of a call failed: the map they belong to fails
         reports.extend((task, False, value) for task in tasks)
 

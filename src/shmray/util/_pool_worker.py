@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 
 from .._api import get, put
 from .._pickling import dumps, loads
+from .._task_results import task_error
 
 # Arrays at least this big go into the store once per map, however many items name them.
 _SHARE_AT_BYTES = 100 * 1024
@@ -207,11 +208,39 @@ class PoolWorker:
         return fn
 
     def run(self, blob: bytes, chunks) -> Any:
-        """Each chunk's results (``chunks``: what ``pack_call`` made), packed for the trip."""
+        """Each chunk's results (``chunks``: what ``pack_call`` made), packed for the trip.
+        A chunk alone raises as any actor call does; chunks sharing a call each have
+        their own outcome (a ``ChunkFailed`` for one that raised)."""
         fn = self._function(blob)
         if type(chunks) is bytes:
             chunks = loads(chunks)
-        return _packed_results([_run_chunk(fn, mode, items) for mode, items in chunks])
+        if len(chunks) == 1:
+            mode, items = chunks[0]
+            return _packed_results([_run_chunk(fn, mode, items)])
+        results = []
+        for mode, items in chunks:
+            try:
+                results.append(_run_chunk(fn, mode, items))
+            except Exception as exc:
+                results.append(ChunkFailed(task_error(_name_of(fn), exc)))
+        return _packed_results(results)
+
+
+class ChunkFailed:
+    """The error a chunk of a shared call raised (a ``RayTaskError``, as a call's own)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
+    def __reduce__(self):
+        return ChunkFailed, (self.error,)
+
+
+def _name_of(fn) -> str:
+    fn = getattr(fn, "func", fn)  # a functools.partial's
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _run_chunk(fn, mode: int, items) -> list:

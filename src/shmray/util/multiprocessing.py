@@ -5,7 +5,8 @@ Runs in: the process that makes the pool (the workers are ``_pool_worker.PoolWor
 
 What it keeps from multiprocessing: the methods, arguments and defaults, the chunking (one
 task per chunk, the same default ``chunksize`` for ``map``), results in input order (also to
-``map_async``'s callback), callbacks run in a thread of the pool, ``AsyncResult`` and its
+``map_async``'s callback), callbacks run in a thread of the pool (its collector, or a thread
+of the caller's blocked in ``map``/``apply`` that read the result), ``AsyncResult`` and its
 ``multiprocessing.TimeoutError``, ``close``/``join``/``terminate``, ``with`` ending in
 ``terminate``, and per-process state: an ``initializer`` that sets a module global is what
 the mapped function reads, also when both live in ``__main__`` (``_pool_worker`` says how).
