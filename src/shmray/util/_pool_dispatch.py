@@ -399,7 +399,7 @@ class Dispatcher:
         should go back to the store at once).  False once the session is gone."""
         try:
             ready, _ = wait(refs, num_returns=1, timeout=_POLL if room else None)
-            if ready:
+            if ready and len(refs) > 1:
                 ready, _ = wait(refs, num_returns=len(refs), timeout=0)
         except exceptions.RaySystemError:  # the session ended under the pool
             self.terminate()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import multiprocessing
 import os
 import threading
@@ -310,15 +309,17 @@ class Pool:
 
 
 def _chunked(iterable: Iterable, chunksize: int) -> list:
-    """Lists of ``chunksize`` items (the last may be shorter), each item made once."""
+    """Lists of ``chunksize`` items (the last may be shorter), each item made once: slices
+    of a list, lists of slices of a range (which has its length, so no regrowing)."""
     if hasattr(iterable, "__len__") and not len(iterable):
         return []
     if chunksize < 1:
         raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-    if type(iterable) is list:
-        return [iterable[i:i + chunksize] for i in range(0, len(iterable), chunksize)]
-    it = iter(iterable)
-    return list(iter(lambda: list(itertools.islice(it, chunksize)), []))
+    if type(iterable) is range:
+        return [list(iterable[i:i + chunksize]) for i in range(0, len(iterable), chunksize)]
+    if type(iterable) is not list:
+        iterable = list(iterable)
+    return [iterable[i:i + chunksize] for i in range(0, len(iterable), chunksize)]
 
 
 __all__ = ["AsyncResult", "IMapIterator", "JoinableQueue", "Pool", "TimeoutError"]
