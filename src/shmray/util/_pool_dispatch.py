@@ -247,7 +247,7 @@ class Dispatcher:
         share of a map's chunks, or tasks of it streamed one by one (``imap``,
         ``apply_async``, an executor's) worth up to ``_BATCH`` seconds."""
         task = self.pending.popleft()
-        if task.start is not None and not task.start():
+        if not _started(task):
             return []
         tasks = [task]
         if task.alone or not self.quick.get(task.blob):
@@ -268,7 +268,7 @@ class Dispatcher:
                         and (claimer is not None or other.job in self.claimed))):
                 break  # a call's tasks are collected by one thread (``collect``)
             self.pending.popleft()
-            if other.start is None or other.start():
+            if _started(other):
                 tasks.append(other)
         return tasks
 
@@ -417,6 +417,13 @@ class Dispatcher:
             reports += self._dispatch()
         _report_all(reports)
         return True
+
+
+def _started(task: Task) -> bool:
+    """Whether the task is to run (not cancelled); asked once, not again if it goes back
+    to the queue (a worker died before running it)."""
+    start, task.start = task.start, None
+    return start is None or start()
 
 
 def _deliver(tasks: List[Task], ok: bool, value, reports: list) -> None:
