@@ -681,3 +681,30 @@ def test_direct_actor_calls_finished_before_a_crash_keep_results_in_the_arena_an
         assert [int(v[-1]) for v in ray.get(bigs, timeout=DEADLOCK)] == list(range(10))
         assert [ray.get(v[0], timeout=DEADLOCK) for v in ray.get(holding, timeout=DEADLOCK)] \
             == list(range(10))
+
+
+@pytest.mark.crash
+def test_direct_actor_calls_finished_before_a_crash_do_not_run_again_after_its_restart(
+        ray, tmp_path):
+    """Their held-back replies lost, the calls that had finished ran again on the restarted
+    actor (with max_task_retries), their side effects twice."""
+    @ray.remote(max_restarts=1, max_task_retries=1)
+    class A:
+        def ok(self, i):
+            (tmp_path / f"{i}-{os.getpid()}").touch()
+            return i
+
+        def crash_once(self):
+            if not (tmp_path / "crashed").exists():
+                (tmp_path / "crashed").touch()
+                os._exit(1)
+            return "restarted"
+
+    a = A.remote()
+    assert ray.get(a.ok.remote(-1), timeout=DEADLOCK) == -1
+    oks = [a.ok.remote(i) for i in range(30)]
+    crashed = a.crash_once.remote()
+    assert ray.get(oks, timeout=DEADLOCK) == list(range(30))
+    assert ray.get(crashed, timeout=DEADLOCK) == "restarted"
+    runs = [path.name.rsplit("-", 1)[0] for path in tmp_path.iterdir() if path.name != "crashed"]
+    assert sorted(runs, key=int) == [str(i) for i in range(-1, 30)]
