@@ -104,6 +104,7 @@ class ParkedReports:
         """After each flush: what was parked has been sent."""
         if self.parked:
             self.parked = False
+            self.seen = (None, 0)  # the queue sent: its messages may go
             P.clear_parked(self.slot)
 
 
