@@ -38,6 +38,13 @@ def die(code):
     os._exit(code)
 
 
+def die_on_5(x):
+    if x == 5:
+        time.sleep(0.05)  # its neighbours in the call have run: they must run again
+        os._exit(5)
+    return x
+
+
 def pid_of(_):
     return os.getpid()
 
@@ -162,6 +169,25 @@ def test_a_crashed_worker_breaks_its_call(make_executor):
         # shmray differs: it replaces the worker, where the standard executor is broken
         # for good and refuses every later call.
         assert executor.submit(square, 4).result(DEADLOCK) == 16
+
+
+def test_a_crash_among_quick_calls_breaks_only_its_own(make_executor):
+    """Calls of a quick function share the workers' calls; one killing its worker fails
+    alone (shmray); the standard executor is broken for good and fails the rest too."""
+    executor = make_executor(2)
+    for _ in range(3):  # known quick from now on
+        assert [f.result(DEADLOCK) for f in [executor.submit(die_on_5, 1)
+                                             for _ in range(100)]] == [1] * 100
+    futures = [executor.submit(die_on_5, x) for x in list(range(10)) * 4]
+    concurrent.futures.wait(futures, timeout=DEADLOCK)
+    broken = [x for x, f in zip(list(range(10)) * 4, futures)
+              if isinstance(f.exception(), BrokenProcessPool)]
+    if make_executor.shmray:
+        assert broken == [5] * 4
+        assert [f.result() for x, f in zip(list(range(10)) * 4, futures) if x != 5] == \
+            [x for x in list(range(10)) * 4 if x != 5]
+    else:
+        assert 5 in broken
 
 
 def test_bad_arguments(make_executor):

@@ -606,3 +606,105 @@ def test_actor_calls_finished_before_a_crash_keep_their_results(ray):
     oks = [a.ok.remote(arg) for _ in range(30)]
     a.crash.remote(arg)
     assert ray.get(oks, timeout=DEADLOCK) == [1] * 30
+
+
+class _Calls:
+    """An actor whose ``ok`` returns at once and whose ``crash`` kills its process; under
+    concurrency ``crash`` waits a moment first, so the calls before it have finished."""
+
+    def __init__(self, concurrent):
+        self.concurrent = concurrent
+
+    def ok(self, x):
+        return x
+
+    def crash(self, how):
+        if self.concurrent:
+            time.sleep(0.2)
+        _crash(how)
+
+
+class _AsyncCalls:
+    async def ok(self, x):
+        return x
+
+    async def crash(self, how):
+        import asyncio
+
+        await asyncio.sleep(0.2)
+        _crash(how)
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+@pytest.mark.parametrize("kind", ["sync", "threaded", "async"])
+def test_direct_actor_calls_finished_before_a_crash_keep_their_results(ray, kind, how):
+    """A sync actor holds back the replies of calls sent straight to it while more are
+    queued; a crash in the next call lost them, and calls that had finished raised
+    ActorDiedError."""
+    for _ in range(5):
+        if kind == "async":
+            a = ray.remote(_AsyncCalls).remote()
+        else:
+            a = ray.remote(_Calls).options(max_concurrency=4 if kind == "threaded" else 1) \
+                .remote(kind != "sync")
+        assert ray.get(a.ok.remote(0), timeout=DEADLOCK) == 0  # connected: calls go direct
+        oks = [a.ok.remote(i) for i in range(30)]
+        crashed = a.crash.remote(how)
+        ray.wait([*oks, crashed], num_returns=31, timeout=DEADLOCK)
+        assert ray.get(oks, timeout=DEADLOCK) == list(range(30))
+        with pytest.raises(exceptions.ActorDiedError):
+            ray.get(crashed, timeout=DEADLOCK)
+
+
+@pytest.mark.crash
+def test_direct_actor_calls_finished_before_a_crash_keep_results_in_the_arena_and_refs(ray):
+    """The reports held back with the replies name objects in the arena and refs the actor
+    held for its results: they must outlive its death, as its reports do."""
+    @ray.remote
+    class A:
+        def big(self, i):
+            return np.full(1 << 18, i)
+
+        def holding(self, i):
+            return [ray.put(i)]
+
+        def crash(self):
+            os._exit(1)
+
+    for _ in range(3):
+        a = A.remote()
+        ray.get(a.big.remote(0), timeout=DEADLOCK)
+        bigs = [a.big.remote(i) for i in range(10)]
+        holding = [a.holding.remote(i) for i in range(10)]
+        a.crash.remote()
+        assert [int(v[-1]) for v in ray.get(bigs, timeout=DEADLOCK)] == list(range(10))
+        assert [ray.get(v[0], timeout=DEADLOCK) for v in ray.get(holding, timeout=DEADLOCK)] \
+            == list(range(10))
+
+
+@pytest.mark.crash
+def test_direct_actor_calls_finished_before_a_crash_do_not_run_again_after_its_restart(
+        ray, tmp_path):
+    """Their held-back replies lost, the calls that had finished ran again on the restarted
+    actor (with max_task_retries), their side effects twice."""
+    @ray.remote(max_restarts=1, max_task_retries=1)
+    class A:
+        def ok(self, i):
+            (tmp_path / f"{i}-{os.getpid()}").touch()
+            return i
+
+        def crash_once(self):
+            if not (tmp_path / "crashed").exists():
+                (tmp_path / "crashed").touch()
+                os._exit(1)
+            return "restarted"
+
+    a = A.remote()
+    assert ray.get(a.ok.remote(-1), timeout=DEADLOCK) == -1
+    oks = [a.ok.remote(i) for i in range(30)]
+    crashed = a.crash_once.remote()
+    assert ray.get(oks, timeout=DEADLOCK) == list(range(30))
+    assert ray.get(crashed, timeout=DEADLOCK) == "restarted"
+    runs = [path.name.rsplit("-", 1)[0] for path in tmp_path.iterdir() if path.name != "crashed"]
+    assert sorted(runs, key=int) == [str(i) for i in range(-1, 30)]

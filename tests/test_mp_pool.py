@@ -1,6 +1,7 @@
 """shmray.util.multiprocessing.Pool against multiprocessing.Pool (fork): one behaviour suite,
 run on both.  Where shmray must differ, the test says so and runs on shmray only."""
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ import shmray
 from shmray.exceptions import WorkerCrashedError
 from shmray.util.multiprocessing import Pool as ShmrayPool
 
-from conftest import runtime, settle, wait_for
+from conftest import dev_shm_files, runtime, settle, shmray_children, wait_for
 
 MiB = 1 << 20
 DEADLOCK = 60
@@ -304,6 +305,46 @@ def test_a_dead_worker_raises_instead_of_hanging(shmray_pool):
     assert it.next(timeout=DEADLOCK) == 3
 
 
+def test_quick_tasks_streamed_one_by_one_keep_their_own_outcomes(make_pool):
+    """Tasks of a quick function share calls (imap, apply_async), yet each still fails or
+    succeeds alone, with its own error and traceback."""
+    pool = make_pool(2)
+    for _ in range(3):  # known quick: from now on its tasks share calls
+        assert pool.map(fail_on_3, [0, 1, 2] * 50) == [0, 1, 2] * 50
+    it = pool.imap(fail_on_3, [1, 3, 5] * 20)
+    for _ in range(20):
+        assert next(it) == 1
+        with pytest.raises(ValueError, match="three is bad: 3") as info:
+            next(it)
+        assert 'raise ValueError(f"three is bad: {x}")' in \
+            str(info.value) + str(info.value.__cause__)
+        assert next(it) == 5
+    results = [pool.apply_async(fail_on_3, (x,)) for x in range(6) for _ in range(30)]
+    for index, result in enumerate(results):
+        if index // 30 == 3:
+            with pytest.raises(ValueError, match="three is bad"):
+                result.get(DEADLOCK)
+        else:
+            assert result.get(DEADLOCK) == index // 30
+    assert sorted(pool.imap_unordered(fail_on_3, [0, 1, 2] * 30)) == sorted([0, 1, 2] * 30)
+
+
+def test_a_dead_worker_fails_only_its_task_among_quick_ones(shmray_pool):
+    """A worker dying in a call that several quick tasks share: only the task that killed
+    it fails (the others run again, each alone, as Ray retries a crashed worker's task)."""
+    pool = shmray_pool(2)
+    for _ in range(3):  # known quick: its tasks share calls
+        assert pool.map(die_on_2, [0, 1] * 50) == [0, 1] * 50
+    items = [0, 1, 3, 4, 2, 5, 6, 7, 8, 9] * 2
+    it = pool.imap(die_on_2, items)
+    for x in items:
+        if x == 2:
+            with pytest.raises(WorkerCrashedError):
+                it.next(timeout=DEADLOCK)
+        else:
+            assert it.next(timeout=DEADLOCK) == x
+
+
 def test_an_array_many_items_name_is_stored_once(shmray_pool):
     """multiprocessing pickles the array into every task; shmray puts it in the store once
     and every worker reads the same pages (read-only, as Ray's zero-copy views)."""
@@ -342,3 +383,74 @@ def test_large_arrays_round_trip(make_pool):
     results = pool.map(doubled, arrays)
     assert [float(r[0]) for r in results] == [0.0, 2.0, 4.0, 6.0]
     assert all(r.shape == arrays[0].shape for r in results)
+
+
+# -- soak: many rounds of everything, nothing left behind ---------------------------------
+
+
+def fail_on_multiple_of_7(x):
+    if x and x % 7 == 0:
+        raise KeyError(x)
+    return _state, x * x
+
+
+def pool_workers():
+    return [p for p in shmray_children() if "PoolWorker" in " ".join(p.cmdline())]
+
+
+def _pool_soak(make_pool, rounds: int) -> None:
+    """``rounds`` of map, imap, imap_unordered, starmap and apply_async (with callbacks) on
+    pools with an initializer and maxtasksperchild (so workers keep being replaced), some
+    raising; every result exact, every error the right one, and once the pools are
+    closed, terminated or left by ``with``, no worker process and no /dev/shm file left."""
+    before_shm = dev_shm_files()
+    endings = ["close", "terminate", "with"]
+    for number, ending in enumerate(endings):
+        tag = f"pool {number}"
+        pool = make_pool(2, initializer=set_state, initargs=(tag,), maxtasksperchild=20)
+        with (pool if ending == "with" else contextlib.nullcontext()):
+            for r in range(rounds):
+                n = 20 + r % 13
+                assert pool.map(square, range(n)) == [x * x for x in range(n)]
+                assert list(pool.imap(square, range(n), chunksize=3)) == \
+                    [x * x for x in range(n)]
+                assert sorted(pool.imap_unordered(square, range(n))) == \
+                    [x * x for x in range(n)]
+                assert pool.starmap(add, [(x, r) for x in range(n)], chunksize=4) == \
+                    [x + r for x in range(n)]
+                got, errors = [], []
+                results = [pool.apply_async(fail_on_multiple_of_7, (x,), callback=got.append,
+                                            error_callback=errors.append)
+                           for x in range(r, r + 8)]
+                for x, result in zip(range(r, r + 8), results):
+                    if x and x % 7 == 0:
+                        with pytest.raises(KeyError):
+                            result.get(DEADLOCK)
+                    else:
+                        assert result.get(DEADLOCK) == (tag, x * x)  # the initializer's state
+                for result in results:
+                    result.wait(DEADLOCK)  # callbacks run before a result is ready
+                assert sorted(v for _, v in got) == \
+                    [x * x for x in range(r, r + 8) if not (x and x % 7 == 0)]
+                assert len(errors) == 8 - len(got)
+                assert all(isinstance(e, KeyError) for e in errors)
+                if r % 5 == 4:
+                    with pytest.raises(KeyError):
+                        pool.map(fail_on_multiple_of_7, range(n), chunksize=2)
+            if ending == "close":
+                pool.close()
+                pool.join()
+            elif ending == "terminate":
+                pool.terminate()
+                pool.join()
+        wait_for(lambda: pool_workers() == [], timeout=DEADLOCK)
+    assert dev_shm_files() - before_shm == set()
+
+
+def test_pool_soak_short(shmray_pool):
+    _pool_soak(shmray_pool, 3)
+
+
+@pytest.mark.slow
+def test_pool_soak(shmray_pool):
+    _pool_soak(shmray_pool, 25)

@@ -9,7 +9,9 @@ the way their call came, a direct call's after the scheduler has heard of it.  H
 
 - sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
   which also reads its sockets between calls (at most every 0.5 ms while calls are queued);
-  replies wait for the next one while calls are queued, a millisecond at most;
+  replies wait for the next one while calls are queued, a millisecond at most, their
+  reports to the scheduler parked in shared memory meanwhile: should a later call crash the
+  actor, the calls that finished keep their results (``Worker.report``);
 - threaded actor (sync methods, ``max_concurrency > 1`` or concurrency groups): calls run on
   a pool of that many threads, one pool per concurrency group, while the main thread reads;
   a thread blocked in ``get`` lets the main thread read for it (the runtime's
@@ -64,7 +66,7 @@ from ._task_results import (
     store_returns,
     task_error,
 )
-from ._worker import Worker
+from ._worker import ParkedReports, Worker
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
 _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
@@ -79,9 +81,16 @@ class ActorProcess(Worker):
     hold_reports = False
     names_parent = False
     direct_shapes = {P.CALL: P.CALL_FIELDS}
+    parkable = frozenset((P.DIRECT_DONE, P.HOLD, P.RELEASE))
+    # Nobody would run a call again: the report of one whose reply is held back waits in
+    # the slot, which the scheduler reads if this process dies first (a crash in the next
+    # call must not fail one that finished: Ray returns its result).
+    parks_told = True
 
-    def __init__(self, runtime: _runtime.Runtime, start_message: tuple):
+    def __init__(self, runtime: _runtime.Runtime, start_message: tuple, slot=None):
         super().__init__(runtime)
+        self.parking = ParkedReports(slot, self.parkable)  # slot: shared with the scheduler
+        runtime.link.after_flush = self.parking.clear
         _, self.spec, pickled_class, self.init_values, restarted, gpu_ids = start_message
         options = self.spec[P.ACTOR_OPTIONS]
         self.class_name = self.spec[P.ACTOR_CLASS_NAME]
@@ -397,7 +406,7 @@ def _keep(queue, opcode: int, *fields) -> None:
     queue.append((opcode, *fields))
 
 
-def actor_main(conn, store, session_dir: str, options: dict) -> None:
+def actor_main(conn, store, session_dir: str, options: dict, slot=None) -> None:
     _output.redirect(options.get("log_to_driver", True),
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
@@ -411,7 +420,7 @@ def actor_main(conn, store, session_dir: str, options: dict) -> None:
         with runtime.link.lock:
             runtime.link.wait_until(lambda: start, None)
         message = start.popleft()
-        actor = ActorProcess(runtime, message)  # its handlers replace those
+        actor = ActorProcess(runtime, message, slot)  # its handlers replace those
         for early in start:
             runtime.link.handle(early)
         actor.run()

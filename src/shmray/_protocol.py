@@ -454,15 +454,16 @@ def result(task_id: bytes, delivered: list, undelivered: list, took: float,
            must_register: bool) -> tuple:
     return (RESULT, task_id, delivered, undelivered, took, must_register)
 
-# A worker's slot: shared memory the scheduler maps before forking it.
+# A worker's slot: shared memory the scheduler maps before forking it.  An actor process has
+# one too, of which it uses only the parked reports (DIRECT_DONE messages: ``Worker.report``).
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
 #   [24:48]  the last task the worker started (the worker writes it; the scheduler clears it
 #            before it gives an idle worker work)
 #   [48:56]  u64 how many CANCEL_CALLs the scheduler has sent it: between tasks it reads its
 #            socket only while it has handled fewer (a poll(2) per task costs more than the
 #            task, for short ones)
-#   [56:64]  u64 bytes parked after it, then TASK_DONE messages the worker holds back, each
-#            a u32 length and the pickled message: the scheduler reads them if it dies
+#   [56:64]  u64 bytes parked after it, then the TASK_DONE messages the worker holds back,
+#            each a u32 length and the pickled message: the scheduler reads them if it dies
 SLOT_SIZE = 1 << 18
 SLOT_TARGET = slice(0, 24)
 SLOT_STARTED = slice(24, 48)
@@ -485,11 +486,11 @@ def park_report(slot, message: tuple) -> bool:
     used = _u64.unpack_from(slot, SLOT_PARKED)[0]
     data = pickle.dumps(message, protocol=5)
     start = SLOT_PARKED + 8 + used
-    if start + 4 + len(data) > len(slot):
+    end = start + 4 + len(data)
+    if end > len(slot):
         return False
-    _u32.pack_into(slot, start, len(data))
-    slot[start + 4 : start + 4 + len(data)] = data
-    _u64.pack_into(slot, SLOT_PARKED, used + 4 + len(data))  # last: a death before leaves
+    slot[start:end] = _u32.pack(len(data)) + data
+    _u64.pack_into(slot, SLOT_PARKED, end - SLOT_PARKED - 8)  # last: a death before leaves
     return True                                              # the parked ones whole
 
 

@@ -148,6 +148,17 @@ static int ring_lock(struct ring *r)
     return SHM_OK;
 }
 
+/* Lock, for an operation a shut ring refuses (SHM_ERR_CLOSED, unlocked). */
+static int ring_enter(struct ring *r)
+{
+    int rc = ring_lock(r);
+    if (rc == SHM_OK && r->closed) {
+        pthread_mutex_unlock(&r->lock);
+        return SHM_ERR_CLOSED;
+    }
+    return rc;
+}
+
 static void wake(struct ring *r, _Atomic uint32_t *word)
 {
     atomic_fetch_add(word, 1);
@@ -213,19 +224,9 @@ int shm_ring_format(void *memory, uint64_t size, uint64_t max_items)
     r->capacity = (size - RING_HEADER) & ~(uint64_t)7;
     r->max_items = max_items;
 
-    pthread_mutexattr_t attr;
-    int rc = pthread_mutexattr_init(&attr);
-    if (rc == 0)
-        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    if (rc == 0)
-        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0)
-        rc = pthread_mutex_init(&r->lock, &attr);
-    pthread_mutexattr_destroy(&attr);
-    if (rc != 0) {
-        errno = rc;
-        return SHM_ERR_SYSTEM;
-    }
+    int rc = shm_robust_mutex_init(&r->lock);
+    if (rc != SHM_OK)
+        return rc;
     r->magic = RING_MAGIC;
     return SHM_OK;
 }
@@ -243,13 +244,9 @@ int shm_ring_put(void *memory, const void *records, uint64_t size, uint64_t coun
         return SHM_ERR_INVALID;
     struct timespec deadline = deadline_after(wait_ns);
     for (;;) {
-        int rc = ring_lock(r);
+        int rc = ring_enter(r);
         if (rc != SHM_OK)
             return rc;
-        if (r->closed) {
-            pthread_mutex_unlock(&r->lock);
-            return SHM_ERR_CLOSED;
-        }
         uint64_t held = r->items + overflow_unclaimed(r);
         if (r->max_items == 0 || held + count <= r->max_items) {
             int overflow = overflow_unclaimed(r) > 0 || size > r->capacity - (r->tail - r->head);
@@ -280,13 +277,9 @@ int shm_ring_get(void *memory, void *out, uint64_t out_size, uint64_t count,
         return SHM_ERR_INVALID;
     struct timespec deadline = deadline_after(wait_ns);
     for (;;) {
-        int rc = ring_lock(r);
+        int rc = ring_enter(r);
         if (rc != SHM_OK)
             return rc;
-        if (r->closed) {
-            pthread_mutex_unlock(&r->lock);
-            return SHM_ERR_CLOSED;
-        }
         uint64_t arrived = r->overflow_arrived - r->overflow_claimed;
         if (r->items + arrived >= count) {
             uint64_t from_ring = count < r->items ? count : r->items, size = 0;
@@ -318,13 +311,9 @@ int shm_ring_wait(void *memory, int for_room, uint64_t wait_ns)
         return SHM_ERR_INVALID;
     struct timespec deadline = deadline_after(wait_ns);
     for (;;) {
-        int rc = ring_lock(r);
+        int rc = ring_enter(r);
         if (rc != SHM_OK)
             return rc;
-        if (r->closed) {
-            pthread_mutex_unlock(&r->lock);
-            return SHM_ERR_CLOSED;
-        }
         int ready = for_room
             ? r->max_items == 0 || r->items + overflow_unclaimed(r) < r->max_items
             : r->items + r->overflow_arrived - r->overflow_claimed > 0;

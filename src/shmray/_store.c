@@ -1212,7 +1212,7 @@ uint64_t shm_min_capacity(void)
     return heap_offset_for(MIN_TABLE_SLOTS) + MIN_HEAP_BLOCKS * MIN_BLOCK_SIZE;
 }
 
-static int header_init_lock(struct shm_header *h)
+int shm_robust_mutex_init(pthread_mutex_t *mutex)
 {
     pthread_mutexattr_t attr;
     int rc = pthread_mutexattr_init(&attr);
@@ -1221,7 +1221,7 @@ static int header_init_lock(struct shm_header *h)
     if (rc == 0)
         rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
     if (rc == 0)
-        rc = pthread_mutex_init(&h->lock, &attr);
+        rc = pthread_mutex_init(mutex, &attr);
     pthread_mutexattr_destroy(&attr);
     if (rc != 0) {
         errno = rc;
@@ -1257,7 +1257,7 @@ int shm_store_format(void *base, uint64_t size)
     *first = (struct shm_block){.size = h->heap_size, .is_free = 1};
     h->free_head = heap_offset;
     h->free_blocks = 1;
-    int rc = header_init_lock(h);
+    int rc = shm_robust_mutex_init(&h->lock);
     if (rc != SHM_OK)
         return rc;
     publish_u64(&h->magic, SHM_MAGIC);

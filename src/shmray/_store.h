@@ -344,4 +344,10 @@ int shm_ring_debug_lock(void *ring, int64_t skew);
 void shm_debug_crash_at(int point);
 /* cdef-end */
 
+/* For the C files of the store only (not cffi's: it has no pthread types). */
+#include <pthread.h>
+/* A mutex processes share that survives its holder's death (EOWNERDEAD to the
+ * next locker): every lock in shared memory is one. */
+int shm_robust_mutex_init(pthread_mutex_t *mutex);
+
 #endif /* SHMRAY_STORE_H */

@@ -75,6 +75,44 @@ _REPLY_BATCH = 64   # replies held back at most, while more work is queued
 _PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
 
 
+class ParkedReports:
+    """Reports held back, parked in this process's slot, where the scheduler reads them if
+    the process dies before sending them (``_protocol``); cleared once they are sent."""
+
+    __slots__ = ("slot", "parkable", "parked", "seen")
+
+    def __init__(self, slot, parkable: frozenset):
+        self.slot = slot
+        self.parkable = parkable  # what may be unsent beside them
+        self.parked = False
+        self.seen = (None, 0)     # (the queue to the scheduler, how much of it was looked at)
+
+    def park(self, report: tuple, pending: list) -> bool:
+        """Park ``report``, queued last in ``pending``; False if it can't wait: no slot, many
+        unsent, or too big, or unsent beside what it may depend on (a put, a child task:
+        refs in it would name nothing)."""
+        if self.slot is None or len(pending) >= _REPLY_BATCH:
+            return False
+        # Each flush starts a new list: only what was queued since the last look is looked
+        # at (all of up to 64 messages, each report, would cost a microsecond).
+        seen_list, seen = self.seen
+        for message in pending[seen if seen_list is pending else 0:]:
+            if message[0] not in self.parkable:
+                return False
+        if not P.park_report(self.slot, report):
+            return False
+        self.seen = (pending, len(pending))
+        self.parked = True
+        return True
+
+    def clear(self) -> None:
+        """After each flush: what was parked has been sent."""
+        if self.parked:
+            self.parked = False
+            self.seen = (None, 0)  # the queue sent: its messages may go
+            P.clear_parked(self.slot)
+
+
 class Worker:
     """Runs what it is sent: by the scheduler, or straight from the driver leasing it (an
     actor: from its callers; ``_direct``).  Work sent straight here remembers where it came
@@ -85,6 +123,10 @@ class Worker:
     caller_reports = True  # a leased task's delivered results: the driver reports them
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
+    parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
+    # Whether the DIRECT_DONE of a reply held back is parked: not a worker's (should it die
+    # first, the driver that leased it runs the tasks it never answered again).
+    parks_told = False
     direct_shapes = {P.EXECUTE: P.EXECUTE_FIELDS}  # what a driver leasing it may send
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
@@ -96,10 +138,10 @@ class Worker:
         self.exiting = False
         self.consumed: Dict[bytes, int] = {}  # streaming tasks: items their caller took
         self.waiting = False  # the running task waits in get/wait
-        self.parked = False   # reports parked in the slot, not sent yet
+        self.parking = ParkedReports(cancel_slot, self.parkable)
         self.loading = 0.0    # of the task running: time spent loading its function
         self.recent = RecentResults()  # for tasks sent ahead behind the ones making them
-        runtime.link.after_flush = self._unpark
+        runtime.link.after_flush = self.parking.clear
         runtime.link.handlers.update(self.handlers())
         runtime.link.blocked_hook = self._blocked
         _context.is_canceled = lambda task_id: (self.cancel.cancelled
@@ -178,27 +220,21 @@ class Worker:
             conn = None  # the caller is gone (and its descriptor number may be reused)
         undelivered = [r[0] for r in results if retryable or r[3]]
         with runtime.link.lock:
-            done = None
+            done = told = None
             if origin is None:
                 done = P.task_done(task_id, results, retryable, took)
                 runtime.send(done)
             elif conn is None or undelivered or not self.caller_reports:
-                runtime.send(P.direct_done(task_id, results, origin[1], retryable))
+                told = P.direct_done(task_id, results, origin[1], retryable)
+                runtime.send(told)
             self._reported()
             release_held(runtime, results)  # after the message that now holds them
             if conn is None:
                 if (done is not None and self.hold_reports and self.queue
-                        and len(runtime.link.conn.pending) < _REPLY_BATCH
-                        and self.cancel_slot is not None
-                        and all(m[0] in _PARKABLE for m in runtime.link.conn.pending)
-                        and P.park_report(self.cancel_slot, done)):
+                        and self.parking.park(done, runtime.link.conn.pending)):
                     # Sent with the next report, before this process waits, or by the
                     # flusher within a millisecond (should the next task hold the GIL: when
                     # it lets go); the scheduler only sends ahead tasks expected to be short.
-                    # Parked in the slot meanwhile: if this process dies, the scheduler
-                    # reads it there.  Only while nothing else is unsent that the report
-                    # may depend on (a put, a child task): refs in it would name nothing.
-                    self.parked = True
                     runtime.flush_later()
                 else:
                     runtime.flush()
@@ -210,10 +246,14 @@ class Worker:
                                runtime.leased_must_register))
             runtime.leased_must_register = False
             self.held_replies.add(conn)
-            if not (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH):
+            if (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH
+                    and (told is None or not self.parks_told
+                         or self.parking.park(told, runtime.link.conn.pending))):
+                # Sent with the next, before this process waits, or by the flusher within
+                # a millisecond, should the next call be long.
+                runtime.flush_later()
+            else:
                 self.write_replies()
-            else:  # sent with the next, before this process waits, or by the flusher
-                runtime.flush_later()  # within a millisecond, should the next call be long
 
     def write_replies(self) -> None:
         """Write the replies held back, after what the scheduler must hear first (caller
@@ -288,11 +328,6 @@ class Worker:
                     self.runtime.link.conn.flush()
                 except ConnectionClosed:
                     pass
-
-    def _unpark(self) -> None:
-        if self.parked:
-            self.parked = False
-            P.clear_parked(self.cancel_slot)
 
     def _hand_back(self) -> None:
         """Tasks queued here go back to whoever sent them while the running task waits: it

@@ -11,9 +11,10 @@ concerns.
 
 from __future__ import annotations
 
+import mmap
 import os
 
-from . import _direct, _threads
+from . import _direct, _protocol as P, _threads
 from ._actor_process import actor_main
 from ._connection import connection_pair
 from ._process import fork_child
@@ -42,8 +43,13 @@ def spawn_worker(scheduler, cancel_slot):
 
 
 def spawn_actor(scheduler, class_name: str):
-    """Fork one actor process (named shmray::ClassName); returns (connection, pid)."""
-    return _spawn(scheduler, f"shmray::{class_name}", actor_main)
+    """Fork one actor process (named shmray::ClassName); returns (connection, pid, slot).
+
+    The slot (``_protocol``) is shared before the fork: the actor parks there the reports
+    of calls whose replies it holds back (``Worker.report``), which the scheduler reads
+    if it dies."""
+    slot = mmap.mmap(-1, P.SLOT_SIZE)
+    return (*_spawn(scheduler, f"shmray::{class_name}", actor_main, slot), slot)
 
 
 def _spawn(scheduler, name: str, child_main, *extra):

@@ -37,7 +37,7 @@ class Actors:
         self.resources = resources
         self.tasks = tasks
         self.leases = leases
-        self._spawn = spawn  # (class name) -> (Connection, pid); None: never placed
+        self._spawn = spawn  # (class name) -> (Connection, pid, slot); None: never placed
         self.table: Dict[bytes, Actor] = {}
         self.named: Dict[tuple, bytes] = {}    # (namespace, name) -> actor id
         self.unplaced: list = []               # actors waiting for arguments or resources
@@ -132,9 +132,9 @@ class Actors:
         hold = actor.options["hold"]
         actor.pool, actor.gpu_ids = pool, pool.take(hold)
         actor.held = dict(hold)
-        conn, pid = self._spawn(actor.class_name)
+        conn, pid, slot = self._spawn(actor.class_name)
         client = self.clients.add(conn, pid, "actor")
-        client.actor = actor
+        client.actor, client.park_slot = actor, slot
         actor.client = client
         actor.state = "alive"
         spec = actor.spec

@@ -25,7 +25,7 @@ class Client:
     """A process connected to the scheduler: the driver, a worker or an actor."""
 
     __slots__ = ("conn", "pid", "kind", "holds", "functions", "task", "blocked", "alive",
-                 "actor", "held_since", "queued", "cancel_slot", "calls", "leases",
+                 "actor", "held_since", "queued", "cancel_slot", "calls", "leases", "park_slot",
                  "leased_to", "direct", "recalled", "orphans", "blocked_unknown",
                  "verdict_given", "lease_wanted", "unanswered", "killed_for", "killers",
                  "escaped")
@@ -63,9 +63,11 @@ class Client:
         # A driver: the workers lent to it, and how many more it asks for.
         self.leases: set = set()
         self.lease_wanted = 0
-        # An actor process: its actor, and the kill()s to answer once it is dead.
+        # An actor process: its actor, the kill()s to answer once it is dead, and its slot
+        # (``_protocol``; only the reports it parks there).
         self.actor = None
         self.killers: list = []
+        self.park_slot = None
 
     def __repr__(self) -> str:
         return f"<{self.kind} pid={self.pid}>"

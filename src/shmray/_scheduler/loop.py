@@ -337,6 +337,10 @@ class Scheduler:
                                if client.actor is not None
                                else _direct.worker_address(socket_dir, client.pid))
         if client.actor is not None:
+            # Calls it finished, replies held back as it ran the next (``Worker.report``):
+            # done, as if it had sent them; before its holds go, which keep what they name.
+            for message in P.parked_reports(client.park_slot):
+                self.actors.on_direct_done(client, *message[1:])
             self.objects.release_holds_of(client)
             self.actors.process_died(client, status)
             if client.actor.state == "dead":

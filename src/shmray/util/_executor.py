@@ -6,7 +6,8 @@ as ``Pool``'s, driven by the same ``_pool_dispatch.Dispatcher``).
 
 Its futures are ``concurrent.futures.Future`` objects, so ``wait``, ``as_completed`` and
 ``asyncio.wrap_future`` take them.  A future is running from the moment its call is handed
-to a worker (at most two per worker at a time); until then ``cancel()`` works, and
+to a worker (at most two calls per worker at a time; a call of a quick function carries
+several, ``_pool_dispatch`` says how many); until then ``cancel()`` works, and
 ``shutdown(cancel_futures=True)`` cancels those.  A worker that dies fails the call it was
 running with ``BrokenProcessPool`` (the standard library's), as the standard executor does;
 unlike it, the executor is not broken for good: a new worker takes the dead one's place and
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .. import exceptions
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, STAR, prepare
+from ._pool_worker import CALL, STAR
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):
@@ -50,18 +51,17 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         self._shutdown = False
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
-        [(mode, payload)], keep = prepare(CALL, [[(args, kwargs)]])
         blob = self._dispatcher.pickled(fn)
-        return self._submit(blob, mode, payload, single=True, keep=keep)
+        return self._submit(blob, CALL, [(args, kwargs)], single=True, refs={})
 
-    def _submit(self, blob: bytes, mode: int, payload, single: bool,
-                keep) -> concurrent.futures.Future:
+    def _submit(self, blob: bytes, mode: int, items: list, single: bool,
+                refs: dict) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def start() -> bool:
             return future.set_running_or_notify_cancel()
 
-        def on_done(ok: bool, value, keep=keep) -> None:
+        def on_done(ok: bool, value) -> None:
             if ok:
                 future.set_result(value[0] if single else value)
             elif isinstance(value, concurrent.futures.CancelledError):  # cancel_futures
@@ -81,7 +81,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._dispatcher.submit([Task(blob, mode, payload, on_done, start)])
+            self._dispatcher.submit([Task(blob, mode, items, on_done, start, refs=refs)])
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
@@ -93,10 +93,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         end = None if timeout is None else timeout + time.monotonic()
         blob = self._dispatcher.pickled(fn)
         items = list(zip(*iterables))
-        payloads, keep = prepare(STAR, [items[i:i + chunksize]
-                                        for i in range(0, len(items), chunksize)])
-        futures = [self._submit(blob, mode, payload, single=False, keep=keep)
-                   for mode, payload in payloads]
+        refs: dict = {}  # the map's large arrays, put in the store once (``pack_call``)
+        futures = [self._submit(blob, STAR, items[i:i + chunksize], single=False, refs=refs)
+                   for i in range(0, len(items), chunksize)]
         return _results(futures, end)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -20,6 +20,8 @@ value keep cloudpickle's behaviour (their methods' globals are not rebound).
 
 Functions travel as bytes pickled once per map (``pack_function``) and each worker unpickles
 and rebinds a given function once, so repeated calls of one function share one object.
+The chunks of a call travel as one pickle, and their results come back as one
+(``pack_call``, ``_packed_results``), unless they hold large arrays.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import functools
 import sys
 import types
 from itertools import starmap
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from .._api import get, put
 from .._pickling import dumps, loads
+from .._task_results import task_error
 
 # Arrays at least this big go into the store once per map, however many items name them.
 _SHARE_AT_BYTES = 100 * 1024
@@ -39,7 +42,6 @@ _MAX_CACHED_FUNCTIONS = 256
 
 MAP, STAR, CALL = 0, 1, 2  # how a chunk's items are applied: f(x), f(*x), f(*args, **kwargs)
 RESOLVE = 4  # added to the mode when items hold arrays put in the store (``share_large``)
-PACKED = 8  # added when the items travel as one pickle (``prepare``)
 _SEQUENCES = {tuple, list}
 
 
@@ -77,27 +79,23 @@ def _pickle_small(value) -> Optional[bytes]:
         return None
 
 
-def prepare(mode: int, chunks: List[list]) -> Tuple[List[tuple], Dict[int, Any]]:
-    """(mode, payload) for each chunk, and the refs to keep until they are done.
+def pack_call(chunks: List[tuple], refs: Dict[int, Any]):
+    """A call's chunks ((mode, items) pairs) as ``PoolWorker.run`` takes them.
 
-    Chunks travel as one pickle each, made here: an actor call's argument list of
-    thousands of small items costs shmray's serialization far more (about 0.1 ms per
-    thousand) than one bytes object does.  If the items hold large numpy arrays, they go
-    as they are instead, with each array put in the store once however many items name it
-    (``_share_large``), and resolved back in the worker."""
-    packed = []
-    for chunk in chunks:
-        try:
-            data = _pickle_small(chunk)
-        except Exception:  # shmray's own serialization says what can't be pickled, and why
-            data = None
-        if data is None:
-            break
-        packed.append((mode | PACKED, data))
-    else:
-        return packed, {}
-    refs: Dict[int, Any] = {}
-    return [(mode | RESOLVE, _share_large(chunk, refs)) for chunk in chunks], refs
+    One pickle for the whole call, made as the call is sent: an actor call's argument list
+    of thousands of small items costs shmray's serialization far more (about 0.1 ms per
+    thousand) than one bytes object does, and a pickle per call rather than per chunk
+    saves a pickler's set-up per chunk on both sides.  If the items hold large numpy
+    arrays, they go as they are instead, each array put in the store once however many
+    items of the map name it (``refs``, id -> ref, shared by the map's calls), and are
+    resolved back in the worker."""
+    try:
+        data = _pickle_small(chunks)
+    except Exception:  # shmray's own serialization says what can't be pickled, and why
+        data = None
+    if data is not None:
+        return data
+    return [(mode | RESOLVE, _share_large(items, refs)) for mode, items in chunks]
 
 
 def _share_large(items: list, refs: Dict[int, Any]) -> list:
@@ -127,8 +125,8 @@ def _shared(value, refs: Dict[int, Any], ndarray):
 
 
 def _packed_results(results: list):
-    """The results as one pickle, unless they hold large buffers (arrays), which go back
-    through the store as they are (zero-copy)."""
+    """The results (a list per chunk) as one pickle, unless they hold large buffers
+    (arrays), which go back through the store as they are (zero-copy)."""
     try:
         data = _pickle_small(results)
     except Exception:  # shmray's serialization of the result reports it
@@ -137,7 +135,7 @@ def _packed_results(results: list):
 
 
 def unpack_results(value) -> list:
-    """What ``PoolWorker.run`` returned, as the list of results."""
+    """What ``PoolWorker.run`` returned, as the list of each chunk's results."""
     return loads(value) if type(value) is bytes else value
 
 
@@ -209,16 +207,44 @@ class PoolWorker:
             fn = self.functions[blob] = self.namespaces.rebound(loads(blob))
         return fn
 
-    def run(self, blob: bytes, chunks: list) -> list:
-        """Each chunk's results (``chunks``: (mode, payload) pairs), packed for the trip."""
+    def run(self, blob: bytes, chunks) -> Any:
+        """Each chunk's results (``chunks``: what ``pack_call`` made), packed for the trip.
+        A chunk alone raises as any actor call does; chunks sharing a call each have
+        their own outcome (a ``ChunkFailed`` for one that raised)."""
         fn = self._function(blob)
-        return [_packed_results(_run_chunk(fn, mode, payload)) for mode, payload in chunks]
+        if type(chunks) is bytes:
+            chunks = loads(chunks)
+        if len(chunks) == 1:
+            mode, items = chunks[0]
+            return _packed_results([_run_chunk(fn, mode, items)])
+        results = []
+        for mode, items in chunks:
+            try:
+                results.append(_run_chunk(fn, mode, items))
+            except Exception as exc:
+                results.append(ChunkFailed(task_error(_name_of(fn), exc)))
+        return _packed_results(results)
+
+
+class ChunkFailed:
+    """The error a chunk of a shared call raised (a ``RayTaskError``, as a call's own)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
+    def __reduce__(self):
+        return ChunkFailed, (self.error,)
+
+
+def _name_of(fn) -> str:
+    fn = getattr(fn, "func", fn)  # a functools.partial's
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _run_chunk(fn, mode: int, items) -> list:
-    if mode & PACKED:
-        items = loads(items)
-    elif mode & RESOLVE:
+    if mode & RESOLVE:
         items = [_resolved(item) for item in items]
     mode &= 3
     if mode == MAP:

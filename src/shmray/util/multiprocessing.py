@@ -5,7 +5,8 @@ Runs in: the process that makes the pool (the workers are ``_pool_worker.PoolWor
 
 What it keeps from multiprocessing: the methods, arguments and defaults, the chunking (one
 task per chunk, the same default ``chunksize`` for ``map``), results in input order (also to
-``map_async``'s callback), callbacks run in a thread of the pool, ``AsyncResult`` and its
+``map_async``'s callback), callbacks run in a thread of the pool (its collector, or a thread
+of the caller's blocked in ``map``/``apply`` that read the result), ``AsyncResult`` and its
 ``multiprocessing.TimeoutError``, ``close``/``join``/``terminate``, ``with`` ending in
 ``terminate``, and per-process state: an ``initializer`` that sets a module global is what
 the mapped function reads, also when both live in ``__main__`` (``_pool_worker`` says how).
@@ -22,13 +23,14 @@ when a map is submitted, as multiprocessing's task thread does.
 from __future__ import annotations
 
 import collections
+import functools
 import multiprocessing
 import os
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from ._pool_dispatch import Dispatcher, Task
-from ._pool_worker import CALL, MAP, STAR, prepare
+from ._pool_worker import CALL, MAP, STAR
 from .queue import JoinableQueue  # Ray's module exports it; ours can go to tasks and actors
 
 TimeoutError = multiprocessing.TimeoutError
@@ -48,7 +50,6 @@ class AsyncResult:
         self._left = chunks
         self._success: Optional[bool] = None
         self._value: Any = None
-        self._keep: Any = None  # the refs of the arguments put in the store, till the end
         self._lock = threading.Lock()
         if chunks == 0:
             self._finish(True, [])
@@ -89,10 +90,13 @@ class AsyncResult:
         elif self._single:
             self._finish(True, self._chunks[0][0])
         else:
-            self._finish(True, [x for chunk in self._chunks for x in chunk])
+            values: list = []
+            for chunk in self._chunks:
+                values += chunk
+            self._finish(True, values)
 
     def _finish(self, ok: bool, value) -> None:
-        self._success, self._value, self._keep = ok, value, None
+        self._success, self._value = ok, value
         self._chunks = []
         try:
             if ok and self._callback is not None:
@@ -119,7 +123,6 @@ class IMapIterator:
         self._buffer: collections.deque = collections.deque()
         self._chunks: Optional[int] = None
         self._finished = 0
-        self._keep: Any = None  # the refs of the arguments put in the store, till the end
 
     def _set_chunks(self, chunks: int) -> None:
         with self._cond:
@@ -133,8 +136,6 @@ class IMapIterator:
             else:
                 self._arrived.append((ok, value))
             self._finished += 1
-            if self._finished == self._chunks:
-                self._keep = None
             self._cond.notify_all()
 
     def __iter__(self):
@@ -191,7 +192,10 @@ class Pool:
     # -- submitting ---------------------------------------------------------------------
 
     def apply(self, func: Callable, args: tuple = (), kwds: Optional[dict] = None):
-        return self.apply_async(func, args, kwds).get()
+        self._check_running()
+        result = AsyncResult(1, None, None, single=True)
+        self._submit(func, CALL, [[(tuple(args), dict(kwds or {}))]], result, claim=True)
+        return self._wait(result)
 
     def apply_async(self, func: Callable, args: tuple = (), kwds: Optional[dict] = None,
                     callback: Optional[Callable] = None,
@@ -202,7 +206,7 @@ class Pool:
         return result
 
     def map(self, func: Callable, iterable: Iterable, chunksize: Optional[int] = None) -> list:
-        return self._map_async(func, iterable, MAP, chunksize, None, None).get()
+        return self._wait(self._map_async(func, iterable, MAP, chunksize, None, None, True))
 
     def map_async(self, func: Callable, iterable: Iterable, chunksize: Optional[int] = None,
                   callback: Optional[Callable] = None,
@@ -211,7 +215,7 @@ class Pool:
 
     def starmap(self, func: Callable, iterable: Iterable,
                 chunksize: Optional[int] = None) -> list:
-        return self._map_async(func, iterable, STAR, chunksize, None, None).get()
+        return self._wait(self._map_async(func, iterable, STAR, chunksize, None, None, True))
 
     def starmap_async(self, func: Callable, iterable: Iterable,
                       chunksize: Optional[int] = None, callback: Optional[Callable] = None,
@@ -225,7 +229,8 @@ class Pool:
                        chunksize: int = 1) -> IMapIterator:
         return self._imap(func, iterable, chunksize, ordered=False)
 
-    def _map_async(self, func, iterable, mode, chunksize, callback, error_callback):
+    def _map_async(self, func, iterable, mode, chunksize, callback, error_callback,
+                   claim: bool = False):
         self._check_running()
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
@@ -234,30 +239,35 @@ class Pool:
             chunksize, extra = divmod(len(iterable), self._processes * 4)
             if extra:
                 chunksize += 1
-        chunks = _chunked(list(iterable), chunksize)
+        chunks = _chunked(iterable, chunksize)
         result = AsyncResult(len(chunks), callback, error_callback, single=False)
-        self._submit(func, mode, chunks, result, bundle=True)
+        self._submit(func, mode, chunks, result, bundle=True, claim=claim)
         return result
 
     def _imap(self, func, iterable, chunksize, ordered: bool) -> IMapIterator:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        chunks = _chunked(list(iterable), chunksize)
+        chunks = _chunked(iterable, chunksize)
         result = IMapIterator(ordered)
         result._set_chunks(len(chunks))
         self._submit(func, MAP, chunks, result)
         return result
 
-    def _submit(self, func, mode: int, chunks: list, result, bundle: bool = False) -> None:
+    def _submit(self, func, mode: int, chunks: list, result, bundle: bool = False,
+                claim: bool = False) -> None:
         blob = self._dispatcher.pickled(func)
-        payloads, result._keep = prepare(mode, chunks)
-        tasks = []
-        for index, (chunk_mode, payload) in enumerate(payloads):
-            def on_done(ok, value, index=index):
-                result._chunk_done(index, ok, value)
-            tasks.append(Task(blob, chunk_mode, payload, on_done, bundle=bundle))
-        self._dispatcher.submit(tasks)
+        refs: dict = {}  # the map's large arrays, put in the store once (``pack_call``)
+        done = result._chunk_done
+        self._dispatcher.submit([
+            Task(blob, mode, chunk, functools.partial(done, index), job=result,
+                 bundle=bundle, refs=refs)
+            for index, chunk in enumerate(chunks)], claim=claim)
+
+    def _wait(self, result: AsyncResult):
+        """``result.get()`` for a call that blocks: this thread collects the results."""
+        self._dispatcher.collect(result, result._event)
+        return result.get()
 
     def _check_running(self) -> None:
         if self._state != _RUN:
@@ -298,10 +308,18 @@ class Pool:
         return f"<{type(self).__module__}.Pool state={state} pool_size={self._processes}>"
 
 
-def _chunked(items: list, chunksize: int) -> list:
-    if not items:
+def _chunked(iterable: Iterable, chunksize: int) -> list:
+    """Lists of ``chunksize`` items (the last may be shorter), each item made once: slices
+    of a list, lists of slices of a range (which has its length, so no regrowing)."""
+    if hasattr(iterable, "__len__") and not len(iterable):
         return []
-    return [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    if chunksize < 1:
+        raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+    if type(iterable) is range:
+        return [list(iterable[i:i + chunksize]) for i in range(0, len(iterable), chunksize)]
+    if type(iterable) is not list:
+        iterable = list(iterable)
+    return [iterable[i:i + chunksize] for i in range(0, len(iterable), chunksize)]
 
 
 __all__ = ["AsyncResult", "IMapIterator", "JoinableQueue", "Pool", "TimeoutError"]

@@ -1,0 +1,95 @@
+"""Idle memory: a session's processes against a multiprocessing Pool's, in the same run.
+
+Run: python -m pytest bench/bench_memory.py --benchmark-enable --benchmark-only -s
+
+Memory is not time, so the benchmark timer measures only how long reading the figures takes;
+the figures are in extra_info (and printed with ``-s``), in MiB of PSS (proportional set
+size: each shared page split among the processes sharing it, so the sums add up to what the
+processes cost the machine together) and USS (pages of that process alone):
+
+- mp-pool: ``multiprocessing.Pool(2)``'s two workers, after one ``apply`` each.
+- shmray-session: the scheduler and two workers of ``init(num_cpus=2)``, after ten tasks.
+- shmray-actor: one actor process, after one call.
+- driver: the driving process itself (shmray's imports included).
+"""
+
+import multiprocessing
+import os
+import time
+
+import psutil
+import pytest
+
+import shmray
+
+MiB = 1 << 20
+SETTLE = 0.5  # let freshly forked processes finish their start before measuring
+
+
+def _footprint(pids):
+    pss = uss = 0
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        pss, uss = pss + info.pss, uss + info.uss
+    return round(pss / MiB, 1), round(uss / MiB, 1)
+
+
+def _record(benchmark, name, pids):
+    pss, uss = benchmark.pedantic(_footprint, args=(pids,), rounds=1, iterations=1)
+    benchmark.extra_info.update({"processes": len(pids), "pss_mib": pss, "uss_mib": uss})
+    print(f"\n{name}: {len(pids)} processes, PSS {pss} MiB, USS {uss} MiB")
+
+
+def _one():
+    return 1
+
+
+@shmray.remote
+def one():
+    return 1
+
+
+@shmray.remote
+class Idle:
+    def ping(self):
+        return 1
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_mp_pool_workers(benchmark):
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.apply(_one) == 1 and pool.apply(_one) == 1
+        time.sleep(SETTLE)
+        workers = [child.pid for child in psutil.Process().children()]
+        _record(benchmark, "mp-pool", workers)
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_shmray_session(benchmark):
+    shmray.init(num_cpus=2)
+    try:
+        assert sum(shmray.get([one.remote() for _ in range(10)], timeout=60)) == 10
+        time.sleep(SETTLE)
+        processes = [child.pid for child in psutil.Process().children(recursive=True)]
+        _record(benchmark, "shmray-session", processes)
+    finally:
+        shmray.shutdown()
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_shmray_actor(benchmark):
+    shmray.init(num_cpus=2)
+    try:
+        actor = Idle.remote()
+        assert shmray.get(actor.ping.remote(), timeout=60) == 1
+        time.sleep(SETTLE)
+        mine = [child.pid for child in psutil.Process().children(recursive=True)
+                if child.name().endswith("Idle")]  # ps shows it as shmray::Idle
+        _record(benchmark, "shmray-actor", mine)
+    finally:
+        shmray.shutdown()
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_driver(benchmark):
+    _record(benchmark, "driver", [os.getpid()])

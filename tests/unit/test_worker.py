@@ -1,0 +1,44 @@
+"""ParkedReports: which held-back reports may wait in the slot, and its clearing."""
+
+import mmap
+
+from shmray import _protocol as P
+from shmray._worker import ParkedReports
+
+PARKABLE = frozenset((P.DIRECT_DONE, P.HOLD, P.RELEASE))
+
+
+def done(i):
+    return P.direct_done(bytes([i]) * 24, [(bytes([i]) * 28, b"x", b"", ())], 1, False)
+
+
+def test_parks_while_only_parkable_messages_are_unsent_and_the_scheduler_reads_them():
+    parking = ParkedReports(mmap.mmap(-1, P.SLOT_SIZE), PARKABLE)
+    pending = [done(1)]
+    assert parking.park(pending[-1], pending)
+    pending += [P.release([b"r" * 28]), done(2)]
+    assert parking.park(pending[-1], pending)
+    assert P.parked_reports(parking.slot) == [done(1), done(2)]
+    parking.clear()
+    assert P.parked_reports(parking.slot) == []
+
+
+def test_a_message_it_may_depend_on_unsent_stops_parking_until_the_next_flush():
+    parking = ParkedReports(mmap.mmap(-1, P.SLOT_SIZE), PARKABLE)
+    pending = [done(1)]
+    assert parking.park(pending[-1], pending)
+    pending += [P.put(b"p" * 28, b"", b"", ()), done(2)]  # a put made by the next call
+    assert not parking.park(pending[-1], pending)
+    pending.append(done(3))
+    assert not parking.park(pending[-1], pending)  # the put is still unsent
+    parking.clear()
+    pending = [done(4)]  # a flush starts a new queue
+    assert parking.park(pending[-1], pending)
+    assert P.parked_reports(parking.slot) == [done(4)]
+
+
+def test_nothing_is_parked_without_a_slot_or_past_the_batch():
+    assert not ParkedReports(None, PARKABLE).park(done(1), [done(1)])
+    parking = ParkedReports(mmap.mmap(-1, P.SLOT_SIZE), PARKABLE)
+    pending = [done(i) for i in range(64)]
+    assert not parking.park(pending[-1], pending)
