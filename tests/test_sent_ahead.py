@@ -331,3 +331,19 @@ def test_cancel_of_a_leased_producer_fails_the_task_behind_it(ray, tmp_path):
             ray.get(ref, timeout=DEADLOCK)
     assert ray.get(step.remote(1), timeout=DEADLOCK) == 2
     assert not trace.exists()
+
+
+def test_a_tree_reduce_of_numbers_the_driver_has_runs_on_leases(ray):
+    """Refs to numbers only the driver has go as their values: a level whose arguments are
+    back is plain tasks; the others go through the scheduler, with the same sums."""
+    @ray.remote
+    def add(a, b):
+        return a + b
+
+    refs = [step.remote(i) for i in range(256)]
+    ray.get(refs, timeout=DEADLOCK)
+    before = leased_tasks()
+    while len(refs) > 1:
+        refs = [add.remote(refs[i], refs[i + 1]) for i in range(0, len(refs), 2)]
+    assert ray.get(refs[0], timeout=DEADLOCK) == sum(range(1, 257))
+    assert leased_tasks() - before >= 128  # the first level at least

@@ -183,6 +183,8 @@ def _refs_and_scalars(runtime, args):
             if a._tracker is not runtime:
                 _runtime_for(a)  # raises: a ref of a session shut down
             object_id = a.binary()
+            if owner_only is not None and object_id in objects.direct_pending:
+                runtime.take_arrived(object_id)  # it may be back already, unread
             if owner_only and object_id in owner_only:
                 value = _number_at(objects.locations.get(object_id))
                 if value is not _NOT_A_NUMBER:

@@ -28,6 +28,7 @@ only when it must: Ray's ownership.
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .. import _protocol as P, _resources
@@ -37,15 +38,19 @@ from .._object_ref_generator import ObjectRefGenerator
 from .._object_store import ObjectStore
 from .._pickling import in_own_pickle
 from .._spill import Spiller
+from .behind import behind_one
 from .channels import Channels
 from .futures import Futures
-from .behind import behind_one
 from .leases import Leases, leasable
 from .link import Link
 from .objects import IN_ARENA, INLINE_THRESHOLD, Objects
 from .streams import Streams
 
 __all__ = ["IN_ARENA", "INLINE_THRESHOLD", "Runtime"]
+
+
+_LOOK_EVERY = 50e-6  # results come back from leases: looked for at most this often while
+                     # submitting tasks that take refs to them
 
 
 class Runtime:
@@ -71,6 +76,7 @@ class Runtime:
         if leasing:  # a driver: its flusher also sends what it drops while idle (``poke``)
             link.start_flusher()
         self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity
+        self._looked_at = 0.0  # when ``take_arrived`` last read what had come back
         self._registered_functions: set = set()
         # A leased worker: the task it runs, named in what it submits (the scheduler may
         # hear of that task from the driver only later); and whether that task submitted
@@ -149,6 +155,21 @@ class Runtime:
             self.leased_must_register = True
             return self.objects.send_owning(P.submit(spec, self.running_leased), return_ids)
         return self.objects.send_owning(P.submit(spec), return_ids)
+
+    def take_arrived(self, argument: bytes) -> None:
+        """Read the results come back from our leases, without waiting: ``argument``, the
+        result of a task of ours on one, may be among them and go as its value
+        (``_task_spec``).  Not if a task taking it can go right behind that task anyway
+        (``behind``); at most once per ``_LOOK_EVERY``: while a burst is submitted, not
+        once a task."""
+        if self.leases.can_follow(argument):
+            return
+        now = time.monotonic()
+        if now - self._looked_at < _LOOK_EVERY:
+            return
+        self._looked_at = now
+        with self.link.lock:
+            self.link.poll()
 
     def check_feasible(self, demand: dict, what: str, actor: bool = False) -> None:
         """Raise if ``demand`` can never be met here (``_resources``).  A demand found

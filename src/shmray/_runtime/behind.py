@@ -62,16 +62,10 @@ class SentBehind:
         through the scheduler (``_not_run``): where it fails, or waits, as it would have.
         None if it can't go so (caller holds the lock)."""
         argument = spec[P.SPEC_ARG_IDS][0]
+        if not self.can_follow(argument):
+            return None
         objects = self.objects
-        producer = objects.unregistered.get(argument)
-        if producer is None:
-            return None
         lease = objects.direct_pending.get(argument)
-        if lease is None:  # still in the backlog: the last there, it goes right behind
-            if not self.backlog or self.backlog[-1] is not producer:
-                return None
-        elif not self._last_on(lease, producer):
-            return None
         self._submitted_at = time.monotonic()
         objects.counts[argument] += 1  # its value is ours until this one is done with it
         record = Leased(spec, return_ids, argument)
@@ -81,6 +75,17 @@ class SentBehind:
         else:
             self._send_behind(lease, record)
         return refs
+
+    def can_follow(self, argument: bytes) -> bool:
+        """Whether a task taking ``argument`` can go right behind the task making it: the
+        last we sent a lease, or the last in the backlog (it then goes with it)."""
+        producer = self.objects.unregistered.get(argument)
+        if producer is None:
+            return False
+        lease = self.objects.direct_pending.get(argument)
+        if lease is None:
+            return bool(self.backlog) and self.backlog[-1] is producer
+        return self._last_on(lease, producer)
 
     @staticmethod
     def _last_on(lease: Channel, producer: Leased) -> bool:
