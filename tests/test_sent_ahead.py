@@ -237,6 +237,10 @@ def test_a_result_passed_on_while_its_chain_waits_in_the_backlog(ray):
     second = step.remote(first)
     assert ray.get(unbox.remote([second]), timeout=DEADLOCK) == 2
     assert ray.get([first, second], timeout=DEADLOCK) == [1, 2]
+    first_id = first.binary()
+    del first, second
+    settle()
+    assert first_id not in runtime().objects.counts  # the hold second had on it is gone
 
 
 def test_a_failed_producer_on_a_lease_fails_the_task_behind_it_unrun(ray, tmp_path):
@@ -346,4 +350,6 @@ def test_a_tree_reduce_of_numbers_the_driver_has_runs_on_leases(ray):
     while len(refs) > 1:
         refs = [add.remote(refs[i], refs[i + 1]) for i in range(0, len(refs), 2)]
     assert ray.get(refs[0], timeout=DEADLOCK) == sum(range(1, 257))
-    assert leased_tasks() - before >= 128  # the first level at least
+    # The first level at least goes to leases, though those still in the backlog when
+    # the next level names them go to the scheduler with it (``Leases.publish``).
+    assert leased_tasks() > before

@@ -111,7 +111,6 @@ class SentBehind:
             self._send_behind(lease, record)
         else:
             self.register(record, None)
-            self._release_hold(record)
 
     def _not_run(self, lease: Channel, task_id) -> None:
         """A task sent behind another came back unrun, its argument not there (it failed,
@@ -162,7 +161,6 @@ class SentBehind:
         self.backlog.extendleft(reversed(to_backlog))  # first, in the order they were sent
         for record in behind:  # after: publishing its argument may register one of those
             self.register(record, None)
-            self._release_hold(record)
         if to_scheduler:
             self.link.conn.send(P.lease_handed_back(lease.peer_pid, to_scheduler))
             self.link.flush_later()

@@ -252,6 +252,7 @@ class Leases(SentBehind):
                 gone.append(object_id)  # dropped before the scheduler knew: drop it there
         if gone:
             conn.send(P.release(gone))
+        self._release_hold(record)  # the scheduler holds its argument for it now
         self.link.flush_later()
 
     def publish(self, ids) -> None:
