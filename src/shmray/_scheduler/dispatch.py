@@ -221,7 +221,7 @@ class Dispatcher:
         if fn_id not in worker.functions:
             pickled = self.functions[fn_id][0]
             worker.functions.add(fn_id)
-        values = self.objects.inline_values(spec[P.SPEC_ARG_IDS])
+        values = self.objects.inline_values(spec[P.SPEC_ARG_IDS], pending=True)
         self.clients.send(worker, P.execute(spec, pickled, values, task.gpu_ids))
         if task.consumed:  # a retried streaming task: its caller has taken some already
             self.clients.send(worker, P.consumed(task.task_id, task.consumed))

@@ -157,15 +157,16 @@ class Directory:
                 entry.arg_holds -= 1
                 self.maybe_free(object_id, entry)
 
-    def inline_values(self, ids) -> dict:
+    def inline_values(self, ids, pending: bool = False) -> dict:
         """{id: (data, metadata)} of those of ``ids`` kept here (the rest are in the arena),
-        and {id: None} of those not ready yet (a task sent ahead: its worker makes them)."""
+        and, if ``pending``, {id: None} of those not ready yet (a task sent ahead: its
+        worker makes them)."""
         values = {}
         for object_id in ids:
             entry = self.entries[object_id]
             if entry.data is not None:
                 values[object_id] = (entry.data, entry.metadata)
-            elif not entry.ready:
+            elif pending and not entry.ready:
                 values[object_id] = None
         return values
 
