@@ -172,6 +172,7 @@ how many there were) or ``DYNAMIC`` (a generator run to its end, returning a
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from typing import Optional
@@ -449,15 +450,15 @@ def result(task_id: bytes, delivered: list, undelivered: list, took: float,
 #   [48:56]  u64 how many CANCEL_CALLs the scheduler has sent it: between tasks it reads its
 #            socket only while it has handled fewer (a poll(2) per task costs more than the
 #            task, for short ones)
-#   [56:64]  u64 bytes parked after it, then the TASK_DONE messages the worker holds back,
-#            each a u32 length and the pickled message: the scheduler reads them if it dies
+#   [56:64]  u64 bytes parked after it, then the reports of the replies the worker holds
+#            back (TASK_DONE, DIRECT_DONE, or a leased task's RESULT), pickled one after
+#            another: the scheduler reads them if it dies
 SLOT_SIZE = 1 << 18
 SLOT_TARGET = slice(0, 24)
 SLOT_STARTED = slice(24, 48)
 SLOT_CANCELS = 48
 SLOT_PARKED = 56
 _u64 = struct.Struct("<Q")
-_u32 = struct.Struct("<I")
 
 
 def count_cancel(slot) -> None:
@@ -468,32 +469,40 @@ def cancels_sent(slot) -> int:
     return _u64.unpack_from(slot, SLOT_CANCELS)[0]
 
 
-def park_report(slot, message: tuple) -> bool:
+def parking_pickler(slot) -> pickle.Pickler:
+    """What parks reports in a slot (``park_report``): a pickler writing straight into it,
+    at the slot's file position, which only parking moves.  It parks one for each task a
+    leased worker runs in a burst: pickled where they go, not pickled then copied."""
+    clear_parked(slot)
+    return pickle.Pickler(slot, protocol=5)
+
+
+def park_report(slot, pickler: pickle.Pickler, message: tuple) -> bool:
     """Append a held-back report to the slot; False if it does not fit."""
-    used = _u64.unpack_from(slot, SLOT_PARKED)[0]
-    data = pickle.dumps(message, protocol=5)
-    start = SLOT_PARKED + 8 + used
-    end = start + 4 + len(data)
-    if end > len(slot):
+    try:
+        pickler.dump(message)
+    except ValueError:  # past the end (mmap.write): the parked ones stay as they were
+        slot.seek(SLOT_PARKED + 8 + _u64.unpack_from(slot, SLOT_PARKED)[0])
         return False
-    slot[start:end] = _u32.pack(len(data)) + data
-    _u64.pack_into(slot, SLOT_PARKED, end - SLOT_PARKED - 8)  # last: a death before leaves
-    return True                                              # the parked ones whole
+    finally:
+        pickler.clear_memo()  # each stands alone
+    _u64.pack_into(slot, SLOT_PARKED, slot.tell() - SLOT_PARKED - 8)  # last: a death
+    return True                                       # before leaves the parked ones whole
 
 
 def clear_parked(slot) -> None:
     _u64.pack_into(slot, SLOT_PARKED, 0)
+    slot.seek(SLOT_PARKED + 8)
 
 
 def parked_reports(slot) -> list:
     if slot is None:
         return []
     used = _u64.unpack_from(slot, SLOT_PARKED)[0]
-    messages, position, end = [], SLOT_PARKED + 8, SLOT_PARKED + 8 + used
-    while position < end:
-        (length,) = _u32.unpack_from(slot, position)
-        messages.append(pickle.loads(slot[position + 4 : position + 4 + length]))
-        position += 4 + length
+    parked = io.BytesIO(slot[SLOT_PARKED + 8 : SLOT_PARKED + 8 + used])
+    messages = []
+    while parked.tell() < used:
+        messages.append(pickle.load(parked))
     return messages
 
 

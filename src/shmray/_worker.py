@@ -74,29 +74,32 @@ class ParkedReports:
     """Reports held back, parked in this process's slot, where the scheduler reads them if
     the process dies before sending them (``_protocol``); cleared once they are sent."""
 
-    __slots__ = ("slot", "parkable", "parked", "seen")
+    __slots__ = ("slot", "pickler", "parkable", "parked", "seen_list", "seen")
 
     def __init__(self, slot, parkable: frozenset):
         self.slot = slot
+        self.pickler = P.parking_pickler(slot) if slot is not None else None
         self.parkable = parkable  # what may be unsent beside them
         self.parked = False
-        self.seen = (None, 0)     # (the queue to the scheduler, how much of it was looked at)
+        self.seen_list = None     # the queue to the scheduler last looked at...
+        self.seen = 0             # ...and how much of it
 
     def park(self, report: tuple, pending: list) -> bool:
-        """Park ``report``, queued last in ``pending``; False if it can't wait: no slot, many
-        unsent, or too big, or unsent beside what it may depend on (a put, a child task:
-        refs in it would name nothing)."""
+        """Park ``report`` (queued last in ``pending``, the queue to the scheduler, or sent
+        to a caller); False if it can't wait: no slot, many unsent, or too big, or unsent
+        beside what it may depend on (a put, a child task: refs in it would name nothing)."""
         if self.slot is None or len(pending) >= _REPLY_BATCH:
             return False
         # Each flush starts a new list: only what was queued since the last look is looked
         # at (all of up to 64 messages, each report, would cost a microsecond).
-        seen_list, seen = self.seen
-        for message in pending[seen if seen_list is pending else 0:]:
-            if message[0] not in self.parkable:
+        seen = self.seen if self.seen_list is pending else 0
+        while seen < len(pending):
+            if pending[seen][0] not in self.parkable:
                 return False
-        if not P.park_report(self.slot, report):
+            seen += 1
+        if not P.park_report(self.slot, self.pickler, report):
             return False
-        self.seen = (pending, len(pending))
+        self.seen_list, self.seen = pending, seen
         self.parked = True
         return True
 
@@ -104,7 +107,7 @@ class ParkedReports:
         """After each flush: what was parked has been sent."""
         if self.parked:
             self.parked = False
-            self.seen = (None, 0)  # the queue sent: its messages may go
+            self.seen_list = None  # the queue sent: its messages may go
             P.clear_parked(self.slot)
 
 

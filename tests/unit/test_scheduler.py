@@ -489,7 +489,8 @@ def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
     deliver(sched, driver, P.CANCEL, ahead.task_id, False, False)  # not started: failed at once
     assert ahead.finished
     # It finished `head` (report parked), took `ahead` before the cancel came, and died.
-    P.park_report(worker.cancel_slot, (P.TASK_DONE, head.task_id, [], False, 0.001))
+    slot = worker.cancel_slot
+    P.park_report(slot, P.parking_pickler(slot), (P.TASK_DONE, head.task_id, [], False, 0.001))
     worker.cancel_slot[24:48] = ahead.task_id
     sched.on_disconnect(worker)
     assert worker not in sched.pool.busy
