@@ -5,11 +5,12 @@ Runs in: worker processes (forked by the scheduler); ``Worker`` is also the base
 For each EXECUTE: load the function (cached by id; its code arrives with the first task the
 scheduler sends that uses it, or is asked of the scheduler when a leased task needs it),
 rebuild the arguments, run, and store the results (``_task_results``).  Results go to the
-scheduler (TASK_DONE; a few short queued tasks' in one message, parked in shared memory
-meanwhile), and for work sent straight here back to its sender (RESULT), the scheduler
-hearing first (DIRECT_DONE) except for a leased task's results the driver can use at once:
-the driver owns the task, and reports those itself if the scheduler must know of it
-(``report``).
+scheduler (TASK_DONE), and for work sent straight here back to its sender (RESULT), the
+scheduler hearing first (DIRECT_DONE) except for a leased task's results the driver can
+use at once: the driver owns the task, and reports those itself if the scheduler must know
+of it (``report``).  While more short tasks are queued, a few tasks' replies wait to go
+out in one message, each parked in the slot meanwhile (``ParkedReports``): should a later
+task crash the worker, the scheduler reads there which finished, and with what.
 
 While the task waits in ``get``/``wait`` the worker tells the scheduler (BLOCKED/UNBLOCKED), so
 its CPU can run other tasks meanwhile: nested tasks never deadlock a small pool.  Tasks
@@ -67,7 +68,7 @@ from ._task_results import (
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
-_PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
+_PARKABLE = frozenset((P.TASK_DONE, P.DIRECT_DONE, P.HOLD, P.RELEASE))
 
 
 class ParkedReports:
@@ -122,9 +123,6 @@ class Worker:
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
     parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
-    # Whether the DIRECT_DONE of a reply held back is parked: not a worker's (should it die
-    # first, the driver that leased it runs the tasks it never answered again).
-    parks_told = False
     direct_shapes = {P.EXECUTE: P.EXECUTE_FIELDS}  # what a driver leasing it may send
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
@@ -208,7 +206,8 @@ class Worker:
         caller has seen is one the scheduler knows is done and is never failed or retried
         afterwards if this process dies.  A leased task's delivered results go to its driver
         alone (``caller_reports``), which reports them if it has told the scheduler of the
-        task, and is the witness of what it saw.
+        task, and is the witness of what it saw; the scheduler takes them from the slot if
+        this process dies holding them back (``_scheduler.leases``).
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
@@ -239,15 +238,19 @@ class Worker:
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            conn.send(P.result(task_id, delivered, undelivered, took,
-                               runtime.leased_must_register))
+            reply = P.result(task_id, delivered, undelivered, took,
+                             runtime.leased_must_register)
+            conn.send(reply)
             runtime.leased_must_register = False
             self.held_replies.add(conn)
             if (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH
-                    and (told is None or not self.parks_told
-                         or self.parking.park(told, runtime.link.conn.pending))):
+                    and self.parking.park(reply if told is None else told,
+                                          runtime.link.conn.pending)):
                 # Sent with the next, before this process waits, or by the flusher within
-                # a millisecond, should the next call be long.
+                # a millisecond, should the next call be long.  Parked meanwhile: should
+                # the next crash this process, the scheduler reads there that this one
+                # finished (Ray returns its result; it must not run again): the report it
+                # was told, or else the reply only its caller gets.
                 runtime.flush_later()
             else:
                 self.write_replies()
