@@ -451,14 +451,21 @@ def result(task_id: bytes, delivered: list, undelivered: list, took: float,
 #            socket only while it has handled fewer (a poll(2) per task costs more than the
 #            task, for short ones)
 #   [56:64]  u64 bytes parked after it, then the reports of the replies the worker holds
-#            back (TASK_DONE, DIRECT_DONE, or a leased task's RESULT), pickled one after
-#            another: the scheduler reads them if it dies
+#            back (TASK_DONE, DIRECT_DONE, or a leased task's RESULT) one after another:
+#            the scheduler reads them if it dies.  Each is pickled, but for a RESULT of one
+#            result, the reply held back in a burst of leased tasks, which has a record of
+#            its own (``_RESULT_RECORD``): a third of the cost of a pickle, on every task.
 SLOT_SIZE = 1 << 18
 SLOT_TARGET = slice(0, 24)
 SLOT_STARTED = slice(24, 48)
 SLOT_CANCELS = 48
 SLOT_PARKED = 56
+PARKED_START = SLOT_PARKED + 8
 _u64 = struct.Struct("<Q")
+# tag, task id, object id, bytes of data (or _IN_ARENA) and of metadata; then both
+_RESULT_RECORD = struct.Struct("<B24s28sII")
+_RESULT_TAG = 1                # no pickle starts with it (they start with PROTO, 0x80)
+_IN_ARENA = 0xFFFFFFFF         # data None: the object is sealed in the arena
 
 
 def count_cancel(slot) -> None:
@@ -470,39 +477,73 @@ def cancels_sent(slot) -> int:
 
 
 def parking_pickler(slot) -> pickle.Pickler:
-    """What parks reports in a slot (``park_report``): a pickler writing straight into it,
-    at the slot's file position, which only parking moves.  It parks one for each task a
-    leased worker runs in a burst: pickled where they go, not pickled then copied."""
+    """What pickles reports into a slot (``park_report``): straight into it, at the slot's
+    file position, which only parking moves (not pickled to bytes, then copied)."""
     clear_parked(slot)
     return pickle.Pickler(slot, protocol=5)
 
 
-def park_report(slot, pickler: pickle.Pickler, message: tuple) -> bool:
-    """Append a held-back report to the slot; False if it does not fit."""
+def park_report(slot, pickler: pickle.Pickler, end: int, message: tuple) -> int:
+    """Append a held-back report at ``end`` (``PARKED_START`` when none is parked), then
+    count it; the new end, or 0 if it does not fit."""
+    if message[0] == RESULT and len(message[2]) == 1:
+        ((object_id, data, metadata),) = message[2]
+        if (data is None or type(data) is bytes) and type(metadata) is bytes:
+            size = 0 if data is None else len(data)
+            start = end + _RESULT_RECORD.size
+            new_end = start + size + len(metadata)
+            if new_end > len(slot):
+                return 0
+            _RESULT_RECORD.pack_into(slot, end, _RESULT_TAG, message[1], object_id,
+                                     _IN_ARENA if data is None else size, len(metadata))
+            if size:
+                slot[start : start + size] = data
+            if metadata:
+                slot[start + size : new_end] = metadata
+            _u64.pack_into(slot, SLOT_PARKED, new_end - PARKED_START)  # last: a death
+            return new_end                                  # before leaves the rest whole
+    slot.seek(end)
     try:
         pickler.dump(message)
-    except ValueError:  # past the end (mmap.write): the parked ones stay as they were
-        slot.seek(SLOT_PARKED + 8 + _u64.unpack_from(slot, SLOT_PARKED)[0])
-        return False
+    except ValueError:  # past the end (mmap.write)
+        return 0
     finally:
         pickler.clear_memo()  # each stands alone
-    _u64.pack_into(slot, SLOT_PARKED, slot.tell() - SLOT_PARKED - 8)  # last: a death
-    return True                                       # before leaves the parked ones whole
+    end = slot.tell()
+    _u64.pack_into(slot, SLOT_PARKED, end - PARKED_START)
+    return end
 
 
 def clear_parked(slot) -> None:
     _u64.pack_into(slot, SLOT_PARKED, 0)
-    slot.seek(SLOT_PARKED + 8)
 
 
 def parked_reports(slot) -> list:
+    """The reports parked in a dead process's slot (a RESULT's ``took`` is not kept)."""
     if slot is None:
         return []
     used = _u64.unpack_from(slot, SLOT_PARKED)[0]
-    parked = io.BytesIO(slot[SLOT_PARKED + 8 : SLOT_PARKED + 8 + used])
+    parked = slot[PARKED_START : PARKED_START + used]
+    stream = io.BytesIO(parked)
     messages = []
-    while parked.tell() < used:
-        messages.append(pickle.load(parked))
+    position = 0
+    while position < used:
+        if parked[position] != _RESULT_TAG:
+            stream.seek(position)
+            messages.append(pickle.load(stream))
+            position = stream.tell()
+            continue
+        _, task_id, object_id, size, metadata_size = _RESULT_RECORD.unpack_from(parked,
+                                                                                position)
+        position += _RESULT_RECORD.size
+        if size == _IN_ARENA:
+            data = None
+        else:
+            data = parked[position : position + size]
+            position += size
+        metadata = parked[position : position + metadata_size]
+        position += metadata_size
+        messages.append(result(task_id, [(object_id, data, metadata)], [], 0.0, False))
     return messages
 
 

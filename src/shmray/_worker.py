@@ -75,13 +75,13 @@ class ParkedReports:
     """Reports held back, parked in this process's slot, where the scheduler reads them if
     the process dies before sending them (``_protocol``); cleared once they are sent."""
 
-    __slots__ = ("slot", "pickler", "parkable", "parked", "seen_list", "seen")
+    __slots__ = ("slot", "pickler", "parkable", "end", "seen_list", "seen")
 
     def __init__(self, slot, parkable: frozenset):
         self.slot = slot
         self.pickler = P.parking_pickler(slot) if slot is not None else None
         self.parkable = parkable  # what may be unsent beside them
-        self.parked = False
+        self.end = P.PARKED_START  # where the next goes in the slot
         self.seen_list = None     # the queue to the scheduler last looked at...
         self.seen = 0             # ...and how much of it
 
@@ -98,16 +98,17 @@ class ParkedReports:
             if pending[seen][0] not in self.parkable:
                 return False
             seen += 1
-        if not P.park_report(self.slot, self.pickler, report):
+        end = P.park_report(self.slot, self.pickler, self.end, report)
+        if not end:
             return False
+        self.end = end
         self.seen_list, self.seen = pending, seen
-        self.parked = True
         return True
 
     def clear(self) -> None:
         """After each flush: what was parked has been sent."""
-        if self.parked:
-            self.parked = False
+        if self.end != P.PARKED_START:
+            self.end = P.PARKED_START
             self.seen_list = None  # the queue sent: its messages may go
             P.clear_parked(self.slot)
 

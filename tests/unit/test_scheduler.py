@@ -17,6 +17,7 @@ from shmray._resources import session_totals
 from shmray._scheduler import Scheduler
 from shmray._scheduler.workers import started
 from shmray._serialization import META_ERROR, deserialize, serialize
+from shmray._worker import ParkedReports
 
 NO_SUCH_PID = 5_000_000  # above Linux's pid_max: signals to it can never hit a process
 
@@ -489,8 +490,8 @@ def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
     deliver(sched, driver, P.CANCEL, ahead.task_id, False, False)  # not started: failed at once
     assert ahead.finished
     # It finished `head` (report parked), took `ahead` before the cancel came, and died.
-    slot = worker.cancel_slot
-    P.park_report(slot, P.parking_pickler(slot), (P.TASK_DONE, head.task_id, [], False, 0.001))
+    ParkedReports(worker.cancel_slot, frozenset()).park(
+        (P.TASK_DONE, head.task_id, [], False, 0.001), [])
     worker.cancel_slot[24:48] = ahead.task_id
     sched.on_disconnect(worker)
     assert worker not in sched.pool.busy
@@ -557,13 +558,12 @@ def test_a_dead_leased_workers_tasks_with_parked_replies_finish_with_their_resul
     deliver(sched, worker, P.PUT, inner, serialize(7).to_bytes(), b"", ())  # held by it alone
     values = [serialize(i).to_bytes() for i in range(2)]
     returns = [object_id_for_return(s[0], 0) for s in specs]
-    slot = worker.cancel_slot
-    pickler = P.parking_pickler(slot)
-    P.park_report(slot, pickler, P.result(specs[0][0], [(returns[0], values[0], b"")], [],
-                                          0.001, False))
-    P.park_report(slot, pickler, P.direct_done(specs[1][0], [(returns[1], values[1], b"",
-                                                              [inner])], driver.pid, False))
-    slot[P.SLOT_STARTED] = specs[2][0]  # it died in the third
+    parking = ParkedReports(worker.cancel_slot, frozenset())
+    assert parking.park(P.result(specs[0][0], [(returns[0], values[0], b"")], [], 0.001,
+                                 False), [])
+    assert parking.park(P.direct_done(specs[1][0], [(returns[1], values[1], b"", [inner])],
+                                      driver.pid, False), [])
+    worker.cancel_slot[P.SLOT_STARTED] = specs[2][0]  # it died in the third
     if not death_first:  # the driver saw its channel end first
         for task_spec in specs:
             deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, task_spec)
