@@ -487,21 +487,20 @@ def park_report(slot, pickler: pickle.Pickler, end: int, message: tuple) -> int:
     """Append a held-back report at ``end`` (``PARKED_START`` when none is parked), then
     count it; the new end, or 0 if it does not fit."""
     if message[0] == RESULT and len(message[2]) == 1:
-        ((object_id, data, metadata),) = message[2]
-        if (data is None or type(data) is bytes) and type(metadata) is bytes:
-            size = 0 if data is None else len(data)
-            start = end + _RESULT_RECORD.size
-            new_end = start + size + len(metadata)
-            if new_end > len(slot):
-                return 0
-            _RESULT_RECORD.pack_into(slot, end, _RESULT_TAG, message[1], object_id,
-                                     _IN_ARENA if data is None else size, len(metadata))
-            if size:
-                slot[start : start + size] = data
-            if metadata:
-                slot[start + size : new_end] = metadata
-            _u64.pack_into(slot, SLOT_PARKED, new_end - PARKED_START)  # last: a death
-            return new_end                                  # before leaves the rest whole
+        ((object_id, data, metadata),) = message[2]  # data: bytes, or None (in the arena)
+        start = end + _RESULT_RECORD.size
+        size = 0 if data is None else len(data)
+        new_end = start + size + len(metadata)
+        if new_end > len(slot):
+            return 0
+        _RESULT_RECORD.pack_into(slot, end, _RESULT_TAG, message[1], object_id,
+                                 _IN_ARENA if data is None else size, len(metadata))
+        if size:
+            slot[start : start + size] = data
+        if metadata:
+            slot[start + size : new_end] = metadata
+        _u64.pack_into(slot, SLOT_PARKED, new_end - PARKED_START)  # last: a death before
+        return new_end                                            # leaves the rest whole
     slot.seek(end)
     try:
         pickler.dump(message)
