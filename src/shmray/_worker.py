@@ -91,18 +91,19 @@ class ParkedReports:
         beside what it may depend on (a put, a child task: refs in it would name nothing)."""
         if self.slot is None or len(pending) >= _REPLY_BATCH:
             return False
-        # Each flush starts a new list: only what was queued since the last look is looked
-        # at (all of up to 64 messages, each report, would cost a microsecond).
-        seen = self.seen if self.seen_list is pending else 0
-        while seen < len(pending):
-            if pending[seen][0] not in self.parkable:
-                return False
-            seen += 1
+        if pending:  # (a leased task's reply: mostly nothing is)
+            # Each flush starts a new list: only what was queued since the last look is
+            # looked at (all of up to 64 messages, each report, would cost a microsecond).
+            seen = self.seen if self.seen_list is pending else 0
+            while seen < len(pending):
+                if pending[seen][0] not in self.parkable:
+                    return False
+                seen += 1
+            self.seen_list, self.seen = pending, seen
         end = P.park_report(self.slot, self.pickler, self.end, report)
         if not end:
             return False
         self.end = end
-        self.seen_list, self.seen = pending, seen
         return True
 
     def clear(self) -> None:
