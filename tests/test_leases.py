@@ -399,10 +399,73 @@ def test_a_worker_dying_in_a_pipelined_burst_costs_only_its_task(ray, tmp_path):
     assert outcomes == [("crashed" if i == 100 else i) for i in range(400)]
 
 
-def test_tasks_rerun_after_their_worker_died_store_their_arrays_again(ray, tmp_path):
-    """Tasks that finished before their worker died, their arena results sealed but held
-    back unreported, run again: their old results are deleted first, or the re-run finds
-    its object already there."""
+def _runs(folder) -> dict:
+    """How often each task ran: each run leaves a file named after its index."""
+    counts = {}
+    for name in os.listdir(folder):
+        index = int(name.split("-")[0])
+        counts[index] = counts.get(index, 0) + 1
+    return counts
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("max_retries", [0, 2])
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+@pytest.mark.parametrize("kind", ["inline", "arena", "holding"])
+def test_leased_tasks_finished_before_a_crash_return_their_results_and_run_once(
+        ray, tmp_path, kind, how, max_retries):
+    """A leased worker holds back the replies of finished tasks while it runs the next one
+    sent ahead; a crash in that one lost them, and the finished tasks ran again (their side
+    effects twice) without using a retry, even with max_retries=0."""
+    shared = ray.put("shared")  # a ref the function holds: its results name it
+
+    @ray.remote(max_retries=max_retries)
+    def task(i, crash_at, folder, first):
+        if folder is not None:
+            with open(os.path.join(folder, f"{i}-{os.getpid()}-{os.urandom(4).hex()}"), "w"):
+                pass
+            if i == crash_at and not os.path.exists(first):
+                open(first, "w").close()
+                if how == "exit":
+                    os._exit(1)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "arena":
+            return np.full((1 << 20) // 8 + 8, i, dtype=np.float64)
+        if kind == "holding":
+            return [i, shared]
+        return i
+
+    def read(value):
+        if kind == "arena":
+            return int(value[0])
+        if kind == "holding":
+            assert ray.get(value[1], timeout=DEADLOCK) == "shared"
+            return value[0]
+        return value
+
+    learn_short(task, 0, -1, None, None)
+    for attempt in range(3):  # how many replies are held back when it dies varies
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        first = str(tmp_path / f"crashed{attempt}")
+        refs = [task.remote(i, 40, str(folder), first) for i in range(80)]
+        outcomes = []
+        for i, ref in enumerate(refs):
+            try:
+                outcomes.append(read(ray.get(ref, timeout=DEADLOCK)))
+            except ray.exceptions.WorkerCrashedError:
+                outcomes.append("crashed")
+        crashed = "crashed" if max_retries == 0 else 40
+        assert outcomes == [crashed if i == 40 else i for i in range(80)]
+        runs = _runs(folder)
+        assert runs == {i: 1 + (i == 40 and max_retries > 0) for i in range(80)}
+
+
+def test_tasks_finished_before_their_worker_died_keep_their_arrays(ray, tmp_path):
+    """Tasks that finished before their worker died, their arena results sealed but their
+    replies held back: they ran again, and their old results had to be deleted first, or
+    the re-run found its object already there.  Now the scheduler finds their replies
+    parked and they keep their arrays; those that never started store theirs afresh."""
     @ray.remote(max_retries=0)
     def make(i, marker):
         if marker is not None and not os.path.exists(marker):

@@ -82,10 +82,6 @@ class ActorProcess(Worker):
     names_parent = False
     direct_shapes = {P.CALL: P.CALL_FIELDS}
     parkable = frozenset((P.DIRECT_DONE, P.HOLD, P.RELEASE))
-    # Nobody would run a call again: the report of one whose reply is held back waits in
-    # the slot, which the scheduler reads if this process dies first (a crash in the next
-    # call must not fail one that finished: Ray returns its result).
-    parks_told = True
 
     def __init__(self, runtime: _runtime.Runtime, start_message: tuple, slot=None):
         super().__init__(runtime)

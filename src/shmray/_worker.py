@@ -5,11 +5,12 @@ Runs in: worker processes (forked by the scheduler); ``Worker`` is also the base
 For each EXECUTE: load the function (cached by id; its code arrives with the first task the
 scheduler sends that uses it, or is asked of the scheduler when a leased task needs it),
 rebuild the arguments, run, and store the results (``_task_results``).  Results go to the
-scheduler (TASK_DONE; a few short queued tasks' in one message, parked in shared memory
-meanwhile), and for work sent straight here back to its sender (RESULT), the scheduler
-hearing first (DIRECT_DONE) except for a leased task's results the driver can use at once:
-the driver owns the task, and reports those itself if the scheduler must know of it
-(``report``).
+scheduler (TASK_DONE), and for work sent straight here back to its sender (RESULT), the
+scheduler hearing first (DIRECT_DONE) except for a leased task's results the driver can
+use at once: the driver owns the task, and reports those itself if the scheduler must know
+of it (``report``).  While more short tasks are queued, a few tasks' replies wait to go
+out in one message, each parked in the slot meanwhile (``ParkedReports``): should a later
+task crash the worker, the scheduler reads there which finished, and with what.
 
 A task the scheduler sent ahead, before its arguments were ready, finds those made here
 among the latest results (``RecentResults``); one it lacks sends the task back unrun
@@ -72,44 +73,49 @@ from ._task_results import (
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
-_PARKABLE = frozenset((P.TASK_DONE, P.HOLD, P.RELEASE))
+_PARKABLE = frozenset((P.TASK_DONE, P.DIRECT_DONE, P.HOLD, P.RELEASE))
 
 
 class ParkedReports:
     """Reports held back, parked in this process's slot, where the scheduler reads them if
     the process dies before sending them (``_protocol``); cleared once they are sent."""
 
-    __slots__ = ("slot", "parkable", "parked", "seen")
+    __slots__ = ("slot", "pickler", "parkable", "end", "seen_list", "seen")
 
     def __init__(self, slot, parkable: frozenset):
         self.slot = slot
+        self.pickler = P.parking_pickler(slot) if slot is not None else None
         self.parkable = parkable  # what may be unsent beside them
-        self.parked = False
-        self.seen = (None, 0)     # (the queue to the scheduler, how much of it was looked at)
+        self.end = P.PARKED_START  # where the next goes in the slot
+        self.seen_list = None     # the queue to the scheduler last looked at...
+        self.seen = 0             # ...and how much of it
 
     def park(self, report: tuple, pending: list) -> bool:
-        """Park ``report``, queued last in ``pending``; False if it can't wait: no slot, many
-        unsent, or too big, or unsent beside what it may depend on (a put, a child task:
-        refs in it would name nothing)."""
+        """Park ``report`` (queued last in ``pending``, the queue to the scheduler, or sent
+        to a caller); False if it can't wait: no slot, many unsent, or too big, or unsent
+        beside what it may depend on (a put, a child task: refs in it would name nothing)."""
         if self.slot is None or len(pending) >= _REPLY_BATCH:
             return False
-        # Each flush starts a new list: only what was queued since the last look is looked
-        # at (all of up to 64 messages, each report, would cost a microsecond).
-        seen_list, seen = self.seen
-        for message in pending[seen if seen_list is pending else 0:]:
-            if message[0] not in self.parkable:
-                return False
-        if not P.park_report(self.slot, report):
+        if pending:  # (a leased task's reply: mostly nothing is)
+            # Each flush starts a new list: only what was queued since the last look is
+            # looked at (all of up to 64 messages, each report, would cost a microsecond).
+            seen = self.seen if self.seen_list is pending else 0
+            while seen < len(pending):
+                if pending[seen][0] not in self.parkable:
+                    return False
+                seen += 1
+            self.seen_list, self.seen = pending, seen
+        end = P.park_report(self.slot, self.pickler, self.end, report)
+        if not end:
             return False
-        self.seen = (pending, len(pending))
-        self.parked = True
+        self.end = end
         return True
 
     def clear(self) -> None:
         """After each flush: what was parked has been sent."""
-        if self.parked:
-            self.parked = False
-            self.seen = (None, 0)  # the queue sent: its messages may go
+        if self.end != P.PARKED_START:
+            self.end = P.PARKED_START
+            self.seen_list = None  # the queue sent: its messages may go
             P.clear_parked(self.slot)
 
 
@@ -124,9 +130,6 @@ class Worker:
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
     parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
-    # Whether the DIRECT_DONE of a reply held back is parked: not a worker's (should it die
-    # first, the driver that leased it runs the tasks it never answered again).
-    parks_told = False
     direct_shapes = {P.EXECUTE: P.EXECUTE_FIELDS}  # what a driver leasing it may send
 
     def __init__(self, runtime: _runtime.Runtime, cancel_slot=None):
@@ -211,7 +214,8 @@ class Worker:
         caller has seen is one the scheduler knows is done and is never failed or retried
         afterwards if this process dies.  A leased task's delivered results go to its driver
         alone (``caller_reports``), which reports them if it has told the scheduler of the
-        task, and is the witness of what it saw.
+        task, and is the witness of what it saw; the scheduler takes them from the slot if
+        this process dies holding them back (``_scheduler.leases``).
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
@@ -242,15 +246,19 @@ class Worker:
             delivered = [] if retryable else [(object_id, data, metadata)
                                               for object_id, data, metadata, inner in results
                                               if not inner]
-            conn.send(P.result(task_id, delivered, undelivered, took,
-                               runtime.leased_must_register))
+            reply = P.result(task_id, delivered, undelivered, took,
+                             runtime.leased_must_register)
+            conn.send(reply)
             runtime.leased_must_register = False
             self.held_replies.add(conn)
             if (self.batch_replies and self.queue and len(conn.pending) < _REPLY_BATCH
-                    and (told is None or not self.parks_told
-                         or self.parking.park(told, runtime.link.conn.pending))):
+                    and self.parking.park(reply if told is None else told,
+                                          runtime.link.conn.pending)):
                 # Sent with the next, before this process waits, or by the flusher within
-                # a millisecond, should the next call be long.
+                # a millisecond, should the next call be long.  Parked meanwhile: should
+                # the next crash this process, the scheduler reads there that this one
+                # finished (Ray returns its result; it must not run again): the report it
+                # was told, or else the reply only its caller gets.
                 runtime.flush_later()
             else:
                 self.write_replies()

@@ -17,6 +17,7 @@ from shmray._resources import session_totals
 from shmray._scheduler import Scheduler
 from shmray._scheduler.workers import started
 from shmray._serialization import META_ERROR, deserialize, serialize
+from shmray._worker import ParkedReports
 
 NO_SUCH_PID = 5_000_000  # above Linux's pid_max: signals to it can never hit a process
 
@@ -489,7 +490,8 @@ def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
     deliver(sched, driver, P.CANCEL, ahead.task_id, False, False)  # not started: failed at once
     assert ahead.finished
     # It finished `head` (report parked), took `ahead` before the cancel came, and died.
-    P.park_report(worker.cancel_slot, (P.TASK_DONE, head.task_id, [], False, 0.001))
+    ParkedReports(worker.cancel_slot, frozenset()).park(
+        (P.TASK_DONE, head.task_id, [], False, 0.001), [])
     worker.cancel_slot[24:48] = ahead.task_id
     sched.on_disconnect(worker)
     assert worker not in sched.pool.busy
@@ -522,7 +524,8 @@ def test_a_leased_tasks_child_and_wait_are_its_own_though_its_registration_comes
 
 def test_of_a_dead_leased_workers_unanswered_tasks_only_the_one_it_started_is_charged(setup):
     """Those sent after it never started, those before it finished but their results died
-    with it: they run again, without using a retry (max_retries=0 here)."""
+    with it (none parked: too big to): they run again, without using a retry (max_retries=0
+    here)."""
     sched, driver, _ = setup
     deliver(sched, driver, P.REGISTER_FUNCTION, b"f" * 16, b"code", "f")
     worker = _lease(sched, driver)
@@ -538,6 +541,48 @@ def test_of_a_dead_leased_workers_unanswered_tasks_only_the_one_it_started_is_ch
     assert ready[1] == object_id_for_return(specs[1][0], 0)
     assert isinstance(deserialize(memoryview(ready[2])), exceptions.WorkerCrashedError)
     assert sorted(m[1] for _, m in executes(sched)) == sorted([specs[0][0], specs[2][0]])
+
+
+@pytest.mark.parametrize("death_first", [True, False])
+def test_a_dead_leased_workers_tasks_with_parked_replies_finish_with_their_results(
+        setup, death_first):
+    """Replies it held back as it ran the next task, parked in its slot (the driver's own,
+    a RESULT, and one for us, a DIRECT_DONE, as for a result holding a ref): those tasks
+    finished, whether its death or the driver's word comes first; only the one it died in
+    is charged, and the one after it never started."""
+    sched, driver, _ = setup
+    deliver(sched, driver, P.REGISTER_FUNCTION, b"f" * 16, b"code", "f")
+    worker = _lease(sched, driver)
+    specs = [spec(max_retries=0) for _ in range(4)]
+    inner = object_id_for_put()
+    deliver(sched, worker, P.PUT, inner, serialize(7).to_bytes(), b"", ())  # held by it alone
+    values = [serialize(i).to_bytes() for i in range(2)]
+    returns = [object_id_for_return(s[0], 0) for s in specs]
+    parking = ParkedReports(worker.cancel_slot, frozenset())
+    assert parking.park(P.result(specs[0][0], [(returns[0], values[0], b"")], [], 0.001,
+                                 False), [])
+    assert parking.park(P.direct_done(specs[1][0], [(returns[1], values[1], b"", [inner])],
+                                      driver.pid, False), [])
+    worker.cancel_slot[P.SLOT_STARTED] = specs[2][0]  # it died in the third
+    if not death_first:  # the driver saw its channel end first
+        for task_spec in specs:
+            deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, task_spec)
+        deliver(sched, driver, P.LEASE_RETURN, worker.pid, [s[0] for s in specs])
+    sched.on_disconnect(worker)
+    if death_first:
+        for task_spec in specs:
+            deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, task_spec)
+        deliver(sched, driver, P.LEASE_RETURN, worker.pid, [s[0] for s in specs])
+    deliver(sched, driver, P.SUBSCRIBE, returns)
+    sched.dispatch()
+    ready = {m[1]: m for m in sent(driver, P.READY)}
+    assert deserialize(memoryview(ready[returns[0]][2])) == 0
+    assert deserialize(memoryview(ready[returns[1]][2])) == 1
+    assert sched.objects.entries[inner].ready  # the ref inside outlived its holder
+    assert isinstance(deserialize(memoryview(ready[returns[2]][2])),
+                      exceptions.WorkerCrashedError)
+    assert returns[3] not in ready
+    assert [m[1] for _, m in executes(sched)] == [specs[3][0]]
 
 
 def test_tasks_a_leased_worker_hands_back_run_here_unless_cancelled(setup):

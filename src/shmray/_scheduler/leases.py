@@ -30,14 +30,18 @@ arena, it will be retried), and the driver is the one witness of what came back:
     LEASE_RETURN(pid, None) ──────▶ couldn't connect: the worker is replaced
 
     When a leased worker dies:
-                ◀──── LEASE_LOST(pid)     (the scheduler keeps its tasks: awaiting_verdict)
+                ◀──── LEASE_LOST(pid)     (the scheduler keeps its tasks: awaiting_verdict,
+                                          and reads the replies it held back, parked in its
+                                          slot: those tasks finished)
     reads all the worker sent, reports it (LEASED_DONE), registers the tasks left
     unanswered (DIRECT_SUBMIT) and names them:
       LEASE_RETURN(pid, unanswered) ─▶ settles them now; or, if none,
-      LEASE_VERDICT(pid) ────────────▶ settles them: the one the worker died in (its slot
-                                       names it) is retried or failed, the rest run again
-                                       without using a retry; a result the driver has
-                                       seen is never retried or failed.
+      LEASE_VERDICT(pid) ────────────▶ settles them: those with a parked reply finish with
+                                       its results, the one the worker died in (its slot
+                                       names it) is retried or failed, the rest never
+                                       started and run again without using a retry; a
+                                       result the driver has seen is never retried or
+                                       failed.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class Leases:
         # driver's LEASE_VERDICT: task id -> (task, worker pid, exit status).
         self.awaiting_verdict: Dict[bytes, tuple] = {}
         # Leased workers that died, until their driver's verdict: pid -> (exit status, the
-        # last task id the worker named as started in its slot).
+        # last task id the worker named as started in its slot, the results of tasks it
+        # finished whose replies died with it: task id -> delivered).
         self.deaths: Dict[int, tuple] = {}
         # Hook to the actors' part (``loop`` wires it): what actors waiting to be placed ask.
         self.placements_waiting: Callable[[], Iterable[dict]] = lambda: ()
@@ -259,17 +264,31 @@ class Leases:
         slot = worker.cancel_slot
         started_id = worker.killed_for or (bytes(slot[P.SLOT_STARTED]) if slot is not None
                                            else None)
+        finished = self._replay_parked(worker)
         if worker.verdict_given:
             self._settle_lost_lease(list(worker.direct.values()), worker.unanswered,
-                                    started_id, worker.pid, status)
+                                    started_id, worker.pid, status, finished)
         else:
             if holder is not None and holder.alive:
                 # It reports, registers the rest and answers (LEASE_VERDICT).
-                self.deaths[worker.pid] = (status, started_id)
+                self.deaths[worker.pid] = (status, started_id, finished)
                 self.clients.send(holder, P.lease_lost(worker.pid))
             for task in list(worker.direct.values()):
                 self._await_verdict(task, worker.pid, status)
         worker.direct.clear()
+
+    def _replay_parked(self, worker: Client) -> Dict[bytes, list]:
+        """What a dead worker parked in its slot for the replies it held back as it ran the
+        next task (``Worker.report``): the reports it had for us, replayed now, before its
+        holds go (they keep the refs inside); and the results it had for its driver alone,
+        returned (task id -> delivered) for the verdict: those tasks finished."""
+        finished = {}
+        for message in P.parked_reports(worker.cancel_slot):
+            if message[0] == P.DIRECT_DONE:
+                self.on_direct_done(worker, *message[1:])
+            elif message[0] == P.RESULT:
+                finished[message[1]] = message[2]
+        return finished
 
     def _await_verdict(self, task: Task, pid: int, status: Optional[int]) -> None:
         """A leased worker died with ``task`` unreported: only its driver knows whether it
@@ -292,28 +311,34 @@ class Leases:
         """The tasks of ``client`` a dead leased worker left unreported never finished (the
         driver has reported all it got): the one the worker died in, and any the driver
         does not list in ``unanswered``, are charged (``_settle_lost_lease``)."""
-        status, started_id = self.deaths.pop(worker_pid, (None, None))
+        status, started_id, finished = self.deaths.pop(worker_pid, (None, None, {}))
         lost = []
         for task_id, (task, pid, died_of) in list(self.awaiting_verdict.items()):
             if pid == worker_pid and task.owner is client:
                 del self.awaiting_verdict[task_id]
                 lost.append(task)
                 status = died_of if died_of is not None else status
-        self._settle_lost_lease(lost, unanswered, started_id, worker_pid, status)
+        self._settle_lost_lease(lost, unanswered, started_id, worker_pid, status, finished)
 
-    def _settle_lost_lease(self, tasks, unanswered, started_id, pid: int, status) -> None:
-        """Tasks a dead leased worker never answered.  It names each in its slot as it
-        starts it (``started_id``): that one is lost (retried while retries are left:
-        ``Tasks.task_lost``).  The others in ``unanswered`` did not kill it: those sent
-        after it never started, those before it finished but their results, held back for
-        the next frame, died with it; they run again without using a retry."""
+    def _settle_lost_lease(self, tasks, unanswered, started_id, pid: int, status,
+                           finished) -> None:
+        """Tasks a dead leased worker never answered.  Those it finished, their replies held
+        back for the next frame, have their results parked (``finished``): done.  It names
+        each task in its slot as it starts it (``started_id``): that one is lost (retried
+        while retries are left: ``Tasks.task_lost``).  The others in ``unanswered`` did not
+        kill it: those sent after it never started, and run again without using a retry, as
+        do any it finished whose results were too big to park."""
         unanswered = set(unanswered)
         for task in tasks:
             if task.finished:
                 continue
             task.worker = None
-            if (task.task_id == started_id or task.cancelled
-                    or task.task_id not in unanswered):
+            delivered = finished.get(task.task_id)
+            if delivered is not None:
+                self.tasks.finish(task, [(object_id, data, metadata, ())
+                                         for object_id, data, metadata in delivered])
+            elif (task.task_id == started_id or task.cancelled
+                  or task.task_id not in unanswered):
                 self.tasks.task_lost(task, pid, status)
             else:
                 self.tasks.delete_partial_returns(task)  # a finished one's, sealed unreported
