@@ -353,3 +353,29 @@ def test_a_tree_reduce_of_numbers_the_driver_has_runs_on_leases(ray):
     # The first level at least goes to leases, though those still in the backlog when
     # the next level names them go to the scheduler with it (``Leases.publish``).
     assert leased_tasks() > before
+
+
+def test_links_of_a_leased_chain_finished_before_a_crash_keep_their_values(ray, tmp_path):
+    """A chain behind itself on a lease, whose middle link kills the worker: the links that
+    finished before return their values and ran once (their replies were parked), the one
+    that crashed fails, and the links after it fail with its error without running."""
+    runs = tmp_path / "runs"
+
+    @ray.remote(max_retries=0)
+    def link(x, crash_at):
+        with open(runs, "a") as f:
+            f.write(f"{x}\n")
+        if x == crash_at:
+            os._exit(1)
+        return x + 1
+
+    ray.get(link.remote(-10, None), timeout=DEADLOCK)  # a lease, and the function known short
+    runs.unlink()
+    refs = [link.remote(0, 5)]
+    for _ in range(8):
+        refs.append(link.remote(refs[-1], 5))
+    assert ray.get(refs[:5], timeout=DEADLOCK) == [1, 2, 3, 4, 5]
+    for failed in refs[5:]:
+        with pytest.raises(exceptions.WorkerCrashedError):
+            ray.get(failed, timeout=DEADLOCK)
+    assert sorted(int(x) for x in runs.read_text().split()) == [0, 1, 2, 3, 4, 5]
