@@ -379,3 +379,4 @@ def test_links_of_a_leased_chain_finished_before_a_crash_keep_their_values(ray, 
         with pytest.raises(exceptions.WorkerCrashedError):
             ray.get(failed, timeout=DEADLOCK)
     assert sorted(int(x) for x in runs.read_text().split()) == [0, 1, 2, 3, 4, 5]
+

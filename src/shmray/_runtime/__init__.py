@@ -162,13 +162,13 @@ class Runtime:
         (``_task_spec``).  Not if a task taking it can go right behind that task anyway
         (``behind``); at most once per ``_LOOK_EVERY``: while a burst is submitted, not
         once a task."""
-        if self.leases.can_follow(argument):
-            return
-        now = time.monotonic()
-        if now - self._looked_at < _LOOK_EVERY:
-            return
-        self._looked_at = now
-        with self.link.lock:
+        with self.link.lock:  # the reader thread changes what was sent to the leases
+            if self.leases.can_follow(argument):
+                return
+            now = time.monotonic()
+            if now - self._looked_at < _LOOK_EVERY:
+                return
+            self._looked_at = now
             self.link.poll()
 
     def check_feasible(self, demand: dict, what: str, actor: bool = False) -> None:
