@@ -286,12 +286,13 @@ class Queue:
         keeper = self._keeper()
         payloads, refs = [], []
         for item in items:
-            serialized = serialize(item)
             if isinstance(item, ObjectRef):  # put() takes no bare ref: it goes in a list
                 ref = put([item])
                 refs.append(ref)
                 payloads.append(_REF_IN_STORE + ref.binary())
-            elif serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
+                continue
+            serialized = serialize(item)
+            if serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
                 ref = put(item)
                 refs.append(ref)
                 payloads.append(_IN_STORE + ref.binary())
