@@ -12,6 +12,9 @@ from .. import _protocol as P
 from .clients import Client
 
 
+_FIRST_RETURN = (1).to_bytes(4, "little")
+
+
 class Task:
     __slots__ = ("spec", "task_id", "name", "owner", "return_ids", "resources", "shape",
                  "waiting_on", "retries_left", "worker", "finished", "held_ids", "actor",
@@ -24,10 +27,13 @@ class Task:
         self.name = spec[P.SPEC_NAME]
         self.owner = owner
         num_returns = spec[P.SPEC_NUM_RETURNS]
-        self.return_ids = [self.task_id + (i + 1).to_bytes(4, "little")
-                           for i in range(max(num_returns, 1))]
+        if num_returns <= 1:  # most tasks and calls: one return (or a hidden one)
+            self.return_ids = [self.task_id + _FIRST_RETURN]
+        else:
+            self.return_ids = [self.task_id + (i + 1).to_bytes(4, "little")
+                               for i in range(num_returns)]
         self.resources: Dict[str, float] = spec[P.SPEC_RESOURCES]
-        self.shape = tuple(sorted(self.resources.items()))
+        self.shape = tuple(sorted(self.resources.items())) if self.resources else ()
         extra = spec[P.SPEC_EXTRA]
         # (pg id, bundle index, capture) for a task in a placement group: it queues apart
         # and takes from its bundle's reservation (``pool``, set as it starts), not the
@@ -41,7 +47,8 @@ class Task:
         self.worker: Optional[Client] = None
         self.finished = False
         # every id the task holds until it finishes: top-level args and refs nested in args
-        self.held_ids = list(spec[P.SPEC_ARG_IDS]) + list(spec[P.SPEC_CONTAINED])
+        arg_ids, contained = spec[P.SPEC_ARG_IDS], spec[P.SPEC_CONTAINED]
+        self.held_ids = [*arg_ids, *contained] if arg_ids or contained else []
         self.actor: Optional["Actor"] = None  # set for actor method calls
         self.children: List["Task"] = []      # tasks it submitted while running (cancel)
         self.cancelled = False

@@ -96,9 +96,10 @@ class Tasks:
             entry.holders.add(client)
             entry.subscribers.append(client)  # the owner hears of its results unasked
             client.holds.add(object_id)
-        task.held_ids, unknown = self.objects.hold_arguments(task.held_ids)
-        if unknown:
-            self.fail(task, *self.objects.lost(unknown[0]))
+        if task.held_ids:  # (an actor call sent straight to its actor holds none)
+            task.held_ids, unknown = self.objects.hold_arguments(task.held_ids)
+            if unknown:
+                self.fail(task, *self.objects.lost(unknown[0]))
         return task
 
     def count_dependencies(self, task: Task) -> None:
@@ -349,11 +350,13 @@ class Tasks:
                 continue
             self.objects.make_ready(object_id, entry, data, metadata, contained)
         for object_id in task.return_ids:  # e.g. the hidden return of num_returns=0
-            entry = self.objects.get(object_id)
-            if object_id not in reported and entry is not None and not entry.ready:
-                self.objects.make_ready(object_id, entry, _NONE, b"", [])
-        held, task.held_ids = task.held_ids, []
-        self.objects.release_arguments(held)
+            if object_id not in reported:
+                entry = self.objects.get(object_id)
+                if entry is not None and not entry.ready:
+                    self.objects.make_ready(object_id, entry, _NONE, b"", [])
+        if task.held_ids:
+            held, task.held_ids = task.held_ids, []
+            self.objects.release_arguments(held)
 
     def finish_direct(self, task: Task, results, retryable: bool) -> None:
         """Results its caller (an actor's, or the driver leasing the worker) already has,
