@@ -47,7 +47,7 @@ from .._object_ref import ObjectRef
 from .._ring import Ring, RingClosed, deadline_after
 from .._serialization import ALIGN, deserialize_inline, serialize
 
-RING_BYTES = 1 << 20
+RING_BYTES = 256 * 1024  # a queue costs this much of the arena however little it holds
 RING_ITEM_MAX = 32 * 1024
 _IN_RING = b"I"    # a record's first byte: the item's pickle follows
 _IN_STORE = b"S"   # ... the id of the object holding the item follows
