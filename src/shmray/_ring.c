@@ -210,6 +210,16 @@ static struct ring *checked(void *memory)
     return r != NULL && r->magic == RING_MAGIC ? r : NULL;
 }
 
+/* The ring in `memory`, locked (SHM_ERR_INVALID if there is none). */
+static int ring_locked(void *memory, struct ring **out)
+{
+    struct ring *r = checked(memory);
+    if (r == NULL)
+        return SHM_ERR_INVALID;
+    *out = r;
+    return ring_lock(r);
+}
+
 uint64_t shm_ring_header_size(void)
 {
     return RING_HEADER;
@@ -234,6 +244,12 @@ int shm_ring_format(void *memory, uint64_t size, uint64_t max_items)
 static uint64_t overflow_unclaimed(const struct ring *r)
 {
     return r->overflow_sent - r->overflow_claimed;
+}
+
+/* Items a get may take now: the ring's, and those the keeper has received. */
+static uint64_t available(const struct ring *r)
+{
+    return r->items + r->overflow_arrived - r->overflow_claimed;
 }
 
 int shm_ring_put(void *memory, const void *records, uint64_t size, uint64_t count,
@@ -280,8 +296,7 @@ int shm_ring_get(void *memory, void *out, uint64_t out_size, uint64_t count,
         int rc = ring_enter(r);
         if (rc != SHM_OK)
             return rc;
-        uint64_t arrived = r->overflow_arrived - r->overflow_claimed;
-        if (r->items + arrived >= count) {
+        if (available(r) >= count) {
             uint64_t from_ring = count < r->items ? count : r->items, size = 0;
             for (uint64_t i = 0; i < from_ring; i++)
                 size += padded(8 + record_length(r, r->head + size));
@@ -316,7 +331,7 @@ int shm_ring_wait(void *memory, int for_room, uint64_t wait_ns)
             return rc;
         int ready = for_room
             ? r->max_items == 0 || r->items + overflow_unclaimed(r) < r->max_items
-            : r->items + r->overflow_arrived - r->overflow_claimed > 0;
+            : available(r) > 0;
         if (ready) {
             pthread_mutex_unlock(&r->lock);
             return SHM_OK;
@@ -328,10 +343,8 @@ int shm_ring_wait(void *memory, int for_room, uint64_t wait_ns)
 
 int shm_ring_arrived(void *memory, uint64_t count)
 {
-    struct ring *r = checked(memory);
-    if (r == NULL)
-        return SHM_ERR_INVALID;
-    int rc = ring_lock(r);
+    struct ring *r;
+    int rc = ring_locked(memory, &r);
     if (rc != SHM_OK)
         return rc;
     r->overflow_arrived += count;
@@ -342,10 +355,8 @@ int shm_ring_arrived(void *memory, uint64_t count)
 
 int shm_ring_task_done(void *memory, uint64_t count)
 {
-    struct ring *r = checked(memory);
-    if (r == NULL)
-        return SHM_ERR_INVALID;
-    int rc = ring_lock(r);
+    struct ring *r;
+    int rc = ring_locked(memory, &r);
     if (rc != SHM_OK)
         return rc;
     if (count > r->unfinished) {
@@ -381,10 +392,8 @@ int shm_ring_join(void *memory, uint64_t wait_ns)
 
 int shm_ring_close(void *memory)
 {
-    struct ring *r = checked(memory);
-    if (r == NULL)
-        return SHM_ERR_INVALID;
-    int rc = ring_lock(r);
+    struct ring *r;
+    int rc = ring_locked(memory, &r);
     if (rc != SHM_OK)
         return rc;
     r->closed = 1;
@@ -397,13 +406,11 @@ int shm_ring_close(void *memory)
 
 int shm_ring_counts(void *memory, uint64_t *items_out, uint64_t *unfinished_out)
 {
-    struct ring *r = checked(memory);
-    if (r == NULL)
-        return SHM_ERR_INVALID;
-    int rc = ring_lock(r);
+    struct ring *r;
+    int rc = ring_locked(memory, &r);
     if (rc != SHM_OK)
         return rc;
-    *items_out = r->items + r->overflow_arrived - r->overflow_claimed;
+    *items_out = available(r);
     *unfinished_out = r->unfinished;
     int closed = r->closed;
     pthread_mutex_unlock(&r->lock);
@@ -412,10 +419,8 @@ int shm_ring_counts(void *memory, uint64_t *items_out, uint64_t *unfinished_out)
 
 int shm_ring_debug_lock(void *memory, int64_t skew)
 {
-    struct ring *r = checked(memory);
-    if (r == NULL)
-        return SHM_ERR_INVALID;
-    int rc = ring_lock(r);
+    struct ring *r;
+    int rc = ring_locked(memory, &r);
     if (rc == SHM_OK)
         r->items += (uint64_t)skew;
     return rc;

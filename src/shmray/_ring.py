@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ._store_cffi import ffi, lib
 from .exceptions import RaySystemError
@@ -85,45 +85,36 @@ class Ring:
         caller must then hand them to the keeper)."""
         records = frame(payloads)
         overflow = ffi.new("int *")
-        while True:
-            status = lib.shm_ring_put(self._ring, records, len(records), len(payloads),
-                                      _slice(deadline), overflow)
-            if status != lib.SHM_ERR_FULL:
-                _check(status)
-                return bool(overflow[0])
-            if _past(deadline):
-                return None
+        if not _waited(lambda wait_ns: lib.shm_ring_put(
+                self._ring, records, len(records), len(payloads), wait_ns, overflow),
+                lib.SHM_ERR_FULL, deadline):
+            return None
+        return bool(overflow[0])
 
     def get(self, count: int, deadline: Optional[float]) -> Optional[Tuple[List[bytes], int]]:
         """Take ``count`` items, all or none: None if there were not that many by
         ``deadline``; else the records from the ring, and how many more items to fetch
         from the keeper."""
         size, overflow = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        while True:
-            buffer = _scratch.buffer
-            status = lib.shm_ring_get(self._ring, ffi.from_buffer(buffer), len(buffer), count,
-                                      _slice(deadline), size, overflow)
-            if status == lib.SHM_OK:
-                return _unframe(buffer, size[0]), overflow[0]
-            if status == lib.SHM_ERR_BUFFER:
+
+        def attempt(wait_ns: int) -> int:
+            while True:
+                buffer = _scratch.buffer
+                status = lib.shm_ring_get(self._ring, ffi.from_buffer(buffer), len(buffer),
+                                          count, wait_ns, size, overflow)
+                if status != lib.SHM_ERR_BUFFER:
+                    return status
                 _scratch.buffer = bytearray(max(size[0], 2 * len(buffer)))
-                continue
-            if status != lib.SHM_ERR_EMPTY:
-                _check(status)
-            if _past(deadline):
-                return None
+
+        if not _waited(attempt, lib.SHM_ERR_EMPTY, deadline):
+            return None
+        return _unframe(_scratch.buffer, size[0]), overflow[0]
 
     def wait(self, for_room: bool, deadline: Optional[float]) -> bool:
         """Whether the queue had an item (``for_room``: room for one) by ``deadline``;
         takes or puts nothing."""
-        missing = lib.SHM_ERR_FULL if for_room else lib.SHM_ERR_EMPTY
-        while True:
-            status = lib.shm_ring_wait(self._ring, for_room, _slice(deadline))
-            if status != missing:
-                _check(status)
-                return True
-            if _past(deadline):
-                return False
+        return _waited(lambda wait_ns: lib.shm_ring_wait(self._ring, for_room, wait_ns),
+                       lib.SHM_ERR_FULL if for_room else lib.SHM_ERR_EMPTY, deadline)
 
     def arrived(self, count: int) -> None:
         _check(lib.shm_ring_arrived(self._ring, count))
@@ -138,13 +129,8 @@ class Ring:
 
     def join(self, deadline: Optional[float]) -> bool:
         """Whether every item put was processed by ``deadline``."""
-        while True:
-            status = lib.shm_ring_join(self._ring, _slice(deadline))
-            if status != lib.SHM_ERR_EMPTY:
-                _check(status)
-                return True
-            if _past(deadline):
-                return False
+        return _waited(lambda wait_ns: lib.shm_ring_join(self._ring, wait_ns),
+                       lib.SHM_ERR_EMPTY, deadline)
 
     def close(self) -> None:
         _check(lib.shm_ring_close(self._ring))
@@ -154,6 +140,18 @@ class Ring:
         items, unfinished = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         _check(lib.shm_ring_counts(self._ring, items, unfinished))
         return items[0], unfinished[0]
+
+
+def _waited(attempt: Callable[[int], int], missing: int, deadline: Optional[float]) -> bool:
+    """Call ``attempt(wait_ns)`` a slice at a time until it returns other than ``missing``
+    (checked: True) or ``deadline`` passes (False)."""
+    while True:
+        status = attempt(_slice(deadline))
+        if status != missing:
+            _check(status)
+            return True
+        if _past(deadline):
+            return False
 
 
 def deadline_after(timeout: Optional[float]) -> Optional[float]:
