@@ -15,7 +15,7 @@ DEADLOCK = 60
 
 
 def direct_calls():
-    return runtime().query("direct_calls")
+    return runtime().channels.calls_sent
 
 
 @pytest.fixture
@@ -111,20 +111,23 @@ def test_tasks_and_actors_call_actors_directly(ray, Log):
     log = Log.remote()
     ray.get(log.add.remote(0))
 
-    @ray.remote
-    def push(handle, n):
-        return ray.get([handle.add.remote(i) for i in range(n)])
+    def calls(handle, n):  # the results, and how many of the calls went straight
+        before = direct_calls()
+        results = ray.get([handle.add.remote(i) for i in range(n)])
+        return results, direct_calls() - before
+
+    push = ray.remote(calls)
 
     @ray.remote
     class Relay:
         def relay(self, handle, n):
-            return ray.get([handle.add.remote(i) for i in range(n)])
+            return calls(handle, n)
 
-    before = direct_calls()
-    assert ray.get(push.remote(log, 30)) == list(range(30))
+    results, direct = ray.get(push.remote(log, 30))
+    assert results == list(range(30)) and direct >= 29  # the first may find no socket yet
     relay = Relay.remote()
-    assert ray.get(relay.relay.remote(log, 30)) == list(range(30))
-    assert direct_calls() - before >= 50
+    results, direct = ray.get(relay.relay.remote(log, 30))
+    assert results == list(range(30)) and direct >= 29
 
 
 def test_direct_calls_pending_when_the_actor_is_killed_fail(ray, Log):
@@ -202,6 +205,81 @@ def test_a_caller_dying_with_direct_calls_in_flight_leaks_nothing(ray, Log, ling
     settle()
     wait_for(lambda: runtime().query("objects") <= objects_before, timeout=10)
     wait_for(lambda: runtime().store.statistics().bytes_in_use <= bytes_before, timeout=10)
+
+
+# -- ownership: the caller tells the scheduler of a direct call only when it must ------------
+
+
+def registered_calls():
+    return runtime().query("registered_calls")
+
+
+def test_a_burst_of_direct_calls_costs_the_scheduler_nothing(ray, Log):
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+    settle()
+    before, objects = registered_calls(), runtime().query("objects")
+    refs = [log.add.remote(i) for i in range(200)]
+    assert ray.get(refs) == list(range(200))
+    assert registered_calls() == before and runtime().query("objects") == objects
+    del refs
+    arrays = [log.big.remote(i) for i in range(3)]  # in the arena: the scheduler frees them
+    assert [a[0] for a in ray.get(arrays)] == [0, 1, 2]
+    assert registered_calls() == before + 3
+
+
+def test_a_result_passed_on_reaches_the_task_even_after_the_actor_died(ray, Log):
+    @ray.remote
+    def echo(x):
+        return x
+
+    log = Log.options(max_restarts=0).remote()
+    pid = ray.get(log.pid.remote())
+    ref = log.add.remote([1, 2, 3])
+    assert ray.get(ref) == [1, 2, 3]  # ours alone: the scheduler never heard of the call
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid))
+    assert ray.get(echo.remote(ref), timeout=30) == [1, 2, 3]
+    assert ray.get(echo.remote([ref]), timeout=30)[0] is not None
+    assert ray.get(ray.get(echo.remote([ref]), timeout=30)[0]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_registered_call_the_actor_dies_in_fails_or_runs_again(ray, Log, retries):
+    """A ref to the running call leaves the caller (so the scheduler knows of the call);
+    the process dies: the scheduler waits for the caller's word, then fails the call, or
+    runs it on the restarted actor."""
+    @ray.remote
+    def echo(x):
+        return x
+
+    log = Log.options(max_restarts=1, max_task_retries=retries).remote()
+    pid = ray.get(log.pid.remote())
+    napping = log.nap.remote(1.0)
+    passed_on = echo.remote(napping)  # registers the call
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    if retries:
+        assert ray.get(passed_on, timeout=30) == 1.0
+        assert ray.get(napping, timeout=30) == 1.0
+    else:
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            ray.get(passed_on, timeout=30)
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            ray.get(napping, timeout=30)
+    assert ray.get(log.pid.options(max_task_retries=-1).remote(), timeout=30) != pid
+
+
+def test_calls_retried_after_a_crash_keep_their_order_before_later_calls(ray, Log):
+    log = Log.options(max_restarts=1, max_task_retries=-1).remote()
+    pid = ray.get(log.pid.remote())
+    first = [log.nap.remote(0.3)] + [log.add.remote(i) for i in range(1, 50)]
+    time.sleep(0.1)  # it naps: the other calls wait in its socket
+    os.kill(pid, signal.SIGKILL)
+    later = [log.add.remote(i) for i in range(50, 80)]
+    assert ray.get(first[1:] + later, timeout=60) == list(range(1, 80))
+    entries = ray.get(log.entries_.remote(), timeout=30)  # the new process's, in order
+    assert entries == sorted(entries) and entries[-30:] == list(range(50, 80))
 
 
 # -- regressions from review (each failed before its fix) ------------------------------

@@ -222,7 +222,7 @@ def test_sockets_live_in_a_private_folder_even_under_a_deep_temp_dir(tmp_path):
 
         echo = Echo.remote()
         assert [shmray.get(echo.echo.remote(i), timeout=60) for i in range(3)] == [0, 1, 2]
-        assert runtime().query("direct_calls") >= 2
+        assert runtime().channels.calls_sent >= 2
     finally:
         shmray.shutdown()
     assert not os.path.exists(folder)

@@ -77,7 +77,7 @@ class Route:
 
     def taken(self) -> int:
         if self.name == "actor":
-            return runtime().query("direct_calls")
+            return runtime().channels.calls_sent
         return runtime().leases.tasks_sent
 
     def check(self) -> None:

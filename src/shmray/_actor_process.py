@@ -5,13 +5,13 @@ Runs in: actor processes (forked by the scheduler, named ``shmray::ClassName``).
 Calls arrive two ways: straight from their callers over direct channels (``_direct``: a
 listening socket, one connection per calling process; calls without refs among their
 arguments), and forwarded by the scheduler (the rest, in each caller's order).  Results go back
-the way their call came, a direct call's after the scheduler has heard of it.  Here they run:
+the way their call came (``Worker.report``).  Here they run:
 
 - sync actor (``max_concurrency=1``): one call at a time, in arrival order, on the main thread,
   which also reads its sockets between calls (at most every 0.5 ms while calls are queued);
-  replies wait for the next one while calls are queued, a millisecond at most, their
-  reports to the scheduler parked in shared memory meanwhile: should a later call crash the
-  actor, the calls that finished keep their results (``Worker.report``);
+  replies wait for the next one while calls are queued, a millisecond at most, parked in
+  shared memory meanwhile: should a later call crash the actor, the calls that finished keep
+  their results (``Worker.report``);
 - threaded actor (sync methods, ``max_concurrency > 1`` or concurrency groups): calls run on
   a pool of that many threads, one pool per concurrency group, while the main thread reads;
   a thread blocked in ``get`` lets the main thread read for it (the runtime's
@@ -75,9 +75,10 @@ _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this of
 class ActorProcess(Worker):
     """The actor's loop; method calls reuse the worker's argument and result handling."""
 
-    # Any process may call an actor: the scheduler hears of every call's results from here,
-    # first (``Worker.report``), and at once.
-    caller_reports = False
+    # Any process may call an actor, and owns its direct calls: their results go to it
+    # alone, but for those it can't use at once, and those in the arena, which the
+    # scheduler hears of from here first (``Worker.report``).
+    reports_arena = True
     hold_reports = False
     names_parent = False
     direct_shapes = {P.CALL: P.CALL_FIELDS}

@@ -13,16 +13,19 @@ and keeps the connection; a call whose arguments hold no ObjectRef (nothing to w
 nothing whose lifetime the scheduler must track on the way) is written straight to the
 actor, which writes the result straight back::
 
-    caller ── CALL ──────────────────────▶ actor          (the critical path: 2 hops)
-       └──── DIRECT_CALL (batched) ──▶ scheduler ◀── DIRECT_DONE ──┘
+    caller ── CALL, CALL, ... ───────────▶ actor          (the critical path: 2 hops)
+       ◀───── RESULT, RESULT, ... ─────────┘
+       └── only if it must: DIRECT_CALL, CALLER_DONE, CALLS_LOST ──▶ scheduler
 
-The scheduler still hears of every call: the caller registers it, off the critical path and
-in batches (so its results are in the object directory, held and freed like any other, and
-passing them to a task works), and the actor reports its results before it replies, so a
-result a caller has seen is one the scheduler knows is done.  The two reports may arrive in
-either order; the scheduler pairs them.  If the actor dies, the scheduler fails or retries
-the calls it was owed exactly as for calls it forwarded itself, and a caller that loses its
-channel asks the scheduler for the outstanding results instead.
+The caller owns such a call, and the scheduler hears of it only when it must
+(``_runtime.channels``: a ref to its result leaves the caller, a call through the scheduler
+follows it, the caller's last handle to the actor goes, its results hold refs, live in the
+arena or will be retried, its channel broke); then the caller registers it (DIRECT_CALL)
+and reports what came back (CALLER_DONE), and the actor reports first only the results
+the caller can't use at once, and those in the arena (DIRECT_DONE).  The caller is the
+witness of what it saw: if the actor dies, the scheduler keeps the registered calls it owed
+waiting until the caller has read all the actor sent and named the calls that never came
+back (CALLS_LOST); those are retried or failed as calls it forwarded itself would be.
 
 A lease carries tasks the same way: the driver owns its plain tasks and sends them to
 workers the scheduler lends it, several at a time to a worker for short functions; the
@@ -30,7 +33,7 @@ lease holds the worker's CPU until it is given back::
 
     driver ── EXECUTE, EXECUTE, ... ─────▶ leased worker
        ◀───── RESULT, RESULT, ... ─────────┘
-       └── only if it must: DIRECT_SUBMIT, LEASED_DONE ──▶ scheduler
+       └── only if it must: DIRECT_SUBMIT, CALLER_DONE ──▶ scheduler
 
 The scheduler hears of such a task only when it must (``_runtime.leases``: a ref to it
 leaves the driver, it is cancelled, it waited in get() or submitted tasks, its results
@@ -43,8 +46,10 @@ or failed.
 
 Per-caller order holds across both routes: a caller sends directly only while none of its
 calls to that actor that went through the scheduler is unfinished, and the scheduler forwards
-a caller's call only once that caller's direct calls to the actor are done.  An actor whose
-last handle is gone is told to exit only once its direct calls are done.
+a caller's call only once the caller's direct calls to the actor registered before it are
+done (the caller registers those it has not had answers to first).  An actor whose last
+handle is gone is told to exit only once its direct calls are done (the caller registers
+those it has not had answers to before it lets go of the handle).
 
 Waiting on a channel spins briefly before sleeping (``Spinner``): on this 2-CPU VM a wake-up
 across CPUs costs ~30 us, a third of a round trip.

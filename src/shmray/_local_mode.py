@@ -436,7 +436,7 @@ class LocalRuntime:
             return len(self.objects)
         if what == "workers":
             return []
-        if what == "direct_calls":
+        if what == "registered_calls":
             return 0
         if what == "placement_groups":
             return {}

@@ -43,8 +43,8 @@ Client (driver, worker, actor) -> scheduler
                                                      (not run, send it again)
     QUERY              request_id, what              what: "resources", "available", "workers",
                                                      "ping" (a barrier), "objects" (how many
-                                                     the directory has), "direct_calls" (how
-                                                     many went straight), "sent_ahead"
+                                                     the directory has), "registered_calls"
+                                                     (direct calls registered), "sent_ahead"
                                                      (tasks sent before their arguments were
                                                      ready, and those sent back unrun),
                                                      "named_actors",
@@ -65,9 +65,9 @@ Client (driver, worker, actor) -> scheduler
                                                      (its channel ended), registered just
                                                      before; None: it could not be reached
                                                      (connect failed): replace it
-    LEASED_DONE        task_id, delivered            a registered leased task's results as its
-                                                     worker sent them back, all usable at once
-                                                     (the worker reports the others itself)
+    CALLER_DONE        task_id, delivered            a registered task's or call's results as
+                                                     its callee sent them back, all usable at
+                                                     once (the callee reports the others)
     LEASE_VERDICT      worker_pid                    answers LEASE_LOST: every result that
                                                      worker sent back has been reported
     LEASE_HANDED_BACK  worker_pid, task_ids          registered tasks that leased worker gave
@@ -76,9 +76,12 @@ Client (driver, worker, actor) -> scheduler
                                                      worker; the sender holds its results.
                                                      Sent only when the scheduler needs to know
                                                      of it (``_runtime.leases``: ownership)
-    DIRECT_CALL        actor_id, actor_pid, spec     a call sent straight to the actor process
-                                                     actor_pid (``_direct``); the sender holds
-                                                     its results
+    DIRECT_CALL        actor_id, actor_pid, spec     registers a call sent straight to the actor
+                                                     process actor_pid, as DIRECT_SUBMIT does a
+                                                     task (``_runtime.channels``: ownership)
+    CALLS_LOST         actor_id, actor_pid, task_ids the direct channel to that actor process
+                                                     ended: these calls sent on it (registered
+                                                     just before, in order) never answered
     KILL_ACTOR         request_id, actor_id, no_restart
                                                      SIGKILL the actor process; the REPLY
                                                      comes once its death is dealt with
@@ -109,9 +112,10 @@ Actor or leased worker -> scheduler
                                                      those without refs inside are delivered
                                                      to the caller right after, unless
                                                      retryable.  A leased worker sends it
-                                                     only for results it can't deliver (its
-                                                     driver reports the rest, LEASED_DONE,
-                                                     if it registered the task)
+                                                     only for results it can't deliver, an
+                                                     actor for those too and any in the arena
+                                                     (the caller reports the rest,
+                                                     CALLER_DONE, if it registered the call)
 Scheduler -> client
     READY              object_id, data, metadata     the object is ready (owner or subscriber)
     EXECUTE            task_id, fn_id, pickled|None, name, args, arg_ids, num_returns,
@@ -208,10 +212,11 @@ DIRECT_DONE = 18
 LEASE_REQUEST = 19
 LEASE_RETURN = 20
 DIRECT_SUBMIT = 21
-LEASED_DONE = 22
+CALLER_DONE = 22
 LEASE_VERDICT = 23
 HANDED_BACK = 24
 LEASE_HANDED_BACK = 25
+CALLS_LOST = 29
 CREATE_PLACEMENT_GROUP = 41
 PLACEMENT_GROUP_READY = 42
 REMOVE_PLACEMENT_GROUP = 43
@@ -350,8 +355,8 @@ def lease_return(worker_pid: int, unanswered: Optional[list]) -> tuple:
     return (LEASE_RETURN, worker_pid, unanswered)
 
 
-def leased_done(task_id: bytes, delivered: list) -> tuple:
-    return (LEASED_DONE, task_id, delivered)
+def caller_done(task_id: bytes, delivered: list) -> tuple:
+    return (CALLER_DONE, task_id, delivered)
 
 
 def lease_verdict(worker_pid: int) -> tuple:
@@ -368,6 +373,10 @@ def direct_submit(worker_pid: int, spec: tuple) -> tuple:
 
 def direct_call(actor_id: bytes, actor_pid: int, spec: tuple) -> tuple:
     return (DIRECT_CALL, actor_id, actor_pid, spec)
+
+
+def calls_lost(actor_id: bytes, actor_pid: int, task_ids: list) -> tuple:
+    return (CALLS_LOST, actor_id, actor_pid, task_ids)
 
 
 def create_placement_group(pg_id: bytes, bundles: list, strategy: str, name: str,
@@ -456,7 +465,7 @@ def result(task_id: bytes, delivered: list, undelivered: list, took: float,
     return (RESULT, task_id, delivered, undelivered, took, must_register)
 
 # A worker's slot: shared memory the scheduler maps before forking it.  An actor process has
-# one too, of which it uses only the parked reports (DIRECT_DONE messages: ``Worker.report``).
+# one too, of which it uses only the parked reports (DIRECT_DONE or RESULT: ``Worker.report``).
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
 #   [24:48]  the last task the worker started (the worker writes it; the scheduler clears it
 #            before it gives an idle worker work)

@@ -6,9 +6,9 @@ For each EXECUTE: load the function (cached by id; its code arrives with the fir
 scheduler sends that uses it, or is asked of the scheduler when a leased task needs it),
 rebuild the arguments, run, and store the results (``_task_results``).  Results go to the
 scheduler (TASK_DONE), and for work sent straight here back to its sender (RESULT), the
-scheduler hearing first (DIRECT_DONE) except for a leased task's results the driver can
-use at once: the driver owns the task, and reports those itself if the scheduler must know
-of it (``report``).  While more short tasks are queued, a few tasks' replies wait to go
+scheduler hearing first (DIRECT_DONE) only of results the sender can't use at once: the
+sender owns the work, and reports the others itself if the scheduler must know of it
+(``report``).  While more short tasks are queued, a few tasks' replies wait to go
 out in one message, each parked in the slot meanwhile (``ParkedReports``): should a later
 task crash the worker, the scheduler reads there which finished, and with what.
 
@@ -51,6 +51,7 @@ from . import (
     exceptions,
 )
 from ._context import cancel_point, current_task
+from ._runtime.objects import any_in_arena
 from ._connection import ConnectionClosed, wait_writable
 from ._task_cancel import TaskCancel
 from ._task_results import (
@@ -127,6 +128,7 @@ class Worker:
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
     caller_reports = True  # a leased task's delivered results: the driver reports them
+    reports_arena = False  # ...those in the arena too (it registers the task for them)
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
     parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
@@ -209,13 +211,13 @@ class Worker:
 
         Straight back go only results the caller may use at once: not those holding refs
         (the scheduler must count those refs first) and none of a failure that will be
-        retried; the caller hears of those from the scheduler.  The scheduler hears before
-        the caller does, from here (an actor's calls, results not delivered), so a result a
-        caller has seen is one the scheduler knows is done and is never failed or retried
-        afterwards if this process dies.  A leased task's delivered results go to its driver
-        alone (``caller_reports``), which reports them if it has told the scheduler of the
-        task, and is the witness of what it saw; the scheduler takes them from the slot if
-        this process dies holding them back (``_scheduler.leases``).
+        retried; the caller hears of those from the scheduler, which hears of them from
+        here first.  Delivered results go to the caller alone (``caller_reports``), which
+        owns the work: it reports them if it has told the scheduler of it, and is the
+        witness of what it saw should this process die; the scheduler takes them from the
+        slot if this process dies holding them back.  An actor reports results in the arena
+        too (``reports_arena``): its caller may be a worker that dies before it registers
+        the call, and the scheduler must know them to free them.
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
@@ -228,7 +230,8 @@ class Worker:
             if origin is None:
                 done = P.task_done(task_id, results, retryable, took)
                 runtime.send(done)
-            elif conn is None or undelivered or not self.caller_reports:
+            elif (conn is None or undelivered or not self.caller_reports
+                  or (self.reports_arena and any_in_arena(results))):
                 told = P.direct_done(task_id, results, origin[1], retryable)
                 runtime.send(told)
             self._reported()

@@ -73,6 +73,7 @@ class Runtime:
         self.channels = Channels(link, objects, self.socket_dir)
         self.leases = Leases(link, objects, self.socket_dir,
                              max(int(options.get("num_cpus") or 1), 1), leasing)
+        self.leases.register_call = self.channels.register
         if leasing:  # a driver: its flusher also sends what it drops while idle (``poke``)
             link.start_flusher()
         self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity

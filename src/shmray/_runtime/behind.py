@@ -27,7 +27,7 @@ from typing import List, Optional
 
 from .. import _protocol as P
 from .._object_ref import ObjectRef
-from .channels import Channel
+from .channels import Channel, Owned
 
 
 def behind_one(spec: tuple) -> bool:
@@ -35,18 +35,6 @@ def behind_one(spec: tuple) -> bool:
     return (len(spec[P.SPEC_ARG_IDS]) == 1 and not spec[P.SPEC_CONTAINED]
             and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA]
             and spec[P.SPEC_NUM_RETURNS] >= 0)
-
-
-class Leased:
-    """A task of ours for a leased worker: in the backlog, or sent and not answered."""
-
-    __slots__ = ("spec", "return_ids", "registered", "holds")
-
-    def __init__(self, spec: tuple, return_ids, holds=None):
-        self.spec = spec
-        self.return_ids = return_ids
-        self.registered = False  # the scheduler knows of it (``register``)
-        self.holds = holds       # the argument it was sent behind, counted until it is done
 
 
 class SentBehind:
@@ -68,8 +56,8 @@ class SentBehind:
         lease = objects.direct_pending.get(argument)
         self._submitted_at = time.monotonic()
         objects.counts[argument] += 1  # its value is ours until this one is done with it
-        record = Leased(spec, return_ids, argument)
-        refs = self.own(record)
+        record = Owned(spec, return_ids, argument)
+        refs = self.objects.own(record)
         if lease is None:
             self.backlog.append(record)
         else:
@@ -83,25 +71,27 @@ class SentBehind:
         if producer is None:
             return False
         lease = self.objects.direct_pending.get(argument)
+        if lease is not None and lease.actor_id is not None:
+            return False  # an actor call's: only a lease runs tasks
         if lease is None:
             return bool(self.backlog) and self.backlog[-1] is producer
         return self._last_on(lease, producer)
 
     @staticmethod
-    def _last_on(lease: Channel, producer: Leased) -> bool:
+    def _last_on(lease: Channel, producer: Owned) -> bool:
         """Whether ``producer`` is the last task sent to ``lease``, which may take one
         more.  No room is needed: a task waiting for its predecessor could run on no other
         worker meanwhile (the lease just gets no plain tasks while its queue is long)."""
         return (not (lease.recalled or lease.stalled) and bool(lease.sent)
                 and next(reversed(lease.sent.values())) is producer)
 
-    def _send_behind(self, lease: Channel, record: Leased) -> None:
+    def _send_behind(self, lease: Channel, record: Owned) -> None:
         if self.send(lease, record, {record.holds: None}):
             lease.last_used = time.monotonic()
             if lease.conn in self.link.unflushed:
                 self.link.flush_later()
 
-    def _feed_behind(self, record: Leased) -> None:
+    def _feed_behind(self, record: Owned) -> None:
         """A task at the head of the backlog that was submitted behind the one making its
         argument: to the lease that one went to, or through the scheduler."""
         self.backlog.popleft()
@@ -129,7 +119,7 @@ class SentBehind:
                                               if i in self.objects.counts)
         self._release_hold(record)
 
-    def _release_hold(self, record: Leased) -> None:
+    def _release_hold(self, record: Owned) -> None:
         if record.holds is not None:
             self.objects.release_later(record.holds)
             record.holds = None

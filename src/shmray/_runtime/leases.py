@@ -30,19 +30,17 @@ import time
 from typing import List, Optional
 
 from .. import _direct, _protocol as P, exceptions
-from .._connection import wait_readable
 from .._object_ref import ObjectRef
 from .._run_times import RunTimes
-from .channels import Channel
+from .behind import SentBehind
+from .channels import Channel, Owned, read_to_the_end
 from .link import FLUSH_DELAY, Link
-from .behind import Leased, SentBehind
-from .objects import IN_ARENA, Objects
+from .objects import Objects, any_in_arena
 
 IDLE_SECONDS = 0.002          # a lease unused this long goes back to the scheduler
 _BUSY_TICK = 0.01             # how often the flusher looks at a lease whose task runs
 _PIPELINE_MAX_DEPTH = 256     # tasks in flight on one leased worker, at most
 _BACKLOG_POLL_EVERY = 16      # while submitting into a backlog, look for results this often
-_LOST_CHANNEL_WAIT = 1.0      # a dead worker's channel is at its end well within this
 _UNREACHABLE_MAX = 3          # leases in a row we can't connect to before we stop leasing
 
 
@@ -52,14 +50,6 @@ def leasable(spec: tuple) -> bool:
     return (not spec[P.SPEC_ARG_IDS] and not spec[P.SPEC_CONTAINED]
             and spec[P.SPEC_RESOURCES] == P.LEASE_SHAPE and not spec[P.SPEC_EXTRA]
             and spec[P.SPEC_NUM_RETURNS] >= 0)
-
-
-def _any_in_arena(delivered) -> bool:
-    """Whether a result is in the arena: the scheduler frees those, so it must know them."""
-    for result in delivered:
-        if result[1] is IN_ARENA:
-            return True
-    return False
 
 
 class Leases(SentBehind):
@@ -72,7 +62,7 @@ class Leases(SentBehind):
         self.socket_dir = socket_dir
         self.enabled = enabled
         self.held: List[Channel] = []
-        self.backlog: collections.deque = collections.deque()  # Leased, waiting for room
+        self.backlog: collections.deque = collections.deque()  # Owned, waiting for room
         self.tasks_sent = 0           # how many went to a lease (for tests and curiosity)
         self._backlog_submits = 0     # tasks submitted into the backlog (polls among them)
         # When the program last submitted a task: while it does, it writes as it goes, and
@@ -83,6 +73,7 @@ class Leases(SentBehind):
         self._max = max_leases
         self._run_times = RunTimes(_PIPELINE_MAX_DEPTH)
         self._unreachable = 0         # workers lent to us in a row that we couldn't reach
+        self.register_call = None     # (Owned, Channel): an actor call's (``channels``)
         link.handlers[P.LEASE_GRANTED] = self._granted
         link.handlers[P.LEASE_RECALL] = self._recalled
         link.handlers[P.LEASE_LOST] = self._lost
@@ -100,8 +91,8 @@ class Leases(SentBehind):
         now = self._submitted_at = time.monotonic()
         if now - self.link.last_flush > FLUSH_DELAY:
             self.link.send_all()
-        record = Leased(spec, return_ids)
-        refs = self.own(record)
+        record = Owned(spec, return_ids)
+        refs = self.objects.own(record)
         backlog = self.backlog
         backlog.append(record)
         if len(backlog) == 1:
@@ -113,17 +104,6 @@ class Leases(SentBehind):
             self._backlog_submits += 1
             if self._backlog_submits % _BACKLOG_POLL_EVERY == 0:
                 self.link.poll()  # results in: their workers have room again
-        return refs
-
-    def own(self, record: Leased) -> List[ObjectRef]:
-        """Our refs to a task's results, which the scheduler does not know of yet."""
-        objects = self.objects
-        unregistered, counts, tracker = objects.unregistered, objects.counts, objects.tracker
-        refs = []
-        for object_id in record.return_ids:
-            unregistered[object_id] = record
-            counts[object_id] = counts.get(object_id, 0) + 1
-            refs.append(ObjectRef.counted(object_id, tracker))
         return refs
 
     def _roomiest(self) -> Optional[Channel]:
@@ -169,7 +149,7 @@ class Leases(SentBehind):
         sent = len(lease.sent)
         return not sent or sent < min(lease.depth_limit, self._run_times.depth(fn_id))
 
-    def send(self, lease: Channel, record: Leased, values=None) -> bool:
+    def send(self, lease: Channel, record: Owned, values=None) -> bool:
         spec = record.spec
         depth = self._run_times.depth(spec[P.SPEC_FN_ID])
         lease.depth_limit = min(lease.depth_limit, depth) if lease.sent else depth
@@ -220,17 +200,17 @@ class Leases(SentBehind):
             self._release_hold(record)
         self._run_times.note(record.spec[P.SPEC_FN_ID], took, must_register)
         if not record.registered and (undelivered or must_register
-                                      or _any_in_arena(delivered)):
+                                      or any_in_arena(delivered)):
             self.register(record, lease)
         if record.registered and not undelivered:
             # We are the scheduler's only source for these (``Worker.report``), whether or
             # not we still hold them.
-            self.link.conn.send(P.leased_done(task_id, delivered))
+            self.link.conn.send(P.caller_done(task_id, delivered))
         return record
 
     # -- telling the scheduler -------------------------------------------------------------
 
-    def register(self, record: Leased, lease: Optional[Channel]) -> None:
+    def register(self, record: Owned, lease: Optional[Channel]) -> None:
         """Tell the scheduler of a task of ours: one sent to ``lease``, or (None) one still
         in the backlog, which the scheduler then runs itself (caller holds the lock)."""
         objects, conn = self.objects, self.link.conn
@@ -269,8 +249,13 @@ class Leases(SentBehind):
                     self.link.conn.send(P.put(object_id, data, metadata, ()))
                     continue
                 record = objects.unregistered.get(object_id)
-                if record is not None:
-                    self.register(record, objects.direct_pending.get(object_id))
+                if record is None:
+                    continue
+                channel = objects.direct_pending.get(object_id)
+                if channel is not None and channel.actor_id is not None:
+                    self.register_call(record, channel)  # an actor call (``channels``)
+                else:
+                    self.register(record, channel)
 
     def _want(self) -> None:
         """Ask for as many more workers as the backlog could use (caller holds the lock);
@@ -356,7 +341,7 @@ class Leases(SentBehind):
         retry), and settles them at once (ending the worker if it lives)."""
         if lease in self.held:
             self.held.remove(lease)
-            self._read_to_the_end(lease)
+            read_to_the_end(lease, self._take)
             unanswered = list(lease.sent)
             for record in lease.sent.values():
                 if not record.registered:
@@ -367,17 +352,6 @@ class Leases(SentBehind):
             self._want()
         self.link.drop(lease.conn)
         self.objects.channel_gone(lease)
-
-    def _read_to_the_end(self, lease: Channel) -> None:
-        """Take every result a lost lease's worker sent (when it died, the end of its stream
-        is there; a worker alive but cut off gets a moment)."""
-        while lease.sent:
-            if not wait_readable(lease.conn.fd, _LOST_CHANNEL_WAIT):
-                return
-            messages, lost = lease.conn.read_available()
-            self._take(lease, messages)
-            if lost:
-                return
 
     # -- giving leases back ----------------------------------------------------------------
 

@@ -38,7 +38,7 @@ _BATCH_WINDOW = 200e-6  # a submission this soon after a flush waits for the nex
 FLUSH_DELAY = 0.001     # ...but no longer than this
 # Messages that may wait for the next frame: nobody is waiting on them.
 _DEFERRABLE = frozenset((P.RELEASE, P.ESCAPED, P.DIRECT_CALL, P.DIRECT_DONE,
-                         P.DIRECT_SUBMIT, P.LEASED_DONE))
+                         P.DIRECT_SUBMIT, P.CALLER_DONE))
 
 
 def _nothing(*args):

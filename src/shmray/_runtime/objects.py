@@ -17,8 +17,9 @@ Runs in: the driver, every worker and every actor.
   ``_Waiter`` as they arrive: O(1) a message, not a rescan of all n.
 
 Some results are known to this process alone (``unregistered``, ``owner_only``): tasks it
-ran on leased workers without telling the scheduler (``leases``).  This module keeps them
-apart, so a release or a get of one never asks the scheduler about it.
+ran on leased workers, and actor calls it sent straight to their actors, without telling
+the scheduler (``leases``, ``channels``).  This module keeps them apart, so a release or a
+get of one never asks the scheduler about it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _nothing(*args):
     return None
 
 
+def any_in_arena(results) -> bool:
+    """Whether any of a task's results (delivered, or as reported) is in the arena: the
+    scheduler frees those, so it must know them."""
+    for result in results:
+        if result[1] is IN_ARENA:
+            return True
+    return False
+
+
 class Objects:
     """The refs this process holds, and what it knows of their objects."""
 
@@ -86,6 +96,9 @@ class Objects:
         self.streams_dropped: collections.deque = collections.deque()
         self.on_streams_dropped: Callable[[], None] = _nothing
         self.before_waiting_on: Callable[[Sequence[bytes]], None] = _nothing
+        # Ids about to be released (the channels register calls to an actor whose last
+        # handle here goes); None while no channel is open.
+        self.before_release: Optional[Callable[[list], None]] = None
         link.handlers[P.READY] = self.ready
         link.drain = self.drain
 
@@ -97,6 +110,17 @@ class Objects:
             self.counts[object_id] = count + 1
             if count == 0 and announce:
                 self.link.conn.send(P.hold([object_id]))
+
+    def own(self, record) -> List[ObjectRef]:
+        """Our refs to the results of a task or call the scheduler does not know of (yet):
+        ``record`` (``channels.Owned``) is how we tell it, should we have to."""
+        unregistered, counts, tracker = self.unregistered, self.counts, self.tracker
+        refs = []
+        for object_id in record.return_ids:
+            unregistered[object_id] = record
+            counts[object_id] = counts.get(object_id, 0) + 1
+            refs.append(ObjectRef.counted(object_id, tracker))
+        return refs
 
     def add_owned_ref(self, object_id: bytes) -> ObjectRef:
         """A ref the scheduler already counts for us (a put or a task return we submitted)."""
@@ -131,6 +155,8 @@ class Objects:
             self.direct_pending.pop(object_id, None)
             self.actor_calls.discard(object_id[:24])
             released.append(object_id)
+        if released and self.before_release is not None:
+            self.before_release(released)
         if released and not self.link.closed:
             self.link.conn.send(P.release(released))
 

@@ -5,13 +5,12 @@ Runs in: the scheduler.
 An actor has a record here (``Actor``): its process, per-caller queues of the calls that go
 through the scheduler (those with refs among their arguments), the calls sent to its process
 and not done yet, and its fate.  Calls are forwarded in each caller's order as their
-arguments become ready.  Calls without refs go straight from caller to actor (``_direct``);
-both ends report them here (DIRECT_CALL, DIRECT_DONE, in either order), so they are owed,
-failed and retried like forwarded ones, and a caller's forwarded calls wait until its direct
-ones are done.  A handle is a reference to the actor's pseudo-object in the directory: once
-nothing holds it the actor ends, after the calls made before (``out_of_scope``).  When the
-process dies the actor restarts while ``max_restarts`` allows, else it is dead and every
-call owed or made later fails with its death.
+arguments become ready.  Calls without refs go straight from caller to actor; their callers
+own them and tell us of them only when we must (``direct_calls``).  A handle is a reference
+to the actor's pseudo-object in the directory: once nothing holds it the actor ends, after
+the calls made before (``out_of_scope``).  When the process dies the actor restarts while
+``max_restarts`` allows, else it is dead and every call owed or made later fails with its
+death; direct calls it owed wait for their callers' word first (``direct_calls``).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Callable, Dict, Iterable, Optional
 from .. import _protocol as P, _resources, exceptions
 from .._serialization import META_ERROR
 from .clients import Client, Clients, how, kill_quietly
+from .direct_calls import DirectCalls, died_error, retry_allowed
 from .leases import Leases
 from .objects import Directory, ObjectEntry, serialized
 from .records import Actor
@@ -29,7 +29,7 @@ from .resources import Resources
 from .tasks import Tasks
 
 
-class Actors:
+class Actors(DirectCalls):
     def __init__(self, clients: Clients, objects: Directory, resources: Resources,
                  tasks: Tasks, leases: Leases, spawn: Optional[Callable]):
         self.clients = clients
@@ -248,83 +248,6 @@ class Actors:
         actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
         self.forward(actor)
 
-    def on_direct_call(self, client: Client, actor_id, actor_pid, spec: tuple) -> None:
-        """A call its caller sent straight to the actor process ``actor_pid``."""
-        self.direct_call_count += 1
-        task = self.tasks.admit(spec, client)
-        task.direct = True
-        actor = task.actor = self.table.get(actor_id)
-        early = self.objects.take_early(task.task_id)
-        if early is not None:
-            results, _, retryable = early
-            if retryable and actor is not None and retry_allowed(task):
-                self._retry_call(actor, task)
-            else:
-                self.tasks.finish_direct(task, results, retryable)
-            self.objects.unprotect(results)
-            return
-        if task.finished:
-            return
-        if actor is None:
-            self.tasks.fail(task, *serialized(exceptions.ActorDiedError(
-                f"no actor with id {actor_id.hex()} exists in this session")))
-        elif (actor.state == "alive" and actor.client is not None
-              and actor.client.pid == actor_pid):
-            actor.inflight[task.task_id] = task
-            task.worker = actor.client
-            actor.direct_open[client] = actor.direct_open.get(client, 0) + 1
-        elif actor.state == "dead":
-            self.tasks.fail(task, *actor.death)
-        elif retry_allowed(task):  # the process it went to died: retry on the next one
-            actor.queues.setdefault(client, collections.deque()).append(task)
-            self.forward(actor)
-        else:  # it went to the process that died: that is how the call ended
-            self.tasks.fail(task, *died_error(
-                actor, "its process died while this call was on its way to it or running "
-                "(max_task_retries would retry the call)"))
-
-    def on_direct_done(self, client: Client, task_id, results, caller_pid, retryable) -> None:
-        """An actor reports a call its caller sent it straight."""
-        actor = client.actor
-        task = actor.inflight.pop(task_id, None)
-        if task is None:
-            if self.tasks.get(task_id) is not None:
-                return  # finished meanwhile (e.g. its actor was declared dead)
-            self.objects.keep_early(task_id, results, caller_pid, retryable)
-            return
-        open_calls = actor.direct_open.get(task.owner, 0) - 1
-        if open_calls > 0:
-            actor.direct_open[task.owner] = open_calls
-        else:
-            actor.direct_open.pop(task.owner, None)
-        if task.finished:
-            pass
-        elif retryable and retry_allowed(task):
-            self._retry_call(actor, task)  # its caller was told to wait for us (``report``)
-        else:
-            self.tasks.finish_direct(task, results, retryable)
-        if open_calls <= 0:
-            if task.owner in actor.queues:
-                self.forward(actor)
-            if actor.out_of_scope:
-                self._exit_when_done(actor)
-
-    def caller_died(self, caller: Client) -> None:
-        """A caller died: its direct calls may never reach their actor (still in its
-        buffers), and nobody will read their results.  They are finished here; if one ran
-        after all, its report finds it finished and its results are dropped."""
-        for actor in self.table.values():
-            if actor.direct_open.pop(caller, None) is None:
-                continue
-            for task_id, task in list(actor.inflight.items()):
-                if task.owner is caller and task.direct:
-                    del actor.inflight[task_id]
-                    self.tasks.fail(task, *died_error(
-                        actor, "the caller of this call died before it was done"))
-            self.forward(actor)  # its calls queued here were held behind those
-            if actor.out_of_scope:
-                self._exit_when_done(actor)
-
     # -- endings ---------------------------------------------------------------------------
 
     def on_kill_actor(self, client: Client, request_id, actor_id, no_restart) -> None:
@@ -374,29 +297,44 @@ class Actors:
             actor.exit_sent = True
             self.clients.send(actor.client, P.exit_())
 
-    def process_died(self, client: Client, status: Optional[int]) -> None:
+    def process_died(self, client: Client, status: Optional[int], finished: dict) -> None:
         """The actor's process is gone: restart it, or fail what it owed; then answer the
-        kill()s that waited for this."""
-        self._died(client.actor, status)
+        kill()s that waited for this.  ``finished``: task id -> results of the calls whose
+        replies it parked (``Worker.report``)."""
+        self._died(client.actor, status, finished)
         for killer, request_id in client.killers:
             self.clients.send(killer, P.reply(request_id, None))
 
-    def _died(self, actor: Actor, status: Optional[int]) -> None:
+    def _died(self, actor: Actor, status: Optional[int], finished: dict) -> None:
         (actor.pool or self.resources).give(actor.held, actor.gpu_ids)
         actor.held = {}
         actor.gpu_ids = ()
         actor.client = None
         actor.exit_sent = False
-        inflight = list(actor.inflight.values())
-        actor.inflight.clear()
         actor.direct_open.clear()
+        actor.finished = finished
+        owed = []
+        for task in actor.inflight.values():
+            task.worker = None
+            if task.task_id in finished:
+                self.tasks.finish(task, [(object_id, data, metadata, ()) for object_id, data,
+                                         metadata in finished.pop(task.task_id)])
+            elif (task.direct and task.owner.alive
+                    and task.task_id not in actor.given_up):
+                actor.awaiting[task.task_id] = task  # its caller may have seen the result
+                actor.direct_open[task.owner] = actor.direct_open.get(task.owner, 0) + 1
+            else:
+                owed.append(task)
+        actor.inflight.clear()
+        actor.given_up.clear()
         if not actor.no_restart and actor.restarts_left != 0:
             if actor.restarts_left > 0:
                 actor.restarts_left -= 1
             actor.state = "pending"
             actor.restarting = True
-            for task in reversed(inflight):
+            for task in reversed(owed):
                 if retry_allowed(task):
+                    task.direct = False
                     actor.queues.setdefault(task.owner, collections.deque()).appendleft(task)
                 else:
                     self.tasks.fail(task, *died_error(
@@ -406,7 +344,7 @@ class Actors:
             return
         death = actor.death or died_error(
             actor, f"its process died of {how(status)} (killed, crashed or out of memory)")
-        for task in inflight:
+        for task in owed:
             self.tasks.fail(task, *death)
         self._dead(actor, *death)
 
@@ -438,23 +376,8 @@ def placements_waiting(actors: Actors) -> Iterable[dict]:
             if not actor.waiting_on and actor.options.get("placement") is None)
 
 
-def retry_allowed(task) -> bool:
-    """Whether a call may run again (max_task_retries), using up one retry if so."""
-    if task.retries_left == 0:
-        return False
-    if task.retries_left > 0:
-        task.retries_left -= 1
-    return True
-
-
 def unavailable(actor: Actor) -> tuple:
     return serialized(exceptions.ActorUnavailableError(
         f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is restarting after its "
         "process died, and this call has no retries left (max_task_retries): call again "
         "once it is back, or give the call retries to have it wait"))
-
-
-def died_error(actor: Actor, why: str) -> tuple:
-    return serialized(exceptions.ActorDiedError(
-        f"The actor {actor.class_name} (id {actor.actor_id.hex()}) is dead: {why}. "
-        "Calls to it raise this error."))

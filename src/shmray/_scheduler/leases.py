@@ -21,7 +21,7 @@ arena, it will be retried), and the driver is the one witness of what came back:
                                                          queued behind go back)
     only if it must:
       DIRECT_SUBMIT(pid, spec) ───▶ records the task on that worker
-      LEASED_DONE(task, results) ─▶ finishes it
+      CALLER_DONE(task, results) ─▶ finishes it
                                     ◀───────────────────── DIRECT_DONE (results the
                                                            driver can't use at once)
     LEASE_HANDED_BACK(pid, ids) ──▶ registered tasks given back: run here
@@ -33,7 +33,7 @@ arena, it will be retried), and the driver is the one witness of what came back:
                 ◀──── LEASE_LOST(pid)     (the scheduler keeps its tasks: awaiting_verdict,
                                           and reads the replies it held back, parked in its
                                           slot: those tasks finished)
-    reads all the worker sent, reports it (LEASED_DONE), registers the tasks left
+    reads all the worker sent, reports it (CALLER_DONE), registers the tasks left
     unanswered (DIRECT_SUBMIT) and names them:
       LEASE_RETURN(pid, unanswered) ─▶ settles them now; or, if none,
       LEASE_VERDICT(pid) ────────────▶ settles them: those with a parked reply finish with

@@ -135,7 +135,8 @@ class Scheduler:
             P.LEASE_REQUEST: leases.on_lease_request,
             P.LEASE_RETURN: leases.on_lease_return,
             P.DIRECT_SUBMIT: leases.on_direct_submit,
-            P.LEASED_DONE: leases.on_leased_done,
+            P.CALLER_DONE: self._on_caller_done,
+            P.CALLS_LOST: actors.on_calls_lost,
             P.LEASE_VERDICT: leases.on_lease_verdict,
             P.LEASE_HANDED_BACK: leases.on_lease_handed_back,
             P.CREATE_PLACEMENT_GROUP: groups.on_create,
@@ -154,6 +155,13 @@ class Scheduler:
             self.actors.on_direct_done(client, task_id, results, caller_pid, retryable)
         else:
             self.leases.on_direct_done(client, task_id, results, caller_pid, retryable)
+
+    def _on_caller_done(self, client: Client, task_id, delivered) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None and task.actor is not None:
+            self.actors.on_caller_done(client, task, delivered)
+        else:
+            self.leases.on_leased_done(client, task_id, delivered)
 
     def dispatch(self) -> None:
         """Start what is ready: placement groups, actors whose arguments are, then
@@ -298,7 +306,7 @@ class Scheduler:
             value = [w.pid for w in self.clients.workers()]
         elif what == "objects":  # the directory's size, for tests and leak hunting
             value = len(self.objects)
-        elif what == "direct_calls":  # how many actor calls took the direct route
+        elif what == "registered_calls":  # direct actor calls their callers registered
             value = self.actors.direct_call_count
         elif what == "sent_ahead":  # tasks sent before their arguments were ready, and of
             value = (self.dispatcher.sent_ahead, self.tasks.not_run)  # those, sent back
@@ -339,10 +347,14 @@ class Scheduler:
         if client.actor is not None:
             # Calls it finished, replies held back as it ran the next (``Worker.report``):
             # done, as if it had sent them; before its holds go, which keep what they name.
+            finished = {}
             for message in P.parked_reports(client.park_slot):
-                self.actors.on_direct_done(client, *message[1:])
+                if message[0] == P.RESULT:  # a reply to the caller alone
+                    finished[message[1]] = message[2]
+                else:
+                    self.actors.on_direct_done(client, *message[1:])
             self.objects.release_holds_of(client)
-            self.actors.process_died(client, status)
+            self.actors.process_died(client, status, finished)
             if client.actor.state == "dead":
                 self.placement_groups.creator_died(client.actor.actor_id)
             return

@@ -66,7 +66,7 @@ class Actor:
     __slots__ = ("actor_id", "spec", "options", "class_name", "client", "state", "queues",
                  "inflight", "restarts_left", "death", "no_restart", "held", "waiting_on",
                  "creation_holds", "out_of_scope", "direct_open", "exit_sent", "restarting",
-                 "ordered", "parked", "gpu_ids", "pool")
+                 "ordered", "parked", "gpu_ids", "pool", "awaiting", "given_up", "finished")
 
     def __init__(self, spec: tuple):
         self.actor_id = spec[P.ACTOR_ID]
@@ -78,6 +78,12 @@ class Actor:
         self.queues: Dict[Client, collections.deque] = {}   # per caller, in call order
         self.inflight: Dict[bytes, Task] = {}               # sent to the process, not done
         self.direct_open: Dict[Client, int] = {}  # per caller: direct calls not done yet
+        # Direct calls a dead process never answered, until their callers say what they saw
+        # (CALLER_DONE, CALLS_LOST): ``Actors._died``.  ``given_up``: those a caller lost
+        # before we saw the death; ``finished``: the replies its last process parked.
+        self.awaiting: Dict[bytes, Task] = {}
+        self.given_up: set = set()
+        self.finished: Dict[bytes, list] = {}
         self.exit_sent = False
         self.restarts_left = self.options["max_restarts"]
         self.death: Optional[tuple] = None    # (data, metadata) of the error calls get
