@@ -293,7 +293,7 @@ class Queue:
                 continue
             serialized = serialize(item)
             if serialized.contained_refs or serialized.total_size > RING_ITEM_MAX:
-                ref = put(item)
+                ref = put(serialized)  # stored as it is: not pickled a second time
                 refs.append(ref)
                 payloads.append(_IN_STORE + ref.binary())
             else:
