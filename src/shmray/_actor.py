@@ -17,11 +17,10 @@ Where the mailbox lives (DESIGN.md asks to measure before choosing).  Routing ev
 through the scheduler (caller -> scheduler -> actor -> scheduler -> caller) gave one ordering
 point but four hops: ~5k synchronous calls/s against ~12k for a process serving a Pipe.  So a
 call whose arguments hold no ref goes straight to the actor's own socket and its result
-straight back (``_direct``: two hops; the scheduler hears of both in batches, off the critical
-path), and only calls with ref arguments, which may have to wait for them, go through the
-scheduler.  Measured (bench/bench_actors.py, same run): ~20k synchronous calls/s and ~45k
-pipelined calls/s.  The actor's mailbox is therefore its sockets: the scheduler's connection
-and one connection per calling process.
+straight back (``_direct``: two hops), owned by its caller, which tells the scheduler of it
+only when it must (``_runtime.channels``); only calls with ref arguments, which may have to
+wait for them, go through the scheduler.  The actor's mailbox is therefore its sockets: the
+scheduler's connection and one connection per calling process.  (Figures: README.)
 """
 
 from __future__ import annotations
@@ -236,6 +235,7 @@ class ActorHandle:
         self._methods = actor_options["methods"]
         self._class_name = actor_options["class_name"]
         self._pending: set = set()  # our calls' results not yet seen ready (max_pending_calls)
+        self._plans: Dict[str, tuple] = {}  # method name -> what its calls share (``_plan``)
 
     @property
     def _actor_id(self) -> bytes:
@@ -284,8 +284,11 @@ class ActorHandle:
         if self._ref._tracker is not _context.runtime:
             self._check_session()
         runtime = current()
-        limit = self._actor_options.get("max_pending_calls", -1)
-        if limit is not None and limit > 0:
+        plan = self._plans.get(method_name)
+        if plan is None or plan[0] is not how:
+            plan = self._plans[method_name] = self._plan(method_name, how)
+        _, name, num_returns, retries, extra, limit, direct, ordered = plan
+        if limit:
             self._pending = runtime.still_pending(self._pending)
             if len(self._pending) >= limit:
                 raise exceptions.PendingCallsLimitExceeded(
@@ -295,9 +298,28 @@ class ActorHandle:
         task_id = new_task_id()
         args_blob, arg_ids, contained, temporaries = pack_arguments(runtime, args, kwargs,
                                                                     self._class_name, method_name)
+        spec = task_spec(task_id, method_name, name, args_blob, arg_ids, contained,
+                         num_returns, {}, retries, False, dict(extra) if extra else None)
+        results = return_ids(task_id, num_returns)
+        refs = runtime.call_actor(self._actor_id, spec, results,
+                                  direct_ok=direct and not arg_ids and not contained,
+                                  ordered=ordered)
+        del temporaries
+        if limit:
+            self._pending.update(results)
+        if num_returns == 1 or num_returns == P.DYNAMIC:
+            return refs[0]
+        if num_returns == P.STREAMING:
+            return runtime.generator(refs[0], task_id)
+        return refs if num_returns else None
+
+    def _plan(self, method_name: str, how: dict) -> tuple:
+        """What every call of a method through this handle shares (with ``how`` as it was
+        worked out for), worked out once rather than at every call."""
+        options = self._actor_options
         retries = how.get("max_task_retries")
         if retries is None:  # the method's, else the actor's (Ray's order)
-            retries = self._actor_options.get("max_task_retries", 0)
+            retries = options.get("max_task_retries", 0)
         num_returns = _options.num_returns_code(how["num_returns"])
         extra = {}
         if how.get("backpressure") and how["backpressure"] > 0:
@@ -306,21 +328,11 @@ class ActorHandle:
             extra["group"] = how["group"]
         if how.get("retry_exceptions"):
             extra["retry_exceptions"] = how["retry_exceptions"]
-        spec = task_spec(task_id, method_name, f"{self._class_name}.{method_name}", args_blob,
-                         arg_ids, contained, num_returns, {}, retries, False, extra or None)
-        results = return_ids(task_id, num_returns)
+        limit = options.get("max_pending_calls", -1)
         # A generator's items go through the scheduler (it holds them for us as they come).
-        refs = runtime.call_actor(self._actor_id, spec, results,
-                                  direct_ok=not arg_ids and not contained and num_returns >= 0,
-                                  ordered=self._actor_options.get("ordered", True))
-        del temporaries
-        if limit is not None and limit > 0:
-            self._pending.update(results)
-        if num_returns == 1 or num_returns == P.DYNAMIC:
-            return refs[0]
-        if num_returns == P.STREAMING:
-            return runtime.generator(refs[0], task_id)
-        return refs if num_returns else None
+        return (how, f"{self._class_name}.{method_name}", num_returns, retries,
+                extra or None, limit if limit is not None and limit > 0 else 0,
+                num_returns >= 0, options.get("ordered", True))
 
 
 class ActorMethod:

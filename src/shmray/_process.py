@@ -52,14 +52,16 @@ def fork_child(name: str, main: Callable[[], None], death_signal: int = signal.S
             stream.flush()  # else the child would print the parent's pending output again
         except Exception:
             pass
-    # The child's collector leaves what it inherits alone: a collection that walked those
-    # objects would write to their pages and copy them (Python's advice for fork without
-    # exec).  The parent goes on collecting its own.
-    gc.freeze()
     pid = os.fork()
     if pid:
-        gc.unfreeze()
         return pid
+    # The child's collector leaves what it inherits alone: a collection that walked those
+    # objects would write to their pages and copy them (Python's advice for fork without
+    # exec).  Frozen here, not in the parent before the fork and thawed after: the parent's
+    # thaw would also thaw what it inherited itself, and the scheduler (which forks every
+    # worker and actor) would walk the driver's objects again (3 -> 17 MiB of its own after
+    # 80k tasks).  Freezing moves the collector's lists whole: no object is touched.
+    gc.freeze()
     global in_child
     in_child = True
     code = 0
