@@ -46,7 +46,7 @@ from ._logging_config import LoggingConfig
 from ._object_store import MIN_OBJECT_STORE_MEMORY, ObjectStore
 from ._process import fork_child
 from ._scheduler import Scheduler
-from ._worker_pool import spawn_actor, spawn_worker
+from ._worker_pool import spawn_actor, spawn_first_worker, spawn_worker
 from .exceptions import RaySystemError
 from .job_config import JobConfig
 
@@ -178,8 +178,11 @@ def init(**kwargs: Any):
 
         def scheduler_main():
             driver_end.close()
+            Scheduler.catch_sigterm()
+            # The first task waits for the first worker: it starts while the scheduler does.
+            first = spawn_first_worker(scheduler_end, store, session_dir, options)
             Scheduler(scheduler_end, driver_pid, store, session_dir, options, spawn_worker,
-                      spawn_actor).run()
+                      spawn_actor, first_worker=first).run()
 
         # Every process forked from here inherits what this finds: in the driver it costs
         # a millisecond or two, once, where a freshly forked scheduler takes twice that.

@@ -6,7 +6,9 @@ A worker is forked from the scheduler, not from the user's driver: the scheduler
 so a fork costs about a millisecond, and the worker still inherits every module the driver had
 imported before ``init`` (numpy warm, nothing re-imported).  The child closes every descriptor
 of the scheduler's it inherited, so a peer's death is seen as EOF by exactly the process it
-concerns.
+concerns.  The session's first worker is forked as soon as the scheduler starts, before it
+builds anything (``spawn_first_worker``): the first task waits for that worker, whose start
+then overlaps the scheduler's.
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ def spawn_worker(scheduler, cancel_slot):
     named after the worker's pid as soon as that is known: it exists before the worker can
     be lent to anyone, so a driver never finds it missing (and mistakes the worker for one
     it can't reach) because the worker has not got round to listening yet."""
-    folder = scheduler.options["socket_dir"]
-    listener = _direct.listen(os.path.join(folder, _UNNAMED))
-    try:
-        conn, pid = _spawn(scheduler, "shmray::worker", worker_main, cancel_slot, listener)
-        if listener is not None:
-            os.rename(os.path.join(folder, _UNNAMED), _direct.worker_address(folder, pid))
-    finally:
-        if listener is not None:
-            listener.close()  # the worker's now
-    return conn, pid
+    return _spawn_worker(lambda: _close_scheduler_descriptors(scheduler), scheduler.store,
+                         scheduler.session_dir, scheduler.options, cancel_slot)
+
+
+def spawn_first_worker(driver_conn, store, session_dir: str, options: dict):
+    """The session's first worker, forked by the scheduler before it builds anything else
+    (``Scheduler(first_worker=...)`` takes it in): (connection, pid, slot).
+
+    The first task waits for this worker, and a fork and a worker's start cost milliseconds
+    here (its pages are copied as it touches them): they overlap the scheduler's own
+    start instead of following it.  The scheduler has no descriptor yet but the driver's
+    connection, which the worker closes."""
+    slot = mmap.mmap(-1, P.SLOT_SIZE)
+    conn, pid = _spawn_worker(driver_conn.close, store, session_dir, options, slot)
+    return conn, pid, slot
 
 
 def spawn_actor(scheduler, class_name: str):
@@ -49,19 +56,43 @@ def spawn_actor(scheduler, class_name: str):
     of calls whose replies it holds back (``Worker.report``), which the scheduler reads
     if it dies."""
     slot = mmap.mmap(-1, P.SLOT_SIZE)
-    return (*_spawn(scheduler, f"shmray::{class_name}", actor_main, slot), slot)
+    conn, pid = _spawn(f"shmray::{class_name}", actor_main,
+                       lambda: _close_scheduler_descriptors(scheduler), scheduler.store,
+                       scheduler.session_dir, scheduler.options, slot)
+    return conn, pid, slot
 
 
-def _spawn(scheduler, name: str, child_main, *extra):
+def _spawn_worker(close_inherited, store, session_dir: str, options: dict, cancel_slot):
+    folder = options["socket_dir"]
+    listener = _direct.listen(os.path.join(folder, _UNNAMED))
+    try:
+        conn, pid = _spawn("shmray::worker", worker_main, close_inherited, store, session_dir,
+                           options, cancel_slot, listener)
+        if listener is not None:
+            os.rename(os.path.join(folder, _UNNAMED), _direct.worker_address(folder, pid))
+    finally:
+        if listener is not None:
+            listener.close()  # the worker's now
+    return conn, pid
+
+
+def _close_scheduler_descriptors(scheduler) -> None:
+    for client in scheduler.clients.all():
+        client.conn.close()
+    scheduler.clients.selector.close()
+
+
+def _spawn(name: str, child_main, close_inherited, store, session_dir: str, options: dict,
+           *extra):
+    """Fork ``child_main``; ``close_inherited`` closes, in the child, the scheduler's
+    descriptors it inherits (a peer's death must be seen as EOF by the scheduler alone)."""
     _threads.before_fork()  # the child inherits its BLAS pools sized for the usual task
     scheduler_end, child_end = connection_pair("scheduler", name)
 
     def main():
-        for client in scheduler.clients.all():
-            client.conn.close()
-        scheduler.clients.selector.close()
+        close_inherited()
         scheduler_end.close()
-        child_main(child_end, scheduler.store, scheduler.session_dir, scheduler.options, *extra)
+        child_main(child_end, store, session_dir, options, *extra)
 
     pid = fork_child(name, main)
     child_end.close()

@@ -70,12 +70,13 @@ _STOP_GRACE = 5.0  # at most this long for actors' __ray_shutdown__ when the ses
 
 _HOLD_BACK_MESSAGES = 256   # messages to the driver are held back at most this many...
 _HOLD_BACK_SECONDS = 0.001  # ...or this long, while the loop has other messages to handle
+_FILL_AFTER_IDLE = 0.005    # the pool's next worker is forked once the loop idles this long
 
 
 class Scheduler:
     def __init__(self, driver_conn: Connection, driver_pid: int, store: ObjectStore,
                  session_dir: str, options: dict, spawn_worker: Callable,
-                 spawn_actor: Optional[Callable] = None):
+                 spawn_actor: Optional[Callable] = None, first_worker: Optional[tuple] = None):
         self.store = store
         self.session_dir = session_dir
         self.options = options
@@ -85,6 +86,8 @@ class Scheduler:
         self.objects = Directory(store, self.clients, session_dir)
         self.pool = WorkerPool(self.clients, lambda slot: spawn_worker(self, slot),
                                float(options["num_cpus"]))
+        if first_worker is not None:  # forked before all this (``_serve``)
+            self.pool.adopt(*first_worker)
         self.dispatcher = Dispatcher(self.clients, self.objects, self.resources, self.pool)
         self.tasks = Tasks(self.clients, self.objects, self.resources, self.pool,
                            self.dispatcher)
@@ -172,27 +175,39 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def run(self) -> None:
-        # SIGTERM (sent by the kernel when the driver dies) ends the loop like EOF does.
+    @staticmethod
+    def catch_sigterm() -> None:
+        """SIGTERM (sent by the kernel when the driver dies) ends the loop like EOF does.
+        Workers forked from here inherit the handler, the first one too (forked before
+        ``run``: ``_session``)."""
         signal.signal(signal.SIGTERM, _terminate)
+
+    def run(self) -> None:
+        self.catch_sigterm()
         try:
             self._serve()
         finally:
             self.stop()
 
     def _serve(self) -> None:
-        # One worker now, for the first task; the pool's others one per idle turn of the
-        # loop.  A fork costs milliseconds: forking them all first kept the first task
-        # waiting for the last of them.
-        self.pool.start_worker()
+        # One worker now, for the first task (forked before the scheduler was built, when
+        # the session starts: ``_worker_pool.spawn_first_worker``); the pool's others one
+        # at a time, each once the loop has been idle for _FILL_AFTER_IDLE.  A fork costs
+        # milliseconds: forking them all first kept the first task waiting for the last of
+        # them, and forking the next as soon as the loop had nothing to read took a CPU
+        # from the first worker as it started, and the scheduler from the first task,
+        # which waits for its lease meanwhile.  Work that needs a worker before then forks
+        # one at once (``WorkerPool.idle_worker``).
+        if not self.pool.num_workers:
+            self.pool.start_worker()
         timeout = 0
         while self.running:
             events = self.clients.selector.select(timeout)
             if not events and self.clients.dirty:  # nothing more to read: send what waits
                 self._flush_dirty(everyone=True)
-                timeout = 0 if self.pool.short() else 1.0
+                timeout = self._idle_timeout()
                 continue
-            if not events and self.pool.short():
+            if not events and timeout == _FILL_AFTER_IDLE and self.pool.short():
                 self.pool.start_worker()
             self._handle_events(events)
             if self.objects.doubtful:
@@ -205,8 +220,12 @@ class Scheduler:
                 self.internal_errors += 1
                 traceback.print_exc()
             self._flush_dirty(everyone=False)
-            more_to_do = self.clients.dirty or self.objects.doubtful or self.pool.short()
-            timeout = 0 if more_to_do else 1.0
+            more_to_do = self.clients.dirty or self.objects.doubtful
+            timeout = 0 if more_to_do else self._idle_timeout()
+
+    def _idle_timeout(self) -> float:
+        """How long the loop may wait for a message with nothing else to do."""
+        return _FILL_AFTER_IDLE if self.pool.short() else 1.0
 
     def _handle_events(self, events) -> None:
         for key, mask in events:

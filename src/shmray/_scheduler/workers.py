@@ -39,6 +39,11 @@ class WorkerPool:
         # worker names the last task it started in the next 24 (``started``).
         slot = mmap.mmap(-1, P.SLOT_SIZE)
         conn, pid = self._spawn(slot)
+        return self.adopt(conn, pid, slot)
+
+    def adopt(self, conn, pid: int, slot) -> Client:
+        """A worker forked with ``slot`` (by ``start_worker``, or before the scheduler was
+        built: ``_worker_pool.spawn_first_worker``) joins the pool, idle."""
         worker = self.clients.add(conn, pid, "worker")
         worker.cancel_slot = slot
         self.num_workers += 1
