@@ -18,7 +18,7 @@ import os
 
 from . import _direct, _protocol as P, _threads
 from ._actor_process import actor_main
-from ._connection import connection_pair
+from ._connection import close_fd_quietly, connection_pair
 from ._process import fork_child
 from ._worker import worker_main
 
@@ -77,8 +77,10 @@ def _spawn_worker(close_inherited, store, session_dir: str, options: dict, cance
 
 
 def _close_scheduler_descriptors(scheduler) -> None:
-    for client in scheduler.clients.all():
-        client.conn.close()
+    # By number: closing each connection object would touch (and copy) its pages, 1.6 ms
+    # with 1,000 actors alive; the child never uses those objects, nor lets them go.
+    for fd in scheduler.clients.by_fd:
+        close_fd_quietly(fd)
     scheduler.clients.selector.close()
 
 
