@@ -282,6 +282,23 @@ def test_calls_retried_after_a_crash_keep_their_order_before_later_calls(ray, Lo
     assert entries == sorted(entries) and entries[-30:] == list(range(50, 80))
 
 
+def test_a_result_read_after_its_cancelled_call_settled_holds_up_no_later_call(ray, Log):
+    """The call's result waits unread in our socket while its actor dies and the call,
+    registered, is cancelled; reading it later must still count the call done, or the
+    calls we make after it through the scheduler wait forever."""
+    log = Log.options(max_restarts=1).remote()
+    pid = ray.get(log.pid.remote())
+    call = log.add.remote(1)
+    held = ray.put([call])  # registers the call (a ref to it leaves us)
+    time.sleep(0.2)  # its result is in our socket, unread
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # the scheduler has seen the death: the call waits for our word
+    ray.cancel(call)
+    later = log.add.remote(ray.put(2))  # through the scheduler, behind the call
+    assert ray.get(later, timeout=30) == 2
+    del held
+
+
 # -- regressions from review (each failed before its fix) ------------------------------
 
 

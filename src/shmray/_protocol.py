@@ -65,9 +65,9 @@ Client (driver, worker, actor) -> scheduler
                                                      (its channel ended), registered just
                                                      before; None: it could not be reached
                                                      (connect failed): replace it
-    CALLER_DONE        task_id, delivered            a registered task's or call's results as
-                                                     its callee sent them back, all usable at
-                                                     once (the callee reports the others)
+    CALLER_DONE        task_id, delivered, actor_id  a registered task's (actor_id None) or
+                                                     call's results as its callee sent them,
+                                                     all usable at once (it reports the rest)
     LEASE_VERDICT      worker_pid                    answers LEASE_LOST: every result that
                                                      worker sent back has been reported
     LEASE_HANDED_BACK  worker_pid, task_ids          registered tasks that leased worker gave
@@ -355,8 +355,8 @@ def lease_return(worker_pid: int, unanswered: Optional[list]) -> tuple:
     return (LEASE_RETURN, worker_pid, unanswered)
 
 
-def caller_done(task_id: bytes, delivered: list) -> tuple:
-    return (CALLER_DONE, task_id, delivered)
+def caller_done(task_id: bytes, delivered: list, actor_id: Optional[bytes] = None) -> tuple:
+    return (CALLER_DONE, task_id, delivered, actor_id)
 
 
 def lease_verdict(worker_pid: int) -> tuple:

@@ -443,7 +443,7 @@ def test_a_result_the_driver_saw_is_kept_though_its_worker_died(setup, registere
     assert sent(driver, P.LEASE_LOST) == [(P.LEASE_LOST, pid)]
     data = serialize(42).to_bytes()
     result_id = object_id_for_return(task_id, 0)
-    deliver(sched, driver, P.CALLER_DONE, task_id, [(result_id, data, b"")])
+    deliver(sched, driver, P.CALLER_DONE, task_id, [(result_id, data, b"")], None)
     deliver(sched, driver, P.LEASE_VERDICT, pid)
     sched.dispatch()
     assert sched.objects.get(result_id).data == data
@@ -515,7 +515,7 @@ def test_a_leased_tasks_child_and_wait_are_its_own_though_its_registration_comes
     deliver(sched, worker, P.SUBMIT, child, second[0])  # the worker names the task it runs
     deliver(sched, worker, P.BLOCKED, second[0])
     deliver(sched, driver, P.CALLER_DONE, first, [(object_id_for_return(first, 0),
-                                          serialize(1).to_bytes(), b"")])
+                                          serialize(1).to_bytes(), b"")], None)
     deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, second)
     assert [c.task_id for c in sched.tasks.table[second[0]].children] == [child[0]]
     assert b"p" * 16 in sched.dispatcher.blocking_functions and b"f" * 16 not in sched.dispatcher.blocking_functions

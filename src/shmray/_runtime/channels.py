@@ -176,7 +176,7 @@ class Channels:
                     continue
                 self.register(record, channel)  # the scheduler keeps the actor's report
             elif record is not None and not reported:
-                self.link.conn.send(P.caller_done(task_id, delivered))
+                self.link.conn.send(P.caller_done(task_id, delivered, channel.actor_id))
                 self.link.flush_later()
             objects.take_direct(delivered, undelivered)
 

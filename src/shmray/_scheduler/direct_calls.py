@@ -83,13 +83,17 @@ class DirectCalls:
             self.tasks.finish_direct(task, results, retryable)
         self._direct_closed(actor, task.owner)
 
-    def on_caller_done(self, client: Client, task, delivered) -> None:
-        """CALLER_DONE: a registered direct call's results, as the actor sent them back."""
-        actor = task.actor
-        if (actor.inflight.pop(task.task_id, None) is None
-                and actor.awaiting.pop(task.task_id, None) is None):
+    def on_caller_done(self, client: Client, actor_id, task_id, delivered) -> None:
+        """CALLER_DONE: a registered direct call's results, as the actor sent them back (it
+        may have been finished meanwhile, cancelled while its actor was dead: not counted
+        as done until now all the same)."""
+        actor = self.table.get(actor_id)
+        if actor is None:
             return
-        actor.given_up.discard(task.task_id)
+        task = actor.inflight.pop(task_id, None) or actor.awaiting.pop(task_id, None)
+        if task is None:
+            return
+        actor.given_up.discard(task_id)
         if not task.finished:
             self.tasks.finish_direct(task, [(object_id, data, metadata, ())
                                             for object_id, data, metadata in delivered], False)

@@ -159,10 +159,9 @@ class Scheduler:
         else:
             self.leases.on_direct_done(client, task_id, results, caller_pid, retryable)
 
-    def _on_caller_done(self, client: Client, task_id, delivered) -> None:
-        task = self.tasks.get(task_id)
-        if task is not None and task.actor is not None:
-            self.actors.on_caller_done(client, task, delivered)
+    def _on_caller_done(self, client: Client, task_id, delivered, actor_id) -> None:
+        if actor_id is not None:
+            self.actors.on_caller_done(client, actor_id, task_id, delivered)
         else:
             self.leases.on_leased_done(client, task_id, delivered)
 
