@@ -299,6 +299,76 @@ def test_a_result_read_after_its_cancelled_call_settled_holds_up_no_later_call(r
     del held
 
 
+def test_an_actor_ends_after_its_last_handle_goes_while_the_caller_is_busy(ray, Log):
+    log = Log.remote()
+    pid = ray.get(log.pid.remote())
+    log.nap.remote(0.05)  # its result comes to us while we do something else
+    del log
+    deadline = time.monotonic() + 3
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # busy elsewhere: not in shmray
+    assert not alive(pid)
+
+
+def test_a_result_returned_by_a_task_whose_worker_then_exits_is_kept(ray, Log):
+    """The task's call is registered (a ref to it leaves); the answer comes to its worker
+    alone, which reads it before it exits (max_calls=1)."""
+    log = Log.remote()
+    ray.get(log.add.remote(0))
+
+    @ray.remote(max_calls=1)
+    def call(handle, x):
+        return [handle.nap.remote(x)]
+
+    for seconds in (0.2, 0.3):
+        (inner,) = ray.get(call.remote(log, seconds))
+        assert ray.get(inner, timeout=30) == seconds
+
+
+def test_order_holds_when_the_actor_dies_twice_before_the_caller_looks(ray, tmp_path):
+    """A direct call left unanswered, then a call through the scheduler (which waits behind
+    it), then a second death: the first call still runs first."""
+    log_file = tmp_path / "log"
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class Slow:
+        def __init__(self):
+            self.started = os.getpid()
+
+        def add(self, x, seconds=0.0):
+            time.sleep(seconds)
+            with open(log_file, "a") as log:
+                log.write(f"{x}\n")
+            return x
+
+        def pid(self):
+            return os.getpid()
+
+    actor = Slow.remote()
+    first_pid = ray.get(actor.pid.remote())
+    argument = ray.put(2)
+    direct = actor.add.remote(1, 1.0)
+    time.sleep(0.1)
+    os.kill(first_pid, signal.SIGKILL)  # we do not read our channel's end yet
+    routed = actor.add.remote(argument)  # registers the direct call, waits behind it
+    wait_for(lambda: _a_process_other_than(first_pid, "shmray::Slow"), timeout=30)
+    time.sleep(0.3)  # it has started
+    second = _a_process_other_than(first_pid, "shmray::Slow")
+    os.kill(second, signal.SIGKILL)
+    time.sleep(1.0)  # a third process starts, and we have still not looked
+    assert ray.get([direct, routed], timeout=60) == [1, 2]
+    assert log_file.read_text().split() == ["1", "2"]
+
+
+def _a_process_other_than(pid: int, name: str):
+    import psutil
+
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.info["pid"] != pid and name in " ".join(process.info["cmdline"] or ()):
+            return process.info["pid"]
+    return None
+
+
 # -- regressions from review (each failed before its fix) ------------------------------
 
 

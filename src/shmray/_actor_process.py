@@ -422,6 +422,7 @@ def actor_main(conn, store, session_dir: str, options: dict, slot=None) -> None:
             runtime.link.handle(early)
         actor.run()
         actor.finish_replies()
+        runtime.channels.settle()  # answers to calls of ours to other actors, awaited
         runtime.flush()  # direct calls' results the scheduler has not heard of yet
     except (ConnectionClosed, exceptions.RaySystemError):
         pass

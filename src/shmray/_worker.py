@@ -546,6 +546,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
         worker.listen(listener)  # for the driver that leases it
         worker.run()
         worker.finish_replies()
+        runtime.channels.settle()  # answers to actor calls of ours that others wait on
         runtime.flush()
     except (ConnectionClosed, exceptions.RaySystemError):
         pass

@@ -398,9 +398,10 @@ class ObjectFetchTimedOutError(ObjectLostError):
 
 
 class OwnerDiedError(ObjectLostError):
-    """Kept for Ray compatibility, never raised: Ray raises it for an object whose owner (the
-    process that made it) died.  In shmray the scheduler keeps every object another process
-    can see, so a maker's death loses nothing that is still referenced."""
+    """The object's owner died before it had the object: the result of an actor call that a
+    process sent straight to the actor (which answers that process alone), that process
+    having passed a ref to it on and died before the answer came.  Every other object
+    another process can see is kept by the scheduler, so a maker's death loses nothing."""
 
 
 class ObjectFreedError(ObjectLostError):

@@ -74,6 +74,7 @@ class Runtime:
         self.leases = Leases(link, objects, self.socket_dir,
                              max(int(options.get("num_cpus") or 1), 1), leasing)
         self.leases.register_call = self.channels.register
+        link.tend, link.tend_interval = self._tend, self._tend_interval
         if leasing:  # a driver: its flusher also sends what it drops while idle (``poke``)
             link.start_flusher()
         self._feasible: Dict[int, dict] = {}  # resource demands found feasible, by identity
@@ -102,6 +103,18 @@ class Runtime:
         self.flush = link.flush
         self.flush_later = link.flush_later
         self.poke = link.poke
+
+    def _tend_interval(self) -> Optional[float]:
+        """How soon the flusher should next look after the leases and channels."""
+        intervals = [interval for interval in (self.leases.tend_interval(),
+                                               self.channels.tend_interval())
+                     if interval is not None]
+        return min(intervals) if intervals else None
+
+    def _tend(self) -> None:
+        """The flusher's round (``Link``): the program may be busy elsewhere."""
+        self.leases.tend()
+        self.channels.tend()
 
     def _spill_dir(self) -> str:
         path = os.path.join(self.session_dir, "spill")

@@ -32,15 +32,18 @@ what a task or call of ours is while the scheduler may not know of it.
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional
 
-from .. import _direct, _protocol as P
+from .. import _direct, _protocol as P, exceptions
 from .._connection import Connection, wait_readable
 from .._object_ref import ObjectRef
 from .link import Link
 from .objects import Objects, any_in_arena
 
 _LOST_CHANNEL_WAIT = 1.0      # a dead peer's channel is at its end well within this
+_OWED_TICK = 0.002            # how often the flusher reads answers to registered calls
+_SETTLE_PATIENCE = 5.0        # how long an exiting process waits for them
 
 
 class Channel:
@@ -100,6 +103,7 @@ class Channels:
         self._routed_ids: Dict[bytes, bytes] = {}  # went through the scheduler, unfinished
         self._settling: set = set()  # actors whose lost channel owed us calls (see above)
         self.calls_sent = 0          # how many went straight (for tests and curiosity)
+        self._owed = 0               # registered calls not answered yet (``tend``)
         objects.on_ready = self._routed_done
 
     def call(self, actor_id: bytes, spec: tuple, return_ids, direct_ok: bool,
@@ -170,12 +174,14 @@ class Channels:
         for _, task_id, delivered, undelivered, _, _ in messages:  # RESULT, the only kind
             record = channel.sent.pop(task_id, None)
             reported = bool(undelivered) or any_in_arena(delivered)  # by the actor
-            if record is not None and not record.registered:
+            if record is not None and record.registered:
+                self._owed -= 1
+            elif record is not None:
                 if not reported:
                     objects.keep_unregistered(delivered)
                     continue
                 self.register(record, channel)  # the scheduler keeps the actor's report
-            elif record is not None and not reported:
+            if record is not None and record.registered and not reported:
                 self.link.conn.send(P.caller_done(task_id, delivered, channel.actor_id))
                 self.link.flush_later()
             objects.take_direct(delivered, undelivered)
@@ -188,6 +194,8 @@ class Channels:
         objects, conn = self.objects, self.link.conn
         conn.send(P.direct_call(channel.actor_id, channel.peer_pid, record.spec))
         record.registered = True
+        if record.spec[P.SPEC_TASK_ID] in channel.sent:
+            self._owed += 1  # its answer is read by the flusher if not by the program
         gone = []
         for object_id in record.return_ids:
             del objects.unregistered[object_id]
@@ -218,19 +226,56 @@ class Channels:
         self.link.readers.pop(channel.conn.fd, None)
         read_to_the_end(channel, self._take)
         unanswered = list(channel.sent.values())
-        channel.sent.clear()
         if unanswered:
             for record in unanswered:
                 if not record.registered:
                     self.register(record, channel)
+            self._owed -= len(unanswered)
             self.link.conn.send(P.calls_lost(actor_id, channel.peer_pid,
                                              [r.spec[P.SPEC_TASK_ID] for r in unanswered]))
             self._settling.add(actor_id)
             self.link.flush_later()
+        channel.sent.clear()
         self.link.drop(channel.conn)
         if self.by_actor.get(actor_id) is channel:
             del self.by_actor[actor_id]
         self.objects.channel_gone(channel)
+
+    # -- while the program is busy elsewhere, and before this process exits ----------------
+
+    def tend_interval(self) -> Optional[float]:
+        return _OWED_TICK if self._owed else None
+
+    def tend(self) -> None:
+        """The flusher's round: answers to calls we registered are read and reported though
+        the program is busy elsewhere, for the scheduler waits on them (a call through it
+        queued behind them, the actor's end after our last handle went, a ref to them
+        elsewhere, the fate of calls a dead actor owed)."""
+        link = self.link
+        if not self._owed or link.reading:
+            return
+        with link.lock:
+            if link.closed or link.reading or not self._owed:
+                return
+            try:
+                link.poll()
+                link.flush()
+            except exceptions.RaySystemError:
+                pass
+
+    def settle(self, patience: float = _SETTLE_PATIENCE) -> None:
+        """Before this process exits: wait (a while) for the answers to calls we registered,
+        and report them: refs to their results live elsewhere, and the answers come to us
+        alone."""
+        if not self._owed:
+            return
+        with self.link.lock:
+            try:
+                self.link.wait_until(lambda: not self._owed or self.link.closed,
+                                     time.monotonic() + patience)
+                self.link.flush()
+            except exceptions.RaySystemError:
+                pass
 
     def killed(self, actor_id: bytes) -> None:
         """The actor is dead, and the scheduler has dealt with its death."""

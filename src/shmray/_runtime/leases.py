@@ -77,8 +77,6 @@ class Leases(SentBehind):
         link.handlers[P.LEASE_GRANTED] = self._granted
         link.handlers[P.LEASE_RECALL] = self._recalled
         link.handlers[P.LEASE_LOST] = self._lost
-        link.tend = self.tend
-        link.tend_interval = self._tend_interval
         link.submitting = lambda: time.monotonic() - self._submitted_at < FLUSH_DELAY
         link.before_reading = self._before_reading
         objects.before_waiting_on = self._free_for
@@ -381,7 +379,7 @@ class Leases(SentBehind):
 
     # -- the flusher's part, and waits -----------------------------------------------------
 
-    def _tend_interval(self) -> Optional[float]:
+    def tend_interval(self) -> Optional[float]:
         """How soon the flusher should look after the leases: each millisecond while a backlog
         waits (their workers must not run dry while the program is busy elsewhere), soon
         while one idles or is asked for, now and then while tasks run, never without."""

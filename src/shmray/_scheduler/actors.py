@@ -311,14 +311,18 @@ class Actors(DirectCalls):
         actor.gpu_ids = ()
         actor.client = None
         actor.exit_sent = False
-        actor.direct_open.clear()
-        actor.finished = finished
+        # Calls still waiting for their callers' word since an earlier death hold their
+        # callers' later calls back, as do those this death adds.
+        direct_open = actor.direct_open = {}
+        for task in actor.awaiting.values():
+            direct_open[task.owner] = direct_open.get(task.owner, 0) + 1
+        actor.keep_finished(finished)
         owed = []
         for task in actor.inflight.values():
             task.worker = None
-            if task.task_id in finished:
+            if task.task_id in actor.finished:
                 self.tasks.finish(task, [(object_id, data, metadata, ()) for object_id, data,
-                                         metadata in finished.pop(task.task_id)])
+                                         metadata in actor.finished.pop(task.task_id)])
             elif (task.direct and task.owner.alive
                     and task.task_id not in actor.given_up):
                 actor.awaiting[task.task_id] = task  # its caller may have seen the result

@@ -154,8 +154,9 @@ class DirectCalls:
 
     def caller_died(self, caller: Client) -> None:
         """A caller died: its direct calls may never reach their actor (still in its
-        buffers), and nobody will read their results.  They are finished here; if one ran
-        after all, its report finds it finished and its results are dropped."""
+        buffers), and the results of those that did went to it alone.  They fail here (the
+        owner of their results is gone, as Ray says); if one ran after all, its report finds
+        it finished and its results are dropped."""
         for actor in self.table.values():
             if actor.direct_open.pop(caller, None) is None:
                 continue
@@ -163,8 +164,10 @@ class DirectCalls:
                 for task_id, task in list(calls.items()):
                     if task.owner is caller and task.direct:
                         del calls[task_id]
-                        self.tasks.fail(task, *died_error(
-                            actor, "the caller of this call died before it was done"))
+                        self.tasks.fail(task, *serialized(exceptions.OwnerDiedError(
+                            f"The result of {task.name}() is lost: the process that called "
+                            f"it (pid {caller.pid}), which owned the result, died before it "
+                            "had it")))
             self.forward(actor)  # its calls queued here were held behind those
             if actor.out_of_scope:
                 self._exit_when_done(actor)

@@ -13,6 +13,7 @@ from .clients import Client
 
 
 _FIRST_RETURN = (1).to_bytes(4, "little")
+_FINISHED_KEPT = 1024  # parked replies of an actor's dead processes kept, at most
 
 
 class Task:
@@ -100,6 +101,14 @@ class Actor:
         # of in their caller's line (``Actors.call_ready``).
         self.ordered = self.options.get("ordered", True)
         self.parked: set = set()
+
+    def keep_finished(self, finished: dict) -> None:
+        """The replies a dead process parked, until their calls are settled (``_died``):
+        each death adds at most a slot's worth; those never claimed (a caller that had
+        read them, or died) go, oldest first, past a bound."""
+        self.finished.update(finished)
+        while len(self.finished) > _FINISHED_KEPT:
+            del self.finished[next(iter(self.finished))]
 
     def line_up(self, task: Task) -> None:
         """A new call: into its caller's line, or parked while its arguments are not ready
