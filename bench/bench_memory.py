@@ -74,22 +74,28 @@ class Idle:
         return 1
 
 
+def _children() -> set:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
 @pytest.mark.benchmark(group="idle-memory")
 def test_mp_pool_workers(benchmark):
+    others = _children()  # in a run of all of bench/, other modules' pools may live on
     with multiprocessing.get_context("fork").Pool(2) as pool:
         assert pool.apply(_one) == 1 and pool.apply(_one) == 1
         time.sleep(SETTLE)
-        workers = [child.pid for child in psutil.Process().children()]
+        workers = sorted(_children() - others)
         _pool_pss[:] = [_record(benchmark, "mp-pool", workers)]
 
 
 @pytest.mark.benchmark(group="idle-memory")
 def test_shmray_session(benchmark):
+    others = _children()
     shmray.init(num_cpus=2)
     try:
         assert sum(shmray.get([one.remote() for _ in range(10)], timeout=60)) == 10
         time.sleep(SETTLE)
-        processes = [child.pid for child in psutil.Process().children(recursive=True)]
+        processes = sorted(_children() - others)
         _record(benchmark, "shmray-session", processes, pool_workers=2)
     finally:
         shmray.shutdown()
