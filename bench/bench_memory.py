@@ -10,6 +10,8 @@ processes cost the machine together) and USS (pages of that process alone):
 - mp-pool: ``multiprocessing.Pool(2)``'s two workers, after one ``apply`` each.
 - shmray-session: the scheduler and two workers of ``init(num_cpus=2)``, after ten tasks.
 - shmray-actor: one actor process, after one call.
+- shmray-actor-forker: the process that forks actors (``_spawner``), once per session that
+  has any: what the first actor costs beside its own process.
 - driver: the driving process itself (shmray's imports included).
 
 Where a session's extra PSS is (pages told apart by physical frame, this file run alone):
@@ -111,6 +113,20 @@ def test_shmray_actor(benchmark):
         mine = [child.pid for child in psutil.Process().children(recursive=True)
                 if child.name().endswith("Idle")]  # ps shows it as shmray::Idle
         _record(benchmark, "shmray-actor", mine, pool_workers=1)
+    finally:
+        shmray.shutdown()
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_shmray_actor_forker(benchmark):
+    shmray.init(num_cpus=2)
+    try:
+        actor = Idle.remote()
+        assert shmray.get(actor.ping.remote(), timeout=60) == 1
+        time.sleep(SETTLE)
+        forker = [child.pid for child in psutil.Process().children(recursive=True)
+                  if child.name().endswith("spawner")]
+        _record(benchmark, "shmray-actor-forker", forker, pool_workers=1)
     finally:
         shmray.shutdown()
 

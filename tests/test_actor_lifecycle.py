@@ -159,3 +159,61 @@ def test_exit_actor_outside_an_actor_says_so_as_ray_does(ray):
 
     with pytest.raises(TypeError, match="exit_actor API is called on a non-actor worker"):
         ray.get(task.remote(), timeout=DEADLOCK)
+
+
+# -- the actor forker (``_spawner``) ------------------------------------------------------
+
+
+def _forker_pid():
+    import psutil
+
+    found = [p.pid for p in psutil.Process().children(recursive=True)
+             if "shmray::spawner" in " ".join(p.cmdline())]
+    return found[0] if found else None
+
+
+@pytest.mark.processes_only("looks at actor processes; local mode has none")
+@pytest.mark.parametrize("how, shown", [("exit", "exit code 7"), ("kill", "SIGKILL")])
+def test_an_actor_is_forked_by_the_forker_and_its_end_is_still_named(ray, how, shown):
+    import psutil
+    import signal
+
+    @ray.remote
+    class Doomed:
+        def pid(self):
+            return os.getpid()
+
+        def end(self):
+            os._exit(7)
+
+    actor = Doomed.remote()
+    pid = ray.get(actor.pid.remote())
+    assert psutil.Process(pid).ppid() == _forker_pid()
+    if how == "exit":
+        ending = actor.end.remote()
+    else:
+        os.kill(pid, signal.SIGKILL)
+        ending = actor.pid.remote()
+    with pytest.raises(exceptions.ActorDiedError, match=shown):
+        ray.get(ending, timeout=30)
+
+
+@pytest.mark.processes_only("looks at actor processes; local mode has none")
+def test_actors_are_forked_again_after_the_forker_is_killed(ray):
+    import signal
+
+    @ray.remote
+    class Echo:
+        def pid(self):
+            return os.getpid()
+
+    first = Echo.remote()
+    first_pid = ray.get(first.pid.remote())
+    forker = _forker_pid()
+    os.kill(forker, signal.SIGKILL)  # its actors end with it
+    wait_for(lambda: not alive(first_pid))
+    with pytest.raises(exceptions.ActorDiedError):
+        ray.get(first.pid.remote(), timeout=30)
+    second = Echo.remote()
+    assert ray.get(second.pid.remote(), timeout=30) != first_pid
+    assert _forker_pid() not in (None, forker)

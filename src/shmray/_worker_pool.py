@@ -8,7 +8,9 @@ imported before ``init`` (numpy warm, nothing re-imported).  The child closes ev
 of the scheduler's it inherited, so a peer's death is seen as EOF by exactly the process it
 concerns.  The session's first worker is forked as soon as the scheduler starts, before it
 builds anything (``spawn_first_worker``): the first task waits for that worker, whose start
-then overlaps the scheduler's.
+then overlaps the scheduler's.  Actors are forked by the actor forker (``_spawner``), which
+the scheduler forks with the first actor: the scheduler grows with every actor it keeps,
+and forking from it cost more per actor the more there were.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import mmap
 import os
 
 from . import _direct, _protocol as P, _threads
-from ._actor_process import actor_main
 from ._connection import close_fd_quietly, connection_pair
 from ._process import fork_child
+from ._spawner import Spawner
 from ._worker import worker_main
 
 _UNNAMED = "w-forking"  # a worker's socket until its pid, which names it, is known
@@ -50,16 +52,24 @@ def spawn_first_worker(driver_conn, store, session_dir: str, options: dict):
 
 
 def spawn_actor(scheduler, class_name: str):
-    """Fork one actor process (named shmray::ClassName); returns (connection, pid, slot).
+    """Have one actor process forked (named shmray::ClassName), by the scheduler's actor
+    forker (``_spawner``, started with the first actor); returns (connection, pid, slot).
 
-    The slot (``_protocol``) is shared before the fork: the actor parks there the reports
-    of calls whose replies it holds back (``Worker.report``), which the scheduler reads
-    if it dies."""
-    slot = mmap.mmap(-1, P.SLOT_SIZE)
-    conn, pid = _spawn(f"shmray::{class_name}", actor_main,
-                       lambda: _close_scheduler_descriptors(scheduler), scheduler.store,
-                       scheduler.session_dir, scheduler.options, slot)
-    return conn, pid, slot
+    The slot (``_protocol``) is shared with the scheduler: the actor parks there the
+    reports of calls whose replies it holds back (``Worker.report``), which the scheduler
+    reads if it dies."""
+    for attempt in range(2):
+        if scheduler.spawner is None:
+            scheduler.spawner = Spawner(lambda: _close_scheduler_descriptors(scheduler),
+                                        scheduler.store, scheduler.session_dir,
+                                        scheduler.options)
+        try:
+            return scheduler.spawner.spawn(class_name)
+        except OSError:  # it died (killed, out of memory), and its actors with it: anew
+            scheduler.spawner.close()
+            scheduler.spawner = None
+            if attempt:
+                raise
 
 
 def _spawn_worker(close_inherited, store, session_dir: str, options: dict, cancel_slot):

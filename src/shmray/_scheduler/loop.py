@@ -84,6 +84,7 @@ class Scheduler:
         self.driver = self.clients.add(driver_conn, driver_pid, "driver")
         self.resources = Resources(options["total"], options.get("gpu_ids", ()))
         self.objects = Directory(store, self.clients, session_dir)
+        self.spawner = None  # forks the actors, from the first (``_worker_pool``)
         self.pool = WorkerPool(self.clients, lambda slot: spawn_worker(self, slot),
                                float(options["num_cpus"]))
         if first_worker is not None:  # forked before all this (``_serve``)
@@ -356,7 +357,7 @@ class Scheduler:
             return
         self.actors.caller_died(client)
         self.objects.drop_early_of(client.pid)
-        status = reap(client.pid)
+        status = self._exit_status(client)
         self.store.reap(client.pid)
         socket_dir = self.options["socket_dir"]
         _direct.unlink_quietly(_direct.address(socket_dir, client.actor.actor_id)
@@ -383,6 +384,18 @@ class Scheduler:
         if self.running:
             self.pool.refill()
 
+    def _exit_status(self, client: Client, timeout: float = 1.0) -> Optional[int]:
+        """How a child process ended; one that does not end in time is killed.  An actor is
+        the child of the actor forker (``_spawner``), which reports."""
+        spawner = self.spawner
+        if spawner is None or not spawner.owns(client.pid):
+            return reap(client.pid, timeout)
+        status = spawner.status(client.pid, timeout)
+        if status is None and spawner.owns(client.pid):
+            kill_quietly(client.pid)
+            status = spawner.status(client.pid)
+        return status
+
     def stop(self) -> None:
         """End every worker, reap them, remove the session folder."""
         # The driver's death arrives twice (EOF and the parent-death SIGTERM); the second
@@ -402,9 +415,11 @@ class Scheduler:
         deadline = time.monotonic() + min(self.options.get("graceful_shutdown_s", 30.0),
                                           _STOP_GRACE)
         for child in children:
-            reap(child.pid, timeout=max(deadline - time.monotonic(), 0.0)
-                 if child in graceful else 5.0)
+            self._exit_status(child, max(deadline - time.monotonic(), 0.0)
+                              if child in graceful else 5.0)
             child.conn.close()
+        if self.spawner is not None:
+            self.spawner.close()
         self.clients.selector.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
         _direct.remove_socket_folder(self.options["socket_dir"])
