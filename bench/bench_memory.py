@@ -103,32 +103,28 @@ def test_shmray_session(benchmark):
         shmray.shutdown()
 
 
-@pytest.mark.benchmark(group="idle-memory")
-def test_shmray_actor(benchmark):
+def _with_one_actor(benchmark, name: str, ending: str) -> None:
+    """Record the processes whose name ends with ``ending`` in a session with one actor."""
     shmray.init(num_cpus=2)
     try:
         actor = Idle.remote()
         assert shmray.get(actor.ping.remote(), timeout=60) == 1
         time.sleep(SETTLE)
-        mine = [child.pid for child in psutil.Process().children(recursive=True)
-                if child.name().endswith("Idle")]  # ps shows it as shmray::Idle
-        _record(benchmark, "shmray-actor", mine, pool_workers=1)
+        pids = [child.pid for child in psutil.Process().children(recursive=True)
+                if child.name().endswith(ending)]  # ps shows shmray::Idle, shmray::spawner
+        _record(benchmark, name, pids, pool_workers=1)
     finally:
         shmray.shutdown()
+
+
+@pytest.mark.benchmark(group="idle-memory")
+def test_shmray_actor(benchmark):
+    _with_one_actor(benchmark, "shmray-actor", "Idle")
 
 
 @pytest.mark.benchmark(group="idle-memory")
 def test_shmray_actor_forker(benchmark):
-    shmray.init(num_cpus=2)
-    try:
-        actor = Idle.remote()
-        assert shmray.get(actor.ping.remote(), timeout=60) == 1
-        time.sleep(SETTLE)
-        forker = [child.pid for child in psutil.Process().children(recursive=True)
-                  if child.name().endswith("spawner")]
-        _record(benchmark, "shmray-actor-forker", forker, pool_workers=1)
-    finally:
-        shmray.shutdown()
+    _with_one_actor(benchmark, "shmray-actor-forker", "spawner")
 
 
 @pytest.mark.benchmark(group="idle-memory")

@@ -193,14 +193,9 @@ class Channels:
         (caller holds the lock)."""
         objects, conn = self.objects, self.link.conn
         conn.send(P.direct_call(channel.actor_id, channel.peer_pid, record.spec))
-        record.registered = True
         if record.spec[P.SPEC_TASK_ID] in channel.sent:
             self._owed += 1  # its answer is read by the flusher if not by the program
-        gone = []
-        for object_id in record.return_ids:
-            del objects.unregistered[object_id]
-            if object_id not in objects.counts:
-                gone.append(object_id)  # dropped before the scheduler knew: drop it there
+        gone = objects.now_registered(record)
         if gone:
             conn.send(P.release(gone))
         self.link.flush_later()

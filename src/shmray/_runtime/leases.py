@@ -222,12 +222,7 @@ class Leases(SentBehind):
             objects.owned_pending.update(i for i in record.return_ids if i in objects.counts)
         else:
             conn.send(P.direct_submit(lease.peer_pid, spec))
-        record.registered = True
-        gone = []
-        for object_id in record.return_ids:
-            del objects.unregistered[object_id]
-            if object_id not in objects.counts:
-                gone.append(object_id)  # dropped before the scheduler knew: drop it there
+        gone = objects.now_registered(record)
         if gone:
             conn.send(P.release(gone))
         self._release_hold(record)  # the scheduler holds its argument for it now

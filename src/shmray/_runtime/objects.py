@@ -122,6 +122,17 @@ class Objects:
             refs.append(ObjectRef.counted(object_id, tracker))
         return refs
 
+    def now_registered(self, record) -> List[bytes]:
+        """The scheduler is told of ``record``'s task or call now: its results are not ours
+        alone any more.  Returns those we dropped before, for the scheduler to drop too."""
+        record.registered = True
+        gone = []
+        for object_id in record.return_ids:
+            del self.unregistered[object_id]
+            if object_id not in self.counts:
+                gone.append(object_id)
+        return gone
+
     def add_owned_ref(self, object_id: bytes) -> ObjectRef:
         """A ref the scheduler already counts for us (a put or a task return we submitted)."""
         with self.link.lock:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, Optional
 from .. import _protocol as P, _resources, exceptions
 from .._serialization import META_ERROR
 from .clients import Client, Clients, how, kill_quietly
-from .direct_calls import DirectCalls, died_error, retry_allowed
+from .direct_calls import DirectCalls, died_error, no_such_actor, retry_allowed
 from .leases import Leases
 from .objects import Directory, ObjectEntry, serialized
 from .records import Actor
@@ -174,8 +174,7 @@ class Actors(DirectCalls):
         if task.finished:
             return
         if actor is None:
-            self.tasks.fail(task, *serialized(exceptions.ActorDiedError(
-                f"no actor with id {actor_id.hex()} exists in this session")))
+            self.tasks.fail(task, *no_such_actor(actor_id))
             return
         if actor.state == "dead":
             self.tasks.fail(task, *actor.death)

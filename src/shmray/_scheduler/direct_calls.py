@@ -53,8 +53,7 @@ class DirectCalls:
         if task.finished:
             return
         if actor is None:
-            self.tasks.fail(task, *serialized(exceptions.ActorDiedError(
-                f"no actor with id {actor_id.hex()} exists in this session")))
+            self.tasks.fail(task, *no_such_actor(actor_id))
             return
         if (actor.state == "alive" and actor.client is not None
                 and actor.client.pid == actor_pid):
@@ -171,6 +170,11 @@ class DirectCalls:
             self.forward(actor)  # its calls queued here were held behind those
             if actor.out_of_scope:
                 self._exit_when_done(actor)
+
+
+def no_such_actor(actor_id: bytes) -> tuple:
+    return serialized(exceptions.ActorDiedError(
+        f"no actor with id {actor_id.hex()} exists in this session"))
 
 
 def retry_allowed(task) -> bool:
