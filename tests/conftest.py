@@ -55,6 +55,20 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
         time.sleep(interval)
 
 
+def socket_inodes(pid: int) -> set:
+    """The sockets ``pid`` has open, by inode: a socket open in two processes is one
+    connection's end held by both."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def runtime():
     return shmray._context.runtime
 

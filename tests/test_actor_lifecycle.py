@@ -11,7 +11,7 @@ import pytest
 import shmray
 from shmray import exceptions
 
-from conftest import alive, wait_for
+from conftest import alive, socket_inodes, wait_for
 
 DEADLOCK = 60
 
@@ -217,3 +217,25 @@ def test_actors_are_forked_again_after_the_forker_is_killed(ray):
     second = Echo.remote()
     assert ray.get(second.pid.remote(), timeout=30) != first_pid
     assert _forker_pid() not in (None, forker)
+
+
+@pytest.mark.processes_only("looks at actor processes; local mode has none")
+def test_the_forker_and_its_actors_hold_no_socket_of_another_process(ray):
+    """Each end of a connection must be held by its one process, or a death would not be
+    seen as the end of that connection while the other holder lives."""
+    from shmray import _session
+
+    @ray.remote
+    class Echo:
+        def pid(self):
+            return os.getpid()
+
+    actors = [Echo.remote() for _ in range(3)]
+    pids = ray.get([actor.pid.remote() for actor in actors])
+    holders = [_forker_pid(), _session._scheduler_pid, *pids]
+    sockets = [socket_inodes(pid) for pid in holders]
+    assert all(sockets)
+    for i, mine in enumerate(sockets):
+        for theirs in sockets[i + 1:]:
+            assert not mine & theirs
+

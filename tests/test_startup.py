@@ -8,7 +8,7 @@ import time
 import pytest
 
 import shmray
-from conftest import runtime, wait_for
+from conftest import runtime, socket_inodes, wait_for
 
 DEADLOCK = 60
 
@@ -56,8 +56,8 @@ def test_the_first_worker_shares_no_socket_with_the_scheduler():
         assert shmray.get(_one.remote(), timeout=DEADLOCK) == 1  # the worker is up
         (worker,) = runtime().query("workers")
         scheduler = _scheduler_pid()
-        assert _socket_inodes(scheduler) and _socket_inodes(worker)
-        assert not _socket_inodes(scheduler) & _socket_inodes(worker)
+        assert socket_inodes(scheduler) and socket_inodes(worker)
+        assert not socket_inodes(scheduler) & socket_inodes(worker)
     finally:
         shmray.shutdown()
 
@@ -71,17 +71,3 @@ def _scheduler_pid() -> int:
     from shmray import _session
 
     return _session._scheduler_pid
-
-
-def _socket_inodes(pid: int) -> set:
-    """The sockets ``pid`` has open, by inode: a socket open in two processes is one
-    connection's end held by both."""
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
-    return found
