@@ -348,6 +348,10 @@ class ActorProcess(Worker):
 
     def _next_call(self):
         """The next CALL, reading the connection if none is queued; None when it's over."""
+        queue = self.queue
+        if queue and not self.exit_requested and (
+                time.monotonic() - self.last_poll <= _POLL_INTERVAL):
+            return queue.popleft()  # no look for messages due: nothing to hold the lock for
         runtime = self.runtime
         with runtime.link.lock:
             try:
