@@ -127,8 +127,7 @@ class Worker:
 
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
-    caller_reports = True  # a leased task's delivered results: the driver reports them
-    reports_arena = False  # ...those in the arena too (it registers the task for them)
+    reports_arena = False  # results in the arena: to the scheduler too (``report``)
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
     parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
@@ -212,12 +211,12 @@ class Worker:
         Straight back go only results the caller may use at once: not those holding refs
         (the scheduler must count those refs first) and none of a failure that will be
         retried; the caller hears of those from the scheduler, which hears of them from
-        here first.  Delivered results go to the caller alone (``caller_reports``), which
-        owns the work: it reports them if it has told the scheduler of it, and is the
-        witness of what it saw should this process die; the scheduler takes them from the
-        slot if this process dies holding them back.  An actor reports results in the arena
-        too (``reports_arena``): its caller may be a worker that dies before it registers
-        the call, and the scheduler must know them to free them.
+        here first.  Delivered results go to the caller alone, which owns the work: it
+        reports them if it has told the scheduler of it, and is the witness of what it saw
+        should this process die; the scheduler takes them from the slot if this process dies
+        holding them back.  An actor reports results in the arena too (``reports_arena``):
+        its caller may be a worker that dies before it registers the call, and the
+        scheduler must know them to free them.
         """
         runtime = self.runtime
         origin = self.origins.pop(task_id, None)
@@ -230,8 +229,8 @@ class Worker:
             if origin is None:
                 done = P.task_done(task_id, results, retryable, took)
                 runtime.send(done)
-            elif (conn is None or undelivered or not self.caller_reports
-                  or (self.reports_arena and any_in_arena(results))):
+            elif conn is None or undelivered or (self.reports_arena
+                                                  and any_in_arena(results)):
                 told = P.direct_done(task_id, results, origin[1], retryable)
                 runtime.send(told)
             self._reported()
