@@ -42,6 +42,41 @@ def record(x, path):
     return x
 
 
+@shmray.remote(retry_exceptions=True, max_retries=1)
+def flaky(x, path, nap=0.0):
+    """Raises the first time (no file at ``path`` yet): retried for that exception."""
+    time.sleep(nap)
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ValueError("first attempt")
+    return x + 100
+
+
+@shmray.remote
+def crashy(x, path, nap=0.0):
+    """Kills its worker the first time (no file at ``path`` yet)."""
+    time.sleep(nap)
+    if not os.path.exists(path):
+        open(path, "w").close()
+        os._exit(1)
+    return x + 100
+
+
+def assert_failed_for_their_argument(*refs):
+    for ref in refs:
+        with pytest.raises(exceptions.RayTaskError,
+                           match="At least one of the input arguments for this task could "
+                                 "not be computed") as info:
+            shmray.get(ref, timeout=DEADLOCK)
+        assert isinstance(info.value, ValueError)
+
+
+def assert_cancelled(*refs):
+    for ref in refs:
+        with pytest.raises(exceptions.TaskCancelledError):
+            shmray.get(ref, timeout=DEADLOCK)
+
+
 def learn_short(fn, *args):
     """Run ``fn`` through the scheduler (a ref argument) until it knows it is short."""
     for _ in range(3):
@@ -103,26 +138,13 @@ def test_a_failed_producer_fails_its_dependents_sent_ahead_unrun(ray, tmp_path):
     last = record.remote(first, str(trace))
     with pytest.raises(exceptions.RayTaskError, match="the head failed"):
         ray.get(head, timeout=DEADLOCK)
-    for ref in (first, last):
-        with pytest.raises(exceptions.RayTaskError,
-                           match="At least one of the input arguments for this task could "
-                                 "not be computed") as info:
-            ray.get(ref, timeout=DEADLOCK)
-        assert isinstance(info.value, ValueError)
+    assert_failed_for_their_argument(first, last)
     assert not trace.exists()  # neither ran
     assert sent_ahead()[0] - before[0] == 2
 
 
 def test_a_producer_retried_for_an_exception_feeds_its_dependents_its_retried_value(
         ray, tmp_path):
-    @ray.remote(retry_exceptions=True, max_retries=1)
-    def flaky(x, path, nap=0.0):
-        time.sleep(nap)
-        if not os.path.exists(path):
-            open(path, "w").close()
-            raise ValueError("first attempt")
-        return x + 100
-
     warm = tmp_path / "warm"
     warm.touch()
     learn_short(flaky, str(warm))
@@ -138,20 +160,13 @@ def test_a_producer_retried_for_an_exception_feeds_its_dependents_its_retried_va
 def test_a_producer_that_crashes_its_worker(ray, tmp_path, retries):
     """Retried: its dependents sent ahead to the dead worker wait for the new attempt.  Not
     retried: they fail with its WorkerCrashedError."""
-    @ray.remote(max_retries=retries)
-    def crashy(x, path, nap=0.0):
-        time.sleep(nap)
-        if not os.path.exists(path):
-            open(path, "w").close()
-            os._exit(1)
-        return x + 100
-
     warm = tmp_path / "warm"
     warm.touch()
     learn_short(crashy, str(warm))
     learn_short(step)
     before = sent_ahead()
-    head = crashy.remote(ray.put(0), str(tmp_path / "attempted"), NAP)
+    head = crashy.options(max_retries=retries).remote(ray.put(0), str(tmp_path / "attempted"),
+                                                      NAP)
     last = chain_on(head, 5)
     if retries:
         assert ray.get(last, timeout=DEADLOCK) == 105
@@ -185,10 +200,7 @@ def test_cancel_of_a_task_sent_ahead_spares_its_producer(ray):
     after = step.remote(dependent)
     wait_for(lambda: sent_ahead()[0] - before[0] == 2)
     ray.cancel(dependent)
-    with pytest.raises(exceptions.TaskCancelledError):
-        ray.get(dependent, timeout=DEADLOCK)
-    with pytest.raises(exceptions.TaskCancelledError):
-        ray.get(after, timeout=DEADLOCK)
+    assert_cancelled(dependent, after)
     assert ray.get(head, timeout=DEADLOCK) == 1
 
 
@@ -201,9 +213,7 @@ def test_cancel_of_a_producer_fails_its_dependents_sent_ahead(ray, tmp_path):
     dependent = record.remote(head, str(trace))
     wait_for(lambda: sent_ahead()[0] - before[0] == 1)
     ray.cancel(head)
-    for ref in (head, dependent):
-        with pytest.raises(exceptions.TaskCancelledError):
-            ray.get(ref, timeout=DEADLOCK)
+    assert_cancelled(head, dependent)
     assert ray.get(step.remote(ray.put(1)), timeout=DEADLOCK) == 2  # the worker serves on
     assert not trace.exists()
 
@@ -255,25 +265,12 @@ def test_a_failed_producer_on_a_lease_fails_the_task_behind_it_unrun(ray, tmp_pa
     head = boom.remote(0, NAP)
     first = record.remote(head, str(trace))
     last = record.remote(first, str(trace))
-    for ref in (first, last):
-        with pytest.raises(exceptions.RayTaskError,
-                           match="At least one of the input arguments for this task could "
-                                 "not be computed") as info:
-            ray.get(ref, timeout=DEADLOCK)
-        assert isinstance(info.value, ValueError)
+    assert_failed_for_their_argument(first, last)
     assert not trace.exists()
     assert leased_tasks() - before >= 2  # head and first at least went to the lease
 
 
 def test_a_leased_producer_retried_for_an_exception_feeds_the_task_behind_it(ray, tmp_path):
-    @ray.remote(retry_exceptions=True, max_retries=1)
-    def flaky(x, path, nap=0.0):
-        time.sleep(nap)
-        if not os.path.exists(path):
-            open(path, "w").close()
-            raise ValueError("first attempt")
-        return x + 100
-
     ray.get(step.remote(0), timeout=DEADLOCK)
     head = flaky.remote(0, str(tmp_path / "attempted"), NAP)
     assert ray.get(chain_on(head, 5), timeout=DEADLOCK) == 105
@@ -281,16 +278,8 @@ def test_a_leased_producer_retried_for_an_exception_feeds_the_task_behind_it(ray
 
 @pytest.mark.parametrize("retries", [0, 1])
 def test_a_leased_producer_that_crashes_its_worker(ray, tmp_path, retries):
-    @ray.remote(max_retries=retries)
-    def crashy(x, path, nap=0.0):
-        time.sleep(nap)
-        if not os.path.exists(path):
-            open(path, "w").close()
-            os._exit(1)
-        return x + 100
-
     ray.get(step.remote(0), timeout=DEADLOCK)
-    head = crashy.remote(0, str(tmp_path / "attempted"), NAP)
+    head = crashy.options(max_retries=retries).remote(0, str(tmp_path / "attempted"), NAP)
     last = chain_on(head, 5)
     if retries:
         assert ray.get(last, timeout=DEADLOCK) == 105
@@ -316,10 +305,7 @@ def test_cancel_of_a_task_behind_a_leased_producer(ray):
     dependent = step.remote(head)
     after = step.remote(dependent)
     ray.cancel(dependent)
-    with pytest.raises(exceptions.TaskCancelledError):
-        ray.get(dependent, timeout=DEADLOCK)
-    with pytest.raises(exceptions.TaskCancelledError):
-        ray.get(after, timeout=DEADLOCK)
+    assert_cancelled(dependent, after)
     assert ray.get(head, timeout=DEADLOCK) == 1
 
 
@@ -330,9 +316,7 @@ def test_cancel_of_a_leased_producer_fails_the_task_behind_it(ray, tmp_path):
     dependent = record.remote(head, str(trace))
     time.sleep(NAP)
     ray.cancel(head)
-    for ref in (head, dependent):
-        with pytest.raises(exceptions.TaskCancelledError):
-            ray.get(ref, timeout=DEADLOCK)
+    assert_cancelled(head, dependent)
     assert ray.get(step.remote(1), timeout=DEADLOCK) == 2
     assert not trace.exists()
 
