@@ -425,9 +425,7 @@ def actor_main(conn, store, session_dir: str, options: dict, slot=None) -> None:
         for early in start:
             runtime.link.handle(early)
         actor.run()
-        actor.finish_replies()
-        runtime.channels.settle()  # answers to calls of ours to other actors, awaited
-        runtime.flush()  # direct calls' results the scheduler has not heard of yet
+        actor.wind_up()
     except (ConnectionClosed, exceptions.RaySystemError):
         pass
     # Not killed: a graceful end (exit_actor, __ray_terminate__, its handles gone, the

@@ -285,6 +285,14 @@ class Worker:
         """A peer's socket is full: the runtime's reader finishes the write (an async
         actor's loop replaces this)."""
 
+    def wind_up(self) -> None:
+        """Before exiting cleanly: what peers are still owed, then the answers to actor
+        calls of ours that others wait on (``Channels.settle``), then what the scheduler
+        has not heard yet."""
+        self.finish_replies()
+        self.runtime.channels.settle()
+        self.runtime.flush()
+
     def finish_replies(self, patience: float = 2.0) -> None:
         """Before exiting: write what peers are still owed (one that doesn't read for this
         long gets its results from the scheduler instead)."""
@@ -544,8 +552,6 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
         worker = Worker(runtime, cancel_slot)
         worker.listen(listener)  # for the driver that leases it
         worker.run()
-        worker.finish_replies()
-        runtime.channels.settle()  # answers to actor calls of ours that others wait on
-        runtime.flush()
+        worker.wind_up()
     except (ConnectionClosed, exceptions.RaySystemError):
         pass

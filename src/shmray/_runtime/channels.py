@@ -218,8 +218,8 @@ class Channels:
         """The actor died (or restarted), or the channel broke: take all it sent, then
         tell the scheduler which calls never came back, which it retries or fails."""
         actor_id = channel.actor_id
-        self.link.readers.pop(channel.conn.fd, None)
-        read_to_the_end(channel, self._take)
+        self.link.readers.pop(channel.conn.fd, None)  # not read again meanwhile: a
+        read_to_the_end(channel, self._take)          # future's callback may wait in get()
         unanswered = list(channel.sent.values())
         if unanswered:
             for record in unanswered:
