@@ -285,17 +285,11 @@ class Worker:
         """A peer's socket is full: the runtime's reader finishes the write (an async
         actor's loop replaces this)."""
 
-    def wind_up(self) -> None:
-        """Before exiting cleanly: what peers are still owed, then the answers to actor
-        calls of ours that others wait on (``Channels.settle``), then what the scheduler
-        has not heard yet."""
-        self.finish_replies()
-        self.runtime.channels.settle()
-        self.runtime.flush()
-
-    def finish_replies(self, patience: float = 2.0) -> None:
-        """Before exiting: write what peers are still owed (one that doesn't read for this
-        long gets its results from the scheduler instead)."""
+    def wind_up(self, patience: float = 2.0) -> None:
+        """Before exiting cleanly: write what peers are still owed (one that doesn't read
+        for ``patience`` gets its results from the scheduler instead), wait for the answers
+        to actor calls of ours that others wait on (``Channels.settle``), and send the
+        scheduler what it has not heard yet."""
         runtime = self.runtime
         deadline = time.monotonic() + patience
         with runtime.link.lock:
@@ -305,6 +299,8 @@ class Worker:
                     runtime.link.write_some(conn)
                 for conn in list(runtime.link.unflushed)[:1]:
                     wait_writable(conn.fd, 0.05)
+        runtime.channels.settle()
+        runtime.flush()
 
     def handlers(self) -> dict:
         """The messages this process acts on itself, beside those its runtime handles:
