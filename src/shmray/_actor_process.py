@@ -44,6 +44,7 @@ from . import (
     _actor_async,
     _context,
     _direct,
+    _events,
     _output,
     _pickling,
     _protocol as P,
@@ -70,6 +71,7 @@ from ._worker import ParkedReports, Worker
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
 _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
+_NO_FAILURE = (0, None)  # what a call that did not fail records (``_events``)
 
 
 class ActorProcess(Worker):
@@ -136,6 +138,8 @@ class ActorProcess(Worker):
         if task_id in self.cancelled_early:
             del self.cancelled_early[task_id]
             self.origins[task_id] = origin
+            _events.failed_unrun(task_id, message[3], _events.TASK_CANCELLED, None,
+                                 _events.ACTOR_TASK, self.actor_id)
             self.report(task_id, cancelled_results(task_id, message[6]), False)
             return
         super()._take_direct(message, origin)
@@ -175,6 +179,8 @@ class ActorProcess(Worker):
             for message in queue:
                 if message[1] == task_id:
                     queue.remove(message)
+                    _events.failed_unrun(task_id, message[3], _events.TASK_CANCELLED, None,
+                                         _events.ACTOR_TASK, self.actor_id)
                     self.report(task_id, cancelled_results(task_id, message[6]), False)
                     return
         if task_id in self.running:
@@ -193,17 +199,25 @@ class ActorProcess(Worker):
     def construct(self) -> bool:
         """Run __init__; report how it went.  False if it raised."""
         spec = self.spec
+        name = f"{self.class_name}.__init__"
+        began = _events.started(self.actor_id[:24], name, _events.ACTOR_CREATION_TASK,
+                                self.actor_id)
         try:
             args, kwargs = arguments(self.runtime, spec[P.ACTOR_ARGS], spec[P.ACTOR_ARG_IDS],
                                      self.init_values)
             self.instance = self.cls(*args, **kwargs)
         except BaseException as exc:
+            _events.ended(self.actor_id[:24], name, began, _events.ACTOR_CREATION_TASK,
+                          self.actor_id, _events.ACTOR_CREATION_FAILED,
+                          _events.error_message(exc))
             died = init_failed(self.class_name, exc)
             self.runtime.send(P.actor_started(serialize(died, META_ERROR).to_bytes()))
             self.runtime.flush()
             return False
         finally:
             flush_output()
+        _events.ended(self.actor_id[:24], name, began, _events.ACTOR_CREATION_TASK,
+                      self.actor_id)
         self.runtime.send(P.actor_started(None))
         self.runtime.flush()
         return True
@@ -215,6 +229,8 @@ class ActorProcess(Worker):
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
         self.running.add(task_id)
         call = current_call.set(Call(task_id, name, method_name, self.hold))
+        began = _events.started(task_id, name, _events.ACTOR_TASK, self.actor_id)
+        failure = _NO_FAILURE
         try:
             if method_name == "__ray_ready__":
                 outcome = True
@@ -228,9 +244,11 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 (self._results(task_id, outcome, num_returns, name, extra), False)
         except BaseException as exc:
+            failure = (_events.error_code(exc), _events.error_message(exc))
             return self._exited_or(task_id, num_returns, exc) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
+            _events.ended(task_id, name, began, _events.ACTOR_TASK, self.actor_id, *failure)
             current_call.reset(call)
             self.running.discard(task_id)
             self.canceled.discard(task_id)
@@ -259,6 +277,8 @@ class ActorProcess(Worker):
             return self.call(message)
         self.running.add(task_id)
         current_call.set(Call(task_id, name, method_name, self.hold))  # this asyncio task's
+        began = _events.started(task_id, name, _events.ACTOR_TASK, self.actor_id)
+        failure = _NO_FAILURE
         try:
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
             outcome = self._method(method_name)(*args, **kwargs)
@@ -271,11 +291,14 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns) or \
                 (self._results(task_id, outcome, num_returns, name, extra), False)
         except asyncio.CancelledError:
+            failure = (_events.TASK_CANCELLED, None)
             return cancelled_results(task_id, num_returns), False
         except BaseException as exc:
+            failure = (_events.error_code(exc), _events.error_message(exc))
             return self._exited_or(task_id, num_returns, exc) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
+            _events.ended(task_id, name, began, _events.ACTOR_TASK, self.actor_id, *failure)
             self.running.discard(task_id)
             self.canceled.discard(task_id)
             flush_output()
@@ -412,6 +435,8 @@ def actor_main(conn, store, session_dir: str, options: dict, slot=None) -> None:
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
+    if slot is not None:
+        _events.start(slot.events, options["task_events"])
     atexit._clear()  # the handlers it inherited are its parent's, never to run here
     actor = None
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import collections.abc
 import logging
+import mmap
 import os
 import select
 import shutil
@@ -34,6 +35,7 @@ from . import (
     _accelerators,
     _context,
     _direct,
+    _events,
     _local_mode,
     _options,
     _process,
@@ -132,6 +134,7 @@ def _check_init_options(kwargs: dict) -> dict:
     # handlers before it is killed (Ray's setting, in ms; its default, 30 s).
     options["graceful_shutdown_s"] = system.get("actor_graceful_shutdown_timeout_ms",
                                                 30_000) / 1000
+    options["task_events"] = _events.capacity_of(options)  # each process's log, in events
     return options
 
 
@@ -175,6 +178,7 @@ def init(**kwargs: Any):
         options["socket_dir"] = _direct.socket_folder(session_dir)
         driver_end, scheduler_end = connection_pair("driver", "scheduler")
         driver_pid = os.getpid()
+        driver_events = mmap.mmap(-1, _events.log_bytes(options["task_events"]))
 
         def scheduler_main():
             driver_end.close()
@@ -182,7 +186,7 @@ def init(**kwargs: Any):
             # The first task waits for the first worker: it starts while the scheduler does.
             first = spawn_first_worker(scheduler_end, store, session_dir, options)
             Scheduler(scheduler_end, driver_pid, store, session_dir, options, spawn_worker,
-                      spawn_actor, first_worker=first).run()
+                      spawn_actor, first_worker=first, driver_events=driver_events).run()
 
         # Every process forked from here inherits what this finds: in the driver it costs
         # a millisecond or two, once, where a freshly forked scheduler takes twice that.
@@ -190,6 +194,7 @@ def init(**kwargs: Any):
         _scheduler_pid = fork_child("shmray::scheduler", scheduler_main,
                                     death_signal=signal.SIGTERM)
         scheduler_end.close()
+        _events.start(driver_events, options["task_events"])
         # The driver runs its plain tasks on workers it leases (``_runtime.leases``).
         runtime = _runtime.Runtime(store, driver_end, session_dir, options, leasing=True)
         _context.install(runtime)
@@ -270,6 +275,7 @@ def shutdown() -> None:
             return
         runtime = _context.runtime
         _context.install(None)
+        _events.stop()
         runtime.close()
         if pid != os.getpid():
             _wait_for_exit(pid, timeout=10.0)

@@ -21,7 +21,6 @@ This process ends with the scheduler (its parent-death signal), and its actors w
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import select
@@ -30,7 +29,7 @@ import socket
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from . import _protocol as P, _threads
+from . import _events, _slot, _threads
 from ._actor_process import actor_main
 from ._connection import Connection, connection_pair, wait_readable
 from ._process import fork_child
@@ -47,6 +46,7 @@ class Spawner:
     def __init__(self, close_inherited: Callable[[], None], store, session_dir: str,
                  options: dict):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.events_size = _events.log_bytes(options["task_events"])
 
         def main():
             close_inherited()
@@ -59,12 +59,12 @@ class Spawner:
         self.children: set = set()            # pids of the actors it forked, not reported
         self.statuses: Dict[int, Optional[int]] = {}  # reported, not asked for yet
 
-    def spawn(self, class_name: str) -> Tuple[Connection, int, mmap.mmap]:
+    def spawn(self, class_name: str) -> Tuple[Connection, int, _slot.Slot]:
         """Fork an actor process (named shmray::ClassName): (connection, pid, slot)."""
         slot_fd = os.memfd_create("shmray-slot", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(slot_fd, P.SLOT_SIZE)
-            slot = mmap.mmap(slot_fd, P.SLOT_SIZE)
+            os.ftruncate(slot_fd, _slot.SLOT_SIZE + self.events_size)
+            slot = _slot.map_slot(slot_fd, self.events_size)
             socket.send_fds(self.sock, [pickle.dumps(class_name)], [slot_fd])
         finally:
             os.close(slot_fd)
@@ -165,7 +165,7 @@ def _fork_actor(class_name: str, slot_fd: int, sock: socket.socket, wake: tuple,
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in wake:
             os.close(fd)
-        slot = mmap.mmap(slot_fd, P.SLOT_SIZE)
+        slot = _slot.map_slot(slot_fd, _events.log_bytes(options["task_events"]))
         os.close(slot_fd)
         actor_main(child_end, store, session_dir, options, slot)
 

@@ -21,7 +21,7 @@ import signal
 import threading
 from typing import Dict, Optional
 
-from . import _protocol as P
+from . import _slot
 from ._context import at_cancel_point, current_task
 
 _SKIPS_KEPT = 1024  # cancels of tasks not started yet kept (most are used within a task)
@@ -53,7 +53,7 @@ class TaskCancel:
     def unread(self) -> bool:
         """A cancel the slot counts is still on its way.  We may have read more than the
         slot says yet (the scheduler writes, then counts): never wait for more than it says."""
-        return self.slot is not None and P.cancels_sent(self.slot) > self.read
+        return self.slot is not None and _slot.cancels_sent(self.slot) > self.read
 
     def read_cancels(self) -> None:
         """Read the CANCEL_CALLs the slot counts (caller holds the runtime's lock)."""
@@ -72,7 +72,7 @@ class TaskCancel:
         # after it never started.  It also reads it to cancel: it counts a cancel, then
         # looks here; we write here, then look at the count (after a lock's fence), so one
         # of us sees the other.
-        self.slot[P.SLOT_STARTED] = task_id
+        self.slot[_slot.SLOT_STARTED] = task_id
         with link.lock:
             if self.unread():
                 link.wait_until(lambda: not self.unread(), None)
@@ -84,9 +84,9 @@ class TaskCancel:
 
     def _on_sigint(self, signum, frame) -> None:
         slot = self.slot
-        if slot is not None and slot[P.SLOT_TARGET] != current_task.task_id:
-            if current_task.task_id is None and slot[P.SLOT_TARGET] == slot[P.SLOT_STARTED]:
-                self.pending = bytes(slot[P.SLOT_TARGET])  # named as started, not begun yet
+        if slot is not None and slot[_slot.SLOT_TARGET] != current_task.task_id:
+            if current_task.task_id is None and slot[_slot.SLOT_TARGET] == slot[_slot.SLOT_STARTED]:
+                self.pending = bytes(slot[_slot.SLOT_TARGET])  # named as started, not begun yet
             return  # else meant for a task this worker has finished already
         if current_task.task_id is not None and not self.in_user_code:
             self.pending = current_task.task_id  # loading: stop before it runs

@@ -42,10 +42,12 @@ from . import (
     _accelerators,
     _context,
     _direct,
+    _events,
     _lend,
     _output,
     _pickling,
     _protocol as P,
+    _slot,
     _runtime,
     _threads,
     exceptions,
@@ -72,6 +74,7 @@ from ._task_results import (
 
 
 _REPLY_BATCH = 64   # replies held back at most, while more work is queued
+_NO_FAILURE = (0, None)  # what a task that did not fail records (``_events``)
 # What may be unsent beside parked reports: the reports themselves, and refs' holds and
 # releases (a dead process's holds are dropped anyway).
 _PARKABLE = frozenset((P.TASK_DONE, P.DIRECT_DONE, P.HOLD, P.RELEASE))
@@ -85,9 +88,9 @@ class ParkedReports:
 
     def __init__(self, slot, parkable: frozenset):
         self.slot = slot
-        self.pickler = P.parking_pickler(slot) if slot is not None else None
+        self.pickler = _slot.parking_pickler(slot) if slot is not None else None
         self.parkable = parkable  # what may be unsent beside them
-        self.end = P.PARKED_START  # where the next goes in the slot
+        self.end = _slot.PARKED_START  # where the next goes in the slot
         self.seen_list = None     # the queue to the scheduler last looked at...
         self.seen = 0             # ...and how much of it
 
@@ -106,7 +109,7 @@ class ParkedReports:
                     return False
                 seen += 1
             self.seen_list, self.seen = pending, seen
-        end = P.park_report(self.slot, self.pickler, self.end, report)
+        end = _slot.park_report(self.slot, self.pickler, self.end, report)
         if not end:
             return False
         self.end = end
@@ -114,10 +117,10 @@ class ParkedReports:
 
     def clear(self) -> None:
         """After each flush: what was parked has been sent."""
-        if self.end != P.PARKED_START:
-            self.end = P.PARKED_START
+        if self.end != _slot.PARKED_START:
+            self.end = _slot.PARKED_START
             self.seen_list = None  # the queue sent: its messages may go
-            P.clear_parked(self.slot)
+            _slot.clear_parked(self.slot)
 
 
 class Worker:
@@ -396,6 +399,7 @@ class Worker:
             values = message[8]
             if task_id in self.cancel.skip:
                 results, retryable = cancelled_results(task_id, message[7]), False
+                _events.failed_unrun(task_id, message[4], _events.TASK_CANCELLED)
             elif values and None in values.values() and not self.recent.fill(values):
                 results, retryable = None, True  # sent ahead, lacking an argument: not run
             else:
@@ -443,6 +447,7 @@ class Worker:
     def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                  retry_exceptions, extra):
         current_task.task_id = task_id
+        began, failure = _events.started(task_id, name), _NO_FAILURE
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
             self.runtime.leased_must_register = False
@@ -453,7 +458,7 @@ class Worker:
             if fn is None:
                 loading = time.perf_counter()
                 if pickled is None:  # sent by a lease holder, which leaves the code to us
-                    pickled = self._fetch_function(fn_id)
+                    pickled = fetch_function(self.runtime, fn_id)
                 fn = self.functions[fn_id] = _pickling.loads(pickled)
                 self.loading = time.perf_counter() - loading  # once: not the task's run time
             args, kwargs = arguments(self.runtime, args_blob, arg_ids, values)
@@ -490,12 +495,14 @@ class Worker:
                 error = exceptions.TaskCancelledError(task_id.hex())
             else:
                 error = task_error(name, exc)
+            failure = (_events.error_code(error), _events.error_message(exc))
             results = error_results(task_id, error, num_returns)
             # The error holds the traceback, whose first frame is this one, which holds the
             # error: a cycle only the garbage collector would free, keeping what the task's
             # frames held (large arrays, lent buffers) alive meanwhile.
             del error
         finally:
+            _events.ended(task_id, name, began, error=failure[0], message=failure[1])
             current_task.task_id = None
             self.runtime.running_leased = None
             self.runtime.link.pending_interrupt = False  # it ended before it took the cancel
@@ -511,14 +518,15 @@ class Worker:
         return stream_items(self.runtime, task_id, items, backpressure,
                             lambda task: self.consumed.get(task, 0))
 
-    def _fetch_function(self, fn_id: bytes) -> bytes:
-        """A function's code, from the scheduler (which has every function registered)."""
-        runtime = self.runtime
-        hook, runtime.link.blocked_hook = runtime.link.blocked_hook, None  # a fetch lends no CPU
-        try:
-            return runtime.query(("function", fn_id))
-        finally:
-            runtime.link.blocked_hook = hook
+
+
+def fetch_function(runtime: _runtime.Runtime, fn_id: bytes) -> bytes:
+    """A function's code, from the scheduler (which has every function registered)."""
+    hook, runtime.link.blocked_hook = runtime.link.blocked_hook, None  # a fetch lends no CPU
+    try:
+        return runtime.query(("function", fn_id))
+    finally:
+        runtime.link.blocked_hook = hook
 
 
 def send_back_unrun(worker: Worker, task_id: bytes) -> None:
@@ -542,6 +550,7 @@ def worker_main(conn, store, session_dir: str, options: dict, cancel_slot, liste
                      os.path.join(session_dir, "logs"), "worker")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
+    _events.start(cancel_slot.events, options["task_events"])
     _lend.lend_to_numpy(store)
     _accelerators.start()  # a task sees GPUs only while it holds some (``execute``)
     try:

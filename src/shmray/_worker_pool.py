@@ -15,10 +15,9 @@ and forking from it cost more per actor the more there were.
 
 from __future__ import annotations
 
-import mmap
 import os
 
-from . import _direct, _protocol as P, _threads
+from . import _direct, _events, _slot, _threads
 from ._connection import close_fd_quietly, connection_pair
 from ._process import fork_child
 from ._spawner import Spawner
@@ -46,7 +45,7 @@ def spawn_first_worker(driver_conn, store, session_dir: str, options: dict):
     here (its pages are copied as it touches them): they overlap the scheduler's own
     start instead of following it.  The scheduler has no descriptor yet but the driver's
     connection, which the worker closes."""
-    slot = mmap.mmap(-1, P.SLOT_SIZE)
+    slot = _slot.new_slot(_events.log_bytes(options["task_events"]))
     conn, pid = _spawn_worker(driver_conn.close, store, session_dir, options, slot)
     return conn, pid, slot
 

@@ -10,7 +10,7 @@ import mmap
 
 import pytest
 
-from shmray import _protocol as P, exceptions
+from shmray import _protocol as P, _slot, exceptions
 from shmray._connection import connection_pair
 from shmray._ids import new_task_id, object_id_for_put, object_id_for_return
 from shmray._object_store import ObjectStore
@@ -34,7 +34,7 @@ class FakeProcesses:
         return self._pair("worker")
 
     def actor(self, scheduler, class_name):
-        return (*self._pair(class_name), mmap.mmap(-1, P.SLOT_SIZE))
+        return (*self._pair(class_name), mmap.mmap(-1, _slot.SLOT_SIZE))
 
     def _pair(self, name):
         ours, theirs = connection_pair("scheduler", name)
@@ -173,8 +173,8 @@ def test_a_reply_the_dead_process_parked_finishes_its_call(sched):
     actor_id, process = start_actor(sched, max_task_retries=1)
     direct = call(retries=1)
     deliver(sched, sched.driver, P.DIRECT_CALL, actor_id, process.pid, direct)
-    pickler = P.parking_pickler(process.park_slot)
-    P.park_report(process.park_slot, pickler, P.PARKED_START,
+    pickler = _slot.parking_pickler(process.park_slot)
+    _slot.park_report(process.park_slot, pickler, _slot.PARKED_START,
                   P.result(direct[0], delivered(direct, 7), [], 0.0, False))
     sched.on_disconnect(process)
     assert result_of(sched, direct) == 7  # not run again: it ran

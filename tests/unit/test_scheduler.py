@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-from shmray import _protocol as P, exceptions
+from shmray import _protocol as P, _slot, exceptions
 from shmray._connection import connection_pair
 from shmray._ids import new_task_id, object_id_for_put, object_id_for_return
 from shmray._object_store import ObjectStore
@@ -464,7 +464,7 @@ def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
     deliver(sched, driver, P.SUBMIT, first)
     sched.dispatch()
     (worker,) = [w for w in sched.clients.workers() if w.task and w.task.task_id == first[0]]
-    worker.cancel_slot[P.SLOT_STARTED] = first[0]  # it ran the first attempt, then went idle
+    worker.cancel_slot[_slot.SLOT_STARTED] = first[0]  # it ran the first attempt, then went idle
     other = spec()
     deliver(sched, driver, P.SUBMIT, other)  # read before the report: it goes first
     deliver(sched, worker, P.TASK_DONE, first[0], [], True, 0.001)  # a retryable failure
@@ -475,7 +475,7 @@ def test_a_retry_sent_ahead_behind_a_new_task_is_not_taken_for_started(setup):
     assert [t.task_id for t in started(worker)] == [other[0]]
     deliver(sched, driver, P.CANCEL, first[0], False, False)
     assert cancels_received(pool, sched, worker) == [first[0]]  # not started: skipped
-    assert worker.cancel_slot[P.SLOT_TARGET] != first[0]  # ...not interrupted
+    assert worker.cancel_slot[_slot.SLOT_TARGET] != first[0]  # ...not interrupted
 
 
 def test_replaying_parked_reports_of_a_dead_worker_gives_back_every_cpu(setup):
@@ -532,7 +532,7 @@ def test_of_a_dead_leased_workers_unanswered_tasks_only_the_one_it_started_is_ch
     specs = [spec(max_retries=0) for _ in range(3)]
     for task_spec in specs:
         deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, task_spec)
-    worker.cancel_slot[P.SLOT_STARTED] = specs[1][0]  # it died in the second
+    worker.cancel_slot[_slot.SLOT_STARTED] = specs[1][0]  # it died in the second
     sched.on_disconnect(worker)
     assert sent(driver, P.LEASE_LOST) == [(P.LEASE_LOST, worker.pid)]
     deliver(sched, driver, P.LEASE_RETURN, worker.pid, [s[0] for s in specs])
@@ -563,7 +563,7 @@ def test_a_dead_leased_workers_tasks_with_parked_replies_finish_with_their_resul
                                  False), [])
     assert parking.park(P.direct_done(specs[1][0], [(returns[1], values[1], b"", [inner])],
                                       driver.pid, False), [])
-    worker.cancel_slot[P.SLOT_STARTED] = specs[2][0]  # it died in the third
+    worker.cancel_slot[_slot.SLOT_STARTED] = specs[2][0]  # it died in the third
     if not death_first:  # the driver saw its channel end first
         for task_spec in specs:
             deliver(sched, driver, P.DIRECT_SUBMIT, worker.pid, task_spec)

@@ -31,7 +31,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .. import _protocol as P, _resources
+from .. import _events, _protocol as P, _resources
 from .._connection import Connection
 from .._object_ref import ObjectRef
 from .._object_ref_generator import ObjectRefGenerator
@@ -153,6 +153,7 @@ class Runtime:
         resources = spec[P.SPEC_RESOURCES]
         if self._feasible.get(id(resources)) is not resources:
             self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
+        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME])
         if spec[P.SPEC_ARG_IDS]:
             if self.leases.enabled and behind_one(spec):
                 with self.link.lock:
@@ -204,6 +205,9 @@ class Runtime:
 
     def create_actor(self, spec: tuple, wait: bool):
         """(handle ref, actor options); waits for the scheduler's answer if ``wait``."""
+        actor_id = spec[P.ACTOR_ID]
+        _events.submitted(actor_id[:24], f"{spec[P.ACTOR_CLASS_NAME]}.__init__",
+                          _events.ACTOR_CREATION_TASK, actor_id)
         self.leases.publish(spec[P.ACTOR_ARG_IDS])
         with self.link.lock:
             if not wait:
@@ -223,6 +227,8 @@ class Runtime:
                    ordered: bool = True) -> List[ObjectRef]:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
         arguments) and order allows (``channels``), else through the scheduler."""
+        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME], _events.ACTOR_TASK,
+                          actor_id)
         self.leases.publish(spec[P.SPEC_ARG_IDS])
         if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
             self._open_stream(spec)

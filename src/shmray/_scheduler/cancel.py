@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 
-from .. import _protocol as P
+from .. import _protocol as P, _slot
 from .._connection import ConnectionClosed
 from .clients import Client, Clients, kill_quietly, signal_quietly
 from .leases import Leases
@@ -62,7 +62,7 @@ class Cancel:
         # skipped by the worker, which reports it cancelled.
         self._send_cancel_call(worker, task.task_id)
         slot = worker.cancel_slot
-        if slot is None or bytes(slot[P.SLOT_STARTED]) == task.task_id:
+        if slot is None or bytes(slot[_slot.SLOT_STARTED]) == task.task_id:
             self._interrupt(worker, task, force)  # it runs (or has just finished)
         elif not task.direct and task not in started(worker):
             self.tasks.fail(task, *self.tasks.cancelled_error(task))  # sent ahead, unstarted
@@ -80,7 +80,7 @@ class Cancel:
             kill_quietly(worker.pid)
             return
         if worker.cancel_slot is not None:
-            worker.cancel_slot[P.SLOT_TARGET] = task.task_id
+            worker.cancel_slot[_slot.SLOT_TARGET] = task.task_id
         signal_quietly(worker.pid, signal.SIGINT)
 
     def _send_cancel_call(self, worker: Client, task_id: bytes) -> None:
@@ -93,4 +93,4 @@ class Cancel:
         except ConnectionClosed:
             return  # its death is read next
         if worker.cancel_slot is not None:
-            P.count_cancel(worker.cancel_slot)
+            _slot.count_cancel(worker.cancel_slot)

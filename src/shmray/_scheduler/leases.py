@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional
 
-from .. import _protocol as P
+from .. import _protocol as P, _slot
 from .clients import Client, Clients, kill_quietly
 from .objects import Directory
 from .resources import Resources
@@ -262,7 +262,7 @@ class Leases:
         if holder is not None:
             self._end_lease(worker)
         slot = worker.cancel_slot
-        started_id = worker.killed_for or (bytes(slot[P.SLOT_STARTED]) if slot is not None
+        started_id = worker.killed_for or (bytes(slot[_slot.SLOT_STARTED]) if slot is not None
                                            else None)
         finished = self._replay_parked(worker)
         if worker.verdict_given:
@@ -283,7 +283,7 @@ class Leases:
         holds go (they keep the refs inside); and the results it had for its driver alone,
         returned (task id -> delivered) for the verdict: those tasks finished."""
         finished = {}
-        for message in P.parked_reports(worker.cancel_slot):
+        for message in _slot.parked_reports(worker.cancel_slot):
             if message[0] == P.DIRECT_DONE:
                 self.on_direct_done(worker, *message[1:])
             elif message[0] == P.RESULT:

@@ -52,7 +52,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from .. import _direct, _protocol as P
+from .. import _direct, _events, _protocol as P, _slot
 from .._connection import Connection, ConnectionClosed
 from .._object_store import ObjectStore
 from .actors import Actors, placements_waiting
@@ -63,6 +63,7 @@ from .leases import Leases
 from .objects import Directory
 from .placement_groups import PlacementGroups
 from .resources import Resources
+from .state import State
 from .tasks import Tasks
 from .workers import WorkerPool
 
@@ -76,17 +77,20 @@ _FILL_AFTER_IDLE = 0.005    # the pool's next worker is forked once the loop idl
 class Scheduler:
     def __init__(self, driver_conn: Connection, driver_pid: int, store: ObjectStore,
                  session_dir: str, options: dict, spawn_worker: Callable,
-                 spawn_actor: Optional[Callable] = None, first_worker: Optional[tuple] = None):
+                 spawn_actor: Optional[Callable] = None, first_worker: Optional[tuple] = None,
+                 driver_events=None):
         self.store = store
         self.session_dir = session_dir
         self.options = options
+        options.setdefault("task_events", _events.capacity_of(options))
         self.clients = Clients()
         self.driver = self.clients.add(driver_conn, driver_pid, "driver")
         self.resources = Resources(options["total"], options.get("gpu_ids", ()))
         self.objects = Directory(store, self.clients, session_dir)
         self.spawner = None  # forks the actors, from the first (``_worker_pool``)
         self.pool = WorkerPool(self.clients, lambda slot: spawn_worker(self, slot),
-                               float(options["num_cpus"]))
+                               float(options["num_cpus"]),
+                               _events.log_bytes(options["task_events"]))
         if first_worker is not None:  # forked before all this (``_serve``)
             self.pool.adopt(*first_worker)
         self.dispatcher = Dispatcher(self.clients, self.objects, self.resources, self.pool)
@@ -110,6 +114,9 @@ class Scheduler:
         self.dispatcher.task_sent = self.tasks.extend_ahead
         self.leases.placements_waiting = lambda: itertools.chain(
             placements_waiting(self.actors), groups.waiting())
+        self.state = State(self.clients, self.tasks, self.actors, self.objects,
+                           self.resources, self.pool, store, options, session_dir, driver_pid,
+                           driver_events)
         self.running = True
         self.internal_errors = 0
         objects, tasks, leases, actors = self.objects, self.tasks, self.leases, self.actors
@@ -331,6 +338,8 @@ class Scheduler:
             value = (self.dispatcher.sent_ahead, self.tasks.not_run)  # those, sent back
         elif what == "named_actors":
             value = sorted(self.actors.named)
+        elif isinstance(what, tuple) and what[0] == "state":  # the state API's
+            value = self.state.answer(what[1])
         elif isinstance(what, tuple) and what[0] == "function":  # a leased worker lacks it
             self.dispatcher.send_function(client, request_id, what[1])
             return
@@ -355,6 +364,7 @@ class Scheduler:
         if client.kind == "driver":
             self.running = False
             return
+        self.state.process_gone(client)
         self.actors.caller_died(client)
         self.objects.drop_early_of(client.pid)
         status = self._exit_status(client)
@@ -367,7 +377,7 @@ class Scheduler:
             # Calls it finished, replies held back as it ran the next (``Worker.report``):
             # done, as if it had sent them; before its holds go, which keep what they name.
             finished = {}
-            for message in P.parked_reports(client.park_slot):
+            for message in _slot.parked_reports(client.park_slot):
                 if message[0] == P.RESULT:  # a reply to the caller alone
                     finished[message[1]] = message[2]
                 else:

@@ -22,7 +22,7 @@ import errno
 import os
 from typing import Callable, Dict, List, Optional
 
-from .. import _protocol as P, exceptions
+from .. import _events, _protocol as P, exceptions
 from .._object_store import ObjectNotFoundError, ObjectStore
 from .._serialization import META_ERROR, serialize
 from .clients import Client, Clients
@@ -57,9 +57,23 @@ class ObjectEntry:
         return not self.holders and not self.arg_holds and not self.container_holds
 
 
+_KINDS_KEPT = 256
+_kinds: Dict[bytes, tuple] = {}  # the latest errors made here -> (error code, message)
+
+
 def serialized(error: BaseException) -> tuple:
     """(data, metadata) of an error, as the value of the objects it fails."""
-    return serialize(error, META_ERROR).to_bytes(), META_ERROR
+    data = serialize(error, META_ERROR).to_bytes()
+    if len(_kinds) >= _KINDS_KEPT:
+        del _kinds[next(iter(_kinds))]
+    _kinds[data] = (_events.error_code(error), _events.error_message(error))
+    return data, META_ERROR
+
+
+def kind_of(data: bytes, default: int) -> tuple:
+    """(error code, message) of an error ``serialized`` made lately; else ``default`` and
+    no message (the scheduler never unpickles what other processes made: ``_events``)."""
+    return _kinds.get(data) or (default, None)
 
 
 class Directory:

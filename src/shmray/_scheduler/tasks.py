@@ -24,11 +24,11 @@ from __future__ import annotations
 import collections
 from typing import Callable, Dict, Optional
 
-from .. import _protocol as P, _resources, exceptions
+from .. import _events, _protocol as P, _resources, _slot, exceptions
 from .._serialization import serialize
 from .clients import Client, Clients, how
 from .dispatch import Dispatcher
-from .objects import Directory, ObjectEntry, serialized
+from .objects import Directory, ObjectEntry, kind_of, serialized
 from .records import Task
 from .resources import Resources
 from .workers import WorkerPool, started
@@ -370,6 +370,13 @@ class Tasks:
         self.finish(task, results)
 
     def fail(self, task: Task, data: bytes, metadata: bytes) -> None:
+        if task.actor is None:
+            error, message = kind_of(data, _events.TASK_EXECUTION_EXCEPTION)
+            _events.failed_unrun(task.task_id, task.name, error, message)
+        else:
+            error, message = kind_of(data, _events.ACTOR_DIED)
+            _events.failed_unrun(task.task_id, task.name, error, message, _events.ACTOR_TASK,
+                                 task.actor.actor_id)
         self.finish(task, [(object_id, data, metadata, []) for object_id in task.return_ids])
 
     def fail_for_argument(self, task: Task, argument: ObjectEntry) -> None:
@@ -399,7 +406,7 @@ class Tasks:
 
     def worker_died(self, worker: Client, status: Optional[int]) -> None:
         """What became of the tasks the scheduler sent a worker that died."""
-        for message in P.parked_reports(worker.cancel_slot):
+        for message in _slot.parked_reports(worker.cancel_slot):
             # Reports it held back (a few short tasks', ``Worker.report``): as if sent.
             if worker.task is not None and message[1] == worker.task.task_id:
                 self.on_task_done(worker, *message[1:])

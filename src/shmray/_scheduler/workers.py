@@ -12,19 +12,19 @@ tasks it was sent it had started (``started``).
 
 from __future__ import annotations
 
-import mmap
 import sys
 from typing import Callable, List, Optional
 
-from .. import _protocol as P
+from .. import _slot
 from .clients import Client, Clients
 
 _EXTRA_WORKERS = 256  # beyond the CPUs, for tasks blocked in get()
 
 
 class WorkerPool:
-    def __init__(self, clients: Clients, spawn: Callable, num_cpus: float):
+    def __init__(self, clients: Clients, spawn: Callable, num_cpus: float, events_size: int):
         self.clients = clients
+        self.events_size = events_size  # of each worker's event log (``_events``)
         self._spawn = spawn  # (cancel slot) -> (Connection, pid)
         self.idle: List[Client] = []
         self.busy: set = set()  # workers running a task
@@ -37,7 +37,7 @@ class WorkerPool:
         # Shared with the worker before it is forked: SIGINT cancels the task named in the
         # first 24 bytes and no other, whatever the worker has moved on to meanwhile; the
         # worker names the last task it started in the next 24 (``started``).
-        slot = mmap.mmap(-1, P.SLOT_SIZE)
+        slot = _slot.new_slot(self.events_size)
         conn, pid = self._spawn(slot)
         return self.adopt(conn, pid, slot)
 
@@ -87,7 +87,7 @@ class WorkerPool:
 def clear_started(worker: Client) -> None:
     """Before an idle worker (so not writing its slot) is given work: nothing started yet."""
     if worker.cancel_slot is not None:
-        worker.cancel_slot[P.SLOT_STARTED] = bytes(24)
+        worker.cancel_slot[_slot.SLOT_STARTED] = bytes(24)
 
 
 def started(worker: Client) -> list:
@@ -100,7 +100,7 @@ def started(worker: Client) -> list:
     slot = worker.cancel_slot
     if slot is None or not worker.queued:
         return done
-    last = slot[P.SLOT_STARTED]
+    last = slot[_slot.SLOT_STARTED]
     if last == worker.task.task_id:
         return done
     for task in worker.queued:

@@ -1,0 +1,265 @@
+"""Task events: each process's flight recorder, in memory the scheduler can read.
+
+Runs in: every process of a session (each writes its own log); the scheduler reads them all
+when asked what happened (``_scheduler.state``).
+
+Most work never passes through the scheduler: a driver's plain tasks go straight to workers
+it leases, and actor calls straight to their actors.  So what happened is known only where it
+happened, and each process records it there: the submitter that it submitted a task, the
+worker or actor that it started and ended it.  Each record is a fixed-size struct written
+with one ``pack_into`` into a ring in shared memory (about half a microsecond, no system
+call, no message), and the scheduler, which maps every process's log, reads the rings only
+when somebody asks (``shmray list tasks``, the state API, the timeline).  Recording so costs
+little enough to stay on; what a process did longest ago is overwritten first, so the
+history is bounded: each log holds its last ``capacity`` events (``_system_config``
+``"task_events_per_process"``), about a third of that in tasks.
+
+A log is a region of ``log_bytes(capacity)``:
+
+    [0 : STRINGS_BYTES]   the strings its records name (task names, error messages):
+                          u32 bytes used, then (u16 length, UTF-8 bytes) each, append-only;
+                          a record names the i-th as i + 1 (0: none)
+    [STRINGS_BYTES : ...] ``capacity`` records of ``RECORD`` (96 bytes), the i-th event
+                          written at index i % capacity
+
+A record starts and ends with its sequence number (the low 32 bits of i + 1): a reader
+copying the ring while a record is half written sees the two differ and skips it, and a
+slot never written holds zeros.  Threads of one process take indexes from one
+``itertools.count``, whose ``next`` is atomic under the GIL, so they never share a slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import threading
+import time
+from typing import Dict, List, NamedTuple, Optional
+
+# Kinds of record
+SUBMITTED = 1   # by the submitter: a task or call exists, and what it is
+STARTED = 2     # by the process that runs it
+ENDED = 3       # by the process that ran it, or by whoever failed it without a run
+SPILLED = 4     # an object written to disk (``time2``: when it began; ``size``: bytes)
+RESTORED = 5    # an object read back from disk
+
+# Types of task (Ray's names, ``TYPES[code]``)
+NORMAL_TASK, ACTOR_TASK, ACTOR_CREATION_TASK = 0, 1, 2
+TYPES = ("NORMAL_TASK", "ACTOR_TASK", "ACTOR_CREATION_TASK")
+
+# Why a task failed: Ray's ErrorType names (``ERRORS[code]``; 0: it did not), and the
+# exception each stands for (``error_code``).
+ERRORS = (None, "TASK_EXECUTION_EXCEPTION", "TASK_CANCELLED", "WORKER_DIED", "ACTOR_DIED",
+          "ACTOR_UNAVAILABLE", "OWNER_DIED", "OBJECT_LOST", "TASK_UNSCHEDULABLE_ERROR",
+          "ACTOR_UNSCHEDULABLE_ERROR", "TASK_PLACEMENT_GROUP_REMOVED",
+          "ACTOR_PLACEMENT_GROUP_REMOVED", "OUT_OF_MEMORY", "ACTOR_CREATION_FAILED")
+TASK_EXECUTION_EXCEPTION, TASK_CANCELLED, WORKER_DIED, ACTOR_DIED = 1, 2, 3, 4
+ACTOR_CREATION_FAILED = 13
+_CODES = {"TaskCancelledError": 2, "WorkerCrashedError": 3, "ActorDiedError": 4,
+          "RayActorError": 4, "ActorUnavailableError": 5, "OwnerDiedError": 6,
+          "ObjectLostError": 7, "TaskUnschedulableError": 8, "ActorUnschedulableError": 9,
+          "TaskPlacementGroupRemoved": 10, "ActorPlacementGroupRemoved": 11,
+          "OutOfMemoryError": 12}
+
+# seq, kind, type, error, (pad), name, message, task id, actor or object id, time, time2,
+# size, seq again
+RECORD = struct.Struct("<IBBBxII24s28sddQI")
+STRINGS_BYTES = 1 << 18
+DEFAULT_CAPACITY = 8192
+_MAX_STRING = 400          # bytes of an error message kept (a traceback's last lines)
+_u32 = struct.Struct("<I")
+_u16 = struct.Struct("<H")
+_NO_ID = bytes(28)
+
+
+def error_code(error: BaseException) -> int:
+    """The ErrorType a failure with ``error`` is (the task's own exception, else shmray's
+    for what happened to it)."""
+    for cls in type(error).__mro__:
+        code = _CODES.get(cls.__name__)
+        if code is not None:
+            return code
+    return TASK_EXECUTION_EXCEPTION
+
+
+def error_message(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def log_bytes(capacity: int) -> int:
+    """The size of a log holding ``capacity`` records, in whole pages (it is mapped)."""
+    size = STRINGS_BYTES + capacity * RECORD.size
+    page = 4096
+    return (size + page - 1) // page * page
+
+
+def capacity_of(options: dict) -> int:
+    """The session's per-process log capacity: ``_system_config`` may set it."""
+    system = options.get("_system_config") or {}
+    capacity = system.get("task_events_per_process", DEFAULT_CAPACITY)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 16:
+        raise ValueError("_system_config['task_events_per_process'] must be an int >= 16 "
+                         f"(events each process keeps for the state API), got {capacity!r}")
+    return capacity
+
+
+class EventLog:
+    """This process's log, for writing (one per process: ``log``)."""
+
+    def __init__(self, buf, capacity: int):
+        self.buf = buf  # a writable buffer of ``log_bytes(capacity)``: mapped, shared
+        self.capacity = capacity
+        self._counter = itertools.count(1)
+        self._strings: Dict[str, int] = {}
+        self._strings_used = 4  # the u32 of bytes used comes first
+        self._strings_lock = threading.Lock()
+
+    def _sid(self, text: Optional[str]) -> int:
+        """The number records name ``text`` by, appending it the first time (0: no text,
+        or no room left)."""
+        if not text:
+            return 0
+        sid = self._strings.get(text)
+        if sid is not None:
+            return sid
+        with self._strings_lock:
+            sid = self._strings.get(text)
+            if sid is not None:
+                return sid
+            data = text.encode("utf-8", "replace")[:_MAX_STRING]
+            end = self._strings_used + 2 + len(data)
+            if end > STRINGS_BYTES:
+                return 0
+            _u16.pack_into(self.buf, self._strings_used, len(data))
+            self.buf[self._strings_used + 2 : end] = data
+            self._strings_used = end
+            _u32.pack_into(self.buf, 0, end)  # after the bytes: a reader sees it whole
+            sid = self._strings[text] = len(self._strings) + 1
+            return sid
+
+    def write(self, kind: int, task_type: int, task_id: bytes, name: Optional[str],
+              ref_id: bytes = _NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
+              message: Optional[str] = None, size: int = 0) -> None:
+        i = next(self._counter)
+        seq = i & 0xFFFFFFFF
+        RECORD.pack_into(self.buf, STRINGS_BYTES + (i % self.capacity) * RECORD.size, seq,
+                         kind, task_type, error, self._sid(name), self._sid(message),
+                         task_id, ref_id, t or time.time(), t2, size, seq)
+
+
+log: Optional[EventLog] = None  # this process's; None: nothing is recorded here
+
+
+def start(buf, capacity: int) -> EventLog:
+    """Record this process's events into ``buf`` from now on."""
+    global log
+    log = EventLog(buf, capacity)
+    return log
+
+
+def stop() -> None:
+    """Record nothing more here (the session ended, or this is a child forked from a
+    recording process: it writes its own log, or none)."""
+    global log
+    log = None
+
+
+os.register_at_fork(after_in_child=stop)
+
+
+# -- what the recording processes call ------------------------------------------------------
+
+def submitted(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
+              actor_id: bytes = _NO_ID) -> None:
+    if log is not None:
+        log.write(SUBMITTED, task_type, task_id, name, actor_id)
+
+
+def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
+            actor_id: bytes = _NO_ID) -> float:
+    """Record a start; returns its time, for ``ended``."""
+    now = time.time()
+    if log is not None:
+        log.write(STARTED, task_type, task_id, name, actor_id, now)
+    return now
+
+
+def ended(task_id: bytes, name: str, began: float, task_type: int = NORMAL_TASK,
+          actor_id: bytes = _NO_ID, error: int = 0, message: Optional[str] = None) -> None:
+    if log is not None:
+        log.write(ENDED, task_type, task_id, name, actor_id, 0.0, began, error, message)
+
+
+def failed_unrun(task_id: bytes, name: str, error: int, message: Optional[str] = None,
+                 task_type: int = NORMAL_TASK, actor_id: bytes = _NO_ID) -> None:
+    """A task that ends failed without having run (cancelled while queued, its actor or
+    worker gone, an argument failed)."""
+    if log is not None:
+        log.write(ENDED, task_type, task_id, name, actor_id, 0.0, 0.0, error, message)
+
+
+def transfer(kind: int, object_id: bytes, size: int, began: float) -> None:
+    """An object spilled to or restored from disk, from ``began`` to now."""
+    if log is not None:
+        log.write(kind, 0, object_id[:24], None, object_id, 0.0, began, 0, None, size)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+class Event(NamedTuple):
+    seq: int          # order within its log (the full count, not the stored 32 bits)
+    kind: int
+    task_type: int
+    error: int
+    name: Optional[str]
+    message: Optional[str]
+    task_id: bytes
+    ref_id: Optional[bytes]  # the actor (calls, creation) or object (transfers); None
+    time: float
+    time2: float
+    size: int
+
+
+def read(buf, capacity: int) -> List[Event]:
+    """The events a log holds, oldest first.  ``buf`` may be written meanwhile: it is
+    copied first, and records caught half written are skipped."""
+    data = bytes(buf[: log_bytes(capacity)])
+    strings = _read_strings(data)
+    raw = []
+    for record in RECORD.iter_unpack(data[STRINGS_BYTES : STRINGS_BYTES
+                                          + capacity * RECORD.size]):
+        if record[0] and record[0] == record[-1]:
+            raw.append(record)
+    if not raw:
+        return []
+    # The counter may have passed 2**32: order by distance back from the newest record.
+    newest = max(raw, key=lambda r: (r[0] - raw[0][0]) & 0xFFFFFFFF)[0]
+    events = []
+    for (seq, kind, task_type, error, name, message, task_id, ref_id, t, t2, size,
+         _) in raw:
+        back = (newest - seq) & 0xFFFFFFFF
+        if back >= capacity:  # a stale slot of an older lap, torn across laps
+            continue
+        events.append(Event(-back, kind, task_type, error, _string(strings, name),
+                            _string(strings, message), task_id,
+                            None if ref_id == _NO_ID else ref_id, t, t2, size))
+    events.sort()
+    return events
+
+
+def _read_strings(data: bytes) -> List[str]:
+    used = min(_u32.unpack_from(data, 0)[0], STRINGS_BYTES)
+    strings, at = [], 4
+    while at + 2 <= used:
+        (length,) = _u16.unpack_from(data, at)
+        at += 2
+        if at + length > used:
+            break
+        strings.append(data[at : at + length].decode("utf-8", "replace"))
+        at += length
+    return strings
+
+
+def _string(strings: List[str], sid: int) -> Optional[str]:
+    return strings[sid - 1] if 0 < sid <= len(strings) else None

@@ -1,0 +1,402 @@
+"""What is going on in the session, for whoever asks: the state API, ``shmray status``.
+
+Runs in: the scheduler.  Asked through QUERY ("state", request) by the session's own
+processes and through the inspection socket by the ``shmray`` command line, both answered
+by ``State.answer``; answers are plain JSON-able data (ids as hex).
+
+Nothing is kept up to date for this: an answer is put together when asked, from the records
+the scheduler keeps anyway (its tables of tasks, actors, objects and workers; the store's
+object table) and from the task events every process writes into its own log in shared
+memory (``_events``, read here; ``_task_history`` makes rows of them).  A process's log is
+read one last time when it ends, and its events kept (``_Archive``), so what a worker did
+before ``max_calls`` ended it or an actor before it died stays listed, within a bound.
+
+Pending work is explained in words a user can act on (``Why``): what an argument waits for,
+which resources a task needs and who holds them, an actor still starting; work that cannot
+go on without the user's help is listed as stuck.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Dict, List, Optional
+
+from .. import _events, _protocol as P, _task_history
+from .._task_history import NODE_ID, Source, worker_id
+from .actors import Actors
+from .clients import Client, Clients
+from .objects import Directory, kind_of
+from .records import Actor, Task
+from .resources import Resources
+from .tasks import Tasks
+from .workers import WorkerPool
+
+_ACTOR_STATES = {"pending": "PENDING_CREATION", "alive": "ALIVE", "dead": "DEAD"}
+_PENDING = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
+            "PENDING_ACTOR_TASK_ORDERING_OR_CONCURRENCY")
+
+
+class _Archive:
+    """The events of processes that ended, newest kept, at most ``limit`` in all."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.sources: collections.deque = collections.deque()
+        self.count = 0
+
+    def add(self, pid: int, events: list) -> None:
+        if not events:
+            return
+        self.sources.append((pid, False, events[-self.limit:]))
+        self.count += len(self.sources[-1][2])
+        while self.count > self.limit:
+            _, _, dropped = self.sources.popleft()
+            self.count -= len(dropped)
+
+
+class State:
+    def __init__(self, clients: Clients, tasks: Tasks, actors: Actors, objects: Directory,
+                 resources: Resources, pool: WorkerPool, store, options: dict,
+                 session_dir: str, driver_pid: int, driver_events=None):
+        self.clients = clients
+        self.tasks = tasks
+        self.actors = actors
+        self.objects = objects
+        self.resources = resources
+        self.pool = pool
+        self.store = store
+        self.options = options
+        self.session_dir = session_dir
+        self.driver_pid = driver_pid
+        self.started = time.time()
+        self.capacity = options["task_events"]
+        self.driver_events = driver_events  # the driver's log, mapped before our fork
+        self.own = _events.start(bytearray(_events.log_bytes(self.capacity)), self.capacity)
+        self.archive = _Archive(4 * self.capacity)
+        self.job_id = f"{options.get('job_id', 1):08x}"
+
+    # -- the logs ----------------------------------------------------------------------------
+
+    def process_gone(self, client: Client) -> None:
+        """Keep what a process that ended recorded (its log is unmapped with it)."""
+        log = _log_of(client)
+        if log is not None:
+            self.archive.add(client.pid, _events.read(log, self.capacity))
+
+    def _sources(self) -> List[Source]:
+        sources: List[Source] = list(self.archive.sources)
+        if self.driver_events is not None:  # the scheduler lives only as long as the driver
+            sources.append((self.driver_pid, True,
+                            _events.read(self.driver_events, self.capacity)))
+        sources.append((os.getpid(), True, _events.read(self.own.buf, self.capacity)))
+        for client in self.clients.all():
+            log = _log_of(client)
+            if log is not None and client.alive:
+                sources.append((client.pid, True, _events.read(log, self.capacity)))
+        return sources
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def answer(self, request) -> object:
+        """The answer to one request (a dict: {"what": ...}); see the module docstring."""
+        if not isinstance(request, dict) or not isinstance(request.get("what"), str):
+            return {"error": "a request is a dict with a string 'what'"}
+        what = request["what"]
+        if what == "tasks":
+            rows = self.task_rows()
+            if request.get("with_transfers"):
+                rows += _task_history.transfer_rows(self._sources())
+            return rows
+        handler = {"actors": self.actor_rows, "objects": self.object_rows,
+                   "workers": self.worker_rows, "nodes": self.node_rows,
+                   "status": self.status, "session": self.session}.get(what)
+        if handler is None:
+            return {"error": f"unknown request {what!r}: ask for one of tasks, actors, "
+                             "objects, workers, nodes, status, session"}
+        return handler()
+
+    def session(self) -> dict:
+        return {"session_name": os.path.basename(self.session_dir),
+                "session_dir": self.session_dir, "driver_pid": self.driver_pid,
+                "scheduler_pid": os.getpid(), "start_time_ms": _task_history.ms(self.started),
+                "num_cpus": self.options.get("num_cpus")}
+
+    def task_rows(self) -> List[dict]:
+        why = Why(self)
+        return _task_history.task_rows(self._sources(), self.driver_pid, why.pending,
+                                       self.job_id)
+
+    def actor_rows(self) -> List[dict]:
+        rows = []
+        for actor in self.actors.table.values():
+            options = actor.options
+            if actor.state == "pending":
+                state = ("DEPENDENCIES_UNREADY" if actor.waiting_on else
+                         "RESTARTING" if actor.restarting else "PENDING_CREATION")
+            else:
+                state = _ACTOR_STATES.get(actor.state, actor.state.upper())
+            death = None
+            if actor.death is not None:
+                death = kind_of(actor.death[0], 0)[1] or "the actor died"
+            rows.append({
+                "actor_id": actor.actor_id.hex(), "class_name": actor.class_name,
+                "state": state, "job_id": self.job_id, "name": options.get("name") or "",
+                "ray_namespace": options.get("namespace"),
+                "pid": actor.client.pid if actor.client is not None and actor.client.alive
+                else None,
+                "node_id": NODE_ID, "required_resources": dict(options.get("resources") or {}),
+                "death_cause": death, "is_detached": options.get("lifetime") == "detached",
+                "num_restarts": max(options.get("max_restarts", 0) - actor.restarts_left, 0)
+                if options.get("max_restarts", 0) >= 0 else 0,
+                "repr_name": "", "placement_group_id": None,
+                "pending_calls": sum(len(q) for q in actor.queues.values()),
+            })
+        return rows
+
+    def object_rows(self) -> List[dict]:
+        """One row per (object, holder): the directory's objects, and those of the arena it
+        does not know (results whose owner alone holds them: a leased task's, a call's)."""
+        arena = {info.object_id: info for info in self.store.list()}
+        rows = []
+        for object_id, entry in self.objects.entries.items():
+            info = arena.pop(object_id, None)
+            size = _size(entry, info)
+            where = _where(entry, info)
+            common = {"object_id": object_id.hex(), "object_size": size,
+                      "task_status": self._producer_state(object_id), "call_site": "disabled",
+                      "ip": "127.0.0.1", "node_id": NODE_ID, "where": where,
+                      "spilled": where == "spilled"}
+            kind = "ACTOR_HANDLE" if entry.actor else "LOCAL_REFERENCE"
+            for holder in entry.holders:
+                rows.append(dict(common, reference_type=kind, type=_holder_type(holder),
+                                 pid=holder.pid))
+            if entry.arg_holds:
+                rows.append(dict(common, reference_type="USED_BY_PENDING_TASK", type="WORKER",
+                                 pid=None))
+            if entry.container_holds:
+                rows.append(dict(common, reference_type="CAPTURED_IN_OBJECT", type="WORKER",
+                                 pid=None))
+            if not entry.holders and not entry.arg_holds and not entry.container_holds:
+                rows.append(dict(common, reference_type="PINNED_IN_MEMORY", type="DRIVER",
+                                 pid=self.driver_pid))
+        for object_id, info in arena.items():
+            if info.state == "created" or info.lent:
+                continue  # being written, or a worker's numpy buffer: not an object yet
+            where = "spilled" if info.state == "spilled" else "arena"
+            rows.append({"object_id": object_id.hex(),
+                         "object_size": info.data_size + info.metadata_size,
+                         "task_status": self._producer_state(object_id),
+                         "call_site": "disabled", "ip": "127.0.0.1", "node_id": NODE_ID,
+                         "where": where, "spilled": where == "spilled",
+                         "reference_type": "PINNED_IN_MEMORY", "type": "DRIVER",
+                         "pid": self.driver_pid})
+        return rows
+
+    def _producer_state(self, object_id: bytes) -> str:
+        task = self.tasks.table.get(object_id[:24])
+        if task is None:
+            return "NIL" if object_id[:24] not in self.actors.table else "FINISHED"
+        return "RUNNING" if task.worker is not None else "PENDING_NODE_ASSIGNMENT"
+
+    def worker_rows(self) -> List[dict]:
+        rows = [self._process_row(self.driver_pid, "DRIVER", "BUSY", None, None),
+                self._process_row(os.getpid(), "SCHEDULER", "BUSY", None, None)]
+        for client in self.clients.all():
+            if client.kind == "driver":
+                continue
+            if client.actor is not None:
+                rows.append(self._process_row(client.pid, "ACTOR", "BUSY", None,
+                                              client.actor.actor_id.hex()))
+                continue
+            if client.leased_to is not None:
+                state = "LEASED"
+            elif client.blocked:
+                state = "BLOCKED"
+            elif client.task is not None:
+                state = "BUSY"
+            else:
+                state = "IDLE"
+            task = client.task.task_id.hex() if client.task is not None else None
+            rows.append(self._process_row(client.pid, "WORKER", state, task, None))
+        return rows
+
+    def _process_row(self, pid: int, kind: str, state: str, task: Optional[str],
+                     actor: Optional[str]) -> dict:
+        return {"worker_id": worker_id(pid), "is_alive": True, "worker_type": kind,
+                "exit_type": None, "exit_detail": None, "node_id": NODE_ID,
+                "ip": "127.0.0.1", "pid": pid, "start_time_ms": _started_ms(pid),
+                "state": state, "task_id": task, "actor_id": actor}
+
+    def node_rows(self) -> List[dict]:
+        return [{"node_id": NODE_ID, "node_ip": "127.0.0.1", "is_head_node": True,
+                 "state": "ALIVE", "node_name": "127.0.0.1",
+                 "resources_total": dict(self.resources.total), "labels": {},
+                 "start_time_ms": _task_history.ms(self.started)}]
+
+    def status(self) -> dict:
+        total = self.resources.total
+        free = self.resources.available
+        used = {name: round(amount - max(free.get(name, 0.0), 0.0), 6)
+                for name, amount in total.items()}
+        workers = collections.Counter(row["state"] for row in self.worker_rows()
+                                      if row["worker_type"] == "WORKER")
+        actors = collections.Counter(row["state"] for row in self.actor_rows())
+        tasks = self.task_rows()
+        stats = self.store.statistics()
+        arena = self.store.list()
+        sealed = [i for i in arena if i.state != "created" and not i.lent]
+        spilled = [i for i in sealed if i.state == "spilled"]
+        why = Why(self)
+        return {
+            "session": self.session(),
+            "resources": {"total": dict(total), "used": used},
+            "workers": {"total": sum(workers.values()), "busy": workers["BUSY"],
+                        "idle": workers["IDLE"], "leased": workers["LEASED"],
+                        "blocked": workers["BLOCKED"]},
+            "actors": dict(actors),
+            "store": {"capacity": stats.capacity, "used": stats.bytes_in_use,
+                      "num_objects": len(sealed),
+                      "object_bytes": sum(i.data_size + i.metadata_size for i in sealed
+                                          if i.state != "spilled"),
+                      "spilled_objects": len(spilled),
+                      "spilled_bytes": sum(i.data_size + i.metadata_size for i in spilled)},
+            "tasks": dict(collections.Counter(row["state"] for row in tasks)),
+            "pending": why.pending_summary(tasks),
+            "stuck": why.stuck(tasks),
+        }
+
+
+class Why:
+    """What pending work waits for, in words (one answer's worth: built per request)."""
+
+    def __init__(self, state: State):
+        self.state = state
+        self.stuck_list: List[dict] = []
+
+    def pending(self, task_id: bytes):
+        """(Ray's state of a task never started, what it waits for)."""
+        task = self.state.tasks.table.get(task_id)
+        if task is None:  # sent straight to a worker the driver leases, or to an actor
+            return "SUBMITTED_TO_WORKER", "queued at the process that will run it"
+        if task.waiting_on:
+            return "PENDING_ARGS_AVAIL", self._arguments(task)
+        if task.actor is not None:
+            return "PENDING_ACTOR_TASK_ORDERING_OR_CONCURRENCY", self._actor(task.actor)
+        if task.worker is not None:
+            return "SUBMITTED_TO_WORKER", "sent to a worker, behind the task it runs"
+        return "PENDING_NODE_ASSIGNMENT", self._resources(task)
+
+    def _arguments(self, task: Task) -> str:
+        waiting = [i for i in task.spec[P.SPEC_ARG_IDS]
+                   if not (self.state.objects.get(i) and self.state.objects.get(i).ready)]
+        names = []
+        for object_id in waiting[:3]:
+            producer = self.state.tasks.table.get(object_id[:24])
+            names.append(f"{producer.name}()" if producer is not None
+                         else f"task {object_id[:24].hex()[:12]}")
+        more = f" and {len(waiting) - 3} more" if len(waiting) > 3 else ""
+        return f"waits for {len(waiting)} argument(s): the result of {', '.join(names)}{more}"
+
+    def _actor(self, actor: Actor) -> str:
+        if actor.state == "pending":
+            what = "restart" if actor.restarting else "start"
+            return f"waits for actor {actor.class_name} to {what}"
+        return f"queued behind earlier calls to actor {actor.class_name}"
+
+    def _resources(self, task: Task) -> str:
+        demand = dict(task.resources)
+        state = self.state
+        if task.placement is not None:
+            return f"waits for room in its placement group's bundle {task.placement[1]}"
+        held_by_actors: Dict[str, float] = collections.defaultdict(float)
+        for actor in state.actors.table.values():
+            if actor.state != "dead":
+                for name, amount in actor.held.items():
+                    held_by_actors[name] += amount
+        total = state.resources.total
+        short = {name: amount for name, amount in demand.items()
+                 if total.get(name, 0.0) - held_by_actors.get(name, 0.0) < amount}
+        if short:
+            text = (f"needs {_fmt(demand)} but actors hold {_fmt(dict(held_by_actors))} of "
+                    f"the session's {_fmt(total)}: it can start only once an actor ends "
+                    "(kill one, or give the session more)")
+            self.stuck_list.append({"task_id": task.task_id.hex(), "name": task.name,
+                                    "reason": "infeasible", "text": text})
+            return text
+        return (f"needs {_fmt(demand)}; free now: "
+                f"{_fmt(state.resources.free_now()) or 'nothing'}")
+
+    def pending_summary(self, rows: List[dict]) -> List[dict]:
+        counts: Dict[tuple, int] = collections.Counter(
+            (row["state"], row["waiting_for"]) for row in rows if row["state"] in _PENDING)
+        return [{"reason": state, "count": count, "text": text or state}
+                for (state, text), count in counts.most_common()]
+
+    def stuck(self, rows: List[dict]) -> List[dict]:
+        """Work that will not go on by itself (``pending`` found some as it went)."""
+        stuck = list(self.stuck_list)
+        failed = {row["task_id"]: row for row in rows if row["state"] == "FAILED"}
+        for task in self.state.tasks.table.values():
+            if not task.waiting_on:
+                continue
+            for object_id in task.spec[P.SPEC_ARG_IDS]:
+                producer = failed.get(object_id[:24].hex())
+                entry = self.state.objects.get(object_id)
+                if producer is not None and entry is not None and not entry.ready:
+                    stuck.append({"task_id": task.task_id.hex(), "name": task.name,
+                                  "reason": "producer_failed",
+                                  "text": f"waits for the result of {producer['name']}(), "
+                                          f"which failed ({producer['error_type']}) and "
+                                          "will not be retried"})
+        for actor in self.state.actors.table.values():
+            if actor.state == "dead" and any(actor.queues.values()):
+                stuck.append({"task_id": None, "name": actor.class_name,
+                              "reason": "dead_actor",
+                              "text": f"calls wait for actor {actor.class_name}, which is "
+                                      "dead"})
+        return stuck
+
+
+def _log_of(client: Client):
+    slot = client.park_slot if client.actor is not None else client.cancel_slot
+    return getattr(slot, "events", None)
+
+
+def _holder_type(client: Client) -> str:
+    if client.kind == "driver":
+        return "DRIVER"
+    return "ACTOR" if client.actor is not None else "WORKER"
+
+
+def _size(entry, info) -> Optional[int]:
+    if entry.data is not None:
+        return len(entry.data) + len(entry.metadata)
+    if info is not None:
+        return info.data_size + info.metadata_size
+    return None
+
+
+def _where(entry, info) -> str:
+    if entry.data is not None:
+        return "inline"
+    if info is not None and info.state == "spilled":
+        return "spilled"
+    return "arena" if entry.ready else "pending"
+
+
+def _fmt(amounts: Dict[str, float]) -> str:
+    return ", ".join(f"{name}: {amount:g}" for name, amount in sorted(amounts.items())
+                     if amount) or "{}"
+
+
+def _started_ms(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as machine:
+            boot = next(int(line.split()[1]) for line in machine if line.startswith(b"btime"))
+        return int((boot + ticks / os.sysconf("SC_CLK_TCK")) * 1000)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

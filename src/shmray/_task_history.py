@@ -1,0 +1,166 @@
+"""Task rows from task events: what the state API lists (``shmray.util.state.list_tasks``).
+
+Runs in: the scheduler (from every process's log: ``_scheduler.state``), and a local-mode
+driver (from its own).
+
+A task's events are scattered over the logs of the processes it touched (``_events``): its
+submitter recorded that it was submitted, each process that ran an attempt of it recorded
+the start and the end, and the scheduler recorded failures it decided itself (cancelled
+while queued, its worker or actor gone).  Here they are put together, one row per attempt,
+with Ray's field names.  An attempt started in a process that is gone and never ended
+failed with it; a task seen submitted and never started is pending, in the state the
+caller's ``pending`` says (the scheduler knows why those that went through it wait).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import _events
+from ._events import ENDED, STARTED, SUBMITTED, Event
+
+NODE_ID = "0" * 56  # the one node (``get_runtime_context().get_node_id()``)
+
+# (pid of the process whose log it is, whether that process is alive, its events)
+Source = Tuple[int, bool, Sequence[Event]]
+
+
+def worker_id(pid: Optional[int]) -> Optional[str]:
+    """A process's id in rows (Ray's are 28 random bytes; ours name the pid)."""
+    return None if pid is None else f"{pid:056x}"
+
+
+def ms(t: Optional[float]) -> Optional[int]:
+    return None if not t else int(t * 1000)
+
+
+def us(t: Optional[float]) -> Optional[int]:
+    return None if not t else int(t * 1_000_000)
+
+
+class _Attempt:
+    __slots__ = ("pid", "start", "end", "error", "message")
+
+    def __init__(self, pid: Optional[int], start: float):
+        self.pid, self.start = pid, start
+        self.end = 0.0
+        self.error = 0
+        self.message: Optional[str] = None
+
+
+class _Task:
+    __slots__ = ("name", "task_type", "actor_id", "created", "submitter", "attempts",
+                 "first_seen")
+
+    def __init__(self, event: Event):
+        self.name = event.name
+        self.task_type = event.task_type
+        self.actor_id = event.ref_id
+        self.created = 0.0
+        self.submitter: Optional[int] = None
+        self.attempts: List[_Attempt] = []
+        self.first_seen = event.time
+
+
+def task_rows(sources: Iterable[Source], driver_pid: int,
+              pending: Callable[[bytes], Tuple[str, Optional[str]]] = lambda task_id: (
+                  "SUBMITTED_TO_WORKER", None),
+              job_id: str = "01000000") -> List[dict]:
+    """One row per attempt of each task the logs tell of, oldest task first.  ``pending``
+    gives the state of a task never started, and what it waits for (in words)."""
+    tasks: Dict[bytes, _Task] = {}
+    alive: Dict[int, bool] = {}
+    merged = []
+    for pid, is_alive, events in sources:
+        alive[pid] = is_alive
+        merged.extend((event.time, event.kind, pid, event) for event in events
+                      if event.kind in (SUBMITTED, STARTED, ENDED))
+    merged.sort(key=lambda item: (item[0], item[1]))  # at one instant: submit, start, end
+    for t, kind, pid, event in merged:
+        task = tasks.get(event.task_id)
+        if task is None:
+            task = tasks[event.task_id] = _Task(event)
+        if event.name and not task.name:
+            task.name = event.name
+        if event.ref_id and task.actor_id is None:
+            task.actor_id = event.ref_id
+        if kind == SUBMITTED:
+            task.created, task.submitter = t, pid
+        elif kind == STARTED:
+            task.attempts.append(_Attempt(pid, t))
+        else:
+            _end(task, pid, event, alive)
+    rows = []
+    for task_id, task in sorted(tasks.items(), key=lambda item: item[1].created
+                                or item[1].first_seen):
+        rows.extend(_rows_of(task_id, task, alive, driver_pid, pending, job_id))
+    return rows
+
+
+def _end(task: _Task, pid: int, event: Event, alive: Dict[int, bool]) -> None:
+    """An ENDED event: it closes the attempt its process ran, or, recorded by another
+    process (the scheduler, failing it), one whose process is gone, or one never started."""
+    attempt = None
+    for candidate in reversed(task.attempts):
+        if not candidate.end and (candidate.pid == pid or not alive.get(candidate.pid, True)):
+            attempt = candidate
+            break
+    if attempt is None:
+        attempt = _Attempt(None, event.time2)
+        task.attempts.append(attempt)
+    attempt.end = event.time
+    attempt.error = event.error
+    attempt.message = event.message
+
+
+def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: int,
+             pending, job_id: str) -> List[dict]:
+    type_name = _events.TYPES[task.task_type] if task.task_type < len(_events.TYPES) \
+        else "NORMAL_TASK"
+    base = {
+        "task_id": task_id.hex(), "name": task.name or "?", "job_id": job_id,
+        "actor_id": task.actor_id.hex() if task.actor_id else None, "type": type_name,
+        "func_or_class_name": task.name or "?",
+        "parent_task_id": None, "node_id": NODE_ID, "required_resources": {},
+        "creation_time_ms": ms(task.created or task.first_seen),
+        "placement_group_id": None, "language": "PYTHON",
+        "submitter_pid": task.submitter if task.submitter != driver_pid else None,
+    }
+    if not task.attempts:
+        state, waiting_for = pending(task_id)
+        return [dict(base, attempt_number=0, state=state, worker_id=None, worker_pid=None,
+                     error_type=None, error_message=None, start_time_ms=None,
+                     end_time_ms=None, start_time_us=None, end_time_us=None,
+                     waiting_for=waiting_for)]
+    rows = []
+    for number, attempt in enumerate(task.attempts):
+        error, message, end = attempt.error, attempt.message, attempt.end
+        if not end and attempt.pid is not None and not alive.get(attempt.pid, True):
+            error = (_events.ACTOR_DIED if type_name == "ACTOR_TASK"
+                     else _events.WORKER_DIED)
+            message = f"the process running it (pid {attempt.pid}) died"
+        state = "RUNNING" if not end and not error else "FAILED" if error else "FINISHED"
+        rows.append(dict(
+            base, attempt_number=number, state=state, worker_id=worker_id(attempt.pid),
+            worker_pid=attempt.pid, error_type=_events.ERRORS[error] if error else None,
+            error_message=message, start_time_ms=ms(attempt.start), end_time_ms=ms(end),
+            start_time_us=us(attempt.start), end_time_us=us(end), waiting_for=None))
+    return rows
+
+
+def transfer_rows(sources: Iterable[Source]) -> List[dict]:
+    """Spills and restores, as task-like rows for the timeline (type SPILL or RESTORE)."""
+    rows = []
+    for pid, _, events in sources:
+        for event in events:
+            if event.kind in (_events.SPILLED, _events.RESTORED):
+                what = "SPILL" if event.kind == _events.SPILLED else "RESTORE"
+                rows.append({
+                    "task_id": None, "object_id": event.ref_id.hex() if event.ref_id else None,
+                    "name": f"{what.lower()} {event.size} bytes", "type": what,
+                    "state": "FINISHED", "worker_pid": pid, "worker_id": worker_id(pid),
+                    "start_time_ms": ms(event.time2), "end_time_ms": ms(event.time),
+                    "start_time_us": us(event.time2), "end_time_us": us(event.time),
+                    "object_size": event.size})
+    rows.sort(key=lambda row: row["start_time_ms"] or 0)
+    return rows
