@@ -435,8 +435,7 @@ def actor_main(conn, store, session_dir: str, options: dict, slot=None) -> None:
                      os.path.join(session_dir, "logs"), "actor")
     runtime = _runtime.Runtime(store, conn, session_dir, options)
     _context.install(runtime)
-    if slot is not None:
-        _events.start(slot.events, options["task_events"])
+    _events.start(getattr(slot, "events", None), options["task_events"])
     atexit._clear()  # the handlers it inherited are its parent's, never to run here
     actor = None
     try:

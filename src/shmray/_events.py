@@ -88,19 +88,25 @@ def error_message(error: BaseException) -> str:
 
 
 def log_bytes(capacity: int) -> int:
-    """The size of a log holding ``capacity`` records, in whole pages (it is mapped)."""
+    """The size of a log holding ``capacity`` records, in whole pages (it is mapped); 0
+    when nothing is recorded."""
+    if not capacity:
+        return 0
     size = STRINGS_BYTES + capacity * RECORD.size
     page = 4096
     return (size + page - 1) // page * page
 
 
 def capacity_of(options: dict) -> int:
-    """The session's per-process log capacity: ``_system_config`` may set it."""
+    """The session's per-process log capacity: ``_system_config`` may set it (0: record
+    nothing; the state API then lists no tasks)."""
     system = options.get("_system_config") or {}
     capacity = system.get("task_events_per_process", DEFAULT_CAPACITY)
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 16:
-        raise ValueError("_system_config['task_events_per_process'] must be an int >= 16 "
-                         f"(events each process keeps for the state API), got {capacity!r}")
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or 0 < capacity < 16 \
+            or capacity < 0:
+        raise ValueError("_system_config['task_events_per_process'] must be 0 (record no "
+                         "task events) or an int >= 16 (the events each process keeps for "
+                         f"the state API and the timeline), got {capacity!r}")
     return capacity
 
 
@@ -151,10 +157,11 @@ class EventLog:
 log: Optional[EventLog] = None  # this process's; None: nothing is recorded here
 
 
-def start(buf, capacity: int) -> EventLog:
-    """Record this process's events into ``buf`` from now on."""
+def start(buf, capacity: int) -> Optional[EventLog]:
+    """Record this process's events into ``buf`` from now on (None, or a capacity of 0:
+    record nothing)."""
     global log
-    log = EventLog(buf, capacity)
+    log = EventLog(buf, capacity) if buf is not None and capacity else None
     return log
 
 
@@ -233,8 +240,12 @@ def read(buf, capacity: int) -> List[Event]:
             raw.append(record)
     if not raw:
         return []
-    # The counter may have passed 2**32: order by distance back from the newest record.
-    newest = max(raw, key=lambda r: (r[0] - raw[0][0]) & 0xFFFFFFFF)[0]
+    # Order by distance back from the newest record.  The stored count wraps at 2**32:
+    # when it has, the records written since (the smallest numbers) are the newest.
+    seqs = [record[0] for record in raw]
+    newest = max(seqs)
+    if newest - min(seqs) > 1 << 31:
+        newest = max(seq for seq in seqs if seq < 1 << 31)
     events = []
     for (seq, kind, task_type, error, name, message, task_id, ref_id, t, t2, size,
          _) in raw:

@@ -178,7 +178,8 @@ def init(**kwargs: Any):
         options["socket_dir"] = _direct.socket_folder(session_dir)
         driver_end, scheduler_end = connection_pair("driver", "scheduler")
         driver_pid = os.getpid()
-        driver_events = mmap.mmap(-1, _events.log_bytes(options["task_events"]))
+        events_size = _events.log_bytes(options["task_events"])
+        driver_events = mmap.mmap(-1, events_size) if events_size else None
 
         def scheduler_main():
             driver_end.close()

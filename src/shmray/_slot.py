@@ -57,7 +57,8 @@ class Slot(mmap.mmap):
 def map_slot(fd: int, events_size: int) -> Slot:
     """Map the slot and event log a memfd of ``SLOT_SIZE + events_size`` bytes holds."""
     slot = Slot(fd, SLOT_SIZE)
-    slot.events = mmap.mmap(fd, events_size, offset=SLOT_SIZE)
+    if events_size:
+        slot.events = mmap.mmap(fd, events_size, offset=SLOT_SIZE)
     return slot
 
 

@@ -74,6 +74,7 @@ class State:
         self.capacity = options["task_events"]
         self.driver_events = driver_events  # the driver's log, mapped before our fork
         self.own = _events.start(bytearray(_events.log_bytes(self.capacity)), self.capacity)
+        # (None when the session records nothing: ``_events.capacity_of``)
         self.archive = _Archive(4 * self.capacity)
         self.job_id = f"{options.get('job_id', 1):08x}"
 
@@ -90,7 +91,8 @@ class State:
         if self.driver_events is not None:  # the scheduler lives only as long as the driver
             sources.append((self.driver_pid, True,
                             _events.read(self.driver_events, self.capacity)))
-        sources.append((os.getpid(), True, _events.read(self.own.buf, self.capacity)))
+        if self.own is not None:
+            sources.append((os.getpid(), True, _events.read(self.own.buf, self.capacity)))
         for client in self.clients.all():
             log = _log_of(client)
             if log is not None and client.alive:
