@@ -17,15 +17,23 @@ session (by name or folder, else the only one running) and explains when it can'
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from ... import _context
 from .exception import RayStateApiException
 
+# The transport is built apart (issue 18); until it lands, only in-session asks work.  Once
+# it has, this is a plain ``from ..._inspect_client import fetch``.
 try:
-    from ... import _inspect_client
-except ImportError:  # the transport is built apart; until it lands, only in-session asks work
-    _inspect_client = None
+    transport = importlib.import_module("shmray._inspect_client")
+except ModuleNotFoundError as missing:
+    if missing.name != "shmray._inspect_client":
+        raise
+    transport = None
+
+_NO_TRANSPORT = ("this process is not in a shmray session, and this shmray cannot attach to "
+                 "one from outside: call shmray.init() first, or ask from the session's driver")
 
 
 def fetch(request: dict, address: Optional[str] = None):
@@ -38,12 +46,10 @@ def fetch(request: dict, address: Optional[str] = None):
     runtime = _context.runtime
     if runtime is not None and address is None:
         answer = runtime.query(("state", request))
-    elif _inspect_client is None:
-        raise RayStateApiException(
-            "this process is not in a shmray session, and this shmray cannot attach to one "
-            "from outside: call shmray.init() first, or ask from the session's driver")
+    elif transport is None:
+        raise RayStateApiException(_NO_TRANSPORT)
     else:
-        answer = _inspect_client.fetch(request, session=address)
+        answer = transport.fetch(request, session=address)
     if answer is None:
         raise RayStateApiException(
             f"the session does not answer state queries ({request.get('what')!r}): its "
@@ -51,3 +57,10 @@ def fetch(request: dict, address: Optional[str] = None):
     if isinstance(answer, dict) and set(answer) == {"error"}:
         raise RayStateApiException(f"the session could not answer: {answer['error']}")
     return answer
+
+
+def running_sessions() -> list:
+    """The sessions of this user running on this machine, as the transport describes them."""
+    if transport is None:
+        raise RayStateApiException(_NO_TRANSPORT)
+    return transport.list_sessions()
