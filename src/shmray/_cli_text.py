@@ -83,15 +83,17 @@ def _is_id(column: str) -> bool:
 
 
 def table(rows: Sequence[dict], columns: Sequence[str],
-          headers: Optional[Sequence[str]] = None) -> str:
-    """An aligned table, a header line of the column names in capitals."""
-    headers = list(headers or [c.upper() for c in columns])
-    body = [[cell(c, row.get(c)) if _is_id(c) else cut(cell(c, row.get(c))) for c in columns]
-            for row in rows]
-    widths = [max([len(h)] + [len(line[i]) for line in body]) for i, h in enumerate(headers)]
-    lines = [headers] + body
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
-                     for line in lines)
+          widths: Optional[Dict[str, int]] = None) -> str:
+    """An aligned table, a header line of the column names in capitals; a cell is cut at
+    ``MAX_CELL`` characters, or its column's width in ``widths``, unless it is an id."""
+    widths = widths or {}
+    headers = [c.upper() for c in columns]
+    body = [[cell(c, row.get(c)) if _is_id(c) else cut(cell(c, row.get(c)),
+                                                        widths.get(c, MAX_CELL))
+             for c in columns] for row in rows]
+    sizes = [max([len(h)] + [len(line[i]) for line in body]) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(text.ljust(size) for text, size in zip(line, sizes)).rstrip()
+                     for line in [headers] + body)
 
 
 def records(rows: Sequence[dict]) -> str:
@@ -153,7 +155,7 @@ def summary(what: str, answer: dict) -> str:
                    "task_states")
     if not rows:
         return head
-    return head + "\n\n" + table(rows, columns)
+    return head + "\n\n" + table(rows, columns, dict.fromkeys(columns, 80))
 
 
 def sessions(found: list) -> str:
@@ -274,11 +276,11 @@ def memory(report: dict, limit: int) -> str:
     shown = listed[:limit]
     rows = [{"object_id": o["object_id"], "size": size(o["object_size"]),
              "where": (o["where"] or "?") + (", pinned" if o["pinned"] else ""),
-             "held_by": cut(_holders(o["holders"]), 70)} for o in shown]
+             "held_by": _holders(o["holders"])} for o in shown]
     lines = [f"{len(listed)} objects held" + (f", the {len(shown)} biggest shown"
                                               if len(shown) < len(listed) else "")]
     if rows:
-        lines += ["", table(rows, ("object_id", "size", "where", "held_by"))]
+        lines += ["", table(rows, ("object_id", "size", "where", "held_by"), {"held_by": 80})]
     totals, store = report["totals"], report["store"]
     arena, spilled, inline = totals["arena"], totals["spilled"], totals["inline"]
     lines += [

@@ -5,8 +5,8 @@ Runs in: any process that asks about a session.
 
 Two routes to the same answer (``State.answer`` in the scheduler):
 
-    driver, task, actor ──QUERY ("state", request)──> scheduler      (this process's session)
-    any other process ──unix socket, JSON──> scheduler               (``_inspect_client``)
+    driver, task, actor ──QUERY ("state", request)──> scheduler   (its own session)
+    any other process ──unix socket, JSON──> scheduler             (``_inspect_client``)
 
 A process in a session (``_context.runtime`` set: the driver after ``init``, every worker and
 actor) asks over the link it already has, so the API works inside tasks with nothing to
@@ -24,7 +24,7 @@ from ... import _context
 from .exception import RayStateApiException
 
 # The transport is built apart (issue 18); until it lands, only in-session asks work.  Once
-# it has, this is a plain ``from ..._inspect_client import fetch``.
+# it has, this is a plain ``from ... import _inspect_client as transport``.
 try:
     transport = importlib.import_module("shmray._inspect_client")
 except ModuleNotFoundError as missing:
