@@ -1,6 +1,6 @@
 """The rest of Ray's module surface: what init() returns, JobConfig, LoggingConfig,
 shmray.cloudpickle, custom serializers, ID classes, and the names whose features live
-elsewhere (other languages, Ray Client, the timeline) saying so when called."""
+elsewhere (other languages, Ray Client) saying so when called."""
 
 import logging
 import os
@@ -156,7 +156,6 @@ def test_id_classes_as_rays():
     (lambda: shmray.java_actor_class("a.B"), "Java or C\\+\\+"),
     (lambda: shmray.cpp_function("f"), "Java or C\\+\\+"),
     (lambda: shmray.client("ray://head:10001"), "Ray Client"),
-    (lambda: shmray.timeline(), "timeline"),
 ])
 def test_names_for_features_elsewhere_say_so_when_called(call, message):
     with pytest.raises(NotImplementedError, match=message):

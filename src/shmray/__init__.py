@@ -45,8 +45,8 @@ from ._unsupported import (
     java_actor_class,
     java_function,
     show_in_dashboard,
-    timeline,
 )
+from .util.state._timeline import timeline
 
 ObjectID = ObjectRef  # Ray's older name for a ref
 

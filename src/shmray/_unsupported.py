@@ -1,5 +1,5 @@
-"""Ray's names for what shmray does not do on one machine: other languages, Ray Client, the
-dashboard and the timeline.  Each is there so that ``import shmray as ray`` keeps a program
+"""Ray's names for what shmray does not do on one machine: other languages, Ray Client and
+the dashboard.  Each is there so that ``import shmray as ray`` keeps a program
 importable, and says what to do instead when it is called.
 
 Runs in: the driver, workers and actors.
@@ -59,10 +59,3 @@ def show_in_dashboard(message: str, key: str = "", dtype: str = "text") -> None:
     if dtype not in ("text", "html"):
         raise ValueError(f"dtype accepts only text or html, got {dtype!r}")
     _log.debug("show_in_dashboard[%s]: %s", key, message)
-
-
-def timeline(filename=None):
-    """Ray's Chrome-tracing dump of the tasks that ran: not recorded by shmray yet."""
-    raise NotImplementedError(
-        "shmray.timeline() is not available yet: shmray does not record task events. "
-        "Time tasks yourself meanwhile (time.perf_counter() around get()).")
