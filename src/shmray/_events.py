@@ -70,7 +70,7 @@ DEFAULT_CAPACITY = 8192
 _MAX_STRING = 400          # bytes of an error message kept (a traceback's last lines)
 _u32 = struct.Struct("<I")
 _u16 = struct.Struct("<H")
-_NO_ID = bytes(28)
+NO_ID = bytes(28)
 
 
 def error_code(error: BaseException) -> int:
@@ -145,7 +145,7 @@ class EventLog:
             return sid
 
     def write(self, kind: int, task_type: int, task_id: bytes, name: Optional[str],
-              ref_id: bytes = _NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
+              ref_id: bytes = NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
               message: Optional[str] = None, size: int = 0) -> None:
         i = next(self._counter)
         seq = i & 0xFFFFFFFF
@@ -178,13 +178,15 @@ os.register_at_fork(after_in_child=stop)
 # -- what the recording processes call ------------------------------------------------------
 
 def submitted(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
-              actor_id: bytes = _NO_ID) -> None:
+              ref_id: bytes = NO_ID) -> None:
+    """A task submitted: ``ref_id`` names its actor (an actor call or creation), or its
+    first ref argument (a task: whose result it may be waiting for)."""
     if log is not None:
-        log.write(SUBMITTED, task_type, task_id, name, actor_id)
+        log.write(SUBMITTED, task_type, task_id, name, ref_id)
 
 
 def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
-            actor_id: bytes = _NO_ID) -> float:
+            actor_id: bytes = NO_ID) -> float:
     """Record a start; returns its time, for ``ended``."""
     now = time.time()
     if log is not None:
@@ -193,13 +195,13 @@ def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
 
 
 def ended(task_id: bytes, name: str, began: float, task_type: int = NORMAL_TASK,
-          actor_id: bytes = _NO_ID, error: int = 0, message: Optional[str] = None) -> None:
+          actor_id: bytes = NO_ID, error: int = 0, message: Optional[str] = None) -> None:
     if log is not None:
         log.write(ENDED, task_type, task_id, name, actor_id, 0.0, began, error, message)
 
 
 def failed_unrun(task_id: bytes, name: str, error: int, message: Optional[str] = None,
-                 task_type: int = NORMAL_TASK, actor_id: bytes = _NO_ID) -> None:
+                 task_type: int = NORMAL_TASK, actor_id: bytes = NO_ID) -> None:
     """A task that ends failed without having run (cancelled while queued, its actor or
     worker gone, an argument failed)."""
     if log is not None:
@@ -254,7 +256,7 @@ def read(buf, capacity: int) -> List[Event]:
             continue
         events.append(Event(-back, kind, task_type, error, _string(strings, name),
                             _string(strings, message), task_id,
-                            None if ref_id == _NO_ID else ref_id, t, t2, size))
+                            None if ref_id == NO_ID else ref_id, t, t2, size))
     events.sort()
     return events
 

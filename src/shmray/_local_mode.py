@@ -56,7 +56,7 @@ import threading
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
-from . import _pickling, _protocol as P, _resources, exceptions
+from . import _events, _local_state, _pickling, _protocol as P, _resources, exceptions
 from ._context import Call, current_call, current_task
 from ._ids import object_id_for_put, object_id_for_return
 from ._local_actors import CALL_FAILURES, STOPS_THE_PROGRAM, LocalActors
@@ -262,10 +262,14 @@ class LocalRuntime:
         what an actor's call raises; a task's worker "crashed" (retried while it may)."""
         task_id, name = spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME]
         num_returns = spec[P.SPEC_NUM_RETURNS]
+        kind = _events.ACTOR_TASK if task_id in self.actor_calls else _events.NORMAL_TASK
+        began = _events.started(task_id, name, kind)
+        failure = (0, None)
         failed = self.failed_argument(spec[P.SPEC_ARG_IDS])
         if failed is not None:  # the call's own error around its argument's, as a session's
             data = self.objects[failed][0]
             self.store_error(return_ids, exceptions.FailedArgument(name, bytes(data)))
+            _events.ended(task_id, name, began, kind, error=_events.TASK_EXECUTION_EXCEPTION)
             return
         retries = spec[P.SPEC_MAX_RETRIES]
         env_vars = (spec[P.SPEC_EXTRA] or {}).get("env_vars")
@@ -293,17 +297,20 @@ class LocalRuntime:
                         continue
                     self.store_error(return_ids, exited(exc) if exited is not None
                                      else _worker_exited(name, spec, exc))
+                    failure = (_events.WORKER_DIED, _events.error_message(exc))
                     return
                 except CALL_FAILURES as exc:
                     if retries != 0 and should_retry(exc, retry_exceptions):
                         retries -= 1
                         continue
                     self.store_error(return_ids, task_error(name, exc))
+                    failure = (_events.error_code(exc), _events.error_message(exc))
                     return
                 for object_id, value in zip(return_ids, serialized):
                     self.store(object_id, value)
                 return
         finally:
+            _events.ended(task_id, name, began, kind, error=failure[0], message=failure[1])
             flush_output()
             if restore is not None:
                 restore()
@@ -440,6 +447,8 @@ class LocalRuntime:
             return 0
         if what == "placement_groups":
             return {}
+        if isinstance(what, tuple) and what[0] == "state":
+            return _local_state.answer(self, what[1])
         return self.actors.query(what)
 
     def forget_after_fork(self, parent_pid: int) -> None:

@@ -212,6 +212,8 @@ def _start_local(options: dict, kwargs: dict):
     session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
     runtime = _local_mode.LocalRuntime(options, session_dir)
     _context.install(runtime)
+    capacity = options["task_events"]  # a private log: nobody else reads it
+    _events.start(bytearray(_events.log_bytes(capacity)), capacity)
     _scheduler_pid = os.getpid()  # the session is this process's own: shutdown() waits for none
     _forked_from = None
     return RayContext(runtime)

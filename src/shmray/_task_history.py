@@ -49,13 +49,14 @@ class _Attempt:
 
 
 class _Task:
-    __slots__ = ("name", "task_type", "actor_id", "created", "submitter", "attempts",
-                 "first_seen")
+    __slots__ = ("name", "task_type", "actor_id", "first_arg", "created", "submitter",
+                 "attempts", "first_seen")
 
     def __init__(self, event: Event):
         self.name = event.name
         self.task_type = event.task_type
-        self.actor_id = event.ref_id
+        self.actor_id: Optional[bytes] = None
+        self.first_arg: Optional[bytes] = None  # a task's first ref argument
         self.created = 0.0
         self.submitter: Optional[int] = None
         self.attempts: List[_Attempt] = []
@@ -63,11 +64,12 @@ class _Task:
 
 
 def task_rows(sources: Iterable[Source], driver_pid: int,
-              pending: Callable[[bytes], Tuple[str, Optional[str]]] = lambda task_id: (
-                  "SUBMITTED_TO_WORKER", None),
+              pending: Callable[..., Tuple[str, Optional[str]]] = (
+                  lambda task_id, submitter, name: ("SUBMITTED_TO_WORKER", None)),
               job_id: str = "01000000") -> List[dict]:
     """One row per attempt of each task the logs tell of, oldest task first.  ``pending``
-    gives the state of a task never started, and what it waits for (in words)."""
+    gives the state of a task never started (given its id, its submitter's pid and its
+    name), and what it waits for (in words)."""
     tasks: Dict[bytes, _Task] = {}
     alive: Dict[int, bool] = {}
     merged = []
@@ -82,8 +84,10 @@ def task_rows(sources: Iterable[Source], driver_pid: int,
             task = tasks[event.task_id] = _Task(event)
         if event.name and not task.name:
             task.name = event.name
-        if event.ref_id and task.actor_id is None:
+        if event.ref_id and event.task_type != _events.NORMAL_TASK:
             task.actor_id = event.ref_id
+        elif event.ref_id and kind == SUBMITTED:
+            task.first_arg = event.ref_id
         if kind == SUBMITTED:
             task.created, task.submitter = t, pid
         elif kind == STARTED:
@@ -93,7 +97,7 @@ def task_rows(sources: Iterable[Source], driver_pid: int,
     rows = []
     for task_id, task in sorted(tasks.items(), key=lambda item: item[1].created
                                 or item[1].first_seen):
-        rows.extend(_rows_of(task_id, task, alive, driver_pid, pending, job_id))
+        rows.extend(_rows_of(task_id, task, alive, driver_pid, pending, job_id, tasks))
     return rows
 
 
@@ -114,7 +118,7 @@ def _end(task: _Task, pid: int, event: Event, alive: Dict[int, bool]) -> None:
 
 
 def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: int,
-             pending, job_id: str) -> List[dict]:
+             pending, job_id: str, tasks: Dict[bytes, _Task]) -> List[dict]:
     type_name = _events.TYPES[task.task_type] if task.task_type < len(_events.TYPES) \
         else "NORMAL_TASK"
     base = {
@@ -127,7 +131,12 @@ def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: in
         "submitter_pid": task.submitter if task.submitter != driver_pid else None,
     }
     if not task.attempts:
-        state, waiting_for = pending(task_id)
+        state, waiting_for = pending(task_id, task.submitter, task.name or "?")
+        producer = tasks.get(task.first_arg[:24]) if task.first_arg else None
+        if state == "SUBMITTED_TO_WORKER" and producer is not None and not _done(producer):
+            # queued behind the task making its argument, on that task's worker
+            state = "PENDING_ARGS_AVAIL"
+            waiting_for = f"waits for the result of {producer.name or '?'}()"
         return [dict(base, attempt_number=0, state=state, worker_id=None, worker_pid=None,
                      error_type=None, error_message=None, start_time_ms=None,
                      end_time_ms=None, start_time_us=None, end_time_us=None,
@@ -146,6 +155,10 @@ def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: in
             error_message=message, start_time_ms=ms(attempt.start), end_time_ms=ms(end),
             start_time_us=us(attempt.start), end_time_us=us(end), waiting_for=None))
     return rows
+
+
+def _done(task: _Task) -> bool:
+    return bool(task.attempts) and bool(task.attempts[-1].end) and not task.attempts[-1].error
 
 
 def transfer_rows(sources: Iterable[Source]) -> List[dict]:

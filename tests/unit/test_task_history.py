@@ -30,7 +30,7 @@ def test_a_task_submitted_started_and_ended_is_finished_where_it_ran():
 
 def test_a_task_never_started_is_in_the_state_pending_gives():
     (row,) = rows_of((DRIVER, True, [event(SUBMITTED, 1.0)]),
-                     pending=lambda task_id: ("PENDING_ARGS_AVAIL", "waits for x"))
+                     pending=lambda task_id, submitter, name: ("PENDING_ARGS_AVAIL", "waits for x"))
     assert row["state"] == "PENDING_ARGS_AVAIL" and row["waiting_for"] == "waits for x"
     assert row["worker_pid"] is None and row["start_time_ms"] is None
 

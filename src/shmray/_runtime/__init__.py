@@ -153,7 +153,9 @@ class Runtime:
         resources = spec[P.SPEC_RESOURCES]
         if self._feasible.get(id(resources)) is not resources:
             self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
-        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME])
+        arg_ids = spec[P.SPEC_ARG_IDS]  # the first names what it may wait for (state API)
+        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME], _events.NORMAL_TASK,
+                          arg_ids[0] if arg_ids else _events.NO_ID)
         if spec[P.SPEC_ARG_IDS]:
             if self.leases.enabled and behind_one(spec):
                 with self.link.lock:

@@ -27,6 +27,7 @@ from .. import _events, _protocol as P, _task_history
 from .._task_history import NODE_ID, Source, worker_id
 from .actors import Actors
 from .clients import Client, Clients
+from .leases import Leases
 from .objects import Directory, kind_of
 from .records import Actor, Task
 from .resources import Resources
@@ -58,9 +59,10 @@ class _Archive:
 
 class State:
     def __init__(self, clients: Clients, tasks: Tasks, actors: Actors, objects: Directory,
-                 resources: Resources, pool: WorkerPool, store, options: dict,
-                 session_dir: str, driver_pid: int, driver_events=None):
+                 resources: Resources, pool: WorkerPool, leases: Leases, store,
+                 options: dict, session_dir: str, driver_pid: int, driver_events=None):
         self.clients = clients
+        self.leases = leases
         self.tasks = tasks
         self.actors = actors
         self.objects = objects
@@ -99,6 +101,13 @@ class State:
                 sources.append((client.pid, True, _events.read(log, self.capacity)))
         return sources
 
+    def leases_wanted_by(self, pid: Optional[int]) -> Optional[Client]:
+        """The driver with ``pid`` if it asks for workers and holds none: its tasks wait."""
+        for client in self.leases.wanters:
+            if client.pid == pid and not client.leases:
+                return client
+        return None
+
     # -- answers -----------------------------------------------------------------------------
 
     def answer(self, request) -> object:
@@ -125,8 +134,8 @@ class State:
                 "scheduler_pid": os.getpid(), "start_time_ms": _task_history.ms(self.started),
                 "num_cpus": self.options.get("num_cpus")}
 
-    def task_rows(self) -> List[dict]:
-        why = Why(self)
+    def task_rows(self, why: Optional["Why"] = None) -> List[dict]:
+        why = why or Why(self)
         return _task_history.task_rows(self._sources(), self.driver_pid, why.pending,
                                        self.job_id)
 
@@ -245,12 +254,12 @@ class State:
         workers = collections.Counter(row["state"] for row in self.worker_rows()
                                       if row["worker_type"] == "WORKER")
         actors = collections.Counter(row["state"] for row in self.actor_rows())
-        tasks = self.task_rows()
+        why = Why(self)
+        tasks = self.task_rows(why)
         stats = self.store.statistics()
         arena = self.store.list()
         sealed = [i for i in arena if i.state != "created" and not i.lent]
         spilled = [i for i in sealed if i.state == "spilled"]
-        why = Why(self)
         return {
             "session": self.session(),
             "resources": {"total": dict(total), "used": used},
@@ -277,10 +286,13 @@ class Why:
         self.state = state
         self.stuck_list: List[dict] = []
 
-    def pending(self, task_id: bytes):
+    def pending(self, task_id: bytes, submitter: Optional[int], name: str):
         """(Ray's state of a task never started, what it waits for)."""
         task = self.state.tasks.table.get(task_id)
-        if task is None:  # sent straight to a worker the driver leases, or to an actor
+        if task is None:  # the driver's, to a worker it leases, or a call sent to its actor
+            driver = self.state.leases_wanted_by(submitter)
+            if driver is not None:  # (or queued at a lease it holds: it can't tell which)
+                return "PENDING_NODE_ASSIGNMENT", self._demand(task_id, P.LEASE_SHAPE, name)
             return "SUBMITTED_TO_WORKER", "queued at the process that will run it"
         if task.waiting_on:
             return "PENDING_ARGS_AVAIL", self._arguments(task)
@@ -308,23 +320,28 @@ class Why:
         return f"queued behind earlier calls to actor {actor.class_name}"
 
     def _resources(self, task: Task) -> str:
-        demand = dict(task.resources)
-        state = self.state
         if task.placement is not None:
             return f"waits for room in its placement group's bundle {task.placement[1]}"
+        return self._demand(task.task_id, task.resources, task.name)
+
+    def _demand(self, task_id: bytes, demand: Dict[str, float], name: str) -> str:
+        """What a task needing ``demand`` waits for; a task that will wait until an actor
+        ends is stuck."""
+        state = self.state
         held_by_actors: Dict[str, float] = collections.defaultdict(float)
         for actor in state.actors.table.values():
             if actor.state != "dead":
-                for name, amount in actor.held.items():
-                    held_by_actors[name] += amount
+                for key, amount in actor.held.items():
+                    held_by_actors[key] += amount
         total = state.resources.total
-        short = {name: amount for name, amount in demand.items()
-                 if total.get(name, 0.0) - held_by_actors.get(name, 0.0) < amount}
+        short = {key: amount for key, amount in demand.items()
+                 if total.get(key, 0.0) - held_by_actors.get(key, 0.0) < amount}
         if short:
-            text = (f"needs {_fmt(demand)} but actors hold {_fmt(dict(held_by_actors))} of "
-                    f"the session's {_fmt(total)}: it can start only once an actor ends "
-                    "(kill one, or give the session more)")
-            self.stuck_list.append({"task_id": task.task_id.hex(), "name": task.name,
+            held = {key: held_by_actors.get(key, 0.0) for key in demand}
+            text = (f"needs {_fmt(demand)} but actors hold {_fmt(held)} of the session's "
+                    f"{_fmt({key: total.get(key, 0.0) for key in demand})}: it can start "
+                    "only once an actor ends (kill one, or give the session more)")
+            self.stuck_list.append({"task_id": task_id.hex(), "name": name,
                                     "reason": "infeasible", "text": text})
             return text
         return (f"needs {_fmt(demand)}; free now: "
