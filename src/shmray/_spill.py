@@ -25,7 +25,7 @@ import os
 import time
 from typing import Callable
 
-from . import exceptions
+from . import _events, exceptions
 from ._object_store import (
     ObjectNotFoundError,
     ObjectNotSealedError,
@@ -98,6 +98,7 @@ class Spiller:
             return False
         path = self.path(object_id)
         size = view.nbytes
+        began = time.time()
         if not self._store.info(object_id).has_file:  # else its file is there already
             draft = f"{path}.{os.getpid()}"
             try:
@@ -124,6 +125,7 @@ class Spiller:
         except ObjectPinnedError:  # in use again: its file stays, for the next spill
             return False
         self.spilled_bytes += size
+        _events.transfer(_events.SPILLED, object_id, size, began)
         return True
 
     def restore(self, object_id: bytes, size: int) -> None:
@@ -145,6 +147,7 @@ class Spiller:
                     f"could not make room to restore spilled object {object_id.hex()}"
                 )
         path = self.path(object_id)
+        began = time.time()
         try:
             with open(path, "rb") as f:
                 view = self._store.writable(offset, size)
@@ -164,6 +167,7 @@ class Spiller:
             raise
         self._store.seal(object_id)  # the file stays with the object (see the docstring)
         self.restored_bytes += size
+        _events.transfer(_events.RESTORED, object_id, size, began)
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
