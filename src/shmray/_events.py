@@ -35,7 +35,7 @@ import os
 import struct
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 # Kinds of record
 SUBMITTED = 1   # by the submitter: a task or call exists, and what it is
@@ -65,6 +65,7 @@ _CODES = {"TaskCancelledError": 2, "WorkerCrashedError": 3, "ActorDiedError": 4,
 # seq, kind, type, error, (pad), name, message, task id, actor or object id, time, time2,
 # size, seq again
 RECORD = struct.Struct("<IBBBxII24s28sddQI")
+_SIZE = RECORD.size
 STRINGS_BYTES = 1 << 18
 DEFAULT_CAPACITY = 8192
 _MAX_STRING = 400          # bytes of an error message kept (a traceback's last lines)
@@ -144,32 +145,43 @@ class EventLog:
             sid = self._strings[text] = len(self._strings) + 1
             return sid
 
-    def write(self, kind: int, task_type: int, task_id: bytes, name: Optional[str],
-              ref_id: bytes = NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
-              message: Optional[str] = None, size: int = 0) -> None:
-        i = next(self._counter)
-        seq = i & 0xFFFFFFFF
-        RECORD.pack_into(self.buf, STRINGS_BYTES + (i % self.capacity) * RECORD.size, seq,
-                         kind, task_type, error, self._sid(name), self._sid(message),
-                         task_id, ref_id, t or time.time(), t2, size, seq)
+    def writer(self):
+        """``write(kind, task_type, task_id, name, ref_id, t, t2, error, message, size)``:
+        one record (``t`` 0: now).  A closure over what it uses: a write is on the path of
+        every task, where an attribute look-up is a measurable part of its cost."""
+        pack, buf, counter, capacity = RECORD.pack_into, self.buf, self._counter, self.capacity
+        strings, sid, now = self._strings, self._sid, time.time
+
+        def write(kind: int, task_type: int, task_id: bytes, name: Optional[str],
+                  ref_id: bytes = NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
+                  message: Optional[str] = None, size: int = 0) -> None:
+            i = next(counter)
+            seq = i & 0xFFFFFFFF
+            pack(buf, STRINGS_BYTES + (i % capacity) * _SIZE, seq, kind, task_type, error,
+                 strings.get(name) or sid(name), sid(message) if message else 0, task_id,
+                 ref_id, t or now(), t2, size, seq)
+
+        return write
 
 
 log: Optional[EventLog] = None  # this process's; None: nothing is recorded here
+_write: Optional[Callable] = None  # its ``writer()``
 
 
 def start(buf, capacity: int) -> Optional[EventLog]:
     """Record this process's events into ``buf`` from now on (None, or a capacity of 0:
     record nothing)."""
-    global log
+    global log, _write
     log = EventLog(buf, capacity) if buf is not None and capacity else None
+    _write = log.writer() if log is not None else None
     return log
 
 
 def stop() -> None:
     """Record nothing more here (the session ended, or this is a child forked from a
     recording process: it writes its own log, or none)."""
-    global log
-    log = None
+    global log, _write
+    log = _write = None
 
 
 os.register_at_fork(after_in_child=stop)
@@ -181,37 +193,37 @@ def submitted(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
               ref_id: bytes = NO_ID) -> None:
     """A task submitted: ``ref_id`` names its actor (an actor call or creation), or its
     first ref argument (a task: whose result it may be waiting for)."""
-    if log is not None:
-        log.write(SUBMITTED, task_type, task_id, name, ref_id)
+    if _write is not None:
+        _write(SUBMITTED, task_type, task_id, name, ref_id)
 
 
 def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
             actor_id: bytes = NO_ID) -> float:
     """Record a start; returns its time, for ``ended``."""
     now = time.time()
-    if log is not None:
-        log.write(STARTED, task_type, task_id, name, actor_id, now)
+    if _write is not None:
+        _write(STARTED, task_type, task_id, name, actor_id, now)
     return now
 
 
 def ended(task_id: bytes, name: str, began: float, task_type: int = NORMAL_TASK,
           actor_id: bytes = NO_ID, error: int = 0, message: Optional[str] = None) -> None:
-    if log is not None:
-        log.write(ENDED, task_type, task_id, name, actor_id, 0.0, began, error, message)
+    if _write is not None:
+        _write(ENDED, task_type, task_id, name, actor_id, 0.0, began, error, message)
 
 
 def failed_unrun(task_id: bytes, name: str, error: int, message: Optional[str] = None,
                  task_type: int = NORMAL_TASK, actor_id: bytes = NO_ID) -> None:
     """A task that ends failed without having run (cancelled while queued, its actor or
     worker gone, an argument failed)."""
-    if log is not None:
-        log.write(ENDED, task_type, task_id, name, actor_id, 0.0, 0.0, error, message)
+    if _write is not None:
+        _write(ENDED, task_type, task_id, name, actor_id, 0.0, 0.0, error, message)
 
 
 def transfer(kind: int, object_id: bytes, size: int, began: float) -> None:
     """An object spilled to or restored from disk, from ``began`` to now."""
-    if log is not None:
-        log.write(kind, 0, object_id[:24], None, object_id, 0.0, began, 0, None, size)
+    if _write is not None:
+        _write(kind, 0, object_id[:24], None, object_id, 0.0, began, 0, None, size)
 
 
 # -- reading -------------------------------------------------------------------------------

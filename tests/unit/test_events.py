@@ -13,7 +13,9 @@ CAPACITY = 64
 
 
 def _log(capacity=CAPACITY):
-    return EventLog(mmap.mmap(-1, _events.log_bytes(capacity)), capacity)
+    log = EventLog(mmap.mmap(-1, _events.log_bytes(capacity)), capacity)
+    log.write = log.writer()
+    return log
 
 
 def test_events_read_back_in_order_with_their_strings():
