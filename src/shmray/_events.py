@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+import numpy as np
+
 # Kinds of record
 SUBMITTED = 1   # by the submitter: a task or call exists, and what it is
 STARTED = 2     # by the process that runs it
@@ -109,6 +111,17 @@ def capacity_of(options: dict) -> int:
                          "task events) or an int >= 16 (the events each process keeps for "
                          f"the state API and the timeline), got {capacity!r}")
     return capacity
+
+
+def history_limit(options: dict) -> int:
+    """How many tasks the answers remember (Ray's setting and its default); those still
+    pending or running are kept beyond it."""
+    system = options.get("_system_config") or {}
+    limit = system.get("task_events_max_num_task_in_gcs", 100_000)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError("_system_config['task_events_max_num_task_in_gcs'] must be an int "
+                         f">= 1 (the tasks the state API remembers), got {limit!r}")
+    return limit
 
 
 class EventLog:
@@ -242,49 +255,64 @@ class Event(NamedTuple):
     size: int
 
 
+class Reader:
+    """Reads one log as it fills: each ``new()`` gives the events written since the last
+    (decoding only those), oldest first.  ``buf`` may be written meanwhile: it is copied
+    first, and records caught half written are skipped (read next time, if still there)."""
+
+    def __init__(self, buf, capacity: int):
+        self.buf = buf
+        self.capacity = capacity
+        self.last = 0   # the number of the last event read (counting from 1; 0: none yet)
+        self.lost = 0   # events overwritten before they were read
+        self.strings: List[str] = []
+        self._strings_end = 4  # where the strings read so far end
+
+    def new(self) -> List[Event]:
+        capacity = self.capacity
+        data = bytes(self.buf[: log_bytes(capacity)])
+        self._strings_end = _read_strings(data, self.strings, self._strings_end)
+        heads = np.frombuffer(data, np.uint32, capacity * _SIZE // 4, STRINGS_BYTES)[
+            :: _SIZE // 4]
+        # How far past the last read each slot's record is, in events (uint32 arithmetic
+        # wraps as the stored numbers do); fresh records are 1 to 2**31 ahead.
+        ahead = heads - np.uint32(self.last & 0xFFFFFFFF)
+        fresh = np.flatnonzero((heads != 0) & (ahead != 0) & (ahead < np.uint32(1 << 31)))
+        if not len(fresh):
+            return []
+        order = fresh[np.argsort(ahead[fresh], kind="stable")]
+        furthest = int(ahead[order[-1]])
+        events = []
+        strings = self.strings
+        for slot in order.tolist():
+            (seq, kind, task_type, error, name, message, task_id, ref_id, t, t2, size,
+             check) = RECORD.unpack_from(data, STRINGS_BYTES + slot * _SIZE)
+            if seq != check:
+                continue
+            events.append(Event(self.last + ((seq - self.last) & 0xFFFFFFFF), kind,
+                                task_type, error,
+                                strings[name - 1] if 0 < name <= len(strings) else None,
+                                strings[message - 1] if 0 < message <= len(strings)
+                                else None,
+                                task_id, None if ref_id == NO_ID else ref_id, t, t2, size))
+        self.lost += max(furthest - capacity, 0)
+        self.last += furthest
+        return events
+
+
 def read(buf, capacity: int) -> List[Event]:
-    """The events a log holds, oldest first.  ``buf`` may be written meanwhile: it is
-    copied first, and records caught half written are skipped."""
-    data = bytes(buf[: log_bytes(capacity)])
-    strings = _read_strings(data)
-    raw = []
-    for record in RECORD.iter_unpack(data[STRINGS_BYTES : STRINGS_BYTES
-                                          + capacity * RECORD.size]):
-        if record[0] and record[0] == record[-1]:
-            raw.append(record)
-    if not raw:
-        return []
-    # Order by distance back from the newest record.  The stored count wraps at 2**32:
-    # when it has, the records written since (the smallest numbers) are the newest.
-    seqs = [record[0] for record in raw]
-    newest = max(seqs)
-    if newest - min(seqs) > 1 << 31:
-        newest = max(seq for seq in seqs if seq < 1 << 31)
-    events = []
-    for (seq, kind, task_type, error, name, message, task_id, ref_id, t, t2, size,
-         _) in raw:
-        back = (newest - seq) & 0xFFFFFFFF
-        if back >= capacity:  # a stale slot of an older lap, torn across laps
-            continue
-        events.append(Event(-back, kind, task_type, error, _string(strings, name),
-                            _string(strings, message), task_id,
-                            None if ref_id == NO_ID else ref_id, t, t2, size))
-    events.sort()
-    return events
+    """All the events a log holds, oldest first."""
+    return Reader(buf, capacity).new()
 
 
-def _read_strings(data: bytes) -> List[str]:
+def _read_strings(data: bytes, strings: List[str], at: int) -> int:
+    """Append to ``strings`` those the log holds from byte ``at`` on (where the last read
+    ended: they are never changed); returns where they end."""
     used = min(_u32.unpack_from(data, 0)[0], STRINGS_BYTES)
-    strings, at = [], 4
     while at + 2 <= used:
         (length,) = _u16.unpack_from(data, at)
-        at += 2
-        if at + length > used:
+        if at + 2 + length > used:
             break
-        strings.append(data[at : at + length].decode("utf-8", "replace"))
-        at += length
-    return strings
-
-
-def _string(strings: List[str], sid: int) -> Optional[str]:
-    return strings[sid - 1] if 0 < sid <= len(strings) else None
+        strings.append(data[at + 2 : at + 2 + length].decode("utf-8", "replace"))
+        at += 2 + length
+    return at

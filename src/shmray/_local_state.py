@@ -21,14 +21,13 @@ def answer(runtime, request) -> object:
     if not isinstance(request, dict) or not isinstance(request.get("what"), str):
         return {"error": "a request is a dict with a string 'what'"}
     pid = os.getpid()
-    log = _events.log
-    sources = [(pid, True, _events.read(log.buf, log.capacity))] if log is not None else []
+    history = _history(runtime)
     what = request["what"]
     job_id = f"{runtime.options.get('job_id', 1):08x}"
     if what == "tasks":
-        rows = _task_history.task_rows(sources, pid, job_id=job_id)
+        rows = history.rows(pid, job_id=job_id)
         if request.get("with_transfers"):
-            rows += _task_history.transfer_rows(sources)
+            rows += history.transfer_rows()
         return rows
     if what == "actors":
         return [_actor_row(actor, job_id) for actor in runtime.actors.table.values()]
@@ -51,9 +50,23 @@ def answer(runtime, request) -> object:
     if what == "session":
         return _session(runtime, pid)
     if what == "status":
-        return _status(runtime, pid, sources)
+        return _status(runtime, pid, history)
     return {"error": f"unknown request {what!r}: ask for one of tasks, actors, objects, "
                      "workers, nodes, status, session"}
+
+
+def _history(runtime) -> _task_history.History:
+    """The runtime's task history, up to date with its log (kept on the runtime)."""
+    kept = getattr(runtime, "task_history", None)
+    if kept is None:
+        log = _events.log
+        reader = _events.Reader(log.buf, log.capacity) if log is not None else None
+        kept = runtime.task_history = (
+            reader, _task_history.History(_events.history_limit(runtime.options)))
+    reader, history = kept
+    if reader is not None:
+        history.take([(os.getpid(), True, reader.new())])
+    return history
 
 
 def _actor_row(actor, job_id: str) -> dict:
@@ -74,12 +87,9 @@ def _session(runtime, pid: int) -> dict:
             "start_time_ms": None, "num_cpus": runtime.options.get("num_cpus")}
 
 
-def _status(runtime, pid: int, sources) -> dict:
+def _status(runtime, pid: int, history: _task_history.History) -> dict:
     available = runtime.query("available")
-    tasks = _task_history.task_rows(sources, pid)
-    states: dict = {}
-    for row in tasks:
-        states[row["state"]] = states.get(row["state"], 0) + 1
+    states = history.states(history.open_rows(pid))
     sizes = [len(data) + len(metadata) for data, metadata, _ in list(runtime.objects.values())]
     actors: dict = {}
     for actor in runtime.actors.table.values():

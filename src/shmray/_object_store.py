@@ -24,6 +24,7 @@ ID_SIZE = lib.SHM_ID_SIZE
 MIN_OBJECT_STORE_MEMORY = 75 * 1024 * 1024  # Ray's minimum
 LENT_MARK = b"\xff" * 8  # how the ids of buffers lent to numpy begin (_lend.c)
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+_LIST_ROOM = 4096  # objects read per call of shm_list_batch
 
 STATE_NAMES = {
     lib.SHM_STATE_CREATED: "created",
@@ -357,16 +358,17 @@ class ObjectStore:
         return ObjectInfo._from_c(out)
 
     def list(self) -> List[ObjectInfo]:
+        """Every object in the table, read a part at a time (``shm_list_batch``)."""
         handle = self._handle()
-        total = ffi.new("uint64_t *")
+        cursor = ffi.new("uint64_t *")
         count = ffi.new("uint64_t *")
-        _raise_for(lib.shm_list(handle, ffi.NULL, 0, count, total))
+        out = ffi.new("shm_object_info[]", _LIST_ROOM)
+        objects = []
         while True:
-            room = total[0] + 16
-            out = ffi.new("shm_object_info[]", room)
-            _raise_for(lib.shm_list(handle, out, room, count, total))
-            if count[0] >= total[0]:
-                return [ObjectInfo._from_c(out[i]) for i in range(count[0])]
+            _raise_for(lib.shm_list_batch(handle, cursor, out, _LIST_ROOM, count))
+            objects.extend(ObjectInfo._from_c(out[i]) for i in range(count[0]))
+            if not cursor[0]:
+                return objects
 
     def statistics(self) -> StoreStats:
         out = ffi.new("shm_stats *")

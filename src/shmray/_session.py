@@ -135,6 +135,7 @@ def _check_init_options(kwargs: dict) -> dict:
     options["graceful_shutdown_s"] = system.get("actor_graceful_shutdown_timeout_ms",
                                                 30_000) / 1000
     options["task_events"] = _events.capacity_of(options)  # each process's log, in events
+    _events.history_limit(options)  # (checked here: the scheduler takes it as it starts)
     return options
 
 

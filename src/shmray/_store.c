@@ -57,6 +57,8 @@
     (SHM_FLAG_DELETE_PENDING | SHM_FLAG_SPILLING | SHM_FLAG_RESTORING | SHM_FLAG_LENT | SHM_FLAG_HAS_FILE)
 #define HOLDERS_OFFSET 1024
 #define HOLDER_BUCKETS 256
+#define TABLE_MAP_OFFSET 2048
+#define TABLE_MAP_BITS 8192
 
 /* --- layout ---------------------------------------------------------------- */
 
@@ -89,6 +91,12 @@
  *   1024  holders       u32[256]: pin table slots of the pids in each
  *                       bucket (pid % 256), so that reaping a process
  *                       that held no pins (most) skips the scan   (derived)
+ *   2048  table_map     u64[128]: a bit per 1/8192 of the table, set once
+ *                       an entry was ever put there.  A listing skips the
+ *                       parts never used: reading them would make the
+ *                       kernel give the table memory it never needed (a
+ *                       memfd's holes are filled when read).  Repair sets
+ *                       every bit.
  *         zero up to 4096
  *
  * "Derived" fields are recomputed by repair; nothing else about them is
@@ -121,7 +129,8 @@ struct shm_header {
     alignas(64) pthread_mutex_t lock;
     uint8_t reserved1[HOLDERS_OFFSET - 192 - sizeof(pthread_mutex_t)];
     uint32_t holders[HOLDER_BUCKETS];
-    uint8_t reserved2[HEADER_SIZE - HOLDERS_OFFSET - HOLDER_BUCKETS * sizeof(uint32_t)];
+    uint64_t table_map[TABLE_MAP_BITS / 64];
+    uint8_t reserved2[HEADER_SIZE - TABLE_MAP_OFFSET - TABLE_MAP_BITS / 8];
 };
 _Static_assert(sizeof(struct shm_header) == HEADER_SIZE, "header is one page");
 _Static_assert(offsetof(struct shm_header, capacity) == 16, "layout as documented");
@@ -130,6 +139,7 @@ _Static_assert(offsetof(struct shm_header, num_pinned) == 128, "layout as docume
 _Static_assert(offsetof(struct shm_header, untracked) == 160, "layout as documented");
 _Static_assert(offsetof(struct shm_header, lock) == 192, "layout as documented");
 _Static_assert(offsetof(struct shm_header, holders) == HOLDERS_OFFSET, "layout as documented");
+_Static_assert(offsetof(struct shm_header, table_map) == TABLE_MAP_OFFSET, "layout as documented");
 
 /*
  * One slot of the object table.  Byte layout (80 bytes):
@@ -369,12 +379,27 @@ static bool table_has_room(const struct shm_store *s)
 }
 
 /* The slot a new entry for id goes to; id is absent and the table has room. */
+/* Slots of the table per bit of table_map. */
+static uint64_t table_map_slots(const struct shm_store *s)
+{
+    return (s->slot_mask + TABLE_MAP_BITS) / TABLE_MAP_BITS;
+}
+
 static struct shm_entry *table_claim(const struct shm_store *s, const uint8_t *id)
 {
     uint64_t i = table_home(s, id);
     while (s->table[i].state != SHM_STATE_EMPTY)
         i = (i + 1) & s->slot_mask;
+    uint64_t part = i / table_map_slots(s);
+    s->header->table_map[part / 64] |= UINT64_C(1) << (part % 64);
     return &s->table[i];
+}
+
+/* Whether any entry was ever put in the part of the table slot i is in. */
+static bool table_part_used(const struct shm_store *s, uint64_t i)
+{
+    uint64_t part = i / table_map_slots(s);
+    return s->header->table_map[part / 64] & (UINT64_C(1) << (part % 64));
 }
 
 /* Copy an entry into another slot.  While dst is being written it reads as
@@ -1081,6 +1106,7 @@ static int store_repair(const struct shm_store *s)
     if (table_salvage(s, &saved, &n) != SHM_OK)
         return SHM_ERR_SYSTEM;
     heap_rebuild(s, saved, n);
+    memset(s->header->table_map, 0xff, sizeof s->header->table_map);
     table_refill(s, saved, n);
     free(saved);
     return pins_rebuild(s);
@@ -1856,8 +1882,12 @@ int shm_list(shm_store *s, shm_object_info *out, uint64_t max, uint64_t *count_o
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    uint64_t count = 0, total = 0;
+    uint64_t count = 0, total = 0, step = table_map_slots(s);
     for (uint64_t i = 0; i <= s->slot_mask; i++) {
+        if (i % step == 0 && !table_part_used(s, i)) {
+            i += step - 1;
+            continue;
+        }
         const struct shm_entry *e = &s->table[i];
         if (e->state == SHM_STATE_EMPTY)
             continue;
@@ -1870,6 +1900,33 @@ int shm_list(shm_store *s, shm_object_info *out, uint64_t max, uint64_t *count_o
         *count_out = count;
     if (total_out)
         *total_out = total;
+    return SHM_OK;
+}
+
+int shm_list_batch(shm_store *s, uint64_t *cursor, shm_object_info *out, uint64_t max,
+                   uint64_t *count_out)
+{
+    if (!s || !cursor || !count_out || (max && !out))
+        return SHM_ERR_INVALID;
+    int rc = store_lock(s);
+    if (rc != SHM_OK)
+        return rc;
+    uint64_t slots = s->slot_mask + 1, i = *cursor, end = i + SHM_LIST_BATCH, count = 0;
+    uint64_t step = table_map_slots(s);
+    if (end > slots)
+        end = slots;
+    for (; i < end && count < max; i++) {
+        if (i % step == 0 && !table_part_used(s, i)) {
+            i += step - 1;
+            continue;
+        }
+        const struct shm_entry *e = &s->table[i];
+        if (e->state != SHM_STATE_EMPTY)
+            object_info_fill(e, &out[count++]);
+    }
+    store_unlock(s);
+    *cursor = i < slots ? i : 0;
+    *count_out = count;
     return SHM_OK;
 }
 

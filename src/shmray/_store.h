@@ -61,7 +61,7 @@
 /* cdef-begin */
 #define SHM_ID_SIZE 28
 #define SHM_ALIGN 64
-#define SHM_VERSION 2
+#define SHM_VERSION 3
 
 /* status codes */
 #define SHM_OK 0
@@ -199,6 +199,14 @@ int shm_statistics(shm_store *s, shm_stats *out);
  * many were written, *total_out how many exist. */
 int shm_list(shm_store *s, shm_object_info *out, uint64_t max,
              uint64_t *count_out, uint64_t *total_out);
+/* The same a part at a time: up to `max` entries from table slot *cursor on,
+ * scanning at most SHM_LIST_BATCH slots, so a listing of a large table holds
+ * the lock a short while at a time (others' puts and gets go on between).
+ * *cursor moves past the slots scanned, and is 0 once the table is done.  An
+ * object made or freed meanwhile may or may not be listed. */
+#define SHM_LIST_BATCH 16384
+int shm_list_batch(shm_store *s, uint64_t *cursor, shm_object_info *out,
+                   uint64_t max, uint64_t *count_out);
 
 /* --- spilling: the policy lives in Python, these keep it race-free ------- */
 

@@ -63,58 +63,159 @@ class _Task:
         self.first_seen = event.time
 
 
-def task_rows(sources: Iterable[Source], driver_pid: int,
-              pending: Callable[..., Tuple[str, Optional[str]]] = (
-                  lambda task_id, submitter, name: ("SUBMITTED_TO_WORKER", None)),
+Pending = Callable[..., Tuple[str, Optional[str]]]
+
+
+def _unknown_pending(task_id: bytes, submitter: Optional[int], name: str):
+    return "SUBMITTED_TO_WORKER", None
+
+
+class History:
+    """The tasks the logs told of so far, at most ``limit`` (the oldest finished go first).
+
+    Events are taken in as they are read (``take``), so an answer costs what happened since
+    the last, not the whole history; finished attempts are counted as they end, so a
+    status costs only the tasks still open.  ``transfers``: the latest spills and restores.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.tasks: Dict[bytes, _Task] = {}
+        self.open: set = set()              # tasks with no attempt, or one not ended
+        self.closed: Dict[str, int] = {"FINISHED": 0, "FAILED": 0}  # ended attempts
+        self.alive: Dict[int, bool] = {}    # pid -> whether it is (False: it ended)
+        self.dropped = 0                    # tasks dropped past the limit
+        self.transfers: list = []           # (pid, event), the latest ``limit``
+
+    def take(self, batches: Iterable[Source]) -> None:
+        """Take in the events read since the last time, from each process (pid, whether
+        it is alive, its new events): in time order across processes."""
+        merged = []
+        for pid, is_alive, events in batches:
+            self.alive[pid] = is_alive
+            for event in events:
+                if event.kind in (SUBMITTED, STARTED, ENDED):
+                    merged.append((event.time, event.kind, pid, event))
+                elif event.kind in (_events.SPILLED, _events.RESTORED):
+                    self.transfers.append((pid, event))
+        del self.transfers[: -self.limit]
+        merged.sort(key=lambda item: (item[0], item[1]))  # at one instant: submit first
+        tasks = self.tasks
+        for t, kind, pid, event in merged:
+            task_id = event.task_id
+            task = tasks.get(task_id)
+            if task is None:
+                task = tasks[task_id] = _Task(event)
+                self.open.add(task_id)
+            if event.name and not task.name:
+                task.name = event.name
+            if event.ref_id and event.task_type != _events.NORMAL_TASK:
+                task.actor_id = event.ref_id
+            elif event.ref_id and kind == SUBMITTED:
+                task.first_arg = event.ref_id
+            if kind == SUBMITTED:
+                task.created, task.submitter = t, pid
+            elif kind == STARTED:
+                task.attempts.append(_Attempt(pid, t))
+                self.open.add(task_id)
+            else:
+                self._end(task_id, task, pid, event)
+        if len(tasks) > self.limit + self.limit // 4:  # now and then, not at every task
+            self._drop_oldest()
+
+    def _end(self, task_id: bytes, task: _Task, pid: int, event: Event) -> None:
+        """An ENDED event: it closes the attempt its process ran, or, recorded by another
+        process (the scheduler, failing it), one whose process is gone, or one never
+        started."""
+        attempt = None
+        for candidate in reversed(task.attempts):
+            if not candidate.end and (candidate.pid == pid
+                                      or not self.alive.get(candidate.pid, True)):
+                attempt = candidate
+                break
+        if attempt is None:
+            attempt = _Attempt(None, event.time2)
+            task.attempts.append(attempt)
+        attempt.end = event.time
+        attempt.error = event.error
+        attempt.message = event.message
+        self.closed["FAILED" if attempt.error else "FINISHED"] += 1
+        if all(a.end for a in task.attempts):
+            self.open.discard(task_id)
+
+    def _drop_oldest(self) -> None:
+        excess = len(self.tasks) - self.limit
+        for task_id in list(self.tasks):
+            if excess <= 0:
+                break
+            if task_id in self.open:
+                continue  # what is still going on stays
+            task = self.tasks.pop(task_id)
+            for attempt in task.attempts:
+                self.closed["FAILED" if attempt.error else "FINISHED"] -= 1
+            self.dropped += 1
+            excess -= 1
+
+    def rows(self, driver_pid: int, pending: Pending = _unknown_pending,
+             job_id: str = "01000000") -> List[dict]:
+        """One row per attempt of each task, oldest task first.  ``pending`` gives the
+        state of a task never started (given its id, its submitter's pid and its name),
+        and what it waits for (in words)."""
+        rows = []
+        for task_id, task in sorted(self.tasks.items(), key=lambda item: item[1].created
+                                    or item[1].first_seen):
+            rows.extend(_rows_of(task_id, task, self.alive, driver_pid, pending, job_id,
+                                 self.tasks))
+        return rows
+
+    def open_rows(self, driver_pid: int, pending: Pending = _unknown_pending) -> List[dict]:
+        """The rows of the attempts not ended (pending, running, or lost with their
+        process): what ``rows`` gives beside those ended."""
+        rows = []
+        for task_id in self.open:
+            rows.extend(row for row in _rows_of(task_id, self.tasks[task_id], self.alive,
+                                                driver_pid, pending, "", self.tasks)
+                        if row["end_time_ms"] is None)
+        return rows
+
+    def states(self, open_rows: List[dict]) -> Dict[str, int]:
+        """How many rows ``rows`` would give in each state (``open_rows``: ``open_rows``'s),
+        at the cost of the open ones only: ended attempts are counted as they end."""
+        counts = {state: count for state, count in self.closed.items() if count}
+        for row in open_rows:
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return counts
+
+    def failed(self, task_id: bytes) -> Optional[str]:
+        """The error type of a task whose latest attempt failed (None if it did not)."""
+        task = self.tasks.get(task_id)
+        if task is None or not task.attempts or not task.attempts[-1].error:
+            return None
+        return _events.ERRORS[task.attempts[-1].error]
+
+    def transfer_rows(self) -> List[dict]:
+        """Spills and restores, as task-like rows for the timeline (type SPILL or
+        RESTORE)."""
+        rows = []
+        for pid, event in self.transfers:
+            what = "SPILL" if event.kind == _events.SPILLED else "RESTORE"
+            rows.append({
+                "task_id": None, "object_id": event.ref_id.hex() if event.ref_id else None,
+                "name": f"{what.lower()} {event.size} bytes", "type": what,
+                "state": "FINISHED", "worker_pid": pid, "worker_id": worker_id(pid),
+                "start_time_ms": ms(event.time2), "end_time_ms": ms(event.time),
+                "start_time_us": us(event.time2), "end_time_us": us(event.time),
+                "object_size": event.size})
+        rows.sort(key=lambda row: row["start_time_us"] or 0)
+        return rows
+
+
+def task_rows(sources: Iterable[Source], driver_pid: int, pending: Pending = _unknown_pending,
               job_id: str = "01000000") -> List[dict]:
-    """One row per attempt of each task the logs tell of, oldest task first.  ``pending``
-    gives the state of a task never started (given its id, its submitter's pid and its
-    name), and what it waits for (in words)."""
-    tasks: Dict[bytes, _Task] = {}
-    alive: Dict[int, bool] = {}
-    merged = []
-    for pid, is_alive, events in sources:
-        alive[pid] = is_alive
-        merged.extend((event.time, event.kind, pid, event) for event in events
-                      if event.kind in (SUBMITTED, STARTED, ENDED))
-    merged.sort(key=lambda item: (item[0], item[1]))  # at one instant: submit, start, end
-    for t, kind, pid, event in merged:
-        task = tasks.get(event.task_id)
-        if task is None:
-            task = tasks[event.task_id] = _Task(event)
-        if event.name and not task.name:
-            task.name = event.name
-        if event.ref_id and event.task_type != _events.NORMAL_TASK:
-            task.actor_id = event.ref_id
-        elif event.ref_id and kind == SUBMITTED:
-            task.first_arg = event.ref_id
-        if kind == SUBMITTED:
-            task.created, task.submitter = t, pid
-        elif kind == STARTED:
-            task.attempts.append(_Attempt(pid, t))
-        else:
-            _end(task, pid, event, alive)
-    rows = []
-    for task_id, task in sorted(tasks.items(), key=lambda item: item[1].created
-                                or item[1].first_seen):
-        rows.extend(_rows_of(task_id, task, alive, driver_pid, pending, job_id, tasks))
-    return rows
-
-
-def _end(task: _Task, pid: int, event: Event, alive: Dict[int, bool]) -> None:
-    """An ENDED event: it closes the attempt its process ran, or, recorded by another
-    process (the scheduler, failing it), one whose process is gone, or one never started."""
-    attempt = None
-    for candidate in reversed(task.attempts):
-        if not candidate.end and (candidate.pid == pid or not alive.get(candidate.pid, True)):
-            attempt = candidate
-            break
-    if attempt is None:
-        attempt = _Attempt(None, event.time2)
-        task.attempts.append(attempt)
-    attempt.end = event.time
-    attempt.error = event.error
-    attempt.message = event.message
+    """The rows of the tasks ``sources`` tell of, all at once (``History.rows``)."""
+    history = History(1 << 62)
+    history.take(sources)
+    return history.rows(driver_pid, pending, job_id)
 
 
 def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: int,
@@ -159,21 +260,3 @@ def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: in
 
 def _done(task: _Task) -> bool:
     return bool(task.attempts) and bool(task.attempts[-1].end) and not task.attempts[-1].error
-
-
-def transfer_rows(sources: Iterable[Source]) -> List[dict]:
-    """Spills and restores, as task-like rows for the timeline (type SPILL or RESTORE)."""
-    rows = []
-    for pid, _, events in sources:
-        for event in events:
-            if event.kind in (_events.SPILLED, _events.RESTORED):
-                what = "SPILL" if event.kind == _events.SPILLED else "RESTORE"
-                rows.append({
-                    "task_id": None, "object_id": event.ref_id.hex() if event.ref_id else None,
-                    "name": f"{what.lower()} {event.size} bytes", "type": what,
-                    "state": "FINISHED", "worker_pid": pid, "worker_id": worker_id(pid),
-                    "start_time_ms": ms(event.time2), "end_time_ms": ms(event.time),
-                    "start_time_us": us(event.time2), "end_time_us": us(event.time),
-                    "object_size": event.size})
-    rows.sort(key=lambda row: row["start_time_ms"] or 0)
-    return rows

@@ -24,7 +24,7 @@ import time
 from typing import Dict, List, Optional
 
 from .. import _events, _protocol as P, _task_history
-from .._task_history import NODE_ID, Source, worker_id
+from .._task_history import NODE_ID, worker_id
 from .actors import Actors
 from .clients import Client, Clients
 from .leases import Leases
@@ -37,24 +37,6 @@ from .workers import WorkerPool
 _ACTOR_STATES = {"pending": "PENDING_CREATION", "alive": "ALIVE", "dead": "DEAD"}
 _PENDING = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
             "PENDING_ACTOR_TASK_ORDERING_OR_CONCURRENCY")
-
-
-class _Archive:
-    """The events of processes that ended, newest kept, at most ``limit`` in all."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.sources: collections.deque = collections.deque()
-        self.count = 0
-
-    def add(self, pid: int, events: list) -> None:
-        if not events:
-            return
-        self.sources.append((pid, False, events[-self.limit:]))
-        self.count += len(self.sources[-1][2])
-        while self.count > self.limit:
-            _, _, dropped = self.sources.popleft()
-            self.count -= len(dropped)
 
 
 class State:
@@ -73,33 +55,38 @@ class State:
         self.session_dir = session_dir
         self.driver_pid = driver_pid
         self.started = time.time()
-        self.capacity = options["task_events"]
-        self.driver_events = driver_events  # the driver's log, mapped before our fork
-        self.own = _events.start(bytearray(_events.log_bytes(self.capacity)), self.capacity)
-        # (None when the session records nothing: ``_events.capacity_of``)
-        self.archive = _Archive(4 * self.capacity)
+        capacity = options["task_events"]
+        # The logs, each read from where the last answer left it: the driver's (mapped
+        # before our fork), ours, and each worker's and actor's (``_reader``).
+        own = _events.start(bytearray(_events.log_bytes(capacity)), capacity)
+        self.readers: Dict[int, _events.Reader] = {}
+        if driver_events is not None:
+            self.readers[driver_pid] = _events.Reader(driver_events, capacity)
+        if own is not None:
+            self.readers[os.getpid()] = _events.Reader(own.buf, capacity)
+        self.history = _task_history.History(_events.history_limit(options))
         self.job_id = f"{options.get('job_id', 1):08x}"
 
     # -- the logs ----------------------------------------------------------------------------
 
     def process_gone(self, client: Client) -> None:
-        """Keep what a process that ended recorded (its log is unmapped with it)."""
-        log = _log_of(client)
-        if log is not None:
-            self.archive.add(client.pid, _events.read(log, self.capacity))
+        """Read what a process that ended recorded last (its log goes with it)."""
+        reader = self.readers.pop(client.pid, None) or self._reader(client)
+        if reader is not None:
+            self.history.take([(client.pid, False, reader.new())])
 
-    def _sources(self) -> List[Source]:
-        sources: List[Source] = list(self.archive.sources)
-        if self.driver_events is not None:  # the scheduler lives only as long as the driver
-            sources.append((self.driver_pid, True,
-                            _events.read(self.driver_events, self.capacity)))
-        if self.own is not None:
-            sources.append((os.getpid(), True, _events.read(self.own.buf, self.capacity)))
+    def _reader(self, client: Client) -> Optional[_events.Reader]:
+        log = _log_of(client)
+        return _events.Reader(log, self.options["task_events"]) if log is not None else None
+
+    def read_logs(self) -> None:
+        """Take in what every process recorded since the last answer."""
         for client in self.clients.all():
-            log = _log_of(client)
-            if log is not None and client.alive:
-                sources.append((client.pid, True, _events.read(log, self.capacity)))
-        return sources
+            if client.alive and client.kind != "driver" and client.pid not in self.readers:
+                reader = self._reader(client)
+                if reader is not None:
+                    self.readers[client.pid] = reader
+        self.history.take([(pid, True, reader.new()) for pid, reader in self.readers.items()])
 
     def leases_wanted_by(self, pid: Optional[int]) -> Optional[Client]:
         """The driver with ``pid`` if it asks for workers and holds none: its tasks wait."""
@@ -115,10 +102,11 @@ class State:
         if not isinstance(request, dict) or not isinstance(request.get("what"), str):
             return {"error": "a request is a dict with a string 'what'"}
         what = request["what"]
+        self.read_logs()
         if what == "tasks":
             rows = self.task_rows()
             if request.get("with_transfers"):
-                rows += _task_history.transfer_rows(self._sources())
+                rows += self.history.transfer_rows()
             return rows
         handler = {"actors": self.actor_rows, "objects": self.object_rows,
                    "workers": self.worker_rows, "nodes": self.node_rows,
@@ -134,10 +122,8 @@ class State:
                 "scheduler_pid": os.getpid(), "start_time_ms": _task_history.ms(self.started),
                 "num_cpus": self.options.get("num_cpus")}
 
-    def task_rows(self, why: Optional["Why"] = None) -> List[dict]:
-        why = why or Why(self)
-        return _task_history.task_rows(self._sources(), self.driver_pid, why.pending,
-                                       self.job_id)
+    def task_rows(self) -> List[dict]:
+        return self.history.rows(self.driver_pid, Why(self).pending, self.job_id)
 
     def actor_rows(self) -> List[dict]:
         rows = []
@@ -255,11 +241,12 @@ class State:
                                       if row["worker_type"] == "WORKER")
         actors = collections.Counter(row["state"] for row in self.actor_rows())
         why = Why(self)
-        tasks = self.task_rows(why)
+        open_rows = self.history.open_rows(self.driver_pid, why.pending)
         stats = self.store.statistics()
-        arena = self.store.list()
-        sealed = [i for i in arena if i.state != "created" and not i.lent]
-        spilled = [i for i in sealed if i.state == "spilled"]
+        # The object table is sized for the arena: listing it is read only for what the
+        # counts don't tell (the bytes spilled).
+        spilled = [i for i in self.store.list() if i.state == "spilled"] \
+            if stats.num_spilled else []
         return {
             "session": self.session(),
             "resources": {"total": dict(total), "used": used},
@@ -268,14 +255,13 @@ class State:
                         "blocked": workers["BLOCKED"]},
             "actors": dict(actors),
             "store": {"capacity": stats.capacity, "used": stats.bytes_in_use,
-                      "num_objects": len(sealed),
-                      "object_bytes": sum(i.data_size + i.metadata_size for i in sealed
-                                          if i.state != "spilled"),
-                      "spilled_objects": len(spilled),
+                      "num_objects": stats.num_sealed + stats.num_spilled,
+                      "spilled_objects": stats.num_spilled,
                       "spilled_bytes": sum(i.data_size + i.metadata_size for i in spilled)},
-            "tasks": dict(collections.Counter(row["state"] for row in tasks)),
-            "pending": why.pending_summary(tasks),
-            "stuck": why.stuck(tasks),
+            "tasks": self.history.states(open_rows),
+            "tasks_dropped": self.history.dropped,
+            "pending": why.pending_summary(open_rows),
+            "stuck": why.stuck(),
         }
 
 
@@ -353,22 +339,22 @@ class Why:
         return [{"reason": state, "count": count, "text": text or state}
                 for (state, text), count in counts.most_common()]
 
-    def stuck(self, rows: List[dict]) -> List[dict]:
+    def stuck(self) -> List[dict]:
         """Work that will not go on by itself (``pending`` found some as it went)."""
         stuck = list(self.stuck_list)
-        failed = {row["task_id"]: row for row in rows if row["state"] == "FAILED"}
+        history = self.state.history
         for task in self.state.tasks.table.values():
             if not task.waiting_on:
                 continue
             for object_id in task.spec[P.SPEC_ARG_IDS]:
-                producer = failed.get(object_id[:24].hex())
+                error = history.failed(object_id[:24])
                 entry = self.state.objects.get(object_id)
-                if producer is not None and entry is not None and not entry.ready:
+                if error is not None and entry is not None and not entry.ready:
+                    producer = history.tasks[object_id[:24]].name or "?"
                     stuck.append({"task_id": task.task_id.hex(), "name": task.name,
                                   "reason": "producer_failed",
-                                  "text": f"waits for the result of {producer['name']}(), "
-                                          f"which failed ({producer['error_type']}) and "
-                                          "will not be retried"})
+                                  "text": f"waits for the result of {producer}(), which "
+                                          f"failed ({error}) and was not retried"})
         for actor in self.state.actors.table.values():
             if actor.state == "dead" and any(actor.queues.values()):
                 stuck.append({"task_id": None, "name": actor.class_name,
