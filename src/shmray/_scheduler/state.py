@@ -4,12 +4,14 @@ Runs in: the scheduler.  Asked through QUERY ("state", request) by the session's
 processes and through the inspection socket by the ``shmray`` command line, both answered
 by ``State.answer``; answers are plain JSON-able data (ids as hex).
 
-Nothing is kept up to date for this: an answer is put together when asked, from the records
-the scheduler keeps anyway (its tables of tasks, actors, objects and workers; the store's
-object table) and from the task events every process writes into its own log in shared
-memory (``_events``, read here; ``_task_history`` makes rows of them).  A process's log is
-read one last time when it ends, and its events kept (``_Archive``), so what a worker did
-before ``max_calls`` ended it or an actor before it died stays listed, within a bound.
+Nothing is kept up to date for this while nobody asks: an answer is put together when
+asked, from the records the scheduler keeps anyway (its tables of tasks, actors, objects
+and workers; the store's object table) and from the task events every process writes into
+its own log in shared memory (``_events``).  Each answer reads only what the logs gained
+since the last into the task history (``_task_history.History``, bounded), and a process's
+log is read one last time when it ends, so what a worker did before ``max_calls`` ended it
+or an actor before it died stays listed.  What nobody asked for in time is overwritten in
+its log: each keeps its process's latest events.
 
 Pending work is explained in words a user can act on (``Why``): what an argument waits for,
 which resources a task needs and who holds them, an actor still starting; work that cannot
