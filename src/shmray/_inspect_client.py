@@ -268,8 +268,13 @@ class Attached:
         deadline = time.monotonic() + self.timeout
         try:
             self.sock.settimeout(self.timeout)
-            self.sock.sendall(line)
+            try:
+                self.sock.sendall(line)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # hung up on: why, if it said, is still there to read
             reply = self._read_line(deadline)
+        except InspectError:
+            raise
         except socket.timeout:
             raise SessionTimeoutError(f"shmray session {self.name} did not answer within "
                                       f"{self.timeout} s (its scheduler is stopped or "
