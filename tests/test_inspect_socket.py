@@ -163,6 +163,24 @@ def test_folder_card_and_socket_are_owner_only(session):
     assert stat.S_ISSOCK(os.lstat(session["socket"]).st_mode)
 
 
+def test_a_session_under_a_deep_temp_dir_is_reached_by_its_folder(tmp_path):
+    """Its socket lives in a folder of its own in /tmp (a socket's path is short); the card
+    in the session folder says where."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    shmray.init(num_cpus=1, object_store_memory=100 << 20, _temp_dir=str(deep))
+    try:
+        runtime().query("ping")
+        card = client.read_card(runtime().session_dir)
+        assert not card["socket"].startswith(card["session_dir"])
+        assert client.list_sessions(str(deep)) == [card]
+        assert client.fetch(PING, session=card["session_dir"]) == PONG
+        socket_folder = os.path.dirname(card["socket"])
+    finally:
+        shmray.shutdown()
+    assert not os.path.exists(socket_folder)
+
+
 def test_several_sessions_are_listed_and_must_be_chosen(session):
     other = OtherDriver()
     try:

@@ -222,8 +222,8 @@ class _Peer:
 
     def on_event(self, mask: int) -> None:
         self.server._hang_up_stalled()
-        if self.fd not in self.server.peers:
-            return  # hung up on just now
+        if self.server.peers.get(self.fd) is not self:
+            return  # hung up on earlier this turn (its number may be a new peer's now)
         try:
             if mask & _READ:
                 data = self.sock.recv(_READ_SIZE)
@@ -276,7 +276,7 @@ class _Peer:
 
     def close(self) -> None:
         server = self.server
-        if self.fd not in server.peers:
+        if server.peers.get(self.fd) is not self:
             return
         server.queued -= len(self.out)
         self.out = bytearray()
