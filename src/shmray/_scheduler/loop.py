@@ -56,10 +56,10 @@ from typing import Callable, Optional
 from .. import _direct, _protocol as P
 from .._connection import Connection, ConnectionClosed
 from .._object_store import ObjectStore
+from . import inspect_server
 from .actors import Actors, placements_waiting
 from .cancel import Cancel
 from .clients import Client, Clients, kill_quietly, reap
-from . import inspect_server
 from .dispatch import Dispatcher
 from .leases import Leases
 from .objects import Directory
