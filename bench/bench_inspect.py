@@ -17,6 +17,11 @@ gets them all, as bench_tasks' throughput case):
 - ping-every-10ms: a ping every 10 ms, as ``watch -n 0.01 shmray status`` would (less the
   command line's own start).
 
+Group inspect-roundtrip: one ``fetch({"what": "ping"})`` from this process (find the
+session, connect, ask, read the answer), with the scheduler idle otherwise; the scheduler's
+own CPU time per answer (``extra_info["scheduler_cpu_us_per_answer"]``, from its
+utime+stime) is what each question costs the session, whatever else loads the machine.
+
 The cases take turns, round after round (each asker paused with SIGSTOP while it is not
 its turn), so what else runs on the machine weighs on every case alike.  Recorded in
 ``extra_info``: each case's median and best burst (ms), its median against quiet's
@@ -30,9 +35,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import shmray
+from shmray import _inspect_client as client
 
 MiB = 1 << 20
 N = 2000
@@ -144,3 +151,19 @@ def test_burst_while_inspected(benchmark, ray):
             assert asked[case]["count"] > 0
             info["answers_per_s"] = round(asked[case]["count"] / asked[case]["seconds"])
         benchmark.extra_info[case] = info
+
+
+def test_inspect_roundtrip(benchmark, ray):
+    benchmark.group = "inspect-roundtrip"
+    session_dir = shmray._context.runtime.session_dir
+    scheduler = psutil.Process(shmray._session._scheduler_pid)
+    answers = []
+
+    def ask():
+        answers.append(client.fetch({"what": "ping"}, session=session_dir))
+
+    before = sum(scheduler.cpu_times()[:2])
+    benchmark.pedantic(ask, rounds=20 if benchmark.disabled else 2000, iterations=1)
+    used = sum(scheduler.cpu_times()[:2]) - before
+    assert answers and all(answer == {"pong": True} for answer in answers)
+    benchmark.extra_info["scheduler_cpu_us_per_answer"] = round(used / len(answers) * 1e6, 1)
