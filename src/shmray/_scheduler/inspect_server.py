@@ -226,11 +226,14 @@ class _Peer:
             return  # hung up on earlier this turn (its number may be a new peer's now)
         try:
             if mask & _READ:
-                data = self.sock.recv(_READ_SIZE)
-                if not data:
+                try:
+                    data = self.sock.recv(_READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    data = None  # a wake-up with nothing to read after all
+                if data == b"":
                     self.close()
                     return
-                self.received += data
+                self.received += data or b""
             self._send()
             if not self.out and not self._answer_some():
                 self.close()  # a request too long: the rest of the stream can't be trusted
