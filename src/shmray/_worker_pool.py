@@ -90,6 +90,9 @@ def _close_scheduler_descriptors(scheduler) -> None:
     # with 1,000 actors alive; the child never uses those objects, nor lets them go.
     for fd in scheduler.clients.by_fd:
         close_fd_quietly(fd)
+    if scheduler.inspect is not None:  # its peers must see EOF when the scheduler hangs up
+        for fd in scheduler.inspect.descriptors():
+            close_fd_quietly(fd)
     scheduler.clients.selector.close()
 
 

@@ -26,7 +26,8 @@ The parts, each a module that imports only those below it:
 - ``dispatch``: the ready queues, dispatch to workers, sending short tasks ahead;
 - ``objects`` (the directory), ``resources`` (GPUs per id: ``gpu_ids``), ``workers``
   (the pool);
-- ``clients``: the connected processes, and what is queued to each.
+- ``clients``: the connected processes, and what is queued to each;
+- ``inspect_server``: the socket the ``shmray`` command line asks its questions on.
 
 Lower parts tell higher ones of events through hooks wired here (an actor call's progress,
 work that needs leased CPUs, an actor handle nobody holds, actors waiting to be placed).
@@ -55,6 +56,7 @@ from typing import Callable, Optional
 from .. import _direct, _events, _protocol as P, _slot
 from .._connection import Connection, ConnectionClosed
 from .._object_store import ObjectStore
+from . import inspect_server
 from .actors import Actors, placements_waiting
 from .cancel import Cancel
 from .clients import Client, Clients, kill_quietly, reap
@@ -119,6 +121,7 @@ class Scheduler:
                            driver_pid, driver_events)
         self.running = True
         self.internal_errors = 0
+        self.inspect: Optional[inspect_server.InspectServer] = None  # served once running
         objects, tasks, leases, actors = self.objects, self.tasks, self.leases, self.actors
         self.handlers = {
             P.REGISTER_FUNCTION: self.dispatcher.on_register_function,
@@ -192,6 +195,9 @@ class Scheduler:
     def run(self) -> None:
         self.catch_sigterm()
         try:
+            self.inspect = inspect_server.start(self.session_dir, self.options["socket_dir"],
+                                                self.driver.pid, self.clients.selector,
+                                                self.answer_inspect)
             self._serve()
         finally:
             self.stop()
@@ -237,6 +243,9 @@ class Scheduler:
     def _handle_events(self, events) -> None:
         for key, mask in events:
             client: Client = key.data
+            if client.__class__ is not Client:  # the inspect socket or one of its peers
+                client(mask)
+                continue
             if mask & selectors.EVENT_WRITE and client.alive:
                 self._write(client)
             if mask & selectors.EVENT_READ and client.alive:
@@ -354,6 +363,15 @@ class Scheduler:
             value = None
         self.clients.send(client, P.reply(request_id, value))
 
+    def answer_inspect(self, request: dict):
+        """The answer to a request on the inspect socket (``inspect_server``)."""
+        if request.get("what") == "ping":
+            return {"pong": True}
+        state = getattr(self, "state", None)
+        if state is None:
+            return {"error": f"this session can't answer {request.get('what')!r} yet"}
+        return state.answer(request)
+
     # -- deaths and the end ----------------------------------------------------------------
 
     def on_disconnect(self, client: Client) -> None:
@@ -411,6 +429,9 @@ class Scheduler:
         # The driver's death arrives twice (EOF and the parent-death SIGTERM); the second
         # must not cut this cleanup short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inspect is not None:  # from now on a question is refused, not left waiting
+            self.inspect.close()
+            self.inspect = None
         children = [c for c in self.clients.all() if c.kind != "driver"]
         # Actors with a __ray_shutdown__ end gracefully (it runs, then their atexit
         # handlers), within a grace period; everything else is killed at once.
