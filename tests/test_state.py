@@ -1,10 +1,7 @@
 """Seeing inside a running session, end to end: the state API (``shmray.util.state``), the
 timeline and the ``shmray`` command line against a session that ran tasks and actors, some
-failing and some waiting, checked against what happened.
-
-These need the scheduler's ``State.answer`` (issue 18's data layer) and, for the command
-line, the transport (``shmray._inspect_client``): each test is skipped, saying which, while
-its part is missing.
+failing and some waiting, checked against what happened.  The command line runs as a
+separate process, attached to the live session through its inspect socket.
 """
 
 import json
@@ -24,26 +21,13 @@ from shmray.util.state import _source
 DEADLOCK = 60
 
 
-def _answers_state_queries() -> bool:
-    return shmray._context.runtime.query(("state", {"what": "tasks"})) is not None
-
-
 @pytest.fixture
 def session():
     shmray.init(num_cpus=2, object_store_memory=150 * MiB)
     try:
-        if not _answers_state_queries():
-            pytest.skip("needs State.answer: the scheduler does not answer state queries yet")
         yield shmray
     finally:
         shmray.shutdown()
-
-
-@pytest.fixture
-def attachable(session):
-    if _source.transport is None:
-        pytest.skip("needs the transport (shmray._inspect_client) to attach from outside")
-    return session
 
 
 def hold_until(path: str) -> None:
@@ -289,7 +273,7 @@ def shmray_command(*argv, check=True):
     return done
 
 
-def test_the_command_line_attaches_to_the_session(attachable, tmp_path):
+def test_the_command_line_attaches_to_the_session(session, tmp_path):
     folder = shmray._context.runtime.session_dir
     shmray.get([square.remote(i) for i in range(3)], timeout=DEADLOCK)
     wait_for_tasks("square", 3, state="FINISHED")
@@ -312,7 +296,7 @@ def test_the_command_line_attaches_to_the_session(attachable, tmp_path):
     assert sum(e["name"] == "square" for e in json.loads(trace.read_text())) == 3
 
 
-def test_the_command_line_says_so_when_the_session_has_ended(attachable):
+def test_the_command_line_says_so_when_the_session_has_ended(session):
     folder = shmray._context.runtime.session_dir
     shmray.shutdown()
     done = shmray_command("status", "--session", folder, check=False)
@@ -323,8 +307,6 @@ def test_the_command_line_says_so_when_the_session_has_ended(attachable):
 def test_local_mode_answers_too():
     shmray.init(num_cpus=1, local_mode=True)
     try:
-        if not _answers_state_queries():
-            pytest.skip("needs State.answer in local mode")
         assert shmray.get(square.remote(4), timeout=DEADLOCK) == 16
         assert [t.state for t in state.list_tasks(filters=[("name", "=", "square")])] == [
             "FINISHED"]

@@ -241,13 +241,6 @@ def test_a_session_without_answers_is_a_clear_error(monkeypatch):
         state.summarize_tasks()
 
 
-def test_without_a_session_or_a_transport_the_error_says_what_to_do(monkeypatch):
-    outside_a_session(monkeypatch)
-    monkeypatch.setattr(_source, "transport", None)
-    with pytest.raises(RayStateApiException, match="call shmray.init\\(\\) first"):
-        state.list_tasks()
-
-
 def test_the_transports_errors_reach_the_caller(monkeypatch):
     outside_a_session(monkeypatch, FakeTransport(error=ConnectionError("session ended")))
     with pytest.raises(ConnectionError, match="session ended"):

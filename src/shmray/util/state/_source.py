@@ -17,23 +17,10 @@ session (by name or folder, else the only one running) and explains when it can'
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
-from ... import _context
+from ... import _context, _inspect_client as transport
 from .exception import RayStateApiException
-
-# The transport is built apart (issue 18); until it lands, only in-session asks work.  Once
-# it has, this is a plain ``from ... import _inspect_client as transport``.
-try:
-    transport = importlib.import_module("shmray._inspect_client")
-except ModuleNotFoundError as missing:
-    if missing.name != "shmray._inspect_client":
-        raise
-    transport = None
-
-_NO_TRANSPORT = ("this process is not in a shmray session, and this shmray cannot attach to "
-                 "one from outside: call shmray.init() first, or ask from the session's driver")
 
 
 def fetch(request: dict, address: Optional[str] = None):
@@ -46,8 +33,6 @@ def fetch(request: dict, address: Optional[str] = None):
     runtime = _context.runtime
     if runtime is not None and address is None:
         answer = runtime.query(("state", request))
-    elif transport is None:
-        raise RayStateApiException(_NO_TRANSPORT)
     else:
         answer = transport.fetch(request, session=address)
     if answer is None:
@@ -61,6 +46,4 @@ def fetch(request: dict, address: Optional[str] = None):
 
 def running_sessions() -> list:
     """The sessions of this user running on this machine, as the transport describes them."""
-    if transport is None:
-        raise RayStateApiException(_NO_TRANSPORT)
     return transport.list_sessions()
