@@ -386,6 +386,8 @@ def _size(entry, info) -> Optional[int]:
 
 
 def _where(entry, info) -> str:
+    if entry.actor:
+        return "actor"  # a handle's pseudo-object: the actor lives in its process
     if entry.data is not None:
         return "inline"
     if info is not None and info.state == "spilled":
