@@ -49,6 +49,7 @@ from . import (
     _pickling,
     _protocol as P,
     _runtime,
+    _slot,
     _threads,
     exceptions,
 )
@@ -229,8 +230,11 @@ class ActorProcess(Worker):
         _, task_id, method_name, name, args_blob, arg_ids, num_returns, values, extra = message
         self.running.add(task_id)
         call = current_call.set(Call(task_id, name, method_name, self.hold))
-        began = _events.started(task_id, name, _events.ACTOR_TASK, self.actor_id)
-        failure = _NO_FAILURE
+        began, failure = time.time(), _NO_FAILURE
+        if self.batch_replies and self.parking.slot is not None:
+            _slot.mark_started(self.parking.slot, task_id, began)  # one at a time: ``_slot``
+        else:
+            _events.started(task_id, name, _events.ACTOR_TASK, self.actor_id, began)
         try:
             if method_name == "__ray_ready__":
                 outcome = True

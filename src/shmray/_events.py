@@ -211,9 +211,11 @@ def submitted(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
 
 
 def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
-            actor_id: bytes = NO_ID) -> float:
-    """Record a start; returns its time, for ``ended``."""
-    now = time.time()
+            actor_id: bytes = NO_ID, now: float = 0.0) -> float:
+    """Record a start (at ``now``, else now); returns its time, for ``ended``.  Where one
+    task runs at a time, its start is named in the process's slot instead (``_slot``), for
+    less: threaded and async actors, and actor constructors, record theirs."""
+    now = now or time.time()
     if _write is not None:
         _write(STARTED, task_type, task_id, name, actor_id, now)
     return now

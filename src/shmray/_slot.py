@@ -23,14 +23,18 @@ from typing import Optional
 from ._protocol import RESULT, result
 
 # A worker's slot: shared memory the scheduler maps before forking it.  An actor process has
-# one too, of which it uses only the parked reports (DIRECT_DONE or RESULT: ``Worker.report``).
+# one too, of which it uses the parked reports (DIRECT_DONE or RESULT: ``Worker.report``)
+# and, a sync actor, the call it started.
 #   [0:24]   the task a SIGINT from the scheduler is meant for (the scheduler writes it)
 #   [24:48]  the last task the worker started (the worker writes it; the scheduler clears it
 #            before it gives an idle worker work)
 #   [48:56]  u64 how many CANCEL_CALLs the scheduler has sent it: between tasks it reads its
 #            socket only while it has handled fewer (a poll(2) per task costs more than the
 #            task, for short ones)
-#   [56:64]  u64 bytes parked after it, then the reports of the replies the worker holds
+#   [56:64]  u64 bytes parked after [72]
+#   [64:72]  f64 when it started [24:48] (``time.time()``): what the state API lists as
+#            running is read here, not logged (``_events``: a log record costs more)
+#   [72:]    the reports of the replies the worker holds
 #            back (TASK_DONE, DIRECT_DONE, or a leased task's RESULT) one after another:
 #            the scheduler reads them if it dies.  Each is pickled, but for a RESULT of one
 #            result, the reply held back in a burst of leased tasks, which has a record of
@@ -40,8 +44,10 @@ SLOT_TARGET = slice(0, 24)
 SLOT_STARTED = slice(24, 48)
 SLOT_CANCELS = 48
 SLOT_PARKED = 56
-PARKED_START = SLOT_PARKED + 8
+SLOT_STARTED_AT = 64
+PARKED_START = SLOT_STARTED_AT + 8
 _u64 = struct.Struct("<Q")
+_f64 = struct.Struct("<d")
 # tag, task id, object id, bytes of data (or _IN_ARENA) and of metadata; then both
 _RESULT_RECORD = struct.Struct("<B24s28sII")
 _RESULT_TAG = 1                # no pickle starts with it (they start with PROTO, 0x80)
@@ -70,6 +76,23 @@ def new_slot(events_size: int) -> Slot:
         return map_slot(fd, events_size)
     finally:
         os.close(fd)
+
+
+def mark_started(slot, task_id: bytes, at: float) -> None:
+    """Name the task this process starts, and when (the time first: a reader that sees the
+    new task sees its time)."""
+    _f64.pack_into(slot, SLOT_STARTED_AT, at)
+    slot[SLOT_STARTED] = task_id
+
+
+def running(slot) -> Optional[tuple]:
+    """(task id, when it started) of the task the process last started; None if none, or
+    if it was just changing (read again next time)."""
+    task_id = bytes(slot[SLOT_STARTED])
+    (at,) = _f64.unpack_from(slot, SLOT_STARTED_AT)
+    if task_id == bytes(24) or bytes(slot[SLOT_STARTED]) != task_id:
+        return None
+    return task_id, at
 
 
 def count_cancel(slot) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Dict, Optional
 
 from . import _slot
@@ -33,7 +34,8 @@ class TaskCancel:
 
     def __init__(self, runtime, slot):
         self.runtime = runtime
-        self.slot = slot  # shared with the scheduler (``_protocol``: a worker's slot)
+        self.slot = slot  # shared with the scheduler (``_slot``)
+        self.started_at = 0.0  # when the task it started last started
         # Ids of tasks cancelled before they started (in order: a cancel of a task already
         # done stays unused, and only the latest _SKIPS_KEPT are kept).
         self.skip: Dict[bytes, None] = {}
@@ -64,6 +66,7 @@ class TaskCancel:
         """The worker is about to start ``task_id``: it names it in the slot, and reads the
         cancels counted so far, so that a cancel and the start can't miss each other."""
         self.cancelled = False
+        self.started_at = time.time()
         link = self.runtime.link
         link.pending_interrupt = False
         if self.slot is None:
@@ -72,7 +75,7 @@ class TaskCancel:
         # after it never started.  It also reads it to cancel: it counts a cancel, then
         # looks here; we write here, then look at the count (after a lock's fence), so one
         # of us sees the other.
-        self.slot[_slot.SLOT_STARTED] = task_id
+        _slot.mark_started(self.slot, task_id, self.started_at)
         with link.lock:
             if self.unread():
                 link.wait_until(lambda: not self.unread(), None)

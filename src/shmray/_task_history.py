@@ -86,10 +86,15 @@ class History:
         self.alive: Dict[int, bool] = {}    # pid -> whether it is (False: it ended)
         self.dropped = 0                    # tasks dropped past the limit
         self.transfers: list = []           # (pid, event), the latest ``limit``
+        # What each process's slot said it runs (``_slot.running``): pid -> (task id, the
+        # attempt made of it), until the slot names another or its end is recorded.
+        self.slot_attempts: Dict[int, tuple] = {}
 
-    def take(self, batches: Iterable[Source]) -> None:
+    def take(self, batches: Iterable[Source],
+             running: Optional[Dict[int, Optional[tuple]]] = None) -> None:
         """Take in the events read since the last time, from each process (pid, whether
-        it is alive, its new events): in time order across processes."""
+        it is alive, its new events): in time order across processes; then what the slots
+        read just before said each process runs (pid -> (task id, start) or None)."""
         merged = []
         for pid, is_alive, events in batches:
             self.alive[pid] = is_alive
@@ -120,8 +125,46 @@ class History:
                 self.open.add(task_id)
             else:
                 self._end(task_id, task, pid, event)
+        if running:
+            self._running(running)
         if len(tasks) > self.limit + self.limit // 4:  # now and then, not at every task
             self._drop_oldest()
+
+    def _running(self, running: Dict[int, Optional[tuple]]) -> None:
+        """A worker or sync actor names the task it runs in its slot rather than logging
+        the start: an attempt is made of it until its end is logged.  One the slot stopped
+        naming without an end never ran (it went back unrun): it goes."""
+        for pid, now in running.items():
+            kept = self.slot_attempts.get(pid)
+            if kept is not None and now is not None and kept[0] == now[0] \
+                    and kept[1].start == now[1]:
+                continue
+            if kept is not None:
+                del self.slot_attempts[pid]
+                task_id, attempt = kept
+                task = self.tasks.get(task_id)
+                if not attempt.end and task is not None and attempt in task.attempts:
+                    task.attempts.remove(attempt)
+                    if all(a.end for a in task.attempts) and task.attempts:
+                        self.open.discard(task_id)
+            if now is None:
+                continue
+            task_id, start = now
+            task = self.tasks.get(task_id)
+            if task is None:
+                task = self.tasks[task_id] = _Task(Event(0, STARTED, 0, 0, None, None, task_id,
+                                                         None, start, 0.0, 0))
+            if any(a.pid == pid and a.start == start or a.end >= start
+                   for a in task.attempts if a.end or a.pid == pid):
+                continue  # logged already (ended, or started by a log record)
+            attempt = _Attempt(pid, start)
+            task.attempts.append(attempt)
+            self.open.add(task_id)
+            self.slot_attempts[pid] = (task_id, attempt)
+
+    def process_ended(self, pid: int) -> None:
+        """``pid`` is gone: what its slot said it ran stays, failed with it if unended."""
+        self.slot_attempts.pop(pid, None)
 
     def _end(self, task_id: bytes, task: _Task, pid: int, event: Event) -> None:
         """An ENDED event: it closes the attempt its process ran, or, recorded by another
@@ -133,8 +176,8 @@ class History:
                                       or not self.alive.get(candidate.pid, True)):
                 attempt = candidate
                 break
-        if attempt is None:
-            attempt = _Attempt(None, event.time2)
+        if attempt is None:  # it ran here (a start time) without a start logged, or never
+            attempt = _Attempt(pid if event.time2 else None, event.time2)
             task.attempts.append(attempt)
         attempt.end = event.time
         attempt.error = event.error

@@ -447,7 +447,7 @@ class Worker:
     def _execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                  retry_exceptions, extra):
         current_task.task_id = task_id
-        began, failure = _events.started(task_id, name), _NO_FAILURE
+        began, failure = self.cancel.started_at, _NO_FAILURE  # (its start: in the slot)
         if self.names_parent and task_id in self.origins:
             self.runtime.running_leased = task_id
             self.runtime.leased_must_register = False

@@ -2,7 +2,7 @@
 
 from shmray import _events
 from shmray._events import ENDED, STARTED, SUBMITTED, Event
-from shmray._task_history import task_rows
+from shmray._task_history import History, task_rows
 
 DRIVER, WORKER, OTHER, SCHEDULER = 100, 200, 300, 50
 T = b"t" * 24
@@ -94,3 +94,58 @@ def test_rows_come_oldest_task_first_and_a_worker_submits_as_a_parent():
                    (WORKER, True, [event(SUBMITTED, 1.0, "child", task_id=other)]))
     assert [r["name"] for r in rows] == ["child", "f"]
     assert rows[0]["submitter_pid"] == WORKER and rows[1]["submitter_pid"] is None
+
+
+# -- starts named in slots, not logged (a worker's, a sync actor's) ------------------------
+
+
+def test_a_task_its_slot_names_is_running_until_its_end_is_logged():
+    history = History(100)
+    history.take([(DRIVER, True, [event(SUBMITTED, 1.0)]), (WORKER, True, [])],
+                 {WORKER: (T, 2.0)})
+    (row,) = history.rows(DRIVER)
+    assert (row["state"], row["worker_pid"], row["start_time_ms"]) == ("RUNNING", WORKER, 2000)
+    history.take([(WORKER, True, [event(ENDED, 3.0, t2=2.0)])], {WORKER: (T, 2.0)})
+    (row,) = history.rows(DRIVER)
+    assert (row["state"], row["start_time_ms"], row["end_time_ms"]) == ("FINISHED", 2000, 3000)
+    assert history.states(history.open_rows(DRIVER)) == {"FINISHED": 1}
+
+
+def test_an_end_logged_before_its_slot_was_read_makes_one_attempt():
+    history = History(100)
+    history.take([(WORKER, True, [event(ENDED, 3.0, t2=2.0)])], {WORKER: (T, 2.0)})
+    assert [(r["state"], r["worker_pid"]) for r in history.rows(DRIVER)] == [
+        ("FINISHED", WORKER)]
+
+
+def test_a_task_its_slot_stopped_naming_without_an_end_never_ran():
+    history = History(100)
+    history.take([(DRIVER, True, [event(SUBMITTED, 1.0)])], {WORKER: (T, 2.0)})
+    history.take([], {WORKER: None})  # sent back unrun; the slot was cleared
+    (row,) = history.rows(DRIVER)
+    assert row["state"] == "SUBMITTED_TO_WORKER" and row["worker_pid"] is None
+
+
+def test_a_task_its_slot_named_when_its_process_died_failed_with_it():
+    history = History(100)
+    history.take([(DRIVER, True, [event(SUBMITTED, 1.0)])], {WORKER: (T, 2.0)})
+    history.take([(WORKER, False, [])], {WORKER: (T, 2.0)})
+    history.process_ended(WORKER)
+    history.take([(SCHEDULER, True, [event(ENDED, 4.0, error=_events.WORKER_DIED)])], {})
+    (row,) = history.rows(DRIVER)
+    assert (row["state"], row["error_type"], row["worker_pid"], row["end_time_ms"]) == (
+        "FAILED", "WORKER_DIED", WORKER, 4000)
+
+
+def test_the_oldest_finished_tasks_go_past_the_limit_and_running_ones_stay():
+    history = History(10)
+    first = b"a" * 24
+    history.take([(WORKER, True, [event(STARTED, 0.5, task_id=first)])])
+    history.take([(WORKER, True, [event(STARTED, t, task_id=bytes([n]) * 24)
+                                  for n, t in zip(range(1, 40), range(1, 40))]
+                   + [event(ENDED, t + 0.5, task_id=bytes([n]) * 24, t2=t)
+                      for n, t in zip(range(1, 40), range(1, 40))])])
+    kept = {row["task_id"] for row in history.rows(DRIVER)}
+    assert first.hex() in kept and len(kept) <= 10 + 10 // 4
+    assert history.dropped == 40 - len(kept)
+    assert sum(history.states(history.open_rows(DRIVER)).values()) == len(kept)

@@ -25,7 +25,7 @@ import os
 import time
 from typing import Dict, List, Optional
 
-from .. import _events, _protocol as P, _task_history
+from .. import _events, _protocol as P, _slot, _task_history
 from .._task_history import NODE_ID, worker_id
 from .actors import Actors
 from .clients import Client, Clients
@@ -75,20 +75,33 @@ class State:
         """Read what a process that ended recorded last (its log goes with it)."""
         reader = self.readers.pop(client.pid, None) or self._reader(client)
         if reader is not None:
-            self.history.take([(client.pid, False, reader.new())])
+            slot = _slot_of(client)
+            self.history.take([(client.pid, False, reader.new())],
+                              {client.pid: _slot.running(slot)} if slot is not None else None)
+            self.history.process_ended(client.pid)
 
     def _reader(self, client: Client) -> Optional[_events.Reader]:
         log = _log_of(client)
         return _events.Reader(log, self.options["task_events"]) if log is not None else None
 
     def read_logs(self) -> None:
-        """Take in what every process recorded since the last answer."""
+        """Take in what every process recorded since the last answer, and what the slots
+        of those that log say they run now (read first: a task that ended after this
+        read has its end in the log read after it)."""
+        if not self.readers:
+            return  # the session records nothing
+        running = {}
         for client in self.clients.all():
-            if client.alive and client.kind != "driver" and client.pid not in self.readers:
+            if not client.alive or client.kind == "driver":
+                continue
+            if client.pid not in self.readers:
                 reader = self._reader(client)
-                if reader is not None:
-                    self.readers[client.pid] = reader
-        self.history.take([(pid, True, reader.new()) for pid, reader in self.readers.items()])
+                if reader is None:
+                    continue
+                self.readers[client.pid] = reader
+            running[client.pid] = _slot.running(_slot_of(client))
+        self.history.take([(pid, True, reader.new()) for pid, reader in self.readers.items()],
+                          running)
 
     def leases_wanted_by(self, pid: Optional[int]) -> Optional[Client]:
         """The driver with ``pid`` if it asks for workers and holds none: its tasks wait."""
@@ -366,9 +379,12 @@ class Why:
         return stuck
 
 
+def _slot_of(client: Client):
+    return client.park_slot if client.actor is not None else client.cancel_slot
+
+
 def _log_of(client: Client):
-    slot = client.park_slot if client.actor is not None else client.cancel_slot
-    return getattr(slot, "events", None)
+    return getattr(_slot_of(client), "events", None)
 
 
 def _holder_type(client: Client) -> str:
