@@ -83,11 +83,13 @@ def test_work_that_waits_until_an_actor_ends_is_named_stuck(session):
     hog = Hog.remote()
     assert shmray.get(hog.ping.remote(), timeout=DEADLOCK) == "pong"
     ref = identity.remote(1)
-    wait_for_tasks("identity", 1, state="PENDING_NODE_ASSIGNMENT")
+    (waiting,) = wait_for_tasks("identity", 1, state="PENDING_NODE_ASSIGNMENT")
+    assert "actors hold CPU: 2" in waiting.waiting_for
     status = _source.fetch({"what": "status"})
     (stuck,) = status["stuck"]
-    assert stuck["reason"] == "infeasible" and stuck["name"] == "identity"
+    assert stuck["reason"] == "infeasible" and "1 task(s)" in stuck["name"]
     assert "actors hold CPU: 2" in stuck["text"] and "kill one" in stuck["text"]
+    assert status["tasks"]["PENDING_NODE_ASSIGNMENT"] == 1
     shmray.kill(hog)
     assert shmray.get(ref, timeout=DEADLOCK) == 1
     wait_for(lambda: _source.fetch({"what": "status"})["stuck"] == [], timeout=DEADLOCK)
@@ -164,3 +166,28 @@ def test_a_bad_history_setting_is_refused_at_init():
     with pytest.raises(ValueError, match="task_events_per_process"):
         shmray.init(num_cpus=1, _system_config={"task_events_per_process": 3})
     assert not shmray.is_initialized()
+
+
+def test_a_status_counts_what_every_process_did_without_listing_it(session):
+    @shmray.remote(max_retries=0)
+    def boom():
+        raise ValueError("on purpose")
+
+    @shmray.remote
+    class Echo:
+        def echo(self, x):
+            return x
+
+    assert shmray.get([identity.remote(i) for i in range(5)], timeout=DEADLOCK) == list(range(5))
+    with pytest.raises(ValueError):
+        shmray.get(boom.remote(), timeout=DEADLOCK)
+    echo = Echo.remote()
+    assert shmray.get(echo.echo.remote(1), timeout=DEADLOCK) == 1
+    blocker = sleeper.remote(DEADLOCK)
+    wait_for(lambda: _source.fetch({"what": "status"})["tasks"].get("RUNNING") == 1,
+             timeout=DEADLOCK)
+    tasks = _source.fetch({"what": "status"})["tasks"]
+    assert tasks == {"FINISHED": 5 + 2, "FAILED": 1, "RUNNING": 1}  # 2: Echo's init, echo
+    shmray.cancel(blocker, force=True)
+    wait_for(lambda: _source.fetch({"what": "status"})["tasks"].get("RUNNING") is None,
+             timeout=DEADLOCK)

@@ -253,6 +253,8 @@ class ActorProcess(Worker):
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
             _events.ended(task_id, name, began, _events.ACTOR_TASK, self.actor_id, *failure)
+            if self.batch_replies and self.parking.slot is not None:
+                _slot.mark_ended(self.parking.slot)
             current_call.reset(call)
             self.running.discard(task_id)
             self.canceled.discard(task_id)

@@ -16,7 +16,10 @@ history is bounded: each log holds its last ``capacity`` events (``_system_confi
 
 A log is a region of ``log_bytes(capacity)``:
 
-    [0 : STRINGS_BYTES]   the strings its records name (task names, error messages):
+    [0 : 24]              u64 counts of tasks submitted, ended, and of those failed: a
+                          status reads them, not the records (``counts``), so watching a
+                          session costs it nothing per task
+    [24 : STRINGS_BYTES]  the strings its records name (task names, error messages):
                           u32 bytes used, then (u16 length, UTF-8 bytes) each, append-only;
                           a record names the i-th as i + 1 (0: none)
     [STRINGS_BYTES : ...] ``capacity`` records of ``RECORD`` (96 bytes), the i-th event
@@ -69,9 +72,12 @@ _CODES = {"TaskCancelledError": 2, "WorkerCrashedError": 3, "ActorDiedError": 4,
 RECORD = struct.Struct("<IBBBxII24s28sddQI")
 _SIZE = RECORD.size
 STRINGS_BYTES = 1 << 18
+_COUNTS = struct.Struct("<QQQ")  # submitted, ended, failed (of the ended)
+_STRINGS_USED = _COUNTS.size     # u32: where the strings end
 DEFAULT_CAPACITY = 8192
 _MAX_STRING = 400          # bytes of an error message kept (a traceback's last lines)
 _u32 = struct.Struct("<I")
+_u64 = struct.Struct("<Q")
 _u16 = struct.Struct("<H")
 NO_ID = bytes(28)
 
@@ -132,7 +138,7 @@ class EventLog:
         self.capacity = capacity
         self._counter = itertools.count(1)
         self._strings: Dict[str, int] = {}
-        self._strings_used = 4  # the u32 of bytes used comes first
+        self._strings_used = _STRINGS_USED + 4  # (after the u32 of where they end)
         self._strings_lock = threading.Lock()
 
     def _sid(self, text: Optional[str]) -> int:
@@ -154,7 +160,7 @@ class EventLog:
             _u16.pack_into(self.buf, self._strings_used, len(data))
             self.buf[self._strings_used + 2 : end] = data
             self._strings_used = end
-            _u32.pack_into(self.buf, 0, end)  # after the bytes: a reader sees it whole
+            _u32.pack_into(self.buf, _STRINGS_USED, end)  # last: a reader sees it whole
             sid = self._strings[text] = len(self._strings) + 1
             return sid
 
@@ -164,6 +170,7 @@ class EventLog:
         every task, where an attribute look-up is a measurable part of its cost."""
         pack, buf, counter, capacity = RECORD.pack_into, self.buf, self._counter, self.capacity
         strings, sid, now = self._strings, self._sid, time.time
+        count, counts = _u64.pack_into, [itertools.count(1) for _ in range(3)]
 
         def write(kind: int, task_type: int, task_id: bytes, name: Optional[str],
                   ref_id: bytes = NO_ID, t: float = 0.0, t2: float = 0.0, error: int = 0,
@@ -173,6 +180,12 @@ class EventLog:
             pack(buf, STRINGS_BYTES + (i % capacity) * _SIZE, seq, kind, task_type, error,
                  strings.get(name) or sid(name), sid(message) if message else 0, task_id,
                  ref_id, t or now(), t2, size, seq)
+            if kind == SUBMITTED:
+                count(buf, 0, next(counts[0]))
+            elif kind == ENDED:
+                count(buf, 8, next(counts[1]))
+                if error:
+                    count(buf, 16, next(counts[2]))
 
         return write
 
@@ -268,7 +281,7 @@ class Reader:
         self.last = 0   # the number of the last event read (counting from 1; 0: none yet)
         self.lost = 0   # events overwritten before they were read
         self.strings: List[str] = []
-        self._strings_end = 4  # where the strings read so far end
+        self._strings_end = _STRINGS_USED + 4  # where the strings read so far end
 
     def new(self) -> List[Event]:
         capacity = self.capacity
@@ -302,6 +315,11 @@ class Reader:
         return events
 
 
+def counts(buf) -> tuple:
+    """(tasks submitted, ended, failed) a log has counted (``Reader`` not needed)."""
+    return _COUNTS.unpack_from(buf, 0)
+
+
 def read(buf, capacity: int) -> List[Event]:
     """All the events a log holds, oldest first."""
     return Reader(buf, capacity).new()
@@ -310,7 +328,7 @@ def read(buf, capacity: int) -> List[Event]:
 def _read_strings(data: bytes, strings: List[str], at: int) -> int:
     """Append to ``strings`` those the log holds from byte ``at`` on (where the last read
     ended: they are never changed); returns where they end."""
-    used = min(_u32.unpack_from(data, 0)[0], STRINGS_BYTES)
+    used = min(_u32.unpack_from(data, _STRINGS_USED)[0], STRINGS_BYTES)
     while at + 2 <= used:
         (length,) = _u16.unpack_from(data, at)
         if at + 2 + length > used:

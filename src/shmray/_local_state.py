@@ -89,7 +89,7 @@ def _session(runtime, pid: int) -> dict:
 
 def _status(runtime, pid: int, history: _task_history.History) -> dict:
     available = runtime.query("available")
-    states = history.states(history.open_rows(pid))
+    states = history.states(history.open_states())
     sizes = [len(data) + len(metadata) for data, metadata, _ in list(runtime.objects.values())]
     actors: dict = {}
     for actor in runtime.actors.table.values():

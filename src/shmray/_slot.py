@@ -85,12 +85,18 @@ def mark_started(slot, task_id: bytes, at: float) -> None:
     slot[SLOT_STARTED] = task_id
 
 
+def mark_ended(slot) -> None:
+    """The task named started has ended (its name stays: the scheduler reads which task a
+    process that dies last started)."""
+    _f64.pack_into(slot, SLOT_STARTED_AT, 0.0)
+
+
 def running(slot) -> Optional[tuple]:
-    """(task id, when it started) of the task the process last started; None if none, or
-    if it was just changing (read again next time)."""
+    """(task id, when it started) of the task the process runs; None if none, or if it was
+    just changing (read again next time)."""
     task_id = bytes(slot[SLOT_STARTED])
     (at,) = _f64.unpack_from(slot, SLOT_STARTED_AT)
-    if task_id == bytes(24) or bytes(slot[SLOT_STARTED]) != task_id:
+    if not at or task_id == bytes(24) or bytes(slot[SLOT_STARTED]) != task_id:
         return None
     return task_id, at
 

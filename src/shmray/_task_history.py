@@ -211,22 +211,24 @@ class History:
                                  self.tasks))
         return rows
 
-    def open_rows(self, driver_pid: int, pending: Pending = _unknown_pending) -> List[dict]:
-        """The rows of the attempts not ended (pending, running, or lost with their
-        process): what ``rows`` gives beside those ended."""
-        rows = []
+    def open_states(self, pending: Pending = _unknown_pending) -> List[tuple]:
+        """(state, what it waits for) of each attempt not ended (pending, running, or lost
+        with its process): what ``rows`` gives beside those ended, without the rows."""
+        states = []
         for task_id in self.open:
-            rows.extend(row for row in _rows_of(task_id, self.tasks[task_id], self.alive,
-                                                driver_pid, pending, "", self.tasks)
-                        if row["end_time_ms"] is None)
-        return rows
+            states.extend((state, waiting_for) for _, attempt, state, _, _, waiting_for
+                          in _states_of(task_id, self.tasks[task_id], self.alive, pending,
+                                        self.tasks)
+                          if attempt is None or not attempt.end)
+        return states
 
-    def states(self, open_rows: List[dict]) -> Dict[str, int]:
-        """How many rows ``rows`` would give in each state (``open_rows``: ``open_rows``'s),
-        at the cost of the open ones only: ended attempts are counted as they end."""
+    def states(self, open_states: List[tuple]) -> Dict[str, int]:
+        """How many rows ``rows`` would give in each state (``open_states``: those of
+        ``open_states``), at the cost of the open ones only: ended attempts are counted as
+        they end."""
         counts = {state: count for state, count in self.closed.items() if count}
-        for row in open_rows:
-            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        for state, _ in open_states:
+            counts[state] = counts.get(state, 0) + 1
         return counts
 
     def failed(self, task_id: bytes) -> Optional[str]:
@@ -263,8 +265,7 @@ def task_rows(sources: Iterable[Source], driver_pid: int, pending: Pending = _un
 
 def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: int,
              pending, job_id: str, tasks: Dict[bytes, _Task]) -> List[dict]:
-    type_name = _events.TYPES[task.task_type] if task.task_type < len(_events.TYPES) \
-        else "NORMAL_TASK"
+    type_name = _type_name(task)
     base = {
         "task_id": task_id.hex(), "name": task.name or "?", "job_id": job_id,
         "actor_id": task.actor_id.hex() if task.actor_id else None, "type": type_name,
@@ -274,6 +275,23 @@ def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: in
         "placement_group_id": None, "language": "PYTHON",
         "submitter_pid": task.submitter if task.submitter != driver_pid else None,
     }
+    rows = []
+    for number, attempt, state, error, message, waiting_for in _states_of(
+            task_id, task, alive, pending, tasks):
+        start, end, pid = (attempt.start, attempt.end, attempt.pid) if attempt is not None \
+            else (0.0, 0.0, None)
+        rows.append(dict(
+            base, attempt_number=number, state=state, worker_id=worker_id(pid),
+            worker_pid=pid, error_type=_events.ERRORS[error] if error else None,
+            error_message=message, start_time_ms=ms(start), end_time_ms=ms(end),
+            start_time_us=us(start), end_time_us=us(end), waiting_for=waiting_for))
+    return rows
+
+
+def _states_of(task_id: bytes, task: _Task, alive: Dict[int, bool], pending,
+               tasks: Dict[bytes, _Task]) -> list:
+    """(number, attempt or None, state, error code, message, what it waits for) of each
+    attempt of a task (one, without an attempt, for a task never started)."""
     if not task.attempts:
         state, waiting_for = pending(task_id, task.submitter, task.name or "?")
         producer = tasks.get(task.first_arg[:24]) if task.first_arg else None
@@ -281,24 +299,22 @@ def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: in
             # queued behind the task making its argument, on that task's worker
             state = "PENDING_ARGS_AVAIL"
             waiting_for = f"waits for the result of {producer.name or '?'}()"
-        return [dict(base, attempt_number=0, state=state, worker_id=None, worker_pid=None,
-                     error_type=None, error_message=None, start_time_ms=None,
-                     end_time_ms=None, start_time_us=None, end_time_us=None,
-                     waiting_for=waiting_for)]
-    rows = []
+        return [(0, None, state, 0, None, waiting_for)]
+    states = []
     for number, attempt in enumerate(task.attempts):
         error, message, end = attempt.error, attempt.message, attempt.end
         if not end and attempt.pid is not None and not alive.get(attempt.pid, True):
-            error = (_events.ACTOR_DIED if type_name == "ACTOR_TASK"
+            error = (_events.ACTOR_DIED if _type_name(task) == "ACTOR_TASK"
                      else _events.WORKER_DIED)
             message = f"the process running it (pid {attempt.pid}) died"
         state = "RUNNING" if not end and not error else "FAILED" if error else "FINISHED"
-        rows.append(dict(
-            base, attempt_number=number, state=state, worker_id=worker_id(attempt.pid),
-            worker_pid=attempt.pid, error_type=_events.ERRORS[error] if error else None,
-            error_message=message, start_time_ms=ms(attempt.start), end_time_ms=ms(end),
-            start_time_us=us(attempt.start), end_time_us=us(end), waiting_for=None))
-    return rows
+        states.append((number, attempt, state, error, message, None))
+    return states
+
+
+def _type_name(task: _Task) -> str:
+    return _events.TYPES[task.task_type] if task.task_type < len(_events.TYPES) \
+        else "NORMAL_TASK"
 
 
 def _done(task: _Task) -> bool:

@@ -503,6 +503,8 @@ class Worker:
             del error
         finally:
             _events.ended(task_id, name, began, error=failure[0], message=failure[1])
+            if self.cancel_slot is not None:
+                _slot.mark_ended(self.cancel_slot)
             current_task.task_id = None
             self.runtime.running_leased = None
             self.runtime.link.pending_interrupt = False  # it ended before it took the cancel

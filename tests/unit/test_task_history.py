@@ -108,7 +108,7 @@ def test_a_task_its_slot_names_is_running_until_its_end_is_logged():
     history.take([(WORKER, True, [event(ENDED, 3.0, t2=2.0)])], {WORKER: (T, 2.0)})
     (row,) = history.rows(DRIVER)
     assert (row["state"], row["start_time_ms"], row["end_time_ms"]) == ("FINISHED", 2000, 3000)
-    assert history.states(history.open_rows(DRIVER)) == {"FINISHED": 1}
+    assert history.states(history.open_states()) == {"FINISHED": 1}
 
 
 def test_an_end_logged_before_its_slot_was_read_makes_one_attempt():
@@ -148,4 +148,4 @@ def test_the_oldest_finished_tasks_go_past_the_limit_and_running_ones_stay():
     kept = {row["task_id"] for row in history.rows(DRIVER)}
     assert first.hex() in kept and len(kept) <= 10 + 10 // 4
     assert history.dropped == 40 - len(kept)
-    assert sum(history.states(history.open_rows(DRIVER)).values()) == len(kept)
+    assert sum(history.states(history.open_states()).values()) == len(kept)

@@ -61,12 +61,15 @@ class State:
         # The logs, each read from where the last answer left it: the driver's (mapped
         # before our fork), ours, and each worker's and actor's (``_reader``).
         own = _events.start(bytearray(_events.log_bytes(capacity)), capacity)
+        self.driver_events = driver_events
+        self.own_events = own.buf if own is not None else None
         self.readers: Dict[int, _events.Reader] = {}
         if driver_events is not None:
             self.readers[driver_pid] = _events.Reader(driver_events, capacity)
         if own is not None:
             self.readers[os.getpid()] = _events.Reader(own.buf, capacity)
         self.history = _task_history.History(_events.history_limit(options))
+        self.ended_counts = [0, 0, 0]  # of the processes gone: ``_events.counts``
         self.job_id = f"{options.get('job_id', 1):08x}"
 
     # -- the logs ----------------------------------------------------------------------------
@@ -75,6 +78,8 @@ class State:
         """Read what a process that ended recorded last (its log goes with it)."""
         reader = self.readers.pop(client.pid, None) or self._reader(client)
         if reader is not None:
+            for i, count in enumerate(_events.counts(_log_of(client))):
+                self.ended_counts[i] += count
             slot = _slot_of(client)
             self.history.take([(client.pid, False, reader.new())],
                               {client.pid: _slot.running(slot)} if slot is not None else None)
@@ -117,8 +122,8 @@ class State:
         if not isinstance(request, dict) or not isinstance(request.get("what"), str):
             return {"error": "a request is a dict with a string 'what'"}
         what = request["what"]
-        self.read_logs()
         if what == "tasks":
+            self.read_logs()
             rows = self.task_rows()
             if request.get("with_transfers"):
                 rows += self.history.transfer_rows()
@@ -256,7 +261,7 @@ class State:
                                       if row["worker_type"] == "WORKER")
         actors = collections.Counter(row["state"] for row in self.actor_rows())
         why = Why(self)
-        open_rows = self.history.open_rows(self.driver_pid, why.pending)
+        tasks = self.task_counts(why)
         stats = self.store.statistics()
         # The object table is sized for the arena: listing it is read only for what the
         # counts don't tell (the bytes spilled).
@@ -273,11 +278,45 @@ class State:
                       "num_objects": stats.num_sealed + stats.num_spilled,
                       "spilled_objects": stats.num_spilled,
                       "spilled_bytes": sum(i.data_size + i.metadata_size for i in spilled)},
-            "tasks": self.history.states(open_rows),
-            "tasks_dropped": self.history.dropped,
-            "pending": why.pending_summary(open_rows),
+            "tasks": {state: count for state, count in tasks.items() if count},
+            "pending": why.pending_summary(),
             "stuck": why.stuck(),
         }
+
+    def task_counts(self, why: "Why") -> Dict[str, int]:
+        """Tasks by state, for a status: from the counts each log keeps and what the slots
+        and the scheduler's table say, at no cost per task (a history read costs one per
+        event: ``read_logs``).  Ended attempts are counted, so a retried task's failed
+        attempts are FAILED, and it is pending meanwhile only if the scheduler holds it."""
+        logs = [self.driver_events, self.own_events]
+        running = 0
+        for client in self.clients.all():
+            log = _log_of(client) if client.alive and client.kind != "driver" else None
+            if log is not None:
+                logs.append(log)
+                running += _slot.running(_slot_of(client)) is not None
+        submitted, ended, failed = self.ended_counts
+        for log in logs:
+            if log is not None:
+                counts = _events.counts(log)
+                submitted, ended, failed = (submitted + counts[0], ended + counts[1],
+                                            failed + counts[2])
+        states: Dict[str, int] = collections.Counter()
+        held = 0  # tasks the scheduler holds, not started
+        for task in self.tasks.table.values():
+            if task.worker is None:
+                state, text = why.pending(task.task_id, task.owner.pid, task.name)
+                states[state] += 1
+                why.seen[(state, text)] += 1
+                held += 1
+        elsewhere = max(submitted - ended - running - held, 0)
+        if elsewhere:  # the driver's, queued at a worker it leases or for a lease; calls
+            state, text = why.pending(None, self.driver_pid,
+                                      f"{elsewhere} task(s) of the driver")
+            states[state] += elsewhere
+            why.seen[(state, text)] += elsewhere
+        states.update(FINISHED=ended - failed, FAILED=failed, RUNNING=running)
+        return states
 
 
 class Why:
@@ -286,10 +325,11 @@ class Why:
     def __init__(self, state: State):
         self.state = state
         self.stuck_list: List[dict] = []
+        self.seen: Dict[tuple, int] = collections.Counter()  # (state, text): tasks
 
-    def pending(self, task_id: bytes, submitter: Optional[int], name: str):
+    def pending(self, task_id: Optional[bytes], submitter: Optional[int], name: str):
         """(Ray's state of a task never started, what it waits for)."""
-        task = self.state.tasks.table.get(task_id)
+        task = self.state.tasks.table.get(task_id) if task_id is not None else None
         if task is None:  # the driver's, to a worker it leases, or a call sent to its actor
             driver = self.state.leases_wanted_by(submitter)
             if driver is not None:  # (or queued at a lease it holds: it can't tell which)
@@ -342,17 +382,17 @@ class Why:
             text = (f"needs {_fmt(demand)} but actors hold {_fmt(held)} of the session's "
                     f"{_fmt({key: total.get(key, 0.0) for key in demand})}: it can start "
                     "only once an actor ends (kill one, or give the session more)")
-            self.stuck_list.append({"task_id": task_id.hex(), "name": name,
+            self.stuck_list.append({"task_id": task_id.hex() if task_id else None,
+                                    "name": name,
                                     "reason": "infeasible", "text": text})
             return text
         return (f"needs {_fmt(demand)}; free now: "
                 f"{_fmt(state.resources.free_now()) or 'nothing'}")
 
-    def pending_summary(self, rows: List[dict]) -> List[dict]:
-        counts: Dict[tuple, int] = collections.Counter(
-            (row["state"], row["waiting_for"]) for row in rows if row["state"] in _PENDING)
+    def pending_summary(self) -> List[dict]:
+        """Tasks not started, by what they wait for (those ``pending`` was asked of)."""
         return [{"reason": state, "count": count, "text": text or state}
-                for (state, text), count in counts.most_common()]
+                for (state, text), count in self.seen.most_common() if state in _PENDING]
 
     def stuck(self) -> List[dict]:
         """Work that will not go on by itself (``pending`` found some as it went)."""
