@@ -2,23 +2,29 @@
 default) and off (``_system_config={"task_events_per_process": 0}``), in the same run.
 
 Run: python -m pytest bench/bench_events.py --benchmark-enable --benchmark-only
+     (add --benchmark-json=FILE to read the figures in ``extra_info``)
 
-Groups (compare within a group; the goal: on is within 5% of off):
-- events-throughput-2000: submit 2,000 no-op tasks, then get them all (three events each:
-  submitted by the driver, started and ended by a worker).
-- events-actor-pipelined-2000: 2,000 calls of an actor method, then one get of all.
+The goal: on is within 5% of off.  Two workloads, each 2,000 items then one get of all:
+- tasks: no-op tasks (an event where each is submitted, another where it runs);
+- actor: calls of a no-op actor method (the same, in the caller and the actor).
 
-Each case starts its own session (outside the timing) and shuts it down at the end.
-The two are interleaved round by round by pytest-benchmark's order: off, on, off, on.
+A session records or not for its whole life, so the two can't share one, and sessions run
+one after another drift with the machine: on this shared 2-core VM, from one minute to the
+next, more than the difference measured.  So the case alternates: a session off, a session
+on, then on, off, ... (``SESSIONS`` each), each giving its best of ``ROUNDS`` bursts per
+workload; ``extra_info`` holds each side's median of those bests and their ratio
+(``on_over_off``: 1.03 = 3% slower).  pytest-benchmark's own time is the whole alternation's.
 """
 
-import pytest
+import statistics
+import time
 
 import shmray
-from benchstats import record_rate
 
 MiB = 1 << 20
 N = 2000
+SESSIONS = 8  # per side
+ROUNDS = 6
 
 
 @shmray.remote
@@ -36,38 +42,45 @@ class Counter:
         return self.n
 
 
-@pytest.fixture(params=["off", "on"])
-def recording(request):
-    system = {} if request.param == "on" else {"task_events_per_process": 0}
-    shmray.init(num_cpus=2, object_store_memory=256 * MiB, _system_config=system)
+def _bests(capacity: int, rounds: int) -> dict:
+    """Each workload's best burst in one session recording ``capacity`` events a process."""
+    shmray.init(num_cpus=2, object_store_memory=256 * MiB,
+                _system_config={"task_events_per_process": capacity})
     try:
-        yield request.param
+        counter = Counter.remote()
+        assert shmray.get(counter.inc.remote()) == 1
+        assert shmray.get([noop.remote(i) for i in range(200)]) == list(range(200))  # warm
+        bursts = {"tasks": lambda: shmray.get([noop.remote(i) for i in range(N)]),
+                  "actor": lambda: shmray.get([counter.inc.remote() for _ in range(N)])}
+        bests = {}
+        for name, burst in bursts.items():
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                assert len(burst()) == N
+                best = min(best, time.perf_counter() - start)
+            bests[name] = best
+        return bests
     finally:
         shmray.shutdown()
 
 
-def test_throughput(benchmark, recording):
-    benchmark.group = f"events-throughput-{N}"
-    benchmark.name = f"recording-{recording}"
-    assert shmray.get([noop.remote(i) for i in range(100)]) == list(range(100))  # warm
+def test_recording_cost(benchmark):
+    benchmark.group = f"events-{N}"
+    # A smoke run (benchmarks disabled: each once, in the suite) alternates once.
+    sessions = SESSIONS if benchmark.enabled else 1
+    rounds = ROUNDS if benchmark.enabled else 1
+    seen = {"off": [], "on": []}
 
-    def run():
-        return shmray.get([noop.remote(i) for i in range(N)])
+    def alternate():
+        for i in range(sessions):
+            for side in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                seen[side].append(_bests(0 if side == "off" else 8192, rounds))
 
-    assert benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2) == list(range(N))
-    record_rate(benchmark, "tasks_per_s", N)
-
-
-def test_actor_pipelined(benchmark, recording):
-    benchmark.group = f"events-actor-pipelined-{N}"
-    benchmark.name = f"recording-{recording}"
-    counter = Counter.remote()
-    assert shmray.get(counter.inc.remote()) == 1
-
-    def run():
-        results = shmray.get([counter.inc.remote() for _ in range(N)])
-        assert results[-1] - results[0] == N - 1
-        return results
-
-    benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
-    record_rate(benchmark, "calls_per_s", N)
+    benchmark.pedantic(alternate, rounds=1, iterations=1)
+    for workload in ("tasks", "actor"):
+        off = statistics.median(b[workload] for b in seen["off"])
+        on = statistics.median(b[workload] for b in seen["on"])
+        benchmark.extra_info[workload] = {"off_ms": round(off * 1e3, 2),
+                                          "on_ms": round(on * 1e3, 2),
+                                          "on_over_off": round(on / off, 3)}
