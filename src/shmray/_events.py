@@ -34,6 +34,7 @@ slot never written holds zeros.  Threads of one process take indexes from one
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import struct
 import threading
@@ -192,6 +193,13 @@ class EventLog:
 
 log: Optional[EventLog] = None  # this process's; None: nothing is recorded here
 _write: Optional[Callable] = None  # its ``writer()``
+
+
+def private_log(capacity: int):
+    """Memory for a log only its own process reads (the scheduler's, a local-mode
+    driver's): mapped, so that its pages take memory only once written."""
+    size = log_bytes(capacity)
+    return mmap.mmap(-1, size) if size else None
 
 
 def start(buf, capacity: int) -> Optional[EventLog]:

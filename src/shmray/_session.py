@@ -214,7 +214,7 @@ def _start_local(options: dict, kwargs: dict):
     runtime = _local_mode.LocalRuntime(options, session_dir)
     _context.install(runtime)
     capacity = options["task_events"]  # a private log: nobody else reads it
-    _events.start(bytearray(_events.log_bytes(capacity)), capacity)
+    _events.start(_events.private_log(capacity), capacity)
     _scheduler_pid = os.getpid()  # the session is this process's own: shutdown() waits for none
     _forked_from = None
     return RayContext(runtime)

@@ -60,7 +60,7 @@ class State:
         capacity = options["task_events"]
         # The logs, each read from where the last answer left it: the driver's (mapped
         # before our fork), ours, and each worker's and actor's (``_reader``).
-        own = _events.start(bytearray(_events.log_bytes(capacity)), capacity)
+        own = _events.start(_events.private_log(capacity), capacity)
         self.driver_events = driver_events
         self.own_events = own.buf if own is not None else None
         self.readers: Dict[int, _events.Reader] = {}
