@@ -68,7 +68,7 @@ from ._task_results import (
     store_returns,
     task_error,
 )
-from ._worker import ParkedReports, Worker
+from ._worker import ParkedReports, Worker, record_end
 
 _CANCELLED_EARLY_KEPT = 10_000  # cancels remembered for direct calls not arrived (yet)
 _POLL_INTERVAL = 0.0005  # while calls are queued, look for new messages this often
@@ -252,9 +252,12 @@ class ActorProcess(Worker):
             return self._exited_or(task_id, num_returns, exc) or \
                 self._error_results(task_id, exc, num_returns, name, extra)
         finally:
-            _events.ended(task_id, name, began, _events.ACTOR_TASK, self.actor_id, *failure)
-            if self.batch_replies and self.parking.slot is not None:
-                _slot.mark_ended(self.parking.slot)
+            if self.batch_replies:  # logged once reported (``record_end``)
+                self.ending = (task_id, name, began, time.time(), _events.ACTOR_TASK,
+                               self.actor_id, failure, self.parking.slot)
+            else:
+                _events.ended(task_id, name, began, _events.ACTOR_TASK, self.actor_id,
+                              *failure)
             current_call.reset(call)
             self.running.discard(task_id)
             self.canceled.discard(task_id)
@@ -402,6 +405,7 @@ class ActorProcess(Worker):
                 return
             results, retryable = self.call(message)
             self.report(message[1], results, retryable)
+            record_end(self)
 
     def _run_threaded(self) -> None:
         """Calls on threads: ``max_concurrency`` for the default group, and each concurrency

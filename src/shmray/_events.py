@@ -224,11 +224,11 @@ os.register_at_fork(after_in_child=stop)
 # -- what the recording processes call ------------------------------------------------------
 
 def submitted(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
-              ref_id: bytes = NO_ID) -> None:
-    """A task submitted: ``ref_id`` names its actor (an actor call or creation), or its
-    first ref argument (a task: whose result it may be waiting for)."""
+              ref_id: bytes = NO_ID, at: float = 0.0) -> None:
+    """A task submitted (at ``at``, else now): ``ref_id`` names its actor (an actor call or
+    creation), or its first ref argument (a task: whose result it may be waiting for)."""
     if _write is not None:
-        _write(SUBMITTED, task_type, task_id, name, ref_id)
+        _write(SUBMITTED, task_type, task_id, name, ref_id, at)
 
 
 def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
@@ -243,9 +243,11 @@ def started(task_id: bytes, name: str, task_type: int = NORMAL_TASK,
 
 
 def ended(task_id: bytes, name: str, began: float, task_type: int = NORMAL_TASK,
-          actor_id: bytes = NO_ID, error: int = 0, message: Optional[str] = None) -> None:
+          actor_id: bytes = NO_ID, error: int = 0, message: Optional[str] = None,
+          at: float = 0.0) -> None:
+    """Record an end (at ``at``, else now) of what started at ``began``."""
     if _write is not None:
-        _write(ENDED, task_type, task_id, name, actor_id, 0.0, began, error, message)
+        _write(ENDED, task_type, task_id, name, actor_id, at, began, error, message)
 
 
 def failed_unrun(task_id: bytes, name: str, error: int, message: Optional[str] = None,

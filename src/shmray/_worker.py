@@ -131,6 +131,7 @@ class Worker:
     exit_requested = False
     batch_replies = True  # one task at a time: replies may wait while more work is queued
     reports_arena = False  # results in the arena: to the scheduler too (``report``)
+    ending = None  # the end of the task run last, logged once it is reported (record_end)
     hold_reports = True    # reports of tasks from the scheduler wait while more are queued
     names_parent = True    # a leased task names itself in what it submits
     parkable = _PARKABLE   # what may be unsent beside the reports parked in the slot
@@ -419,6 +420,7 @@ class Worker:
                                 time.perf_counter() - started - self.loading)
             except exceptions.RaySystemError:
                 return
+            record_end(self)
 
     def execute(self, task_id, fn_id, pickled, name, args_blob, arg_ids, num_returns, values,
                 retry_exceptions, extra=None):
@@ -502,9 +504,8 @@ class Worker:
             # frames held (large arrays, lent buffers) alive meanwhile.
             del error
         finally:
-            _events.ended(task_id, name, began, error=failure[0], message=failure[1])
-            if self.cancel_slot is not None:
-                _slot.mark_ended(self.cancel_slot)
+            self.ending = (task_id, name, began, time.time(), _events.NORMAL_TASK,
+                           _events.NO_ID, failure, self.cancel_slot)
             current_task.task_id = None
             self.runtime.running_leased = None
             self.runtime.link.pending_interrupt = False  # it ended before it took the cancel
@@ -520,6 +521,18 @@ class Worker:
         return stream_items(self.runtime, task_id, items, backpressure,
                             lambda task: self.consumed.get(task, 0))
 
+
+
+def record_end(worker: Worker) -> None:
+    """Log the end of the task (or call) just reported, and say in its slot that it ended
+    (``_events``, ``_slot``): after its reply went out, not before, so neither adds to
+    the round trip of a task waited for."""
+    ending, worker.ending = worker.ending, None
+    if ending is not None:
+        task_id, name, began, at, kind, actor_id, (error, message), slot = ending
+        _events.ended(task_id, name, began, kind, actor_id, error, message, at)
+        if slot is not None:
+            _slot.mark_ended(slot)
 
 
 def fetch_function(runtime: _runtime.Runtime, fn_id: bytes) -> bytes:

@@ -149,13 +149,19 @@ class Runtime:
 
     def submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
         """Send a task: a plain one to a worker we lease (``leases``), others through the
-        scheduler.  One that can never run raises here, whatever its route."""
+        scheduler.  One that can never run raises here, whatever its route.  It is logged
+        (``_events``) once sent, not before: the log takes nothing from its round trip."""
         resources = spec[P.SPEC_RESOURCES]
         if self._feasible.get(id(resources)) is not resources:
             self.check_feasible(resources, f"task {spec[P.SPEC_NAME]}()")
+        now = time.time()
+        refs = self._submit(spec, return_ids)
         arg_ids = spec[P.SPEC_ARG_IDS]  # the first names what it may wait for (state API)
         _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME], _events.NORMAL_TASK,
-                          arg_ids[0] if arg_ids else _events.NO_ID)
+                          arg_ids[0] if arg_ids else _events.NO_ID, now)
+        return refs
+
+    def _submit(self, spec: tuple, return_ids: Sequence[bytes]) -> List[ObjectRef]:
         if spec[P.SPEC_ARG_IDS]:
             if self.leases.enabled and behind_one(spec):
                 with self.link.lock:
@@ -229,13 +235,15 @@ class Runtime:
                    ordered: bool = True) -> List[ObjectRef]:
         """Send an actor call: straight to the actor when ``direct_ok`` (no ref among its
         arguments) and order allows (``channels``), else through the scheduler."""
-        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME], _events.ACTOR_TASK,
-                          actor_id)
+        now = time.time()
         self.leases.publish(spec[P.SPEC_ARG_IDS])
         if spec[P.SPEC_NUM_RETURNS] == P.STREAMING:
             self._open_stream(spec)
         with self.link.lock:
-            return self.channels.call(actor_id, spec, return_ids, direct_ok, ordered)
+            refs = self.channels.call(actor_id, spec, return_ids, direct_ok, ordered)
+        _events.submitted(spec[P.SPEC_TASK_ID], spec[P.SPEC_NAME], _events.ACTOR_TASK,
+                          actor_id, now)
+        return refs
 
     def generator(self, completion: ObjectRef, task_id: bytes) -> ObjectRefGenerator:
         """What a streaming call's ``.remote()`` returns: its items' refs as they come."""
