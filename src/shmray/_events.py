@@ -6,13 +6,16 @@ when asked what happened (``_scheduler.state``).
 Most work never passes through the scheduler: a driver's plain tasks go straight to workers
 it leases, and actor calls straight to their actors.  So what happened is known only where it
 happened, and each process records it there: the submitter that it submitted a task, the
-worker or actor that it started and ended it.  Each record is a fixed-size struct written
-with one ``pack_into`` into a ring in shared memory (about half a microsecond, no system
-call, no message), and the scheduler, which maps every process's log, reads the rings only
-when somebody asks (``shmray list tasks``, the state API, the timeline).  Recording so costs
-little enough to stay on; what a process did longest ago is overwritten first, so the
-history is bounded: each log holds its last ``capacity`` events (``_system_config``
-``"task_events_per_process"``), about a third of that in tasks.
+process that ran it that it ended (with its start).  Each record is a fixed-size struct
+written with one ``pack_into`` into a ring in shared memory (a third of a microsecond, no
+system call, no message), written after the task or its reply has gone out, so that it
+adds nothing to a round trip.  The scheduler, which maps every process's log, reads the
+rings only when somebody asks (``shmray list tasks``, the state API, the timeline).  What a
+task runs now is not logged where one task runs at a time (workers, sync actors): their
+slot names it (``_slot.running``), for less.  Recording so costs little enough to stay on;
+what a process did longest ago is overwritten first, so the history is bounded: each log
+holds its last ``capacity`` events (``_system_config`` ``"task_events_per_process"``),
+about half of that in tasks.
 
 A log is a region of ``log_bytes(capacity)``:
 
