@@ -75,6 +75,7 @@ CASES = {  # case -> (what the other process does, its pause between requests)
     "ping-every-10ms": ("ping", 0.01),
 }
 
+
 @shmray.remote
 def noop(i):
     return i

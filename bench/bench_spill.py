@@ -17,7 +17,6 @@ import shmray
 MiB = 1 << 20
 
 
-
 @pytest.fixture(scope="module")
 def small_ray():
     shmray.init(num_cpus=2, object_store_memory=150 * MiB)

@@ -327,8 +327,6 @@ def test_unpicklable_argument_raises_at_submit(ray2):
     assert "lock" in str(info.value).lower()
 
 
-
-
 # -- lifetime ----------------------------------------------------------------------------
 
 

@@ -436,6 +436,7 @@ class ActorProcess(Worker):
         if self.exit_requested:
             self.runtime.link.wake_waiters()
 
+
 def _keep(queue, opcode: int, *fields) -> None:
     queue.append((opcode, *fields))
 

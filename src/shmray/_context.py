@@ -76,6 +76,8 @@ def running_call():
     if call is None and current_task.task_id is not None:
         return current_task
     return call
+
+
 # Whether a call was cancelled (``RuntimeContext.is_canceled``): the worker or actor sets it.
 is_canceled: Callable[[bytes], bool] = lambda task_id: False
 

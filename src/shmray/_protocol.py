@@ -258,7 +258,6 @@ ACTOR_CONTAINED = 5
 ACTOR_OPTIONS = 6
 
 
-
 # -- every message, built here only: one constructor per kind, named after it ----------------
 # (Readers unpack the fields in the order the table above gives them.)
 
@@ -460,6 +459,7 @@ def lease_lost(worker_pid: int) -> tuple:
 def result(task_id: bytes, delivered: list, undelivered: list, took: float,
            must_register: bool) -> tuple:
     return (RESULT, task_id, delivered, undelivered, took, must_register)
+
 
 # What may arrive on a direct channel's listening end, field by field (after the opcode).
 # Any process of the session's user can connect there, so each message is checked before it

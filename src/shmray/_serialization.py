@@ -59,6 +59,7 @@ def _is_plain(value, depth: int = 2) -> bool:
                    for k, v in value.items())
     return False
 
+
 # Metadata tags: what kind of value the bytes hold.
 META_VALUE = b""
 META_ERROR = b"E"  # a pickled RayError: get raises it instead of returning it

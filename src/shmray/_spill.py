@@ -169,6 +169,7 @@ class Spiller:
         self.restored_bytes += size
         _events.transfer(_events.RESTORED, object_id, size, began)
 
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 

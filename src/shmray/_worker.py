@@ -47,8 +47,8 @@ from . import (
     _output,
     _pickling,
     _protocol as P,
-    _slot,
     _runtime,
+    _slot,
     _threads,
     exceptions,
 )
@@ -520,7 +520,6 @@ class Worker:
         backpressure = (extra or {}).get("backpressure", -1)
         return stream_items(self.runtime, task_id, items, backpressure,
                             lambda task: self.consumed.get(task, 0))
-
 
 
 def record_end(worker: Worker) -> None:
