@@ -29,7 +29,8 @@ import inspect
 import os
 from typing import Any, Dict, Optional
 
-from . import _context, _options, _pickling, _placement_group, _protocol as P, exceptions
+from . import (_context, _options, _pickling, _placement_group, _protocol as P, _ray_backend,
+               exceptions)
 from ._context import current_task
 from ._ids import new_task_id, object_id_for_put
 from ._object_ref import ObjectRef, stale_session_error
@@ -170,6 +171,10 @@ class ActorClass:
     def _create(self, args, kwargs, options) -> "ActorHandle":
         if self._cls.__init__ is not object.__init__:
             check_call(self._cls.__init__, self._name, args, kwargs, skip_self=True)
+        if _context.runtime is None and _ray_backend.ray is not None:  # the session is Ray's
+            ours = {k: v for k, v in self._options.items() if _options.ACTOR_DEFAULTS.get(k) != v}
+            these = {k: v for k, v in options.items() if self._options.get(k) != v}
+            return _ray_backend.call(_ray_backend.actor_class(self, ours), these, args, kwargs)
         runtime = current()
         max_concurrency = options["max_concurrency"]
         if max_concurrency is None:
@@ -401,6 +406,8 @@ def get_actor(name: str, namespace: Optional[str] = None) -> ActorHandle:
     if not isinstance(name, str) or not name:
         raise ValueError(f"an actor name is a non-empty str, got {name!r}")
     _options.check_namespace(namespace)
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.get_actor(name, namespace=namespace)
     runtime = current()
     namespace = namespace or runtime.options.get("namespace", "default")
     found = runtime.query(("actor", name, namespace))
@@ -427,6 +434,8 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     Returns once the actor's process is dead and the scheduler has failed what it owed (or,
     with ``no_restart=False`` and restarts left, begun its restart): a call made after
     kill() never reaches the old process (Ray lets a few through)."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.kill(actor, no_restart=no_restart)
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() takes an actor handle, got {type(actor).__name__}; "
                          "to stop a task use cancel()")

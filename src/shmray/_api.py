@@ -14,7 +14,7 @@ import inspect
 import os
 from typing import Any, Optional
 
-from . import _accelerators, _context, _object_ref, _placement_group
+from . import _accelerators, _context, _object_ref, _placement_group, _ray_backend
 from ._actor import ActorClass, ActorHandle
 from ._object_ref import ObjectRef
 from ._object_ref_generator import ObjectRefGenerator
@@ -47,11 +47,15 @@ def _make_remote(target, options: dict):
 
 def put(value: Any) -> ObjectRef:
     """Store ``value`` in the object store; returns its ObjectRef."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.put(value)
     return current().put(value)
 
 
 def get(object_refs, *, timeout: Optional[float] = None):
     """The value of one ObjectRef, or the values of a list of them, in order."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.get(object_refs, timeout)
     runtime = current()
     if isinstance(object_refs, ObjectRef):
         _check_session(object_refs, runtime)
@@ -73,6 +77,8 @@ def wait(object_refs, *, num_returns: int = 1, timeout: Optional[float] = None,
          fetch_local: bool = True):
     """(ready, not_ready): the first ``num_returns`` refs whose objects are ready, in input
     order.  An ObjectRefGenerator among them is ready when its ``next()`` would not wait."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.wait(object_refs, num_returns, timeout, fetch_local)
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError(
             f"wait() takes a list of ObjectRefs, got {type(object_refs).__name__}"
@@ -106,6 +112,8 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     Actor calls: queued ones are dropped and running async ones cancelled; ``force`` is not
     allowed for them (as in Ray).  A task that already finished is left alone.
     """
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.cancel(object_ref, force=force, recursive=recursive)
     if isinstance(object_ref, ObjectRefGenerator):
         object_ref = object_ref.completed()  # the generator's task
     if not isinstance(object_ref, ObjectRef):
@@ -245,6 +253,8 @@ class RuntimeContext:
 
 
 def get_runtime_context() -> RuntimeContext:
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.get_runtime_context()
     return RuntimeContext(current())
 
 
@@ -252,6 +262,8 @@ def get_gpu_ids() -> list:
     """The GPU ids this task or actor may use (those in its ``CUDA_VISIBLE_DEVICES``): ints,
     or the strings ``CUDA_VISIBLE_DEVICES`` listed when the session started.  Empty in the
     driver, and in a task or actor that asked for no GPU."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.get_gpu_ids()
     runtime = current()
     return _accelerators.as_returned(_context.current_task.gpu_ids,
                                      runtime.options.get("gpus_named", False))
@@ -259,18 +271,24 @@ def get_gpu_ids() -> list:
 
 def cluster_resources() -> dict:
     """Every resource of this machine shmray schedules with (CPU, GPU, custom, memory)."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.cluster_resources()
     return current().query("resources")
 
 
 def available_resources() -> dict:
     """The resources not held by running tasks right now."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.available_resources()
     runtime = current()
     runtime.return_idle_leases()  # a worker merely lent to us is available
     return runtime.query("available")
 
 
 def nodes() -> list:
-    """The one node: this machine."""
+    """The one node: this machine (on a Ray cluster, Ray's nodes)."""
+    if _ray_backend.ray is not None:
+        return _ray_backend.ray.nodes()
     runtime = current()
     resources = runtime.query("resources")
     return [{

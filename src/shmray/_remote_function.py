@@ -14,7 +14,7 @@ import inspect
 import os
 from typing import Any, Dict
 
-from . import _context, _options, _pickling, _placement_group, _protocol as P
+from . import _context, _options, _pickling, _placement_group, _protocol as P, _ray_backend
 from ._ids import new_task_id
 from ._session import current
 from ._task_spec import check_call, pack_arguments, return_ids, task_spec
@@ -69,7 +69,7 @@ class RemoteFunction:
 
         class _Bound:
             def remote(self, *args, **kwargs):
-                return parent._submit(args, kwargs, fields)
+                return parent._submit(args, kwargs, fields, options)
 
             def bind(self, *args, **kwargs) -> FunctionNode:
                 return FunctionNode(parent, args, kwargs, options)
@@ -93,9 +93,13 @@ class RemoteFunction:
             self._pickled = _pickling.dumps(self._function)
         return self._pickled
 
-    def _submit(self, args, kwargs, fields):
+    def _submit(self, args, kwargs, fields, options=None):
         check_call(self._function, self._name, args, kwargs)
         runtime = _context.runtime  # this process's, if shmray runs
+        if runtime is None and _ray_backend.ray is not None:  # the session is Ray's
+            return _ray_backend.call(
+                _ray_backend.remote_function(self, _user_options(self._options)),
+                options, args, kwargs)
         if runtime is None:
             runtime = current()  # starts shmray if nobody has
         runtime.ensure_function(self._fn_id, self._code, self._name)

@@ -39,6 +39,7 @@ from . import (
     _local_mode,
     _options,
     _process,
+    _ray_backend,
     _resources,
     _runtime,
     _threads,
@@ -95,12 +96,6 @@ def _check_init_options(kwargs: dict) -> dict:
             f"init() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
             f"known keywords: {', '.join(sorted(_INIT_KEYWORDS))}"
         )
-    address = kwargs.get("address")
-    if address not in (None, "local", "auto"):
-        raise ValueError(
-            f"shmray runs on this machine only; address={address!r} is not supported "
-            "(use Ray itself to connect to a cluster)"
-        )
     for key in ("num_cpus", "num_gpus"):
         value = kwargs.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -140,8 +135,12 @@ def _check_init_options(kwargs: dict) -> dict:
 
 
 def init(**kwargs: Any):
-    """Start shmray on this machine.  Keywords as ``ray.init``; returns a context dict."""
+    """Start shmray on this machine, or, with a Ray cluster's ``address``, hand the session
+    to Ray (``_ray_backend``).  Keywords as ``ray.init``; returns a context dict."""
     global _scheduler_pid, _job_counter, _forked_from
+    cluster = _ray_backend.cluster_address(kwargs.get("address"))
+    if cluster is not None and not _process.in_child:
+        return _init_on_ray(cluster, kwargs)
     options = _check_init_options(kwargs)
     if _process.in_child:  # inside a task or actor: the session is already there
         if kwargs.get("ignore_reinit_error"):
@@ -151,9 +150,9 @@ def init(**kwargs: Any):
             "Check shmray.is_initialized() first, or pass ignore_reinit_error=True"
         )
     with _lock:
-        if _scheduler_pid is not None:
+        if _scheduler_pid is not None or _ray_backend.ray is not None:
             if kwargs.get("ignore_reinit_error"):
-                return RayContext(_context.runtime)
+                return RayContext(_context.runtime) if _context.runtime else None
             raise RuntimeError(
                 "shmray.init() was called twice: shut down first with shmray.shutdown(), or "
                 "pass ignore_reinit_error=True"
@@ -202,6 +201,17 @@ def init(**kwargs: Any):
         _context.install(runtime)
         _forked_from = None  # a forked child with a session of its own now
         return RayContext(runtime)
+
+
+def _init_on_ray(address: str, kwargs: dict):
+    with _lock:
+        if _scheduler_pid is not None or _ray_backend.ray is not None:
+            if kwargs.get("ignore_reinit_error"):
+                return None
+            raise RuntimeError(
+                "shmray.init() was called twice: shut down first with shmray.shutdown(), or "
+                "pass ignore_reinit_error=True")
+        return _ray_backend.connect(address, kwargs)
 
 
 def _start_local(options: dict, kwargs: dict):
@@ -266,7 +276,7 @@ class RayContext(collections.abc.Mapping):
 
 def is_initialized() -> bool:
     """True in a driver after init(), and always inside tasks and actors."""
-    return _context.runtime is not None
+    return _context.runtime is not None or _ray_backend.ray is not None
 
 
 def shutdown() -> None:
@@ -274,6 +284,9 @@ def shutdown() -> None:
     Only the process that started the session ends it (in a task or actor this does nothing)."""
     global _scheduler_pid
     with _lock:
+        if _ray_backend.ray is not None:
+            _ray_backend.disconnect()
+            return
         pid, _scheduler_pid = _scheduler_pid, None
         if pid is None:
             return
@@ -352,6 +365,10 @@ def current() -> _runtime.Runtime:
     implicit init)."""
     runtime = _context.runtime
     if runtime is None:
+        if _ray_backend.ray is not None:
+            raise RuntimeError(
+                "this session runs on a Ray cluster (init(address=...)), where this part of "
+                "shmray is not available yet: use Ray's own API for it (import ray)")
         if _forked_from is not None:
             raise RaySystemError(
                 f"this process was forked from process {_forked_from} while that one ran a "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ... import _context, _inspect_client as transport
+from ... import _context, _inspect_client as transport, _ray_backend
 from .exception import RayStateApiException
 
 
@@ -30,6 +30,10 @@ def fetch(request: dict, address: Optional[str] = None):
     one."""
     if address == "auto":
         address = None
+    if _ray_backend.ray is not None and address is None:
+        raise RayStateApiException(
+            "this session runs on a Ray cluster (init(address=...)): ask Ray's state API, "
+            "ray.util.state, and the `ray` command line (pip install \"ray[default]\")")
     runtime = _context.runtime
     if runtime is not None and address is None:
         answer = runtime.query(("state", request))
