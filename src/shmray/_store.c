@@ -1875,6 +1875,22 @@ int shm_statistics(shm_store *s, shm_stats *out)
     return SHM_OK;
 }
 
+/* The first slot from i (below end) that holds an entry, else end.  Parts of the table no
+ * entry was ever put in are skipped unread (see table_map). */
+static uint64_t next_entry(const struct shm_store *s, uint64_t i, uint64_t end)
+{
+    uint64_t step = table_map_slots(s);
+    while (i < end) {
+        if (!table_part_used(s, i))
+            i = (i / step + 1) * step;
+        else if (s->table[i].state != SHM_STATE_EMPTY)
+            return i;
+        else
+            i++;
+    }
+    return end;
+}
+
 int shm_list(shm_store *s, shm_object_info *out, uint64_t max, uint64_t *count_out, uint64_t *total_out)
 {
     if (!s || (max && !out))
@@ -1882,17 +1898,10 @@ int shm_list(shm_store *s, shm_object_info *out, uint64_t max, uint64_t *count_o
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    uint64_t count = 0, total = 0, step = table_map_slots(s);
-    for (uint64_t i = 0; i <= s->slot_mask; i++) {
-        if (i % step == 0 && !table_part_used(s, i)) {
-            i += step - 1;
-            continue;
-        }
-        const struct shm_entry *e = &s->table[i];
-        if (e->state == SHM_STATE_EMPTY)
-            continue;
+    uint64_t count = 0, total = 0, slots = s->slot_mask + 1;
+    for (uint64_t i = next_entry(s, 0, slots); i < slots; i = next_entry(s, i + 1, slots)) {
         if (count < max)
-            object_info_fill(e, &out[count++]);
+            object_info_fill(&s->table[i], &out[count++]);
         total++;
     }
     store_unlock(s);
@@ -1911,19 +1920,11 @@ int shm_list_batch(shm_store *s, uint64_t *cursor, shm_object_info *out, uint64_
     int rc = store_lock(s);
     if (rc != SHM_OK)
         return rc;
-    uint64_t slots = s->slot_mask + 1, i = *cursor, end = i + SHM_LIST_BATCH, count = 0;
-    uint64_t step = table_map_slots(s);
+    uint64_t slots = s->slot_mask + 1, end = *cursor + SHM_LIST_BATCH, count = 0, i;
     if (end > slots)
         end = slots;
-    for (; i < end && count < max; i++) {
-        if (i % step == 0 && !table_part_used(s, i)) {
-            i += step - 1;
-            continue;
-        }
-        const struct shm_entry *e = &s->table[i];
-        if (e->state != SHM_STATE_EMPTY)
-            object_info_fill(e, &out[count++]);
-    }
+    for (i = next_entry(s, *cursor, end); i < end && count < max; i = next_entry(s, i + 1, end))
+        object_info_fill(&s->table[i], &out[count++]);
     store_unlock(s);
     *cursor = i < slots ? i : 0;
     *count_out = count;
