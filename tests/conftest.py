@@ -55,6 +55,21 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
         time.sleep(interval)
 
 
+def tasks_named(name, **where):
+    """The state API's rows of the tasks named ``name`` (and matching ``where``)."""
+    from shmray.util import state
+
+    filters = [("name", "=", name)] + [(k, "=", v) for k, v in where.items()]
+    return state.list_tasks(filters=filters, detail=True, limit=10_000)
+
+
+def wait_for_tasks(name, count, **where):
+    """Poll until ``count`` tasks named ``name`` are listed so (processes record what they
+    do as they go, and the scheduler reads it when asked); their rows."""
+    wait_for(lambda: len(tasks_named(name, **where)) == count, timeout=60)
+    return tasks_named(name, **where)
+
+
 def socket_inodes(pid: int) -> set:
     """The sockets ``pid`` has open, by inode: a socket open in two processes is one
     connection's end held by both."""

@@ -385,8 +385,8 @@ NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
 
 
-def as_another_user(action) -> int:
-    """Run action() in a forked child that has become uid/gid 65534; its exit code."""
+def fork_as_another_user(action) -> int:
+    """Fork a child that becomes uid/gid 65534 and exits with action()'s code; its pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -397,7 +397,12 @@ def as_another_user(action) -> int:
             code = action()
         finally:
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return pid
+
+
+def as_another_user(action) -> int:
+    """Run action() in a forked child that has become uid/gid 65534; its exit code."""
+    return os.waitstatus_to_exitcode(os.waitpid(fork_as_another_user(action), 0)[1])
 
 
 class Opened:
@@ -507,16 +512,7 @@ def test_a_session_of_another_user_is_never_connected_to():
             pass
         return 0
 
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            code = serve()
-        finally:
-            os._exit(code)
+    pid = fork_as_another_user(serve)
     os.close(ready_w)
     os.close(connected_w)
     try:

@@ -12,22 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MiB, wait_for
+from conftest import MiB, wait_for, wait_for_tasks
 
 import shmray
 from shmray.util import state
 from shmray.util.state import _source
 
 DEADLOCK = 60
-
-
-@pytest.fixture
-def session():
-    shmray.init(num_cpus=2, object_store_memory=150 * MiB)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
 
 
 def hold_until(path: str) -> None:
@@ -74,21 +65,10 @@ class Counter:
         raise KeyError("on purpose")
 
 
-def tasks_named(name, **where):
-    filters = [("name", "=", name)] + [(k, "=", v) for k, v in where.items()]
-    return state.list_tasks(filters=filters, detail=True)
-
-
-def wait_for_tasks(name, count, **where):
-    """The scheduler learns of tasks as their events are drained: poll."""
-    wait_for(lambda: len(tasks_named(name, **where)) == count, timeout=DEADLOCK)
-    return tasks_named(name, **where)
-
-
 # -- tasks ----------------------------------------------------------------------------------
 
 
-def test_tasks_are_listed_with_what_happened_to_them(session, tmp_path):
+def test_tasks_are_listed_with_what_happened_to_them(ray, tmp_path):
     refs = [square.remote(i) for i in range(5)]
     assert shmray.get(refs, timeout=DEADLOCK) == [0, 1, 4, 9, 16]
     with pytest.raises(shmray.exceptions.RayTaskError):
@@ -134,7 +114,7 @@ def test_tasks_are_listed_with_what_happened_to_them(session, tmp_path):
     wait_for_tasks("square", 6, state="FINISHED")
 
 
-def test_a_retried_task_lists_each_attempt(session, tmp_path):
+def test_a_retried_task_lists_each_attempt(ray, tmp_path):
     marker = str(tmp_path / "tried")
 
     @shmray.remote(max_retries=1, retry_exceptions=True)
@@ -154,7 +134,7 @@ def test_a_retried_task_lists_each_attempt(session, tmp_path):
 # -- actors ---------------------------------------------------------------------------------
 
 
-def test_actors_and_their_calls_are_listed(session):
+def test_actors_and_their_calls_are_listed(ray):
     counter = Counter.remote()
     assert shmray.get([counter.incr.remote() for _ in range(3)], timeout=DEADLOCK) == [1, 2, 3]
     pid = shmray.get(counter.pid.remote(), timeout=DEADLOCK)
@@ -199,7 +179,7 @@ class Asker:
         return [t.name for t in state.list_tasks(filters=[("state", "=", "RUNNING")])]
 
 
-def test_the_state_api_works_inside_tasks_and_actors(session):
+def test_the_state_api_works_inside_tasks_and_actors(ray):
     assert shmray.get(list_myself.remote(), timeout=DEADLOCK) == ["RUNNING"]
     asker = Asker.remote()
     assert "Asker.running" in shmray.get(asker.running.remote(), timeout=DEADLOCK)
@@ -208,7 +188,7 @@ def test_the_state_api_works_inside_tasks_and_actors(session):
 # -- objects, workers, nodes ----------------------------------------------------------------
 
 
-def test_objects_are_listed_with_their_sizes_and_holders(session):
+def test_objects_are_listed_with_their_sizes_and_holders(ray):
     big = shmray.put(np.zeros(8 * MiB, dtype=np.uint8))
     rows = state.get_objects(big.hex())
     assert rows, "the driver's ref to a put object is listed"
@@ -227,7 +207,7 @@ def test_objects_are_listed_with_their_sizes_and_holders(session):
     del big
 
 
-def test_workers_and_the_node(session):
+def test_workers_and_the_node(ray):
     wait_for(lambda: len(state.list_workers(filters=[("worker_type", "=", "WORKER")]))
              == len(shmray._context.runtime.query("workers")), timeout=DEADLOCK)
     workers = state.list_workers(detail=True)
@@ -247,7 +227,7 @@ def test_workers_and_the_node(session):
 # -- timeline -------------------------------------------------------------------------------
 
 
-def test_the_timeline_shows_each_task_on_its_workers_lane(session, tmp_path):
+def test_the_timeline_shows_each_task_on_its_workers_lane(ray, tmp_path):
     refs = [square.remote(i) for i in range(4)]
     shmray.get(refs, timeout=DEADLOCK)
     wait_for_tasks("square", 4, state="FINISHED")
@@ -273,7 +253,7 @@ def shmray_command(*argv, check=True):
     return done
 
 
-def test_the_command_line_attaches_to_the_session(session, tmp_path):
+def test_the_command_line_attaches_to_the_session(ray, tmp_path):
     folder = shmray._context.runtime.session_dir
     shmray.get([square.remote(i) for i in range(3)], timeout=DEADLOCK)
     wait_for_tasks("square", 3, state="FINISHED")
@@ -296,7 +276,7 @@ def test_the_command_line_attaches_to_the_session(session, tmp_path):
     assert sum(e["name"] == "square" for e in json.loads(trace.read_text())) == 3
 
 
-def test_the_command_line_says_so_when_the_session_has_ended(session):
+def test_the_command_line_says_so_when_the_session_has_ended(ray):
     folder = shmray._context.runtime.session_dir
     shmray.shutdown()
     done = shmray_command("status", "--session", folder, check=False)

@@ -8,32 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MiB, wait_for
+from conftest import MiB, wait_for, wait_for_tasks
 
 import shmray
 from shmray.util import state
 from shmray.util.state import _source
 
 DEADLOCK = 60
-
-
-def tasks_named(name, **where):
-    filters = [("name", "=", name)] + [(k, "=", v) for k, v in where.items()]
-    return state.list_tasks(filters=filters, detail=True, limit=10_000)
-
-
-def wait_for_tasks(name, count, **where):
-    wait_for(lambda: len(tasks_named(name, **where)) == count, timeout=DEADLOCK)
-    return tasks_named(name, **where)
-
-
-@pytest.fixture
-def session():
-    shmray.init(num_cpus=2, object_store_memory=150 * MiB)
-    try:
-        yield shmray
-    finally:
-        shmray.shutdown()
 
 
 @shmray.remote(max_retries=0)
@@ -47,7 +28,7 @@ def identity(x):
     return x
 
 
-def test_a_task_whose_worker_is_killed_failed_with_it(session):
+def test_a_task_whose_worker_is_killed_failed_with_it(ray):
     ref = sleeper.remote(DEADLOCK)
     (running,) = wait_for_tasks("sleeper", 1, state="RUNNING")
     os.kill(running.worker_pid, signal.SIGKILL)
@@ -58,7 +39,7 @@ def test_a_task_whose_worker_is_killed_failed_with_it(session):
     assert failed.start_time_ms == running.start_time_ms
 
 
-def test_a_cancelled_task_that_never_ran_is_failed_as_cancelled(session):
+def test_a_cancelled_task_that_never_ran_is_failed_as_cancelled(ray):
     @shmray.remote(num_cpus=2)
     def wide():
         return 1
@@ -74,7 +55,7 @@ def test_a_cancelled_task_that_never_ran_is_failed_as_cancelled(session):
     shmray.cancel(blocker, force=True)
 
 
-def test_work_that_waits_until_an_actor_ends_is_named_stuck(session):
+def test_work_that_waits_until_an_actor_ends_is_named_stuck(ray):
     @shmray.remote(num_cpus=2)
     class Hog:
         def ping(self):
@@ -95,7 +76,7 @@ def test_work_that_waits_until_an_actor_ends_is_named_stuck(session):
     wait_for(lambda: _source.fetch({"what": "status"})["stuck"] == [], timeout=DEADLOCK)
 
 
-def test_actor_calls_and_constructors_are_recorded_where_they_ran(session):
+def test_actor_calls_and_constructors_are_recorded_where_they_ran(ray):
     @shmray.remote
     class Box:
         def __init__(self, fail):
@@ -129,7 +110,7 @@ def test_actor_calls_and_constructors_are_recorded_where_they_ran(session):
         broken.error_message
 
 
-def test_spills_and_restores_show_on_the_timeline(session):
+def test_spills_and_restores_show_on_the_timeline(ray):
     refs = [shmray.put(np.full(30 * MiB // 8, i, dtype=np.int64)) for i in range(8)]
     assert int(shmray.get(refs[0])[0]) == 0  # the first went to disk to make room: back
     events = shmray.timeline()
@@ -168,7 +149,7 @@ def test_a_bad_history_setting_is_refused_at_init():
     assert not shmray.is_initialized()
 
 
-def test_a_status_counts_what_every_process_did_without_listing_it(session):
+def test_a_status_counts_what_every_process_did_without_listing_it(ray):
     @shmray.remote(max_retries=0)
     def boom():
         raise ValueError("on purpose")
