@@ -113,25 +113,26 @@ def log_bytes(capacity: int) -> int:
 def capacity_of(options: dict) -> int:
     """The session's per-process log capacity: ``_system_config`` may set it (0: record
     nothing; the state API then lists no tasks)."""
-    system = options.get("_system_config") or {}
-    capacity = system.get("task_events_per_process", DEFAULT_CAPACITY)
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or 0 < capacity < 16 \
-            or capacity < 0:
-        raise ValueError("_system_config['task_events_per_process'] must be 0 (record no "
-                         "task events) or an int >= 16 (the events each process keeps for "
-                         f"the state API and the timeline), got {capacity!r}")
-    return capacity
+    return _setting(options, "task_events_per_process", DEFAULT_CAPACITY,
+                    lambda capacity: capacity == 0 or capacity >= 16,
+                    "0 (record no task events) or an int >= 16 (the events each process "
+                    "keeps for the state API and the timeline)")
 
 
 def history_limit(options: dict) -> int:
     """How many tasks the answers remember (Ray's setting and its default); those still
     pending or running are kept beyond it."""
-    system = options.get("_system_config") or {}
-    limit = system.get("task_events_max_num_task_in_gcs", 100_000)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ValueError("_system_config['task_events_max_num_task_in_gcs'] must be an int "
-                         f">= 1 (the tasks the state API remembers), got {limit!r}")
-    return limit
+    return _setting(options, "task_events_max_num_task_in_gcs", 100_000,
+                    lambda limit: limit >= 1,
+                    "an int >= 1 (the tasks the state API remembers)")
+
+
+def _setting(options: dict, key: str, default: int, valid, meaning: str) -> int:
+    """An int ``_system_config`` may set, checked: a ValueError saying what it must be."""
+    value = (options.get("_system_config") or {}).get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not valid(value):
+        raise ValueError(f"_system_config[{key!r}] must be {meaning}, got {value!r}")
+    return value
 
 
 class EventLog:
@@ -198,9 +199,10 @@ log: Optional[EventLog] = None  # this process's; None: nothing is recorded here
 _write: Optional[Callable] = None  # its ``writer()``
 
 
-def private_log(capacity: int):
-    """Memory for a log only its own process reads (the scheduler's, a local-mode
-    driver's): mapped, so that its pages take memory only once written."""
+def new_log(capacity: int):
+    """Memory for a log (None if nothing is recorded): mapped, so that its pages take
+    memory only once written, and shared with the processes forked after (the driver's
+    is read by the scheduler it forks)."""
     size = log_bytes(capacity)
     return mmap.mmap(-1, size) if size else None
 
@@ -256,9 +258,8 @@ def ended(task_id: bytes, name: str, began: float, task_type: int = NORMAL_TASK,
 def failed_unrun(task_id: bytes, name: str, error: int, message: Optional[str] = None,
                  task_type: int = NORMAL_TASK, actor_id: bytes = NO_ID) -> None:
     """A task that ends failed without having run (cancelled while queued, its actor or
-    worker gone, an argument failed)."""
-    if _write is not None:
-        _write(ENDED, task_type, task_id, name, actor_id, 0.0, 0.0, error, message)
+    worker gone, an argument failed): an end with no start."""
+    ended(task_id, name, 0.0, task_type, actor_id, error, message)
 
 
 def transfer(kind: int, object_id: bytes, size: int, began: float) -> None:
@@ -331,11 +332,6 @@ class Reader:
 def counts(buf) -> tuple:
     """(tasks submitted, ended, failed) a log has counted (``Reader`` not needed)."""
     return _COUNTS.unpack_from(buf, 0)
-
-
-def read(buf, capacity: int) -> List[Event]:
-    """All the events a log holds, oldest first."""
-    return Reader(buf, capacity).new()
 
 
 def _read_strings(data: bytes, strings: List[str], at: int) -> int:

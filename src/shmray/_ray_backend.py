@@ -81,8 +81,7 @@ def disconnect() -> None:
 
 def remote_function(function, user_options: Dict[str, Any]):
     """Ray's remote function for a shmray one (made once per session)."""
-    return _rayified(function, lambda: ray.remote(**user_options)(function._function)
-                     if user_options else ray.remote(function._function))
+    return _rayified(function, lambda: _ray_remote(function._function, user_options))
 
 
 def actor_class(actor_class_, user_options: Dict[str, Any]):
@@ -95,9 +94,14 @@ def actor_class(actor_class_, user_options: Dict[str, Any]):
             options = getattr(function, "__shmray_method_options__", None)
             if options:
                 ray.method(**options)(function)
-        return ray.remote(**user_options)(cls) if user_options else ray.remote(cls)
+        return _ray_remote(cls, user_options)
 
     return _rayified(actor_class_, make)
+
+
+def _ray_remote(target, options: Dict[str, Any]):
+    # Without options, Ray's decorator is used bare: ray.remote() with none is an error.
+    return ray.remote(**options)(target) if options else ray.remote(target)
 
 
 def _rayified(key, make):
@@ -138,12 +142,11 @@ def converted(error: BaseException) -> BaseException:
     combined)."""
     if not type(error).__module__.startswith("ray."):
         return error  # the user's, or Python's (a bad argument): as it is
-    ours = getattr(exceptions, type(error).__name__, None)
-    if ours is None:
-        ours = next((getattr(exceptions, base.__name__) for base in type(error).__mro__
-                     if isinstance(getattr(exceptions, base.__name__, None), type)
-                     and issubclass(getattr(exceptions, base.__name__), BaseException)),
-                    None)
+    # The nearest of its classes shmray has too (a task's error is Ray's class made for
+    # the user's: "RayTaskError(ValueError)", whose base is RayTaskError).
+    ours = next((getattr(exceptions, base.__name__) for base in type(error).__mro__
+                 if isinstance(getattr(exceptions, base.__name__, None), type)
+                 and issubclass(getattr(exceptions, base.__name__), BaseException)), None)
     if ours is None or isinstance(error, ours):
         return error
     key = (type(error), ours)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import collections.abc
 import logging
-import mmap
 import os
 import select
 import shutil
@@ -150,13 +149,8 @@ def init(**kwargs: Any):
             "Check shmray.is_initialized() first, or pass ignore_reinit_error=True"
         )
     with _lock:
-        if _scheduler_pid is not None or _ray_backend.ray is not None:
-            if kwargs.get("ignore_reinit_error"):
-                return RayContext(_context.runtime) if _context.runtime else None
-            raise RuntimeError(
-                "shmray.init() was called twice: shut down first with shmray.shutdown(), or "
-                "pass ignore_reinit_error=True"
-            )
+        if _session_running(kwargs):
+            return RayContext(_context.runtime) if _context.runtime else None
         level = kwargs.get("logging_level")
         if level is not None:
             logging.getLogger("shmray").setLevel(level)
@@ -178,8 +172,7 @@ def init(**kwargs: Any):
         options["socket_dir"] = _direct.socket_folder(session_dir)
         driver_end, scheduler_end = connection_pair("driver", "scheduler")
         driver_pid = os.getpid()
-        events_size = _events.log_bytes(options["task_events"])
-        driver_events = mmap.mmap(-1, events_size) if events_size else None
+        driver_events = _events.new_log(options["task_events"])  # the scheduler's too
 
         def scheduler_main():
             driver_end.close()
@@ -205,13 +198,21 @@ def init(**kwargs: Any):
 
 def _init_on_ray(address: str, kwargs: dict):
     with _lock:
-        if _scheduler_pid is not None or _ray_backend.ray is not None:
-            if kwargs.get("ignore_reinit_error"):
-                return None
-            raise RuntimeError(
-                "shmray.init() was called twice: shut down first with shmray.shutdown(), or "
-                "pass ignore_reinit_error=True")
+        if _session_running(kwargs):
+            return None
         return _ray_backend.connect(address, kwargs)
+
+
+def _session_running(kwargs: dict) -> bool:
+    """Whether this process has a session already, of its own or Ray's (caller holds
+    ``_lock``): kept with ``ignore_reinit_error``, else a second init() is an error."""
+    if _scheduler_pid is None and _ray_backend.ray is None:
+        return False
+    if kwargs.get("ignore_reinit_error"):
+        return True
+    raise RuntimeError(
+        "shmray.init() was called twice: shut down first with shmray.shutdown(), or pass "
+        "ignore_reinit_error=True")
 
 
 def _start_local(options: dict, kwargs: dict):
@@ -223,8 +224,8 @@ def _start_local(options: dict, kwargs: dict):
     session_dir = tempfile.mkdtemp(prefix="shmray-session-", dir=kwargs.get("_temp_dir"))
     runtime = _local_mode.LocalRuntime(options, session_dir)
     _context.install(runtime)
-    capacity = options["task_events"]  # a private log: nobody else reads it
-    _events.start(_events.private_log(capacity), capacity)
+    capacity = options["task_events"]
+    _events.start(_events.new_log(capacity), capacity)
     _scheduler_pid = os.getpid()  # the session is this process's own: shutdown() waits for none
     _forked_from = None
     return RayContext(runtime)

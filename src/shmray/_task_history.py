@@ -18,8 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _events
 from ._events import ENDED, STARTED, SUBMITTED, Event
-
-NODE_ID = "0" * 56  # the one node (``get_runtime_context().get_node_id()``)
+from ._scheduling_strategies import NODE_ID
 
 # (pid of the process whose log it is, whether that process is alive, its events)
 Source = Tuple[int, bool, Sequence[Event]]
@@ -46,6 +45,10 @@ class _Attempt:
         self.end = 0.0
         self.error = 0
         self.message: Optional[str] = None
+
+    def outcome(self) -> str:
+        """How an ended attempt ended, as a row's state says it."""
+        return "FAILED" if self.error else "FINISHED"
 
 
 class _Task:
@@ -122,7 +125,7 @@ class History:
                 task.created, task.submitter = t, pid
             elif kind == STARTED:
                 task.attempts.append(_Attempt(pid, t))
-                self.open.add(task_id)
+                self._still_open(task_id, task)
             else:
                 self._end(task_id, task, pid, event)
         if running:
@@ -145,8 +148,7 @@ class History:
                 task = self.tasks.get(task_id)
                 if not attempt.end and task is not None and attempt in task.attempts:
                     task.attempts.remove(attempt)
-                    if all(a.end for a in task.attempts) and task.attempts:
-                        self.open.discard(task_id)
+                    self._still_open(task_id, task)
             if now is None:
                 continue
             task_id, start = now
@@ -159,7 +161,7 @@ class History:
                 continue  # logged already (ended, or started by a log record)
             attempt = _Attempt(pid, start)
             task.attempts.append(attempt)
-            self.open.add(task_id)
+            self._still_open(task_id, task)
             self.slot_attempts[pid] = (task_id, attempt)
 
     def process_ended(self, pid: int) -> None:
@@ -182,9 +184,15 @@ class History:
         attempt.end = event.time
         attempt.error = event.error
         attempt.message = event.message
-        self.closed["FAILED" if attempt.error else "FINISHED"] += 1
-        if all(a.end for a in task.attempts):
+        self.closed[attempt.outcome()] += 1
+        self._still_open(task_id, task)
+
+    def _still_open(self, task_id: bytes, task: _Task) -> None:
+        """Keep ``open`` true: a task is open while it has no attempt, or one not ended."""
+        if task.attempts and all(a.end for a in task.attempts):
             self.open.discard(task_id)
+        else:
+            self.open.add(task_id)
 
     def _drop_oldest(self) -> None:
         excess = len(self.tasks) - self.limit
@@ -195,7 +203,7 @@ class History:
                 continue  # what is still going on stays
             task = self.tasks.pop(task_id)
             for attempt in task.attempts:
-                self.closed["FAILED" if attempt.error else "FINISHED"] -= 1
+                self.closed[attempt.outcome()] -= 1
             self.dropped += 1
             excess -= 1
 
@@ -253,14 +261,6 @@ class History:
                 "object_size": event.size})
         rows.sort(key=lambda row: row["start_time_us"] or 0)
         return rows
-
-
-def task_rows(sources: Iterable[Source], driver_pid: int, pending: Pending = _unknown_pending,
-              job_id: str = "01000000") -> List[dict]:
-    """The rows of the tasks ``sources`` tell of, all at once (``History.rows``)."""
-    history = History(1 << 62)
-    history.take(sources)
-    return history.rows(driver_pid, pending, job_id)
 
 
 def _rows_of(task_id: bytes, task: _Task, alive: Dict[int, bool], driver_pid: int,

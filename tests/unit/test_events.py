@@ -12,6 +12,11 @@ from shmray._events import ENDED, STARTED, SUBMITTED, EventLog
 CAPACITY = 64
 
 
+def read(buf, capacity: int) -> list:
+    """All the events a log holds, oldest first."""
+    return _events.Reader(buf, capacity).new()
+
+
 def _log(capacity=CAPACITY):
     log = EventLog(mmap.mmap(-1, _events.log_bytes(capacity)), capacity)
     log.write = log.writer()
@@ -24,7 +29,7 @@ def test_events_read_back_in_order_with_their_strings():
     log.write(STARTED, _events.ACTOR_TASK, b"t" * 24, "Counter.inc", b"a" * 28, t=5.0)
     log.write(ENDED, _events.ACTOR_TASK, b"t" * 24, "Counter.inc", t2=5.0,
               error=_events.TASK_EXECUTION_EXCEPTION, message="ValueError: boom")
-    events = _events.read(log.buf, CAPACITY)
+    events = read(log.buf, CAPACITY)
     assert [e.kind for e in events] == [SUBMITTED, STARTED, ENDED]
     assert {e.name for e in events} == {"Counter.inc"}
     assert events[0].ref_id == b"a" * 28 and events[2].ref_id is None
@@ -37,7 +42,7 @@ def test_a_full_ring_keeps_the_newest_events():
     log = _log()
     for i in range(CAPACITY * 3 + 5):
         log.write(SUBMITTED, 0, i.to_bytes(24, "little"), "f")
-    events = _events.read(log.buf, CAPACITY)
+    events = read(log.buf, CAPACITY)
     numbers = [int.from_bytes(e.task_id, "little") for e in events]
     assert numbers == list(range(CAPACITY * 2 + 5, CAPACITY * 3 + 5))
 
@@ -50,7 +55,7 @@ def test_a_record_caught_half_written_is_skipped():
     # its trailing sequence number no longer matches its first.
     end = _events.STRINGS_BYTES + 3 * _events.RECORD.size - 4
     log.buf[end : end + 4] = b"\xff\xff\xff\xff"
-    numbers = [int.from_bytes(e.task_id, "little") for e in _events.read(log.buf, CAPACITY)]
+    numbers = [int.from_bytes(e.task_id, "little") for e in read(log.buf, CAPACITY)]
     assert numbers == [0, 2]
 
 
@@ -63,7 +68,7 @@ def test_strings_past_the_region_are_dropped_not_corrupting():
     assert 0 < written < _events.STRINGS_BYTES // 300
     log.write(SUBMITTED, 0, b"a" * 24, f"new{long}")  # no room: no name
     log.write(SUBMITTED, 0, b"b" * 24, f"0{long}")          # known: named
-    events = _events.read(log.buf, CAPACITY)
+    events = read(log.buf, CAPACITY)
     assert events[0].name is None and events[1].name == f"0{long}"
 
 
@@ -79,7 +84,7 @@ def test_threads_never_share_a_slot():
         thread.start()
     for thread in threads:
         thread.join()
-    assert len({e.task_id for e in _events.read(log.buf, 4096)}) == 2000
+    assert len({e.task_id for e in read(log.buf, 4096)}) == 2000
 
 
 def test_a_child_process_writes_what_the_parent_reads():
@@ -93,7 +98,7 @@ def test_a_child_process_writes_what_the_parent_reads():
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
-    events = _events.read(buf, CAPACITY)
+    events = read(buf, CAPACITY)
     assert [(e.kind, e.name) for e in events] == [(STARTED, "child_task"),
                                                   (ENDED, "child_task")]
     assert events[1].time2 == events[0].time
@@ -109,7 +114,7 @@ def test_a_forked_child_records_nothing_into_its_parents_log():
             os._exit(0 if _events.log is None else 1)
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
-        assert _events.read(buf, CAPACITY) == []
+        assert read(buf, CAPACITY) == []
     finally:
         _events.stop()
 

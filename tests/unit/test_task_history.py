@@ -2,7 +2,7 @@
 
 from shmray import _events
 from shmray._events import ENDED, STARTED, SUBMITTED, Event
-from shmray._task_history import History, task_rows
+from shmray._task_history import History
 
 DRIVER, WORKER, OTHER, SCHEDULER = 100, 200, 300, 50
 T = b"t" * 24
@@ -15,7 +15,9 @@ def event(kind, t, name="f", task_id=T, t2=0.0, error=0, message=None, task_type
 
 def rows_of(*sources, pending=None):
     kwargs = {} if pending is None else {"pending": pending}
-    return task_rows(sources, DRIVER, **kwargs)
+    history = History(1 << 62)
+    history.take(sources)
+    return history.rows(DRIVER, **kwargs)
 
 
 def test_a_task_submitted_started_and_ended_is_finished_where_it_ran():

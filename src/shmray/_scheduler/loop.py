@@ -117,7 +117,7 @@ class Scheduler:
         self.leases.placements_waiting = lambda: itertools.chain(
             placements_waiting(self.actors), groups.waiting())
         self.state = State(self.clients, self.tasks, self.actors, self.objects,
-                           self.resources, self.pool, self.leases, store, options, session_dir,
+                           self.resources, self.leases, store, options, session_dir,
                            driver_pid, driver_events)
         self.running = True
         self.internal_errors = 0

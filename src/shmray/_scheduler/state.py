@@ -25,6 +25,8 @@ import os
 import time
 from typing import Dict, List, Optional
 
+import psutil
+
 from .. import _events, _protocol as P, _slot, _task_history
 from .._task_history import NODE_ID, worker_id
 from .actors import Actors
@@ -34,7 +36,6 @@ from .objects import Directory, kind_of
 from .records import Actor, Task
 from .resources import Resources
 from .tasks import Tasks
-from .workers import WorkerPool
 
 _ACTOR_STATES = {"pending": "PENDING_CREATION", "alive": "ALIVE", "dead": "DEAD"}
 _PENDING = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
@@ -43,7 +44,7 @@ _PENDING = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKE
 
 class State:
     def __init__(self, clients: Clients, tasks: Tasks, actors: Actors, objects: Directory,
-                 resources: Resources, pool: WorkerPool, leases: Leases, store,
+                 resources: Resources, leases: Leases, store,
                  options: dict, session_dir: str, driver_pid: int, driver_events=None):
         self.clients = clients
         self.leases = leases
@@ -51,7 +52,6 @@ class State:
         self.actors = actors
         self.objects = objects
         self.resources = resources
-        self.pool = pool
         self.store = store
         self.options = options
         self.session_dir = session_dir
@@ -60,16 +60,15 @@ class State:
         capacity = options["task_events"]
         # The logs, each read from where the last answer left it: the driver's (mapped
         # before our fork), ours, and each worker's and actor's (``_reader``).
-        own = _events.start(_events.private_log(capacity), capacity)
-        self.driver_events = driver_events
-        self.own_events = own.buf if own is not None else None
+        own = _events.start(_events.new_log(capacity), capacity)
         self.readers: Dict[int, _events.Reader] = {}
         if driver_events is not None:
             self.readers[driver_pid] = _events.Reader(driver_events, capacity)
         if own is not None:
             self.readers[os.getpid()] = _events.Reader(own.buf, capacity)
+        self.unowned_logs = [reader.buf for reader in self.readers.values()]  # no client's
         self.history = _task_history.History(_events.history_limit(options))
-        self.ended_counts = [0, 0, 0]  # of the processes gone: ``_events.counts``
+        self.gone_counts = (0, 0, 0)  # ``_events.counts`` of the processes gone
         self.job_id = f"{options.get('job_id', 1):08x}"
 
     # -- the logs ----------------------------------------------------------------------------
@@ -78,8 +77,7 @@ class State:
         """Read what a process that ended recorded last (its log goes with it)."""
         reader = self.readers.pop(client.pid, None) or self._reader(client)
         if reader is not None:
-            for i, count in enumerate(_events.counts(_log_of(client))):
-                self.ended_counts[i] += count
+            self.gone_counts = _sum_counts(self.gone_counts, _events.counts(reader.buf))
             slot = _slot_of(client)
             self.history.take([(client.pid, False, reader.new())],
                               {client.pid: _slot.running(slot)} if slot is not None else None)
@@ -149,11 +147,7 @@ class State:
         rows = []
         for actor in self.actors.table.values():
             options = actor.options
-            if actor.state == "pending":
-                state = ("DEPENDENCIES_UNREADY" if actor.waiting_on else
-                         "RESTARTING" if actor.restarting else "PENDING_CREATION")
-            else:
-                state = _ACTOR_STATES.get(actor.state, actor.state.upper())
+            state = _actor_state(actor)
             death = None
             if actor.death is not None:
                 death = kind_of(actor.death[0], 0)[1] or "the actor died"
@@ -227,16 +221,9 @@ class State:
                 rows.append(self._process_row(client.pid, "ACTOR", "BUSY", None,
                                               client.actor.actor_id.hex()))
                 continue
-            if client.leased_to is not None:
-                state = "LEASED"
-            elif client.blocked:
-                state = "BLOCKED"
-            elif client.task is not None:
-                state = "BUSY"
-            else:
-                state = "IDLE"
             task = client.task.task_id.hex() if client.task is not None else None
-            rows.append(self._process_row(client.pid, "WORKER", state, task, None))
+            rows.append(self._process_row(client.pid, "WORKER", _worker_state(client), task,
+                                          None))
         return rows
 
     def _process_row(self, pid: int, kind: str, state: str, task: Optional[str],
@@ -257,9 +244,8 @@ class State:
         free = self.resources.available
         used = {name: round(amount - max(free.get(name, 0.0), 0.0), 6)
                 for name, amount in total.items()}
-        workers = collections.Counter(row["state"] for row in self.worker_rows()
-                                      if row["worker_type"] == "WORKER")
-        actors = collections.Counter(row["state"] for row in self.actor_rows())
+        workers = collections.Counter(map(_worker_state, self.clients.workers()))
+        actors = collections.Counter(map(_actor_state, self.actors.table.values()))
         why = Why(self)
         tasks = self.task_counts(why)
         stats = self.store.statistics()
@@ -288,33 +274,25 @@ class State:
         and the scheduler's table say, at no cost per task (a history read costs one per
         event: ``read_logs``).  Ended attempts are counted, so a retried task's failed
         attempts are FAILED, and it is pending meanwhile only if the scheduler holds it."""
-        logs = [self.driver_events, self.own_events]
-        running = 0
+        counts, running = self.gone_counts, 0
+        for log in self.unowned_logs:
+            counts = _sum_counts(counts, _events.counts(log))
         for client in self.clients.all():
             log = _log_of(client) if client.alive and client.kind != "driver" else None
             if log is not None:
-                logs.append(log)
+                counts = _sum_counts(counts, _events.counts(log))
                 running += _slot.running(_slot_of(client)) is not None
-        submitted, ended, failed = self.ended_counts
-        for log in logs:
-            if log is not None:
-                counts = _events.counts(log)
-                submitted, ended, failed = (submitted + counts[0], ended + counts[1],
-                                            failed + counts[2])
-        states: Dict[str, int] = collections.Counter()
-        held = 0  # tasks the scheduler holds, not started
+        submitted, ended, failed = counts
         for task in self.tasks.table.values():
-            if task.worker is None:
-                state, text = why.pending(task.task_id, task.owner.pid, task.name)
-                states[state] += 1
-                why.seen[(state, text)] += 1
-                held += 1
-        elsewhere = max(submitted - ended - running - held, 0)
+            if task.worker is None:  # held here, not started
+                why.seen[why.pending(task.task_id, task.owner.pid, task.name)] += 1
+        elsewhere = max(submitted - ended - running - sum(why.seen.values()), 0)
         if elsewhere:  # the driver's, queued at a worker it leases or for a lease; calls
-            state, text = why.pending(None, self.driver_pid,
-                                      f"{elsewhere} task(s) of the driver")
-            states[state] += elsewhere
-            why.seen[(state, text)] += elsewhere
+            why.seen[why.pending(None, self.driver_pid,
+                                 f"{elsewhere} task(s) of the driver")] += elsewhere
+        states: Dict[str, int] = collections.Counter()
+        for (state, _), count in why.seen.items():
+            states[state] += count
         states.update(FINISHED=ended - failed, FAILED=failed, RUNNING=running)
         return states
 
@@ -419,6 +397,26 @@ class Why:
         return stuck
 
 
+def _actor_state(actor: Actor) -> str:
+    """Ray's name for where an actor is in its life."""
+    if actor.state == "pending":
+        return ("DEPENDENCIES_UNREADY" if actor.waiting_on else
+                "RESTARTING" if actor.restarting else "PENDING_CREATION")
+    return _ACTOR_STATES.get(actor.state, actor.state.upper())
+
+
+def _worker_state(client: Client) -> str:
+    if client.leased_to is not None:
+        return "LEASED"
+    if client.blocked:
+        return "BLOCKED"
+    return "BUSY" if client.task is not None else "IDLE"
+
+
+def _sum_counts(counts: tuple, more: tuple) -> tuple:
+    return tuple(a + b for a, b in zip(counts, more))
+
+
 def _slot_of(client: Client):
     return client.park_slot if client.actor is not None else client.cancel_slot
 
@@ -458,10 +456,6 @@ def _fmt(amounts: Dict[str, float]) -> str:
 
 def _started_ms(pid: int) -> Optional[int]:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
-        with open("/proc/stat", "rb") as machine:
-            boot = next(int(line.split()[1]) for line in machine if line.startswith(b"btime"))
-        return int((boot + ticks / os.sysconf("SC_CLK_TCK")) * 1000)
-    except (OSError, ValueError, IndexError, StopIteration):
+        return int(psutil.Process(pid).create_time() * 1000)
+    except psutil.Error:
         return None
