@@ -37,7 +37,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # authentication, with a token of this run's: a head on loopback is still reachable by every
 # user of the machine, and without a token any of them could run code as ours.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # Ray Client's head starts a server process per driver, and gives it 30 s to
+           # come up: on a loaded 2-core machine (the suite beside it) it once took longer.
+           "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
 RAY_PROCESSES = ("raylet", "gcs_server", "ray::")
 
 
